@@ -1,0 +1,71 @@
+"""The ``dafne-slicer`` command line.
+
+Each subcommand lives in its own module under ``dafne_logic.commands`` and exposes
+``register(subparsers)``; the module is imported only when its subcommand runs, so
+``dafne-slicer --help`` stays fast and a server dependency never burdens ``segment``.
+Errors the user can fix (:class:`DafneError`) print one sentence and exit 2; ``--verbose``
+adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from .errors import DafneError
+
+# subcommand -> module under dafne_logic.commands, and its one-line help
+COMMANDS: dict[str, tuple[str, str]] = {
+    "segment": ("segment", "segment muscles in one or more MR volumes"),
+    "models": ("models", "list the bundled and user models"),
+    "phantom": ("phantom", "write a procedural thigh or calf phantom (image + label map)"),
+    "stats": ("stats", "per-muscle volume and intensity statistics of a segmentation"),
+    "train": ("train", "train a model from label maps (synthesis) or image/label pairs"),
+    "finetune": ("finetune", "fine-tune a model on a corrected segmentation"),
+    "evaluate": ("evaluate", "Dice of model versions against reference segmentations"),
+    "report": ("report", "learning-curve fit (mixed model) from an evaluate CSV"),
+    "sync": ("sync", "opt-in exchange of model updates with a federated server"),
+    "server": ("server", "run and administer the federated server"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dafne-slicer", description="Thigh and calf muscle segmentation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(f"dafne_logic.commands.{module_name}")
+        module.register(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the subcommand being run.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DafneError as exc:
+        if args.verbose:
+            raise
+        print(f"dafne-slicer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dafne-slicer {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

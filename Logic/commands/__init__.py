@@ -1,0 +1,1 @@
+"""One module per ``dafne-slicer`` subcommand: ``register(parser)`` sets ``func``."""
