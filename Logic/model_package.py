@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from .atomic import atomic_directory
 from .errors import ModelError
 from .labels import LabelTable
-from .networks import build_network
+from .networks import ARCHITECTURES, build_network
 
 FORMAT = "dafne-slicer-model"
 FORMAT_VERSION = 1
@@ -125,6 +125,8 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        if manifest.architecture.get("name") not in ARCHITECTURES:
+            raise ModelError(f"{source}: unknown architecture {manifest.architecture.get('name')!r}")
         out_channels = manifest.architecture.get("kwargs", {}).get("out_channels")
         if out_channels != manifest.labels.n_classes:
             raise ModelError(
@@ -140,6 +142,10 @@ class ModelPackage:
     manifest: Manifest
     state_dict: dict[str, torch.Tensor]
     path: Path | None = None
+
+    def __post_init__(self) -> None:
+        # The manifest always describes the weights it travels with (names and shapes).
+        self.manifest.tensors = {k: list(v.shape) for k, v in self.state_dict.items()}
 
     @property
     def labels(self) -> LabelTable:

@@ -1,0 +1,139 @@
+"""Model package format: round trip, and every way a package can be broken gives a clear ModelError."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dafne_logic.errors import ModelError
+from dafne_logic.labels import LEG, THIGH, LabelTable
+from dafne_logic.model_package import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    Manifest,
+    ModelPackage,
+    list_models,
+    load_model,
+    resolve_model_path,
+)
+from dafne_logic.networks import build_network, unet_architecture
+
+TINY = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
+
+
+def tiny_package(table: LabelTable = LEG, version: str = "1") -> ModelPackage:
+    arch = unet_architecture(table.n_classes, TINY)
+    net = build_network(arch)
+    manifest = Manifest(name=table.region, region=table.region, version=version, architecture=arch, labels=table)
+    return ModelPackage(manifest, {k: v.clone() for k, v in net.state_dict().items()})
+
+
+def test_round_trip_keeps_manifest_and_weights_within_fp16(tmp_path: Path):
+    pkg = tiny_package(THIGH, version="7")
+    pkg.manifest.provenance = {"trained_on": "phantoms"}
+    pkg.save(tmp_path / "m")
+    loaded = ModelPackage.load(tmp_path / "m")
+    assert loaded.manifest.version == "7"
+    assert loaded.labels == THIGH
+    assert loaded.manifest.provenance["trained_on"] == "phantoms"
+    assert set(loaded.state_dict) == set(pkg.state_dict)
+    for k, v in pkg.state_dict.items():
+        assert torch.allclose(loaded.state_dict[k], v, atol=1e-3, rtol=1e-3)
+    out = loaded.network()(torch.zeros(1, 1, 16, 16))
+    assert out.shape == (1, THIGH.n_classes, 16, 16)
+
+
+def test_sha256_mismatch_is_refused(tmp_path: Path):
+    tiny_package().save(tmp_path / "m")
+    weights = tmp_path / "m" / WEIGHTS_NAME
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match="sha256"):
+        ModelPackage.load(tmp_path / "m")
+
+
+def _rewrite_manifest(folder: Path, edit) -> None:
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    edit(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def test_tensor_shape_mismatch_is_refused(tmp_path: Path):
+    tiny_package().save(tmp_path / "m")
+    first = None
+
+    def edit(d):
+        nonlocal first
+        first = next(iter(d["weights"]["tensors"]))
+        d["weights"]["tensors"][first] = [1, 2, 3]
+
+    _rewrite_manifest(tmp_path / "m", edit)
+    with pytest.raises(ModelError, match="shape"):
+        ModelPackage.load(tmp_path / "m")
+
+
+def test_missing_tensor_is_refused(tmp_path: Path):
+    tiny_package().save(tmp_path / "m")
+    _rewrite_manifest(tmp_path / "m", lambda d: d["weights"]["tensors"].update({"extra.weight": [1]}))
+    with pytest.raises(ModelError, match="names differ"):
+        ModelPackage.load(tmp_path / "m")
+
+
+def test_pickled_weights_are_refused(tmp_path: Path):
+    pkg = tiny_package()
+    pkg.save(tmp_path / "m")
+    blob = pickle.dumps({"a": 1})
+    (tmp_path / "m" / WEIGHTS_NAME).write_bytes(blob)
+    import hashlib
+
+    _rewrite_manifest(tmp_path / "m", lambda d: d["weights"].update({"sha256": hashlib.sha256(blob).hexdigest()}))
+    with pytest.raises(ModelError, match="safetensors"):
+        ModelPackage.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update({"format": "keras"}), "not a DafneSlicer"),
+        (lambda d: d.update({"format_version": 99}), "format_version"),
+        (lambda d: d.pop("labels"), "malformed"),
+        (lambda d: d["architecture"]["kwargs"].update({"out_channels": 3}), "outputs"),
+        (lambda d: d["architecture"].update({"name": "os.system"}), "unknown architecture"),
+    ],
+)
+def test_bad_manifest_is_refused(tmp_path: Path, edit, message):
+    tiny_package().save(tmp_path / "m")
+    _rewrite_manifest(tmp_path / "m", edit)
+    with pytest.raises(ModelError, match=message):
+        ModelPackage.load(tmp_path / "m").network()
+
+
+def test_failed_save_leaves_previous_package_intact(tmp_path: Path, monkeypatch):
+    tiny_package(version="1").save(tmp_path / "m")
+    import dafne_logic.model_package as mp
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mp, "weights_bytes", boom)
+    with pytest.raises(OSError):
+        tiny_package(version="2").save(tmp_path / "m")
+    assert ModelPackage.load(tmp_path / "m").manifest.version == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_registry_finds_user_models_and_rejects_unknown_names(tmp_path: Path):
+    from dafne_logic.model_package import user_models_dir
+
+    tiny_package(version="3.local-abc").save(user_models_dir() / "my-calf")
+    names = {e.name: e for e in list_models()}
+    assert names["my-calf"].source == "user"
+    assert load_model("my-calf").manifest.version == "3.local-abc"
+    assert resolve_model_path(user_models_dir() / "my-calf") == user_models_dir() / "my-calf"
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        load_model("nope")
