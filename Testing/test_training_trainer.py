@@ -1,0 +1,157 @@
+"""The generic trainer on a tiny 2-level U-Net and 32x32 images: learning, exact resume, no pickle."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dafne_logic.errors import Cancelled, InputError
+from dafne_logic.labels import LabelTable, Muscle, Code
+from dafne_logic.model_package import Manifest, ModelPackage
+from dafne_logic.networks import unet_architecture
+from dafne_logic.training import TrainConfig, learning_rate, train_model
+
+TABLE = LabelTable("toy", (Muscle("disc", (255, 0, 0), Code("SCT", "1", "disc")),
+                           Muscle("square", (0, 255, 0), Code("SCT", "2", "square"))))
+TINY = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
+
+
+def manifest() -> Manifest:
+    return Manifest(name="toy", region="toy", version="1", architecture=unet_architecture(3, TINY), labels=TABLE,
+                    provenance={"trained_on": "toy shapes"})
+
+
+def toy_batch(generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bright disc (class 1) and a dark square (class 2) at random places on noise, 32x32."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    images, targets = [], []
+    for _ in range(batch):
+        cy, cx, sy, sx = (torch.randint(6, 26, (4,), generator=generator)).tolist()
+        target = torch.zeros(32, 32, dtype=torch.int64)
+        target[((yy - cy) ** 2 + (xx - cx) ** 2) < 25] = 1
+        target[(abs(yy - sy) < 4) & (abs(xx - sx) < 4)] = 2
+        image = torch.where(target == 1, 1.0, torch.where(target == 2, -1.0, 0.0))
+        images.append(image + 0.3 * torch.randn(32, 32, generator=generator))
+        targets.append(target)
+    return torch.stack(images)[:, None], torch.stack(targets)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=4, log_every=2, device="cpu",
+                ema_decay=0.9, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def toy_dice(network: torch.nn.Module) -> dict[str, float]:
+    images, targets = toy_batch(torch.Generator().manual_seed(99), 8)
+    pred = network(images).argmax(1)
+    scores = {}
+    for c, m in enumerate(TABLE.muscles, start=1):
+        inter = ((pred == c) & (targets == c)).sum().item()
+        scores[m.name] = 2 * inter / max(1, (pred == c).sum().item() + (targets == c).sum().item())
+    scores["mean_dice"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def test_loss_decreases_and_package_is_saved(tmp_path: Path):
+    seen = []
+    package = train_model(manifest(), toy_batch, config(steps=60, log_every=10), tmp_path / "model",
+                          progress=lambda done, total, info: seen.append((done, total, info["loss"])),
+                          validate=toy_dice)
+    assert [s[0] for s in seen] == list(range(1, 61)) and all(s[1] == 60 for s in seen)
+    first = sum(s[2] for s in seen[:5]) / 5
+    last = sum(s[2] for s in seen[-5:]) / 5
+    assert last < 0.6 * first
+    loaded = ModelPackage.load(tmp_path / "model")
+    assert loaded.manifest.weights_dtype == "float16"
+    assert loaded.manifest.provenance["trained_on"] == "toy shapes"
+    assert loaded.manifest.provenance["training"]["steps_done"] == 60
+    assert toy_dice(loaded.network())["mean_dice"] > 0.5
+    rows = list(csv.DictReader((tmp_path / "model.training" / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert float(rows[-1]["mean_dice"]) == pytest.approx(package.manifest.provenance["training"]["final_validation"]["mean_dice"], abs=1e-4)
+
+
+def test_resume_after_cancel_reproduces_uninterrupted_run(tmp_path: Path):
+    straight = train_model(manifest(), toy_batch, config(), tmp_path / "a")
+    calls = {"n": 0}
+
+    def cancel_at_step_7() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 8  # polled before step index 7
+
+    with pytest.raises(Cancelled):
+        train_model(manifest(), toy_batch, config(), tmp_path / "b", cancel=cancel_at_step_7)
+    assert not (tmp_path / "b").exists()
+    state = json.loads((tmp_path / "b.training" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 7
+    torch.manual_seed(12345)  # the global RNG must come from the checkpoint, not from here
+    resumed = train_model(manifest(), toy_batch, config(), tmp_path / "b", resume=True)
+    for key, value in straight.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), key
+    rows = list(csv.DictReader((tmp_path / "b.training" / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_from_periodic_checkpoint_after_crash(tmp_path: Path):
+    """A crash (not a polite cancel) loses only the steps after the last periodic checkpoint."""
+    straight = train_model(manifest(), toy_batch, config(), tmp_path / "a")
+    calls = {"n": 0}
+
+    def crashing_batch(generator: torch.Generator, batch: int):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise RuntimeError("power cut")
+        return toy_batch(generator, batch)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_model(manifest(), crashing_batch, config(), tmp_path / "c")
+    state = json.loads((tmp_path / "c.training" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8
+    resumed = train_model(manifest(), toy_batch, config(), tmp_path / "c", resume=True)
+    for key in straight.state_dict:
+        assert torch.equal(straight.state_dict[key], resumed.state_dict[key]), key
+
+
+def test_checkpoint_files_hold_no_pickle(tmp_path: Path):
+    train_model(manifest(), toy_batch, config(steps=4), tmp_path / "m")
+    files = sorted((tmp_path / "m.training" / "checkpoint").iterdir())
+    names = {f.name for f in files}
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"} <= names
+    for f in files + sorted((tmp_path / "m").iterdir()):
+        data = f.read_bytes()
+        assert not data.startswith(b"PK"), f  # torch.save zip archive
+        if f.suffix == ".safetensors":  # 8-byte header length, JSON header, raw tensor bytes
+            header_len = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + header_len])
+            end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+            assert len(data) == 8 + header_len + end, f
+        else:
+            assert f.suffix == ".json", f
+            json.loads(data)
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path: Path):
+    with pytest.raises(InputError, match="no checkpoint"):
+        train_model(manifest(), toy_batch, config(), tmp_path / "x", resume=True)
+    train_model(manifest(), toy_batch, config(steps=4), tmp_path / "y")
+    with pytest.raises(InputError, match="other settings"):
+        train_model(manifest(), toy_batch, config(steps=4, lr=0.5), tmp_path / "y", resume=True)
+
+
+def test_init_state_and_learning_rate_schedule(tmp_path: Path):
+    parent = train_model(manifest(), toy_batch, config(steps=30), tmp_path / "p")
+    child = train_model(manifest(), toy_batch, config(steps=1, lr=1e-9, warmup_steps=0, ema_decay=None),
+                        tmp_path / "c", init_state=parent.state_dict)
+    for key, value in parent.state_dict.items():
+        assert torch.allclose(value, child.state_dict[key], atol=1e-2), key
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 10) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100) == pytest.approx(0.1)
+    assert learning_rate(TrainConfig(steps=100, lr=1.0, warmup_steps=0, schedule="poly"), 100) == 0.0
