@@ -1,0 +1,110 @@
+"""Learning-curve mixed model: recovers a known slope, p-value behaviour, windows, versions, plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dafne_logic.errors import InputError
+from dafne_logic.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve, read_dice_csv
+
+
+def synthetic_dice(slope: float, n_datasets: int = 12, n_versions: int = 8, noise: float = 0.01,
+                   slope_sd: float = 0.002, seed: int = 0, versions: list[str] | None = None) -> pd.DataFrame:
+    """Dice = base + (slope + per-dataset deviation) * generation + noise."""
+    rng = np.random.default_rng(seed)
+    versions = versions or [str(v + 1) for v in range(n_versions)]
+    rows = []
+    for d in range(n_datasets):
+        base = rng.uniform(0.6, 0.8)
+        own_slope = slope + rng.normal(0, slope_sd)
+        for g, v in enumerate(versions):
+            rows.append({"dataset": f"case{d:02d}", "model_version": v,
+                         "dice": base + own_slope * g + rng.normal(0, noise)})
+    return pd.DataFrame(rows)
+
+
+def test_recovers_known_slope_with_small_p():
+    data = prepare_learning_curve(synthetic_dice(0.009))
+    fit = fit_learning_curve(data)
+    assert fit.slope == pytest.approx(0.009, abs=3 * fit.standard_error)
+    assert 0.0005 < fit.standard_error < 0.003
+    assert fit.p_value < 1e-3
+    assert (fit.n_datasets, fit.n_observations) == (12, 96)
+    assert fit.versions == [str(v) for v in range(1, 9)]
+
+
+def test_no_slope_gives_no_significance():
+    fit = fit_learning_curve(prepare_learning_curve(synthetic_dice(0.0, seed=3)))
+    assert abs(fit.slope) < 0.003
+    assert fit.p_value > 0.05
+
+
+def test_generation_is_dense_rank_numeric_and_window():
+    # Versions 2, 9, 10 (numeric order, not string order) with gaps; window from 9.
+    df = synthetic_dice(0.01, n_datasets=3, versions=["2", "9", "10", "11"])
+    data = prepare_learning_curve(df, from_version="9", to_version="11")
+    assert sorted(set(data["model_version"])) == ["10", "11", "9"]
+    gen = dict(zip(data["model_version"], data["generation"]))
+    assert gen == {"9": 0, "10": 1, "11": 2}
+    first = data[data["generation"] == 0]["relative_dice"]
+    assert np.allclose(first, 0.0)
+    # relative Dice is measured against the window's first version, not version 2
+    one = df[(df.dataset == "case00")].set_index("model_version")["dice"]
+    rel = data[(data.dataset == "case00") & (data.model_version == "11")]["relative_dice"].item()
+    assert rel == pytest.approx(one["11"] - one["9"])
+
+
+def test_string_versions_sort_lexicographically():
+    df = synthetic_dice(0.01, n_datasets=3, versions=["3.local-aa", "3.local-bb", "4"])
+    data = prepare_learning_curve(df)
+    assert list(data[data.dataset == "case00"]["model_version"]) == ["3.local-aa", "3.local-bb", "4"]
+
+
+def test_bad_tables_are_refused(tmp_path):
+    df = synthetic_dice(0.01, n_datasets=3)
+    with pytest.raises(InputError, match="at least 2"):
+        prepare_learning_curve(df, from_version="8")
+    with pytest.raises(InputError, match="at least 2 datasets"):
+        prepare_learning_curve(df[df.dataset == "case00"])
+    with pytest.raises(InputError, match="more than one"):
+        prepare_learning_curve(pd.concat([df, df.iloc[:1]]))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("dataset,dice\na,0.5\n")
+    with pytest.raises(InputError, match="model_version"):
+        read_dice_csv(bad)
+
+
+def test_plot_and_json(tmp_path):
+    data = prepare_learning_curve(synthetic_dice(0.009, n_datasets=4))
+    fit = fit_learning_curve(data)
+    png = tmp_path / "curve.png"
+    plot_learning_curve(data, fit, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    blob = json.loads(json.dumps(fit.to_json()))
+    assert blob["n_datasets"] == 4 and blob["slope"] == pytest.approx(fit.slope)
+
+
+def test_report_command_end_to_end(tmp_path, capsys):
+    from dafne_logic.cli import main
+
+    csv = tmp_path / "dice.csv"
+    synthetic_dice(0.009, n_datasets=6).to_csv(csv, index=False)
+    out_json, out_png = tmp_path / "fit.json", tmp_path / "fit.png"
+    rc = main(["report", "--dice-csv", str(csv), "--from", "2", "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "slope per generation" in printed and "datasets: 6, observations: 42" in printed
+    fit = json.loads(out_json.read_text())
+    assert fit["versions"][0] == "2" and fit["n_observations"] == 42
+    assert 0.005 < fit["slope"] < 0.013 and fit["p_value"] < 1e-3
+    assert out_png.stat().st_size > 1000
+    # a bad table: one line on stderr, exit 2, nothing written
+    bad = tmp_path / "bad.csv"
+    bad.write_text("dataset,model_version\n")
+    assert main(["report", "--dice-csv", str(bad), "--json", str(tmp_path / "no.json")]) == 2
+    assert "lacks the column" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
