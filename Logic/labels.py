@@ -146,34 +146,51 @@ def _table(region: str, rows: Iterable[tuple[str, tuple[int, int, int], str, str
     return LabelTable(region, tuple(Muscle(n, c, Code("SCT", v, m)) for n, c, v, m in rows))
 
 
-# SNOMED CT codes: "structure of ... muscle" concepts as listed in 3D Slicer's terminology files.
+# SNOMED CT codes. 3D Slicer's own terminology files (SlicerGeneralAnatomy, DICOM-Master,
+# AnatomicRegionAndModifier) list none of these muscles, so each code comes from another public
+# file (sources below); the category "Anatomical Structure" (123037004) and the laterality
+# modifiers Right (24028007) / Left (7771000) are as in Slicer's SlicerGeneralAnatomy list.
+# Sources:
+#   [FHIR]  HL7 FHIR R4 value set approach-site-codes / body-site (SNOMED CT body structures)
+#   [TSEG]  SlicerTotalSegmentator, TotalSegmentator/Resources/totalsegmentator_snomed_mapping.csv
+#   [UBER]  Uberon bridge to SNOMED CT (src/ontology/bridge/uberon-bridge-to-sctid.owl), whose
+#           codes are "Entire ..." concepts; their meanings follow SNOMED's "Entire <x>" naming.
+#   [SITE]  a public SNOMED CT injection-site table listing 72226001 "Rectus femoris structure".
+# Where no public file gives a code for the muscle itself, the nearest real parent concept is used
+# ("parent:" below); segment NAMES, not codes, tell such muscles apart.
 THIGH = _table(
     "thigh",
     [
-        ("vastus lateralis", (230, 25, 75), "68598003", "Vastus lateralis muscle"),
-        ("vastus medialis", (60, 180, 75), "33382000", "Vastus medialis muscle"),
-        ("vastus intermedius", (255, 225, 25), "42431005", "Vastus intermedius muscle"),
-        ("rectus femoris", (0, 130, 200), "72226001", "Rectus femoris muscle"),
-        ("sartorius", (245, 130, 48), "16219005", "Sartorius muscle"),
-        ("gracilis", (145, 30, 180), "2958008", "Gracilis muscle"),
-        ("adductor magnus", (70, 240, 240), "22366008", "Adductor magnus muscle"),
-        ("adductor longus", (240, 50, 230), "5736005", "Adductor longus muscle"),
-        ("semimembranosus", (210, 245, 60), "11207009", "Semimembranosus muscle"),
-        ("semitendinosus", (250, 190, 212), "34941003", "Semitendinosus muscle"),
-        ("biceps femoris long head", (0, 128, 128), "723621002", "Long head of biceps femoris muscle"),
-        ("biceps femoris short head", (220, 190, 255), "723622009", "Short head of biceps femoris muscle"),
+        ("vastus lateralis", (230, 25, 75), "1403006", "Vastus lateralis muscle"),  # [FHIR]
+        ("vastus medialis", (60, 180, 75), "3478008", "Structure of vastus medialis muscle"),  # [FHIR]
+        # parent: no public code for vastus intermedius found [TSEG]
+        ("vastus intermedius", (255, 225, 25), "21989003", "Quadriceps femoris muscle"),
+        ("rectus femoris", (0, 130, 200), "72226001", "Rectus femoris structure"),  # [SITE]
+        ("sartorius", (245, 130, 48), "12595009", "Sartorius muscle"),  # [TSEG]
+        ("gracilis", (145, 30, 180), "2577006", "Structure of gracilis muscle"),  # [FHIR]
+        ("adductor magnus", (70, 240, 240), "181688002", "Entire adductor magnus muscle"),  # [UBER]
+        ("adductor longus", (240, 50, 230), "181686003", "Entire adductor longus muscle"),  # [UBER]
+        # parent: no public code for semimembranosus found [TSEG]
+        ("semimembranosus", (210, 245, 60), "128511007", "Posterior muscle of thigh structure"),
+        ("semitendinosus", (250, 190, 212), "181685004", "Entire semitendinosus muscle"),  # [UBER]
+        # parent: no public code for either head of biceps femoris found [UBER]
+        ("biceps femoris long head", (0, 128, 128), "181672002", "Entire biceps femoris muscle"),
+        ("biceps femoris short head", (220, 190, 255), "181672002", "Entire biceps femoris muscle"),
     ],
 )
 
 LEG = _table(
     "leg",
     [
-        ("soleus", (230, 25, 75), "44741002", "Soleus muscle"),
-        ("gastrocnemius medialis", (60, 180, 75), "182340002", "Medial head of gastrocnemius muscle"),
-        ("gastrocnemius lateralis", (255, 225, 25), "182339004", "Lateral head of gastrocnemius muscle"),
-        ("tibialis anterior", (0, 130, 200), "67564009", "Tibialis anterior muscle"),
-        ("extensor digitorum longus", (245, 130, 48), "52575003", "Extensor digitorum longus muscle"),
-        ("peroneus", (145, 30, 180), "91677006", "Peroneal muscle group"),
+        ("soleus", (230, 25, 75), "181702007", "Entire soleus muscle"),  # [UBER]
+        # parent: no public code for either head of gastrocnemius found [UBER]
+        ("gastrocnemius medialis", (60, 180, 75), "181700004", "Entire gastrocnemius muscle"),
+        ("gastrocnemius lateralis", (255, 225, 25), "181700004", "Entire gastrocnemius muscle"),
+        ("tibialis anterior", (0, 130, 200), "181696007", "Entire tibialis anterior muscle"),  # [UBER]
+        # parent: no public code for extensor digitorum longus found; its compartment [FHIR]
+        ("extensor digitorum longus", (245, 130, 48), "4812002", "Anterior tibial compartment structure"),
+        # Uberon "peroneus" = the fibularis longus, brevis and tertius group [UBER]
+        ("peroneus", (145, 30, 180), "181694005", "Entire peroneal muscle group"),
     ],
 )
 
