@@ -1,0 +1,245 @@
+"""Merge rules: pure functions over weight deltas, apart from transport and storage.
+
+An *update* is one site's delta (``child - parent`` per floating tensor, see
+:mod:`dafne_logic.delta`) with its staleness ``τ`` (how many versions were published after its
+parent) and the number of corrected slices it was trained on. The server feeds buffers of K
+updates to :func:`merge_updates` (FedBuff, Nguyen et al. 2022); K = 1 is FedAsync (Xie et al.
+2019), whose constant-mixing special case is the reference tool's rule.
+
+Robustness, in order:
+
+1. every delta is scaled by its staleness weight ``(1 + τ)^-½``;
+2. every delta is clipped to a norm bound (a fixed bound, or the median norm of the buffer when
+   the buffer has ≥ 3 updates, so one huge update cannot dominate);
+3. with ≥ 3 updates the location is a coordinate-wise median (one vote per update) or trimmed
+   mean weighted by case counts capped at the buffer's median count; otherwise the case-weighted
+   mean.
+
+:func:`accept_candidate` is the publication gate: a candidate may not lose more than ε mean Dice
+or δ on any label against the active version on the validation cases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+Delta = dict[str, torch.Tensor]
+RobustRule = Literal["trimmed_mean", "median", "mean"]
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How a family's buffered updates become a candidate, and when a candidate is published."""
+
+    buffer_size: int = 3  # K: updates per merge; 1 = FedAsync
+    server_lr: float = 1.0  # η: the aggregated delta is applied as ``active + η·Δ``
+    robust_rule: RobustRule = "trimmed_mean"  # used when ≥ 3 updates are merged
+    trim_fraction: float = 0.2  # per side; at least one value per side is trimmed
+    clip_norm: float | None = None  # fixed L2 bound; None = median norm of the buffer (≥ 3 updates)
+    max_case_weight: int = 200  # slices counted per update at most, so one site cannot dominate
+    max_staleness: int = 5  # updates whose parent is older are rejected
+    dice_tolerance: float = 0.005  # ε: allowed loss of mean Dice against the active version
+    label_tolerance: float = 0.02  # δ: allowed loss on any single label
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError("trim_fraction must be in [0, 0.5)")
+        if self.robust_rule not in ("trimmed_mean", "median", "mean"):
+            raise ValueError(f"unknown robust rule {self.robust_rule!r}")
+        if self.server_lr <= 0 or self.max_staleness < 0 or self.max_case_weight < 1:
+            raise ValueError("server_lr must be positive, max_staleness ≥ 0, max_case_weight ≥ 1")
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "MergeSettings":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One buffered contribution, as the merge rules see it."""
+
+    key: str  # the server's update id
+    delta: Delta
+    staleness: int  # τ ≥ 0
+    n_slices: int  # corrected slices the site trained on
+
+
+@dataclass
+class MergeResult:
+    delta: Delta  # aggregated delta, to apply as ``active + server_lr · delta``
+    rule: str  # which location estimate was used
+    weights: dict[str, float]  # normalised case weight per update key
+    norms: dict[str, float] = field(default_factory=dict)  # norm of each update after staleness scaling
+    clip_bound: float | None = None
+
+
+def staleness_weight(staleness: int) -> float:
+    """``(1 + τ)^-½``: 1 for a fresh update, 0.5 for one three versions old."""
+    if staleness < 0:
+        raise ValueError("staleness cannot be negative")
+    return (1.0 + staleness) ** -0.5
+
+
+def delta_l2(delta: Delta) -> float:
+    """Global L2 norm over all tensors."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in delta.values()))
+
+
+def clip_delta(delta: Delta, max_norm: float) -> Delta:
+    """Scale ``delta`` down to L2 norm ``max_norm`` if it is larger; unchanged otherwise."""
+    norm = delta_l2(delta)
+    if norm <= max_norm or norm == 0.0:
+        return delta
+    factor = max_norm / norm
+    return {k: v * factor for k, v in delta.items()}
+
+
+def _stack(deltas: Sequence[Delta], name: str) -> torch.Tensor:
+    return torch.stack([d[name].float() for d in deltas])  # (n_updates, *shape)
+
+
+def weighted_mean(deltas: Sequence[Delta], weights: torch.Tensor) -> Delta:
+    """Σ wᵢ·Δᵢ with ``weights`` (n,) summing to 1."""
+    return {k: torch.tensordot(weights, _stack(deltas, k), dims=1) for k in deltas[0]}
+
+
+def _sorted_with_weights(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort ``values`` (n, ...) along the update axis; carry each value's weight along."""
+    order = torch.argsort(values, dim=0)
+    sorted_values = torch.gather(values, 0, order)
+    sorted_weights = weights[order]  # (n, ...): the weight of whichever update sits at each rank
+    return sorted_values, sorted_weights
+
+
+def coordinate_median(deltas: Sequence[Delta], weights: torch.Tensor) -> Delta:
+    """Coordinate-wise weighted median: per coordinate, the first value whose cumulative weight ≥ ½.
+
+    :func:`merge_updates` passes uniform weights (one vote per update): case counts are claimed by
+    the client and must not let one update choose the median.
+    """
+    out: Delta = {}
+    for k in deltas[0]:
+        values, w = _sorted_with_weights(_stack(deltas, k), weights)
+        index = (torch.cumsum(w, dim=0) < 0.5 - 1e-9).sum(dim=0, keepdim=True).clamp(max=len(deltas) - 1)
+        out[k] = torch.gather(values, 0, index).squeeze(0)
+    return out
+
+
+def trimmed_mean(deltas: Sequence[Delta], weights: torch.Tensor, trim_fraction: float) -> Delta:
+    """Coordinate-wise weighted mean after dropping the ``t`` lowest and ``t`` highest values.
+
+    ``t = max(1, floor(trim_fraction · n))`` and at least one value is kept.
+    """
+    n = len(deltas)
+    t = min(max(1, int(trim_fraction * n)), (n - 1) // 2)
+    out: Delta = {}
+    for k in deltas[0]:
+        values, w = _sorted_with_weights(_stack(deltas, k), weights)
+        w = w.clone()
+        w[:t] = 0.0
+        w[n - t:] = 0.0
+        out[k] = (values * w).sum(dim=0) / w.sum(dim=0).clamp_min(1e-12)
+    return out
+
+
+def check_compatible(updates: Sequence[Update]) -> None:
+    """All deltas must have the same tensor names and shapes."""
+    first = updates[0].delta
+    for u in updates[1:]:
+        if u.delta.keys() != first.keys() or any(u.delta[k].shape != first[k].shape for k in first):
+            raise ValueError(f"update {u.key} does not match the tensor layout of update {updates[0].key}")
+
+
+def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeResult:
+    """Aggregate buffered updates into one delta (see the module docstring for the steps).
+
+    Returns a :class:`MergeResult` whose ``delta`` has the same names and shapes as the inputs.
+    """
+    if not updates:
+        raise ValueError("nothing to merge")
+    check_compatible(updates)
+    scaled = [{k: v.float() * staleness_weight(u.staleness) for k, v in u.delta.items()} for u in updates]
+    norms = [delta_l2(d) for d in scaled]
+    if settings.clip_norm is not None:
+        bound: float | None = settings.clip_norm
+    elif len(updates) >= 3:
+        bound = float(torch.tensor(norms).median())
+    else:
+        bound = None
+    clipped = scaled if bound is None else [clip_delta(d, bound) for d in scaled]
+    case = torch.tensor([float(min(max(u.n_slices, 1), settings.max_case_weight)) for u in updates])
+    if len(updates) >= 3:
+        # Case counts are claimed by the client: with a robust rule none counts more than a typical site.
+        case = case.clamp(max=float(case.median()))
+    weights = case / case.sum()
+    if len(updates) >= 3 and settings.robust_rule == "median":
+        rule, delta = "median", coordinate_median(clipped, torch.full((len(updates),), 1.0 / len(updates)))
+    elif len(updates) >= 3 and settings.robust_rule == "trimmed_mean":
+        rule, delta = "trimmed_mean", trimmed_mean(clipped, weights, settings.trim_fraction)
+    else:
+        rule, delta = ("fedasync" if len(updates) == 1 else "mean"), weighted_mean(clipped, weights)
+    return MergeResult(
+        delta=delta,
+        rule=rule,
+        weights={u.key: float(w) for u, w in zip(updates, weights)},
+        norms={u.key: n for u, n in zip(updates, norms)},
+        clip_bound=bound,
+    )
+
+
+def worst_contributor(updates: Sequence[Update], merged: Delta) -> str:
+    """Key of the update farthest (L2, after staleness scaling) from the merged delta."""
+    def distance(u: Update) -> float:
+        w = staleness_weight(u.staleness)
+        return delta_l2({k: u.delta[k].float() * w - merged[k] for k in merged})
+
+    return max(updates, key=distance).key
+
+
+def apply_merged(active: dict[str, torch.Tensor], merged: Delta, server_lr: float) -> dict[str, torch.Tensor]:
+    """``active + η·Δ`` in float32; tensors absent from the delta are copied."""
+    return {k: (v.float() + server_lr * merged[k]) if k in merged else v.clone() for k, v in active.items()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    reason: str
+    candidate_mean: float
+    active_mean: float
+
+
+def _finite_mean(values: Mapping[str, float]) -> float:
+    finite = [v for v in values.values() if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def accept_candidate(candidate: Mapping[str, float], active: Mapping[str, float],
+                     dice_tolerance: float, label_tolerance: float) -> Decision:
+    """Publication gate over Dice per label (NaN = label absent from a case set, ignored).
+
+    Accepted when mean Dice ≥ active mean − ε and no label shared by both loses more than δ.
+    """
+    cand_mean, act_mean = _finite_mean(candidate), _finite_mean(active)
+    if math.isnan(cand_mean):
+        return Decision(False, "the candidate has no defined Dice on the validation cases", cand_mean, act_mean)
+    if not math.isnan(act_mean) and cand_mean < act_mean - dice_tolerance:
+        return Decision(False, f"mean Dice {cand_mean:.4f} is below the active version's {act_mean:.4f} "
+                               f"by more than {dice_tolerance}", cand_mean, act_mean)
+    drops = {name: active[name] - value for name, value in candidate.items()
+             if name in active and not math.isnan(value) and not math.isnan(active[name])}
+    worst = max(drops.items(), key=lambda kv: kv[1], default=None)
+    if worst is not None and worst[1] > label_tolerance:
+        return Decision(False, f"Dice of {worst[0]} drops by {worst[1]:.4f} (more than {label_tolerance})",
+                        cand_mean, act_mean)
+    return Decision(True, f"mean Dice {cand_mean:.4f} (active {act_mean:.4f})", cand_mean, act_mean)
