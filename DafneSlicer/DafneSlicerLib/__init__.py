@@ -1,0 +1,1 @@
+"""DafneSlicer module internals: MRML glue, install, segmentation, learning and sync logic, widget."""

@@ -1,0 +1,374 @@
+"""MRML <-> SimpleITK glue: volumes, label maps, segmentations, colour tables and table nodes.
+
+Needs MRML (a running Slicer or the ``slicer-core`` wheel) but no Qt and no application, so every
+function takes the scene or nodes it works on and is tested against real MRML with slicer-core.
+
+Coordinates: SimpleITK images are in LPS, Slicer volume nodes in RAS. Voxel arrays are indexed
+(k, j, i) = (slice, row, column) in both, so only the geometry needs converting:
+``IJKToRAS = diag(-1, -1, 1) @ IJKToLPS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from dafne_logic.errors import InputError
+from dafne_logic.labels import ANATOMICAL_STRUCTURE, LabelTable, VolumeLabel, normalise_name
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# Terminology strings as Slicer stores them on segments: context~category~type~type modifier~
+# anatomic context~region~region modifier, each code written scheme^value^meaning.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+# Grids closer than this (mm for origins, relative for directions and spacing) count as equal.
+GEOMETRY_TOLERANCE = 1e-3
+
+
+# --- volumes -------------------------------------------------------------------------------------
+
+
+def image_from_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> sitk.Image:
+    """A copy of a scalar volume node as a SimpleITK image (LPS geometry, same voxel type).
+
+    Raises:
+        InputError: no volume, no voxels, more than one component (4D/colour) or a 2D volume.
+    """
+    if volume_node is None:
+        raise InputError("Select an input volume first.")
+    image_data = volume_node.GetImageData()
+    name = volume_node.GetName()
+    if image_data is None or image_data.GetNumberOfPoints() == 0:
+        raise InputError(f"Volume '{name}' has no voxels.")
+    if image_data.GetNumberOfScalarComponents() != 1 or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"Volume '{name}' is not a 3D scalar volume (vector, colour or 4D volumes cannot be segmented).")
+    dims = image_data.GetDimensions()
+    if min(dims) < 2:
+        raise InputError(f"Volume '{name}' is 2D ({dims[0]} x {dims[1]} x {dims[2]} voxels); a 3D volume is needed.")
+    array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[::-1])
+    image = sitk.GetImageFromArray(array.copy())
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    _set_lps_geometry(image, _matrix_to_numpy(ijk_to_ras))
+    return image
+
+
+def update_volume_node_from_image(volume_node: "slicer.vtkMRMLVolumeNode", image: sitk.Image) -> None:
+    """Replace a volume node's voxels and geometry with those of a 3D scalar SimpleITK image."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("Only 3D scalar images can be shown as volumes.")
+    array = np.ascontiguousarray(sitk.GetArrayViewFromImage(image))
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(array.shape[::-1])
+    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image_data.GetPointData().SetScalars(scalars)
+    volume_node.SetAndObserveImageData(image_data)
+    volume_node.SetIJKToRASMatrix(_numpy_to_matrix(ijk_to_ras_of(image)))
+
+
+def ijk_to_ras_of(image: sitk.Image) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of a SimpleITK image (voxel index to RAS millimetres)."""
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=float)
+    return matrix
+
+
+def _set_lps_geometry(image: sitk.Image, ijk_to_ras: np.ndarray) -> None:
+    ijk_to_lps = LPS_TO_RAS @ ijk_to_ras[:3, :3]
+    spacing = np.linalg.norm(ijk_to_lps, axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((ijk_to_lps / spacing).ravel().tolist())
+    image.SetOrigin((LPS_TO_RAS @ ijk_to_ras[:3, 3]).tolist())
+
+
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def same_grid(a: np.ndarray, dims_a: tuple[int, ...], b: np.ndarray, dims_b: tuple[int, ...]) -> bool:
+    """Whether two IJK-to-RAS matrices with voxel counts describe the same voxel grid."""
+    scale = max(np.abs(a[:3, :3]).max(), 1e-6)
+    return (tuple(dims_a) == tuple(dims_b)
+            and np.allclose(a[:3, :3], b[:3, :3], atol=GEOMETRY_TOLERANCE * scale)
+            and np.allclose(a[:3, 3], b[:3, 3], atol=GEOMETRY_TOLERANCE * max(scale, 1.0)))
+
+
+# --- terminology and colour tables ---------------------------------------------------------------
+
+
+def _code(code) -> str:
+    return f"{code.scheme}^{code.value}^{code.meaning}"
+
+
+def terminology_entry(label: VolumeLabel) -> str:
+    """Slicer terminology string of one bilateral label (SNOMED CT type + laterality modifier)."""
+    return "~".join([
+        TERMINOLOGY_CONTEXT,
+        _code(ANATOMICAL_STRUCTURE),
+        _code(label.muscle.code),
+        _code(label.laterality),
+        ANATOMIC_CONTEXT,
+        "^^",
+        "^^",
+    ])
+
+
+def color_table_node(scene: "slicer.vtkMRMLScene", table: LabelTable, name: str) -> "slicer.vtkMRMLColorTableNode":
+    """A colour table node whose entry ``value`` is the volume label of that value (name, colour, terminology).
+
+    Entry 0 is the transparent background. Label maps shown with this table read as muscles, and
+    exporting segments with it gives every segment the value of its name.
+    """
+    labels = table.volume_labels()
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(name)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(len(labels) + 1)
+    node.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for label in labels:
+        r, g, b = (c / 255.0 for c in label.muscle.color)
+        node.SetColor(label.value, label.name, r, g, b, 1.0)
+        node.SetTerminology(label.value, *_code(ANATOMICAL_STRUCTURE).split("^"), *_code(label.muscle.code).split("^"),
+                            *_code(label.laterality).split("^"))
+    node.SetHideFromEditors(True)
+    scene.AddNode(node)
+    return node
+
+
+# --- segmentations -------------------------------------------------------------------------------
+
+
+def labels_to_segmentation(scene: "slicer.vtkMRMLScene", labels: sitk.Image, table: LabelTable,
+                           volume_node: "slicer.vtkMRMLVolumeNode", name: str,
+                           segmentation_node: "slicer.vtkMRMLSegmentationNode | None" = None,
+                           ) -> "slicer.vtkMRMLSegmentationNode":
+    """Show a bilateral label map as a segmentation: one named, coloured, coded segment per label.
+
+    Labels absent from the map still get an (empty) segment so the user can paint them. The
+    segmentation takes ``volume_node``'s geometry as reference. An existing ``segmentation_node``
+    is emptied and reused (segmenting again replaces the previous result).
+
+    Raises:
+        InputError: the label map has values outside the table or a grid different from the volume.
+    """
+    _check_labels_fit(labels, table, volume_node)
+    colors = color_table_node(scene, table, f"{name} colours")
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(labelmap)
+    try:
+        update_volume_node_from_image(labelmap, sitk.Cast(labels, sitk.sitkUInt8))
+        display = slicer.vtkMRMLLabelMapVolumeDisplayNode()
+        scene.AddNode(display)
+        display.SetAndObserveColorNodeID(colors.GetID())
+        labelmap.SetAndObserveDisplayNodeID(display.GetID())
+        if segmentation_node is None:
+            segmentation_node = slicer.vtkMRMLSegmentationNode()
+            scene.AddNode(segmentation_node)
+        segmentation_node.SetName(name)
+        segmentation_node.GetSegmentation().RemoveAllSegments()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
+            raise InputError(f"Slicer could not import the label map into segmentation '{name}'.")
+    finally:
+        display_node = labelmap.GetDisplayNode()
+        scene.RemoveNode(labelmap)
+        if display_node is not None:
+            scene.RemoveNode(display_node)
+        scene.RemoveNode(colors)
+    _complete_segments(segmentation_node, table)
+    return segmentation_node
+
+
+def _check_labels_fit(labels: sitk.Image, table: LabelTable, volume_node) -> None:
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    n_labels = len(table.volume_labels())
+    if values.size and (values.min() < 0 or values.max() > n_labels):
+        raise InputError(f"The label map has values up to {int(values.max())} but the {table.region} table has "
+                         f"{n_labels} labels; the model's labels do not match its table.")
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    if not same_grid(ijk_to_ras_of(labels), labels.GetSize(), _matrix_to_numpy(matrix),
+                     volume_node.GetImageData().GetDimensions()):
+        raise InputError(f"The label map does not lie on the grid of volume '{volume_node.GetName()}'.")
+
+
+def _complete_segments(segmentation_node, table: LabelTable) -> None:
+    """Give every table label a segment (empty if absent), in value order, with its terminology."""
+    segmentation = segmentation_node.GetSegmentation()
+    by_name = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
+               for i in range(segmentation.GetNumberOfSegments())}
+    for label in table.volume_labels():
+        segment_id = by_name.get(label.name)
+        if segment_id is None:
+            segment_id = segmentation.AddEmptySegment("", label.name, [c / 255.0 for c in label.muscle.color])
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_entry(label))
+        segmentation.SetSegmentIndex(segment_id, label.value - 1)
+
+
+@dataclass(frozen=True)
+class CorrectedLabels:
+    """A segmentation turned back into volume labels for training and Dice."""
+
+    labels: sitk.Image  # uint8 volume labels on the reference volume's grid
+    unknown_names: tuple[str, ...]  # segments whose names are not in the label table (left out)
+    missing_names: tuple[str, ...]  # table labels without a segment (read as absent)
+
+
+def segmentation_to_labels(scene: "slicer.vtkMRMLScene", segmentation_node: "slicer.vtkMRMLSegmentationNode",
+                           volume_node: "slicer.vtkMRMLVolumeNode", table: LabelTable) -> CorrectedLabels:
+    """Export a (corrected) segmentation to volume labels on ``volume_node``'s grid, matching by segment NAME.
+
+    The internal label values of segments change as the user edits, reorders or merges layers, so
+    values come from the names ("right vastus lateralis" -> its table value; case, underscores and
+    hyphens ignored). Segments with other names are left out and reported.
+
+    Raises:
+        InputError: nothing selected, the segmentation was drawn on another volume's grid, or two
+            segments carry the same muscle name.
+    """
+    if segmentation_node is None:
+        raise InputError("Select a segmentation first (segment the volume, then correct it).")
+    image = image_from_volume_node(volume_node)  # validates the volume
+    check_segmentation_on_volume(segmentation_node, volume_node)
+    values = {normalise_name(label.name): label.value for label in table.volume_labels()}
+    segmentation = segmentation_node.GetSegmentation()
+    chosen: dict[int, tuple[str, str]] = {}
+    unknown: list[str] = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_name = segmentation.GetNthSegment(i).GetName()
+        value = values.get(normalise_name(segment_name))
+        if value is None:
+            unknown.append(segment_name)
+        elif value in chosen:
+            raise InputError(f"Segments '{chosen[value][1]}' and '{segment_name}' name the same muscle; rename or "
+                             "merge one of them.")
+        else:
+            chosen[value] = (segmentation.GetNthSegmentID(i), segment_name)
+    array = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+    if chosen:
+        array = _export_by_value(scene, segmentation_node, volume_node, chosen, len(values))
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    found = {normalise_name(name) for _, name in chosen.values()}
+    missing = tuple(label.name for label in table.volume_labels() if normalise_name(label.name) not in found)
+    return CorrectedLabels(labels, tuple(unknown), missing)
+
+
+def _export_by_value(scene, segmentation_node, volume_node, chosen: dict[int, tuple[str, str]],
+                     n_labels: int) -> np.ndarray:
+    # A colour table naming each chosen segment at its table value makes Slicer write that value.
+    colors = slicer.vtkMRMLColorTableNode()
+    colors.SetTypeToUser()
+    colors.SetNumberOfColors(n_labels + 1)
+    colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for value, (_, segment_name) in chosen.items():
+        colors.SetColor(value, segment_name, 1.0, 1.0, 1.0, 1.0)
+    scene.AddNode(colors)
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(labelmap)
+    try:
+        segment_ids = vtk.vtkStringArray()
+        for segment_id, _ in chosen.values():
+            segment_ids.InsertNextValue(segment_id)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, segment_ids, labelmap, volume_node,
+            slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colors)
+        if not ok:
+            raise InputError(f"Slicer could not export segmentation '{segmentation_node.GetName()}'.")
+        dims = labelmap.GetImageData().GetDimensions()
+        array = numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
+        return array.astype(np.uint8)
+    finally:
+        display_node = labelmap.GetDisplayNode()
+        scene.RemoveNode(labelmap)
+        if display_node is not None:
+            scene.RemoveNode(display_node)
+        scene.RemoveNode(colors)
+
+
+def check_segmentation_on_volume(segmentation_node, volume_node) -> None:
+    """Raise InputError unless every non-empty segment lies on ``volume_node``'s voxel grid (direction, spacing, phase)."""
+    volume_matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(volume_matrix)
+    volume = _matrix_to_numpy(volume_matrix)
+    segmentation = segmentation_node.GetSegmentation()
+    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    for i in range(segmentation.GetNumberOfSegments()):
+        oriented = segmentation.GetNthSegment(i).GetRepresentation(representation)
+        if oriented is None or oriented.IsEmpty():
+            continue
+        matrix = vtk.vtkMatrix4x4()
+        oriented.GetImageToWorldMatrix(matrix)
+        segment = _matrix_to_numpy(matrix)
+        # Same axes and spacing, and the segment's first voxel on a voxel centre of the volume.
+        index = np.linalg.solve(volume, segment[:, 3])[:3]
+        if (not np.allclose(segment[:3, :3], volume[:3, :3], atol=GEOMETRY_TOLERANCE * np.abs(volume[:3, :3]).max())
+                or not np.allclose(index, np.round(index), atol=1e-2)):
+            raise InputError(f"Segmentation '{segmentation_node.GetName()}' was not drawn on the grid of volume "
+                             f"'{volume_node.GetName()}'; select the volume it was made from.")
+
+
+def segment_names(segmentation_node) -> list[str]:
+    """Names of a segmentation's segments in display order."""
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def save_segmentation(segmentation_node, path: str) -> None:
+    """Write a segmentation as ``.seg.nrrd`` through Slicer's own storage node (names, colours, terminology)."""
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(segmentation_node):
+        raise InputError(f"Could not write segmentation to {path}.")
+
+
+def load_segmentation(scene, path: str, name: str | None = None) -> "slicer.vtkMRMLSegmentationNode":
+    """Read a ``.seg.nrrd`` into a new segmentation node through Slicer's storage node."""
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(name or str(path).rsplit("/", 1)[-1].split(".")[0])
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"Could not read segmentation {path}.")
+    return node
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
+def fill_table_node(table_node: "slicer.vtkMRMLTableNode", rows: list[dict[str, object]]) -> None:
+    """Replace a table node's content with ``rows`` (one dict per row; str columns stay text, others numbers)."""
+    table = vtk.vtkTable()
+    columns = list(rows[0]) if rows else []
+    for column in columns:
+        is_text = any(isinstance(row[column], str) for row in rows)
+        array = vtk.vtkStringArray() if is_text else vtk.vtkDoubleArray()
+        array.SetName(column)
+        for row in rows:
+            if is_text:
+                array.InsertNextValue(str(row[column]))
+            else:
+                array.InsertNextValue(float(row[column]))
+        table.AddColumn(array)
+    table_node.SetAndObserveTable(table)
