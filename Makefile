@@ -29,7 +29,7 @@ test: $(STAMP) $(SLICER_STAMP)
 
 $(SLICER_STAMP): pyproject.toml
 	test -x $(SLICER_PY) || $(PYTHON) -m venv $(SLICER_VENV)
-	$(SLICER_PY) -m pip install -q "slicer-core>=5.10" SimpleITK numpy pynrrd slicerio pytest pytest-timeout
+	$(SLICER_PY) -m pip install -q "slicer-core>=5.10" SimpleITK numpy scipy pynrrd slicerio pytest pytest-timeout
 	$(SLICER_PY) -m pip install -q --no-deps -e .
 	touch $(SLICER_STAMP)
 

@@ -19,13 +19,10 @@ import vtk
 from vtk.util import numpy_support
 
 from dafne_logic.errors import InputError
-from dafne_logic.labels import ANATOMICAL_STRUCTURE, LabelTable, VolumeLabel, normalise_name
+from dafne_logic.io import match_label_name, terminology
+from dafne_logic.labels import LabelTable, VolumeLabel
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-# Terminology strings as Slicer stores them on segments: context~category~type~type modifier~
-# anatomic context~region~region modifier, each code written scheme^value^meaning.
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 # Grids closer than this (mm for origins, relative for directions and spacing) count as equal.
 GEOMETRY_TOLERANCE = 1e-3
 
@@ -37,7 +34,8 @@ def image_from_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> sit
     """A copy of a scalar volume node as a SimpleITK image (LPS geometry, same voxel type).
 
     Raises:
-        InputError: no volume, no voxels, more than one component (4D/colour) or a 2D volume.
+        InputError: no volume, no voxels, more than one component (vector, colour, 4D) or not
+            even one 2D slice.
     """
     if volume_node is None:
         raise InputError("Select an input volume first.")
@@ -48,8 +46,8 @@ def image_from_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> sit
     if image_data.GetNumberOfScalarComponents() != 1 or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError(f"Volume '{name}' is not a 3D scalar volume (vector, colour or 4D volumes cannot be segmented).")
     dims = image_data.GetDimensions()
-    if min(dims) < 2:
-        raise InputError(f"Volume '{name}' is 2D ({dims[0]} x {dims[1]} x {dims[2]} voxels); a 3D volume is needed.")
+    if sorted(dims)[1] < 2:  # a single slice is a valid input (the model is 2D); a line is not
+        raise InputError(f"Volume '{name}' has {dims[0]} x {dims[1]} x {dims[2]} voxels; it holds no image slice.")
     array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[::-1])
     image = sitk.GetImageFromArray(array.copy())
     ijk_to_ras = vtk.vtkMatrix4x4()
@@ -111,21 +109,15 @@ def same_grid(a: np.ndarray, dims_a: tuple[int, ...], b: np.ndarray, dims_b: tup
 # --- terminology and colour tables ---------------------------------------------------------------
 
 
-def _code(code) -> str:
-    return f"{code.scheme}^{code.value}^{code.meaning}"
-
-
 def terminology_entry(label: VolumeLabel) -> str:
-    """Slicer terminology string of one bilateral label (SNOMED CT type + laterality modifier)."""
-    return "~".join([
-        TERMINOLOGY_CONTEXT,
-        _code(ANATOMICAL_STRUCTURE),
-        _code(label.muscle.code),
-        _code(label.laterality),
-        ANATOMIC_CONTEXT,
-        "^^",
-        "^^",
-    ])
+    """Slicer's terminology string of one bilateral label, the same entry ``dafne_logic.io`` writes to files.
+
+    Format: context~category~type~type modifier~anatomic context~region~region modifier, each
+    code ``scheme^value^meaning`` (no anatomic region: the type already names the muscle).
+    """
+    entry = terminology(label)
+    return "~".join([entry["contextName"], "^".join(entry["category"]), "^".join(entry["type"]),
+                     "^".join(entry["typeModifier"]), entry["anatomicContextName"], "^^", "^^"])
 
 
 def color_table_node(scene: "slicer.vtkMRMLScene", table: LabelTable, name: str) -> "slicer.vtkMRMLColorTableNode":
@@ -143,8 +135,8 @@ def color_table_node(scene: "slicer.vtkMRMLScene", table: LabelTable, name: str)
     for label in labels:
         r, g, b = (c / 255.0 for c in label.muscle.color)
         node.SetColor(label.value, label.name, r, g, b, 1.0)
-        node.SetTerminology(label.value, *_code(ANATOMICAL_STRUCTURE).split("^"), *_code(label.muscle.code).split("^"),
-                            *_code(label.laterality).split("^"))
+        entry = terminology(label)
+        node.SetTerminology(label.value, *entry["category"], *entry["type"], *entry["typeModifier"])
     node.SetHideFromEditors(True)
     scene.AddNode(node)
     return node
@@ -235,8 +227,8 @@ def segmentation_to_labels(scene: "slicer.vtkMRMLScene", segmentation_node: "sli
     """Export a (corrected) segmentation to volume labels on ``volume_node``'s grid, matching by segment NAME.
 
     The internal label values of segments change as the user edits, reorders or merges layers, so
-    values come from the names ("right vastus lateralis" -> its table value; case, underscores and
-    hyphens ignored). Segments with other names are left out and reported.
+    values come from the names, matched as ``dafne_logic.io`` matches names in files ("right vastus
+    lateralis", "Vastus_Lateralis_R", ...). Segments with other names are left out and reported.
 
     Raises:
         InputError: nothing selected, the segmentation was drawn on another volume's grid, or two
@@ -246,13 +238,12 @@ def segmentation_to_labels(scene: "slicer.vtkMRMLScene", segmentation_node: "sli
         raise InputError("Select a segmentation first (segment the volume, then correct it).")
     image = image_from_volume_node(volume_node)  # validates the volume
     check_segmentation_on_volume(segmentation_node, volume_node)
-    values = {normalise_name(label.name): label.value for label in table.volume_labels()}
     segmentation = segmentation_node.GetSegmentation()
     chosen: dict[int, tuple[str, str]] = {}
     unknown: list[str] = []
     for i in range(segmentation.GetNumberOfSegments()):
         segment_name = segmentation.GetNthSegment(i).GetName()
-        value = values.get(normalise_name(segment_name))
+        value = match_label_name(segment_name, table)
         if value is None:
             unknown.append(segment_name)
         elif value in chosen:
@@ -262,11 +253,10 @@ def segmentation_to_labels(scene: "slicer.vtkMRMLScene", segmentation_node: "sli
             chosen[value] = (segmentation.GetNthSegmentID(i), segment_name)
     array = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
     if chosen:
-        array = _export_by_value(scene, segmentation_node, volume_node, chosen, len(values))
+        array = _export_by_value(scene, segmentation_node, volume_node, chosen, 2 * table.n_muscles)
     labels = sitk.GetImageFromArray(array)
     labels.CopyInformation(image)
-    found = {normalise_name(name) for _, name in chosen.values()}
-    missing = tuple(label.name for label in table.volume_labels() if normalise_name(label.name) not in found)
+    missing = tuple(label.name for label in table.volume_labels() if label.value not in chosen)
     return CorrectedLabels(labels, tuple(unknown), missing)
 
 

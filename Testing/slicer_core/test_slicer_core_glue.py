@@ -11,7 +11,7 @@ import vtk  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
 from dafne_logic.errors import InputError  # noqa: E402
-from dafne_logic.labels import THIGH, normalise_name  # noqa: E402
+from dafne_logic.labels import THIGH  # noqa: E402
 
 SHAPE = (5, 7, 9)  # (k, j, i) = (slices, rows, columns)
 RIGHT_VL = THIGH.value_of(1, "right")
@@ -86,12 +86,14 @@ def test_volume_node_round_trip_keeps_voxels_and_ras_geometry(scene, orientation
     assert back.GetPixelID() == sitk.sitkFloat32
 
 
-def test_volume_node_rejects_missing_2d_and_vector_volumes(scene):
+def test_volume_node_rejects_missing_degenerate_and_vector_volumes(scene):
     with pytest.raises(InputError, match="Select an input volume"):
         mc.image_from_volume_node(None)
-    flat = _volume(scene, sitk.Image([9, 7, 1], sitk.sitkInt16), "one slice")
-    with pytest.raises(InputError, match="2D"):
-        mc.image_from_volume_node(flat)
+    one_slice = _volume(scene, sitk.Image([9, 7, 1], sitk.sitkInt16), "one slice")
+    assert mc.image_from_volume_node(one_slice).GetSize() == (9, 7, 1)  # the 2D model segments it
+    line = _volume(scene, sitk.Image([9, 1, 1], sitk.sitkInt16), "line")
+    with pytest.raises(InputError, match="no image slice"):
+        mc.image_from_volume_node(line)
     vector = slicer.vtkMRMLVectorVolumeNode()
     vector.SetName("rgb")
     scene.AddNode(vector)
@@ -174,8 +176,8 @@ def test_corrected_segmentation_exports_by_name_after_edits(scene, orientation):
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     assert ok
     expected[paint] = RIGHT_SARTORIUS
-    # Rename with other case and separators, reorder, remove, add an unknown segment.
-    _segment_by_name(node, "right vastus lateralis").SetName("Right_Vastus-Lateralis")
+    # Rename with other case, separators and side position, reorder, remove, add an unknown segment.
+    _segment_by_name(node, "right vastus lateralis").SetName("Vastus_Lateralis_R")
     gracilis_id = segmentation.GetSegmentIdBySegmentName("left gracilis")
     segmentation.SetSegmentIndex(gracilis_id, 0)
     segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName("right gracilis"))
@@ -255,7 +257,18 @@ def test_table_node_holds_statistics_rows(scene):
     assert table_node.GetNumberOfColumns() == 0
 
 
-def test_names_match_the_label_table_normalisation():
-    # The export matches by normalised name: the table's own names must all be distinct that way.
-    names = [normalise_name(label.name) for label in THIGH.volume_labels()]
-    assert len(set(names)) == len(names)
+def test_seg_nrrd_written_by_dafne_logic_loads_with_names_colours_terminology_geometry(scene, tmp_path):
+    from dafne_logic.io import write_labels
+
+    image = _image(DIRECTIONS["oblique"])
+    volume = _volume(scene, image)
+    path = tmp_path / "from_logic.seg.nrrd"
+    write_labels(_labels(image), path, THIGH)
+    node = mc.load_segmentation(scene, str(path))
+    assert sorted(mc.segment_names(node)) == sorted(label.name for label in THIGH.volume_labels())
+    for label in THIGH.volume_labels():
+        segment = _segment_by_name(node, label.name)
+        np.testing.assert_allclose(segment.GetColor(), [c / 255 for c in label.muscle.color], atol=1e-6)
+        assert segment.GetTerminology() == mc.terminology_entry(label)
+    corrected = mc.segmentation_to_labels(scene, node, volume, THIGH)  # also checks the grid
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(corrected.labels), sitk.GetArrayFromImage(_labels(image)))
