@@ -1,0 +1,509 @@
+"""Reading MR volumes and writing / reading muscle label maps and Slicer segmentations.
+
+Images are :class:`SimpleITK.Image` objects in LPS physical space; their origin, spacing and
+direction are kept exactly as read. Label images hold **volume labels** (see :mod:`.labels`).
+
+Writers pick the format from the file name:
+
+* ``.seg.nrrd``: a 3D Slicer segmentation (one labelmap layer, label value = volume label), each
+  segment named ("right vastus lateralis"), coloured and coded (SNOMED CT type + laterality).
+  **Every** label of the table gets a segment, also a muscle that is absent from this volume:
+  Slicer users then find the full, consistently ordered list in the Segment Editor and can paint
+  a missed muscle into its existing, correctly coded segment.
+* ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``: a label map plus a JSON label table beside it
+  (``<stem>.json``: value → name, side, colour, terminology).
+
+Readers of segmentations match segments to the label table by **name**, so internal label values,
+layers and segment order do not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_path
+from .errors import InputError
+from .labels import ANATOMICAL_STRUCTURE, Code, LabelTable, Side, VolumeLabel, normalise_name
+
+PathLike = str | os.PathLike[str]
+
+# 3D Slicer terminology contexts (Slicer's Terminologies module, TerminologyEntry tag).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+LABEL_TABLE_FORMAT = "dafne-label-table"
+
+_DICOM_DESCRIPTION_TAG = "0008|103e"
+
+
+# --- reading images ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found in a folder."""
+
+    uid: str  # SeriesInstanceUID
+    description: str  # SeriesDescription, "" when absent
+    files: tuple[str, ...]  # slice files, sorted by GDCM along the slice normal
+
+
+def list_dicom_series(folder: PathLike) -> list[DicomSeries]:
+    """The DICOM series directly inside ``folder`` (not its subfolders)."""
+    folder = str(folder)
+    series = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+        series.append(DicomSeries(uid, _series_description(files[0]), files))
+    return series
+
+
+def _series_description(first_file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(first_file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData(_DICOM_DESCRIPTION_TAG).strip() if reader.HasMetaDataKey(_DICOM_DESCRIPTION_TAG) else ""
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    found = list_dicom_series(folder)
+    if not found:
+        raise InputError(f"{folder} is a folder without DICOM series; give a DICOM series folder or an image file.")
+    listing = "; ".join(f"{s.uid} ({s.description or 'no description'}, {len(s.files)} files)" for s in found)
+    if series_uid is None:
+        if len(found) > 1:
+            raise InputError(
+                f"{folder} holds {len(found)} DICOM series: {listing}; choose one with --series UID.")
+        chosen = found[0]
+    else:
+        matches = [s for s in found if s.uid == series_uid]
+        if not matches:
+            raise InputError(f"{folder} has no DICOM series {series_uid}; it holds: {listing}.")
+        chosen = matches[0]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    image = reader.Execute()
+    if image.GetDimension() == 2:  # a one-file series is still a (single-slice) volume
+        image = sitk.JoinSeries(image)
+    return image
+
+
+def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read a validated 3D scalar MR volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder).
+
+    The image keeps the file's pixel type and full geometry (LPS origin, spacing in mm, direction).
+    A 4D file whose fourth axis has length 1 is read as its 3D volume. ``series_uid`` picks one
+    series of a DICOM folder that holds several. Raises :class:`InputError` for anything that is
+    not a usable volume (see :func:`validate_image`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
+    try:
+        if path.is_dir():
+            image = _read_dicom_folder(path, series_uid)
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path} could not be read as an image (NIfTI, NRRD, MHA or a DICOM folder): "
+                         f"{_first_line(exc)}.") from exc
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    validate_image(image, str(path))
+    return image
+
+
+def _first_line(exc: BaseException) -> str:
+    """SimpleITK errors span many lines of C++ context; keep the informative one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "Exception" not in line and not line.startswith("in ")] or lines or [""]
+    return useful[-1].rstrip(".")
+
+
+def validate_image(image: sitk.Image, name: str) -> None:
+    """Raise :class:`InputError` (one sentence naming ``name``) unless ``image`` is a usable volume.
+
+    Usable: three dimensions (a single slice stored as a 3D volume is fine), one scalar component,
+    at least one voxel, finite values, not constant.
+    """
+    dimension = image.GetDimension()
+    if dimension == 2:
+        raise InputError(f"{name} is a 2D image without a slice axis; save it as a 3D volume (one slice is fine).")
+    if dimension != 3:
+        raise InputError(f"{name} has {dimension} dimensions; give a single 3D volume (one time point or echo).")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                         f"(colour, vector or complex data); give a scalar MR volume.")
+    if image.GetNumberOfPixels() == 0:
+        raise InputError(f"{name} is empty (size {image.GetSize()}).")
+    voxels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(voxels.dtype, np.floating):
+        finite = np.isfinite(voxels)
+        if not finite.all():
+            kind = "NaN" if np.isnan(voxels).any() else "infinite"
+            raise InputError(f"{name} contains {kind} voxel values; fix or mask them before segmenting.")
+    low, high = voxels.min(), voxels.max()
+    if low == high:
+        raise InputError(f"{name} is constant (every voxel is {low}); it holds no image.")
+
+
+# --- label table JSON ----------------------------------------------------------------------------
+
+
+def terminology(label: VolumeLabel) -> dict[str, Any]:
+    """Slicer terminology of one volume label, as ``slicerio`` represents a ``TerminologyEntry``.
+
+    Category "Anatomical Structure", the muscle's SNOMED CT code as type and the laterality as
+    type modifier, in the 3D Slicer General Anatomy context (as Slicer codes e.g. "right adrenal gland").
+    """
+    return {
+        "contextName": TERMINOLOGY_CONTEXT,
+        "category": _triplet(ANATOMICAL_STRUCTURE),
+        "type": _triplet(label.muscle.code),
+        "typeModifier": _triplet(label.laterality),
+        "anatomicContextName": ANATOMIC_CONTEXT,
+    }
+
+
+def _triplet(code: Code) -> list[str]:
+    return [code.scheme, code.value, code.meaning]
+
+
+def label_table_json(table: LabelTable) -> dict[str, Any]:
+    """The JSON written beside a label map: value → name, side, colour (RGB 0..255), terminology."""
+    return {
+        "format": LABEL_TABLE_FORMAT,
+        "version": 1,
+        "region": table.region,
+        "labels": {
+            str(label.value): {
+                "name": label.name,
+                "muscle": label.muscle.name,
+                "side": label.side,
+                "color": list(label.muscle.color),
+                "terminology": terminology(label),
+            }
+            for label in table.volume_labels()
+        },
+        "table": table.to_json(),
+    }
+
+
+def label_table_path(labelmap_path: PathLike) -> Path:
+    """``out.nii.gz`` → ``out.json`` (the label table beside a label map)."""
+    path = Path(labelmap_path)
+    name = path.name
+    for suffix in LABELMAP_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_suffix(".json")
+
+
+def _names_by_value(data: Any, source: Path) -> dict[int, str]:
+    """Value → name from our label table JSON or a plain ``{"1": "Soleus_R", ...}`` mapping."""
+    entries = data.get("labels", data) if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise InputError(f"{source} is not a label table (expected an object mapping label values to names).")
+    names = {}
+    for key, entry in entries.items():
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        try:
+            value = int(key)
+        except ValueError:
+            raise InputError(f"{source}: label value {key!r} is not an integer.") from None
+        if not isinstance(name, str) or value < 0:
+            raise InputError(f"{source}: label {key} needs a name and a value of 0 or more.")
+        names[value] = name
+    return names
+
+
+# --- name matching -------------------------------------------------------------------------------
+
+_SIDE_WORDS: dict[str, Side] = {"right": "right", "r": "right", "rt": "right", "dx": "right",
+                                "left": "left", "l": "left", "lt": "left", "sx": "left"}
+# Words that name no muscle, and spelling variants mapped to the label tables' words.
+_FILLER_WORDS = {"muscle", "musculus", "m", "of", "the", "head", "caput", "side"}
+_WORD_VARIANTS = {"medial": "medialis", "lateral": "lateralis", "fibularis": "peroneus", "peroneal": "peroneus",
+                  "peronaeus": "peroneus", "muscles": "muscle"}
+
+
+def _muscle_words(name: str) -> frozenset[str]:
+    words = (_WORD_VARIANTS.get(w, w) for w in normalise_name(re.sub(r"[.,;:()\[\]/]", " ", name)).split())
+    return frozenset(w for w in words if w not in _FILLER_WORDS)
+
+
+def match_label_name(name: str, table: LabelTable) -> int | None:
+    """Volume label value of a segment or label name, or None when it names no label of ``table``.
+
+    The side may come first or last as a word or abbreviation ("right vastus lateralis",
+    "vastus lateralis left", "Vastus_Lateralis_L", "Soleus_R", "soleus.r"); case, separators,
+    word order and "muscle"/"head" do not matter ("Extensor Longus Digitorum_R" is the right
+    extensor digitorum longus, "medial gastrocnemius" is gastrocnemius medialis).
+    """
+    words = normalise_name(re.sub(r"[.,;:()\[\]/]", " ", name)).split()
+    side = None
+    for position in (0, -1):
+        if len(words) > 1 and words[position] in _SIDE_WORDS:
+            side = _SIDE_WORDS[words.pop(position)]
+            break
+    if side is None:
+        return None
+    wanted = _muscle_words(" ".join(words))
+    for index, muscle in enumerate(table.muscles, start=1):
+        if _muscle_words(muscle.name) == wanted:
+            return table.value_of(index, side)
+    return None
+
+
+# --- writing label maps and segmentations --------------------------------------------------------
+
+
+def _label_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(SEGMENTATION_SUFFIX):
+        return "segmentation"
+    if name.endswith(LABELMAP_SUFFIXES):
+        return "labelmap"
+    raise InputError(f"{path}: unknown output format; name it .seg.nrrd (Slicer segmentation) "
+                     f"or {', '.join(LABELMAP_SUFFIXES)} (label map + JSON label table).")
+
+
+def check_output_path(path: PathLike) -> None:
+    """Raise :class:`InputError` now if :func:`write_labels` could not write ``path`` (its extension)."""
+    _label_format(Path(path))
+
+
+def _label_array(label_image: sitk.Image, table: LabelTable) -> np.ndarray:
+    """Voxels (z, y, x) of a volume-label image, checked, as uint8 (or uint16 for large tables)."""
+    if label_image.GetDimension() != 3 or label_image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("the label image must be a 3D scalar image.")
+    voxels = sitk.GetArrayViewFromImage(label_image)
+    if not np.issubdtype(voxels.dtype, np.integer):
+        raise InputError(f"the label image has pixel type {voxels.dtype}; labels must be integers.")
+    n_labels = 2 * table.n_muscles
+    if voxels.size and (voxels.min() < 0 or voxels.max() > n_labels):
+        raise InputError(f"the label image has values outside 0..{n_labels} of the {table.region} label table.")
+    return voxels.astype(np.uint8 if n_labels <= np.iinfo(np.uint8).max else np.uint16)
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """4×4 matrix from voxel index (i, j, k) to LPS millimetres."""
+    matrix = np.eye(4)
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix[:3, :3] = direction * np.array(image.GetSpacing(), dtype=float)
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    """Whether two images share size, spacing, origin and direction (within ``tolerance`` mm / cosine)."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def resample_labels(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Labels carried onto ``reference``'s grid by physical position (nearest neighbour, outside → 0).
+
+    A Slicer segmentation is often stored cropped to its segments; this puts it back on the image grid.
+    """
+    if same_grid(labels, reference):
+        return labels
+    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+
+
+def _set_geometry(image: sitk.Image, matrix: np.ndarray) -> None:
+    """Inverse of :func:`ijk_to_lps`."""
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    if np.any(spacing == 0):
+        raise InputError("the segmentation has a zero voxel spacing.")
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(d) for d in (matrix[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(o) for o in matrix[:3, 3]))
+
+
+def _segment_extents(voxels_zyx: np.ndarray, n_labels: int) -> list[list[int]]:
+    """Per label 1..n_labels the [i_min, i_max, j_min, j_max, k_min, k_max] box; empty → [0,-1,0,-1,0,-1]."""
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(voxels_zyx, max_label=n_labels)
+    extents = []
+    for box in boxes:
+        if box is None:
+            extents.append([0, -1, 0, -1, 0, -1])
+        else:
+            z, y, x = box
+            extents.append([x.start, x.stop - 1, y.start, y.stop - 1, z.start, z.stop - 1])
+    return extents
+
+
+def _write_segmentation(voxels_zyx: np.ndarray, label_image: sitk.Image, table: LabelTable, target: Path) -> None:
+    import slicerio
+
+    labels = table.volume_labels()
+    extents = _segment_extents(voxels_zyx, 2 * table.n_muscles)
+    segments = [
+        {
+            "id": label.name.replace(" ", "_"),
+            "name": label.name,
+            "nameAutoGenerated": False,
+            "color": [c / 255.0 for c in label.muscle.color],
+            "colorAutoGenerated": False,
+            "labelValue": label.value,
+            "layer": 0,
+            "extent": extents[label.value - 1],
+            "terminology": terminology(label),
+        }
+        for label in labels
+    ]
+    segmentation = {
+        # slicerio writes voxels indexed (i, j, k) ("F" index order); SimpleITK arrays are (k, j, i).
+        "voxels": np.ascontiguousarray(voxels_zyx.transpose(2, 1, 0)),
+        "ijkToLPS": ijk_to_lps(label_image),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "segments": segments,
+    }
+    slicerio.write_segmentation(str(target), segmentation)
+
+
+def write_labels(label_image: sitk.Image, path: PathLike, table: LabelTable) -> list[Path]:
+    """Write a volume-label image as a Slicer segmentation or a label map + JSON label table.
+
+    The format follows the file name (see the module docstring); an unknown extension raises
+    :class:`InputError` before anything is computed or written. All files appear atomically:
+    an error leaves none of them behind (and an existing file unchanged). Returns the written paths.
+    """
+    path = Path(path)
+    kind = _label_format(path)
+    voxels = _label_array(label_image, table)
+    if kind == "segmentation":
+        with atomic_path(path) as tmp:
+            _write_segmentation(voxels, label_image, table, tmp)
+        return [path]
+    table_path = label_table_path(path)
+    image = sitk.GetImageFromArray(voxels)
+    image.CopyInformation(label_image)
+    with atomic_path(table_path) as tmp_table, atomic_path(path) as tmp_image:
+        sitk.WriteImage(image, str(tmp_image), useCompression=True)
+        tmp_table.write_text(json.dumps(label_table_json(table), indent=1) + "\n", encoding="utf-8")
+    return [path, table_path]
+
+
+# --- reading segmentations -----------------------------------------------------------------------
+
+
+def read_segmentation(path: PathLike, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+    """Volume labels of a segmentation file, matched to ``table`` by segment/label name.
+
+    ``path`` is a Slicer ``.seg.nrrd`` (any layers and label values), or a label map with a JSON
+    label table beside it (ours, or a plain ``{"value": "name"}`` mapping such as
+    ``{"1": "Soleus_R"}``); a label map without one is taken to hold volume labels of ``table``.
+    Returns the uint8/uint16 label image on the segmentation's own grid (a Slicer file may be cropped
+    to its segments) and the names that match no label (their voxels become background).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a segmentation file (.seg.nrrd or a label map).")
+    if path.name.lower().endswith(SEGMENTATION_SUFFIX):
+        return _read_slicer_segmentation(path, table)
+    return _read_labelmap(path, table)
+
+
+def _lookup(names: dict[int, str], table: LabelTable, max_value: int) -> tuple[np.ndarray, list[str]]:
+    """Array mapping a file's label value to our volume label (0 for unmatched), and the unmatched names."""
+    lut = np.zeros(max(max_value, max(names, default=0)) + 1, dtype=np.uint16)
+    unknown = []
+    for value, name in sorted(names.items()):
+        target = match_label_name(name, table)
+        if target is None:
+            unknown.append(name)
+        else:
+            lut[value] = target
+    return lut, unknown
+
+
+def _output_dtype(table: LabelTable) -> type:
+    return np.uint8 if 2 * table.n_muscles <= np.iinfo(np.uint8).max else np.uint16
+
+
+def _read_slicer_segmentation(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # slicerio raises IOError, nrrd errors, ValueError... for bad files
+        raise InputError(f"{path} could not be read as a Slicer segmentation: {exc}") from exc
+    voxels = segmentation.get("voxels")
+    if voxels is None or voxels.ndim not in (3, 4):
+        raise InputError(f"{path} holds no 3D segmentation voxels.")
+    layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
+    output = np.zeros(layers.shape[1:], dtype=_output_dtype(table))  # (i, j, k)
+    unknown = []
+    for layer_index in range(layers.shape[0]):
+        layer = layers[layer_index]
+        segments = [s for s in segmentation.get("segments", []) if s.get("layer", 0) == layer_index]
+        names = {int(s.get("labelValue", 1)): s.get("name", s.get("id", "")) for s in segments}
+        lut, layer_unknown = _lookup(names, table, int(layer.max()) if layer.size else 0)
+        unknown += layer_unknown
+        mapped = lut[layer.astype(np.int64, copy=False).clip(0, len(lut) - 1)]
+        np.copyto(output, mapped.astype(output.dtype), where=mapped > 0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(output.transpose(2, 1, 0)))
+    _set_geometry(image, np.asarray(segmentation["ijkToLPS"], dtype=float))
+    return image, unknown
+
+
+def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path} could not be read as a label map: {_first_line(exc)}.") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path} is not a 3D scalar label map.")
+    voxels = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(voxels.dtype, np.integer):
+        if not np.all(np.mod(voxels, 1) == 0):
+            raise InputError(f"{path} has non-integer voxel values; it is not a label map.")
+    values = voxels.astype(np.int64)
+    max_value = int(values.max()) if values.size else 0
+    if values.size and values.min() < 0:
+        raise InputError(f"{path} has negative label values.")
+    table_path = label_table_path(path)
+    if table_path.is_file():
+        try:
+            data = json.loads(table_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{table_path} is not readable JSON: {exc}") from exc
+        lut, unknown = _lookup(_names_by_value(data, table_path), table, max_value)
+    else:
+        n_labels = 2 * table.n_muscles
+        lut = np.zeros(max(max_value, n_labels) + 1, dtype=np.uint16)
+        lut[1 : n_labels + 1] = np.arange(1, n_labels + 1)
+        unknown = [f"label value {v}" for v in np.unique(values[values > n_labels]).tolist()]
+    output = sitk.GetImageFromArray(lut[values].astype(_output_dtype(table)))
+    output.CopyInformation(image)
+    return output, unknown
+
+
+__all__ = [
+    "ANATOMIC_CONTEXT", "DicomSeries", "LABELMAP_SUFFIXES", "SEGMENTATION_SUFFIX", "TERMINOLOGY_CONTEXT",
+    "check_output_path", "ijk_to_lps", "label_table_json", "label_table_path", "list_dicom_series",
+    "match_label_name", "read_image", "read_segmentation", "resample_labels", "same_grid", "terminology",
+    "validate_image", "write_labels",
+]
