@@ -1,0 +1,429 @@
+"""From an MR volume to per-leg network input, and from network output back to the input grid.
+
+Forward (:func:`prepare_volume`):
+
+1. Orientation: ``sitk.DICOMOrient(image, "LPS")`` permutes and flips the axes (exactly; oblique
+   volumes take their nearest axes) so that the **canonical array** has numpy axes
+   (z: inferior→superior, y: anterior→posterior, x: patient right→left). Left and right therefore
+   come from the direction matrix, never from the side of the input array a leg lies on.
+2. Body and legs (:mod:`dafne_logic.leg_detection`): two legs, one leg (its side from its physical
+   x in LPS: x < 0 is the patient's right, unless the caller says), or two legs touching.
+3. Intensity: the ``percentiles`` of body voxels map to 0 and 1, clipped to :data:`NORMALISED_RANGE`.
+4. Each leg: bounding box over all slices plus ``margin_mm``, resampled in-plane to ``spacing_mm``
+   (linear for images, nearest for labels; slices are kept as they are: the network is 2D) on a grid
+   whose sides are multiples of ``pad_multiple`` centred on the box; the left leg is mirrored along
+   x so that it looks like a right leg.
+
+Inverse (:func:`restore_labels`, or :class:`LabelAssembler` for slice-by-slice streaming): the
+class probabilities of each crop are resampled linearly back onto the canonical grid, one class and
+a bounded chunk of slices at a time, the winning class becomes that side's volume label, and the
+canonical array is permuted and flipped back onto exactly the input grid. Each canonical pixel is
+written by exactly one leg (the nearest, see :func:`dafne_logic.leg_detection.find_legs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import InputError
+from .labels import SIDES, LabelTable, Side
+from .leg_detection import body_mask, find_legs, strided_sample
+from .model_package import PreprocessingParams
+
+CANONICAL_ORIENTATION = "LPS"
+NORMALISED_RANGE = (-0.1, 1.1)  # normalised intensities are clipped a little beyond [0, 1]
+GEOMETRY_TOLERANCE = 1e-4  # relative tolerance when checking that labels share the image grid
+RESTORE_CHUNK_ELEMENTS = 4_000_000  # canonical pixels (slices × box) resampled at once on restore
+
+
+@dataclass(frozen=True)
+class AxisSampling:
+    """One in-plane axis of a crop: crop pixel ``i`` sits at canonical pixel ``start + i * step``.
+
+    ``step`` is the model spacing over the input spacing (canonical pixels per crop pixel).
+    """
+
+    start: float
+    step: float
+    size: int
+
+    @classmethod
+    def around(cls, first: int, stop: int, source_mm: float, target_mm: float, multiple: int) -> "AxisSampling":
+        """A grid of ``target_mm`` pixels, a multiple of ``multiple`` long, centred on pixels [first, stop).
+
+        The start is rounded to a whole canonical pixel so that equal spacings copy pixels exactly;
+        one spare crop pixel covers that rounding.
+        """
+        step = target_mm / source_mm
+        size = multiple * int(np.ceil(((stop - first) / step + 1.0) / multiple))
+        centre = (first + stop - 1) / 2.0
+        return cls(float(np.floor(centre - (size - 1) * step / 2.0 + 0.5)), step, size)
+
+
+@dataclass
+class LegCrop:
+    """One leg as the network sees it, and where it came from.
+
+    Attributes:
+        side: the patient side of this leg, from the image geometry.
+        image: (n_slices, H, W) float32 normalised intensities at ``params.spacing_mm``; H and W are
+            multiples of ``params.pad_multiple``. The left leg is mirrored along x.
+        target: (n_slices, H, W) uint8 model classes (0 background, 1..N this leg's muscles) when
+            labels were given, else None. Mirrored like ``image``.
+        rows, columns: crop rows ↔ canonical y and crop columns (before mirroring) ↔ canonical x.
+        box: (y0, y1, x0, x1) half-open canonical pixel box that this crop restores.
+        owned: (y1 - y0, x1 - x0) bool, the pixels of ``box`` that belong to this leg.
+        mirrored: True when ``image`` is flipped along its last axis (the left leg).
+    """
+
+    side: Side
+    image: np.ndarray
+    target: np.ndarray | None
+    rows: AxisSampling
+    columns: AxisSampling
+    box: tuple[int, int, int, int]
+    owned: np.ndarray
+    mirrored: bool
+
+
+@dataclass
+class PreparedVolume:
+    """The legs of one volume plus the geometry that maps predictions back onto the input grid.
+
+    Attributes:
+        legs: one or two crops, patient right first.
+        canonical_shape: (z, y, x) shape of the canonical (LPS) array.
+        to_input_axes: numpy transpose that takes a canonical array to the input array's axis order ...
+        to_input_flips: ... after which these input numpy axes are reversed.
+        size, origin, spacing, direction: the input image's grid (SimpleITK conventions).
+        intensity_range: the raw intensities that became 0 and 1.
+    """
+
+    legs: list[LegCrop]
+    canonical_shape: tuple[int, int, int]
+    to_input_axes: tuple[int, int, int]
+    to_input_flips: tuple[bool, bool, bool]
+    size: tuple[int, int, int]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
+    intensity_range: tuple[float, float]
+
+    def leg(self, side: Side) -> LegCrop:
+        for leg in self.legs:
+            if leg.side == side:
+                return leg
+        raise KeyError(f"this volume has no {side} leg")
+
+    def to_input_array(self, canonical: np.ndarray) -> np.ndarray:
+        """A (z, y, x) canonical array rearranged onto the input image's numpy axes (a view)."""
+        out = canonical.transpose(self.to_input_axes)
+        flips = tuple(axis for axis, flip in enumerate(self.to_input_flips) if flip)
+        return np.flip(out, axis=flips) if flips else out
+
+    def to_input_image(self, canonical: np.ndarray) -> sitk.Image:
+        """A canonical array as an image on exactly the input grid."""
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.to_input_array(canonical)))
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+
+def canonical(image: sitk.Image) -> sitk.Image:
+    """The image reoriented to axial LPS (exact permutation and flips of the axes)."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def prepare_volume(
+    image: sitk.Image,
+    params: PreprocessingParams,
+    labels: sitk.Image | None = None,
+    table: LabelTable | None = None,
+    single_leg_side: Side | None = None,
+) -> PreparedVolume:
+    """Per-leg, mirrored, resampled, normalised slice stacks of one MR volume.
+
+    Args:
+        image: 3D scalar MR volume in any orientation (a single-slice 3D volume is valid).
+        params: the model's preprocessing parameters.
+        labels: optional volume labels (right muscles 1..N, left N+1..2N) on the image's grid;
+            needs ``table``. Fills each leg's ``target``.
+        table: the label table that defines N.
+        single_leg_side: the side of the leg when only one is found (default: from its position,
+            physical x < 0 in LPS is the patient's right). Ignored when two legs are found.
+
+    Raises:
+        InputError: not a 3D scalar image, non-finite or constant voxels, no body, or labels that
+            do not fit the image or the table.
+    """
+    _check_image(image)
+    if labels is not None and table is None:
+        raise ValueError("labels need the label table that defines their values")
+    if single_leg_side is not None and single_leg_side not in SIDES:
+        raise ValueError(f"single_leg_side must be one of {SIDES}, not {single_leg_side!r}")
+    oriented = canonical(image)
+    volume = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)
+    if not np.isfinite(volume).all():
+        raise InputError("the image contains NaN or infinite voxels")
+    label_volume = _canonical_labels(labels, image, table) if labels is not None else None
+    spacing_yx = (oriented.GetSpacing()[1], oriented.GetSpacing()[0])
+
+    body = body_mask(volume, spacing_yx)
+    regions = find_legs(body, spacing_yx)
+    sides = _assign_sides(regions, body, oriented, single_leg_side)
+    low, high = np.percentile(strided_sample(volume[body]).astype(np.float64), params.percentiles)
+    if not high > low:
+        raise InputError("the image has no intensity contrast inside the body")
+    outside = volume[~body]
+    fill = float(np.median(strided_sample(outside))) if outside.size else low + NORMALISED_RANGE[0] * (high - low)
+    del outside
+
+    footprint = body.any(axis=0)
+    legs = []
+    for side, region in sorted(zip(sides, regions), key=lambda pair: SIDES.index(pair[0])):
+        box = _leg_box(footprint & region, spacing_yx, params.margin_mm)
+        rows = AxisSampling.around(box[0], box[1], spacing_yx[0], params.spacing_mm[0], params.pad_multiple)
+        columns = AxisSampling.around(box[2], box[3], spacing_yx[1], params.spacing_mm[1], params.pad_multiple)
+        mirrored = side == "left"
+        crop = _sample(volume, rows, columns, order=1, fill=fill)
+        crop -= low
+        crop /= high - low
+        np.clip(crop, *NORMALISED_RANGE, out=crop)
+        target = None
+        if label_volume is not None and table is not None:
+            target = _sample(_side_classes(label_volume, table, side), rows, columns, order=0, fill=0)
+        legs.append(
+            LegCrop(
+                side=side,
+                image=_mirror(crop, mirrored),
+                target=None if target is None else _mirror(target, mirrored),
+                rows=rows,
+                columns=columns,
+                box=box,
+                owned=region[box[0] : box[1], box[2] : box[3]].copy(),
+                mirrored=mirrored,
+            )
+        )
+    axes, flips = _to_input_mapping(image, oriented)
+    return PreparedVolume(
+        legs=legs,
+        canonical_shape=volume.shape,
+        to_input_axes=axes,
+        to_input_flips=flips,
+        size=image.GetSize(),
+        origin=image.GetOrigin(),
+        spacing=image.GetSpacing(),
+        direction=image.GetDirection(),
+        intensity_range=(float(low), float(high)),
+    )
+
+
+class LabelAssembler:
+    """Builds the volume label map from class probabilities delivered a few slices at a time.
+
+    Memory stays bounded by one canonical uint8 volume plus one chunk: probabilities are resampled
+    one class at a time over at most ``RESTORE_CHUNK_ELEMENTS`` canonical pixels.
+    """
+
+    def __init__(self, prepared: PreparedVolume, table: LabelTable):
+        self.prepared = prepared
+        self.table = table
+        self.canonical = np.zeros(prepared.canonical_shape, dtype=np.uint8)
+
+    def add(self, side: Side, first_slice: int, probabilities: np.ndarray) -> None:
+        """Place one leg's predictions for slices ``first_slice ..`` of its crop.
+
+        Args:
+            side: which leg's crop the probabilities belong to.
+            first_slice: index of the first slice of ``probabilities`` in the crop stack.
+            probabilities: (k, C, H, W) softmax probabilities (any float dtype) in that leg's crop
+                space, mirrored as the crop is; C = ``table.n_classes``.
+        """
+        leg = self.prepared.leg(side)
+        expected = (self.table.n_classes, leg.rows.size, leg.columns.size)
+        if probabilities.ndim != 4 or probabilities.shape[1:] != expected:
+            raise ValueError(f"{side} probabilities have shape {probabilities.shape}, expected (k, *{expected})")
+        if not 0 <= first_slice <= first_slice + probabilities.shape[0] <= leg.image.shape[0]:
+            raise ValueError(f"slices {first_slice}..{first_slice + probabilities.shape[0]} outside the {side} crop")
+        y0, y1, x0, x1 = leg.box
+        box_pixels = (y1 - y0) * (x1 - x0)
+        chunk = max(1, RESTORE_CHUNK_ELEMENTS // max(1, box_pixels))
+        values = np.array([0] + [self.table.value_of(i, side) for i in range(1, self.table.n_classes)], np.uint8)
+        for start in range(0, probabilities.shape[0], chunk):
+            part = probabilities[start : start + chunk]
+            if leg.mirrored:
+                part = part[..., ::-1]
+            classes = _resample_argmax(part, leg)
+            z0 = first_slice + start
+            target = self.canonical[z0 : z0 + part.shape[0], y0:y1, x0:x1]
+            np.copyto(target, values[classes], where=leg.owned[None])
+
+    def image(self) -> sitk.Image:
+        """The uint8 volume labels on exactly the input image's grid."""
+        return self.prepared.to_input_image(self.canonical)
+
+
+def restore_labels(prepared: PreparedVolume, probabilities: dict[Side, np.ndarray], table: LabelTable) -> sitk.Image:
+    """Volume labels on the input grid from each leg's class probabilities.
+
+    Args:
+        prepared: what :func:`prepare_volume` returned for this image.
+        probabilities: per side, (n_slices, C, H, W) softmax probabilities in that leg's crop space
+            (mirrored as given); every leg of ``prepared`` needs an entry.
+        table: the label table (C = ``table.n_classes``).
+
+    Returns:
+        uint8 label image on exactly the input grid: right muscles 1..N, left N+1..2N, 0 elsewhere.
+    """
+    assembler = LabelAssembler(prepared, table)
+    for leg in prepared.legs:
+        if leg.side not in probabilities:
+            raise ValueError(f"no probabilities for the {leg.side} leg")
+        assembler.add(leg.side, 0, probabilities[leg.side])
+    return assembler.image()
+
+
+def labels_to_onehot(classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n, H, W) integer model classes → (n, C, H, W) float32 one-hot "probabilities"."""
+    onehot = np.zeros((classes.shape[0], n_classes, *classes.shape[1:]), dtype=np.float32)
+    np.put_along_axis(onehot, classes[:, None].astype(np.intp), 1.0, axis=1)
+    return onehot
+
+
+def _check_image(image: sitk.Image) -> None:
+    if image.GetDimension() != 3:
+        raise InputError(f"expected a 3D image, got a {image.GetDimension()}D one")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components per voxel")
+
+
+def _canonical_labels(labels: sitk.Image, image: sitk.Image, table: LabelTable | None) -> np.ndarray:
+    """Volume labels checked against the image grid and the table, as a canonical (z, y, x) array."""
+    assert table is not None
+    same = labels.GetDimension() == 3 and labels.GetSize() == image.GetSize()
+    scale = max(image.GetSpacing())
+    same = same and np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=GEOMETRY_TOLERANCE, atol=0)
+    same = same and np.allclose(labels.GetOrigin(), image.GetOrigin(), rtol=0, atol=GEOMETRY_TOLERANCE * scale)
+    same = same and np.allclose(labels.GetDirection(), image.GetDirection(), rtol=0, atol=GEOMETRY_TOLERANCE)
+    if not same:
+        raise InputError("the label map does not lie on the image's grid (size, spacing, origin or direction differ)")
+    values = sitk.GetArrayFromImage(canonical(labels))
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.array_equal(values, np.round(values)):
+            raise InputError("the label map holds non-integer values")
+        values = values.astype(np.int64)
+    top = 2 * table.n_muscles
+    if values.size and (values.min() < 0 or values.max() > top):
+        raise InputError(f"the label map holds values outside 0..{top} of the {table.region} label table")
+    return values.astype(np.uint8)
+
+
+def _side_classes(label_volume: np.ndarray, table: LabelTable, side: Side) -> np.ndarray:
+    """(z, y, x) uint8 model classes of one side's muscles; the other side's labels become 0."""
+    lookup = np.zeros(2 * table.n_muscles + 1, dtype=np.uint8)
+    for i in range(1, table.n_classes):
+        lookup[table.value_of(i, side)] = i
+    return lookup[label_volume]
+
+
+def _assign_sides(
+    regions: list[np.ndarray], body: np.ndarray, oriented: sitk.Image, single_leg_side: Side | None
+) -> list[Side]:
+    """Patient sides of the leg regions: two are (right, left) by canonical x.
+
+    A lone leg takes ``single_leg_side`` if given, else the sign of the physical x (LPS) of its
+    body's centre: negative on the patient's right.
+    """
+    if len(regions) == 2:
+        return ["right", "left"]
+    if single_leg_side is not None:
+        return [single_leg_side]
+    z, y, x = (float(c) for c in ndimage.center_of_mass(body))
+    return ["right" if oriented.TransformContinuousIndexToPhysicalPoint((x, y, z))[0] < 0 else "left"]
+
+
+def _leg_box(footprint: np.ndarray, spacing_yx: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
+    """Half-open (y0, y1, x0, x1) box around a (y, x) footprint, widened by the margin, inside the image."""
+    rows = np.nonzero(footprint.any(axis=1))[0]
+    cols = np.nonzero(footprint.any(axis=0))[0]
+    my = int(np.ceil(margin_mm / spacing_yx[0]))
+    mx = int(np.ceil(margin_mm / spacing_yx[1]))
+    height, width = footprint.shape
+    return (
+        max(0, int(rows[0]) - my),
+        min(height, int(rows[-1]) + 1 + my),
+        max(0, int(cols[0]) - mx),
+        min(width, int(cols[-1]) + 1 + mx),
+    )
+
+
+def _sample(volume: np.ndarray, rows: AxisSampling, columns: AxisSampling, order: int, fill: float) -> np.ndarray:
+    """(z, y, x) canonical array → (z, rows.size, columns.size) crop; outside the image is ``fill``."""
+    return ndimage.affine_transform(
+        volume,
+        np.array([1.0, rows.step, columns.step]),
+        offset=(0.0, rows.start, columns.start),
+        output_shape=(volume.shape[0], rows.size, columns.size),
+        order=order,
+        mode="constant",
+        cval=fill,
+        prefilter=False,
+    )
+
+
+def _resample_argmax(probabilities: np.ndarray, leg: LegCrop) -> np.ndarray:
+    """(k, C, H, W) unmirrored crop probabilities → (k, box_h, box_w) uint8 winning class.
+
+    Linear interpolation one class at a time, keeping a running maximum (ties go to the lower
+    class, as ``argmax`` does), so at most two float32 box-sized chunks exist at once.
+    """
+    y0, y1, x0, x1 = leg.box
+    shape = (probabilities.shape[0], y1 - y0, x1 - x0)
+    matrix = np.array([1.0, 1.0 / leg.rows.step, 1.0 / leg.columns.step])
+    offset = (0.0, (y0 - leg.rows.start) / leg.rows.step, (x0 - leg.columns.start) / leg.columns.step)
+    best = np.full(shape, -np.inf, dtype=np.float32)
+    winner = np.zeros(shape, dtype=np.uint8)
+    for c in range(probabilities.shape[1]):
+        channel = np.ascontiguousarray(probabilities[:, c], dtype=np.float32)
+        value = ndimage.affine_transform(
+            channel, matrix, offset=offset, output_shape=shape, order=1, mode="nearest", prefilter=False
+        )
+        better = value > best
+        best[better] = value[better]
+        winner[better] = c
+    return winner
+
+
+def _mirror(array: np.ndarray, mirrored: bool) -> np.ndarray:
+    return np.ascontiguousarray(array[..., ::-1]) if mirrored else array
+
+
+def _to_input_mapping(image: sitk.Image, oriented: sitk.Image) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """The numpy transpose and flips taking the canonical array back to the input array.
+
+    Derived from the two grids (index → physical point), so it is exact whatever DICOMOrient chose.
+    """
+
+    def index_to_physical(img: sitk.Image) -> np.ndarray:
+        return np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+
+    # canonical index = mapping @ input index + shift (SimpleITK x, y, z index order)
+    mapping = np.linalg.solve(index_to_physical(oriented), index_to_physical(image))
+    rounded = np.rint(mapping)
+    permutation = np.abs(rounded)
+    if np.abs(mapping - rounded).max() > 1e-3 or not (
+        np.array_equal(permutation.sum(axis=0), np.ones(3)) and np.array_equal(permutation.sum(axis=1), np.ones(3))
+    ):
+        raise RuntimeError("DICOMOrient did not permute the axes exactly")
+    axes = [0, 0, 0]
+    flips = [False, False, False]
+    for a in range(3):  # input SimpleITK axis a is numpy axis 2 - a
+        b = int(np.argmax(permutation[:, a]))
+        axes[2 - a] = 2 - b
+        flips[2 - a] = bool(rounded[b, a] < 0)
+    return (axes[0], axes[1], axes[2]), (flips[0], flips[1], flips[2])
