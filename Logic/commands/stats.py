@@ -1,0 +1,56 @@
+"""``dafne-slicer stats IMAGE SEGMENTATION``: per-muscle volume and intensity statistics as CSV."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ..errors import DafneError, ModelError
+from ..io import read_image, read_segmentation, resample_labels
+from ..labels import BUILTIN_TABLES, LabelTable
+from ..statistics import muscle_statistics, write_statistics_csv
+
+log = logging.getLogger(__name__)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="MR volume (NIfTI, NRRD, MHA or a DICOM series folder)")
+    parser.add_argument("segmentation", help=".seg.nrrd, or a label map (with its JSON label table if any)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="take the label table of this model (thigh, leg, a user model or a folder)")
+    which.add_argument("--region", choices=sorted(BUILTIN_TABLES), help="take a built-in label table")
+    parser.add_argument("--csv", required=True, metavar="OUT", help="CSV file to write")
+    parser.add_argument("--series", metavar="UID", help="DICOM series to read when IMAGE holds several")
+    parser.set_defaults(func=run)
+
+
+def label_table(model: str | None, region: str | None) -> LabelTable:
+    """The label table named by ``--region``, or the one in a model's manifest (``--model``)."""
+    if region is not None:
+        return BUILTIN_TABLES[region]
+    from ..model_package import MANIFEST_NAME, Manifest, resolve_model_path
+
+    manifest_path = resolve_model_path(model) / MANIFEST_NAME
+    try:
+        return Manifest.from_json(json.loads(manifest_path.read_text(encoding="utf-8")), str(manifest_path)).labels
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{manifest_path}: unreadable ({exc})") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    table = label_table(args.model, args.region)
+    image = read_image(args.image, series_uid=args.series)
+    labels, unknown = read_segmentation(args.segmentation, table)
+    if unknown:
+        log.warning("not in the %s label table, left out: %s", table.region, ", ".join(unknown))
+    rows = muscle_statistics(image, resample_labels(labels, image), table)
+    if not any(row["voxel_count"] for row in rows):
+        raise DafneError(f"{args.segmentation} has no voxel of any {table.region} muscle on the image; nothing written.")
+    write_statistics_csv(rows, args.csv)
+    for row in rows:
+        if row["voxel_count"]:
+            log.info("%-34s %9.2f ml  mean %10.2f  slices %d-%d", row["name"], row["volume_ml"], row["mean"],
+                     row["first_slice"], row["last_slice"])
+    log.info("wrote %s", args.csv)
+    return 0
