@@ -51,9 +51,8 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
     means = np.divide(sums, counts, out=np.full(n_labels + 1, np.nan), where=counts > 0)
     squares = np.bincount(values, weights=(samples - means[values]) ** 2, minlength=n_labels + 1)
 
-    # Sort the samples by label, then by value, so each label's values form one sorted run.
-    order = np.lexsort((samples, values))
-    sorted_samples = samples[order]
+    # Group the samples by label (a stable integer sort), so each label's values form one run.
+    grouped = samples[np.argsort(values, kind="stable")]
     starts = np.concatenate([[0], np.cumsum(counts)])
 
     # Which labels occur on which k slice: one bincount per slice, never one pass per label.
@@ -73,7 +72,7 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
             "first_slice": None, "last_slice": None, "n_slices": 0,
         }
         if n:
-            run = sorted_samples[starts[v]:starts[v + 1]]
+            run = grouped[starts[v]:starts[v + 1]]
             p5, median, p95 = np.percentile(run, [5, 50, 95])
             slices = np.flatnonzero(present[:, v])
             row.update(

@@ -56,6 +56,15 @@ def test_seg_nrrd_read_by_slicerio_keeps_names_colours_terminology_and_geometry(
     assert segments["right sartorius"]["extent"] == [0, -1, 0, -1, 0, -1]
 
 
+def test_seg_nrrd_read_by_itk_is_the_label_map_on_the_same_grid(tmp_path, thigh_labels):
+    """An independent reader (ITK's NRRD reader) sees the same voxels at the same physical places."""
+    path = tmp_path / "out.seg.nrrd"
+    write_labels(thigh_labels, path, THIGH)
+    read = sitk.ReadImage(str(path))
+    assert_same_geometry(read, thigh_labels)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(thigh_labels))
+
+
 def test_seg_nrrd_terminology_entry_is_slicer_tag_format(tmp_path, thigh_labels):
     path = tmp_path / "out.seg.nrrd"
     write_labels(thigh_labels, path, THIGH)
