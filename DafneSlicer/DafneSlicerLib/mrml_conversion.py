@@ -348,7 +348,11 @@ def load_segmentation(scene, path: str, name: str | None = None) -> "slicer.vtkM
 
 
 def fill_table_node(table_node: "slicer.vtkMRMLTableNode", rows: list[dict[str, object]]) -> None:
-    """Replace a table node's content with ``rows`` (one dict per row; str columns stay text, others numbers)."""
+    """Replace a table node's content with ``rows`` (one dict per row).
+
+    A column holding any string is text; other columns are numbers, with None (e.g. the intensity
+    of an absent muscle) shown as NaN.
+    """
     table = vtk.vtkTable()
     columns = list(rows[0]) if rows else []
     for column in columns:
@@ -356,9 +360,47 @@ def fill_table_node(table_node: "slicer.vtkMRMLTableNode", rows: list[dict[str, 
         array = vtk.vtkStringArray() if is_text else vtk.vtkDoubleArray()
         array.SetName(column)
         for row in rows:
+            value = row[column]
             if is_text:
-                array.InsertNextValue(str(row[column]))
+                array.InsertNextValue("" if value is None else str(value))
             else:
-                array.InsertNextValue(float(row[column]))
+                array.InsertNextValue(float("nan") if value is None else float(value))
         table.AddColumn(array)
     table_node.SetAndObserveTable(table)
+
+
+# --- scene organisation --------------------------------------------------------------------------
+
+
+def place_beside(node, reference_node) -> None:
+    """Put ``node`` under the same subject-hierarchy parent (patient/study) as ``reference_node``."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    if hierarchy is None:
+        return
+    parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(reference_node))
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:  # Slicer's subject hierarchy logic normally creates the item when the node is added
+        hierarchy.CreateItem(parent, node)
+
+
+def show_in_views(segmentation_node) -> None:
+    """Display nodes for slice views and a closed-surface representation for the 3D view."""
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.CreateClosedSurfaceRepresentation()
+
+
+def slice_index_at(volume_node, ras: tuple[float, float, float]) -> int:
+    """k index (third voxel axis) of the volume slice through a RAS point, e.g. a slice view's centre.
+
+    Raises:
+        InputError: the point lies outside the volume's slices.
+    """
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(ras_to_ijk)
+    k = int(round(ras_to_ijk.MultiplyPoint((*ras, 1.0))[2]))
+    n_slices = volume_node.GetImageData().GetDimensions()[2]
+    if not 0 <= k < n_slices:
+        raise InputError(f"The slice shown lies outside volume '{volume_node.GetName()}' (slice {k}, it has {n_slices}).")
+    return k

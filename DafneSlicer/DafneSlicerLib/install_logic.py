@@ -1,0 +1,97 @@
+"""Python packages the module needs inside Slicer, installed on first use after the user agreed.
+
+Torch comes through the PyTorch extension (``PyTorchUtils``), which picks the build matching the
+GPU driver; the other packages through ``slicer.pydeps.pip_ensure`` (Slicer >= 5.11) or, on older
+Slicer, a confirmed ``slicer.util.pip_install``. Slicer's own numpy, vtk, SimpleITK, pydicom and
+requests are never installed or replaced. Nothing is installed at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from packaging.requirements import Requirement
+
+from dafne_logic.errors import DafneError
+
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+TORCH_REQUIREMENT = ">=2.4"  # Linux Slicer can install at most torch 2.6 (see DESIGN.md §4)
+# Slicer ships these; installing another version would break Slicer itself.
+NEVER_INSTALL = ("numpy", "vtk", "SimpleITK", "pydicom", "requests", "torch")
+
+
+class DependencyError(DafneError):
+    """A package could not be installed (offline, declined, pip failure)."""
+
+
+class SlicerPackaging(Protocol):
+    """What install logic needs from Slicer (a fake in tests)."""
+
+    def confirm(self, question: str) -> bool: ...
+    def torch_installed(self) -> bool: ...
+    def install_torch(self, version_requirement: str) -> bool: ...  # PyTorchUtils, asks the user itself
+    def pip_install(self, requirements: list[Requirement], skip: tuple[str, ...]) -> None: ...
+
+
+def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[Requirement]:
+    """Requirements of ``Resources/requirements.txt`` (comments and blank lines skipped)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def is_satisfied(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> bool:
+    """Whether an installed distribution satisfies ``requirement`` (no import, no subprocess)."""
+    try:
+        installed = version_of(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return requirement.specifier.contains(installed, prereleases=True)
+
+
+@dataclass
+class InstallLogic:
+    """Checks and, with the user's consent, installs what segmentation and fine-tuning need."""
+
+    packaging: SlicerPackaging
+    requirements: list[Requirement]
+    version_of: Callable[[str], str] = importlib.metadata.version
+
+    def missing(self) -> list[str]:
+        """Human-readable list of what is missing ("torch>=2.4", "monai>=1.5", ...)."""
+        missing = [] if self.packaging.torch_installed() else [f"torch{TORCH_REQUIREMENT}"]
+        return missing + [str(r) for r in self.requirements if not is_satisfied(r, self.version_of)]
+
+    def ensure(self) -> bool:
+        """Make every dependency importable; False if the user declined (nothing changed).
+
+        Raises:
+            DependencyError: installation failed, e.g. offline; clicking again retries.
+        """
+        missing = self.missing()
+        if not missing:
+            return True
+        question = ("DafneSlicer needs these Python packages, which are not installed yet:\n\n  "
+                    + "\n  ".join(missing)
+                    + "\n\nDownload and install them now (several hundred MB for torch)? Slicer's own numpy, "
+                      "vtk, SimpleITK, pydicom and requests are left untouched.")
+        if not self.packaging.confirm(question):
+            return False
+        try:
+            if not self.packaging.torch_installed() and not self.packaging.install_torch(TORCH_REQUIREMENT):
+                raise DependencyError("PyTorch was not installed; install the PyTorch extension and try again.")
+            pip_missing = [r for r in self.requirements if not is_satisfied(r, self.version_of)]
+            if pip_missing:
+                self.packaging.pip_install(pip_missing, NEVER_INSTALL)
+        except DependencyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pip and network failures come in many types
+            raise DependencyError(
+                f"Installing {', '.join(missing)} failed ({(str(exc).splitlines() or [type(exc).__name__])[0]}). "
+                "Check the internet connection (or proxy) and click again to retry.") from exc
+        still = self.missing()
+        if still:
+            raise DependencyError(f"Still missing after installation: {', '.join(still)}. Restart Slicer and retry.")
+        return True

@@ -1,0 +1,56 @@
+"""Which models exist and segmenting a volume with one: a thin, MRML-free layer over ``dafne_logic``.
+
+Torch-dependent modules are imported inside the methods: the module must load (and show its
+dependency section) before torch is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import SimpleITK as sitk
+
+from .jobs import CancelCheck, ProgressCallback
+
+if TYPE_CHECKING:
+    from dafne_logic.model_package import ModelPackage
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One line of the model selector."""
+
+    name: str  # registry name passed back to load_model ("thigh", "leg", a user/pulled model folder)
+    title: str  # what the selector shows, e.g. "thigh 1 (bundled)"
+    version: str
+    source: str  # "bundled" or "user"
+    label_names: tuple[str, ...]  # volume label names, right side first
+
+
+class SegmentationLogic:
+    """Lists models, loads one, segments an image (on whatever thread calls it)."""
+
+    def list_models(self) -> list[ModelChoice]:
+        from dafne_logic.model_package import list_models
+
+        return [
+            ModelChoice(entry.name, f"{entry.name} {entry.manifest.version} ({entry.source})",
+                        entry.manifest.version, entry.source,
+                        tuple(label.name for label in entry.manifest.labels.volume_labels()))
+            for entry in list_models()
+        ]
+
+    def load_model(self, name: str) -> "ModelPackage":
+        from dafne_logic.model_package import load_model
+
+        return load_model(name)
+
+    def segment(self, image: sitk.Image, model: "ModelPackage", device: str,
+                progress: ProgressCallback, cancel: CancelCheck) -> sitk.Image:
+        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid."""
+        from dafne_logic.inference import segment_volume
+
+        return segment_volume(image, model, device=device, progress=progress, cancel=cancel)

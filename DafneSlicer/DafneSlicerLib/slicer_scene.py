@@ -1,0 +1,64 @@
+"""The controller's :class:`~DafneSlicerLib.controller.SceneAdapter` for a Slicer scene.
+
+Scene-only methods run on any MRML scene (tested with slicer-core); the few that need Slicer's
+application (views, Segment Editor) import ``slicer.app`` / ``slicer.util`` when called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import SimpleITK as sitk
+import slicer
+
+from dafne_logic.labels import LabelTable
+
+from . import mrml_conversion as mc
+
+
+class SlicerScene:
+    def __init__(self, scene: "slicer.vtkMRMLScene"):
+        self.scene = scene
+
+    def image_of(self, volume_node) -> sitk.Image:
+        return mc.image_from_volume_node(volume_node)
+
+    def node_name(self, node) -> str:
+        return node.GetName()
+
+    def node_exists(self, node) -> bool:
+        return node is not None and node.GetScene() is self.scene and self.scene.IsNodePresent(node) != 0
+
+    def show_labels(self, labels: sitk.Image, table: LabelTable, volume_node, name: str, segmentation_node=None):
+        node = mc.labels_to_segmentation(self.scene, labels, table, volume_node, name, segmentation_node)
+        mc.place_beside(node, volume_node)
+        mc.show_in_views(node)
+        return node
+
+    def labels_of(self, segmentation_node, volume_node, table: LabelTable) -> mc.CorrectedLabels:
+        return mc.segmentation_to_labels(self.scene, segmentation_node, volume_node, table)
+
+    def show_statistics(self, rows: list[dict[str, Any]], name: str):
+        nodes = self.scene.GetNodesByClassByName("vtkMRMLTableNode", name)
+        table_node = nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
+        if table_node is None:
+            table_node = slicer.vtkMRMLTableNode()
+            table_node.SetName(name)
+            self.scene.AddNode(table_node)
+        mc.fill_table_node(table_node, rows)
+        if hasattr(slicer, "app"):  # a running Slicer: show the table below the views
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table_node.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+        return table_node
+
+    def open_segment_editor(self, segmentation_node, volume_node) -> None:
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.SegmentEditorWidget.editor
+        editor.setSegmentationNode(segmentation_node)
+        editor.setSourceVolumeNode(volume_node)
+
+    def current_slice(self, volume_node) -> int:
+        slice_node = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        slice_to_ras = slice_node.GetSliceToRAS()
+        centre = tuple(slice_to_ras.GetElement(row, 3) for row in range(3))
+        return mc.slice_index_at(volume_node, centre)

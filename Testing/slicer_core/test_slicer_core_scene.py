@@ -1,0 +1,70 @@
+"""The Slicer scene adapter on a real MRML scene: study placement, views, tables, slice picking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed here; run `make test-slicer-core`")
+import SimpleITK as sitk  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
+from DafneSlicerLib.slicer_scene import SlicerScene  # noqa: E402
+
+from dafne_logic.errors import InputError  # noqa: E402
+from dafne_logic.labels import LEG  # noqa: E402
+
+
+def _volume_and_labels(scene):
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(6, 8, 10)).astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 5.0))
+    image.SetOrigin((-5.0, 3.0, 100.0))
+    volume = slicer.vtkMRMLScalarVolumeNode()
+    volume.SetName("calf")
+    scene.AddNode(volume)
+    mc.update_volume_node_from_image(volume, image)
+    array = np.zeros((6, 8, 10), np.uint8)
+    array[2:5, 2:6, 2:5] = LEG.value_of(1, "right")
+    array[1:3, 1:4, 6:9] = LEG.value_of(4, "left")
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    return volume, labels, array
+
+
+def test_segmentation_goes_under_the_volume_study_and_into_the_views(scene):
+    volume, labels, array = _volume_and_labels(scene)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient 1")
+    study = hierarchy.CreateStudyItem(patient, "thigh MRI 2026")
+    hierarchy.CreateItem(study, volume)  # what loading a DICOM study does
+    adapter = SlicerScene(scene)
+
+    node = adapter.show_labels(labels, LEG, volume, "calf segmentation")
+
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+    assert node.GetDisplayNode() is not None
+    segment = node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName("right soleus"))
+    surface = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    assert surface is not None and surface.GetNumberOfPoints() > 0  # shown in 3D
+    corrected = adapter.labels_of(node, volume, LEG)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(corrected.labels), array)
+    assert adapter.node_exists(node) and adapter.node_name(node) == "calf segmentation"
+    scene.RemoveNode(node)
+    assert not adapter.node_exists(node)
+
+
+def test_statistics_table_is_created_once_and_refilled(scene):
+    adapter = SlicerScene(scene)
+    rows = [{"name": "right soleus", "volume_ml": 1.5, "mean": None}]
+    first = adapter.show_statistics(rows, "calf muscle statistics")
+    second = adapter.show_statistics(rows + rows, "calf muscle statistics")
+    assert first is second and second.GetNumberOfRows() == 2
+    assert second.GetCellText(0, 2) == "nan"  # absent intensity of an empty muscle
+
+
+def test_slice_index_of_a_ras_point(scene):
+    volume, _, _ = _volume_and_labels(scene)
+    # Slice k lies at z = 100 + 5 k (identity direction, LPS z = RAS z).
+    assert mc.slice_index_at(volume, (0.0, 0.0, 115.0)) == 3
+    assert mc.slice_index_at(volume, (0.0, 0.0, 101.0)) == 0
+    with pytest.raises(InputError, match="outside volume 'calf'"):
+        mc.slice_index_at(volume, (0.0, 0.0, 200.0))
