@@ -85,12 +85,18 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
 
 
 def statistics_csv(rows: list[dict[str, Any]]) -> str:
-    """CSV text of :func:`muscle_statistics` rows (header + one line per row; None → empty cell)."""
+    """CSV text of :func:`muscle_statistics` rows (header + one line per row; None → empty cell).
+
+    Keys a caller added to the rows (e.g. ``case`` when several volumes share one file) come first,
+    in the order they first appear, then :data:`STAT_FIELDS`.
+    """
+    extra = list(dict.fromkeys(key for row in rows for key in row if key not in STAT_FIELDS))
+    fields = extra + list(STAT_FIELDS)
     buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=STAT_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _cell(row.get(key)) for key in STAT_FIELDS})
+        writer.writerow({key: _cell(row.get(key)) for key in fields})
     return buffer.getvalue()
 
 

@@ -102,6 +102,17 @@ def test_csv_has_header_and_blank_cells_for_absent_muscles(tmp_path):
     assert rows[-1]["mean"] == "" and rows[-1]["voxel_count"] == "0"
 
 
+def test_csv_keeps_columns_a_caller_adds_first(tmp_path):
+    image, labels = _phantom()
+    rows = [{"case": case, **row} for case in ("a", "b") for row in muscle_statistics(image, labels, LEG)]
+    path = tmp_path / "stats.csv"
+    write_statistics_csv(rows, path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ("case",) + STAT_FIELDS
+        assert [r["case"] for r in reader] == ["a"] * 12 + ["b"] * 12
+
+
 def test_failed_csv_write_leaves_no_file(tmp_path, monkeypatch):
     import dafne_logic.statistics as statistics
 
