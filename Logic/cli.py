@@ -35,13 +35,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dafne-slicer", description="Thigh and calf muscle segmentation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
+    # Also accepted after the subcommand; SUPPRESS keeps the top-level value when it is absent there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
             sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(f"dafne_logic.commands.{module_name}")
-        module.register(sub.add_parser(name, help=help_text, description=help_text))
+        module.register(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
     return parser
 
 

@@ -1,0 +1,56 @@
+"""PNG previews: a few axial slices of an image with the muscle labels overlaid in their colours."""
+
+from __future__ import annotations
+
+import io as _io
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_write_bytes
+from .labels import LabelTable
+
+
+def _axial(image: sitk.Image) -> np.ndarray:
+    """(z, y, x) array in LPS orientation, so slices show the patient's right on the left."""
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+
+
+def render_preview(image: sitk.Image, labels: sitk.Image, table: LabelTable, n_slices: int = 3,
+                   title: str = "") -> bytes:
+    """PNG bytes of ``n_slices`` evenly spaced axial slices with a 45 % opaque label overlay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = _axial(image).astype(np.float32)
+    lab = _axial(labels)
+    z_count = img.shape[0]
+    zs = sorted({int(round(f * (z_count - 1))) for f in np.linspace(0.2, 0.8, n_slices)}) if z_count > 1 else [0]
+    lut = np.zeros((2 * table.n_muscles + 1, 4), dtype=np.float32)
+    for entry in table.volume_labels():
+        lut[entry.value, :3] = np.array(entry.muscle.color) / 255.0
+        lut[entry.value, 3] = 0.45
+    lo, hi = np.percentile(img, [1, 99])
+    spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()
+    aspect = spacing[1] / spacing[0]
+    fig, axes = plt.subplots(1, len(zs), figsize=(4 * len(zs), 4), squeeze=False)
+    for ax, z in zip(axes[0], zs):
+        ax.imshow(img[z], cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+        ax.imshow(lut[np.clip(lab[z], 0, len(lut) - 1)], aspect=aspect, interpolation="nearest")
+        ax.set_title(f"slice {z + 1}/{z_count}   R ← → L", fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_preview(image: sitk.Image, labels: sitk.Image, table: LabelTable, path: str | os.PathLike[str],
+                  title: str = "") -> None:
+    atomic_write_bytes(path, render_preview(image, labels, table, title=title))
