@@ -1,0 +1,63 @@
+"""The sync client's settings: server URL, token and the user's opt-in, in an owner-only file.
+
+``<user data dir>/sync.json`` (see :func:`dafne_logic.model_package.user_data_dir`), mode 0600.
+Sync is **off** until the user opts in; a missing file means "not opted in".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import DafneError
+from .model_package import user_data_dir
+
+CONFIG_NAME = "sync.json"
+
+
+@dataclass
+class ClientConfig:
+    server_url: str = ""
+    token: str = ""
+    opt_in: bool = False  # nothing is ever sent while this is False
+    verify_tls: bool = True  # or set REQUESTS_CA_BUNDLE for a private CA; never disable in production
+    timeout_s: float = 30.0
+
+    def __repr__(self) -> str:  # keep the token out of logs and tracebacks
+        return f"ClientConfig(server_url={self.server_url!r}, opt_in={self.opt_in}, token={'set' if self.token else 'unset'})"
+
+
+def config_path() -> Path:
+    return user_data_dir() / CONFIG_NAME
+
+
+def load_config(path: Path | None = None) -> ClientConfig:
+    """The saved settings, or defaults (not opted in) when there is no file.
+
+    Raises:
+        DafneError: the file is unreadable, not owner-only, or malformed.
+    """
+    path = path or config_path()
+    if not path.is_file():
+        return ClientConfig()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name == "posix" and mode & 0o077:
+        raise DafneError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ClientConfig(**{k: data[k] for k in ClientConfig.__dataclass_fields__ if k in data})
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise DafneError(f"{path} is not a valid sync configuration ({exc})") from exc
+
+
+def save_config(config: ClientConfig, path: Path | None = None) -> Path:
+    """Write the settings atomically with mode 0600 (set before the file becomes visible)."""
+    path = path or config_path()
+    with atomic_path(path) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,229 @@
+"""Opt-in client of the federated server: pull model versions, push fine-tuning deltas.
+
+**Nothing is sent unless the user has opted in** (:class:`~dafne_logic.client_config.ClientConfig`
+``opt_in``): every request goes through :meth:`FederatedClient._request`, which refuses first.
+What a push sends: the weight delta (fp16 safetensors, zlib), its parent version, the number of
+corrected slices and the Dice between automatic and corrected masks per label; no image, no
+patient data.
+
+Transport: ``requests`` with TLS verification, timeouts, retries with exponential backoff on
+connection errors, 429 and 5xx; downloads resume with HTTP ranges and are checked against their
+sha256; uploads carry an idempotency key derived from their content, so a retried or repeated
+push is accepted once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .atomic import atomic_directory
+from .client_config import ClientConfig, load_config
+from .delta import DeltaMetadata
+from .errors import DafneError
+from .model_package import MANIFEST_NAME, WEIGHTS_NAME, ModelPackage, user_data_dir, user_models_dir
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+CHUNK = 1 << 20
+
+
+class SyncError(DafneError):
+    """The server refused a request or could not be reached; the message says why."""
+
+
+class SyncDisabled(SyncError):
+    """The user has not opted in to sync."""
+
+
+def _update_key(blob: bytes, metadata: dict[str, Any]) -> str:
+    """Idempotency key: the same delta with the same metadata is the same update."""
+    digest = hashlib.sha256(blob)
+    digest.update(json.dumps(metadata, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()[:40]
+
+
+class FederatedClient:
+    """One server, one user token (from the user's sync configuration by default)."""
+
+    def __init__(self, config: ClientConfig | None = None, session: requests.Session | None = None,
+                 retries: int = 4, backoff_s: float = 0.5) -> None:
+        self.config = config or load_config()
+        self.http = session or requests.Session()
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    # --- transport ---------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, *, stream: bool = False, ok: tuple[int, ...] = (200,),
+                 headers: dict[str, str] | None = None, **kwargs: Any) -> requests.Response:
+        if not self.config.opt_in:
+            raise SyncDisabled("sync is off: nothing is sent until you opt in (`dafne-slicer sync setup --opt-in`)")
+        if not self.config.server_url or not self.config.token:
+            raise SyncError("no server URL or token configured (`dafne-slicer sync setup`)")
+        url = self.config.server_url.rstrip("/") + path
+        headers = {"Authorization": f"Bearer {self.config.token}", **(headers or {})}
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, url, headers=headers, timeout=self.config.timeout_s,
+                                             verify=self.config.verify_tls, stream=stream, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == self.retries:
+                    raise SyncError(f"cannot reach {self.config.server_url} ({type(exc).__name__})") from None
+                self._sleep(attempt, None)
+                continue
+            if response.status_code in RETRY_STATUS and attempt < self.retries:
+                self._sleep(attempt, response.headers.get("Retry-After"))
+                continue
+            if response.status_code not in ok:
+                raise SyncError(f"server refused {method} {path}: {response.status_code} {self._detail(response)}")
+            return response
+        raise AssertionError("unreachable")
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff_s * (2 ** attempt)
+        if retry_after and retry_after.isdigit():
+            delay = max(delay, min(float(retry_after), 60.0))
+        time.sleep(delay)
+
+    @staticmethod
+    def _detail(response: requests.Response) -> str:
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = None
+        if isinstance(detail, list):  # FastAPI validation errors
+            detail = "; ".join(str(d.get("msg", d)) for d in detail)
+        return str(detail or response.reason)
+
+    def _json(self, path: str) -> Any:
+        return self._request("GET", path).json()
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def me(self) -> dict[str, Any]:
+        return self._json("/v1/me")
+
+    def families(self) -> list[dict[str, Any]]:
+        return self._json("/v1/models")
+
+    def versions(self, family: str) -> list[dict[str, Any]]:
+        return self._json(f"/v1/models/{family}/versions")
+
+    def update_status(self, update_id: str) -> dict[str, Any]:
+        return self._json(f"/v1/updates/{update_id}")
+
+    def wait_for_update(self, update_id: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll until the update is merged or rejected (or ``timeout_s`` passes; then its last state)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.update_status(update_id)
+            if info["status"] != "buffered" or time.monotonic() >= deadline:
+                return info
+            time.sleep(poll_s)
+
+    # --- pull --------------------------------------------------------------------------------
+
+    def pull(self, family: str, version: str = "active", models_dir: Path | None = None) -> Path:
+        """Download a version into ``<models>/<family>-v<N>`` (skipped when already there).
+
+        Returns the package folder; it loads with :meth:`ModelPackage.load` (sha256 checked).
+        """
+        info = self._json(f"/v1/models/{family}/versions/{version}/package")
+        target = (models_dir or user_models_dir()) / f"{family}-v{info['version']}"
+        if (target / MANIFEST_NAME).is_file():
+            try:
+                if ModelPackage.load(target).manifest.weights_sha256 == info["weights_sha256"]:
+                    return target
+            except DafneError:
+                log.warning("replacing the damaged local copy %s", target)
+        weights = self._download(info["weights_url"], info["weights_sha256"], info["weights_size"])
+        with atomic_directory(target) as tmp:
+            weights.replace(tmp / WEIGHTS_NAME)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(info["manifest"], indent=2) + "\n", encoding="utf-8")
+            ModelPackage.load(tmp)  # schema, sha256, names and shapes, before the folder appears
+        return target
+
+    def _download(self, path: str, sha256: str, size: int) -> Path:
+        """Fetch to ``<user data>/downloads/<sha256>.part``, resuming a previous partial download."""
+        part = user_data_dir() / "downloads" / f"{sha256}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(self.retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            if have > size:
+                part.unlink()
+                have = 0
+            if have < size:
+                headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha256}"'} if have else {}
+                try:
+                    response = self._request("GET", path, stream=True, ok=(200, 206), headers=headers)
+                    mode = "ab" if response.status_code == 206 else "wb"
+                    with open(part, mode) as out:
+                        for chunk in response.iter_content(CHUNK):
+                            out.write(chunk)
+                except requests.RequestException as exc:  # broken mid-stream: resume from what arrived
+                    log.info("download interrupted (%s); resuming", type(exc).__name__)
+                    continue
+            if part.stat().st_size == size and _sha256_file(part) == sha256:
+                return part
+            part.unlink(missing_ok=True)  # complete but wrong: start over
+        raise SyncError(f"could not download {path} intact (sha256 {sha256[:12]}…)")
+
+    # --- push --------------------------------------------------------------------------------
+
+    def push(self, delta_blob: bytes, metadata: DeltaMetadata, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Upload one delta; returns ``{"id", "status", "duplicate"}`` (202 new, 200 seen before)."""
+        if not metadata.parent_version.isdigit():
+            raise SyncError(f"parent version {metadata.parent_version!r} is not a server version: only "
+                            "deltas of models pulled from the server (or the bundled ones) can be pushed")
+        meta = {
+            "parent_version": metadata.parent_version,
+            "n_slices": int(metadata.n_slices),
+            # labels absent from the case have no Dice (NaN): not sent
+            "dice_per_label": {k: float(v) for k, v in metadata.dice_per_label.items() if not math.isnan(v)},
+            "family": metadata.family,
+            "client_version": metadata.client_version[:64],
+        }
+        meta["idempotency_key"] = idempotency_key or _update_key(delta_blob, meta)
+        response = self._request(
+            "POST", f"/v1/models/{metadata.family}/updates", ok=(200, 202),
+            files={"delta": ("delta.safetensors.zz", delta_blob, "application/octet-stream")},
+            data={"metadata": json.dumps(meta)})
+        return response.json()
+
+    def push_folder(self, folder: str | Path) -> dict[str, Any]:
+        """Push what ``dafne-slicer finetune`` wrote: ``delta.safetensors.zz`` + ``delta.json``."""
+        from .finetune import DELTA_METADATA_NAME, DELTA_NAME
+
+        folder = Path(folder)
+        if not (folder / DELTA_NAME).is_file() or not (folder / DELTA_METADATA_NAME).is_file():
+            raise SyncError(f"{folder} has no {DELTA_NAME} + {DELTA_METADATA_NAME} (the output of `finetune`)")
+        data = json.loads((folder / DELTA_METADATA_NAME).read_text(encoding="utf-8"))
+        metadata = DeltaMetadata(**{k: data[k] for k in DeltaMetadata.__dataclass_fields__ if k in data})
+        return self.push((folder / DELTA_NAME).read_bytes(), metadata)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def push_update(config: ClientConfig, delta_blob: bytes, metadata: DeltaMetadata) -> dict[str, Any]:
+    """One-call push (for scripts and the demo)."""
+    return FederatedClient(config).push(delta_blob, metadata)
+
+
+def pull_latest(config: ClientConfig, family: str, models_dir: Path | None = None) -> Path:
+    """One-call pull of a family's active version; returns the package folder."""
+    return FederatedClient(config).pull(family, "active", models_dir)

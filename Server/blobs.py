@@ -1,0 +1,51 @@
+"""Content-addressed blob folder: ``blobs/ab/abcdef…`` named by the sha256 of the bytes.
+
+Writes are atomic (temporary file + rename), so a blob either exists complete or not at all; a
+crash mid-write leaves at most a hidden temporary file that :meth:`BlobStore.sweep_temporaries`
+removes. Writing the same bytes twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+from dafne_logic.atomic import atomic_write_bytes
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA256.match(sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; return its sha256 (hex)."""
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path(digest)
+        if not target.is_file():
+            atomic_write_bytes(target, data)
+        return digest
+
+    def get(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def sweep_temporaries(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files left by writes interrupted more than ``older_than_s`` ago."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for tmp in self.root.glob("*/.*"):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed

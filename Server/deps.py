@@ -1,0 +1,28 @@
+"""FastAPI dependencies: storage, the caller's identity, admin scope."""
+
+from __future__ import annotations
+
+from fastapi import Depends, HTTPException, Request
+
+from .auth import Principal, authenticate
+from .storage import Storage
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def current_principal(request: Request, storage: Storage = Depends(get_storage)) -> Principal:
+    """The caller, from ``Authorization: Bearer …`` only (never a query parameter or cookie)."""
+    with storage.session() as session:
+        principal = authenticate(session, request.headers.get("authorization"))
+    if principal is None:
+        raise HTTPException(401, "missing, unknown, expired or revoked bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+def admin_principal(principal: Principal = Depends(current_principal)) -> Principal:
+    if not principal.is_admin:
+        raise HTTPException(403, "this needs an admin-scoped token")
+    return principal

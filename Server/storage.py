@@ -1,0 +1,130 @@
+"""Storage: database engine + migrations + blob folder, and the operations on families and versions.
+
+Versions are immutable. Publishing writes the weights blob first (atomic, content-addressed) and
+then, in one transaction, the version row, the active pointer and the audit entry: a crash at any
+point leaves either no version or a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dafne_logic.model_package import Manifest, ModelPackage, list_models, parse_weights, weights_bytes
+
+from .blobs import BlobStore
+from .config import ServerSettings
+from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+SERVER_WEIGHTS_DTYPE = torch.float32  # merged versions accumulate small deltas; fp16 would round them away
+
+
+class Storage:
+    """One per process: engine, session factory and blob folder for ``settings``."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(settings.url)
+        self.session = make_sessionmaker(self.engine)
+        self.blobs = BlobStore(settings.blob_dir)
+        self._norms: dict[str, float] = {}  # weights sha256 -> L2 norm; versions are immutable
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- versions ----------------------------------------------------------------------------
+
+    def load_package(self, version: Version) -> ModelPackage:
+        """The version's manifest and weights, checked against its sha256, as float32 tensors."""
+        manifest = Manifest.from_json(version.manifest, source=f"{version.family} v{version.number}")
+        return ModelPackage(manifest, parse_weights(self.blobs.get(version.weights_sha256), manifest))
+
+    def weights_norm(self, version: Version) -> float:
+        """L2 norm of a version's weights (cached)."""
+        if version.weights_sha256 not in self._norms:
+            state = self.load_package(version).state_dict
+            self._norms[version.weights_sha256] = float(torch.sqrt(sum((v.float() ** 2).sum() for v in state.values())))
+        return self._norms[version.weights_sha256]
+
+    def store_weights(self, manifest: Manifest, state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
+        """Write the weights blob and fill the manifest's weight fields; returns (sha256, size)."""
+        blob = weights_bytes(state_dict, SERVER_WEIGHTS_DTYPE)
+        manifest.weights_sha256 = hashlib.sha256(blob).hexdigest()
+        manifest.weights_dtype = str(SERVER_WEIGHTS_DTYPE).removeprefix("torch.")
+        manifest.tensors = {k: list(v.shape) for k, v in state_dict.items()}
+        self.blobs.put(blob)
+        return manifest.weights_sha256, len(blob)
+
+    def new_version(self, session: Session, family: Family, base: Manifest, state_dict: dict[str, torch.Tensor],
+                    parent: int | None, source: str, validation: dict, provenance: dict) -> Version:
+        """Add version ``max + 1`` of ``family`` (blob written first) and make it active.
+
+        The caller commits; until then nobody sees the version.
+        """
+        number = (session.scalar(select(func.max(Version.number)).where(Version.family == family.name)) or 0) + 1
+        manifest = Manifest.from_json(base.to_json())
+        manifest.name = family.name  # clients' deltas name their family from the manifest
+        manifest.version = str(number)
+        manifest.parent_version = None if parent is None else str(parent)
+        manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.provenance = {**manifest.provenance, **provenance}
+        sha, size = self.store_weights(manifest, state_dict)
+        row = Version(family=family.name, number=number, parent_number=parent, manifest=manifest.to_json(),
+                      weights_sha256=sha, weights_size=size, source=source, validation=validation)
+        session.add(row)
+        family.active_version = number
+        session.flush()
+        return row
+
+    def add_family(self, session: Session, name: str, package: ModelPackage, actor: str) -> Version:
+        """Create family ``name`` seeded with ``package`` as version 1 (the caller commits)."""
+        if not FAMILY_NAME.match(name):
+            raise ValueError("family names are lower-case letters, digits, _ or -, at most 64")
+        if session.get(Family, name) is not None:
+            raise ValueError(f"family {name!r} already exists")
+        family = Family(name=name, region=package.manifest.region,
+                        merge_settings=self.settings.default_merge_settings().to_json())
+        session.add(family)
+        session.add(MergeLease(family=name, holder=None, expires_at=0.0, force_requested=False))
+        session.flush()
+        version = self.new_version(session, family, package.manifest, package.state_dict, None, "seed", {},
+                                   {"seeded_from": package.manifest.version})
+        audit(session, actor, "family_created", name, version=version.number, region=family.region)
+        return version
+
+    def seed_bundled(self, actor: str = "cli") -> list[str]:
+        """Create a family for every bundled model not yet on the server; returns the names added."""
+        added = []
+        with self.session.begin() as session:
+            for entry in list_models(include_user=False):
+                if session.get(Family, entry.name) is None:
+                    self.add_family(session, entry.name, ModelPackage.load(entry.path), actor)
+                    added.append(entry.name)
+        return added
+
+    def activate(self, session: Session, family: Family, number: int, actor: str) -> None:
+        """Point ``family`` at an existing version (rollback or roll forward)."""
+        if session.scalar(select(Version).where(Version.family == family.name, Version.number == number)) is None:
+            raise LookupError(f"{family.name} has no version {number}")
+        previous = family.active_version
+        family.active_version = number
+        audit(session, actor, "version_activated", family.name, version=number, previous=previous)

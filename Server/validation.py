@@ -1,0 +1,81 @@
+"""Held-out validation cases of a family and the Dice of a model on them.
+
+Cases are image/label pairs: by default procedural phantoms of the family's region (made once per
+process, deterministic seeds), or a folder ``<dir>/<family>/<case>_image.<ext>`` +
+``<case>_labels.<ext>`` (any SimpleITK-readable format) configured with ``--validation DIR``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from dafne_logic.errors import InputError
+from dafne_logic.model_package import ModelPackage
+
+Segmenter = Callable[[sitk.Image, ModelPackage], sitk.Image]
+Scorer = Callable[[ModelPackage], dict[str, float]]
+PHANTOM_SEED_BASE = 7_000  # far from seeds used for training phantoms elsewhere
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    image: sitk.Image
+    labels: sitk.Image  # volume labels (right 1..N, left N+1..2N)
+
+
+def phantom_cases(region: str, n: int, shape: tuple[int, int, int]) -> list[Case]:
+    """``n`` phantoms of ``region`` with fixed seeds (the same cases in every process)."""
+    from dafne_logic.phantoms import make_phantom
+
+    cases = []
+    for i in range(n):
+        image, labels = make_phantom(region=region, shape=shape, seed=PHANTOM_SEED_BASE + i)
+        cases.append(Case(f"phantom-{region}-{i}", image, labels))
+    return cases
+
+
+def folder_cases(folder: str | Path) -> list[Case]:
+    """Pairs ``<case>_image.*`` / ``<case>_labels.*`` in ``folder``."""
+    folder = Path(folder)
+    cases = []
+    for image_path in sorted(folder.glob("*_image.*")):
+        stem = image_path.name.split("_image.")[0]
+        matches = sorted(folder.glob(f"{stem}_labels.*"))
+        if not matches:
+            raise InputError(f"validation case {image_path} has no {stem}_labels file beside it")
+        cases.append(Case(stem, sitk.ReadImage(str(image_path), sitk.sitkFloat32),
+                          sitk.ReadImage(str(matches[0]), sitk.sitkUInt8)))
+    if not cases:
+        raise InputError(f"no validation cases (<case>_image.* + <case>_labels.*) in {folder}")
+    return cases
+
+
+def score_model(model: ModelPackage, cases: Sequence[Case], segment: Segmenter) -> dict[str, float]:
+    """Mean Dice per volume label over ``cases`` (labels absent from every case: NaN)."""
+    from dafne_logic.evaluation import dice_per_label
+
+    per_case = [dice_per_label(segment(case.image, model), case.labels, model.labels) for case in cases]
+    names = list(per_case[0]) if per_case else []
+    out = {}
+    for name in names:
+        values = [d[name] for d in per_case if not math.isnan(d[name])]
+        out[name] = float(np.mean(values)) if values else math.nan
+    return out
+
+
+def make_scorer(cases: Sequence[Case], segment: Segmenter | None = None) -> Scorer:
+    """A scorer over fixed cases; ``segment`` defaults to :func:`dafne_logic.inference.segment_volume` on CPU."""
+    if segment is None:
+        from dafne_logic.inference import segment_volume
+
+        def segment(image: sitk.Image, model: ModelPackage) -> sitk.Image:
+            return segment_volume(image, model, device="cpu")
+
+    return lambda model: score_model(model, cases, segment)

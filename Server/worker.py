@@ -1,0 +1,282 @@
+"""The merge worker: runs apart from the request handlers (its own process), one merge per family.
+
+Exclusion across any number of worker processes (and API hosts) is a lease row per family,
+claimed by one atomic conditional ``UPDATE … WHERE holder IS NULL OR expires_at < now``: on
+SQLite the write lock serialises it, on PostgreSQL the row lock does, so exactly one claimer
+sees ``rowcount == 1``. Publication re-checks the lease inside its transaction (fencing), so a
+worker that lost its lease (paused, then expired) cannot publish.
+
+A merge: take the oldest K buffered updates (fewer when an admin forced it), apply
+:func:`dafne_server.merging.merge_updates` to the active version, score the candidate on the
+family's validation cases, publish if :func:`accept_candidate` agrees, else drop the worst
+contributor and try once more; otherwise reject the batch with the reason. Updates stay
+*buffered* until the transaction that merges or rejects them commits, so a killed worker loses
+nothing: the next one takes the same updates again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sqlalchemy import func, or_, select, update
+
+from dafne_logic.delta import decode_delta
+from dafne_logic.errors import DafneError
+from dafne_logic.model_package import Manifest, ModelPackage
+
+from .config import ServerSettings
+from .db import Family, MergeLease, MergeRun, UpdateRow, Version, audit, now
+from .merging import (
+    Decision,
+    MergeResult,
+    MergeSettings,
+    Update,
+    accept_candidate,
+    apply_merged,
+    merge_updates,
+    worst_contributor,
+)
+from .storage import Storage
+from .validation import Scorer, folder_cases, make_scorer, phantom_cases
+
+log = logging.getLogger(__name__)
+ScorerFactory = Callable[[str, str], Scorer | None]  # (family, region) -> scorer, None = no validation
+
+
+class LeaseLost(RuntimeError):
+    """Another worker holds the family's merge lease now."""
+
+
+@dataclass
+class MergeOutcome:
+    outcome: str  # "published", "rejected" or "idle"
+    version: int | None = None
+    merged: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+def new_holder() -> str:
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def claim_lease(storage: Storage, family: str, holder: str) -> bool:
+    """Take the family's merge lease if free or expired (atomic; True when this caller got it)."""
+    t = now()
+    with storage.engine.begin() as conn:
+        result = conn.execute(update(MergeLease).where(
+            MergeLease.family == family,
+            or_(MergeLease.holder.is_(None), MergeLease.holder == holder, MergeLease.expires_at < t),
+        ).values(holder=holder, expires_at=t + storage.settings.lease_ttl_s))
+        return result.rowcount == 1
+
+
+def renew_lease(conn_or_session, storage: Storage, family: str, holder: str) -> None:  # noqa: ANN001
+    result = conn_or_session.execute(update(MergeLease).where(
+        MergeLease.family == family, MergeLease.holder == holder,
+    ).values(expires_at=now() + storage.settings.lease_ttl_s))
+    if result.rowcount != 1:
+        raise LeaseLost(f"the merge lease of {family} was taken over")
+
+
+def release_lease(storage: Storage, family: str, holder: str) -> None:
+    with storage.engine.begin() as conn:
+        conn.execute(update(MergeLease).where(MergeLease.family == family, MergeLease.holder == holder)
+                     .values(holder=None, expires_at=0.0))
+
+
+def _heartbeat(storage: Storage, family: str, holder: str) -> None:
+    with storage.engine.begin() as conn:
+        renew_lease(conn, storage, family, holder)
+
+
+def families_with_work(storage: Storage) -> list[str]:
+    """Families whose buffer holds ≥ K updates, or where an admin forced a merge of ≥ 1."""
+    with storage.session() as session:
+        counts = dict(session.execute(select(UpdateRow.family, func.count()).where(UpdateRow.status == "buffered")
+                                      .group_by(UpdateRow.family)).all())
+        out = []
+        for fam, lease in session.execute(select(Family, MergeLease).join(MergeLease, MergeLease.family == Family.name)):
+            n = counts.get(fam.name, 0)
+            if n and (lease.force_requested or n >= MergeSettings.from_json(fam.merge_settings).buffer_size):
+                out.append(fam.name)
+        return out
+
+
+def _mean(dice: dict[str, float]) -> float:
+    values = [v for v in dice.values() if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _validation(dice: dict[str, float]) -> dict:
+    return {"dice": dice, "mean": _mean(dice)}
+
+
+def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | None) -> MergeOutcome:
+    """One merge of ``family`` under a lease already held by ``holder`` (see the module docstring)."""
+    with storage.session() as session:
+        fam = session.get(Family, family)
+        settings = MergeSettings.from_json(fam.merge_settings)
+        active = session.scalar(select(Version).where(Version.family == family, Version.number == fam.active_version))
+        rows = list(session.scalars(select(UpdateRow).where(UpdateRow.family == family, UpdateRow.status == "buffered")
+                                    .order_by(UpdateRow.created_at, UpdateRow.id).limit(settings.buffer_size)))
+        parents = {v.number: v for v in session.scalars(select(Version).where(
+            Version.family == family, Version.number.in_({r.parent_version for r in rows})))}
+    if not rows:
+        return MergeOutcome("idle")
+    started = now()
+    base = storage.load_package(active)
+
+    updates: list[Update] = []
+    refused: dict[str, str] = {}
+    for row in rows:
+        staleness = active.number - row.parent_version
+        if staleness > settings.max_staleness or row.parent_version not in parents:
+            refused[row.id] = f"parent version {row.parent_version} is too stale for active version {active.number}"
+            continue
+        try:
+            delta = decode_delta(storage.blobs.get(row.blob_sha256), Manifest.from_json(parents[row.parent_version].manifest),
+                                 storage.settings.max_delta_bytes)
+        except (OSError, DafneError) as exc:
+            refused[row.id] = f"stored delta unreadable: {exc}"
+            continue
+        updates.append(Update(row.id, delta, max(staleness, 0), row.n_slices))
+
+    active_dice = active.validation.get("dice")
+    if scorer is not None and active_dice is None:
+        active_dice = scorer(base)
+        with storage.session.begin() as session:  # a cache of the active version's score, not a change to it
+            session.get(Version, active.id).validation = _validation(active_dice)
+        _heartbeat(storage, family, holder)
+
+    def attempt(batch: list[Update]) -> tuple[dict, dict[str, float], Decision, MergeResult]:
+        result = merge_updates(batch, settings)
+        state = apply_merged(base.state_dict, result.delta, settings.server_lr)
+        if scorer is None:
+            return state, {}, Decision(True, "published without validation (validation disabled)",
+                                       math.nan, math.nan), result
+        dice = scorer(ModelPackage(base.manifest, state))
+        _heartbeat(storage, family, holder)
+        decision = accept_candidate(dice, active_dice, settings.dice_tolerance, settings.label_tolerance)
+        return state, dice, decision, result
+
+    state, dice, decision, rule, batch = None, {}, None, "", list(updates)
+    if batch:
+        state, dice, decision, result = attempt(batch)
+        if not decision.accepted and len(batch) >= 2:
+            worst = worst_contributor(batch, result.delta)
+            refused[worst] = f"dropped as the most divergent update after: {decision.reason}"
+            batch = [u for u in batch if u.key != worst]
+            state, dice, decision, result = attempt(batch)
+        rule = result.rule
+        if not decision.accepted:
+            refused.update({u.key: f"candidate refused: {decision.reason}" for u in batch})
+            batch = []
+
+    _hold(storage, family, holder)
+    with storage.session.begin() as session:
+        renew_lease(session, storage, family, holder)  # fencing: publish only while holding the lease
+        fam = session.get(Family, family)
+        version = None
+        if batch:
+            version = storage.new_version(session, fam, base.manifest, state, active.number, "merge",
+                                          _validation(dice),
+                                          {"merged_updates": [u.key for u in batch], "merge_rule": rule,
+                                           "server_lr": settings.server_lr})
+        for row in session.scalars(select(UpdateRow).where(UpdateRow.id.in_([r.id for r in rows]))):
+            if row.status != "buffered":
+                continue
+            if version is not None and row.id not in refused:
+                row.status, row.merged_into, row.reason = "merged", version.number, ""
+            else:
+                row.status, row.reason = "rejected", refused.get(row.id, "not merged")
+            row.updated_at = now()
+        reason = decision.reason if decision is not None else "no usable update in the buffer"
+        session.add(MergeRun(family=family, started_at=started, finished_at=now(),
+                             outcome="published" if version else "rejected",
+                             version=version.number if version else None, update_ids=[r.id for r in rows],
+                             detail={"reason": reason, "rule": rule, "candidate_dice": dice,
+                                     "rejected": refused}))
+        session.get(MergeLease, family).force_requested = False
+        audit(session, "merge-worker", "merge_published" if version else "merge_rejected", family,
+              version=version.number if version else None, merged=[u.key for u in batch],
+              rejected=sorted(refused), reason=reason)
+    outcome = MergeOutcome("published" if version else "rejected", version.number if version else None,
+                           [u.key for u in batch], sorted(refused), reason)
+    log.info("merge %s: %s %s (%s)", family, outcome.outcome, outcome.version or "", reason)
+    return outcome
+
+
+def _hold(storage: Storage, family: str, holder: str) -> None:
+    """Fault-injection tests: keep the lease (renewing it) for ``merge_hold_s`` before publishing."""
+    deadline = time.monotonic() + storage.settings.merge_hold_s
+    while time.monotonic() < deadline:
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+        _heartbeat(storage, family, holder)
+
+
+def default_scorer_factory(settings: ServerSettings) -> ScorerFactory:
+    """Scorers from ``settings.validation``, cases built once per family and kept."""
+    cache: dict[str, Scorer | None] = {}
+
+    def factory(family: str, region: str) -> Scorer | None:
+        if family not in cache:
+            if settings.validation == "none":
+                cache[family] = None
+            elif settings.validation == "phantom":
+                cache[family] = make_scorer(phantom_cases(region, settings.validation_cases,
+                                                          settings.validation_shape))
+            else:
+                cache[family] = make_scorer(folder_cases(os.path.join(settings.validation, family)))
+        return cache[family]
+
+    return factory
+
+
+def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[MergeOutcome]:
+    """Merge every family that has work and whose lease this worker can claim."""
+    outcomes = []
+    for family in families_with_work(storage):
+        if not claim_lease(storage, family, holder):
+            continue
+        try:
+            with storage.session() as session:
+                region = session.get(Family, family).region
+            outcomes.append(merge_family(storage, family, holder, scorers(family, region)))
+        except LeaseLost:
+            log.warning("merge of %s abandoned: lease lost", family)
+        finally:
+            release_lease(storage, family, holder)
+    return outcomes
+
+
+def run_worker(settings: ServerSettings, should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Poll for work until ``should_stop()`` or the parent process goes away."""
+    storage = Storage(settings)
+    holder = new_holder()
+    scorers = default_scorer_factory(settings)
+    parent = os.getppid()
+    log.info("merge worker %s started", holder)
+    while not should_stop() and os.getppid() == parent:
+        try:
+            run_once(storage, holder, scorers)
+        except Exception:  # keep serving other families; the failed batch stays buffered
+            log.exception("merge worker iteration failed")
+            time.sleep(5 * settings.poll_interval_s)
+        time.sleep(settings.poll_interval_s)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s merge-worker %(message)s")
+    run_worker(ServerSettings.from_env())
+
+
+if __name__ == "__main__":
+    main()
