@@ -7,18 +7,27 @@ keyed by the volume label's name (``"right vastus lateralis"``).
 A label absent from both maps has no defined Dice: it is reported as ``NaN`` (so a table of many
 cases keeps the same columns) and :func:`mean_dice` skips it. A label present in only one map has
 Dice 0.
+
+:func:`evaluate_models` scores many model versions on many cases and :func:`write_dice_csv`
+writes the table that :mod:`dafne_logic.learning_curve` reads.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write_text
 from .errors import InputError
 from .labels import LabelTable
+from .model_package import ModelPackage
 
 
 def _as_array(image: sitk.Image | np.ndarray, what: str) -> np.ndarray:
@@ -90,3 +99,57 @@ def mean_dice(per_label: Mapping[str, float]) -> float:
     """Mean over labels with a defined Dice (NaN entries skipped); NaN when none is defined."""
     values = [v for v in per_label.values() if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
+
+
+# --- many models on many cases -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationCase:
+    """One dataset to score: an MR volume and its reference segmentation (volume labels)."""
+
+    name: str
+    image: sitk.Image
+    reference: sitk.Image
+
+
+def evaluate_models(models: Sequence[ModelPackage], cases: Sequence[EvaluationCase], device: str = "auto",
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Segment every case with every model and score it against the reference.
+
+    References on another grid than their image are resampled onto it (nearest neighbour).
+
+    Returns:
+        One row per (case, model): ``dataset``, ``model_version``, ``dice`` (mean over labels
+        present in the prediction or the reference) and one column per volume-label name.
+    """
+    from .inference import segment_volume
+    from .io import resample_labels
+
+    rows = []
+    for case in cases:
+        reference = resample_labels(case.reference, case.image)
+        for model in models:
+            if progress is not None:
+                progress(f"{case.name}: model {model.manifest.name} {model.manifest.version}")
+            per_label = dice_per_label(segment_volume(case.image, model, device=device), reference, model.labels)
+            rows.append({"dataset": case.name, "model_version": model.manifest.version,
+                         "dice": mean_dice(per_label), **per_label})
+    return rows
+
+
+def write_dice_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Rows of :func:`evaluate_models` as CSV (atomic): dataset, model_version, dice, per-label Dice.
+
+    Per-label columns follow first appearance; an undefined Dice is an empty cell.
+    """
+    columns = ["dataset", "model_version", "dice"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
+                             f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())

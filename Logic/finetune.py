@@ -1,0 +1,517 @@
+"""Incremental learning: fine-tune a model on one user-corrected volume, producing a child model
+and the delta a site may upload.
+
+Steps of :func:`finetune_on_corrections`:
+
+1. Geometry: the corrected labels are resampled (nearest neighbour) onto the image grid when only
+   the grid differs; labels that do not overlap the image are refused.
+2. Slices: both legs are cropped and the left one mirrored (:mod:`dafne_logic.preprocessing`); per
+   leg, only slices the user corrected count (default: most muscles drawn, see
+   :mod:`dafne_logic.slice_selection`; or an explicit list of image k-slices).
+3. Agreement: the parent's automatic segmentation of those slices is compared with the correction
+   (Dice per volume label): the figure the reference tool sends with each contribution.
+4. Training: Adam on Dice + cross-entropy (the trainer's loss), small random affine and intensity
+   augmentation, and a FedProx proximal term ``mu/2 * ||w - w_parent||^2`` against forgetting.
+   One slice in five is held out (when there are at least five); training stops when its loss
+   has not improved for ``patience`` epochs, and the best weights are kept. Without a held-out
+   part it stops on a plateau of the training loss. Every random choice comes from ``seed``.
+5. Lineage: the child's version is ``"<server version>.local-<8 hex of its weights' sha256>"``;
+   its manifest names the parent version; the delta ``child - parent`` is fp16 + zlib.
+
+This module writes nothing until :meth:`FinetuneResult.save`; cancelling raises
+:class:`~dafne_logic.errors.Cancelled` with no file touched.
+
+Why not :func:`dafne_logic.training.train_model`: that trainer streams an endless sampler and
+checkpoints to disk; fine-tuning needs a fixed handful of slices held in memory, a penalty on the
+live parameters, held-out early stopping with a restore of the best weights, and no file written
+before the user accepts the result. It reuses the trainer's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .atomic import atomic_directory
+from .delta import DeltaMetadata, delta_norm, encode_delta, make_delta
+from .errors import Cancelled, InputError
+from .evaluation import dice_counts, dice_from_counts
+from .inference import CancelCheck, ProgressCallback
+from .io import resample_labels, same_grid
+from .labels import LabelTable
+from .model_package import ModelPackage, weights_bytes
+from .networks import resolve_device
+from .preprocessing import PreparedVolume, prepare_volume
+from .slice_selection import keep_only_slices, min_muscles_required, select_slices
+from .training import default_loss
+
+log = logging.getLogger(__name__)
+
+DELTA_NAME = "delta.safetensors.zz"
+DELTA_METADATA_NAME = "delta.json"
+REPORT_NAME = "finetune_report.json"
+LOCAL_MARK = ".local-"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tuning run (JSON-serialisable, stored in the provenance)."""
+
+    lr: float = 5e-4  # Adam; a tenth of a from-scratch rate: the parent is already close
+    batch_size: int = 4
+    max_epochs: int = 12
+    min_steps_per_epoch: int = 4  # a one-slice correction still gets several augmented steps
+    patience: int = 2  # epochs without held-out improvement before stopping
+    plateau_tolerance: float = 0.01  # relative training-loss gain that counts as progress (no held-out set)
+    holdout_every: int = 5  # every 5th selected slice is held out ...
+    min_holdout_samples: int = 5  # ... when at least this many leg-slices were selected
+    prox_mu: float = 0.01  # FedProx weight of mu/2 * ||w - w_parent||^2 (parameters summed, not averaged)
+    rotate_deg: float = 8.0
+    scale: float = 0.08  # zoom factor drawn in [1 - scale, 1 + scale]
+    translate: float = 0.04  # shift, fraction of the crop size
+    intensity_scale: float = 0.1  # gain drawn in [1 - s, 1 + s]
+    intensity_shift: float = 0.05  # offset in normalised units
+    noise_std: float = 0.02  # Gaussian noise, normalised units
+    max_seconds: float | None = None  # optional wall-clock budget (makes results time-dependent)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.prox_mu < 0:
+            raise InputError("fine-tuning needs lr > 0, batch size >= 1, max epochs >= 1 and mu >= 0")
+
+
+@dataclass
+class FinetuneResult:
+    """A fine-tuned child model, its delta against the parent, and what happened.
+
+    Attributes:
+        model: the child package (fp16-rounded weights, not yet saved).
+        delta: ``child - parent`` per floating tensor, float16.
+        metadata: the JSON that travels with the delta (family, parent version, slice count,
+            Dice of the automatic vs the corrected segmentation per volume label).
+        report: figures for people: slices used, losses per epoch, stopping reason, Dice on the
+            training slices before and after, seconds, delta size.
+    """
+
+    model: ModelPackage
+    delta: dict[str, torch.Tensor]
+    metadata: DeltaMetadata
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def delta_bytes(self) -> bytes:
+        return encode_delta(self.delta)
+
+    def save(self, output_dir: str | Path) -> Path:
+        """Write the package + ``delta.safetensors.zz`` + ``delta.json`` + report, atomically.
+
+        Raises:
+            InputError: ``output_dir`` is the parent model's folder (never overwritten).
+        """
+        import json
+
+        output_dir = Path(output_dir)
+        parent_path = self.report.get("parent_path")
+        if parent_path and output_dir.resolve() == Path(parent_path).resolve():
+            raise InputError(f"{output_dir} is the parent model's folder; choose another output folder")
+        with atomic_directory(output_dir) as tmp:
+            self.model.save(tmp)  # replaces tmp by the package folder
+            (tmp / DELTA_NAME).write_bytes(self.delta_bytes())
+            (tmp / DELTA_METADATA_NAME).write_text(json.dumps(self.metadata.to_json(), indent=2) + "\n", "utf-8")
+            (tmp / REPORT_NAME).write_text(json.dumps(self.report, indent=2) + "\n", "utf-8")
+        self.model.path = output_dir
+        return output_dir
+
+
+@dataclass
+class TrainingSlices:
+    """The corrected leg-slices, padded to one size.
+
+    Attributes:
+        images: (n, 1, H, W) float32 normalised crops (left legs mirrored).
+        targets: (n, H, W) int64 model classes.
+        sources: (side, crop slice index) of each sample.
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    sources: list[tuple[str, int]]
+
+    def subset(self, indices: Sequence[int]) -> "TrainingSlices":
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return TrainingSlices(self.images[idx], self.targets[idx], [self.sources[i] for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def align_labels_to_image(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """The labels on the image's grid: unchanged when the grids match, resampled (nearest
+    neighbour, by physical position) when they overlap, refused when they do not.
+
+    Raises:
+        InputError: not 3D, or the two volumes share no physical space.
+    """
+    if labels.GetDimension() != 3:
+        raise InputError(f"expected a 3D segmentation, got a {labels.GetDimension()}D one")
+    if same_grid(labels, image):
+        return labels
+    if not _overlaps(labels, image):
+        raise InputError("the segmentation does not overlap the image (different position or orientation); "
+                         "was it drawn on another volume?")
+    log.info("the segmentation lies on another grid than the image; resampling it (nearest neighbour)")
+    return resample_labels(labels, image)
+
+
+def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical bounding box (mm) of an image's voxel extent."""
+    size = np.array(image.GetSize(), dtype=float)
+    corners = [image.TransformContinuousIndexToPhysicalPoint(tuple(c))
+               for c in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T]
+    points = np.array(corners)
+    return points.min(axis=0), points.max(axis=0)
+
+
+def _overlaps(a: sitk.Image, b: sitk.Image) -> bool:
+    lo_a, hi_a = _physical_box(a)
+    lo_b, hi_b = _physical_box(b)
+    return bool(np.all(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b) > 0))
+
+
+def check_correction(labels: sitk.Image, table: LabelTable) -> None:
+    """Refuse an empty correction or label values outside the model's table.
+
+    Raises:
+        InputError: all zero, or values outside 0..2N.
+    """
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    top = 2 * table.n_muscles
+    foreign = [int(v) for v in values if v < 0 or v > top]
+    if foreign:
+        raise InputError(f"the segmentation holds label values {foreign[:5]} that are not in the model's "
+                         f"{table.region} table (1..{top})")
+    if not (values > 0).any():
+        raise InputError("the segmentation is empty: there is no correction to learn from")
+
+
+def collect_training_slices(prepared: PreparedVolume, table: LabelTable, min_muscles: int | None) -> TrainingSlices:
+    """Every selected leg-slice of a prepared volume, padded (background) to a common size.
+
+    Raises:
+        InputError: no slice qualifies.
+    """
+    images, targets, sources = [], [], []
+    for leg in prepared.legs:
+        assert leg.target is not None
+        for z in select_slices(leg.target, table.n_muscles, min_muscles):
+            images.append(leg.image[z])
+            targets.append(leg.target[z])
+            sources.append((leg.side, z))
+    if not sources:
+        need = min_muscles or min_muscles_required(table.n_muscles)
+        raise InputError(f"no usable slices: no slice of either leg has at least {need} of the "
+                         f"{table.n_muscles} {table.region} muscles drawn")
+    height = max(a.shape[0] for a in images)
+    width = max(a.shape[1] for a in images)
+
+    def pad(array: np.ndarray) -> np.ndarray:
+        return np.pad(array, ((0, height - array.shape[0]), (0, width - array.shape[1])))
+
+    return TrainingSlices(
+        images=torch.from_numpy(np.stack([pad(a) for a in images]).astype(np.float32))[:, None],
+        targets=torch.from_numpy(np.stack([pad(t) for t in targets]).astype(np.int64)),
+        sources=sources,
+    )
+
+
+def split_holdout(n: int, config: FinetuneConfig) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): every ``holdout_every``-th sample when there are enough."""
+    if n < config.min_holdout_samples:
+        return list(range(n)), []
+    held = set(range(config.holdout_every // 2, n, config.holdout_every))
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+# --- augmentation and training -------------------------------------------------------------------
+
+
+def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
+            config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random small rotation, zoom, shift (same for image and labels) and intensity gain/offset/noise.
+
+    Args:
+        images: (B, 1, H, W) float32; targets: (B, H, W) int64.
+
+    Returns:
+        Augmented copies of the same shapes; labels are resampled with nearest neighbour.
+    """
+    b, _, h, w = images.shape
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator) * 2.0 - 1.0
+
+    angle = uniform(b) * math.radians(config.rotate_deg)
+    zoom = 1.0 + uniform(b) * config.scale
+    shift = uniform(b, 2) * 2.0 * config.translate
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # A rotation in pixel space, written in affine_grid's normalised coordinates (x by W/2, y by H/2).
+    theta = torch.stack([
+        torch.stack([cos, -sin * h / w, shift[:, 0]], dim=1),
+        torch.stack([sin * w / h, cos, shift[:, 1]], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    out_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out_targets = F.grid_sample(targets[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                align_corners=False)[:, 0].round().long()
+    gain = 1.0 + uniform(b, 1, 1, 1) * config.intensity_scale
+    offset = uniform(b, 1, 1, 1) * config.intensity_shift
+    noise = torch.randn(out_images.shape, generator=generator) * config.noise_std
+    return out_images * gain + offset + noise, out_targets
+
+
+def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``0.5 * sum ||w - w_parent||^2`` over the trainable parameters."""
+    return 0.5 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
+
+
+@torch.no_grad()
+def predict_classes(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(n, 1, H, W) → (n, H, W) int64 argmax classes of a network in eval mode."""
+    net.eval()
+    return torch.cat([net(images[i:i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def held_out_loss(net: torch.nn.Module, data: TrainingSlices, loss_fn: Callable, batch_size: int) -> float:
+    """The loss over all held-out slices at once (Dice pooled over them), network in eval mode."""
+    net.eval()
+    logits = torch.cat([net(data.images[i:i + batch_size]) for i in range(0, len(data), batch_size)])
+    return float(loss_fn(logits, data.targets))
+
+
+def agreement_dice(predicted: torch.Tensor, data: TrainingSlices, table: LabelTable) -> dict[str, float]:
+    """Dice per volume label (``"right soleus"``) between predicted and target classes of the
+    selected leg-slices, pooled over slices; labels absent from both are left out."""
+    out: dict[str, float] = {}
+    for side in ("right", "left"):
+        idx = [i for i, (s, _) in enumerate(data.sources) if s == side]
+        if not idx:
+            continue
+        dice = dice_from_counts(*dice_counts(predicted[idx].numpy(), data.targets[idx].numpy(), table.n_muscles))
+        for i, muscle in enumerate(table.muscles, start=1):
+            if not math.isnan(dice[i]):
+                out[f"{side} {muscle.name}"] = round(float(dice[i]), 6)
+    return out
+
+
+def _mean(values: dict[str, float]) -> float:
+    return float(np.mean(list(values.values()))) if values else math.nan
+
+
+def _local_version(parent_version: str, weights_sha256: str) -> str:
+    base = parent_version.split(LOCAL_MARK, 1)[0]
+    return f"{base}{LOCAL_MARK}{weights_sha256[:8]}"
+
+
+def finetune_on_corrections(
+    model: ModelPackage,
+    image: sitk.Image,
+    corrected: sitk.Image,
+    slices: str | Sequence[int] = "auto",
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    config: FinetuneConfig | None = None,
+    min_muscles: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on the slices a user corrected.
+
+    Args:
+        model: the parent package (never modified).
+        image: the 3D MR volume the correction was drawn on.
+        corrected: volume labels (right muscles 1..N, left N+1..2N of ``model.labels``), on the
+            image grid or on any grid overlapping it.
+        slices: ``"auto"`` (per leg, slices with at least ``min_muscles`` muscles drawn; default
+            7 of 12 thigh or 4 of 6 calf muscles), or image k-slice indices the user corrected
+            (then any leg with a drawing on a listed slice counts).
+        seed: seeds augmentation, batch order and hence the result (same seed, same weights).
+        progress: receives (fraction in 0..1, message).
+        cancel: polled every step; returning True raises :class:`Cancelled` (nothing is written).
+        config: hyper-parameters (default :class:`FinetuneConfig`).
+        min_muscles: override the automatic selection threshold.
+
+    Returns:
+        :class:`FinetuneResult`; call ``.save(folder)`` to write it.
+
+    Raises:
+        InputError: no overlap, label values outside the table, empty correction, no usable slices.
+        Cancelled: ``cancel`` returned True.
+    """
+    config = config or FinetuneConfig()
+    report_progress = progress or (lambda fraction, message: None)
+    began = time.monotonic()
+    table = model.labels
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("fine-tuning cancelled; no model was written")
+
+    report_progress(0.0, "preparing the corrected slices")
+    labels = align_labels_to_image(corrected, image)
+    check_correction(labels, table)
+    if isinstance(slices, str):
+        if slices != "auto":
+            raise InputError(f"slices must be 'auto' or a list of slice indices, not {slices!r}")
+    else:
+        labels = keep_only_slices(labels, list(slices))
+        check_correction(labels, table)
+        min_muscles = 1 if min_muscles is None else min_muscles
+    prepared = prepare_volume(image, model.manifest.preprocessing, labels, table)
+    data = collect_training_slices(prepared, table, min_muscles)
+    train_idx, held_idx = split_holdout(len(data), config)
+    train, held = data.subset(train_idx), data.subset(held_idx) if held_idx else None
+    check_cancel()
+
+    device = resolve_device(config.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        net = model.network("cpu")
+        before = predict_classes(net, data.images, config.batch_size)
+        automatic_dice = agreement_dice(before, data, table)
+        net.to(device)
+        history, stop_reason, best_state = _train(net, model.state_dict, table.n_classes, train, held, generator,
+                                                  config, device, report_progress, check_cancel, began)
+    net.load_state_dict(best_state)
+    net.to("cpu")
+    after_dice = agreement_dice(predict_classes(net, data.images, config.batch_size), data, table)
+
+    child_state = {k: v.detach().to(torch.float16).float() for k, v in best_state.items()}
+    sha = hashlib.sha256(weights_bytes(child_state)).hexdigest()
+    manifest = copy.deepcopy(model.manifest)
+    manifest.version = _local_version(model.manifest.version, sha)
+    manifest.parent_version = model.manifest.version
+    manifest.created = ""
+    n_image_slices = len({z for _, z in data.sources})
+    manifest.provenance = {
+        "trained_on": model.manifest.provenance.get("trained_on", "unknown"),
+        "finetune": {
+            "parent_version": model.manifest.version,
+            "n_slices": n_image_slices,
+            "n_leg_slices": len(data),
+            "seed": seed,
+            "config": asdict(config),
+            "stop_reason": stop_reason,
+            "epochs": len(history) - 1,
+        },
+    }
+    child = ModelPackage(manifest, child_state)
+    delta = make_delta(model.state_dict, child_state)
+    metadata = DeltaMetadata(family=manifest.name, parent_version=model.manifest.version,
+                             n_slices=n_image_slices, dice_per_label=automatic_dice, client_version=__version__)
+    report = {
+        "parent_version": model.manifest.version,
+        "parent_path": str(model.path) if model.path else None,
+        "version": manifest.version,
+        "n_slices": n_image_slices,
+        "n_leg_slices": len(data),
+        "n_held_out": len(held_idx),
+        "leg_slices": [[side, z] for side, z in data.sources],
+        "epochs": len(history) - 1,
+        "stop_reason": stop_reason,
+        "history": history,
+        "dice_before": automatic_dice,
+        "dice_after": after_dice,
+        "mean_dice_before": _mean(automatic_dice),
+        "mean_dice_after": _mean(after_dice),
+        "delta_norm": delta_norm(delta),
+        "delta_megabytes": len(encode_delta(delta)) / 1e6,
+        "seconds": time.monotonic() - began,
+    }
+    report_progress(1.0, f"fine-tuned on {len(data)} leg-slices; Dice on them "
+                         f"{report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}")
+    return FinetuneResult(child, delta, metadata, report)
+
+
+def _train(net: torch.nn.Module, parent_state: dict[str, torch.Tensor], n_classes: int, train: TrainingSlices,
+           held: TrainingSlices | None, generator: torch.Generator, config: FinetuneConfig,
+           device: torch.device, report_progress: ProgressCallback, check_cancel: Callable[[], None],
+           began: float) -> tuple[list[dict[str, float | None]], str, dict[str, torch.Tensor]]:
+    """The fine-tuning loop; returns (per-epoch history, stop reason, kept weights on CPU).
+
+    With a held-out set the weights of its lowest loss are kept (epoch 0 = the parent); without
+    one the latest weights are kept and a training-loss gain under ``plateau_tolerance`` counts
+    as no progress.
+    """
+    loss_fn = default_loss(n_classes)
+    anchor = {name: parent_state[name].to(device) for name, _ in net.named_parameters()}
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    steps_per_epoch = max(config.min_steps_per_epoch, math.ceil(len(train) / config.batch_size))
+    total_steps = steps_per_epoch * config.max_epochs
+    if held is not None:
+        held = TrainingSlices(held.images.to(device), held.targets.to(device), held.sources)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
+
+    best = held_out_loss(net, held, loss_fn, config.batch_size) if held is not None else math.inf
+    history: list[dict[str, float | None]] = [
+        {"epoch": 0, "train_loss": None, "held_out_loss": best if held is not None else None}]
+    kept, stale = snapshot(), 0
+    stop_reason = f"reached {config.max_epochs} epochs"
+    order: list[int] = []
+    step = 0
+    for epoch in range(1, config.max_epochs + 1):
+        net.train()
+        losses = []
+        for _ in range(steps_per_epoch):
+            check_cancel()
+            while len(order) < config.batch_size:  # reshuffle each pass; tiny sets repeat within a batch
+                order += torch.randperm(len(train), generator=generator).tolist()
+            batch, order = order[:config.batch_size], order[config.batch_size:]
+            images, targets = augment(train.images[batch], train.targets[batch], generator, config)
+            data_loss = loss_fn(net(images.to(device)), targets.to(device))
+            loss = data_loss + config.prox_mu * proximal_term(net, anchor) if config.prox_mu > 0 else data_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(data_loss.detach()))
+            step += 1
+            report_progress(0.05 + 0.9 * step / total_steps, f"epoch {epoch}, step {step}: loss {losses[-1]:.3f}")
+        train_loss = float(np.mean(losses))
+        if held is not None:
+            current = held_out_loss(net, held, loss_fn, config.batch_size)
+            improved = current < best
+        else:
+            current = train_loss
+            improved = current < best * (1.0 - config.plateau_tolerance)
+        history.append({"epoch": epoch, "train_loss": train_loss,
+                        "held_out_loss": current if held is not None else None})
+        if improved:
+            best, stale = current, 0
+        else:
+            stale += 1
+        if improved or held is None:
+            kept = snapshot()
+        if stale >= config.patience:
+            stop_reason = (f"held-out loss did not improve for {config.patience} epochs" if held is not None
+                           else f"training loss plateaued for {config.patience} epochs")
+            break
+        if config.max_seconds is not None and time.monotonic() - began > config.max_seconds:
+            stop_reason = f"time budget of {config.max_seconds:.0f} s reached"
+            break
+    return history, stop_reason, kept

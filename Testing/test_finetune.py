@@ -1,0 +1,262 @@
+"""Fine-tuning on corrections: learning, lineage and delta, slice selection, determinism, bad input.
+
+The volumes are small synthetic two-leg stacks (six calf "muscles" as sectors of a disc, each
+with its own intensity) and the model a tiny U-Net, so each fine-tune takes about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from dafne_logic.delta import DeltaMetadata, apply_delta, decode_delta
+from dafne_logic.errors import Cancelled, InputError
+from dafne_logic.finetune import (DELTA_METADATA_NAME, DELTA_NAME, FinetuneConfig, augment,
+                                  finetune_on_corrections)
+from dafne_logic.labels import LEG
+from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams
+from dafne_logic.networks import build_network, unet_architecture
+from dafne_logic.slice_selection import min_muscles_required, parse_slice_list, select_slices
+
+FAST = FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=10)
+
+
+def two_legs(n_slices: int = 6, seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
+    """(image, volume labels): two discs (legs) at 2 mm, each with six muscle sectors.
+
+    Patient right is at low x (LPS identity direction); the left leg is the mirror image, so the
+    network sees the same anatomy on both sides after the preprocessing mirrors the left leg.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = 64, 128
+    image = np.zeros((n_slices, h, w), np.float32)
+    labels = np.zeros((n_slices, h, w), np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for side, cx in (("right", 32), ("left", 96)):
+        dx = (xx - cx) * (1 if side == "right" else -1)
+        radius = np.hypot(dx, yy - 32)
+        sector = np.minimum(((np.arctan2(yy - 32, dx) + np.pi) / (2 * np.pi) * 6).astype(int), 5) + 1
+        for k in range(n_slices):
+            outer = 24 - 0.5 * k
+            muscle = (radius >= 6) & (radius < outer - 2)
+            image[k][radius < outer] = 250.0  # subcutaneous fat
+            image[k][muscle] = 60.0 + 25.0 * sector[muscle]
+            image[k][radius < 6] = 400.0  # bone marrow
+            for i in range(1, LEG.n_muscles + 1):
+                labels[k][muscle & (sector == i)] = LEG.value_of(i, side)
+    image += rng.normal(0, 5, image.shape).astype(np.float32)
+    img = sitk.GetImageFromArray(image)
+    img.SetSpacing((2.0, 2.0, 5.0))
+    lab = sitk.GetImageFromArray(labels)
+    lab.CopyInformation(img)
+    return img, lab
+
+
+def tiny_model(seed: int = 0, version: str = "1") -> ModelPackage:
+    """An untrained 3-level U-Net for the calf table, preprocessing at 2 mm."""
+    torch.manual_seed(seed)
+    arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
+    manifest = Manifest(name="leg", region="leg", version=version, architecture=arch, labels=LEG,
+                        preprocessing=PreprocessingParams(spacing_mm=(2.0, 2.0)),
+                        provenance={"trained_on": "nothing (test)"})
+    return ModelPackage(manifest, {k: v.detach().clone() for k, v in build_network(arch).state_dict().items()})
+
+
+def saved_tiny_model(folder: Path) -> ModelPackage:
+    tiny_model().save(folder)
+    return ModelPackage.load(folder)
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(path.name.encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def with_array(like: sitk.Image, array: np.ndarray) -> sitk.Image:
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(like)
+    return out
+
+
+def test_finetune_learns_and_saves_lineage_and_delta(tmp_path):
+    parent = saved_tiny_model(tmp_path / "parent")
+    before = folder_digest(tmp_path / "parent")
+    image, labels = two_legs()
+    result = finetune_on_corrections(parent, image, labels, config=FAST)
+
+    report = result.report
+    assert report["n_leg_slices"] == 12 and report["n_slices"] == 6 and report["n_held_out"] == 2
+    assert report["mean_dice_after"] > report["mean_dice_before"] + 0.4
+    assert report["mean_dice_after"] > 0.7
+    # agreement of the automatic (parent) segmentation, per volume label, travels with the delta
+    assert set(result.metadata.dice_per_label) == {lab.name for lab in LEG.volume_labels()}
+    assert result.metadata.dice_per_label == report["dice_before"]
+    assert result.metadata.parent_version == "1" and result.metadata.n_slices == 6
+
+    out = result.save(tmp_path / "child")
+    assert folder_digest(tmp_path / "parent") == before  # parent untouched
+    child = ModelPackage.load(out)
+    assert child.manifest.parent_version == "1"
+    assert child.manifest.version.startswith("1.local-") and len(child.manifest.version) == len("1.local-") + 8
+    assert child.manifest.provenance["finetune"]["n_slices"] == 6
+    for k, v in child.state_dict.items():
+        assert torch.equal(v, result.model.state_dict[k])  # in memory == on disk (fp16-rounded)
+
+    # the delta applied to the parent reproduces the child within fp16 tolerance
+    delta = decode_delta((out / DELTA_NAME).read_bytes(), parent.manifest)
+    rebuilt = apply_delta(parent.state_dict, delta)
+    changed = 0
+    for k, v in child.state_dict.items():
+        assert torch.allclose(rebuilt[k], v, rtol=2e-3, atol=2e-3), k
+        changed += int(not torch.equal(v, parent.state_dict[k]))
+    assert changed > len(child.state_dict) // 2
+    meta = json.loads((out / DELTA_METADATA_NAME).read_text())
+    assert meta == DeltaMetadata(**meta).to_json() and meta["family"] == "leg"
+
+    # the saved child predicts the training slices better than the parent, via the full pipeline
+    from dafne_logic.evaluation import dice_per_label, mean_dice
+    from dafne_logic.inference import segment_volume
+
+    dice_parent = mean_dice(dice_per_label(segment_volume(image, parent, device="cpu"), labels, LEG))
+    dice_child = mean_dice(dice_per_label(segment_volume(image, child, device="cpu"), labels, LEG))
+    assert dice_child > dice_parent + 0.4
+
+
+def test_same_seed_same_weights_other_seed_differs():
+    image, labels = two_legs(n_slices=3)
+    config = FinetuneConfig(lr=1e-2, prox_mu=0.01, max_epochs=2)
+    a = finetune_on_corrections(tiny_model(), image, labels, seed=5, config=config)
+    b = finetune_on_corrections(tiny_model(), image, labels, seed=5, config=config)
+    c = finetune_on_corrections(tiny_model(), image, labels, seed=6, config=config)
+    assert a.model.manifest.version == b.model.manifest.version != c.model.manifest.version
+    assert all(torch.equal(a.model.state_dict[k], b.model.state_dict[k]) for k in a.model.state_dict)
+
+
+def test_proximal_term_keeps_weights_closer_to_the_parent():
+    image, labels = two_legs(n_slices=3)
+    free = finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=2))
+    held = finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(lr=1e-2, prox_mu=5.0, max_epochs=2))
+    assert held.report["delta_norm"] < 0.8 * free.report["delta_norm"]
+
+
+def test_automatic_selection_uses_slices_with_most_muscles_per_leg():
+    assert (min_muscles_required(12), min_muscles_required(6)) == (7, 4)
+    target = np.zeros((4, 8, 8), np.uint8)
+    target[0, 0, :7] = np.arange(1, 8)  # 7 of 12 drawn
+    target[1, 0, :6] = np.arange(1, 7)  # 6 of 12: not enough
+    target[3, :, :] = 12  # one muscle, many voxels
+    assert select_slices(target, 12) == [0]
+    assert select_slices(target, 12, min_muscles=1) == [0, 1, 3]
+
+    image, labels = two_legs()
+    array = sitk.GetArrayFromImage(labels)
+    right = (array >= 1) & (array <= 6)
+    # right leg: slice 3 keeps only 3 muscles (below 4 of 6); left leg: only slices 4 and 5 drawn
+    array[3][right[3] & (array[3] > 3)] = 0
+    array[:4][array[:4] > 6] = 0
+    result = finetune_on_corrections(tiny_model(), image, with_array(labels, array),
+                                     config=FinetuneConfig(max_epochs=1))
+    assert sorted(map(tuple, result.report["leg_slices"])) == sorted(
+        [("right", 0), ("right", 1), ("right", 2), ("right", 4), ("right", 5), ("left", 4), ("left", 5)])
+    assert result.metadata.n_slices == 5
+    # an explicit list takes any drawn leg on the listed image slices
+    listed = finetune_on_corrections(tiny_model(), image, with_array(labels, array), slices=[3, 4],
+                                     config=FinetuneConfig(max_epochs=1))
+    assert sorted(map(tuple, listed.report["leg_slices"])) == [("left", 4), ("right", 3), ("right", 4)]
+
+
+def test_parse_slice_list():
+    assert parse_slice_list("auto") == "auto"
+    assert parse_slice_list("5, 1,3-4") == [1, 3, 4, 5]
+    for bad in ("", "x", "4-2", "-1"):
+        with pytest.raises(InputError):
+            parse_slice_list(bad)
+
+
+def test_progress_and_cancel():
+    image, labels = two_legs(n_slices=2)
+    seen: list[float] = []
+    finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(max_epochs=2),
+                            progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(max_epochs=2), cancel=cancel)
+
+
+def test_augment_moves_image_and_labels_together():
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(48), indexing="ij")
+    targets = ((yy // 8) * 3 + xx // 12).remainder(7).expand(3, 32, 48).clone()
+    images = targets[:, None].float()  # an image equal to its labels shows whether both moved alike
+    gen = torch.Generator().manual_seed(0)
+    geometric = FinetuneConfig(intensity_scale=0, intensity_shift=0, noise_std=0)
+    out_i, out_t = augment(images, targets, gen, geometric)
+    assert out_i.shape == images.shape and out_t.shape == targets.shape
+    assert set(out_t.unique().tolist()) <= set(range(7))
+    assert 0.5 < (out_t == targets).float().mean() < 1.0  # a small deformation, but a deformation
+    assert (out_i[:, 0].round().long() == out_t).float().mean() > 0.9
+    none = FinetuneConfig(rotate_deg=0, scale=0, translate=0, intensity_scale=0, intensity_shift=0, noise_std=0)
+    same_i, same_t = augment(images, targets, gen, none)
+    assert torch.allclose(same_i, images, atol=1e-4) and torch.equal(same_t, targets)
+
+
+def test_resamples_labels_on_another_overlapping_grid():
+    image, labels = two_legs(n_slices=3)
+    finer = sitk.Resample(labels, [256, 128, 3], sitk.Transform(), sitk.sitkNearestNeighbor, labels.GetOrigin(),
+                          (1.0, 1.0, 5.0), labels.GetDirection(), 0, labels.GetPixelID())
+    result = finetune_on_corrections(tiny_model(), image, finer, config=FinetuneConfig(max_epochs=1))
+    assert result.report["n_leg_slices"] == 6
+
+
+@pytest.mark.parametrize("case", ["no overlap", "empty", "foreign labels", "no usable slices", "slice outside"])
+def test_bad_input_is_refused_and_nothing_written(tmp_path, case):
+    parent_dir = tmp_path / "parent"
+    parent = saved_tiny_model(parent_dir)
+    before = folder_digest(parent_dir)
+    image, labels = two_legs(n_slices=3)
+    array = sitk.GetArrayFromImage(labels)
+    slices: str | list[int] = "auto"
+    if case == "no overlap":
+        labels.SetOrigin((1000.0, 0.0, 0.0))
+        match = "does not overlap"
+    elif case == "empty":
+        labels = with_array(labels, np.zeros_like(array))
+        match = "empty"
+    elif case == "foreign labels":
+        array[0, 0, 0] = 40
+        labels = with_array(labels, array)
+        match = "not in the model"
+    elif case == "no usable slices":
+        array[(array % 6 == 1) | (array % 6 == 2) | (array % 6 == 3)] = 0  # 3 of 6 muscles per leg
+        labels = with_array(labels, array)
+        match = "no usable slices"
+    else:
+        slices = [7]
+        match = "outside"
+    with pytest.raises(InputError, match=match):
+        finetune_on_corrections(parent, image, labels, slices=slices, config=FinetuneConfig(max_epochs=1))
+    assert folder_digest(parent_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parent"]
+
+
+def test_save_refuses_the_parent_folder(tmp_path):
+    parent = saved_tiny_model(tmp_path / "parent")
+    image, labels = two_legs(n_slices=2)
+    result = finetune_on_corrections(parent, image, labels, config=FinetuneConfig(max_epochs=1))
+    with pytest.raises(InputError, match="parent"):
+        result.save(tmp_path / "parent")

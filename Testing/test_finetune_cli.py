@@ -1,0 +1,93 @@
+"""``dafne-slicer finetune``, ``evaluate`` and ``report`` end to end on tiny files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import SimpleITK as sitk
+
+from dafne_logic.cli import main
+from dafne_logic.io import write_labels
+from dafne_logic.labels import LEG
+from dafne_logic.model_package import ModelPackage
+from test_finetune import folder_digest, tiny_model, two_legs
+
+
+def write_case(folder, name, seed, n_slices=4, fmt=".seg.nrrd"):
+    image, labels = two_legs(n_slices=n_slices, seed=seed)
+    sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    write_labels(labels, folder / f"{name}{fmt}", LEG)
+    return folder / f"{name}.nii.gz", folder / f"{name}{fmt}"
+
+
+def test_finetune_evaluate_report(tmp_path, capsys):
+    tiny_model().save(tmp_path / "parent")
+    before = folder_digest(tmp_path / "parent")
+    img_a, seg_a = write_case(tmp_path, "a", 0)
+    img_b, seg_b = write_case(tmp_path, "b", 1, n_slices=3, fmt=".nii.gz")
+
+    rc = main(["finetune", "--model", str(tmp_path / "parent"), "--image", str(img_a), "--segmentation", str(seg_a),
+               "--output-model", str(tmp_path / "child"), "--epochs", "6", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "leg-slices" in out and "delta" in out
+    child = ModelPackage.load(tmp_path / "child")
+    assert child.manifest.parent_version == "1"
+    assert {p.name for p in (tmp_path / "child").iterdir()} >= {
+        "manifest.json", "weights.safetensors", "delta.safetensors.zz", "delta.json", "finetune_report.json"}
+    assert folder_digest(tmp_path / "parent") == before
+
+    dice_csv = tmp_path / "dice.csv"
+    rc = main(["evaluate", "--model", str(tmp_path / "parent"), str(tmp_path / "child"),
+               "--image", str(img_a), str(img_b), "--reference", str(seg_a), str(seg_b), "--csv", str(dice_csv),
+               "--device", "cpu"])
+    assert rc == 0
+    with dice_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dataset"], r["model_version"]) for r in rows] == [
+        ("a", "1"), ("a", child.manifest.version), ("b", "1"), ("b", child.manifest.version)]
+    assert list(rows[0])[:4] == ["dataset", "model_version", "dice", "right soleus"]
+    dice = {(r["dataset"], r["model_version"] == "1"): float(r["dice"]) for r in rows}
+    assert dice[("a", False)] > dice[("a", True)] + 0.08  # learnt on a (default, cautious settings)
+    assert dice[("b", False)] > dice[("b", True)] + 0.05  # and it carries over to b
+
+    capsys.readouterr()
+    rc = main(["report", "--dice-csv", str(dice_csv), "--json", str(tmp_path / "fit.json")])
+    assert rc == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["n_datasets"] == 2 and fit["n_observations"] == 4 and fit["slope"] > 0.05
+
+
+def test_finetune_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
+    tiny_model().save(tmp_path / "parent")
+    image, labels = two_legs(n_slices=2)
+    sitk.WriteImage(image, str(tmp_path / "img.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    array[0, 0, :3] = 13
+    extra = sitk.GetImageFromArray(array)
+    extra.CopyInformation(labels)
+    sitk.WriteImage(extra, str(tmp_path / "seg.nii.gz"))
+    names = {str(lab.value): lab.name for lab in LEG.volume_labels()} | {"13": "Tibia"}
+    (tmp_path / "seg.json").write_text(json.dumps(names))
+    common = ["finetune", "--model", str(tmp_path / "parent"), "--image", str(tmp_path / "img.nii.gz"),
+              "--segmentation", str(tmp_path / "seg.nii.gz"), "--no-progress", "--epochs", "1"]
+
+    assert main(common + ["--output-model", str(tmp_path / "out")]) == 2
+    assert "Tibia" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(common + ["--output-model", str(tmp_path / "parent")]) == 2
+    assert "parent" in capsys.readouterr().err
+    assert main(common + ["--output-model", str(tmp_path / "out"), "--slices", "1-x"]) == 2
+    assert not (tmp_path / "out").exists()
+    # unknown labels may be dropped on request
+    assert main(common + ["--output-model", str(tmp_path / "out"), "--ignore-unknown-labels"]) == 0
+    assert (tmp_path / "out" / "delta.json").is_file()
+
+
+def test_evaluate_cli_checks_pairs(tmp_path, capsys):
+    tiny_model().save(tmp_path / "m")
+    img, seg = write_case(tmp_path, "a", 0, n_slices=2)
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--image", str(img), str(img),
+                 "--reference", str(seg), "--csv", str(tmp_path / "d.csv")]) == 2
+    assert "one reference per image" in capsys.readouterr().err
+    assert not (tmp_path / "d.csv").exists()
