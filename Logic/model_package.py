@@ -253,7 +253,8 @@ class ModelEntry:
     source: str  # "bundled" or "user"
 
 
-def _read_manifest(folder: Path) -> Manifest:
+def read_manifest(folder: Path) -> Manifest:
+    """The validated manifest of a package folder, without loading its weights."""
     manifest_path = folder / MANIFEST_NAME
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -271,7 +272,7 @@ def list_models(include_user: bool = True) -> list[ModelEntry]:
             continue
         for folder in sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()):
             try:
-                entries.append(ModelEntry(folder.name, folder, _read_manifest(folder), source))
+                entries.append(ModelEntry(folder.name, folder, read_manifest(folder), source))
             except ModelError:
                 if source == "bundled":
                     raise

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
-from ..errors import DafneError, ModelError
+from ..errors import DafneError
 from ..io import read_image, read_segmentation, resample_labels
 from ..labels import BUILTIN_TABLES, LabelTable
 from ..statistics import muscle_statistics, write_statistics_csv
@@ -29,13 +28,9 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
     """The label table named by ``--region``, or the one in a model's manifest (``--model``)."""
     if region is not None:
         return BUILTIN_TABLES[region]
-    from ..model_package import MANIFEST_NAME, Manifest, resolve_model_path
+    from ..model_package import read_manifest, resolve_model_path
 
-    manifest_path = resolve_model_path(model) / MANIFEST_NAME
-    try:
-        return Manifest.from_json(json.loads(manifest_path.read_text(encoding="utf-8")), str(manifest_path)).labels
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{manifest_path}: unreadable ({exc})") from exc
+    return read_manifest(resolve_model_path(model)).labels
 
 
 def run(args: argparse.Namespace) -> int:
