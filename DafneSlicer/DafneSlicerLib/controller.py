@@ -117,7 +117,7 @@ class DafneController:
                 log.error(status.details)
             self.view.show_error(status.error)
         else:
-            self._guarded(lambda: on_done(status.result))
+            self.guarded(lambda: on_done(status.result))
         return False
 
     def cancel(self) -> None:
@@ -125,7 +125,7 @@ class DafneController:
             self.job.cancel()
             self.view.set_progress(self.job.poll().fraction, "cancelling...")
 
-    def _guarded(self, action: Callable[[], Any]) -> Any:
+    def guarded(self, action: Callable[[], Any]) -> Any:
         """Run a step; a DafneError (or any failure) becomes one message and leaves the state as it was."""
         try:
             return action()
@@ -154,17 +154,17 @@ class DafneController:
             self.view.set_models([], None)
             self.view.set_status(f"Not installed yet: {', '.join(missing)}. Click Install (or Segment) to install.")
             return
-        self._guarded(lambda: self.view.set_models(self.segmentation.list_models(), selected))
+        self.guarded(lambda: self.view.set_models(self.segmentation.list_models(), selected))
 
     def install_dependencies(self) -> None:
-        if self._guarded(self.install.ensure):
+        if self.guarded(self.install.ensure):
             self.view.set_status("All required Python packages are installed.")
             self.refresh_models()
 
     # --- segment ----------------------------------------------------------------------------------
 
     def segment(self, volume_node: Any, model_name: str | None, device: str) -> None:
-        self._guarded(lambda: self._segment(volume_node, model_name, device))
+        self.guarded(lambda: self._segment(volume_node, model_name, device))
 
     def _segment(self, volume_node: Any, model_name: str | None, device: str) -> None:
         image = self.scene.image_of(volume_node)  # validates first: no install prompt for a bad input
@@ -207,7 +207,7 @@ class DafneController:
         def action():
             case = self._require_case()
             self.scene.open_segment_editor(case.segmentation_node, case.volume_node)
-        self._guarded(action)
+        self.guarded(action)
 
     def _corrected(self, case: Case):
         corrected = self.scene.labels_of(case.segmentation_node, case.volume_node, case.model.labels)
@@ -223,14 +223,14 @@ class DafneController:
             if corrected.unknown_names:
                 text += f" Ignored segments (not in the model's labels): {', '.join(corrected.unknown_names)}."
             self.view.set_review_summary(text)
-        self._guarded(action)
+        self.guarded(action)
 
     def mark_current_slice(self, reviewed: bool = True) -> None:
         def action():
             case = self._require_case()
             k = self.scene.current_slice(case.volume_node)
             self._mark(case, [k], reviewed)
-        self._guarded(action)
+        self.guarded(action)
 
     def mark_slices(self, text: str, reviewed: bool = True) -> None:
         def action():
@@ -241,7 +241,7 @@ class DafneController:
             if slices == "auto":
                 raise InputError("Give slice numbers like '3,5,10-14'.")
             self._mark(case, slices, reviewed)
-        self._guarded(action)
+        self.guarded(action)
 
     def _mark(self, case: Case, slices: list[int], reviewed: bool) -> None:
         try:
@@ -254,7 +254,7 @@ class DafneController:
     # --- improve ----------------------------------------------------------------------------------
 
     def improve(self) -> None:
-        self._guarded(self._improve)
+        self.guarded(self._improve)
 
     def _improve(self) -> None:
         case = self._require_case()
@@ -295,7 +295,7 @@ class DafneController:
             self.scene.show_statistics(case.statistics, f"{self.scene.node_name(case.volume_node)} muscle statistics")
             present = sum(1 for row in case.statistics if row["voxel_count"])
             self.view.set_status(f"Statistics of {present} muscles shown in the table.")
-        self._guarded(action)
+        self.guarded(action)
 
     def export_statistics(self, path: str) -> None:
         def action():
@@ -306,7 +306,7 @@ class DafneController:
                 raise InputError("Compute the statistics first.")
             write_statistics_csv(case.statistics, path)
             self.view.set_status(f"Statistics written to {path}.")
-        self._guarded(action)
+        self.guarded(action)
 
     # --- share ------------------------------------------------------------------------------------
 
@@ -316,7 +316,7 @@ class DafneController:
                 return
             self._run("Checking for updates", lambda progress, cancel: self.sync.pull(progress, cancel),
                       self._pulled)
-        self._guarded(action)
+        self.guarded(action)
 
     def _pulled(self, outcome) -> None:
         self.view.set_sync_status(outcome.message)
@@ -337,4 +337,4 @@ class DafneController:
                 self.view.set_sync_status(outcome.message)
 
             self._run("Contributing", lambda progress, cancel: self.sync.push(latest.path, progress, cancel), done)
-        self._guarded(action)
+        self.guarded(action)

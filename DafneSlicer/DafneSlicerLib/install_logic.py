@@ -43,7 +43,12 @@ def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[Requirement]:
 
 
 def is_satisfied(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> bool:
-    """Whether an installed distribution satisfies ``requirement`` (no import, no subprocess)."""
+    """Whether an installed distribution satisfies ``requirement`` (no import, no subprocess).
+
+    A requirement whose environment marker does not apply here (another OS) counts as satisfied.
+    """
+    if requirement.marker is not None and not requirement.marker.evaluate():
+        return True
     try:
         installed = version_of(requirement.name)
     except importlib.metadata.PackageNotFoundError:

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
-    from dafne_logic.finetune import FinetuneResult
+    from dafne_logic.finetune import FinetuneConfig, FinetuneResult
     from dafne_logic.model_package import ModelPackage
 
 
@@ -34,10 +34,13 @@ class LearningLogic:
     """Runs ``dafne_logic.finetune`` (on whatever thread calls it) and saves the result."""
 
     def finetune(self, model: "ModelPackage", image: sitk.Image, corrected: sitk.Image, slices: list[int],
-                 progress: ProgressCallback, cancel: CancelCheck) -> "FinetuneResult":
+                 progress: ProgressCallback, cancel: CancelCheck, config: "FinetuneConfig | None" = None,
+                 ) -> "FinetuneResult":
+        """Child of ``model`` trained on the k-slices ``slices`` of ``corrected`` (volume labels on ``image``)."""
         from dafne_logic.finetune import finetune_on_corrections
 
-        return finetune_on_corrections(model, image, corrected, slices=slices, progress=progress, cancel=cancel)
+        return finetune_on_corrections(model, image, corrected, slices=slices, progress=progress, cancel=cancel,
+                                       config=config)
 
     def save(self, result: "FinetuneResult") -> Improvement:
         """Write the child (package + delta) into the user model folder, where the registry lists it."""

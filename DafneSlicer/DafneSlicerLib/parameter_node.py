@@ -1,0 +1,23 @@
+"""The module's parameter node: what is saved with the scene and bound to widgets by name.
+
+Widgets carry a ``SlicerParameterName`` property in the .ui file (``inputVolume``, ``device``),
+so ``connectGui`` keeps them and the node in sync both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import slicer
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+
+from .segmentation_logic import DEVICES
+
+
+@parameterNodeWrapper
+class DafneSlicerParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLSegmentationNode
+    modelName: str = "thigh"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    statisticsTable: slicer.vtkMRMLTableNode

@@ -1,0 +1,103 @@
+"""Segment every MR volume of a folder inside Slicer, without the GUI.
+
+    Slicer --no-main-window --python-script batch_segment.py --model thigh INPUT_DIR OUTPUT_DIR
+
+Each NIfTI/NRRD/MHA file or DICOM series folder of INPUT_DIR becomes ``OUTPUT_DIR/<name>.seg.nrrd``
+(written by Slicer's segmentation storage node: named, coloured, coded segments), and all volumes'
+per-muscle statistics go to ``OUTPUT_DIR/statistics.csv``. The same as, outside Slicer:
+
+    dafne-slicer segment INPUT_DIR/* --model thigh -o OUTPUT_DIR --stats OUTPUT_DIR/statistics.csv
+
+Exit status: 0 all segmented, 1 some inputs failed (listed), 2 unusable arguments or missing packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+MODULE_DIR = Path(__file__).resolve().parents[1]  # DafneSlicer/ (dafne_logic is installed beside it)
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def find_inputs(folder: Path) -> list[Path]:
+    """Image files (not segmentations) and sub-folders (DICOM series) of ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() or (p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd")))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="batch_segment.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input_dir", type=Path)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--model", default="thigh", help="thigh, leg, or a user / pulled model name")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    import slicer
+
+    from dafne_logic.commands.segment import plan_outputs
+    from dafne_logic.errors import DafneError
+    from dafne_logic.io import read_image
+    from dafne_logic.statistics import muscle_statistics, write_statistics_csv
+    from DafneSlicer import DafneSlicerLogic
+    from DafneSlicerLib import mrml_conversion as mc
+
+    args = parse_args(argv)
+    if not args.input_dir.is_dir():
+        print(f"error: {args.input_dir} is not a folder", file=sys.stderr)
+        return 2
+    logic = DafneSlicerLogic()
+    missing = logic.install.missing()
+    if missing:
+        print(f"error: not installed in Slicer's Python: {', '.join(missing)}; open the DafneSlicer module once "
+              "and click Install dependencies", file=sys.stderr)
+        return 2
+    inputs = find_inputs(args.input_dir)
+    if not inputs:
+        print(f"error: no image files or DICOM folders in {args.input_dir}", file=sys.stderr)
+        return 2
+    try:
+        outputs = plan_outputs(inputs, args.output_dir, ".seg.nrrd")
+        model = logic.segmentation.load_model(args.model)
+    except DafneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    for source, target in zip(inputs, outputs):
+        began = time.monotonic()
+        volume = segmentation = None
+        try:
+            image = read_image(source)
+            volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", target.name.split(".")[0])
+            mc.update_volume_node_from_image(volume, image)
+            labels = logic.segmentation.segment(image, model, args.device, lambda f, m: None, lambda: False)
+            segmentation = mc.labels_to_segmentation(slicer.mrmlScene, labels, model.labels, volume, volume.GetName())
+            mc.save_segmentation(segmentation, str(target))
+            rows += [{"case": source.name, **row} for row in muscle_statistics(image, labels, model.labels)]
+            print(f"{source.name}: {target} ({time.monotonic() - began:.1f} s)")
+        except DafneError as exc:
+            failed.append(source.name)
+            print(f"{source.name}: FAILED: {exc}", file=sys.stderr)
+        finally:  # one case at a time in memory
+            for node in (segmentation, volume):
+                if node is not None:
+                    slicer.mrmlScene.RemoveNode(node)
+    if rows:
+        write_statistics_csv(rows, args.output_dir / "statistics.csv")
+    print(f"{len(inputs) - len(failed)} of {len(inputs)} volumes segmented into {args.output_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    import slicer
+
+    slicer.util.exit(main(sys.argv[1:]))
