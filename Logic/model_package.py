@@ -164,11 +164,7 @@ class ModelPackage:
         manifest_path = path / MANIFEST_NAME
         if not manifest_path.is_file():
             raise ModelError(f"{path}: no {MANIFEST_NAME}; not a model package folder")
-        try:
-            data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{manifest_path}: not valid JSON ({exc})") from exc
-        manifest = Manifest.from_json(data, source=str(manifest_path))
+        manifest = read_manifest(path)
         weights_path = path / WEIGHTS_NAME
         if not weights_path.is_file():
             raise ModelError(f"{path}: {WEIGHTS_NAME} is missing")
