@@ -115,8 +115,14 @@ def _mean(dice: dict[str, float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _json_dice(dice: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN (PostgreSQL refuses it): an undefined Dice is stored as null."""
+    return {k: None if math.isnan(v) else v for k, v in dice.items()}
+
+
 def _validation(dice: dict[str, float]) -> dict:
-    return {"dice": dice, "mean": _mean(dice)}
+    mean = _mean(dice)
+    return {"dice": _json_dice(dice), "mean": None if math.isnan(mean) else mean}
 
 
 def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | None) -> MergeOutcome:
@@ -150,6 +156,8 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
         updates.append(Update(row.id, delta, max(staleness, 0), row.n_slices))
 
     active_dice = active.validation.get("dice")
+    if active_dice is not None:
+        active_dice = {k: math.nan if v is None else v for k, v in active_dice.items()}
     if scorer is not None and active_dice is None:
         active_dice = scorer(base)
         with storage.session.begin() as session:  # a cache of the active version's score, not a change to it
@@ -202,7 +210,7 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
         session.add(MergeRun(family=family, started_at=started, finished_at=now(),
                              outcome="published" if version else "rejected",
                              version=version.number if version else None, update_ids=[r.id for r in rows],
-                             detail={"reason": reason, "rule": rule, "candidate_dice": dice,
+                             detail={"reason": reason, "rule": rule, "candidate_dice": _json_dice(dice),
                                      "rejected": refused}))
         session.get(MergeLease, family).force_requested = False
         audit(session, "merge-worker", "merge_published" if version else "merge_rejected", family,

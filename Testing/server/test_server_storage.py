@@ -1,0 +1,111 @@
+"""Storage, migrations, tokens and the merge lease on real SQLite and PostgreSQL (no HTTP)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from dafne_server.auth import authenticate, create_user, issue_token, revoke_token
+from dafne_server.blobs import BlobStore
+from dafne_server.config import ServerSettings
+from dafne_server.db import AuditEntry, Base, Family, User, Version
+from dafne_server.runner import prepare
+from dafne_server.worker import claim_lease, release_lease, renew_lease, LeaseLost
+
+
+@pytest.fixture
+def storage(tmp_path, database_url, tiny_leg):
+    st = prepare(ServerSettings(data_dir=str(tmp_path / "data"), database_url=database_url, lease_ttl_s=0.5))
+    with st.session.begin() as session:
+        st.add_family(session, "leg", tiny_leg, "test")
+    yield st
+    st.dispose()
+
+
+def test_migrations_match_the_models_and_are_idempotent(storage):
+    storage.migrate()  # second run: nothing to do
+    with storage.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_seed_version_is_stored_content_addressed_and_loads(storage, tiny_leg):
+    with storage.session() as session:
+        family = session.get(Family, "leg")
+        version = session.scalar(sa.select(Version).where(Version.family == "leg"))
+    assert family.active_version == 1 and version.number == 1 and version.source == "seed"
+    assert storage.blobs.path(version.weights_sha256).is_file()
+    package = storage.load_package(version)
+    assert package.manifest.name == "leg" and package.manifest.version == "1"
+    for name, tensor in tiny_leg.state_dict.items():
+        assert (package.state_dict[name] == tensor.float()).all()  # stored as float32: exact
+
+
+def test_duplicate_family_is_refused(storage, tiny_leg):
+    with pytest.raises(ValueError, match="already exists"), storage.session.begin() as session:
+        storage.add_family(session, "leg", tiny_leg, "test")
+    with pytest.raises(ValueError, match="family names"), storage.session.begin() as session:
+        storage.add_family(session, "Bad Name", tiny_leg, "test")
+
+
+def test_audit_log_is_append_only(storage):
+    with storage.session() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(AuditEntry)) >= 1
+    for statement in ("UPDATE audit_log SET actor = 'x'", "DELETE FROM audit_log"):
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"), storage.engine.begin() as conn:
+            conn.exec_driver_sql(statement)
+
+
+def test_tokens_hashed_scoped_revocable_and_expiring(storage):
+    with storage.session.begin() as session:
+        admin_token = create_user(session, "alice", admin=True)
+        contributor_token = create_user(session, "bob")
+        short_token = issue_token(session, session.scalar(sa.select(User).where(User.name == "bob")),
+                                  "contributor", expires_in_s=0.2)
+        with pytest.raises(ValueError, match="not an administrator"):
+            issue_token(session, session.scalar(sa.select(User).where(User.name == "bob")), "admin")
+    with storage.engine.connect() as conn:  # only digests are stored
+        stored = [row[0] for row in conn.exec_driver_sql("SELECT secret_sha256 FROM tokens")]
+    assert all(admin_token.split("_")[2] not in s for s in stored)
+    with storage.session() as session:
+        assert authenticate(session, f"Bearer {admin_token}").scope == "admin"
+        bob = authenticate(session, f"Bearer {contributor_token}")
+        assert bob.name == "bob" and bob.scope == "contributor"
+        wrong = contributor_token[:-4] + ("aaaa" if not contributor_token.endswith("aaaa") else "bbbb")
+        for header in (None, contributor_token, f"Basic {contributor_token}", f"Bearer {wrong}", "Bearer dft_999_x"):
+            assert authenticate(session, header) is None
+    time.sleep(0.3)
+    with storage.session.begin() as session:
+        assert authenticate(session, f"Bearer {short_token}") is None  # expired
+        assert revoke_token(session, bob.token_id, "test")
+        assert not revoke_token(session, bob.token_id, "test")
+    with storage.session() as session:
+        assert authenticate(session, f"Bearer {contributor_token}") is None
+
+
+def test_merge_lease_is_exclusive_expires_and_fences(storage):
+    assert claim_lease(storage, "leg", "worker-a")
+    assert not claim_lease(storage, "leg", "worker-b")  # held
+    time.sleep(0.6)  # ttl 0.5 s: a dead holder's lease expires
+    assert claim_lease(storage, "leg", "worker-b")
+    with pytest.raises(LeaseLost), storage.engine.begin() as conn:
+        renew_lease(conn, storage, "leg", "worker-a")  # the old holder can no longer publish
+    release_lease(storage, "leg", "worker-a")  # not the holder: no effect
+    assert not claim_lease(storage, "leg", "worker-a")
+    release_lease(storage, "leg", "worker-b")
+    assert claim_lease(storage, "leg", "worker-a")
+
+
+def test_blob_store_is_content_addressed_and_atomic(tmp_path):
+    blobs = BlobStore(tmp_path)
+    digest = blobs.put(b"abc")
+    assert blobs.put(b"abc") == digest and blobs.get(digest) == b"abc"
+    assert blobs.path(digest).parent.name == digest[:2]
+    stale = blobs.path(digest).parent / ".interrupted-write"
+    stale.write_bytes(b"partial")
+    assert blobs.sweep_temporaries(older_than_s=-1) == 1 and not stale.exists()
+    with pytest.raises(ValueError):
+        blobs.path("../../etc/passwd")

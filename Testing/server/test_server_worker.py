@@ -1,0 +1,150 @@
+"""The merge worker against a real database, with stub scorers (the gate's inputs) instead of inference."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+import sqlalchemy as sa
+import torch
+
+from dafne_logic.delta import encode_delta, make_delta
+from dafne_server.config import ServerSettings
+from dafne_server.db import Family, MergeLease, MergeRun, UpdateRow, User, Version
+from dafne_server.runner import prepare
+from dafne_server.validation import Case, make_scorer, score_model
+from dafne_server.worker import claim_lease, families_with_work, merge_family, run_once
+
+
+@pytest.fixture
+def storage(tmp_path, database_url, tiny_leg):
+    st = prepare(ServerSettings(data_dir=str(tmp_path / "data"), database_url=database_url))
+    with st.session.begin() as session:
+        st.add_family(session, "leg", tiny_leg, "test")
+        session.add(User(name="site"))
+    set_merge(st, buffer_size=3)
+    yield st
+    st.dispose()
+
+
+def buffer_update(storage, base, scale: float, n_slices: int = 10, parent: int = 1, seed: int = 0) -> str:
+    """Store a delta ``scale · noise`` directly as a buffered update (the API's job, tested elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    child = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    blob = encode_delta(make_delta(base, child))
+    sha = storage.blobs.put(blob)
+    with storage.session.begin() as session:
+        user = session.scalar(sa.select(User).where(User.name == "site"))
+        row = UpdateRow(id=uuid.uuid4().hex, family="leg", user_id=user.id, idempotency_key=uuid.uuid4().hex,
+                        parent_version=parent, n_slices=n_slices, client_dice={}, client_version="", blob_sha256=sha,
+                        blob_size=len(blob), norm=0.0, status="buffered", reason="")
+        session.add(row)
+    return row.id
+
+
+def statuses(storage) -> dict[str, tuple[str, int | None, str]]:
+    with storage.session() as session:
+        return {r.id: (r.status, r.merged_into, r.reason) for r in session.scalars(sa.select(UpdateRow))}
+
+
+def distance_scorer(seed_state):
+    """Dice that falls as the first convolution moves away from the seed weights."""
+    def scorer(model):
+        distance = float((model.state_dict["model.0.conv.weight"] - seed_state["model.0.conv.weight"]).abs().mean())
+        return {"right soleus": 0.8 - distance, "left soleus": 0.7 - distance / 2}
+    return scorer
+
+
+def set_merge(storage, **changes) -> None:
+    with storage.session.begin() as session:
+        fam = session.get(Family, "leg")
+        fam.merge_settings = {**fam.merge_settings, **changes}
+
+
+def test_buffer_of_k_is_merged_and_published(storage, tiny_leg):
+    ids = [buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i) for i in range(2)]
+    assert families_with_work(storage) == []  # 2 < K = 3
+    ids.append(buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=9))
+    assert families_with_work(storage) == ["leg"]
+    outcomes = run_once(storage, "w1", lambda family, region: (lambda model: {"a": 0.5, "b": 0.6}))
+    assert [o.outcome for o in outcomes] == ["published"] and outcomes[0].version == 2
+    assert all(statuses(storage)[i][:2] == ("merged", 2) for i in ids)
+    with storage.session() as session:
+        version = session.scalar(sa.select(Version).where(Version.number == 2))
+        assert session.get(Family, "leg").active_version == 2
+        assert version.parent_number == 1 and version.validation["mean"] == pytest.approx(0.55)
+        assert version.manifest["provenance"]["merged_updates"] == ids
+        assert session.get(MergeLease, "leg").holder is None  # released
+    merged = storage.load_package(version).state_dict
+    assert any(not torch.equal(merged[k], tiny_leg.state_dict[k]) for k in merged)
+
+
+def test_worse_candidate_drops_worst_contributor_then_publishes(storage, tiny_leg):
+    set_merge(storage, robust_rule="mean", clip_norm=1e6)  # let the bad update through the first attempt
+    good = [buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i) for i in range(2)]
+    bad = buffer_update(storage, tiny_leg.state_dict, 0.5, seed=7)
+    scorer = distance_scorer(tiny_leg.state_dict)
+
+    outcome = merge_family(storage, "leg", "w", scorer) if claim_lease(storage, "leg", "w") else None
+    assert outcome.outcome == "published" and outcome.rejected == [bad]
+    s = statuses(storage)
+    assert s[bad][0] == "rejected" and "most divergent" in s[bad][2]
+    assert all(s[i][:2] == ("merged", 2) for i in good)
+
+
+def test_candidate_still_worse_after_retry_rejects_the_batch(storage, tiny_leg):
+    ids = [buffer_update(storage, tiny_leg.state_dict, 0.3, seed=i) for i in range(3)]
+    scorer = distance_scorer(tiny_leg.state_dict)
+
+    assert claim_lease(storage, "leg", "w")
+    outcome = merge_family(storage, "leg", "w", scorer)
+    assert outcome.outcome == "rejected" and outcome.version is None
+    s = statuses(storage)
+    assert all(s[i][0] == "rejected" for i in ids) and any("mean Dice" in s[i][2] for i in ids)
+    with storage.session() as session:
+        assert session.get(Family, "leg").active_version == 1
+        assert session.scalar(sa.select(sa.func.count()).select_from(Version)) == 1
+        run = session.scalar(sa.select(MergeRun))
+        assert run.outcome == "rejected" and sorted(run.update_ids) == sorted(ids)
+
+
+def test_stale_updates_are_rejected_and_forced_merge_takes_fewer_than_k(storage, tiny_leg):
+    set_merge(storage, max_staleness=0)
+    with storage.session.begin() as session:
+        fam = session.get(Family, "leg")
+        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
+                            tiny_leg.state_dict, 1, "admin", {}, {})
+    stale = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=1)
+    fresh = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2, seed=3)
+    assert families_with_work(storage) == []
+    with storage.session.begin() as session:
+        session.get(MergeLease, "leg").force_requested = True
+    outcomes = run_once(storage, "w", lambda family, region: None)  # validation disabled
+    assert outcomes[0].outcome == "published" and outcomes[0].version == 3
+    s = statuses(storage)
+    assert s[stale][0] == "rejected" and "stale" in s[stale][2]
+    assert s[fresh][:2] == ("merged", 3)
+    with storage.session() as session:
+        assert not session.get(MergeLease, "leg").force_requested
+
+
+def test_lease_held_elsewhere_means_no_merge(storage, tiny_leg):
+    for i in range(3):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
+    assert claim_lease(storage, "leg", "other-worker")
+    assert run_once(storage, "me", lambda family, region: None) == []
+    assert {s for s, _, _ in statuses(storage).values()} == {"buffered"}
+
+
+def test_score_model_averages_dice_over_cases_per_label(tiny_leg):
+    import numpy as np
+    import SimpleITK as sitk
+
+    ref = np.zeros((2, 4, 4), np.uint8)
+    ref[:, :2] = 1  # right soleus everywhere on the top half
+    cases = [Case("a", sitk.GetImageFromArray(ref.astype(np.float32)), sitk.GetImageFromArray(ref))] * 2
+    perfect = score_model(tiny_leg, cases, lambda image, model: sitk.Cast(image, sitk.sitkUInt8))
+    assert perfect["right soleus"] == 1.0 and math.isnan(perfect["left soleus"])
+    empty = make_scorer(cases, lambda image, model: sitk.Image(image.GetSize(), sitk.sitkUInt8))(tiny_leg)
+    assert empty["right soleus"] == 0.0
