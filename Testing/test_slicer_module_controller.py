@@ -1,0 +1,591 @@
+"""The module's controller and logic objects with the slow or Slicer-only parts replaced by small fakes.
+
+The fakes stand in for MRML (``SceneAdapter``), the network (segmentation/learning/sync) and Slicer's
+installers; jobs run on real threads, statistics and CSV export use the real ``dafne_logic`` code.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DafneSlicer"))
+
+from DafneSlicerLib.controller import DafneController  # noqa: E402
+from DafneSlicerLib.install_logic import NEVER_INSTALL, DependencyError, InstallLogic, is_satisfied, read_requirements  # noqa: E402
+from DafneSlicerLib.jobs import BackgroundJob  # noqa: E402
+from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows  # noqa: E402
+from DafneSlicerLib.review import ReviewTracker, format_slices  # noqa: E402
+from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
+from DafneSlicerLib.sync_logic import WHAT_IS_SENT, SyncError, SyncLogic, SyncSettings  # noqa: E402
+from packaging.requirements import Requirement  # noqa: E402
+
+from dafne_logic.errors import Cancelled, InputError, ModelError  # noqa: E402
+from dafne_logic.labels import LEG  # noqa: E402
+
+SHAPE = (5, 12, 16)
+
+
+# --- fakes ---------------------------------------------------------------------------------------
+
+
+class FakeView:
+    def __init__(self):
+        self.statuses, self.errors, self.busy, self.models, self.summaries, self.dice, self.sync = [], [], [], [], [], [], []
+        self.progress = []
+
+    def set_status(self, message):
+        self.statuses.append(message)
+
+    def show_error(self, message):
+        self.errors.append(message)
+
+    def set_busy(self, task):
+        self.busy.append(task)
+
+    def set_progress(self, fraction, message):
+        self.progress.append((fraction, message))
+
+    def set_models(self, choices, selected):
+        self.models.append(([c.name for c in choices], selected))
+
+    def set_review_summary(self, text):
+        self.summaries.append(text)
+
+    def show_dice(self, rows):
+        self.dice.append(rows)
+
+    def set_sync_status(self, text):
+        self.sync.append(text)
+
+
+@dataclass
+class Node:
+    name: str
+    image: sitk.Image | None = None  # volumes
+    labels: np.ndarray | None = None  # segmentations: what the user sees now
+    present: bool = True
+
+
+class FakeScene:
+    """Nodes are plain objects; a segmentation is its label array (real MRML is tested with slicer-core)."""
+
+    def __init__(self):
+        self.shown, self.tables, self.editor = [], [], None
+        self.slice_shown = 0
+
+    def image_of(self, node):
+        if node is None:
+            raise InputError("Select an input volume first.")
+        return node.image
+
+    def node_name(self, node):
+        return node.name
+
+    def node_exists(self, node):
+        return node is not None and node.present
+
+    def show_labels(self, labels, table, volume_node, name, segmentation_node):
+        node = segmentation_node or Node(name)
+        node.labels = sitk.GetArrayFromImage(labels)
+        self.shown.append((name, segmentation_node is not None))
+        return node
+
+    def labels_of(self, segmentation_node, volume_node, table):
+        image = sitk.GetImageFromArray(segmentation_node.labels)
+        image.CopyInformation(volume_node.image)
+        return SimpleNamespace(labels=image, unknown_names=("tumour",), missing_names=())
+
+    def open_segment_editor(self, segmentation_node, volume_node):
+        self.editor = (segmentation_node, volume_node)
+
+    def current_slice(self, volume_node):
+        return self.slice_shown
+
+    def show_statistics(self, rows, name):
+        self.tables.append((name, rows))
+
+
+def _automatic_labels() -> np.ndarray:
+    array = np.zeros(SHAPE, np.uint8)
+    array[:, 2:6, 2:6] = LEG.value_of(1, "right")
+    array[:, 2:6, 10:14] = LEG.value_of(1, "left")
+    return array
+
+
+class FakeModel:
+    def __init__(self, name="leg", version="1"):
+        self.labels = LEG
+        self.manifest = SimpleNamespace(name=name, version=version, parent_version=None)
+
+
+class FakeSegmentation:
+    def __init__(self):
+        self.calls, self.block, self.fail = [], None, None
+
+    def list_models(self):
+        return [ModelChoice("leg", "leg 1 (bundled)", "1", "bundled", tuple(l.name for l in LEG.volume_labels()))]
+
+    def load_model(self, name):
+        if name == "broken":
+            raise ModelError("model 'broken': weights do not match the manifest")
+        return FakeModel(name)
+
+    def segment(self, image, model, device, progress, cancel):
+        self.calls.append(device)
+        progress(0.5, "segmenting")
+        if self.fail is not None:
+            raise self.fail
+        if self.block is not None:  # wait until cancelled, like a long inference would
+            while not cancel():
+                self.block.wait(0.01)
+            raise Cancelled("segmentation cancelled; nothing was written")
+        labels = sitk.GetImageFromArray(_automatic_labels())
+        labels.CopyInformation(image)
+        return labels
+
+
+class FakeLearning(LearningLogic):
+    def __init__(self):
+        self.finetuned = []
+
+    def finetune(self, model, image, corrected, slices, progress, cancel, config=None):
+        self.finetuned.append((slices, sitk.GetArrayFromImage(corrected)))
+        return SimpleNamespace(model=FakeModel(version="1.local-abc"))
+
+    def save(self, result):
+        return Improvement("leg-1.local-abc", Path("/models/leg-1.local-abc"), "1.local-abc", "1", 2,
+                           {"right soleus": 0.8, "left soleus": math.nan}, {"right soleus": 0.9, "left soleus": math.nan})
+
+
+class FakeInstall:
+    def __init__(self, missing=(), agree=True):
+        self._missing, self.agree, self.asked = list(missing), agree, 0
+
+    def missing(self):
+        return list(self._missing)
+
+    def ensure(self):
+        if not self._missing:
+            return True
+        self.asked += 1
+        if self.agree:
+            self._missing = []
+        return self.agree
+
+
+class DictSettings(dict):
+    def value(self, key, default=None):
+        return self.get(key, default)
+
+    def setValue(self, key, value):  # noqa: N802 - Qt's name
+        self[key] = value
+
+
+def _volume() -> Node:
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, SHAPE).astype(np.float32))
+    image.SetSpacing((0.8, 0.8, 5.0))
+    return Node("calf", image=image)
+
+
+def _controller(**overrides):
+    parts = dict(view=FakeView(), scene=FakeScene(), install=FakeInstall(), segmentation=FakeSegmentation(),
+                 learning=FakeLearning(), sync=SyncLogic(DictSettings()))
+    parts.update(overrides)
+    return DafneController(**parts), parts
+
+
+def _finish(controller) -> None:
+    assert controller.job is not None
+    status = controller.job.wait(10)
+    assert status.done
+    assert controller.poll() is False
+
+
+def _segmented():
+    controller, parts = _controller()
+    volume = _volume()
+    controller.segment(volume, "leg", "cpu")
+    _finish(controller)
+    return controller, parts, volume
+
+
+# --- segment -------------------------------------------------------------------------------------
+
+
+def test_segment_runs_in_background_then_shows_a_named_segmentation():
+    controller, parts = _controller()
+    volume = _volume()
+    controller.segment(volume, "leg", "cpu")
+    assert controller.busy and parts["view"].busy == ["Segmenting"]
+    assert parts["scene"].shown == []  # nothing in the scene until the job finished
+    _finish(controller)
+    view = parts["view"]
+    assert view.busy == ["Segmenting", None] and not view.errors
+    assert parts["scene"].shown == [("calf segmentation", False)]
+    assert parts["segmentation"].calls == ["cpu"]
+    assert "2 of 12 muscles found" in view.statuses[-1]
+    assert view.summaries[-1] == "Changed slices: none. Reviewed: none."
+    assert controller.case.model_name == "leg"
+
+
+def test_segmenting_again_replaces_the_same_segmentation_node():
+    controller, parts, volume = _segmented()
+    first = controller.case.segmentation_node
+    controller.segment(volume, "leg", "auto")
+    _finish(controller)
+    assert controller.case.segmentation_node is first
+    assert parts["scene"].shown[-1] == ("calf segmentation", True)
+
+
+@pytest.mark.parametrize("volume, model, message", [
+    (None, "leg", "Select an input volume first."),
+    ("volume", None, "Select a model first."),
+    ("volume", "broken", "model 'broken': weights do not match the manifest"),
+])
+def test_bad_segment_input_is_one_message_and_no_job(volume, model, message):
+    controller, parts = _controller()
+    controller.segment(_volume() if volume else None, model, "auto")
+    assert parts["view"].errors == [message]
+    assert controller.job is None and parts["scene"].shown == [] and controller.case is None
+
+
+def test_declined_installation_changes_nothing():
+    install = FakeInstall(missing=["torch>=2.4"], agree=False)
+    controller, parts = _controller(install=install)
+    controller.segment(_volume(), "leg", "auto")
+    assert install.asked == 1 and controller.job is None
+    assert "not installed" in parts["view"].statuses[-1]
+    controller.refresh_models()
+    assert parts["view"].models[-1] == ([], None)  # no model list without torch, and a hint
+    assert "Click Install" in parts["view"].statuses[-1]
+
+
+def test_installation_on_first_use_then_segment():
+    install = FakeInstall(missing=["torch>=2.4"], agree=True)
+    controller, parts = _controller(install=install)
+    controller.segment(_volume(), "leg", "auto")
+    _finish(controller)
+    assert install.asked == 1 and parts["scene"].shown
+
+
+def test_cancel_stops_the_job_and_leaves_the_scene_untouched():
+    segmentation = FakeSegmentation()
+    segmentation.block = threading.Event()
+    controller, parts = _controller(segmentation=segmentation)
+    controller.segment(_volume(), "leg", "auto")
+    controller.cancel()
+    _finish(controller)
+    assert parts["scene"].shown == [] and controller.case is None and not parts["view"].errors
+    assert "cancelled" in parts["view"].statuses[-1]
+    assert parts["view"].busy[-1] is None
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (InputError("the volume holds no legs"), "the volume holds no legs"),
+    (RuntimeError("CUDA out of memory\nmore"), "Segmenting failed: CUDA out of memory"),
+])
+def test_failures_in_the_worker_become_one_message(failure, expected):
+    segmentation = FakeSegmentation()
+    segmentation.fail = failure
+    controller, parts = _controller(segmentation=segmentation)
+    controller.segment(_volume(), "leg", "auto")
+    _finish(controller)
+    assert parts["view"].errors == [expected] and parts["scene"].shown == []
+
+
+def test_second_task_while_busy_is_refused():
+    segmentation = FakeSegmentation()
+    segmentation.block = threading.Event()
+    controller, parts = _controller(segmentation=segmentation)
+    controller.segment(_volume(), "leg", "auto")
+    controller.segment(_volume(), "leg", "auto")
+    assert "Wait for the running task" in parts["view"].statuses[-1]
+    controller.cancel()
+    _finish(controller)
+
+
+# --- correct, review, improve --------------------------------------------------------------------
+
+
+def test_edits_and_reviewed_slices_drive_improve():
+    controller, parts, volume = _segmented()
+    case = controller.case
+    controller.open_editor()
+    assert parts["scene"].editor == (case.segmentation_node, volume)
+
+    case.segmentation_node.labels[2, 7:9, 7:9] = LEG.value_of(2, "right")  # the user paints on slice 2
+    controller.update_review()
+    assert parts["view"].summaries[-1].startswith("Changed slices: 2. Reviewed: none.")
+    assert "Ignored segments (not in the model's labels): tumour." in parts["view"].summaries[-1]
+    parts["scene"].slice_shown = 4
+    controller.mark_current_slice()
+    controller.mark_slices("0-1")
+    controller.mark_slices("1", reviewed=False)
+    assert parts["view"].summaries[-1].startswith("Changed slices: 2. Reviewed: 0, 4.")
+
+    controller.improve()
+    _finish(controller)
+    slices, corrected = parts["learning"].finetuned[0]
+    assert slices == [0, 2, 4]
+    np.testing.assert_array_equal(corrected, case.segmentation_node.labels)
+    view = parts["view"]
+    assert view.dice[-1] == [{"muscle": "right soleus", "dice_automatic": 0.8, "dice_improved": 0.9}]
+    assert view.models[-1] == (["leg"], "leg-1.local-abc")  # the improved version is selected
+    assert "0.800 -> 0.900" in view.statuses[-1] and not view.errors
+    assert case.model_name == "leg-1.local-abc"
+
+
+def test_improve_without_corrections_or_case_explains_what_to_do():
+    controller, parts = _controller()
+    controller.improve()
+    assert parts["view"].errors == ["Segment a volume first."]
+    controller, parts, _ = _segmented()
+    controller.improve()
+    assert parts["view"].errors[-1].startswith("No corrected or reviewed slices yet")
+    assert controller.job is None
+
+
+def test_bad_slice_marks_are_refused():
+    controller, parts, _ = _segmented()
+    controller.mark_slices("3-1")
+    controller.mark_slices("9")
+    controller.mark_slices("auto")
+    assert len(parts["view"].errors) == 3
+    assert "outside 0-4" in parts["view"].errors[1]
+    assert controller.case.tracker.reviewed == set()
+
+
+def test_removed_segmentation_ends_the_case():
+    controller, parts, _ = _segmented()
+    controller.case.segmentation_node.present = False
+    controller.open_editor()
+    assert parts["view"].errors == ["Segment a volume first."] and controller.case is None
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_statistics_table_and_csv_export(tmp_path):
+    controller, parts, volume = _segmented()
+    controller.export_statistics(str(tmp_path / "early.csv"))
+    assert parts["view"].errors == ["Compute the statistics first."]
+    controller.statistics()
+    name, rows = parts["scene"].tables[-1]
+    assert name == "calf muscle statistics" and len(rows) == 12
+    soleus = next(r for r in rows if r["name"] == "right soleus")
+    assert soleus["voxel_count"] == 5 * 4 * 4
+    assert soleus["volume_ml"] == pytest.approx(80 * 0.8 * 0.8 * 5.0 / 1000)
+    controller.export_statistics(str(tmp_path / "stats.csv"))
+    with open(tmp_path / "stats.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 12 and written[0]["name"] == "right soleus"
+
+
+# --- share ---------------------------------------------------------------------------------------
+
+
+def test_contribute_needs_an_improvement_and_opt_in():
+    controller, parts, _ = _segmented()
+    controller.contribute()
+    assert parts["view"].errors[-1].startswith("Nothing to contribute yet")
+    controller.case.segmentation_node.labels[1] = 0
+    controller.improve()
+    _finish(controller)
+    controller.contribute()
+    _finish(controller)
+    assert parts["view"].errors[-1] == "Sharing is off: tick 'Share my improvements' first (nothing was sent)."
+
+
+class FakeClient:
+    pushed: list = []
+
+    def __init__(self, url, token):
+        self.url, self.token = url, token
+
+    def pull(self, progress, cancel):
+        return [SimpleNamespace(name="leg-2", version="2")]
+
+    def push(self, model_dir, progress, cancel):
+        FakeClient.pushed.append((self.url, self.token, Path(model_dir).name))
+        return "accepted as update 7"
+
+
+def test_pull_and_push_go_through_the_client_once_opted_in(monkeypatch):
+    import dafne_logic
+
+    monkeypatch.setattr(dafne_logic, "federated_client", SimpleNamespace(FederatedClient=FakeClient), raising=False)
+    monkeypatch.setitem(sys.modules, "dafne_logic.federated_client", dafne_logic.federated_client)
+    controller, parts, _ = _segmented()
+    controller.sync.save(SyncSettings(True, "https://dafne.example.org", " secret "))
+    controller.check_for_updates()
+    _finish(controller)
+    assert parts["view"].sync[-1] == "Downloaded leg-2 2." and parts["view"].models[-1][1] == "leg-2"
+    controller.case.segmentation_node.labels[1] = 0
+    controller.improve()
+    _finish(controller)
+    controller.contribute()
+    _finish(controller)
+    assert FakeClient.pushed == [("https://dafne.example.org", "secret", "leg-1.local-abc")]
+    assert parts["view"].sync[-1] == "Contributed leg-1.local-abc: accepted as update 7."
+    controller.contribute()  # the same version is not sent twice
+    assert parts["view"].errors[-1].startswith("Nothing to contribute yet")
+
+
+def test_share_settings_default_off_and_validate_the_url():
+    store = DictSettings()
+    sync = SyncLogic(store)
+    assert sync.load() == SyncSettings(False, "", "")
+    with pytest.raises(SyncError, match="https://"):
+        sync.save(SyncSettings(True, "http://dafne.example.org", "t"))
+    sync.save(SyncSettings(True, "http://localhost:8000", "t"))
+    store["DafneSlicer/Share/OptedIn"] = "true"  # what QSettings returns from an ini file
+    assert sync.load() == SyncSettings(True, "http://localhost:8000", "t")
+    with pytest.raises(SyncError, match="server URL and your token"):
+        SyncLogic(DictSettings({"DafneSlicer/Share/OptedIn": True}))._client()
+    assert "never leave this computer" in WHAT_IS_SENT and "Nothing is sent while the box is unticked" in WHAT_IS_SENT
+
+
+# --- install logic -------------------------------------------------------------------------------
+
+
+@dataclass
+class FakePackaging:
+    agree: bool = True
+    torch: bool = False
+    fail: Exception | None = None
+    installed: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+
+    def confirm(self, question):
+        self.calls.append(("confirm", question))
+        return self.agree
+
+    def torch_installed(self):
+        return self.torch
+
+    def install_torch(self, version_requirement):
+        self.calls.append(("torch", version_requirement))
+        self.torch = True
+        return True
+
+    def pip_install(self, requirements, skip):
+        self.calls.append(("pip", [str(r) for r in requirements], skip))
+        if self.fail:
+            raise self.fail
+        self.installed.update({r.name: "1.5.2" for r in requirements})
+
+    def version_of(self, name):
+        import importlib.metadata
+
+        if name in self.installed:
+            return self.installed[name]
+        raise importlib.metadata.PackageNotFoundError(name)
+
+
+def _install(packaging):
+    return InstallLogic(packaging, [Requirement("monai>=1.5,<1.6"), Requirement("colorama; platform_system == 'Nope'")],
+                        version_of=packaging.version_of)
+
+
+def test_install_asks_once_then_installs_torch_and_pip_packages_without_slicers_own():
+    packaging = FakePackaging()
+    install = _install(packaging)
+    assert install.missing() == ["torch>=2.4", "monai<1.6,>=1.5"]
+    assert install.ensure() is True
+    kinds = [c[0] for c in packaging.calls]
+    assert kinds == ["confirm", "torch", "pip"]
+    assert "torch>=2.4" in packaging.calls[0][1] and "numpy" in packaging.calls[0][1]
+    assert packaging.calls[2][1] == ["monai<1.6,>=1.5"] and packaging.calls[2][2] == NEVER_INSTALL
+    assert set(NEVER_INSTALL) >= {"numpy", "vtk", "SimpleITK", "pydicom", "requests", "torch"}
+    assert install.missing() == [] and install.ensure() is True and len(packaging.calls) == 3  # no second prompt
+
+
+def test_install_declined_or_offline():
+    packaging = FakePackaging(agree=False)
+    assert _install(packaging).ensure() is False and [c[0] for c in packaging.calls] == ["confirm"]
+    offline = FakePackaging(fail=OSError("Could not fetch URL https://pypi.org/simple/monai/: connection error"))
+    with pytest.raises(DependencyError, match="Check the internet connection .* click again to retry"):
+        _install(offline).ensure()
+
+
+def test_requirements_file_and_version_checks():
+    requirements = read_requirements()
+    assert any(r.name == "monai" for r in requirements)
+    assert is_satisfied(Requirement("packaging>=1"))
+    assert not is_satisfied(Requirement("packaging>=999"))
+    assert not is_satisfied(Requirement("surely-not-installed-dafne-package"))
+    assert is_satisfied(Requirement("anything; platform_system == 'Nope'"))
+
+
+# --- review, jobs, learning ----------------------------------------------------------------------
+
+
+def test_review_tracker_and_slice_ranges():
+    automatic = _automatic_labels()
+    tracker = ReviewTracker(automatic)
+    current = automatic.copy()
+    current[3, 0, 0] = 1
+    current[4, 0, 0] = 1
+    assert tracker.changed_slices(current) == [3, 4]
+    tracker.mark_reviewed([0, 1])
+    assert tracker.training_slices(current) == [0, 1, 3, 4]
+    assert tracker.summary(current) == "Changed slices: 3-4. Reviewed: 0-1."
+    with pytest.raises(ValueError, match="outside 0-4"):
+        tracker.mark_reviewed([5])
+    with pytest.raises(ValueError, match="do not match"):
+        tracker.changed_slices(current[:2])
+    assert format_slices([9, 1, 2, 3, 7, 10]) == "1-3, 7, 9-10" and format_slices([]) == "none"
+
+
+def test_background_job_result_progress_and_cancel():
+    job = BackgroundJob("adding", lambda progress, cancel: (progress(0.5, "half"), 42)[1]).start()
+    status = job.wait(5)
+    assert status.done and status.result == 42 and status.error is None
+    gate = threading.Event()
+
+    def slow(progress, cancel):
+        progress(0.3, "working")
+        gate.set()
+        while not cancel():
+            threading.Event().wait(0.01)
+        return "ignored"
+
+    job = BackgroundJob("slow", slow).start()
+    gate.wait(5)
+    assert job.poll().message == "working" and not job.poll().done
+    job.cancel()
+    status = job.wait(5)
+    assert status.cancelled and status.result is None and status.fraction == pytest.approx(0.3)
+
+
+def test_dice_rows_skip_labels_absent_from_both():
+    improvement = Improvement("m", Path("m"), "1.local-x", "1", 3, {"a": 0.5, "b": math.nan}, {"a": 0.75, "b": math.nan})
+    assert dice_rows(improvement) == [{"muscle": "a", "dice_automatic": 0.5, "dice_improved": 0.75}]
+
+
+def test_learning_save_names_the_child_after_family_and_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAFNE_SLICER_HOME", str(tmp_path))
+    saved = []
+
+    class Result:
+        model = SimpleNamespace(manifest=SimpleNamespace(name="thigh", version="3.local-1a2b3c4d", parent_version="3"))
+        report = {"n_slices": 4, "dice_before": {"right sartorius": 0.7}, "dice_after": {"right sartorius": 0.8}}
+
+        def save(self, path):
+            saved.append(path)
+            return path
+
+    improvement = LearningLogic().save(Result())
+    assert improvement.model_name == "thigh-3.local-1a2b3c4d"
+    assert saved == [tmp_path / "models" / "thigh-3.local-1a2b3c4d"]
+    assert (improvement.parent_version, improvement.n_slices) == ("3", 4)
