@@ -32,13 +32,26 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def strided_sample(values: np.ndarray, limit: int = MAX_SAMPLES) -> np.ndarray:
-    """At most about ``limit`` values of a flattened array, evenly strided (deterministic)."""
+    """At most about ``limit`` voxels of a (z, y, x) array, evenly strided (deterministic).
+
+    The stride is coprime with the slice size, so the samples visit every in-plane position
+    rather than a few columns.
+    """
     flat = values.reshape(-1)
-    return flat[:: max(1, flat.size // limit)]
+    stride = max(1, flat.size // limit)
+    plane = int(np.prod(values.shape[-2:]))
+    while np.gcd(stride, plane) != 1:
+        stride += 1
+    return flat[::stride]
 
 
 def body_mask(volume: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray:
     """Voxels inside the body.
+
+    The work happens on a grid decimated in-plane to at most ``SMOOTHING_MM`` pixels (the Gaussian
+    is its anti-aliasing filter), a few slices at a time, so large volumes cost little memory; the
+    result comes back at full resolution by nearest neighbour (edges within about 1 mm are plenty
+    for bounding boxes with margins and for intensity statistics).
 
     Args:
         volume: (z, y, x) float32 image.
@@ -48,8 +61,8 @@ def body_mask(volume: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray
         (z, y, x) bool mask: thresholded, holes filled per slice, components smaller than
         ``MIN_COMPONENT_FRACTION`` of the largest removed.
     """
-    sigma = (0.0, SMOOTHING_MM / spacing_yx[0], SMOOTHING_MM / spacing_yx[1])
-    smooth = ndimage.gaussian_filter(volume, sigma, output=np.float32)
+    steps = [max(1, int(SMOOTHING_MM // s)) for s in spacing_yx]
+    smooth = _smooth_decimated(volume, spacing_yx, steps)
     low = float(smooth.min())
     span = float(smooth.max()) - low
     if not span > 0:
@@ -60,8 +73,7 @@ def body_mask(volume: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetNumberOfHistogramBins(256)
     otsu.Execute(sitk.GetImageFromArray(logs.reshape(1, -1)))
-    threshold = low - floor + float(np.exp(otsu.GetThreshold()))
-    mask = smooth > threshold
+    mask = smooth > low - floor + float(np.exp(otsu.GetThreshold()))
     del smooth
     mask = ndimage.binary_fill_holes(mask, structure=_IN_PLANE)
     components, count = ndimage.label(mask)
@@ -71,7 +83,23 @@ def body_mask(volume: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray
     sizes[0] = 0
     keep = sizes >= MIN_COMPONENT_FRACTION * sizes.max()
     keep[0] = False
-    return keep[components]
+    mask = keep[components]
+    del components
+    rows = np.minimum(np.rint(np.arange(volume.shape[1]) / steps[0]).astype(np.intp), mask.shape[1] - 1)
+    cols = np.minimum(np.rint(np.arange(volume.shape[2]) / steps[1]).astype(np.intp), mask.shape[2] - 1)
+    return mask[:, rows][:, :, cols]
+
+
+def _smooth_decimated(volume: np.ndarray, spacing_yx: tuple[float, float], steps: list[int]) -> np.ndarray:
+    """In-plane Gaussian (``SMOOTHING_MM``) of a (z, y, x) volume, keeping every ``steps``-th row and column."""
+    height, width = (-(-n // f) for n, f in zip(volume.shape[1:], steps))
+    out = np.empty((volume.shape[0], height, width), dtype=np.float32)
+    chunk = max(1, MAX_SAMPLES // (volume.shape[1] * volume.shape[2]))
+    for z0 in range(0, volume.shape[0], chunk):
+        part = ndimage.gaussian_filter1d(volume[z0 : z0 + chunk], SMOOTHING_MM / spacing_yx[0], axis=1, output=np.float32)
+        part = ndimage.gaussian_filter1d(part[:, :: steps[0]], SMOOTHING_MM / spacing_yx[1], axis=2, output=np.float32)
+        out[z0 : z0 + chunk] = part[:, :, :: steps[1]]
+    return out
 
 
 def find_legs(body: np.ndarray, spacing_yx: tuple[float, float]) -> list[np.ndarray]:

@@ -37,7 +37,7 @@ from .model_package import PreprocessingParams
 CANONICAL_ORIENTATION = "LPS"
 NORMALISED_RANGE = (-0.1, 1.1)  # normalised intensities are clipped a little beyond [0, 1]
 GEOMETRY_TOLERANCE = 1e-4  # relative tolerance when checking that labels share the image grid
-RESTORE_CHUNK_ELEMENTS = 4_000_000  # canonical pixels (slices × box) resampled at once on restore
+RESTORE_CHUNK_ELEMENTS = 16_000_000  # float32 values (slices × classes × plane) resampled at once on restore
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,12 @@ def prepare_volume(
     if single_leg_side is not None and single_leg_side not in SIDES:
         raise ValueError(f"single_leg_side must be one of {SIDES}, not {single_leg_side!r}")
     oriented = canonical(image)
-    volume = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)
-    if not np.isfinite(volume).all():
+    if oriented.GetPixelID() == sitk.sitkFloat32:
+        volume = sitk.GetArrayViewFromImage(oriented)  # no copy: ``oriented`` outlives every use
+    else:
+        volume = sitk.GetArrayFromImage(oriented).astype(np.float32)
+    # A float64 sum of float32 values cannot overflow, so it is finite exactly when every voxel is.
+    if not np.isfinite(volume.sum(dtype=np.float64)):
         raise InputError("the image contains NaN or infinite voxels")
     label_volume = _canonical_labels(labels, image, table) if labels is not None else None
     spacing_yx = (oriented.GetSpacing()[1], oriented.GetSpacing()[0])
@@ -176,12 +180,15 @@ def prepare_volume(
     body = body_mask(volume, spacing_yx)
     regions = find_legs(body, spacing_yx)
     sides = _assign_sides(regions, body, oriented, single_leg_side)
-    low, high = np.percentile(strided_sample(volume[body]).astype(np.float64), params.percentiles)
+    # Intensity statistics on an even subsample of voxels: full-volume masked copies would cost memory.
+    values, inside = strided_sample(volume).astype(np.float64), strided_sample(body)
+    if not inside.any():
+        raise InputError("no body was found in the image")
+    low, high = np.percentile(values[inside], params.percentiles)
     if not high > low:
         raise InputError("the image has no intensity contrast inside the body")
-    outside = volume[~body]
-    fill = float(np.median(strided_sample(outside))) if outside.size else low + NORMALISED_RANGE[0] * (high - low)
-    del outside
+    # Outside the image, crops show what air looks like here (or the lowest value when all is body).
+    fill = float(np.median(values[~inside])) if not inside.all() else low + NORMALISED_RANGE[0] * (high - low)
 
     footprint = body.any(axis=0)
     legs = []
@@ -227,7 +234,7 @@ class LabelAssembler:
     """Builds the volume label map from class probabilities delivered a few slices at a time.
 
     Memory stays bounded by one canonical uint8 volume plus one chunk: probabilities are resampled
-    one class at a time over at most ``RESTORE_CHUNK_ELEMENTS`` canonical pixels.
+    a few slices at a time, at most ``RESTORE_CHUNK_ELEMENTS`` float32 values per chunk.
     """
 
     def __init__(self, prepared: PreparedVolume, table: LabelTable):
@@ -251,16 +258,13 @@ class LabelAssembler:
         if not 0 <= first_slice <= first_slice + probabilities.shape[0] <= leg.image.shape[0]:
             raise ValueError(f"slices {first_slice}..{first_slice + probabilities.shape[0]} outside the {side} crop")
         y0, y1, x0, x1 = leg.box
-        box_pixels = (y1 - y0) * (x1 - x0)
-        chunk = max(1, RESTORE_CHUNK_ELEMENTS // max(1, box_pixels))
+        plane = max((y1 - y0) * (x1 - x0), leg.rows.size * leg.columns.size)
+        chunk = max(1, RESTORE_CHUNK_ELEMENTS // (self.table.n_classes * plane))
         values = np.array([0] + [self.table.value_of(i, side) for i in range(1, self.table.n_classes)], np.uint8)
         for start in range(0, probabilities.shape[0], chunk):
-            part = probabilities[start : start + chunk]
-            if leg.mirrored:
-                part = part[..., ::-1]
-            classes = _resample_argmax(part, leg)
+            classes = _resample_argmax(probabilities[start : start + chunk], leg)
             z0 = first_slice + start
-            target = self.canonical[z0 : z0 + part.shape[0], y0:y1, x0:x1]
+            target = self.canonical[z0 : z0 + classes.shape[0], y0:y1, x0:x1]
             np.copyto(target, values[classes], where=leg.owned[None])
 
     def image(self) -> sitk.Image:
@@ -377,26 +381,42 @@ def _sample(volume: np.ndarray, rows: AxisSampling, columns: AxisSampling, order
 
 
 def _resample_argmax(probabilities: np.ndarray, leg: LegCrop) -> np.ndarray:
-    """(k, C, H, W) unmirrored crop probabilities → (k, box_h, box_w) uint8 winning class.
+    """(k, C, H, W) crop probabilities, mirrored as the crop is → (k, box_h, box_w) uint8 winning class.
 
-    Linear interpolation one class at a time, keeping a running maximum (ties go to the lower
-    class, as ``argmax`` does), so at most two float32 box-sized chunks exist at once.
+    The class that wins after bilinear interpolation at each canonical pixel's crop coordinates
+    (the mirror is folded into those coordinates). Where the four crop pixels around a point agree
+    on their winner, that class also wins the interpolation (a convex combination keeps it on top),
+    so probabilities are blended only in cells that straddle a boundary.
     """
     y0, y1, x0, x1 = leg.box
-    shape = (probabilities.shape[0], y1 - y0, x1 - x0)
-    matrix = np.array([1.0, 1.0 / leg.rows.step, 1.0 / leg.columns.step])
-    offset = (0.0, (y0 - leg.rows.start) / leg.rows.step, (x0 - leg.columns.start) / leg.columns.step)
-    best = np.full(shape, -np.inf, dtype=np.float32)
-    winner = np.zeros(shape, dtype=np.uint8)
-    for c in range(probabilities.shape[1]):
-        channel = np.ascontiguousarray(probabilities[:, c], dtype=np.float32)
-        value = ndimage.affine_transform(
-            channel, matrix, offset=offset, output_shape=shape, order=1, mode="nearest", prefilter=False
+    r0, wr = _linear_cells(leg.rows, np.arange(y0, y1), mirrored=False)
+    c0, wc = _linear_cells(leg.columns, np.arange(x0, x1), mirrored=leg.mirrored)
+    winners = probabilities.argmax(axis=1).astype(np.uint8)  # (k, H, W)
+    top, bottom = winners[:, r0], winners[:, r0 + 1]
+    corners = [top[:, :, c0], top[:, :, c0 + 1], bottom[:, :, c0], bottom[:, :, c0 + 1]]
+    result = corners[0].copy()
+    z, r, c = np.nonzero((corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3]))
+    if z.size:
+        ri, ci, u, v = r0[r], c0[c], wr[r, None], wc[c, None]
+        blend = (
+            probabilities[z, :, ri, ci] * ((1 - u) * (1 - v))
+            + probabilities[z, :, ri, ci + 1] * ((1 - u) * v)
+            + probabilities[z, :, ri + 1, ci] * (u * (1 - v))
+            + probabilities[z, :, ri + 1, ci + 1] * (u * v)
         )
-        better = value > best
-        best[better] = value[better]
-        winner[better] = c
-    return winner
+        result[z, r, c] = blend.argmax(axis=1)
+    return result
+
+
+def _linear_cells(sampling: AxisSampling, canonical: np.ndarray, mirrored: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For canonical pixel indices along one axis: the crop pixel before each (i, its neighbour is
+    i + 1) and the float32 weight of the neighbour, clamped to the crop."""
+    position = (canonical - sampling.start) / sampling.step
+    if mirrored:
+        position = (sampling.size - 1) - position
+    position = np.clip(position, 0, sampling.size - 1)
+    before = np.minimum(np.floor(position).astype(np.intp), sampling.size - 2)
+    return before, (position - before).astype(np.float32)
 
 
 def _mirror(array: np.ndarray, mirrored: bool) -> np.ndarray:

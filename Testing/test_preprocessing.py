@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from dafne_logic import preprocessing
 from dafne_logic.errors import InputError
@@ -322,6 +323,29 @@ def test_soft_probabilities_take_the_most_likely_class(axial):
         probabilities[leg.side] = p
     restored = restore_labels(prepared, probabilities, TABLE)
     assert np.array_equal(sitk.GetArrayFromImage(restored), sitk.GetArrayFromImage(axial[1]))
+
+
+def test_restore_picks_the_winner_of_bilinear_interpolation():
+    """Against a plain reference: interpolate every class everywhere, take the argmax."""
+    image, _ = phantom(grid((150, 100, 2), (0.7, 1.3, 5.0)))
+    prepared = prepare_volume(image, PARAMS)
+    rng = np.random.default_rng(1)
+    probabilities = {leg.side: rng.random((2, TABLE.n_classes, *leg.image.shape[1:]), dtype=np.float32) for leg in prepared.legs}
+    result = sitk.GetArrayFromImage(sitk.DICOMOrient(restore_labels(prepared, probabilities, TABLE), "LPS"))
+    for leg in prepared.legs:
+        y0, y1, x0, x1 = leg.box
+        rows, cols = np.meshgrid(np.arange(y0, y1), np.arange(x0, x1), indexing="ij")
+        crop_rows = (rows - leg.rows.start) / leg.rows.step
+        crop_cols = (cols - leg.columns.start) / leg.columns.step
+        if leg.mirrored:
+            crop_cols = leg.image.shape[2] - 1 - crop_cols
+        for z in range(2):
+            interpolated = np.stack(
+                [ndimage.map_coordinates(p, [crop_rows, crop_cols], order=1, mode="nearest") for p in probabilities[leg.side][z]]
+            )
+            expected = np.array([0] + [TABLE.value_of(i, leg.side) for i in range(1, N + 1)])[interpolated.argmax(axis=0)]
+            got = result[z, y0:y1, x0:x1]
+            assert np.array_equal(got[leg.owned], expected[leg.owned])
 
 
 def test_labels_to_onehot():
