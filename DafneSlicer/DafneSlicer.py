@@ -8,7 +8,6 @@ first use and after confirmation.
 
 from __future__ import annotations
 
-import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -112,7 +111,7 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
         self.install = InstallLogic(SlicerPackaging(), read_requirements())
         self.segmentation = SegmentationLogic()
         self.learning = LearningLogic()
-        self.sync = SyncLogic(qt.QSettings())
+        self.sync = SyncLogic()
         self.scene = SlicerScene(slicer.mrmlScene)
 
     def getParameterNode(self):

@@ -26,7 +26,7 @@ from DafneSlicerLib.jobs import BackgroundJob  # noqa: E402
 from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows  # noqa: E402
 from DafneSlicerLib.review import ReviewTracker, format_slices  # noqa: E402
 from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
-from DafneSlicerLib.sync_logic import WHAT_IS_SENT, SyncError, SyncLogic, SyncSettings  # noqa: E402
+from DafneSlicerLib.sync_logic import WHAT_IS_SENT, ShareError, SyncLogic  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 
 from dafne_logic.errors import Cancelled, InputError, ModelError  # noqa: E402
@@ -133,7 +133,7 @@ class FakeSegmentation:
         self.calls, self.block, self.fail = [], None, None
 
     def list_models(self):
-        return [ModelChoice("leg", "leg 1 (bundled)", "1", "bundled", tuple(l.name for l in LEG.volume_labels()))]
+        return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(l.name for l in LEG.volume_labels()))]
 
     def load_model(self, name):
         if name == "broken":
@@ -183,14 +183,6 @@ class FakeInstall:
         return self.agree
 
 
-class DictSettings(dict):
-    def value(self, key, default=None):
-        return self.get(key, default)
-
-    def setValue(self, key, value):  # noqa: N802 - Qt's name
-        self[key] = value
-
-
 def _volume() -> Node:
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, SHAPE).astype(np.float32))
     image.SetSpacing((0.8, 0.8, 5.0))
@@ -199,7 +191,7 @@ def _volume() -> Node:
 
 def _controller(**overrides):
     parts = dict(view=FakeView(), scene=FakeScene(), install=FakeInstall(), segmentation=FakeSegmentation(),
-                 learning=FakeLearning(), sync=SyncLogic(DictSettings()))
+                 learning=FakeLearning(), sync=SyncLogic())
     parts.update(overrides)
     return DafneController(**parts), parts
 
@@ -407,51 +399,62 @@ def test_contribute_needs_an_improvement_and_opt_in():
 
 
 class FakeClient:
+    """The federated client's interface (dafne_logic.federated_client.FederatedClient) without HTTP."""
+
     pushed: list = []
 
-    def __init__(self, url, token):
-        self.url, self.token = url, token
+    def __init__(self, config):
+        self.config = config
 
-    def pull(self, progress, cancel):
-        return [SimpleNamespace(name="leg-2", version="2")]
+    def pull(self, family):
+        from dafne_logic.model_package import user_models_dir
 
-    def push(self, model_dir, progress, cancel):
-        FakeClient.pushed.append((self.url, self.token, Path(model_dir).name))
-        return "accepted as update 7"
+        folder = user_models_dir() / f"{family}-v2"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def push_folder(self, folder):
+        FakeClient.pushed.append((self.config.server_url, self.config.token, Path(folder).name))
+        return {"id": "7", "status": "buffered", "duplicate": False}
 
 
 def test_pull_and_push_go_through_the_client_once_opted_in(monkeypatch):
-    import dafne_logic
+    import dafne_logic.federated_client
 
-    monkeypatch.setattr(dafne_logic, "federated_client", SimpleNamespace(FederatedClient=FakeClient), raising=False)
-    monkeypatch.setitem(sys.modules, "dafne_logic.federated_client", dafne_logic.federated_client)
+    monkeypatch.setattr(dafne_logic.federated_client, "FederatedClient", FakeClient)
     controller, parts, _ = _segmented()
-    controller.sync.save(SyncSettings(True, "https://dafne.example.org", " secret "))
+    controller.sync.save(True, "https://dafne.example.org/", " secret ")
     controller.check_for_updates()
     _finish(controller)
-    assert parts["view"].sync[-1] == "Downloaded leg-2 2." and parts["view"].models[-1][1] == "leg-2"
+    assert parts["view"].sync[-1] == "Downloaded leg-v2." and parts["view"].models[-1][1] == "leg-v2"
+    controller.check_for_updates()
+    _finish(controller)
+    assert parts["view"].sync[-1] == "Up to date (leg)."
     controller.case.segmentation_node.labels[1] = 0
     controller.improve()
     _finish(controller)
     controller.contribute()
     _finish(controller)
     assert FakeClient.pushed == [("https://dafne.example.org", "secret", "leg-1.local-abc")]
-    assert parts["view"].sync[-1] == "Contributed leg-1.local-abc: accepted as update 7."
+    assert parts["view"].sync[-1] == "Contributed leg-1.local-abc: update 7 is buffered."
     controller.contribute()  # the same version is not sent twice
     assert parts["view"].errors[-1].startswith("Nothing to contribute yet")
 
 
-def test_share_settings_default_off_and_validate_the_url():
-    store = DictSettings()
-    sync = SyncLogic(store)
-    assert sync.load() == SyncSettings(False, "", "")
-    with pytest.raises(SyncError, match="https://"):
-        sync.save(SyncSettings(True, "http://dafne.example.org", "t"))
-    sync.save(SyncSettings(True, "http://localhost:8000", "t"))
-    store["DafneSlicer/Share/OptedIn"] = "true"  # what QSettings returns from an ini file
-    assert sync.load() == SyncSettings(True, "http://localhost:8000", "t")
-    with pytest.raises(SyncError, match="server URL and your token"):
-        SyncLogic(DictSettings({"DafneSlicer/Share/OptedIn": True}))._client()
+def test_share_settings_default_off_owner_only_and_url_checked(tmp_path):
+    sync = SyncLogic(tmp_path / "sync.json")
+    config = sync.load()
+    assert (config.opt_in, config.server_url, config.token) == (False, "", "")
+    with pytest.raises(ShareError, match="https://"):
+        sync.save(True, "http://dafne.example.org", "t")
+    assert not (tmp_path / "sync.json").exists()
+    sync.save(True, "http://localhost:8000", "t")
+    assert (tmp_path / "sync.json").stat().st_mode & 0o077 == 0
+    config = sync.load()
+    assert (config.opt_in, config.server_url, config.token) == (True, "http://localhost:8000", "t")
+    sync.save(True, "", "")
+    with pytest.raises(ShareError, match="server URL and your token"):
+        sync._client()
     assert "never leave this computer" in WHAT_IS_SENT and "Nothing is sent while the box is unticked" in WHAT_IS_SENT
 
 

@@ -314,7 +314,8 @@ class DafneController:
         def action():
             if not self._ready():
                 return
-            self._run("Checking for updates", lambda progress, cancel: self.sync.pull(progress, cancel),
+            families = sorted({choice.family for choice in self.segmentation.list_models()})
+            self._run("Checking for updates", lambda progress, cancel: self.sync.pull(families, progress, cancel),
                       self._pulled)
         self.guarded(action)
 

@@ -24,6 +24,7 @@ class ModelChoice:
     """One line of the model selector."""
 
     name: str  # registry name passed back to load_model ("thigh", "leg", a user/pulled model folder)
+    family: str  # the server's model family (the manifest name: "thigh", "leg")
     title: str  # what the selector shows, e.g. "thigh 1 (bundled)"
     version: str
     source: str  # "bundled" or "user"
@@ -37,7 +38,7 @@ class SegmentationLogic:
         from dafne_logic.model_package import list_models
 
         return [
-            ModelChoice(entry.name, f"{entry.name} {entry.manifest.version} ({entry.source})",
+            ModelChoice(entry.name, entry.manifest.name, f"{entry.name} {entry.manifest.version} ({entry.source})",
                         entry.manifest.version, entry.source,
                         tuple(label.name for label in entry.manifest.labels.volume_labels()))
             for entry in list_models()

@@ -1,18 +1,23 @@
-"""Share: opt-in settings and the calls to the federated server, through ``dafne_logic.federated_client``.
+"""Share: the opt-in settings and the calls to the federated server, through ``dafne_logic.federated_client``.
 
-Nothing leaves the computer unless the user ticked the opt-in box: every network call checks it
-first. What is sent is stated in :data:`WHAT_IS_SENT`, shown verbatim in the module panel.
+Settings live in the same owner-only file the command line uses (``dafne_logic.client_config``):
+server URL, token, opt-in. Nothing leaves the computer unless the user ticked the opt-in box; the
+client refuses every request otherwise, and this layer checks first to say so plainly. What is
+sent is :data:`WHAT_IS_SENT`, shown verbatim in the module panel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 from dafne_logic.errors import DafneError
 
 from .jobs import CancelCheck, ProgressCallback
+
+if TYPE_CHECKING:
+    from dafne_logic.client_config import ClientConfig
 
 WHAT_IS_SENT = (
     "When you click Contribute, DafneSlicer sends the server: the weight difference between your improved "
@@ -21,81 +26,73 @@ WHAT_IS_SENT = (
     "segmentations, names and any other patient data never leave this computer. Check for updates only "
     "downloads models. Nothing is sent while the box is unticked."
 )
-TOKEN_WARNING = ("The token is stored in Slicer's settings file in plain text; anyone who can read your "
-                 "user account's files can use it.")
+TOKEN_NOTE = ("The URL and token are kept in a settings file only your user account can read (the same file "
+              "the dafne-slicer command line uses).")
 
 
-class SyncError(DafneError):
-    """The server is unreachable, refused the token, or sharing is not enabled."""
-
-
-class SettingsStore(Protocol):
-    """``qt.QSettings`` in Slicer, a dict-backed fake in tests."""
-
-    def value(self, key: str, default: Any = None) -> Any: ...
-    def setValue(self, key: str, value: Any) -> None: ...  # noqa: N802 - Qt's name
-
-
-@dataclass(frozen=True)
-class SyncSettings:
-    opted_in: bool = False
-    server_url: str = ""
-    token: str = ""
+class ShareError(DafneError):
+    """Sharing is not enabled or not configured (nothing was sent)."""
 
 
 @dataclass(frozen=True)
 class SyncOutcome:
-    message: str  # the "last sync status" line
+    message: str  # the "last sync" line
     model_name: str | None = None  # a newly pulled model to select
 
 
 class SyncLogic:
     """Reads/writes the share settings and runs pull/push (on whatever thread calls them)."""
 
-    PREFIX = "DafneSlicer/Share/"
+    def __init__(self, config_path: Path | None = None):
+        self.config_path = config_path  # None: the user's sync.json
 
-    def __init__(self, store: SettingsStore):
-        self.store = store
+    def load(self) -> "ClientConfig":
+        from dafne_logic.client_config import load_config
 
-    def load(self) -> SyncSettings:
-        opted = self.store.value(self.PREFIX + "OptedIn", False)
-        return SyncSettings(
-            opted_in=opted in (True, "true", "True", 1, "1"),  # QSettings returns strings from ini files
-            server_url=str(self.store.value(self.PREFIX + "ServerURL", "") or ""),
-            token=str(self.store.value(self.PREFIX + "Token", "") or ""),
-        )
+        return load_config(self.config_path)
 
-    def save(self, settings: SyncSettings) -> None:
-        url = settings.server_url.strip()
+    def save(self, opted_in: bool, server_url: str, token: str) -> None:
+        from dafne_logic.client_config import save_config
+
+        url = server_url.strip().rstrip("/")
         if url and not url.startswith(("https://", "http://localhost", "http://127.0.0.1")):
-            raise SyncError("The server URL must start with https:// (plain http only for localhost).")
-        self.store.setValue(self.PREFIX + "OptedIn", bool(settings.opted_in))
-        self.store.setValue(self.PREFIX + "ServerURL", url)
-        self.store.setValue(self.PREFIX + "Token", settings.token.strip())
+            raise ShareError("The server URL must start with https:// (plain http only for localhost).")
+        save_config(replace(self.load(), opt_in=bool(opted_in), server_url=url, token=token.strip()),
+                    self.config_path)
 
-    def _client(self) -> Any:
-        settings = self.load()
-        if not settings.opted_in:
-            raise SyncError("Sharing is off: tick 'Share my improvements' first (nothing was sent).")
-        if not settings.server_url or not settings.token:
-            raise SyncError("Enter the server URL and your token first.")
-        from dafne_logic import federated_client
+    def _client(self):
+        config = self.load()
+        if not config.opt_in:
+            raise ShareError("Sharing is off: tick 'Share my improvements' first (nothing was sent).")
+        if not config.server_url or not config.token:
+            raise ShareError("Enter the server URL and your token first (nothing was sent).")
+        from dafne_logic.federated_client import FederatedClient
 
-        return federated_client.FederatedClient(settings.server_url, settings.token)
+        return FederatedClient(config)
 
-    def pull(self, progress: ProgressCallback, cancel: CancelCheck) -> SyncOutcome:
-        """Download the server's newest versions of the model families; report what changed."""
+    def pull(self, families: list[str], progress: ProgressCallback, cancel: CancelCheck) -> SyncOutcome:
+        """Download the server's active version of each model family (already present ones are skipped)."""
+        from dafne_logic.model_package import user_models_dir
+
         client = self._client()
-        progress(0.1, "asking the server for new versions")
-        pulled = client.pull(progress=progress, cancel=cancel)
-        if not pulled:
-            return SyncOutcome("Up to date: no newer model on the server.")
-        names = ", ".join(f"{p.name} {p.version}" for p in pulled)
-        return SyncOutcome(f"Downloaded {names}.", model_name=pulled[-1].name)
+        before = {p.name for p in user_models_dir().iterdir()} if user_models_dir().is_dir() else set()
+        new = []
+        for i, family in enumerate(families):
+            if cancel():
+                break
+            progress(i / max(len(families), 1), f"checking {family}")
+            folder = client.pull(family)
+            if folder.name not in before:
+                new.append(folder.name)
+        if not new:
+            return SyncOutcome(f"Up to date ({', '.join(families)}).")
+        return SyncOutcome(f"Downloaded {', '.join(new)}.", model_name=new[-1])
 
     def push(self, model_dir: Path, progress: ProgressCallback, cancel: CancelCheck) -> SyncOutcome:
         """Upload the delta saved beside an improved model (``delta.safetensors.zz`` + ``delta.json``)."""
         client = self._client()
         progress(0.1, "uploading the weight difference")
-        receipt = client.push(model_dir, progress=progress, cancel=cancel)
-        return SyncOutcome(f"Contributed {Path(model_dir).name}: {receipt}.")
+        receipt = client.push_folder(model_dir)
+        seen = " (the server already had it)" if receipt.get("duplicate") else ""
+        return SyncOutcome(f"Contributed {Path(model_dir).name}: update {receipt.get('id')} is "
+                           f"{receipt.get('status')}{seen}.")

@@ -12,7 +12,7 @@ import slicer
 
 from .controller import DafneController
 from .segmentation_logic import ModelChoice
-from .sync_logic import TOKEN_WARNING, WHAT_IS_SENT, SyncSettings
+from .sync_logic import TOKEN_NOTE, WHAT_IS_SENT
 
 POLL_MS = 200  # job progress refresh
 EDIT_DEBOUNCE_MS = 1000  # wait this long after the last edit before re-reading the segmentation
@@ -46,7 +46,7 @@ class DafneSlicerPanel:
         ui.progressBar.hide()
         ui.cancelButton.hide()
         ui.whatIsSentLabel.text = WHAT_IS_SENT
-        ui.tokenWarningLabel.text = TOKEN_WARNING
+        ui.tokenWarningLabel.text = TOKEN_NOTE
         ui.diceTable.setHorizontalHeaderLabels(["Muscle", "Dice automatic", "Dice improved"])
         self._load_share_settings()
         self._connect()
@@ -120,16 +120,18 @@ class DafneSlicerPanel:
         self._edit_timer.start()  # restarts: only the last of a burst of paint strokes counts
 
     def _load_share_settings(self) -> None:
-        settings = self.controller.sync.load()
-        self.ui.shareCheckBox.checked = settings.opted_in
-        self.ui.serverUrlLineEdit.text = settings.server_url
-        self.ui.tokenLineEdit.text = settings.token
-        self._enable_share_buttons(settings.opted_in)
+        config = self.controller.guarded(self.controller.sync.load)  # needs the installed packages
+        if config is not None:
+            self.ui.shareCheckBox.checked = config.opt_in
+            self.ui.serverUrlLineEdit.text = config.server_url
+            self.ui.tokenLineEdit.text = config.token
+        self._enable_share_buttons(config is not None and config.opt_in)
 
     def _save_share_settings(self, *args) -> None:
-        settings = SyncSettings(self.ui.shareCheckBox.checked, self.ui.serverUrlLineEdit.text, self.ui.tokenLineEdit.text)
-        self.controller.guarded(lambda: self.controller.sync.save(settings))
-        self._enable_share_buttons(settings.opted_in)
+        ui = self.ui
+        self.controller.guarded(lambda: self.controller.sync.save(ui.shareCheckBox.checked, ui.serverUrlLineEdit.text,
+                                                                   ui.tokenLineEdit.text))
+        self._enable_share_buttons(ui.shareCheckBox.checked)
 
     def _enable_share_buttons(self, opted_in: bool) -> None:
         for name in ("serverUrlLineEdit", "tokenLineEdit", "checkUpdatesButton", "contributeButton"):
