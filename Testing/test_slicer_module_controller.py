@@ -196,9 +196,9 @@ def _controller(**overrides):
     return DafneController(**parts), parts
 
 
-def _finish(controller) -> None:
+def _finish(controller, timeout: float = 30) -> None:
     assert controller.job is not None
-    status = controller.job.wait(10)
+    status = controller.job.wait(timeout)
     assert status.done
     assert controller.poll() is False
 

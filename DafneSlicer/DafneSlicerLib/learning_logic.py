@@ -33,6 +33,9 @@ class Improvement:
 class LearningLogic:
     """Runs ``dafne_logic.finetune`` (on whatever thread calls it) and saves the result."""
 
+    def __init__(self, config: "FinetuneConfig | None" = None):
+        self.config = config  # None: dafne_logic's defaults
+
     def finetune(self, model: "ModelPackage", image: sitk.Image, corrected: sitk.Image, slices: list[int],
                  progress: ProgressCallback, cancel: CancelCheck, config: "FinetuneConfig | None" = None,
                  ) -> "FinetuneResult":
@@ -40,7 +43,7 @@ class LearningLogic:
         from dafne_logic.finetune import finetune_on_corrections
 
         return finetune_on_corrections(model, image, corrected, slices=slices, progress=progress, cancel=cancel,
-                                       config=config)
+                                       config=config or self.config)
 
     def save(self, result: "FinetuneResult") -> Improvement:
         """Write the child (package + delta) into the user model folder, where the registry lists it."""
