@@ -135,8 +135,9 @@ class PreparedVolume:
 
 
 def canonical(image: sitk.Image) -> sitk.Image:
-    """The image reoriented to axial LPS (exact permutation and flips of the axes)."""
-    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    """The image reoriented to axial LPS (exact permutation and flips of the axes); itself if it is."""
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    return image if orientation == CANONICAL_ORIENTATION else sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
 
 def prepare_volume(
@@ -167,10 +168,8 @@ def prepare_volume(
     if single_leg_side is not None and single_leg_side not in SIDES:
         raise ValueError(f"single_leg_side must be one of {SIDES}, not {single_leg_side!r}")
     oriented = canonical(image)
-    if oriented.GetPixelID() == sitk.sitkFloat32:
-        volume = sitk.GetArrayViewFromImage(oriented)  # no copy: ``oriented`` outlives every use
-    else:
-        volume = sitk.GetArrayFromImage(oriented).astype(np.float32)
+    # A view in the stored type (int16 for most MR): no full-volume copy; ``oriented`` outlives its use.
+    volume = sitk.GetArrayViewFromImage(oriented)
     # A float64 sum of float32 values cannot overflow, so it is finite exactly when every voxel is.
     if not np.isfinite(volume.sum(dtype=np.float64)):
         raise InputError("the image contains NaN or infinite voxels")
@@ -197,13 +196,13 @@ def prepare_volume(
         rows = AxisSampling.around(box[0], box[1], spacing_yx[0], params.spacing_mm[0], params.pad_multiple)
         columns = AxisSampling.around(box[2], box[3], spacing_yx[1], params.spacing_mm[1], params.pad_multiple)
         mirrored = side == "left"
-        crop = _sample(volume, rows, columns, order=1, fill=fill)
+        crop = _sample(volume, rows, columns, order=1, fill=fill, dtype=np.float32)
         crop -= low
         crop /= high - low
         np.clip(crop, *NORMALISED_RANGE, out=crop)
         target = None
         if label_volume is not None and table is not None:
-            target = _sample(_side_classes(label_volume, table, side), rows, columns, order=0, fill=0)
+            target = _sample(_side_classes(label_volume, table, side), rows, columns, order=0, fill=0, dtype=np.uint8)
         legs.append(
             LegCrop(
                 side=side,
@@ -302,8 +301,8 @@ def labels_to_onehot(classes: np.ndarray, n_classes: int) -> np.ndarray:
 def _check_image(image: sitk.Image) -> None:
     if image.GetDimension() != 3:
         raise InputError(f"expected a 3D image, got a {image.GetDimension()}D one")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components per voxel")
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"expected a real scalar image, got pixels of type {image.GetPixelIDTypeAsString()}")
 
 
 def _canonical_labels(labels: sitk.Image, image: sitk.Image, table: LabelTable | None) -> np.ndarray:
@@ -366,13 +365,16 @@ def _leg_box(footprint: np.ndarray, spacing_yx: tuple[float, float], margin_mm: 
     )
 
 
-def _sample(volume: np.ndarray, rows: AxisSampling, columns: AxisSampling, order: int, fill: float) -> np.ndarray:
-    """(z, y, x) canonical array → (z, rows.size, columns.size) crop; outside the image is ``fill``."""
+def _sample(
+    volume: np.ndarray, rows: AxisSampling, columns: AxisSampling, order: int, fill: float, dtype: type
+) -> np.ndarray:
+    """(z, y, x) canonical array → (z, rows.size, columns.size) crop of ``dtype``; outside the image is ``fill``."""
     return ndimage.affine_transform(
         volume,
         np.array([1.0, rows.step, columns.step]),
         offset=(0.0, rows.start, columns.start),
         output_shape=(volume.shape[0], rows.size, columns.size),
+        output=dtype,
         order=order,
         mode="constant",
         cval=fill,

@@ -302,6 +302,16 @@ def test_normalisation_ignores_intensity_scale_and_offset(axial):
     assert np.median(leg.image[:, :4, :]) < 0.05  # air at the crop's edge
 
 
+def test_integer_images_are_accepted(axial):
+    as_float = prepare_volume(axial[0], PARAMS)
+    as_int16 = prepare_volume(sitk.Cast(axial[0], sitk.sitkInt16), PARAMS)
+    for a, b in zip(as_float.legs, as_int16.legs):
+        assert b.image.dtype == np.float32 and a.box == b.box
+        assert np.abs(a.image - b.image).max() < 2e-3  # only the rounding to whole numbers differs
+    assert np.array_equal(sitk.GetArrayFromImage(onehot_round_trip(sitk.Cast(axial[0] + 200, sitk.sitkUInt16), axial[1])),
+                          sitk.GetArrayFromImage(axial[1]))
+
+
 def test_streamed_chunks_equal_one_call(axial, monkeypatch):
     prepared = prepare_volume(axial[0], PARAMS, labels=axial[1], table=TABLE)
     probabilities = {leg.side: labels_to_onehot(leg.target, TABLE.n_classes).astype(np.float16) for leg in prepared.legs}
@@ -359,6 +369,8 @@ def test_bad_inputs_raise_input_error(axial):
     image, labels = axial
     with pytest.raises(InputError, match="3D"):
         prepare_volume(image[:, :, 0], PARAMS)
+    with pytest.raises(InputError, match="scalar"):
+        prepare_volume(sitk.Compose(image, image), PARAMS)
     with pytest.raises(InputError, match="constant"):
         prepare_volume(sitk.Image(20, 20, 3, sitk.sitkFloat32) + 5.0, PARAMS)
     broken = sitk.GetArrayFromImage(image)
