@@ -1,0 +1,57 @@
+"""``dafne-slicer phantom``: write a procedural thigh or calf phantom (image + label map + label table)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from ..atomic import atomic_path
+from ..phantom_anatomy import REGIONS
+from ..phantoms import CONTRASTS
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--region", required=True, choices=sorted(REGIONS), help="thigh or leg (calf)")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR",
+                        help="folder for <region>_phantom.nii.gz and <region>_phantom_labels.nii.gz (+ .json)")
+    parser.add_argument("--contrast", default="t1", choices=CONTRASTS, help="intensity regime (default t1)")
+    parser.add_argument("--seed", type=int, default=0, help="random subject (default 0)")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(40, 432, 432),
+                        help="voxels (default 40 432 432)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="voxel size in mm (default: the field of view fits the body, 5 or 6 mm slices)")
+    parser.add_argument("--legs", default="both", choices=("both", "right", "left"), help="legs drawn")
+    parser.add_argument("--touching", action="store_true", help="the two legs press against each other")
+    parser.add_argument("--noise", type=float, default=0.03, help="Rician noise SD relative to muscle (default 0.03)")
+    parser.add_argument("--bias", type=float, default=0.2, help="bias field strength (default 0.2)")
+    parser.add_argument("--fat-infiltration", type=float, default=0.0,
+                        help="fraction of muscle replaced by fat, 0..1 (default 0)")
+    parser.add_argument("--slice-thickness", type=float, metavar="MM", help="slice thickness beyond the spacing")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import write_labels
+    from ..phantoms import make_phantom
+
+    start = time.perf_counter()
+    image, labels = make_phantom(
+        args.region, shape=tuple(args.shape), spacing=None if args.spacing is None else tuple(args.spacing),
+        contrast=args.contrast, noise=args.noise, bias=args.bias, legs=args.legs, touching=args.touching,
+        fat_infiltration=args.fat_infiltration, slice_thickness_mm=args.slice_thickness, seed=args.seed)
+    output = Path(args.output)
+    image_path = output / f"{args.region}_phantom.nii.gz"
+    labels_path = output / f"{args.region}_phantom_labels.nii.gz"
+    # The image appears only once the label map and its table are written too.
+    with atomic_path(image_path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        written = write_labels(labels, labels_path, REGIONS[args.region].table)
+    spacing = ", ".join(f"{s:g}" for s in image.GetSpacing())
+    print(f"{args.region} phantom (seed {args.seed}, {args.contrast}, {image.GetSize()[::-1]} z,y,x voxels, "
+          f"spacing {spacing} mm) in {time.perf_counter() - start:.1f} s:")
+    for path in (image_path, *written):
+        print(f"  {path}")
+    return 0
