@@ -30,13 +30,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .io import same_grid
 from .labels import SIDES, LabelTable, Side
 from .leg_detection import body_mask, find_legs, strided_sample
 from .model_package import PreprocessingParams
 
 CANONICAL_ORIENTATION = "LPS"
 NORMALISED_RANGE = (-0.1, 1.1)  # normalised intensities are clipped a little beyond [0, 1]
-GEOMETRY_TOLERANCE = 1e-4  # relative tolerance when checking that labels share the image grid
 RESTORE_CHUNK_ELEMENTS = 16_000_000  # float32 values (slices × classes × plane) resampled at once on restore
 
 
@@ -308,12 +308,7 @@ def _check_image(image: sitk.Image) -> None:
 def _canonical_labels(labels: sitk.Image, image: sitk.Image, table: LabelTable | None) -> np.ndarray:
     """Volume labels checked against the image grid and the table, as a canonical (z, y, x) array."""
     assert table is not None
-    same = labels.GetDimension() == 3 and labels.GetSize() == image.GetSize()
-    scale = max(image.GetSpacing())
-    same = same and np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=GEOMETRY_TOLERANCE, atol=0)
-    same = same and np.allclose(labels.GetOrigin(), image.GetOrigin(), rtol=0, atol=GEOMETRY_TOLERANCE * scale)
-    same = same and np.allclose(labels.GetDirection(), image.GetDirection(), rtol=0, atol=GEOMETRY_TOLERANCE)
-    if not same:
+    if labels.GetDimension() != 3 or not same_grid(labels, image):
         raise InputError("the label map does not lie on the image's grid (size, spacing, origin or direction differ)")
     values = sitk.GetArrayFromImage(canonical(labels))
     if not np.issubdtype(values.dtype, np.integer):
