@@ -7,8 +7,10 @@ merge workers (on other hosts, against the same PostgreSQL) are safe: the lease 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +18,31 @@ from .config import SETTINGS_ENV, ServerSettings
 from .storage import Storage
 
 log = logging.getLogger(__name__)
+_TOKEN_TEXT = re.compile(r"dft_[0-9]+_[A-Za-z0-9_-]+")
+
+
+class RedactTokens(logging.Filter):
+    """Tokens only travel in the Authorization header, which is never logged; a client that puts
+    one in a URL anyway must not get it into the access log either."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(_TOKEN_TEXT.sub("dft_<redacted>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _TOKEN_TEXT.sub("dft_<redacted>", record.msg)
+        return True
+
+
+def log_config() -> dict:
+    """uvicorn's logging configuration with :class:`RedactTokens` on every handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_tokens"] = {"()": "dafne_server.runner.RedactTokens"}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_tokens")
+    return config
 
 
 def prepare(settings: ServerSettings) -> Storage:
@@ -41,7 +68,7 @@ def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merg
     worker = start_merge_worker(settings) if merge_worker else None
     try:
         uvicorn.run("dafne_server.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, timeout_graceful_shutdown=5)
+                    log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5)
     finally:
         if worker is not None:
             worker.terminate()

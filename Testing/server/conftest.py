@@ -82,7 +82,7 @@ def sqlite_server(tmp_path_factory, tiny_leg) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory, tiny_leg, postgres_schema_factory) -> Iterator:
+def postgresql_server(tmp_path_factory, tiny_leg, postgres_schema_factory) -> Iterator:
     server = _start_shared(tmp_path_factory, tiny_leg, postgres_schema_factory())
     yield server
     server.stop()
