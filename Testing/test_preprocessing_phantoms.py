@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from dafne_logic.io import read_image, read_segmentation
 from dafne_logic.labels import BUILTIN_TABLES, LEG
@@ -58,3 +61,37 @@ def test_real_calf_slices(shared_data, name):
     sides, dices = round_trip_dice(image, labels, LEG)
     assert sides == ["right", "left"]
     assert len(dices) == 2 * LEG.n_muscles and min(dices.values()) >= 0.98
+
+
+@pytest.mark.parametrize("name", ["test_dseg_a", "test_dseg_b"])
+def test_real_lower_body_anatomy_sides(shared_data, name):
+    """Whole lower-body label maps stored in RAS: each crop's own region holds its side's muscles.
+
+    There is no image, so the test draws one: labelled tissue at mid grey inside a bright shell.
+    """
+    folder = shared_data / "lowerbody_label_maps"
+    scheme = json.loads((folder / "contrast_agnostic_wholebody_model_labels.json").read_text())
+    side_of = {entry["value"]: entry["side"] for entry in scheme["labels"] if entry.get("side") in ("left", "right")}
+    labels = sitk.ReadImage(str(folder / f"{name}.nii.gz"))[:, :, ::6]  # every 6th slice keeps it fast
+    values = sitk.GetArrayFromImage(labels)
+    tissue = values > 0
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    body = ndimage.binary_fill_holes(ndimage.binary_dilation(tissue, in_plane, iterations=3), in_plane)
+    noise = np.random.default_rng(0).normal(0.0, 0.03, values.shape)
+    image = sitk.GetImageFromArray((np.where(tissue, 0.5, np.where(body, 1.0, 0.0)) + noise).astype(np.float32))
+    image.CopyInformation(labels)
+
+    prepared = prepare_volume(image, PARAMS)
+    assert [leg.side for leg in prepared.legs] == ["right", "left"]
+    canonical = sitk.GetArrayFromImage(sitk.DICOMOrient(labels, "LPS"))
+    lookup = np.zeros(int(canonical.max()) + 1, dtype=np.int8)  # +1 right, -1 left, 0 neither
+    for value, side in side_of.items():
+        if value < lookup.size:
+            lookup[value] = 1 if side == "right" else -1
+    for leg in prepared.legs:
+        y0, y1, x0, x1 = leg.box
+        sides = lookup[canonical[:, y0:y1, x0:x1][:, leg.owned]]
+        own = (sides == (1 if leg.side == "right" else -1)).sum()
+        other = (sides == (-1 if leg.side == "right" else 1)).sum()
+        assert own > 1000 and other < 0.01 * own
