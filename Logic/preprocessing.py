@@ -37,7 +37,7 @@ from .model_package import PreprocessingParams
 
 CANONICAL_ORIENTATION = "LPS"
 NORMALISED_RANGE = (-0.1, 1.1)  # normalised intensities are clipped a little beyond [0, 1]
-RESTORE_CHUNK_ELEMENTS = 16_000_000  # float32 values (slices × classes × plane) resampled at once on restore
+RESTORE_CHUNK_ELEMENTS = 16_000_000  # probabilities (slices × classes × plane) resampled at once on restore
 
 
 @dataclass(frozen=True)
@@ -179,15 +179,7 @@ def prepare_volume(
     body = body_mask(volume, spacing_yx)
     regions = find_legs(body, spacing_yx)
     sides = _assign_sides(regions, body, oriented, single_leg_side)
-    # Intensity statistics on an even subsample of voxels: full-volume masked copies would cost memory.
-    values, inside = strided_sample(volume).astype(np.float64), strided_sample(body)
-    if not inside.any():
-        raise InputError("no body was found in the image")
-    low, high = np.percentile(values[inside], params.percentiles)
-    if not high > low:
-        raise InputError("the image has no intensity contrast inside the body")
-    # Outside the image, crops show what air looks like here (or the lowest value when all is body).
-    fill = float(np.median(values[~inside])) if not inside.all() else low + NORMALISED_RANGE[0] * (high - low)
+    low, high, fill = _intensity_statistics(volume, body, params.percentiles)
 
     footprint = body.any(axis=0)
     legs = []
@@ -225,7 +217,7 @@ def prepare_volume(
         origin=image.GetOrigin(),
         spacing=image.GetSpacing(),
         direction=image.GetDirection(),
-        intensity_range=(float(low), float(high)),
+        intensity_range=(low, high),
     )
 
 
@@ -233,7 +225,7 @@ class LabelAssembler:
     """Builds the volume label map from class probabilities delivered a few slices at a time.
 
     Memory stays bounded by one canonical uint8 volume plus one chunk: probabilities are resampled
-    a few slices at a time, at most ``RESTORE_CHUNK_ELEMENTS`` float32 values per chunk.
+    a few slices at a time, at most about ``RESTORE_CHUNK_ELEMENTS`` (slices × classes × plane) each.
     """
 
     def __init__(self, prepared: PreparedVolume, table: LabelTable):
@@ -296,6 +288,23 @@ def labels_to_onehot(classes: np.ndarray, n_classes: int) -> np.ndarray:
     onehot = np.zeros((classes.shape[0], n_classes, *classes.shape[1:]), dtype=np.float32)
     np.put_along_axis(onehot, classes[:, None].astype(np.intp), 1.0, axis=1)
     return onehot
+
+
+def _intensity_statistics(
+    volume: np.ndarray, body: np.ndarray, percentiles: tuple[float, float]
+) -> tuple[float, float, float]:
+    """Raw intensities that become 0 and 1 (``percentiles`` of body voxels), and the raw value that
+    fills crops beyond the image: the median outside the body (air), or the lowest clipped value
+    when the body fills the image. Computed on an even subsample of voxels, without masked copies
+    of the volume."""
+    values, inside = strided_sample(volume).astype(np.float64), strided_sample(body)
+    if not inside.any():
+        raise InputError("no body was found in the image")
+    low, high = (float(v) for v in np.percentile(values[inside], percentiles))
+    if not high > low:
+        raise InputError("the image has no intensity contrast inside the body")
+    fill = float(np.median(values[~inside])) if not inside.all() else low + NORMALISED_RANGE[0] * (high - low)
+    return low, high, fill
 
 
 def _check_image(image: sitk.Image) -> None:
