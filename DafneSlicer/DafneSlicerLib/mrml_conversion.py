@@ -377,7 +377,7 @@ def place_beside(node, reference_node) -> None:
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
     if hierarchy is None:
         return
-    parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(reference_node))
+    parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(reference_node)) or hierarchy.GetSceneItemID()
     item = hierarchy.GetItemByDataNode(node)
     if item:
         hierarchy.SetItemParent(item, parent)

@@ -1,7 +1,6 @@
-"""Fixtures for the MRML glue tests, run with slicer-core in ``.venv-slicer`` (``make test-slicer-core``).
+"""Fixtures for the MRML glue tests: a bare MRML scene from slicer-core (Kitware's Qt-free Slicer wheel).
 
-Run with ``--confcutdir Testing/slicer_core`` so the main suite's torch fixtures are not loaded:
-this environment holds slicer-core (vtk 9.6.2), SimpleITK and dafne_logic without torch.
+slicer-core is in the ``test`` extra; without it these tests skip with a reason.
 """
 
 from __future__ import annotations
@@ -15,15 +14,12 @@ MODULE_DIR = Path(__file__).resolve().parents[2] / "DafneSlicer"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-
-@pytest.fixture(autouse=True)
-def _private_user_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DAFNE_SLICER_HOME", str(tmp_path_factory.mktemp("dafne_home")))
+SKIP_REASON = "slicer-core is not installed (pip install slicer-core, part of the test extra)"
 
 
 @pytest.fixture
 def scene():
-    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed here; run `make test-slicer-core`")
+    slicer = pytest.importorskip("slicer", reason=SKIP_REASON)
     import vtk
 
     # Exported label maps look for Slicer's default "Labels" colour table, absent from a bare scene.

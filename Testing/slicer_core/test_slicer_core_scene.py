@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed here; run `make test-slicer-core`")
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 from DafneSlicerLib.slicer_scene import SlicerScene  # noqa: E402

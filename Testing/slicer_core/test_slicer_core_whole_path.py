@@ -1,0 +1,94 @@
+"""The module's whole path on a real MRML scene with the real dafne_logic: what DafneSlicerTest does in
+Slicer, minus Qt (the Segment Editor stroke is a binary labelmap written into the segment)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
+import SimpleITK as sitk  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
+from DafneSlicerLib.controller import DafneController  # noqa: E402
+from DafneSlicerLib.learning_logic import LearningLogic  # noqa: E402
+from DafneSlicerLib.segmentation_logic import SegmentationLogic  # noqa: E402
+from DafneSlicerLib.slicer_scene import SlicerScene  # noqa: E402
+from DafneSlicerLib.sync_logic import SyncLogic  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_slicer_module_controller import FakeInstall, FakeView, _finish  # noqa: E402
+
+from dafne_logic.finetune import FinetuneConfig  # noqa: E402
+from dafne_logic.labels import LEG  # noqa: E402
+from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams, user_models_dir  # noqa: E402
+from dafne_logic.networks import build_network, unet_architecture  # noqa: E402
+from dafne_logic.phantoms import make_phantom  # noqa: E402
+
+
+def _save_tiny_user_model() -> None:
+    """An untrained 3-level U-Net for the calf table, saved where the registry finds user models."""
+    arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
+    manifest = Manifest(name="leg", region="leg", version="1", architecture=arch, labels=LEG,
+                        preprocessing=PreprocessingParams(spacing_mm=(2.0, 2.0)), provenance={"trained_on": "nothing"})
+    state = {k: v.detach().clone() for k, v in build_network(arch).state_dict().items()}
+    ModelPackage(manifest, state).save(user_models_dir() / "tiny-leg")
+
+
+def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path):
+    _save_tiny_user_model()
+    image, truth = make_phantom("leg", shape=(4, 96, 128), seed=5)
+    volume = slicer.vtkMRMLScalarVolumeNode()
+    volume.SetName("calf phantom")
+    scene.AddNode(volume)
+    mc.update_volume_node_from_image(volume, image)
+    view = FakeView()
+    controller = DafneController(view, SlicerScene(scene), FakeInstall(), SegmentationLogic(),
+                                 LearningLogic(FinetuneConfig(max_epochs=1, min_steps_per_epoch=1)),
+                                 SyncLogic(tmp_path / "sync.json"))
+
+    controller.segment(volume, "tiny-leg", "cpu")
+    _finish(controller, timeout=300)
+    assert not view.errors, view.errors
+    node = controller.case.segmentation_node
+    assert node.GetName() == "calf phantom segmentation" and node.GetScene() is scene
+    assert mc.segment_names(node) == [label.name for label in LEG.volume_labels()]
+
+    # A Segment Editor stroke (overwriting other segments, the editor's default): slice 1 of
+    # "right soleus" becomes the true right soleus.
+    value = LEG.value_of(1, "right")
+    segmentation = node.GetSegmentation()
+    soleus_id = segmentation.GetSegmentIdBySegmentName("right soleus")
+    current = sitk.GetArrayFromImage(controller.scene.labels_of(node, volume, LEG).labels)
+    wanted = current == value
+    wanted[1] = sitk.GetArrayViewFromImage(truth)[1] == value
+    mask = sitk.GetImageFromArray(wanted.astype(np.uint8))
+    mask.CopyInformation(image)
+    stroke = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(stroke)
+    mc.update_volume_node_from_image(stroke, mask)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(stroke), node, soleus_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, None, False,
+        [i for i in segmentation.GetSegmentIDs() if i != soleus_id])
+    scene.RemoveNode(stroke)
+
+    controller.update_review()
+    assert view.summaries[-1] == "Changed slices: 1. Reviewed: none."
+    controller.mark_slices("1-2")
+    assert view.summaries[-1] == "Changed slices: 1. Reviewed: 1-2."
+    controller.improve()
+    _finish(controller, timeout=300)
+    assert not view.errors, view.errors
+    assert (user_models_dir() / controller.case.model_name / "weights.safetensors").is_file()
+    assert controller.case.model_name in view.models[-1][0] and view.models[-1][1] == controller.case.model_name
+
+    controller.statistics()
+    tables = scene.GetNodesByClass("vtkMRMLTableNode")
+    assert tables.GetNumberOfItems() == 1
+    table = tables.GetItemAsObject(0)
+    assert table.GetName() == "calf phantom muscle statistics" and table.GetNumberOfRows() == 2 * LEG.n_muscles
+    soleus_row = next(r for r in range(table.GetNumberOfRows()) if table.GetCellText(r, 1) == "right soleus")
+    assert int(float(table.GetCellText(soleus_row, 4))) == int(wanted.sum())  # voxel_count of the edited segment
