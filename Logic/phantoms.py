@@ -82,9 +82,10 @@ def render_contrast(tissues: np.ndarray, muscles: np.ndarray, contrast: str | np
     shade = (1.0 + rng.normal(0.0, _MUSCLE_VARIATION, n_labels)).astype(np.float32)
     image[muscle] *= shade[muscles[muscle]]
     if fat_infiltration > 0:
-        per_muscle = np.clip(fat_infiltration * rng.lognormal(0.0, 0.35, n_labels), 0.0, 0.95).astype(np.float32)
-        marbling = _smooth_field(rng, tissues.shape, spacing, scale_mm=12.0)
-        fraction = np.clip(per_muscle[muscles[muscle]] * (1.0 + 0.8 * marbling[muscle]), 0.0, 1.0)
+        # Muscles differ in how affected they are; within one, fat runs in streaks along the fibres (z).
+        per_muscle = np.clip(fat_infiltration * rng.lognormal(-0.15, 0.55, n_labels), 0.0, 0.95).astype(np.float32)
+        marbling = _smooth_field(rng, tissues.shape, spacing, scale_mm=(25.0, 5.0, 5.0))
+        fraction = np.clip(per_muscle[muscles[muscle]] * (1.0 + 0.6 * marbling[muscle]), 0.0, 1.0)
         image[muscle] += fraction * (table[Tissue.SUBCUTANEOUS_FAT] - image[muscle])
     image = ndimage.gaussian_filter(image, (0.0, _PSF_SIGMA_PX, _PSF_SIGMA_PX), truncate=3.0)
     if slice_thickness_mm is not None:
@@ -112,16 +113,16 @@ def _intensity_table(contrast: str | np.ndarray) -> np.ndarray:
     return table
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, float, float],
-                  scale_mm: float) -> np.ndarray:
-    """Zero-mean, unit-SD random field (z, y, x) with features about ``scale_mm`` across.
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                  scale_mm: tuple[float, float, float]) -> np.ndarray:
+    """Zero-mean, unit-SD random field (z, y, x) with features about ``scale_mm`` (z, y, x) across.
 
     Drawn on a grid a quarter of the feature size and interpolated, so its cost barely depends on
     the image size.
     """
     steps = np.array([spacing[2], spacing[1], spacing[0]])
-    coarse_step = np.maximum(scale_mm / 4.0, steps)
-    coarse_shape = np.maximum(np.ceil(np.array(shape) * steps / coarse_step).astype(int), 1) + 1
+    coarse_step = np.maximum(np.asarray(scale_mm) / 4.0, steps)
+    coarse_shape = np.ceil(np.array(shape) * steps / coarse_step).astype(int) + 2
     coarse = ndimage.gaussian_filter(rng.standard_normal(tuple(coarse_shape)), 1.5, mode="wrap")
     coarse = (coarse - coarse.mean()) / max(float(coarse.std()), 1e-6)
     grids = [np.arange(n) * (c - 1) / max(n - 1, 1) for n, c in zip(shape, coarse_shape)]
