@@ -241,56 +241,61 @@ class Subject:
     region: RegionSpec
     legs: dict[Side, LegAnatomy]
     t_center: float  # anatomical position (0..1) of the middle slice
-    gap_mm: np.ndarray  # (3,) keyframes of the gap between the legs (negative: they overlap)
+    gap_mm: np.ndarray  # (3,) keyframes of the gap between the legs when they do not touch
+    touching: bool  # legs pressed together: the gap is negative, decided per slice
 
 
-def _draw_leg(spec: RegionSpec, side: Side, rng: np.random.Generator, jitter: float,
-              base: LegAnatomy | None = None) -> LegAnatomy:
-    """Random leg anatomy; with ``base``, a copy of it perturbed by ``jitter`` (the other leg)."""
+def _draw_leg(spec: RegionSpec, rng: np.random.Generator) -> LegAnatomy:
+    """A random right leg: the average anatomy of ``spec`` with per-subject variation."""
     n_m = len(spec.muscles)
     noise_fields = _smooth_fields(np.random.default_rng(rng.integers(2 ** 63)), spec.length_mm)
-    if base is None:
-        size = rng.uniform(0.88, 1.12)
-        axes = np.asarray(spec.axes_mm) * size * rng.uniform(0.94, 1.06, 4)
-        paths = tuple(np.asarray(m.path, float).transpose(1, 0, 2)
-                      + rng.normal(0, 0.04, (1, len(m.path), 2)) + rng.normal(0, 0.015, (3, len(m.path), 2))
-                      for m in spec.muscles)
-        weights = np.array([m.weight for m in spec.muscles], float).T + rng.normal(0, 0.025, (1, n_m))
-        bones = np.array([b.center for b in spec.bones], float).transpose(1, 0, 2) + rng.normal(0, 0.03, (1, len(spec.bones), 2))
-        vessels = np.array([v.center if v.center is not None else ((np.nan, np.nan),) * 3 for v in spec.vessels],
-                           float).transpose(1, 0, 2)
-        return LegAnatomy(
-            spec=spec, side=side, axes_mm=axes, scale=np.asarray(spec.scale) * rng.uniform(0.97, 1.03, 3),
-            outline_harmonics=_HARMONIC_DECAY * (rng.normal(0, 0.02, (1, N_HARMONICS, 2))
-                                                 + rng.normal(0, 0.008, (3, N_HARMONICS, 2))),
-            fat_mm=rng.uniform(*spec.fat_mm), fat_profile=np.asarray(spec.fat_profile) * rng.uniform(0.9, 1.1, 3),
-            fat_harmonics=_HARMONIC_DECAY * (rng.normal(0, 0.15, (1, N_HARMONICS, 2))
-                                             + rng.normal(0, 0.05, (3, N_HARMONICS, 2))),
-            rotation_rad=np.deg2rad(rng.normal(0, 6)),
-            muscle_paths=paths, muscle_weights=weights,
-            muscle_values=np.array([0 if m.name is None else spec.table.value_of(spec.table.muscle_index(m.name), side)
-                                    for m in spec.muscles]),
-            noise_mix=rng.normal(0, 0.02, (NOISE_FIELDS, n_m)), noise_fields=noise_fields,
-            septum_mm=rng.uniform(0.5, 1.4),
-            bone_centers=bones,
-            bone_radius_mm=np.array([b.radius_mm for b in spec.bones], float).T * rng.uniform(0.9, 1.1),
-            bone_cortex_mm=np.array([b.cortex_mm for b in spec.bones], float).T * rng.uniform(0.85, 1.15),
-            vessel_centers=vessels, center_y_mm=rng.normal(0, 8),
-        )
-    j = jitter
+    size = rng.uniform(0.88, 1.12)
+    # Positions vary per subject (common to all keyframes) and a little along z (per keyframe).
+    paths = tuple(np.asarray(m.path, float).transpose(1, 0, 2)
+                  + rng.normal(0, 0.04, (1, len(m.path), 2)) + rng.normal(0, 0.015, (3, len(m.path), 2))
+                  for m in spec.muscles)
+    bones = (np.array([b.center for b in spec.bones], float).transpose(1, 0, 2)
+             + rng.normal(0, 0.03, (1, len(spec.bones), 2)))
+    vessels = np.array([v.center if v.center is not None else ((np.nan, np.nan),) * 3 for v in spec.vessels],
+                       float).transpose(1, 0, 2)
+    return LegAnatomy(
+        spec=spec, side="right", axes_mm=np.asarray(spec.axes_mm) * size * rng.uniform(0.94, 1.06, 4),
+        scale=np.asarray(spec.scale) * rng.uniform(0.97, 1.03, 3),
+        outline_harmonics=_HARMONIC_DECAY * (rng.normal(0, 0.02, (1, N_HARMONICS, 2))
+                                             + rng.normal(0, 0.008, (3, N_HARMONICS, 2))),
+        fat_mm=rng.uniform(*spec.fat_mm), fat_profile=np.asarray(spec.fat_profile) * rng.uniform(0.9, 1.1, 3),
+        fat_harmonics=_HARMONIC_DECAY * (rng.normal(0, 0.15, (1, N_HARMONICS, 2))
+                                         + rng.normal(0, 0.05, (3, N_HARMONICS, 2))),
+        rotation_rad=np.deg2rad(rng.normal(0, 6)),
+        muscle_paths=paths,
+        muscle_weights=np.array([m.weight for m in spec.muscles], float).T + rng.normal(0, 0.025, (1, n_m)),
+        muscle_values=np.array([0 if m.name is None else spec.table.value_of(spec.table.muscle_index(m.name), "right")
+                                for m in spec.muscles]),
+        noise_mix=rng.normal(0, 0.02, (NOISE_FIELDS, n_m)), noise_fields=noise_fields,
+        septum_mm=rng.uniform(0.5, 1.4),
+        bone_centers=bones,
+        bone_radius_mm=np.array([b.radius_mm for b in spec.bones], float).T * rng.uniform(0.9, 1.1),
+        bone_cortex_mm=np.array([b.cortex_mm for b in spec.bones], float).T * rng.uniform(0.85, 1.15),
+        vessel_centers=vessels, center_y_mm=rng.normal(0, 8),
+    )
+
+
+def _other_leg(right: LegAnatomy, rng: np.random.Generator) -> LegAnatomy:
+    """The subject's left leg: the right one (mirrored by the leg-local frame) with small differences."""
+    n_muscles = right.spec.table.n_muscles
     return replace(
-        base, side=side,
-        axes_mm=base.axes_mm * rng.uniform(1 - 0.03 * j, 1 + 0.03 * j, 4),
-        outline_harmonics=base.outline_harmonics + rng.normal(0, 0.008 * j, base.outline_harmonics.shape),
-        fat_mm=base.fat_mm * rng.uniform(1 - 0.08 * j, 1 + 0.08 * j),
-        fat_harmonics=base.fat_harmonics + rng.normal(0, 0.05 * j, base.fat_harmonics.shape),
-        rotation_rad=base.rotation_rad + np.deg2rad(rng.normal(0, 3 * j)),
-        muscle_paths=tuple(p + rng.normal(0, 0.015 * j, (1,) + p.shape[1:]) for p in base.muscle_paths),
-        muscle_weights=base.muscle_weights + rng.normal(0, 0.01 * j, (1, n_m)),
-        muscle_values=np.where(base.muscle_values > 0, base.muscle_values + spec.table.n_muscles, 0),
-        noise_fields=noise_fields,
-        bone_centers=base.bone_centers + rng.normal(0, 0.01 * j, (1,) + base.bone_centers.shape[1:]),
-        center_y_mm=base.center_y_mm + rng.normal(0, 3 * j),
+        right, side="left",
+        noise_fields=_smooth_fields(np.random.default_rng(rng.integers(2 ** 63)), right.spec.length_mm),
+        axes_mm=right.axes_mm * rng.uniform(0.97, 1.03, 4),
+        outline_harmonics=right.outline_harmonics + rng.normal(0, 0.008, right.outline_harmonics.shape),
+        fat_mm=right.fat_mm * rng.uniform(0.92, 1.08),
+        fat_harmonics=right.fat_harmonics + rng.normal(0, 0.05, right.fat_harmonics.shape),
+        rotation_rad=right.rotation_rad + np.deg2rad(rng.normal(0, 3)),
+        muscle_paths=tuple(p + rng.normal(0, 0.015, (1,) + p.shape[1:]) for p in right.muscle_paths),
+        muscle_weights=right.muscle_weights + rng.normal(0, 0.01, (1, len(right.muscle_values))),
+        muscle_values=np.where(right.muscle_values > 0, right.muscle_values + n_muscles, 0),
+        bone_centers=right.bone_centers + rng.normal(0, 0.01, (1,) + right.bone_centers.shape[1:]),
+        center_y_mm=right.center_y_mm + rng.normal(0, 3),
     )
 
 
@@ -305,14 +310,12 @@ def _smooth_fields(rng: np.random.Generator, length_mm: float) -> np.ndarray:
 def _draw_subject(region: str, rng: np.random.Generator, touching: bool) -> Subject:
     """All random anatomical choices of one subject (both legs, even if only one is imaged)."""
     spec = _region(region)
-    right = _draw_leg(spec, "right", rng, 1.0)
-    left = _draw_leg(spec, "left", rng, 1.0, base=right)
-    if touching:
-        gap = np.full(3, np.nan)  # decided per slice from the fat thickness
-    else:
-        gap0 = rng.uniform(12, 40)
-        gap = np.array([gap0 + rng.uniform(0, 25), gap0 + rng.uniform(0, 8), gap0])
-    return Subject(spec, {"right": right, "left": left}, t_center=rng.uniform(0.42, 0.58), gap_mm=gap)
+    right = _draw_leg(spec, rng)
+    left = _other_leg(right, rng)
+    gap = rng.uniform(12, 40)  # widening towards the knee or ankle
+    gap_mm = np.array([gap + rng.uniform(0, 25), gap + rng.uniform(0, 8), gap])
+    return Subject(spec, {"right": right, "left": left}, t_center=rng.uniform(0.42, 0.58), gap_mm=gap_mm,
+                   touching=touching)
 
 
 def _region(region: str) -> RegionSpec:
@@ -327,15 +330,14 @@ class _LegSection:
 
     leg: LegAnatomy
     t: float
-    z_mm: float
     axes: np.ndarray  # (4,) mm, scaled
     harmonics: np.ndarray  # (N_HARMONICS, 2)
     fat_mm: float
     fat_harmonics: np.ndarray
 
     @classmethod
-    def at(cls, leg: LegAnatomy, t: float, z_mm: float) -> "_LegSection":
-        return cls(leg, t, z_mm, leg.axes_mm * float(_interp(leg.scale, t)), _interp(leg.outline_harmonics, t),
+    def at(cls, leg: LegAnatomy, t: float) -> "_LegSection":
+        return cls(leg, t, leg.axes_mm * float(_interp(leg.scale, t)), _interp(leg.outline_harmonics, t),
                    leg.fat_mm * float(_interp(leg.fat_profile, t)), _interp(leg.fat_harmonics, t))
 
     def compartment_radius(self, c: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -364,16 +366,24 @@ class _LegSection:
         return (float(un * (self.axes[0] if un > 0 else self.axes[1])),
                 float(vn * (self.axes[3] if vn > 0 else self.axes[2])))
 
+    def skin_outline_mm(self, n: int = 180) -> tuple[np.ndarray, np.ndarray]:
+        """Leg-local (u, v) mm of ``n`` points on the skin surface (before the leg's rotation)."""
+        theta = np.linspace(-np.pi, np.pi, n, endpoint=False)
+        c, s = np.cos(theta), np.sin(theta)
+        length = self.unit_length_mm(c, s)
+        radius = self.compartment_radius(c, s) * length + self.fat_thickness(c, s) + SKIN_MM
+        return (radius * np.where(c > 0, self.axes[0], self.axes[1]) * c / length,
+                radius * np.where(s > 0, self.axes[3], self.axes[2]) * s / length)
+
     def medial_extent_mm(self) -> float:
-        """Distance from the leg centre to its medial skin surface."""
-        return float(self.compartment_radius(-1.0, 0.0) * self.axes[1] + self.fat_thickness(-1.0, 0.0) + SKIN_MM)
+        """How far the skin reaches from the leg centre towards the body midline (along x)."""
+        u, v = self.skin_outline_mm()
+        cr, sr = np.cos(self.leg.rotation_rad), np.sin(self.leg.rotation_rad)
+        return float(np.max(-(cr * u + sr * v)))  # see _rasterise_leg for the frame
 
     def extent_mm(self) -> float:
-        """An upper bound of the distance from the leg centre to its skin surface."""
-        theta = np.linspace(-np.pi, np.pi, 73)
-        c, s = np.cos(theta), np.sin(theta)
-        return float(np.max(self.compartment_radius(c, s) * self.unit_length_mm(c, s)
-                            + self.fat_thickness(c, s)) + SKIN_MM)
+        """The largest distance from the leg centre to its skin surface."""
+        return float(np.max(np.hypot(*self.skin_outline_mm())))
 
 
 def _harmonics(coeffs: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -402,7 +412,7 @@ def _t_of(subject: Subject, z_mm: float) -> float:
 def _leg_centres(subject: Subject, slices: dict[Side, _LegSection]) -> dict[Side, tuple[float, float]]:
     """Physical (x, y) of each leg centre: the legs sit either side of x = 0, ``gap`` apart."""
     r, l = slices["right"], slices["left"]
-    if np.isnan(subject.gap_mm).any():
+    if subject.touching:
         # Touching: overlap by part of the thinner medial fat, so skin meets skin and fat meets fat.
         gap = -(0.5 * min(r.fat_thickness(-1.0, 0.0), l.fat_thickness(-1.0, 0.0)) + 1.0)
     else:
@@ -422,7 +432,7 @@ def default_spacing(region: str, shape: tuple[int, int, int], seed: int = 0) -> 
     subject = _draw_subject(region, np.random.default_rng(_seed_sequence(seed)), touching=False)
     width = height = 0.0
     for z in _slab_positions(n_z, spacing_z)[:: max(1, n_z // 8)]:
-        slices = {s: _LegSection.at(leg, _t_of(subject, z), z) for s, leg in subject.legs.items()}
+        slices = {s: _LegSection.at(leg, _t_of(subject, z)) for s, leg in subject.legs.items()}
         centres = _leg_centres(subject, slices)
         for side, sl in slices.items():
             cx, cy = centres[side]
@@ -644,7 +654,7 @@ def phantom_tissue_map(region: str = "thigh", shape: tuple[int, int, int] = (40,
     tissues = np.zeros((n_z, n_y, n_x), np.uint8)
     muscles = np.zeros((n_z, n_y, n_x), np.uint8)
     for k, z in enumerate(z_positions):
-        slices = {s: _LegSection.at(leg, _t_of(subject, z), z) for s, leg in subject.legs.items()}
+        slices = {s: _LegSection.at(leg, _t_of(subject, z)) for s, leg in subject.legs.items()}
         centres = _leg_centres(subject, slices)
         owner = np.zeros((n_y, n_x), np.int8)  # 1 + index of the leg drawn at each pixel
         best_depth = np.zeros((n_y, n_x))
