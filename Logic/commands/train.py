@@ -1,0 +1,270 @@
+"""``dafne-slicer train``: a model from label maps (synthesised images) or from real image/label pairs.
+
+Label maps (the base models)::
+
+    dafne-slicer train --region thigh --label-maps DIR_OR_FILE... --output MODEL_DIR [--steps N] [--resume]
+
+Real pairs, any region and label table (``NAME.nii.gz`` + ``NAME_labels.nii.gz``/``NAME.seg.nrrd``)::
+
+    dafne-slicer train --label-table TABLE.json --pairs DIR... --output MODEL_DIR
+
+Whole subjects given with ``--holdout-subjects`` never reach training; the validation Dice in the
+log and the manifest is measured on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..errors import InputError
+from ..labels import BUILTIN_TABLES, LabelTable
+from ..model_package import Manifest, PreprocessingParams
+from ..networks import unet_architecture
+
+log = logging.getLogger(__name__)
+
+# Per region: model spacing (mm), anatomy canvas and training crop (pixels), minimum classes per slice.
+REGION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "thigh": {"spacing": 1.25, "canvas": 224, "size": 176, "min_classes": 3},
+    "leg": {"spacing": 1.0, "canvas": 192, "size": 160, "min_classes": 2},
+}
+GENERIC_DEFAULTS = {"spacing": 1.0, "canvas": 224, "size": 176, "min_classes": 1}
+
+DATA_SOURCES = {
+    "thigh_label_maps": "Multimodal-Multiethnic-Thigh-Muscle-MRI-analysis (github.com/Hirriririir/"
+                        "Multimodal-Multiethnic-Thigh-Muscle-MRI-analysis), Apache-2.0: 30 bilateral thigh label maps "
+                        "(SegResNet predictions)",
+    "lowerbody_label_maps": "MuscleMap (github.com/MuscleMap/MuscleMap), MIT: 2 whole-body label maps "
+                            "(model predictions)",
+    "calf_slices": "dafne-evaluation (github.com/dafne-imaging/dafne-evaluation), Apache-2.0: manual calf labels",
+}
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("what to learn from")
+    source.add_argument("--region", choices=sorted(BUILTIN_TABLES), help="built-in label table (thigh or leg)")
+    source.add_argument("--label-table", metavar="JSON", help="a label table for new anatomy (with --pairs)")
+    source.add_argument("--label-maps", nargs="+", type=Path, metavar="PATH",
+                        help="label map files or folders: images are synthesised from them")
+    source.add_argument("--pairs", nargs="+", type=Path, metavar="DIR",
+                        help="folders of real image/label pairs (NAME.nii.gz with NAME_labels.nii.gz or NAME.seg.nrrd)")
+    source.add_argument("--phantoms", type=int, default=0, metavar="N",
+                        help="add N procedural phantom subjects as anatomy (built-in regions)")
+    source.add_argument("--phantom-share", type=float, default=0.3, metavar="FRACTION",
+                        help="fraction of training samples drawn from the phantoms (default 0.3); each label "
+                             "map weighs the same in the rest")
+    source.add_argument("--holdout-subjects", nargs="*", default=[], metavar="ID",
+                        help="subjects (e.g. THIGH_003) kept out of training and used for validation")
+    parser.add_argument("--output", "-o", required=True, type=Path, help="model package folder to write")
+    parser.add_argument("--work-dir", type=Path, help="checkpoints and logs (default OUTPUT.training)")
+    parser.add_argument("--name", help="model name in the manifest (default: the output folder's name)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train = parser.add_argument_group("schedule")
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (mixed precision on CUDA)")
+    train.add_argument("--checkpoint-every", type=int, default=200)
+    train.add_argument("--val-every", type=int, default=500)
+    train.add_argument("--spacing", type=float, help="model in-plane spacing in mm (region default)")
+    train.add_argument("--size", type=int, help="training crop side in pixels (region default)")
+    train.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def _table(args: argparse.Namespace) -> LabelTable:
+    if args.region and args.label_table:
+        raise InputError("give either --region or --label-table, not both")
+    if args.label_table:
+        try:
+            return LabelTable.load(args.label_table)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{args.label_table}: not a usable label table ({exc})") from exc
+    if args.region:
+        return BUILTIN_TABLES[args.region]
+    raise InputError("say which labels to learn: --region thigh|leg or --label-table TABLE.json")
+
+
+def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]], list[list[Any]]]:
+    train = [s for s in sources if s and s[0].subject not in holdout]
+    held = [s for s in sources if s and s[0].subject in holdout]
+    return train, held
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import TrainConfig, default_work_dir, train_model
+
+    table = _table(args)
+    if not args.label_maps and not args.pairs and not args.phantoms:
+        raise InputError("nothing to learn from: give --label-maps, --pairs or --phantoms")
+    defaults = REGION_DEFAULTS.get(table.region, GENERIC_DEFAULTS)
+    spacing = args.spacing or defaults["spacing"]
+    size = args.size or defaults["size"]
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=args.device, checkpoint_every=args.checkpoint_every, val_every=args.val_every)
+    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
+    device = "cpu" if device == "auto" else device
+    params = PreprocessingParams(spacing_mm=(spacing, spacing))
+    holdout = set(args.holdout_subjects)
+
+    if args.pairs:
+        sampler, validate, loss_fn, summary = _pairs_setup(args, table, params, size, holdout, device)
+    else:
+        sampler, validate, loss_fn, summary = _label_map_setup(args, table, spacing, size, defaults, holdout, device)
+
+    manifest = Manifest(
+        name=args.name or args.output.name,
+        region=table.region,
+        version="1",
+        architecture=unet_architecture(table.n_classes),
+        labels=table,
+        preprocessing=params,
+        provenance={
+            "trained_on": summary["trained_on"],
+            "training": {"command": "dafne-slicer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                         **{k: v for k, v in summary.items() if k != "trained_on"}},
+        },
+    )
+    bar = None if args.no_progress else tqdm(total=config.steps, unit="step", desc="training")
+
+    def progress(done: int, total: int, info: dict[str, float]) -> None:
+        if bar is not None:
+            bar.n = done
+            bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
+            bar.refresh()
+
+    try:
+        package = train_model(manifest, sampler, config, args.output, progress=progress, validate=validate,
+                              resume=args.resume, loss_fn=loss_fn, work_dir=args.work_dir)
+    finally:
+        if bar is not None:
+            bar.close()
+    final = package.manifest.provenance["training"].get("final_validation") or {}
+    print(f"model written to {args.output} (checkpoints and log in {args.work_dir or default_work_dir(args.output)})")
+    if final:
+        print(f"validation mean Dice {final.get('mean_dice', float('nan')):.3f} on held-out subjects")
+    return 0
+
+
+def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float, size: int,
+                     defaults: dict[str, Any], holdout: set[str], device: str):
+    from ..harmonisation import (GroupRegistry, PartialLabelLoss, find_label_maps, load_label_map,
+                                 phantom_leg_slices)
+    from ..synthesis import AnatomyBank, SynthesisConfig, SynthesisSampler, synthetic_validation
+
+    canvas = (defaults["canvas"], defaults["canvas"])
+    registry = GroupRegistry(table.n_classes)
+    files = find_label_maps(list(args.label_maps)) if args.label_maps else []
+    sources = [load_label_map(path, table, registry, spacing, canvas, defaults["min_classes"]) for path in files]
+    phantoms = []
+    if args.phantoms:
+        if table.region not in BUILTIN_TABLES:
+            raise InputError("--phantoms needs a built-in region (thigh or leg)")
+        if not 0 < args.phantom_share <= 1:
+            raise InputError("--phantom-share must lie in (0, 1]")
+        phantoms = phantom_leg_slices(table, args.phantoms, 1000 + args.seed, spacing, canvas)
+    unknown = holdout - {s[0].subject for s in sources + phantoms if s}
+    if unknown:
+        raise InputError(f"held-out subjects {sorted(unknown)} are in none of the label maps")
+    train, held = _split(sources, holdout)
+    train_phantoms, held_phantoms = _split(phantoms, holdout)
+    held += held_phantoms
+    if not train and not train_phantoms:
+        raise InputError("no usable training slices in the label maps (every case is empty, held out or "
+                         "has too few muscles of the table)")
+    # Each label map weighs the same; the phantoms together take --phantom-share of the samples.
+    share = args.phantom_share if train else 1.0
+    weights = [(1 - share) / len(train)] * len(train) if train_phantoms else [1.0] * len(train)
+    weights += [share / len(train_phantoms)] * len(train_phantoms)
+    train += train_phantoms
+    bank = AnatomyBank.from_sources(train, source_weights=weights)
+    synth = SynthesisConfig(size=(size, size))
+    sampler = SynthesisSampler(bank, synth, device)
+    validate = None
+    if held:
+        validate = synthetic_validation(AnatomyBank.from_sources(held), synth, [m.name for m in table.muscles],
+                                        samples=48, device=device)
+    summary = {
+        "trained_on": "images synthesised from real label maps" + (" and phantoms" if args.phantoms else ""),
+        "label_maps": [str(p) for p in files],
+        "phantom_subjects": args.phantoms,
+        "phantom_share": args.phantom_share if train_phantoms else 0.0,
+        "training_subjects": sorted({s[0].subject for s in train}),
+        "holdout_subjects": sorted(holdout),
+        "training_slices": len(bank),
+        "partial_label_groups": [sorted(g) for g in registry.groups],
+        "synthesis": {"size": list(synth.size), "regimes": list(synth.regimes)},
+        "data_sources": {k: v for k, v in DATA_SOURCES.items() if any(k in str(p) for p in files)},
+    }
+    log.info("training on %d leg slices of %d sources; groups %s", len(bank), len(train), registry.groups)
+    return sampler, validate, PartialLabelLoss(table.n_classes, registry.groups), summary
+
+
+def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: PreprocessingParams, size: int,
+                 holdout: set[str], device: str):
+    from ..harmonisation import subject_id
+    from ..io import read_image, read_segmentation
+    from ..preprocessing import prepare_volume
+    from ..synthesis import SliceSampler, SynthesisConfig, dice_by_class
+
+    cases = []
+    for folder in args.pairs:
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder of image/label pairs")
+        for label_path in sorted(folder.iterdir()):
+            name = label_path.name
+            if name.endswith(".seg.nrrd"):
+                stem = name[: -len(".seg.nrrd")]
+            elif "_labels." in name and not name.endswith(".json"):
+                stem = name.split("_labels.")[0]
+            else:
+                continue
+            images = [p for p in folder.iterdir() if p != label_path and p.name.split(".")[0] == stem
+                      and not p.name.endswith((".json", ".seg.nrrd"))]
+            if not images:
+                raise InputError(f"{label_path}: no image named {stem}.* beside it")
+            cases.append((images[0], label_path))
+    if not cases:
+        raise InputError(f"no image/label pairs in {', '.join(map(str, args.pairs))}")
+    train_slices, held_slices = [], []
+    for image_path, label_path in cases:
+        labels, unknown = read_segmentation(label_path, table)
+        if unknown:
+            raise InputError(f"{label_path}: labels {unknown[:4]} are not in the {table.region} label table")
+        prepared = prepare_volume(read_image(image_path), params, labels, table)
+        crops = [(leg.image, leg.target) for leg in prepared.legs]
+        (held_slices if subject_id(image_path) in holdout else train_slices).append(crops)
+    if not train_slices:
+        raise InputError("every pair is held out; nothing left to train on")
+    synth = SynthesisConfig(size=(size, size))
+    sampler = SliceSampler([c for case in train_slices for c in case], synth, device)
+    validate = None
+    if held_slices:
+        held = [c for case in held_slices for c in case]
+
+        def validate(network: torch.nn.Module) -> dict[str, float]:
+            predictions, targets = [], []
+            with torch.no_grad():
+                for image, target in held:
+                    x = torch.from_numpy(image[:, None]).to(next(network.parameters()).device)
+                    predictions.append(network(x).argmax(1).cpu().flatten())
+                    targets.append(torch.from_numpy(target.astype("int64")).flatten())
+            scores = dice_by_class(torch.cat(predictions), torch.cat(targets), table.n_classes)
+            result = {m.name: float(s) for m, s in zip(table.muscles, scores)}
+            valid = scores[~torch.isnan(scores)]
+            result["mean_dice"] = float(valid.mean()) if valid.numel() else float("nan")
+            return result
+
+    summary = {"trained_on": "real image/label pairs", "pairs": [str(c[1]) for c in cases],
+               "holdout_subjects": sorted(holdout)}
+    return sampler, validate, None, summary

@@ -1,0 +1,532 @@
+"""Label harmonisation: label maps of any scheme → per-leg anatomy slices in a model's label space.
+
+Training anatomy comes from label maps whose schemes differ from the model's table:
+
+* the 11-label thigh maps (both legs share values 1..11, no adductor longus) — legs are split by
+  geometry (patient right has smaller x in LPS);
+* MuscleMap whole-body maps (``{anatomy, side, value}`` JSON) — thigh muscles, adductor brevis and
+  pelvic muscles that our tables lack, calf *compartments* and one gastrocnemius;
+* label maps with a JSON table beside them (ours, or ``{"1": "Soleus_R"}``).
+
+Each source label is matched **by name** to one of:
+
+* a model class (a muscle of the table);
+* a **coarse group** of model classes (``gastrocnemius`` = medialis + lateralis; ``anterior
+  compartment`` = tibialis anterior + extensor digitorum longus): the target holds the group's code
+  and :class:`PartialLabelLoss` sums the fine probabilities inside it (marginal loss);
+* other muscle (a muscle the table does not have: background for the network, muscle for synthesis);
+* bone.
+
+Muscles of the table that a source never labels (adductor longus in the 11-label maps) may hide in
+its unlabelled interior: those pixels get an *ambiguity group* {background, missing muscles}, so
+the loss neither teaches "background" there nor guesses the muscle.
+
+Outputs are :class:`LegSlice` canvases at the model's in-plane spacing, in the orientation the
+network sees (rows anterior→posterior, columns patient right→left, the left leg mirrored), holding
+a *tissue* map (what synthesis paints) and a *target* map (what the loss wants).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .io import label_table_path, match_label_name
+from .labels import SIDES, LabelTable, Side, normalise_name
+from .phantom_anatomy import Tissue
+
+log = logging.getLogger(__name__)
+
+# --- tissue codes painted by synthesis (values of LegSlice.tissue) --------------------------------
+# 0..8 are the phantom's Tissue classes (background, skin, fat, ..., unlabelled muscle, vessels).
+HOLE = 9  # unlabelled interior of the muscle compartment (fat, vessels or unlabelled muscle)
+HOLE_LARGEST = 10  # the largest such hole of a slice: often the femur or the tibia
+BONE = 11  # a labelled bone (cortex and marrow are drawn by synthesis)
+MUSCLE_BASE = 32  # MUSCLE_BASE + k: labelled muscle of model class k, or of coarse group code k
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+# Source names that denote several model classes at once, per region (matched by normalised name).
+COARSE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "leg": {
+        "gastrocnemius": ("gastrocnemius medialis", "gastrocnemius lateralis"),
+        "anterior compartment": ("tibialis anterior", "extensor digitorum longus"),
+        "lateral compartment": ("peroneus",),
+    },
+}
+BONE_NAMES = {"tibia", "fibula", "femur", "bone", "patella"}
+
+# The thigh maps of the Multimodal-Multiethnic thigh dataset: values 1..11, both legs alike.
+THIGH11_NAMES = {
+    1: "sartorius", 2: "rectus femoris", 3: "vastus lateralis", 4: "vastus intermedius", 5: "vastus medialis",
+    6: "adductor magnus", 7: "gracilis", 8: "biceps femoris long head", 9: "semitendinosus",
+    10: "semimembranosus", 11: "biceps femoris short head",
+}
+
+
+@dataclass(frozen=True)
+class SourceLabel:
+    """One label of a source scheme: its name and, when the scheme says, its side."""
+
+    name: str
+    side: Side | None
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """How the values of one label map are named. ``whole_body``: names outside the region's
+    vocabulary are other muscles (not an error), as in MuscleMap's whole-body maps."""
+
+    labels: dict[int, SourceLabel]
+    source: str
+    whole_body: bool = False
+
+
+@dataclass
+class GroupRegistry:
+    """Coarse and ambiguity groups of model classes met so far; group ``g`` has target code
+    ``n_classes + g``. Shared by every source of a training run and by its loss."""
+
+    n_classes: int
+    groups: list[frozenset[int]] = field(default_factory=list)
+
+    def code(self, classes: frozenset[int]) -> int:
+        """Target code of a set of model classes (a single class is its own code)."""
+        if len(classes) == 1 and 0 not in classes:
+            return next(iter(classes))
+        if classes not in self.groups:
+            self.groups.append(classes)
+        return self.n_classes + self.groups.index(classes)
+
+
+@dataclass(frozen=True)
+class LegSlice:
+    """One leg of one axial slice, ready for synthesis.
+
+    ``tissue`` and ``target`` are (H, W) uint8 canvases at the model spacing, the leg centred,
+    rows anterior→posterior, columns lateral→medial for a right leg (the left leg mirrored).
+    ``complete``: the tissue map already has skin and subcutaneous fat (phantoms); otherwise
+    synthesis grows them around the muscles.
+    """
+
+    subject: str
+    side: Side
+    z_mm: float
+    tissue: np.ndarray
+    target: np.ndarray
+    complete: bool = False
+
+
+# --- schemes ---------------------------------------------------------------------------------------
+
+
+_SIDE_SUFFIX = re.compile(r"^(.*?)[\s_.-]+(r|l|right|left)$", re.IGNORECASE)
+
+
+def _split_side(name: str) -> SourceLabel:
+    words = normalise_name(name).split()
+    if len(words) > 1 and words[0] in ("right", "left"):
+        return SourceLabel(" ".join(words[1:]), words[0])  # type: ignore[arg-type]
+    match = _SIDE_SUFFIX.match(name.strip())
+    if match:
+        side = "right" if match.group(2).lower() in ("r", "right") else "left"
+        return SourceLabel(normalise_name(match.group(1)), side)  # type: ignore[arg-type]
+    return SourceLabel(normalise_name(name), None)
+
+
+def _musclemap_scheme(path: Path) -> LabelScheme | None:
+    """A folder-level MuscleMap table (``{"labels": [{"anatomy", "side", "value"}, ...]}``) or None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    entries = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"anatomy", "value"} <= set(e) for e in entries):
+        return None
+    labels = {int(e["value"]): SourceLabel(normalise_name(str(e["anatomy"])),
+                                           e.get("side") if e.get("side") in SIDES else None) for e in entries}
+    return LabelScheme(labels, str(path), whole_body=True)
+
+
+def scheme_for(path: Path, values: set[int]) -> LabelScheme:
+    """The naming of a label map's values: its JSON table beside it, a MuscleMap table in its folder,
+    or (values within 1..11 and no table) the 11-label thigh scheme.
+
+    Raises:
+        InputError: no table can be found, or the table does not name every value present.
+    """
+    sidecar = label_table_path(path)
+    scheme: LabelScheme | None = None
+    if sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{sidecar}: not readable JSON ({exc})") from exc
+        entries = data.get("labels", data) if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            raise InputError(f"{sidecar}: not a label table (expected an object mapping values to names)")
+        labels = {}
+        for key, entry in entries.items():
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            if not str(key).isdigit() or not isinstance(name, str):
+                raise InputError(f"{sidecar}: label {key!r} needs an integer value and a name")
+            labels[int(key)] = _split_side(name)
+        scheme = LabelScheme(labels, str(sidecar))
+    else:
+        for candidate in sorted(path.parent.glob("*.json")):
+            scheme = _musclemap_scheme(candidate)
+            if scheme is not None:
+                break
+    if scheme is None:
+        if values <= set(THIGH11_NAMES):
+            return LabelScheme({v: SourceLabel(n, None) for v, n in THIGH11_NAMES.items()}, "11-label thigh scheme")
+        raise InputError(f"{path}: no label table beside it ({sidecar.name}) and its values are not the 11-label "
+                         f"thigh scheme; add a JSON table naming each value")
+    unknown = sorted(values - set(scheme.labels))
+    if unknown:
+        raise InputError(f"{path}: label values {unknown[:8]} are not named in {scheme.source}")
+    return scheme
+
+
+# --- names → codes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Tissue code and target code of each source value, plus the table's classes the source lacks."""
+
+    tissue: dict[int, int]
+    target: dict[int, int]
+    side: dict[int, Side | None]
+    missing: frozenset[int]
+
+
+def harmonise(scheme: LabelScheme, table: LabelTable, registry: GroupRegistry) -> Mapping:
+    """Match every label of ``scheme`` to ``table`` by name (see the module docstring).
+
+    Raises:
+        InputError: a name that is neither a muscle of the table, a coarse group, a bone nor
+            (for whole-body schemes) another muscle; or a source that names no muscle of the table.
+    """
+    groups = {normalise_name(k): v for k, v in COARSE_GROUPS.get(table.region, {}).items()}
+    tissue, target, side_of = {}, {}, {}
+    covered: set[int] = set()
+    unknown = []
+    for value, label in scheme.labels.items():
+        side_of[value] = label.side
+        probe = f"{label.side or 'right'} {label.name}"
+        matched = match_label_name(probe, table)
+        if matched is not None:
+            k = matched if matched <= table.n_muscles else matched - table.n_muscles
+            tissue[value], target[value] = MUSCLE_BASE + k, k
+            covered.add(k)
+        elif label.name in groups:
+            members = frozenset(table.muscle_index(n) for n in groups[label.name])
+            code = registry.code(members)
+            tissue[value], target[value] = MUSCLE_BASE + code, code
+            covered |= members
+        elif any(word in BONE_NAMES for word in label.name.split()):
+            tissue[value], target[value] = BONE, 0
+        elif scheme.whole_body:
+            tissue[value], target[value] = int(Tissue.MUSCLE), 0
+        else:
+            unknown.append(label.name)
+    if unknown:
+        raise InputError(f"{scheme.source}: labels {unknown[:4]} are not muscles of the {table.region} table "
+                         f"({', '.join(m.name for m in table.muscles)})")
+    if not covered:
+        raise InputError(f"{scheme.source}: names no muscle of the {table.region} table")
+    return Mapping(tissue, target, side_of, frozenset(range(1, table.n_classes)) - covered)
+
+
+# --- label maps → leg slices -----------------------------------------------------------------------
+
+
+def subject_id(path: Path) -> str:
+    """Subject of a label map file: ``THIGH_NNN`` (one subject may appear under several contrasts),
+    else the file name without suffixes or a trailing ``_labels``/``_NNNN``."""
+    match = re.search(r"(THIGH_\d+)", path.name)
+    if match:
+        return match.group(1)
+    stem = path.name
+    for suffix in LABEL_MAP_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return re.sub(r"(_labels|_\d{4})$", "", stem)
+
+
+def find_label_maps(paths: list[Path]) -> list[Path]:
+    """Label map files among ``paths`` (files, or folders searched recursively).
+
+    In folders, images with floating-point voxels are skipped (a folder may hold images beside
+    their label maps). Raises :class:`InputError` for a missing path or when nothing is found.
+    """
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path} does not exist")
+        if path.is_file():
+            found.append(path)
+            continue
+        for candidate in sorted(path.rglob("*")):
+            if candidate.is_file() and candidate.name.lower().endswith(LABEL_MAP_SUFFIXES):
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(candidate))
+                try:
+                    reader.ReadImageInformation()
+                except RuntimeError:
+                    continue
+                if reader.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+                    found.append(candidate)
+    if not found:
+        raise InputError(f"no label maps found in {', '.join(str(p) for p in paths)}")
+    return found
+
+
+def _read_label_map(path: Path) -> sitk.Image:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[0]})") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: not a 3D scalar label map")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        voxels = sitk.GetArrayViewFromImage(image)
+        if not np.array_equal(voxels, np.round(voxels)):
+            raise InputError(f"{path}: holds non-integer values; it is an image, not a label map")
+        image = sitk.Cast(image, sitk.sitkInt32)
+    return sitk.DICOMOrient(image, "LPS")
+
+
+def _resample_in_plane(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Nearest-neighbour resampling of (x, y) to ``spacing_mm``; slices kept."""
+    sx, sy, sz = image.GetSpacing()
+    nx, ny, nz = image.GetSize()
+    size = [max(1, int(round(nx * sx / spacing_mm))), max(1, int(round(ny * sy / spacing_mm))), nz]
+    origin = image.TransformContinuousIndexToPhysicalPoint((-0.5 + spacing_mm / sx / 2, -0.5 + spacing_mm / sy / 2, 0))
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor, origin,
+                         (spacing_mm, spacing_mm, sz), image.GetDirection(), 0, image.GetPixelID())
+
+
+def _split_column(mask: np.ndarray) -> int | None:
+    """Column separating two legs in a (z, y, x) mask: the emptiest column between the two
+    2-means centres of the mask's column profile; None when only one leg is present."""
+    profile = mask.sum(axis=(0, 1)).astype(np.float64)
+    cols = np.nonzero(profile)[0]
+    if cols.size < 2:
+        return None
+    centres = np.array([cols[0], cols[-1]], dtype=np.float64)
+    for _ in range(20):
+        split = centres.mean()
+        left, right = cols[cols <= split], cols[cols > split]
+        if left.size == 0 or right.size == 0:
+            return None
+        centres = np.array([np.average(left, weights=profile[left]), np.average(right, weights=profile[right])])
+    a, b = int(centres[0]), int(centres[1])
+    between = profile[a:b + 1]
+    if between.min() > 0.2 * profile.max():
+        return None  # no valley: one leg
+    return a + int(np.argmin(between))
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    r = np.arange(-radius_px, radius_px + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px ** 2
+
+
+def _fill_holes(tissue: np.ndarray, target: np.ndarray, spacing_mm: float, ambiguous_code: int) -> None:
+    """Mark the unlabelled interior of the compartment as HOLE / HOLE_LARGEST (in place)."""
+    solid = tissue > 0
+    pad = int(np.ceil(6.0 / spacing_mm))
+    closed = ndimage.binary_closing(np.pad(solid, pad), structure=_disk(max(1, int(round(4.0 / spacing_mm)))))
+    interior = ndimage.binary_fill_holes(closed)[pad:-pad, pad:-pad] & ~solid
+    components, n = ndimage.label(interior)
+    if n == 0:
+        return
+    sizes = ndimage.sum_labels(interior, components, index=np.arange(1, n + 1))
+    tissue[interior] = HOLE
+    target[interior] = ambiguous_code
+    largest = int(np.argmax(sizes)) + 1
+    if sizes[largest - 1] * spacing_mm ** 2 >= 80.0:
+        tissue[components == largest] = HOLE_LARGEST
+
+
+def _canvas(array: np.ndarray, centre: tuple[int, int], size: tuple[int, int], mirror: bool) -> np.ndarray:
+    """(H, W) crop of ``array`` centred on ``centre`` (zero outside), mirrored along x if asked."""
+    out = np.zeros(size, dtype=array.dtype)
+    y0, x0 = centre[0] - size[0] // 2, centre[1] - size[1] // 2
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(array.shape[0], y0 + size[0]), min(array.shape[1], x0 + size[1])
+    if ye > ys and xe > xs:
+        out[ys - y0:ye - y0, xs - x0:xe - x0] = array[ys:ye, xs:xe]
+    return out[:, ::-1].copy() if mirror else out
+
+
+def leg_slices_from_codes(tissue_volume: np.ndarray, target_volume: np.ndarray, side_volume: np.ndarray,
+                          subject: str, spacing_mm: float, z_mm: np.ndarray, canvas: tuple[int, int],
+                          ambiguous_code: int, min_classes: int, complete: bool = False) -> list[LegSlice]:
+    """Cut per-leg canvases from canonical (z, y, x) code volumes at the model spacing.
+
+    ``side_volume`` holds 1 for the right leg, 2 for the left, 0 for neither. Slices of a leg with
+    fewer than ``min_classes`` distinct targets of the table are skipped.
+    """
+    out = []
+    for z in range(tissue_volume.shape[0]):
+        for side_code, side in ((1, "right"), (2, "left")):
+            mine = side_volume[z] == side_code
+            if not mine.any():
+                continue
+            tissue = np.where(mine, tissue_volume[z], 0).astype(np.uint8)
+            target = np.where(mine, target_volume[z], 0).astype(np.uint8)
+            if np.unique(target[target > 0]).size < min_classes:
+                continue
+            if not complete:
+                _fill_holes(tissue, target, spacing_mm, ambiguous_code)
+            rows, cols = np.nonzero(tissue)
+            centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
+            mirror = side == "left"
+            out.append(LegSlice(subject, side, float(z_mm[z]), _canvas(tissue, centre, canvas, mirror),
+                                _canvas(target, centre, canvas, mirror), complete))
+    return out
+
+
+def load_label_map(path: Path, table: LabelTable, registry: GroupRegistry, spacing_mm: float,
+                   canvas: tuple[int, int], min_classes: int = 3) -> list[LegSlice]:
+    """Per-leg anatomy slices of one label map, harmonised to ``table``.
+
+    Raises:
+        InputError: unreadable or empty file, values without names, names that do not fit the table.
+    """
+    image = _read_label_map(path)
+    values = sitk.GetArrayFromImage(image).astype(np.int64)
+    present = set(np.unique(values).tolist()) - {0}
+    if not present:
+        raise InputError(f"{path}: the label map is empty")
+    if min(present) < 0:
+        raise InputError(f"{path}: holds negative label values")
+    scheme = scheme_for(path, present)
+    mapping = harmonise(scheme, table, registry)
+    ambiguous = registry.code(frozenset({0}) | mapping.missing) if mapping.missing else 0
+    resampled = _resample_in_plane(image, spacing_mm)
+    values = sitk.GetArrayFromImage(resampled).astype(np.int64)
+    lut_size = int(values.max()) + 1
+    tissue_lut = np.zeros(lut_size, np.uint8)
+    target_lut = np.zeros(lut_size, np.uint8)
+    side_lut = np.zeros(lut_size, np.uint8)
+    for value in present:
+        tissue_lut[value] = mapping.tissue[value]
+        target_lut[value] = mapping.target[value]
+        side = mapping.side[value]
+        side_lut[value] = 0 if side is None else 1 + SIDES.index(side)
+    sides = side_lut[values]
+    sideless = (values > 0) & (sides == 0)
+    if sideless.any():
+        # Legs by geometry: canonical x grows towards the patient's left.
+        split = _split_column(sideless)
+        if split is None:
+            centre_x = resampled.TransformContinuousIndexToPhysicalPoint(
+                (float(np.nonzero(sideless)[2].mean()), 0.0, 0.0))[0]
+            sides[sideless] = 1 if centre_x < 0 else 2
+        else:
+            by_column = np.where(np.arange(values.shape[2]) <= split, 1, 2).astype(np.uint8)
+            sides[sideless] = np.broadcast_to(by_column, values.shape)[sideless]
+    z_mm = np.array([resampled.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(values.shape[0])])
+    slices = leg_slices_from_codes(tissue_lut[values], target_lut[values], sides, subject_id(path), spacing_mm,
+                                   z_mm, canvas, ambiguous, min_classes)
+    log.info("%s: %d leg slices (%s)", path, len(slices), scheme.source)
+    return slices
+
+
+# --- the partial-label loss -----------------------------------------------------------------------
+
+
+class PartialLabelLoss:
+    """Dice + cross-entropy where a target may name a *set* of classes (marginal loss).
+
+    Targets ``0..C-1`` are model classes; ``C + g`` means "one of ``groups[g]``". Cross-entropy
+    uses the log of the summed probability of the allowed classes. Soft Dice (pooled over the
+    batch, over the classes labelled somewhere in the batch) is computed per class on the pixels
+    whose label decides that class (a pixel labelled
+    "gastrocnemius" says nothing about medialis versus lateralis, so neither head's Dice sees it),
+    plus, for each coarse group without background, on the group's summed probability. With no
+    groups it is ordinary Dice + CE on softmax.
+    """
+
+    def __init__(self, n_classes: int, groups: list[frozenset[int]] | tuple[frozenset[int], ...] = (),
+                 smooth: float = 1e-5):
+        self.n_classes = n_classes
+        self.smooth = smooth
+        rows = [torch.nn.functional.one_hot(torch.tensor(c), n_classes).bool() for c in range(n_classes)]
+        for group in groups:
+            if not group or max(group) >= n_classes or min(group) < 0:
+                raise ValueError(f"group {sorted(group)} outside classes 0..{n_classes - 1}")
+            rows.append(torch.tensor([c in group for c in range(n_classes)]))
+        self.allowed = torch.stack(rows)  # (C + G, C)
+        self.dice_groups = [sorted(g) for g in groups if 0 not in g and len(g) > 1]
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if int(target.max()) >= self.allowed.shape[0] or int(target.min()) < 0:
+            raise ValueError(f"target code {int(target.max())} outside 0..{self.allowed.shape[0] - 1}")
+        log_p = torch.log_softmax(logits.float(), dim=1)
+        p = log_p.exp()
+        allowed = self.allowed.to(logits.device)[target].permute(0, 3, 1, 2)  # (B, C, H, W) bool
+        ce = -torch.logsumexp(log_p.masked_fill(~allowed, float("-inf")), dim=1).mean()
+        single = allowed.sum(1, keepdim=True) == 1
+        known = single | ~allowed  # pixels whose label decides each class
+        y = (allowed & single).float()
+        known_f = known.float()
+        dims = (0, 2, 3)
+        inter = (p * y * known_f).sum(dims)
+        denominator = (p * known_f).sum(dims) + y.sum(dims)
+        dice = 1 - (2 * inter + self.smooth) / (denominator + self.smooth)
+        # Classes absent from the whole batch's labels are left to cross-entropy: their Dice would
+        # be a constant ~1 until their probability vanishes everywhere, drowning the others.
+        losses = [dice[y.sum(dims) > 0]]
+        for members in self.dice_groups:
+            q = p[:, members].sum(1)
+            inside = allowed[:, members].any(1)
+            y_g = (inside & ~allowed[:, [c for c in range(self.n_classes) if c not in members]].any(1)).float()
+            known_g = (y_g.bool() | ~inside).float()
+            inter_g = (q * y_g * known_g).sum()
+            den_g = (q * known_g).sum() + y_g.sum()
+            losses.append((1 - (2 * inter_g + self.smooth) / (den_g + self.smooth)).reshape(1))
+        return ce + torch.cat(losses).mean()
+
+
+# --- phantoms as anatomy ----------------------------------------------------------------------------
+
+
+def phantom_leg_slices(table: LabelTable, n_subjects: int, seed: int, spacing_mm: float,
+                       canvas: tuple[int, int], n_slices: int = 12) -> list[list[LegSlice]]:
+    """Anatomy of procedural phantoms (:mod:`dafne_logic.phantom_anatomy`), one source per subject.
+
+    Phantoms are complete (skin, fat, bones, vessels, unlabelled muscle): synthesis only paints them.
+    Their muscles must be those of ``table`` (the built-in thigh or leg table)."""
+    from .phantom_anatomy import phantom_tissue_map
+
+    size = int(round(max(canvas) * 2.4))
+    sources = []
+    for k in range(n_subjects):
+        anatomy = phantom_tissue_map(table.region, shape=(n_slices, size, size),
+                                     spacing=(spacing_mm, spacing_mm, 8.0), seed=seed + k)
+        if [m.name for m in anatomy.table.muscles] != [m.name for m in table.muscles]:
+            raise InputError(f"phantoms of region {table.region!r} do not have the muscles of this label table")
+        muscles = anatomy.muscles.astype(np.int64)
+        classes = np.where(muscles > table.n_muscles, muscles - table.n_muscles, muscles)
+        tissue = np.where(classes > 0, MUSCLE_BASE + classes, anatomy.tissues).astype(np.uint8)
+        body = anatomy.tissues > 0
+        sides = np.zeros(muscles.shape, np.uint8)
+        columns = np.arange(size)[None, None, :]
+        sides[body] = np.broadcast_to(np.where(columns < size // 2, 1, 2), muscles.shape)[body]
+        z_mm = anatomy.origin[2] + np.arange(n_slices) * anatomy.spacing[2]
+        sources.append(leg_slices_from_codes(tissue, classes.astype(np.uint8), sides, f"phantom_{seed + k}",
+                                             spacing_mm, z_mm, canvas, 0, min_classes=2, complete=True))
+    return sources

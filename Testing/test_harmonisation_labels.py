@@ -1,0 +1,206 @@
+"""Label harmonisation: schemes matched by name, legs split by geometry, partial-label loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from dafne_logic.errors import InputError
+from dafne_logic.harmonisation import (BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE, GroupRegistry, PartialLabelLoss,
+                                       find_label_maps, load_label_map, subject_id)
+from dafne_logic.labels import LEG, THIGH
+
+CANVAS = (64, 64)
+
+
+def write_map(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 5.0), direction=None, origin=None) -> Path:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    if direction is not None:
+        image.SetDirection(direction)
+    image.SetOrigin(origin if origin is not None else (-(array.shape[2] - 1), -(array.shape[1] - 1), 0.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def two_thighs(n_slices: int = 2) -> np.ndarray:
+    """(z, y, x) 11-label map: each leg a ring of four muscles around an empty 'femur' hole;
+    the right leg (small x) has sartorius (1) on its lateral side, the left leg gracilis (7)."""
+    volume = np.zeros((n_slices, 40, 80), np.uint8)
+    yy, xx = np.mgrid[:40, :80]
+    for cx, lateral, extra in ((18, -1, 1), (62, 1, 7)):  # the left leg is the mirror image of the right
+        r = np.hypot(yy - 20, xx - cx)
+        ring = (r > 4) & (r < 14)
+        angle = np.arctan2(yy - 20, -lateral * (xx - cx))
+        volume[:, ring & (angle < -1.5)] = 3  # vastus lateralis
+        volume[:, ring & (angle >= -1.5) & (angle < 0)] = 2  # rectus femoris
+        volume[:, ring & (angle >= 0) & (angle < 1.5)] = 6  # adductor magnus
+        volume[:, ring & (angle >= 1.5)] = 10  # semimembranosus
+        volume[:, (np.abs(xx - cx) < 2) & (np.abs(yy - 37) < 2)] = extra
+    return volume
+
+
+def test_thigh11_legs_split_by_geometry_and_names(tmp_path: Path):
+    registry = GroupRegistry(THIGH.n_classes)
+    slices = load_label_map(write_map(tmp_path / "THIGH_007_0001.nii.gz", two_thighs()), THIGH, registry, 2.0, CANVAS)
+    assert [(s.subject, s.side) for s in slices] == [("THIGH_007", "right"), ("THIGH_007", "left")] * 2
+    right, left = slices[0], slices[1]
+    assert THIGH.muscle_index("sartorius") in np.unique(right.target)
+    assert THIGH.muscle_index("gracilis") not in np.unique(right.target)
+    assert THIGH.muscle_index("gracilis") in np.unique(left.target)
+    # Targets and tissues agree on labelled muscles.
+    labelled = right.target > 0
+    assert np.array_equal(right.tissue[labelled & (right.tissue >= MUSCLE_BASE)] - MUSCLE_BASE,
+                          right.target[labelled & (right.tissue >= MUSCLE_BASE)])
+    # The unlabelled femur hole is the largest hole; the absent adductor longus makes it ambiguous.
+    assert HOLE_LARGEST in np.unique(right.tissue)
+    ambiguous = frozenset({0, THIGH.muscle_index("adductor longus")})
+    assert registry.groups == [ambiguous]
+    assert set(np.unique(right.target[right.tissue == HOLE_LARGEST])) == {THIGH.n_classes}
+    # The left leg is mirrored: its vastus lateralis lies on the same canvas side as the right leg's.
+    vl = THIGH.muscle_index("vastus lateralis")
+    assert np.nonzero(right.target == vl)[1].mean() == pytest.approx(np.nonzero(left.target == vl)[1].mean(), abs=1.5)
+
+
+def test_flipped_array_gives_the_same_legs(tmp_path: Path):
+    """Left and right come from the direction matrix, not from the array side."""
+    volume = two_thighs()
+    plain = load_label_map(write_map(tmp_path / "a.nii.gz", volume), THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    flipped = write_map(tmp_path / "b.nii.gz", volume[:, ::-1, ::-1], direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                        origin=(79 - 79.0, 39 - 39.0, 0.0))
+    other = load_label_map(flipped, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    assert [s.side for s in other] == [s.side for s in plain]
+    for a, b in zip(plain, other):
+        assert np.array_equal(a.target, b.target)
+
+
+def musclemap_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "musclemap"
+    folder.mkdir()
+    entries = [{"region": "leg", "anatomy": a, "side": s, "value": v} for a, s, v in [
+        ("soleus", "left", 8131), ("soleus", "right", 8132), ("gastrocnemius", "left", 8141),
+        ("gastrocnemius", "right", 8142), ("tibia", "right", 8152), ("deep posterior compartment", "right", 8112),
+        ("anterior compartment", "right", 8102)]]
+    (folder / "table.json").write_text(json.dumps({"labels": entries}))
+    volume = np.zeros((1, 40, 80), np.int16)
+    volume[0, 10:30, 5:15] = 8132  # right soleus: small LPS x = patient right
+    volume[0, 10:30, 15:25] = 8142
+    volume[0, 5:10, 5:25] = 8102
+    volume[0, 12:16, 26:30] = 8152
+    volume[0, 30:34, 5:25] = 8112
+    volume[0, 10:30, 55:65] = 8131
+    volume[0, 10:30, 65:75] = 8141
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((2.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(folder / "dseg.nii.gz"))
+    return folder
+
+
+def test_musclemap_coarse_groups_bones_and_other_muscles(tmp_path: Path):
+    registry = GroupRegistry(LEG.n_classes)
+    slices = load_label_map(find_label_maps([musclemap_folder(tmp_path)])[0], LEG, registry, 2.0, CANVAS, min_classes=2)
+    gastrocnemius = frozenset({LEG.muscle_index("gastrocnemius medialis"), LEG.muscle_index("gastrocnemius lateralis")})
+    anterior = frozenset({LEG.muscle_index("tibialis anterior"), LEG.muscle_index("extensor digitorum longus")})
+    assert gastrocnemius in registry.groups and anterior in registry.groups
+    right = next(s for s in slices if s.side == "right")
+    codes = set(np.unique(right.target).tolist())
+    assert {LEG.muscle_index("soleus"), LEG.n_classes + registry.groups.index(gastrocnemius)} <= codes
+    assert BONE in right.tissue and int(7) in right.tissue  # tibia and an unlabelled muscle
+    assert set(np.unique(right.target[right.tissue == BONE])) == {0}
+    assert {s.side for s in slices} == {"right", "left"}
+
+
+def test_bad_label_maps_are_named(tmp_path: Path):
+    empty = write_map(tmp_path / "empty.nii.gz", np.zeros((2, 10, 10)))
+    with pytest.raises(InputError, match="empty.nii.gz: the label map is empty"):
+        load_label_map(empty, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    odd = write_map(tmp_path / "odd.nii.gz", np.full((2, 10, 10), 40))
+    with pytest.raises(InputError, match=r"odd.nii.gz: no label table beside it"):
+        load_label_map(odd, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    named = write_map(tmp_path / "named.nii.gz", two_thighs())
+    (tmp_path / "named.json").write_text(json.dumps({"1": "Soleus_R", "2": "Soleus_L"}))
+    with pytest.raises(InputError, match=r"label values \[3, 6, 7, 10\] are not named"):
+        load_label_map(named, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    (tmp_path / "named.json").write_text(json.dumps({str(v): f"Soleus_{'R' if v % 2 else 'L'}" for v in range(1, 12)}))
+    with pytest.raises(InputError, match="not muscles of the thigh table"):
+        load_label_map(named, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((2, 10, 10)).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    with pytest.raises(InputError, match="image.nii.gz: holds non-integer values"):
+        load_label_map(tmp_path / "image.nii.gz", THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(InputError, match="no label maps found"):
+        find_label_maps([tmp_path / "nothing"])
+    with pytest.raises(InputError, match="does not exist"):
+        find_label_maps([tmp_path / "missing"])
+
+
+def test_subject_ids():
+    assert subject_id(Path("Training/T1/THIGH_022_0002.nii.gz")) == "THIGH_022"
+    assert subject_id(Path("calf/t1_example_labels.nii.gz")) == "t1_example"
+    assert subject_id(Path("HV003_3_0001.nii.gz")) == "HV003_3"
+
+
+def test_partial_label_loss_sums_fine_classes_inside_a_group():
+    group = frozenset({2, 3})
+    loss = PartialLabelLoss(4, [group])
+    target = torch.full((1, 4, 4), 4)  # every pixel: "class 2 or 3"
+    target[0, 0] = 1  # plus a row of class 1 so Dice has something to see
+
+    def logits_for(c: int) -> torch.Tensor:
+        out = torch.full((1, 4, 4, 4), -8.0)
+        out[:, c] = 8.0
+        out[0, :, 0] = -8.0
+        out[0, 1, 0] = 8.0
+        return out
+
+    as_2, as_3, as_0 = loss(logits_for(2), target), loss(logits_for(3), target), loss(logits_for(0), target)
+    assert float(as_2) == pytest.approx(float(as_3), abs=1e-5)
+    assert float(as_0) > float(as_2) + 1.0
+    # Gradients flow to the group members jointly: raising class 2's logit from a neutral start helps.
+    neutral = torch.zeros(1, 4, 4, 4, requires_grad=True)
+    loss(neutral, target).backward()
+    assert neutral.grad[0, 2, 1:].mean() < 0 and neutral.grad[0, 3, 1:].mean() < 0
+    assert neutral.grad[0, 0, 1:].mean() > 0
+
+
+def test_partial_label_loss_without_groups_is_dice_ce():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    ours = PartialLabelLoss(3)(logits, target)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target[:, None])
+    assert float(ours) == pytest.approx(float(monai), rel=1e-4)
+
+
+def test_ambiguity_group_with_background_leaves_the_choice_free():
+    loss = PartialLabelLoss(3, [frozenset({0, 2})])
+    target = torch.zeros(1, 4, 4, dtype=torch.int64)
+    target[0, :2] = 1
+    target[0, 2:] = 3  # "background or class 2"
+    a = torch.full((1, 3, 4, 4), -8.0)
+    a[0, 1, :2] = 8.0
+    b = a.clone()
+    a[0, 0, 2:] = 8.0
+    b[0, 2, 2:] = 8.0
+    assert float(loss(a, target)) == pytest.approx(float(loss(b, target)), abs=1e-4)
+
+
+def test_real_thigh_map_gives_both_legs(shared_data: Path):
+    path = shared_data / "thigh_label_maps" / "Training" / "T1" / "THIGH_003_0002.nii.gz"
+    slices = load_label_map(path, THIGH, GroupRegistry(THIGH.n_classes), 1.25, (224, 224))
+    sides = {s.side for s in slices}
+    assert sides == {"right", "left"}
+    classes = set(np.unique(np.concatenate([s.target.ravel() for s in slices])).tolist())
+    assert {THIGH.muscle_index(n) for n in ("vastus lateralis", "gracilis", "biceps femoris short head")} <= classes
+    assert THIGH.muscle_index("adductor longus") not in classes
+    for s in slices:  # the leg lies inside its canvas, not cut by it
+        assert not s.tissue[0].any() and not s.tissue[-1].any() and not s.tissue[:, 0].any() and not s.tissue[:, -1].any()
+    assert HOLE in np.unique(np.concatenate([s.tissue.ravel() for s in slices]))
