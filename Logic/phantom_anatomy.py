@@ -92,6 +92,7 @@ class RegionSpec:
 
     table: LabelTable
     length_mm: float  # extent of the anatomy along z
+    slice_mm: float  # default slice spacing, as in the usual muscle protocols
     axes_mm: tuple[float, float, float, float]  # compartment semi-axes: lateral, medial, anterior, posterior
     scale: Keyframes  # compartment scale along z
     fat_mm: tuple[float, float]  # range of the subject's mean subcutaneous fat thickness
@@ -111,6 +112,7 @@ def _p(*keys: tuple[float, float]) -> PointKeyframes:
 THIGH_SPEC = RegionSpec(
     table=BUILTIN_TABLES["thigh"],
     length_mm=320.0,
+    slice_mm=5.0,
     axes_mm=(66.0, 60.0, 62.0, 64.0),
     scale=(0.78, 0.95, 1.08),
     fat_mm=(6.0, 20.0),
@@ -156,6 +158,7 @@ THIGH_SPEC = RegionSpec(
 LEG_SPEC = RegionSpec(
     table=BUILTIN_TABLES["leg"],
     length_mm=260.0,
+    slice_mm=6.0,
     axes_mm=(42.0, 46.0, 40.0, 52.0),
     scale=(0.8, 0.98, 1.05),
     fat_mm=(3.5, 12.0),
@@ -425,9 +428,9 @@ def _leg_centres(subject: Subject, slices: dict[Side, _LegSection]) -> dict[Side
 def default_spacing(region: str, shape: tuple[int, int, int], seed: int = 0) -> tuple[float, float, float]:
     """Spacing (x, y, z) mm whose field of view fits both legs of the subject ``seed`` with a margin.
 
-    Thick axial slices (5 mm thigh, 6 mm calf) as in the usual muscle protocols.
+    Thick axial slices as in the usual muscle protocols (5 mm thigh, 6 mm calf).
     """
-    spacing_z = 5.0 if region == "thigh" else 6.0
+    spacing_z = _region(region).slice_mm
     n_z, n_y, n_x = shape
     subject = _draw_subject(region, np.random.default_rng(_seed_sequence(seed)), touching=False)
     width = height = 0.0
