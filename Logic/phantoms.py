@@ -75,6 +75,8 @@ def render_contrast(tissues: np.ndarray, muscles: np.ndarray, contrast: str | np
         raise InputError(f"fat_infiltration must lie in 0..1, not {fat_infiltration}")
     if noise < 0 or bias < 0:
         raise InputError("noise and bias must not be negative")
+    if slice_thickness_mm is not None and not slice_thickness_mm > 0:
+        raise InputError(f"slice thickness must be positive, not {slice_thickness_mm} mm")
     image = table[tissues]
     muscle = tissues == Tissue.MUSCLE
     n_labels = int(muscles.max()) + 1

@@ -250,6 +250,8 @@ def test_intensity_tables_cover_every_tissue_and_custom_tables_work():
     ({"shape": (0, 64, 64)}, "shape"),
     ({"spacing": (1.0, -1.0, 5.0)}, "spacing"),
     ({"fat_infiltration": 1.5}, "fat_infiltration"),
+    ({"noise": -0.1}, "negative"),
+    ({"slice_thickness_mm": 0.0}, "slice thickness"),
 ])
 def test_bad_arguments_say_what_is_wrong(kwargs, words):
     with pytest.raises(InputError, match=words):
