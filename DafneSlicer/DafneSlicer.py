@@ -120,7 +120,7 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
     def controller(self, view):
         from DafneSlicerLib.controller import DafneController
 
-        return DafneController(view, self.scene, self.install, self.segmentation, self.learning, self.sync)
+        return DafneController(view, self.scene, self.install, self.segmentation, self.sync)
 
     def segment(self, volume_node, model_name: str = "thigh", device: str = "auto", segmentation_node=None):
         """Segment ``volume_node`` now (blocking) and return the segmentation node."""

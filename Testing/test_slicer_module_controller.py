@@ -27,6 +27,7 @@ from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows 
 from DafneSlicerLib.review import ReviewTracker, format_slices  # noqa: E402
 from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
 from DafneSlicerLib.sync_logic import WHAT_IS_SENT, ShareError, SyncLogic  # noqa: E402
+from DafneSlicerLib.worker import run_request  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 
 from dafne_logic.errors import Cancelled, InputError, ModelError  # noqa: E402
@@ -190,10 +191,18 @@ def _volume() -> Node:
 
 
 def _controller(**overrides):
+    """A controller whose worker requests run on a thread of this process, with the fakes as logic."""
     parts = dict(view=FakeView(), scene=FakeScene(), install=FakeInstall(), segmentation=FakeSegmentation(),
                  learning=FakeLearning(), sync=SyncLogic())
     parts.update(overrides)
-    return DafneController(**parts), parts
+
+    def start_job(task, request):
+        return BackgroundJob(task, lambda progress, cancel: run_request(
+            request, progress, cancel, parts["segmentation"], parts["learning"], parts["sync"])).start()
+
+    controller = DafneController(parts["view"], parts["scene"], parts["install"], parts["segmentation"], parts["sync"],
+                                 start_job=start_job)
+    return controller, parts
 
 
 def _finish(controller, timeout: float = 30) -> None:
@@ -214,7 +223,10 @@ def _segmented():
 # --- segment -------------------------------------------------------------------------------------
 
 
-def test_segment_runs_in_background_then_shows_a_named_segmentation():
+def test_segment_runs_in_background_then_shows_a_named_segmentation(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     controller, parts = _controller()
     volume = _volume()
     controller.segment(volume, "leg", "cpu")
@@ -228,6 +240,7 @@ def test_segment_runs_in_background_then_shows_a_named_segmentation():
     assert "2 of 12 muscles found" in view.statuses[-1]
     assert view.summaries[-1] == "Changed slices: none. Reviewed: none."
     assert controller.case.model_name == "leg"
+    assert list(tmp_path.iterdir()) == []  # the job's work folder (image and labels files) is gone
 
 
 def test_segmenting_again_replaces_the_same_segmentation_node():
@@ -592,3 +605,35 @@ def test_learning_save_names_the_child_after_family_and_version(tmp_path, monkey
     assert improvement.model_name == "thigh-3.local-1a2b3c4d"
     assert saved == [tmp_path / "models" / "thigh-3.local-1a2b3c4d"]
     assert (improvement.parent_version, improvement.n_slices) == ("3", 4)
+
+
+# --- worker processes ----------------------------------------------------------------------------
+
+
+def _process_job(tmp_path, request, python=None):
+    from DafneSlicerLib.jobs import ProcessJob
+
+    return ProcessJob("Segmenting", {"work_dir": str(tmp_path), **request}, python=python).start()
+
+
+def test_worker_process_reports_a_readable_error(tmp_path):
+    sitk.WriteImage(_volume().image, str(tmp_path / "image.nrrd"))
+    status = _process_job(tmp_path, {"task": "segment", "model": "no-such-model", "device": "cpu"}).wait(120)
+    assert status.done and not status.cancelled
+    assert "no-such-model" in status.error and status.details is None  # a DafneError: one sentence
+
+
+def test_worker_process_unexpected_failure_and_crash(tmp_path):
+    status = _process_job(tmp_path, {"task": "draw"}).wait(120)
+    assert status.error == "Segmenting failed: unknown task 'draw'" and "Traceback" in status.details
+    status = _process_job(tmp_path, {"task": "segment"}, python="/bin/false").wait(30)  # exits 1, says nothing
+    assert status.error.startswith("Segmenting stopped unexpectedly (exit code 1)")
+
+
+def test_worker_process_cancel_terminates_it(tmp_path):
+    sitk.WriteImage(_volume().image, str(tmp_path / "image.nrrd"))
+    job = _process_job(tmp_path, {"task": "segment", "model": "leg", "device": "cpu"})
+    job.cancel()
+    status = job.wait(60)
+    assert status.cancelled and "cancelled; nothing was changed" in status.message
+    assert not (tmp_path / "labels.nrrd").exists()

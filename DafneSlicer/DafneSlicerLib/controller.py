@@ -9,8 +9,11 @@ sentence through :meth:`View.show_error`; the scene changes only when a job fini
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -19,14 +22,20 @@ import SimpleITK as sitk
 from dafne_logic.errors import DafneError, InputError
 from dafne_logic.labels import LabelTable
 
+from . import worker
 from .install_logic import InstallLogic
-from .jobs import BackgroundJob, JobFunction
-from .learning_logic import Improvement, LearningLogic, dice_rows
+from .jobs import JobStatus, ProcessJob
+from .learning_logic import Improvement, dice_rows
 from .review import ReviewTracker, format_slices
 from .segmentation_logic import ModelChoice, SegmentationLogic
 from .sync_logic import SyncLogic
 
 log = logging.getLogger(__name__)
+
+
+class Job(Protocol):
+    def poll(self) -> JobStatus: ...
+    def cancel(self) -> None: ...
 
 
 class View(Protocol):
@@ -60,8 +69,8 @@ class Case:
 
     volume_node: Any
     segmentation_node: Any
-    model_name: str
-    model: Any  # dafne_logic.model_package.ModelPackage
+    model_name: str  # registry name of the model that segmented it, then of its latest improvement
+    table: LabelTable
     image: sitk.Image
     tracker: ReviewTracker
     improvements: list[Improvement] = field(default_factory=list)
@@ -73,18 +82,22 @@ class DafneController:
     """The state machine behind the module panel (one case, at most one job at a time)."""
 
     def __init__(self, view: View, scene: SceneAdapter, install: InstallLogic, segmentation: SegmentationLogic,
-                 learning: LearningLogic, sync: SyncLogic,
-                 start_job: Callable[[str, JobFunction], BackgroundJob] | None = None):
+                 sync: SyncLogic, finetune_config: dict[str, Any] | None = None,
+                 start_job: Callable[[str, dict[str, Any]], Job] | None = None):
+        """``finetune_config``: fields of ``dafne_logic.finetune.FinetuneConfig`` to override (None: its
+        defaults). ``start_job(task, request)`` starts a :mod:`.worker` request; by default in a
+        worker process."""
         self.view = view
         self.scene = scene
         self.install = install
         self.segmentation = segmentation
-        self.learning = learning
         self.sync = sync
-        self._start_job = start_job or (lambda name, function: BackgroundJob(name, function).start())
+        self.finetune_config = finetune_config
+        self._start_job = start_job or (lambda task, request: ProcessJob(task, request).start())
         self.case: Case | None = None
-        self.job: BackgroundJob | None = None
-        self._on_done: Callable[[Any], None] | None = None
+        self.job: Job | None = None
+        self._on_done: Callable[[dict[str, Any]], None] | None = None
+        self._work_dir: Path | None = None
         self._job_began = 0.0
 
     # --- jobs -------------------------------------------------------------------------------------
@@ -93,12 +106,18 @@ class DafneController:
     def busy(self) -> bool:
         return self.job is not None
 
-    def _run(self, task: str, function: JobFunction, on_done: Callable[[Any], None]) -> None:
+    def _run(self, task: str, build_request: Callable[[Path], dict[str, Any]],
+             on_done: Callable[[dict[str, Any]], None]) -> None:
+        """Write the job's inputs into a fresh work folder, start it, and remember what to do with its result."""
+        work_dir = Path(tempfile.mkdtemp(prefix="dafne-slicer-"))
+        try:
+            self.job = self._start_job(task, build_request(work_dir))
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        self._work_dir, self._on_done, self._job_began = work_dir, on_done, time.monotonic()
         self.view.set_busy(task)
         self.view.set_progress(0.0, f"{task}...")
-        self._on_done = on_done
-        self._job_began = time.monotonic()
-        self.job = self._start_job(task, function)
 
     def poll(self) -> bool:
         """Called by the widget's timer: forward progress; on completion apply the result. True while running."""
@@ -110,14 +129,18 @@ class DafneController:
             return True
         on_done, self.job, self._on_done = self._on_done, None, None
         self.view.set_busy(None)
-        if status.cancelled:
-            self.view.set_status(status.message)
-        elif status.error is not None:
-            if status.details:
-                log.error(status.details)
-            self.view.show_error(status.error)
-        else:
-            self.guarded(lambda: on_done(status.result))
+        try:
+            if status.cancelled:
+                self.view.set_status(status.message)
+            elif status.error is not None:
+                if status.details:
+                    log.error(status.details)
+                self.view.show_error(status.error)
+            else:
+                self.guarded(lambda: on_done(status.result))
+        finally:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = None
         return False
 
     def cancel(self) -> None:
@@ -173,27 +196,25 @@ class DafneController:
         if not model_name:
             self.refresh_models()
             raise InputError("Select a model first.")
-        model = self.segmentation.load_model(model_name)
+        model = self.segmentation.load_model(model_name)  # checks the package before any work starts
         volume_name = self.scene.node_name(volume_node)
 
-        def work(progress, cancel):
-            return self.segmentation.segment(image, model, device, progress, cancel)
-
-        def done(labels: sitk.Image) -> None:
+        def done(result: dict[str, Any]) -> None:
+            labels = worker.labels_of(result)
             previous = None
             if self.case is not None and self.case.volume_node is volume_node and self.scene.node_exists(
                     self.case.segmentation_node):
                 previous = self.case.segmentation_node
             node = self.scene.show_labels(labels, model.labels, volume_node, f"{volume_name} segmentation", previous)
             automatic = sitk.GetArrayFromImage(labels)
-            self.case = Case(volume_node, node, model_name, model, image, ReviewTracker(automatic))
+            self.case = Case(volume_node, node, model_name, model.labels, image, ReviewTracker(automatic))
             found = len(set(np.unique(automatic).tolist()) - {0})
             self.view.set_status(f"Segmented '{volume_name}' with {model_name} {model.manifest.version}: {found} of "
                                  f"{2 * model.labels.n_muscles} muscles found in {time.monotonic() - self._job_began:.0f} s. "
                                  "Correct it in the Segment Editor, then click Improve.")
             self.view.set_review_summary(self.case.tracker.summary(automatic))
 
-        self._run("Segmenting", work, done)
+        self._run("Segmenting", lambda work_dir: worker.segment_request(work_dir, image, model_name, device), done)
 
     # --- correct ----------------------------------------------------------------------------------
 
@@ -210,7 +231,7 @@ class DafneController:
         self.guarded(action)
 
     def _corrected(self, case: Case):
-        corrected = self.scene.labels_of(case.segmentation_node, case.volume_node, case.model.labels)
+        corrected = self.scene.labels_of(case.segmentation_node, case.volume_node, case.table)
         return corrected, sitk.GetArrayFromImage(corrected.labels)
 
     def update_review(self) -> None:
@@ -266,13 +287,14 @@ class DafneController:
         if not self._ready():
             return
 
-        def work(progress, cancel):
-            return self.learning.finetune(case.model, case.image, corrected.labels, slices, progress, cancel)
+        def request(work_dir: Path) -> dict[str, Any]:
+            return worker.finetune_request(work_dir, case.image, corrected.labels, case.model_name, slices,
+                                           self.finetune_config)
 
-        def done(result) -> None:
-            improvement = self.learning.save(result)
+        def done(result: dict[str, Any]) -> None:
+            improvement = worker.improvement_of(result)
             case.improvements.append(improvement)
-            case.model, case.model_name = result.model, improvement.model_name
+            case.model_name = improvement.model_name
             self.refresh_models(selected=improvement.model_name)
             rows = dice_rows(improvement)
             self.view.show_dice(rows)
@@ -281,7 +303,7 @@ class DafneController:
             self.view.set_status(f"Improved model '{improvement.model_name}' saved and selected; mean Dice on the "
                                  f"{improvement.n_slices} corrected slices {before:.3f} -> {after:.3f}.")
 
-        self._run("Improving", work, done)
+        self._run("Improving", request, done)
 
     # --- statistics -------------------------------------------------------------------------------
 
@@ -291,7 +313,7 @@ class DafneController:
 
             case = self._require_case()
             corrected, _ = self._corrected(case)
-            case.statistics = muscle_statistics(case.image, corrected.labels, case.model.labels)
+            case.statistics = muscle_statistics(case.image, corrected.labels, case.table)
             self.scene.show_statistics(case.statistics, f"{self.scene.node_name(case.volume_node)} muscle statistics")
             present = sum(1 for row in case.statistics if row["voxel_count"])
             self.view.set_status(f"Statistics of {present} muscles shown in the table.")
@@ -315,11 +337,12 @@ class DafneController:
             if not self._ready():
                 return
             families = sorted({choice.family for choice in self.segmentation.list_models()})
-            self._run("Checking for updates", lambda progress, cancel: self.sync.pull(families, progress, cancel),
-                      self._pulled)
+            self._run("Checking for updates",
+                      lambda work_dir: worker.pull_request(work_dir, families, self.sync.config_path), self._pulled)
         self.guarded(action)
 
-    def _pulled(self, outcome) -> None:
+    def _pulled(self, result: dict[str, Any]) -> None:
+        outcome = worker.outcome_of(result)
         self.view.set_sync_status(outcome.message)
         self.refresh_models(selected=outcome.model_name)
 
@@ -333,9 +356,10 @@ class DafneController:
                 return
             latest = pending[-1]
 
-            def done(outcome) -> None:
+            def done(result: dict[str, Any]) -> None:
                 case.contributed.add(latest.version)
-                self.view.set_sync_status(outcome.message)
+                self.view.set_sync_status(worker.outcome_of(result).message)
 
-            self._run("Contributing", lambda progress, cancel: self.sync.push(latest.path, progress, cancel), done)
+            self._run("Contributing", lambda work_dir: worker.push_request(work_dir, latest.path, self.sync.config_path),
+                      done)
         self.guarded(action)

@@ -1,20 +1,29 @@
-"""Long work (inference, fine-tuning, downloads) on a worker thread, polled from the GUI thread.
+"""Long work (inference, fine-tuning, sync) as jobs the GUI thread polls.
 
-The worker never touches MRML or Qt: it gets plain inputs (SimpleITK images, model packages),
-reports progress through a thread-safe slot and checks a cancel flag. The widget polls
-:meth:`BackgroundJob.poll` from a ``qt.QTimer`` and, once done, converts the result to MRML on
-the GUI thread, so the scene is changed only by the GUI thread and only with a complete result.
-Torch releases the GIL in its kernels, so the GUI stays responsive while a job runs.
+:class:`ProcessJob` runs a :mod:`.worker` request in a separate Python process: Slicer's main
+thread holds Python's GIL while Qt waits for events, so only a process runs at full speed next to
+a responsive GUI, and terminating it is a clean cancel. :class:`BackgroundJob` runs a function on a
+thread of this process (scripts and tests). Both are polled: the widget calls ``poll()`` from a
+``qt.QTimer`` and, once done, converts the result to MRML on the GUI thread, so the scene changes
+only on the GUI thread and only with a complete result.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from dafne_logic.errors import Cancelled, DafneError
+
+MODULE_DIR = Path(__file__).resolve().parents[1]  # holds DafneSlicerLib/ (and dafne_logic/ when installed)
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -83,3 +92,96 @@ class BackgroundJob:
                               error=f"{self.name} failed: {first_line}", details=traceback.format_exc())
         with self._lock:
             self._status = final
+
+
+def worker_python() -> str:
+    """Slicer's own Python launcher (right environment variables) when inside Slicer, else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+class ProcessJob:
+    """Runs ``python -m DafneSlicerLib.worker request.json`` and follows its progress lines without blocking."""
+
+    def __init__(self, name: str, request: dict[str, Any], python: str | None = None):
+        from .worker import MARK
+
+        self.name = name
+        self._mark = MARK
+        self._work_dir = Path(request["work_dir"])
+        self._request = request
+        self._python = python or worker_python()
+        self._status = JobStatus(0.0, f"{name}: starting", done=False)
+        self._buffer = b""
+        self._final: dict[str, Any] | None = None
+        self._cancelled = False
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> "ProcessJob":
+        request_path = self._work_dir / "request.json"
+        request_path.write_text(json.dumps(self._request), encoding="utf-8")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MODULE_DIR), env.get("PYTHONPATH")]))
+        with open(self._work_dir / "worker.log", "wb") as log:
+            self._process = subprocess.Popen([self._python, "-m", "DafneSlicerLib.worker", str(request_path)],
+                                             stdout=subprocess.PIPE, stderr=log, env=env, cwd=self._work_dir)
+        os.set_blocking(self._process.stdout.fileno(), False)
+        return self
+
+    def cancel(self) -> None:
+        """Stop the worker now; it writes its outputs atomically, so nothing half-written remains."""
+        self._cancelled = True
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.poll()
+
+    def poll(self) -> JobStatus:
+        if self._status.done:
+            return self._status
+        exited = self._process.poll() is not None
+        self._read_lines()
+        if not exited:
+            return self._status
+        self._read_lines()
+        self._process.stdout.close()
+        self._status = self._final_status()
+        return self._status
+
+    def _read_lines(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._process.stdout.fileno(), 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            if not text.startswith(self._mark):
+                continue
+            message = json.loads(text[len(self._mark):])
+            if "progress" in message:
+                self._status = JobStatus(message["progress"], message["message"], done=False)
+            else:
+                self._final = message
+
+    def _final_status(self) -> JobStatus:
+        fraction = self._status.fraction
+        if self._cancelled:
+            return JobStatus(fraction, f"{self.name} cancelled; nothing was changed", done=True, cancelled=True)
+        if self._final is not None and "result" in self._final:
+            return JobStatus(1.0, f"{self.name}: done", done=True, result=self._final["result"])
+        if self._final is not None:
+            error = self._final["error"] if self._final["details"] is None else f"{self.name} failed: {self._final['error']}"
+            return JobStatus(fraction, error, done=True, error=error, details=self._final["details"])
+        log = (self._work_dir / "worker.log").read_text("utf-8", "replace").strip().splitlines()
+        last = log[-1] if log else "no output"
+        return JobStatus(fraction, last, done=True, error=f"{self.name} stopped unexpectedly (exit code "
+                         f"{self._process.returncode}): {last}", details="\n".join(log[-30:]))

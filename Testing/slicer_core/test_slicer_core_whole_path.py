@@ -1,5 +1,6 @@
-"""The module's whole path on a real MRML scene with the real dafne_logic: what DafneSlicerTest does in
-Slicer, minus Qt (the Segment Editor stroke is a binary labelmap written into the segment)."""
+"""The module's whole path on a real MRML scene with the real dafne_logic in real worker processes:
+what DafneSlicerTest does in Slicer, minus Qt (the Segment Editor stroke is a binary labelmap
+written into the segment)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (par
 import SimpleITK as sitk  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 from DafneSlicerLib.controller import DafneController  # noqa: E402
-from DafneSlicerLib.learning_logic import LearningLogic  # noqa: E402
 from DafneSlicerLib.segmentation_logic import SegmentationLogic  # noqa: E402
 from DafneSlicerLib.slicer_scene import SlicerScene  # noqa: E402
 from DafneSlicerLib.sync_logic import SyncLogic  # noqa: E402
@@ -21,7 +21,6 @@ from DafneSlicerLib.sync_logic import SyncLogic  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_slicer_module_controller import FakeInstall, FakeView, _finish  # noqa: E402
 
-from dafne_logic.finetune import FinetuneConfig  # noqa: E402
 from dafne_logic.labels import LEG  # noqa: E402
 from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams, user_models_dir  # noqa: E402
 from dafne_logic.networks import build_network, unet_architecture  # noqa: E402
@@ -37,6 +36,7 @@ def _save_tiny_user_model() -> None:
     ModelPackage(manifest, state).save(user_models_dir() / "tiny-leg")
 
 
+@pytest.mark.slow  # two worker processes, each importing torch and MONAI
 def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path):
     _save_tiny_user_model()
     image, truth = make_phantom("leg", shape=(4, 96, 128), seed=5)
@@ -45,9 +45,10 @@ def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path):
     scene.AddNode(volume)
     mc.update_volume_node_from_image(volume, image)
     view = FakeView()
+    # Default job runner: every long task runs in a real worker process (python -m DafneSlicerLib.worker).
     controller = DafneController(view, SlicerScene(scene), FakeInstall(), SegmentationLogic(),
-                                 LearningLogic(FinetuneConfig(max_epochs=1, min_steps_per_epoch=1)),
-                                 SyncLogic(tmp_path / "sync.json"))
+                                 SyncLogic(tmp_path / "sync.json"),
+                                 finetune_config={"max_epochs": 1, "min_steps_per_epoch": 1})
 
     controller.segment(volume, "tiny-leg", "cpu")
     _finish(controller, timeout=300)

@@ -1,0 +1,133 @@
+"""Long tasks (segment, fine-tune, pull, push) as requests a separate Python process runs.
+
+Slicer's main thread keeps Python's GIL while Qt waits for events, so a Python thread would barely
+run; a worker process (``PythonSlicer -m DafneSlicerLib.worker request.json``) runs at full speed,
+can be cancelled by terminating it, and cannot take Slicer down with it. Requests and results are
+JSON; images travel as ``.nrrd`` files in the job's work folder. The worker never imports slicer
+or qt. :func:`run_request` is also what the in-process runner of the tests calls.
+
+Protocol on stdout, one line each: ``DAFNE {"progress": f, "message": m}`` while running, then
+``DAFNE {"result": {...}}`` or ``DAFNE {"error": sentence, "details": traceback | null}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from dafne_logic.errors import DafneError
+
+from .jobs import CancelCheck, ProgressCallback
+from .learning_logic import Improvement, LearningLogic
+from .segmentation_logic import SegmentationLogic
+from .sync_logic import SyncLogic, SyncOutcome
+
+MARK = "DAFNE "
+
+
+# --- requests (built in Slicer) ------------------------------------------------------------------
+
+
+def segment_request(work_dir: Path, image: sitk.Image, model_name: str, device: str) -> dict[str, Any]:
+    sitk.WriteImage(image, str(work_dir / "image.nrrd"))
+    return {"task": "segment", "work_dir": str(work_dir), "model": model_name, "device": device}
+
+
+def finetune_request(work_dir: Path, image: sitk.Image, corrected: sitk.Image, model_name: str, slices: list[int],
+                     config: dict[str, Any] | None) -> dict[str, Any]:
+    sitk.WriteImage(image, str(work_dir / "image.nrrd"))
+    sitk.WriteImage(corrected, str(work_dir / "corrected.nrrd"), useCompression=True)
+    return {"task": "finetune", "work_dir": str(work_dir), "model": model_name, "slices": list(slices),
+            "config": config}
+
+
+def pull_request(work_dir: Path, families: list[str], config_path: Path | None) -> dict[str, Any]:
+    return {"task": "pull", "work_dir": str(work_dir), "families": list(families),
+            "config_path": str(config_path) if config_path else None}
+
+
+def push_request(work_dir: Path, model_dir: Path, config_path: Path | None) -> dict[str, Any]:
+    return {"task": "push", "work_dir": str(work_dir), "model_dir": str(model_dir),
+            "config_path": str(config_path) if config_path else None}
+
+
+# --- results (read back in Slicer) ---------------------------------------------------------------
+
+
+def labels_of(result: dict[str, Any]) -> sitk.Image:
+    return sitk.ReadImage(result["labels"])
+
+
+def improvement_of(result: dict[str, Any]) -> Improvement:
+    data = dict(result["improvement"])
+    data["path"] = Path(data["path"])
+    return Improvement(**data)
+
+
+def outcome_of(result: dict[str, Any]) -> SyncOutcome:
+    return SyncOutcome(**result["outcome"])
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def run_request(request: dict[str, Any], progress: ProgressCallback, cancel: CancelCheck,
+                segmentation: SegmentationLogic | None = None, learning: LearningLogic | None = None,
+                sync: SyncLogic | None = None) -> dict[str, Any]:
+    """Do what ``request`` asks; returns the JSON-able result. Logic objects may be replaced (tests)."""
+    work_dir = Path(request["work_dir"])
+    task = request["task"]
+    if task == "segment":
+        segmentation = segmentation or SegmentationLogic()
+        model = segmentation.load_model(request["model"])
+        labels = segmentation.segment(sitk.ReadImage(str(work_dir / "image.nrrd")), model, request["device"],
+                                      progress, cancel)
+        sitk.WriteImage(labels, str(work_dir / "labels.nrrd"), useCompression=True)
+        return {"labels": str(work_dir / "labels.nrrd")}
+    if task == "finetune":
+        if learning is None:
+            from dafne_logic.finetune import FinetuneConfig
+
+            learning = LearningLogic(FinetuneConfig(**request["config"]) if request["config"] else None)
+        model = (segmentation or SegmentationLogic()).load_model(request["model"])
+        result = learning.finetune(model, sitk.ReadImage(str(work_dir / "image.nrrd")),
+                                   sitk.ReadImage(str(work_dir / "corrected.nrrd")), request["slices"], progress, cancel)
+        improvement = learning.save(result)
+        return {"improvement": {**asdict(improvement), "path": str(improvement.path)}}
+    if task not in ("pull", "push"):
+        raise ValueError(f"unknown task {task!r}")
+    sync = sync or SyncLogic(Path(request["config_path"]) if request["config_path"] else None)
+    if task == "pull":
+        return {"outcome": asdict(sync.pull(request["families"], progress, cancel))}
+    return {"outcome": asdict(sync.push(Path(request["model_dir"]), progress, cancel))}
+
+
+def main(argv: list[str]) -> int:
+    protocol = sys.stdout
+    sys.stdout = sys.stderr  # stray prints of libraries go to the log, not into the protocol
+
+    def send(message: dict[str, Any]) -> None:
+        protocol.write(MARK + json.dumps(message) + "\n")
+        protocol.flush()
+
+    try:
+        request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        result = run_request(request, lambda f, m: send({"progress": float(f), "message": str(m)}), lambda: False)
+        send({"result": result})
+        return 0
+    except DafneError as exc:
+        send({"error": str(exc), "details": None})
+    except Exception as exc:  # noqa: BLE001 - report everything to the GUI, which shows one line
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        send({"error": first, "details": traceback.format_exc()})
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
