@@ -59,9 +59,9 @@ def test_muscles_are_muscle_tissue_inside_the_body_and_in_one_piece(region):
         for value in np.unique(anatomy.muscles[k])[1:]:
             _, n_pieces = ndimage.label(anatomy.muscles[k] == value)
             assert n_pieces == 1, f"label {value} in {n_pieces} pieces in slice {k}"
-    # Every tissue class occurs, unlabelled muscle too (deep posterior calf, adductor brevis).
-    assert set(np.unique(anatomy.tissues)) == {int(t) for t in Tissue}
-    assert np.any((anatomy.tissues == Tissue.MUSCLE) & ~labelled) or region == "thigh"
+    assert set(np.unique(anatomy.tissues)) == {int(t) for t in Tissue}, "every tissue class occurs"
+    if region == "leg":  # the deep posterior compartment: muscle without a label
+        assert np.count_nonzero((anatomy.tissues == Tissue.MUSCLE) & ~labelled) > 0.05 * labelled.sum()
 
 
 @pytest.mark.parametrize("region", ["thigh", "leg"])
