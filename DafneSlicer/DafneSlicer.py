@@ -163,7 +163,7 @@ class DafneSlicerTest(ScriptedLoadableModuleTest):
         if logic.install.missing():
             self.skipTest(f"not installed: {', '.join(logic.install.missing())}")
         self.delayDisplay("Segmenting a thigh phantom")
-        image, truth = make_phantom(region="thigh", shape=(6, 96, 160), spacing=(1.5, 1.5, 6.0), seed=3)
+        image, truth = make_phantom("thigh", shape=(4, 216, 216), seed=3)  # about 2 mm pixels, 5 mm slices
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom")
         mc.update_volume_node_from_image(volume, image)
         segmentation = logic.segment(volume, "thigh", "cpu")

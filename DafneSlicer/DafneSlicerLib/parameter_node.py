@@ -20,4 +20,3 @@ class DafneSlicerParameterNode:
     segmentation: slicer.vtkMRMLSegmentationNode
     modelName: str = "thigh"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    statisticsTable: slicer.vtkMRMLTableNode

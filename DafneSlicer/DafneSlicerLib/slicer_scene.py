@@ -15,6 +15,10 @@ from dafne_logic.labels import LabelTable
 
 from . import mrml_conversion as mc
 
+# vtkSegmentation events a segmentation node forwards when the user edits it: painting changes the
+# source representation, renaming or recolouring modifies the segment, and segments come and go.
+SEGMENTATION_EVENTS = ("SourceRepresentationModified", "SegmentModified", "SegmentAdded", "SegmentRemoved")
+
 
 class SlicerScene:
     def __init__(self, scene: "slicer.vtkMRMLScene"):

@@ -12,6 +12,7 @@ import slicer
 
 from .controller import DafneController
 from .segmentation_logic import ModelChoice
+from .slicer_scene import SEGMENTATION_EVENTS
 from .sync_logic import TOKEN_NOTE, WHAT_IS_SENT
 
 POLL_MS = 200  # job progress refresh
@@ -19,7 +20,6 @@ EDIT_DEBOUNCE_MS = 1000  # wait this long after the last edit before re-reading 
 ACTION_BUTTONS = ("segmentButton", "editButton", "markSliceButton", "unmarkSliceButton", "markSlicesButton",
                   "improveButton", "statisticsButton", "exportStatisticsButton", "checkUpdatesButton",
                   "contributeButton", "installButton")
-SEGMENTATION_EVENTS = ("SegmentAdded", "SegmentRemoved", "SegmentModified")
 
 
 class DafneSlicerPanel:
@@ -57,7 +57,7 @@ class DafneSlicerPanel:
 
     def _connect(self) -> None:
         ui, c = self.ui, self.controller
-        ui.installButton.clicked.connect(lambda: (c.install_dependencies(), self._update_dependency_label()))
+        ui.installButton.clicked.connect(self._install)
         ui.segmentButton.clicked.connect(self._segment)
         ui.cancelButton.clicked.connect(c.cancel)
         ui.editButton.clicked.connect(c.open_editor)
@@ -67,12 +67,16 @@ class DafneSlicerPanel:
         ui.improveButton.clicked.connect(c.improve)
         ui.statisticsButton.clicked.connect(c.statistics)
         ui.exportStatisticsButton.clicked.connect(self._export_statistics)
-        ui.modelComboBox.currentIndexChanged.connect(self._model_changed)
+        ui.modelComboBox.connect("currentIndexChanged(int)", self._model_changed)  # the int overload
         ui.shareCheckBox.toggled.connect(self._save_share_settings)
         ui.serverUrlLineEdit.editingFinished.connect(self._save_share_settings)
         ui.tokenLineEdit.editingFinished.connect(self._save_share_settings)
         ui.checkUpdatesButton.clicked.connect(c.check_for_updates)
         ui.contributeButton.clicked.connect(c.contribute)
+
+    def _install(self) -> None:
+        self.controller.install_dependencies()
+        self._update_dependency_label()
 
     def _segment(self) -> None:
         node = self._parameter_node()
@@ -87,7 +91,8 @@ class DafneSlicerPanel:
     def _model_changed(self, index: int) -> None:
         if 0 <= index < len(self._models):
             choice = self._models[index]
-            self._parameter_node().modelName = choice.name
+            if self._parameter_node() is not None:
+                self._parameter_node().modelName = choice.name
             muscles = sorted({name.split(" ", 1)[1] for name in choice.label_names})
             self.ui.modelInfoLabel.text = (f"Version {choice.version} ({choice.source}), "
                                            f"{len(choice.label_names)} labels: {', '.join(muscles)} (right and left).")
@@ -110,8 +115,9 @@ class DafneSlicerPanel:
                 self._observer.removeObserver(self._observed_segmentation, getattr(slicer.vtkSegmentation, event),
                                               self._segmentation_edited)
         self._observed_segmentation = segmentation
-        if segmentation is not None:
+        if segmentation is not None and self._parameter_node() is not None:
             self._parameter_node().segmentation = segmentation
+        if segmentation is not None:
             for event in SEGMENTATION_EVENTS:
                 self._observer.addObserver(segmentation, getattr(slicer.vtkSegmentation, event),
                                            self._segmentation_edited)

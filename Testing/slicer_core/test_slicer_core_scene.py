@@ -8,7 +8,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
-from DafneSlicerLib.slicer_scene import SlicerScene  # noqa: E402
+from DafneSlicerLib.slicer_scene import SEGMENTATION_EVENTS, SlicerScene  # noqa: E402
 
 from dafne_logic.errors import InputError  # noqa: E402
 from dafne_logic.labels import LEG  # noqa: E402
@@ -68,3 +68,27 @@ def test_slice_index_of_a_ras_point(scene):
     assert mc.slice_index_at(volume, (0.0, 0.0, 101.0)) == 0
     with pytest.raises(InputError, match="outside volume 'calf'"):
         mc.slice_index_at(volume, (0.0, 0.0, 200.0))
+
+
+def test_edits_fire_the_events_the_panel_observes(scene):
+    volume, labels, array = _volume_and_labels(scene)
+    node = SlicerScene(scene).show_labels(labels, LEG, volume, "calf segmentation")
+    fired = []
+    for event in SEGMENTATION_EVENTS:
+        node.AddObserver(getattr(slicer.vtkSegmentation, event), lambda caller, e, name=event: fired.append(name))
+    stroke = np.zeros(array.shape, np.uint8)
+    stroke[0, 0:2, 0:2] = 1
+    image = sitk.GetImageFromArray(stroke)
+    image.CopyInformation(labels)
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(labelmap)
+    mc.update_volume_node_from_image(labelmap, image)
+    segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("right soleus")
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap), node, segment_id)
+    assert "SourceRepresentationModified" in fired  # a paint stroke
+    fired.clear()
+    node.GetSegmentation().GetSegment(segment_id).SetName("Soleus_R")
+    assert fired == ["SegmentModified"]  # a rename
+    node.GetSegmentation().RemoveSegment(segment_id)
+    assert "SegmentRemoved" in fired
