@@ -492,6 +492,7 @@ class FakePackaging:
     def install_torch(self, version_requirement):
         self.calls.append(("torch", version_requirement))
         self.torch = True
+        self.installed["torch"] = "2.6.0+cpu"  # what Linux Slicer gets
         return True
 
     def pip_install(self, requirements, skip):
@@ -509,19 +510,19 @@ class FakePackaging:
 
 
 def _install(packaging):
-    return InstallLogic(packaging, [Requirement("monai>=1.5,<1.6"), Requirement("colorama; platform_system == 'Nope'")],
+    return InstallLogic(packaging, [Requirement("monai>=1.5"), Requirement("colorama; platform_system == 'Nope'")],
                         version_of=packaging.version_of)
 
 
 def test_install_asks_once_then_installs_torch_and_pip_packages_without_slicers_own():
     packaging = FakePackaging()
     install = _install(packaging)
-    assert install.missing() == ["torch>=2.4", "monai<1.6,>=1.5"]
+    assert install.missing() == ["torch>=2.4", "monai>=1.5"]
     assert install.ensure() is True
     kinds = [c[0] for c in packaging.calls]
     assert kinds == ["confirm", "torch", "pip"]
     assert "torch>=2.4" in packaging.calls[0][1] and "numpy" in packaging.calls[0][1]
-    assert packaging.calls[2][1] == ["monai<1.6,>=1.5"] and packaging.calls[2][2] == NEVER_INSTALL
+    assert packaging.calls[2][1] == ["monai<1.6,>=1.5"] and packaging.calls[2][2] == NEVER_INSTALL  # torch 2.6
     assert set(NEVER_INSTALL) >= {"numpy", "vtk", "SimpleITK", "pydicom", "requests", "torch"}
     assert install.missing() == [] and install.ensure() is True and len(packaging.calls) == 3  # no second prompt
 
@@ -532,6 +533,14 @@ def test_install_declined_or_offline():
     offline = FakePackaging(fail=OSError("Could not fetch URL https://pypi.org/simple/monai/: connection error"))
     with pytest.raises(DependencyError, match="Check the internet connection .* click again to retry"):
         _install(offline).ensure()
+
+
+def test_monai_is_held_below_1_6_only_for_old_torch():
+    from DafneSlicerLib.install_logic import fit_to_torch
+
+    assert str(fit_to_torch(Requirement("monai>=1.5"), "2.6.0+cu124")) == "monai<1.6,>=1.5"
+    assert str(fit_to_torch(Requirement("monai>=1.5"), "2.9.1")) == "monai>=1.5"
+    assert str(fit_to_torch(Requirement("scipy>=1.10"), "2.4.0")) == "scipy>=1.10"
 
 
 def test_requirements_file_and_version_checks():

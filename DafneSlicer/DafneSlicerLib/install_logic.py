@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
 
 from dafne_logic.errors import DafneError
 
@@ -34,6 +35,21 @@ class SlicerPackaging(Protocol):
     def torch_installed(self) -> bool: ...
     def install_torch(self, version_requirement: str) -> bool: ...  # PyTorchUtils, asks the user itself
     def pip_install(self, requirements: list[Requirement], skip: tuple[str, ...]) -> None: ...
+
+
+def fit_to_torch(requirement: Requirement, torch_version: str | None) -> Requirement:
+    """``requirement``, held below versions that need a newer torch than the one installed.
+
+    MONAI 1.6 needs torch >= 2.8, which Linux Slicer cannot install (its torch wheels stop at 2.6);
+    pip would otherwise pick MONAI 1.6 and break the import.
+    """
+    try:
+        old_torch = torch_version is not None and Version(torch_version) < Version("2.8")
+    except InvalidVersion:
+        old_torch = False
+    if requirement.name.lower() == "monai" and old_torch:
+        return Requirement(f"monai{requirement.specifier},<1.6" if requirement.specifier else "monai<1.6")
+    return requirement
 
 
 def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[Requirement]:
@@ -87,7 +103,8 @@ class InstallLogic:
         try:
             if not self.packaging.torch_installed() and not self.packaging.install_torch(TORCH_REQUIREMENT):
                 raise DependencyError("PyTorch was not installed; install the PyTorch extension and try again.")
-            pip_missing = [r for r in self.requirements if not is_satisfied(r, self.version_of)]
+            pip_missing = [fit_to_torch(r, self._torch_version()) for r in self.requirements
+                           if not is_satisfied(r, self.version_of)]
             if pip_missing:
                 self.packaging.pip_install(pip_missing, NEVER_INSTALL)
         except DependencyError:
@@ -100,3 +117,9 @@ class InstallLogic:
         if still:
             raise DependencyError(f"Still missing after installation: {', '.join(still)}. Restart Slicer and retry.")
         return True
+
+    def _torch_version(self) -> str | None:
+        try:
+            return self.version_of("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None

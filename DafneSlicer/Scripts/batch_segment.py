@@ -40,22 +40,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], scene=None) -> int:
+    """Run the batch; ``scene`` defaults to Slicer's scene (tests pass a bare MRML scene)."""
     import slicer
 
     from dafne_logic.commands.segment import plan_outputs
     from dafne_logic.errors import DafneError
     from dafne_logic.io import read_image
     from dafne_logic.statistics import muscle_statistics, write_statistics_csv
-    from DafneSlicer import DafneSlicerLogic
     from DafneSlicerLib import mrml_conversion as mc
+    from DafneSlicerLib.install_logic import InstallLogic, read_requirements
+    from DafneSlicerLib.segmentation_logic import SegmentationLogic
+    from DafneSlicerLib.slicer_packaging import SlicerPackaging
 
+    scene = scene if scene is not None else slicer.mrmlScene
     args = parse_args(argv)
     if not args.input_dir.is_dir():
         print(f"error: {args.input_dir} is not a folder", file=sys.stderr)
         return 2
-    logic = DafneSlicerLogic()
-    missing = logic.install.missing()
+    missing = InstallLogic(SlicerPackaging(), read_requirements()).missing()
     if missing:
         print(f"error: not installed in Slicer's Python: {', '.join(missing)}; open the DafneSlicer module once "
               "and click Install dependencies", file=sys.stderr)
@@ -66,7 +69,8 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         outputs = plan_outputs(inputs, args.output_dir, ".seg.nrrd")
-        model = logic.segmentation.load_model(args.model)
+        segmentation_logic = SegmentationLogic()
+        model = segmentation_logic.load_model(args.model)
     except DafneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -77,10 +81,12 @@ def main(argv: list[str]) -> int:
         volume = segmentation = None
         try:
             image = read_image(source)
-            volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", target.name.split(".")[0])
+            volume = slicer.vtkMRMLScalarVolumeNode()
+            volume.SetName(target.name.split(".")[0])
+            scene.AddNode(volume)
             mc.update_volume_node_from_image(volume, image)
-            labels = logic.segmentation.segment(image, model, args.device, lambda f, m: None, lambda: False)
-            segmentation = mc.labels_to_segmentation(slicer.mrmlScene, labels, model.labels, volume, volume.GetName())
+            labels = segmentation_logic.segment(image, model, args.device, lambda f, m: None, lambda: False)
+            segmentation = mc.labels_to_segmentation(scene, labels, model.labels, volume, volume.GetName())
             mc.save_segmentation(segmentation, str(target))
             rows += [{"case": source.name, **row} for row in muscle_statistics(image, labels, model.labels)]
             print(f"{source.name}: {target} ({time.monotonic() - began:.1f} s)")
@@ -90,7 +96,7 @@ def main(argv: list[str]) -> int:
         finally:  # one case at a time in memory
             for node in (segmentation, volume):
                 if node is not None:
-                    slicer.mrmlScene.RemoveNode(node)
+                    scene.RemoveNode(node)
     if rows:
         write_statistics_csv(rows, args.output_dir / "statistics.csv")
     print(f"{len(inputs) - len(failed)} of {len(inputs)} volumes segmented into {args.output_dir}")

@@ -35,3 +35,18 @@ def _register_segmentation_converters(slicer) -> None:
     for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
         if rule.__name__ not in registered:
             factory.RegisterConverterRule(rule())
+
+
+@pytest.fixture
+def tiny_leg_model() -> str:
+    """An untrained 3-level U-Net for the calf table, saved where the registry finds user models."""
+    from dafne_logic.labels import LEG
+    from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams, user_models_dir
+    from dafne_logic.networks import build_network, unet_architecture
+
+    arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
+    manifest = Manifest(name="leg", region="leg", version="1", architecture=arch, labels=LEG,
+                        preprocessing=PreprocessingParams(spacing_mm=(2.0, 2.0)), provenance={"trained_on": "nothing"})
+    state = {k: v.detach().clone() for k, v in build_network(arch).state_dict().items()}
+    ModelPackage(manifest, state).save(user_models_dir() / "tiny-leg")
+    return "tiny-leg"

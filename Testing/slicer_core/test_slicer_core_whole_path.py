@@ -22,23 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_slicer_module_controller import FakeInstall, FakeView, _finish  # noqa: E402
 
 from dafne_logic.labels import LEG  # noqa: E402
-from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams, user_models_dir  # noqa: E402
-from dafne_logic.networks import build_network, unet_architecture  # noqa: E402
+from dafne_logic.model_package import user_models_dir  # noqa: E402
 from dafne_logic.phantoms import make_phantom  # noqa: E402
 
 
-def _save_tiny_user_model() -> None:
-    """An untrained 3-level U-Net for the calf table, saved where the registry finds user models."""
-    arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
-    manifest = Manifest(name="leg", region="leg", version="1", architecture=arch, labels=LEG,
-                        preprocessing=PreprocessingParams(spacing_mm=(2.0, 2.0)), provenance={"trained_on": "nothing"})
-    state = {k: v.detach().clone() for k, v in build_network(arch).state_dict().items()}
-    ModelPackage(manifest, state).save(user_models_dir() / "tiny-leg")
-
-
 @pytest.mark.slow  # two worker processes, each importing torch and MONAI
-def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path):
-    _save_tiny_user_model()
+def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path, tiny_leg_model):
     image, truth = make_phantom("leg", shape=(4, 96, 128), seed=5)
     volume = slicer.vtkMRMLScalarVolumeNode()
     volume.SetName("calf phantom")
@@ -50,7 +39,7 @@ def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path):
                                  SyncLogic(tmp_path / "sync.json"),
                                  finetune_config={"max_epochs": 1, "min_steps_per_epoch": 1})
 
-    controller.segment(volume, "tiny-leg", "cpu")
+    controller.segment(volume, tiny_leg_model, "cpu")
     _finish(controller, timeout=300)
     assert not view.errors, view.errors
     node = controller.case.segmentation_node

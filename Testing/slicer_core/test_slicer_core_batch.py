@@ -1,0 +1,58 @@
+"""DafneSlicer/Scripts/batch_segment.py on a real MRML scene: .seg.nrrd per volume, one statistics CSV."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
+import SimpleITK as sitk  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
+
+from dafne_logic.labels import LEG  # noqa: E402
+from dafne_logic.phantoms import make_phantom  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[2] / "DafneSlicer" / "Scripts" / "batch_segment.py"
+
+
+def _batch_module():
+    spec = importlib.util.spec_from_file_location("batch_segment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_writes_segmentations_and_statistics_and_lists_failures(scene, tmp_path, tiny_leg_model, capsys):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for seed in (1, 2):
+        image, _ = make_phantom("leg", shape=(2, 64, 96), seed=seed)
+        sitk.WriteImage(image, str(inputs / f"case{seed}.nrrd"))
+    sitk.WriteImage(sitk.Image([8, 8, 2], sitk.sitkFloat32), str(inputs / "blank.nii.gz"))  # constant: refused
+    (inputs / "old.seg.nrrd").write_bytes(b"not an input")  # segmentations in the folder are skipped
+
+    status = _batch_module().main(["--model", tiny_leg_model, "--device", "cpu", str(inputs), str(outputs)], scene=scene)
+
+    assert status == 1  # one input failed
+    captured = capsys.readouterr()
+    assert "blank.nii.gz: FAILED" in captured.err and "2 of 3 volumes segmented" in captured.out
+    assert sorted(p.name for p in outputs.iterdir()) == ["case1.seg.nrrd", "case2.seg.nrrd", "statistics.csv"]
+    node = mc.load_segmentation(scene, str(outputs / "case1.seg.nrrd"))
+    assert mc.segment_names(node) == [label.name for label in LEG.volume_labels()]
+    with open(outputs / "statistics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["case1.nrrd"] * 12 + ["case2.nrrd"] * 12
+    assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # one case at a time
+
+
+def test_batch_refuses_unusable_arguments(scene, tmp_path, capsys):
+    batch = _batch_module()
+    assert batch.main([str(tmp_path / "absent"), str(tmp_path / "out")], scene=scene) == 2
+    (tmp_path / "empty").mkdir()
+    assert batch.main([str(tmp_path / "empty"), str(tmp_path / "out")], scene=scene) == 2
+    assert "no image files" in capsys.readouterr().err
+    np.testing.assert_equal(list(tmp_path.iterdir()), [tmp_path / "empty"])  # nothing written
