@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from filelock import FileLock
 
 from .atomic import atomic_directory
 from .client_config import ClientConfig, load_config
@@ -55,8 +56,9 @@ class FederatedClient:
     """One server, one user token (from the user's sync configuration by default)."""
 
     def __init__(self, config: ClientConfig | None = None, session: requests.Session | None = None,
-                 retries: int = 4, backoff_s: float = 0.5) -> None:
+                 retries: int = 4, backoff_s: float = 0.5, downloads_dir: Path | None = None) -> None:
         self.config = config or load_config()
+        self.downloads_dir = downloads_dir or user_data_dir() / "downloads"  # partial downloads, kept to resume
         self.http = session or requests.Session()
         self.retries = retries
         self.backoff_s = backoff_s
@@ -139,23 +141,21 @@ class FederatedClient:
         """
         info = self._json(f"/v1/models/{family}/versions/{version}/package")
         target = (models_dir or user_models_dir()) / f"{family}-v{info['version']}"
-        if (target / MANIFEST_NAME).is_file():
-            try:
-                if ModelPackage.load(target).manifest.weights_sha256 == info["weights_sha256"]:
-                    return target
-            except DafneError:
-                log.warning("replacing the damaged local copy %s", target)
-        weights = self._download(info["weights_url"], info["weights_sha256"], info["weights_size"])
-        with atomic_directory(target) as tmp:
-            weights.replace(tmp / WEIGHTS_NAME)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(info["manifest"], indent=2) + "\n", encoding="utf-8")
-            ModelPackage.load(tmp)  # schema, sha256, names and shapes, before the folder appears
+        part = self.downloads_dir / f"{info['weights_sha256']}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        # One download of a given file at a time, across threads and processes (Slicer + CLI).
+        with FileLock(f"{part}.lock"):
+            if _has_package(target, info["weights_sha256"]):
+                return target
+            self._download(part, info["weights_url"], info["weights_sha256"], info["weights_size"])
+            with atomic_directory(target) as tmp:
+                part.replace(tmp / WEIGHTS_NAME)
+                (tmp / MANIFEST_NAME).write_text(json.dumps(info["manifest"], indent=2) + "\n", encoding="utf-8")
+                ModelPackage.load(tmp)  # schema, sha256, names and shapes, before the folder appears
         return target
 
-    def _download(self, path: str, sha256: str, size: int) -> Path:
-        """Fetch to ``<user data>/downloads/<sha256>.part``, resuming a previous partial download."""
-        part = user_data_dir() / "downloads" / f"{sha256}.part"
-        part.parent.mkdir(parents=True, exist_ok=True)
+    def _download(self, part: Path, path: str, sha256: str, size: int) -> None:
+        """Fetch ``path`` into ``part``, resuming from what a previous attempt left there."""
         for _ in range(self.retries + 1):
             have = part.stat().st_size if part.exists() else 0
             if have > size:
@@ -173,7 +173,7 @@ class FederatedClient:
                     log.info("download interrupted (%s); resuming", type(exc).__name__)
                     continue
             if part.stat().st_size == size and _sha256_file(part) == sha256:
-                return part
+                return
             part.unlink(missing_ok=True)  # complete but wrong: start over
         raise SyncError(f"could not download {path} intact (sha256 {sha256[:12]}…)")
 
@@ -209,6 +209,16 @@ class FederatedClient:
         data = json.loads((folder / DELTA_METADATA_NAME).read_text(encoding="utf-8"))
         metadata = DeltaMetadata(**{k: data[k] for k in DeltaMetadata.__dataclass_fields__ if k in data})
         return self.push((folder / DELTA_NAME).read_bytes(), metadata)
+
+
+def _has_package(folder: Path, sha256: str) -> bool:
+    if not (folder / MANIFEST_NAME).is_file():
+        return False
+    try:
+        return ModelPackage.load(folder).manifest.weights_sha256 == sha256
+    except DafneError:
+        log.warning("replacing the damaged local copy %s", folder)
+        return False
 
 
 def _sha256_file(path: Path) -> str:

@@ -38,7 +38,7 @@ def _date(ts: float) -> str:
 
 @router.get("/", response_class=HTMLResponse)
 def index(request: Request, storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         families = []
         for fam in session.scalars(select(Family).order_by(Family.name)):
             versions = list(session.scalars(select(Version).where(Version.family == fam.name)
@@ -69,7 +69,7 @@ def _figure_png(fig) -> bytes:  # noqa: ANN001
 def plot(kind: str, family: str = FamilyName, storage: Storage = Depends(get_storage)):
     if kind not in PLOTS:
         raise HTTPException(404, "unknown plot")
-    with storage.session() as session:
+    with storage.read() as session:
         if session.get(Family, family) is None:
             raise HTTPException(404, f"no model family {family!r}")
         fig, ax = plt.subplots(figsize=(5, 3))

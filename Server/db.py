@@ -138,8 +138,12 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-def make_engine(url: str) -> Engine:
-    """Engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, for_writes: bool = True) -> Engine:
+    """Engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys.
+
+    On SQLite, transactions of a ``for_writes`` engine start with ``BEGIN IMMEDIATE`` (see below);
+    a read engine keeps deferred transactions, which under WAL read a snapshot without locking.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -153,10 +157,10 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(connection) -> None:  # noqa: ANN001
-            # Take the write lock at BEGIN: a deferred transaction that reads and then writes
-            # fails at once (SQLITE_BUSY) when another process wrote in between, with no retry.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(connection) -> None:  # noqa: ANN001
+            # Writers take the write lock at BEGIN: a deferred transaction that reads and then
+            # writes fails at once (SQLITE_BUSY) when another process wrote in between, no retry.
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if for_writes else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -14,7 +14,7 @@ def get_storage(request: Request) -> Storage:
 
 def current_principal(request: Request, storage: Storage = Depends(get_storage)) -> Principal:
     """The caller, from ``Authorization: Bearer …`` only (never a query parameter or cookie)."""
-    with storage.session() as session:
+    with storage.read() as session:
         principal = authenticate(session, request.headers.get("authorization"))
     if principal is None:
         raise HTTPException(401, "missing, unknown, expired or revoked bearer token",

@@ -36,7 +36,10 @@ class Storage:
         self.settings = settings
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(settings.url)
-        self.session = make_sessionmaker(self.engine)
+        self.session = make_sessionmaker(self.engine)  # transactions that write: ``with session.begin()``
+        self.read_engine = make_engine(settings.url, for_writes=False) if settings.url.startswith("sqlite") \
+            else self.engine
+        self.read = make_sessionmaker(self.read_engine)  # read-only work: ``with read() as session``
         self.blobs = BlobStore(settings.blob_dir)
         self._norms: dict[str, float] = {}  # weights sha256 -> L2 norm; versions are immutable
 
@@ -50,6 +53,7 @@ class Storage:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
     # --- versions ----------------------------------------------------------------------------
 

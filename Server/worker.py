@@ -99,7 +99,7 @@ def _heartbeat(storage: Storage, family: str, holder: str) -> None:
 
 def families_with_work(storage: Storage) -> list[str]:
     """Families whose buffer holds ≥ K updates, or where an admin forced a merge of ≥ 1."""
-    with storage.session() as session:
+    with storage.read() as session:
         counts = dict(session.execute(select(UpdateRow.family, func.count()).where(UpdateRow.status == "buffered")
                                       .group_by(UpdateRow.family)).all())
         out = []
@@ -127,7 +127,7 @@ def _validation(dice: dict[str, float]) -> dict:
 
 def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | None) -> MergeOutcome:
     """One merge of ``family`` under a lease already held by ``holder`` (see the module docstring)."""
-    with storage.session() as session:
+    with storage.read() as session:
         fam = session.get(Family, family)
         settings = MergeSettings.from_json(fam.merge_settings)
         active = session.scalar(select(Version).where(Version.family == family, Version.number == fam.active_version))
@@ -255,7 +255,7 @@ def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[Merg
         if not claim_lease(storage, family, holder):
             continue
         try:
-            with storage.session() as session:
+            with storage.read() as session:
                 region = session.get(Family, family).region
             outcomes.append(merge_family(storage, family, holder, scorers(family, region)))
         except LeaseLost:

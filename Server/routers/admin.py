@@ -36,7 +36,7 @@ def _issued(token: str, user: str, scope: str) -> IssuedToken:
 
 @router.get("/users", response_model=list[UserInfo])
 def list_users(_: Principal = Depends(admin_principal), storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         out = []
         for user in session.scalars(select(User).order_by(User.name)):
             tokens = session.scalars(select(Token).where(Token.user_id == user.id).order_by(Token.id))
@@ -107,7 +107,7 @@ def force_merge(family: str = FamilyName, who: Principal = Depends(admin_princip
 @router.get("/models/{family}/settings", response_model=MergeSettingsBody, responses={404: {}})
 def get_settings(family: str = FamilyName, _: Principal = Depends(admin_principal),
                  storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         return MergeSettingsBody(**MergeSettings.from_json(get_family(session, family).merge_settings).to_json())
 
 
@@ -129,7 +129,7 @@ def set_settings(body: MergeSettingsBody, family: str = FamilyName, who: Princip
 @router.get("/audit", response_model=list[AuditInfo])
 def audit_log(after_id: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000),
               _: Principal = Depends(admin_principal), storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         rows = session.scalars(select(AuditEntry).where(AuditEntry.id > after_id).order_by(AuditEntry.id).limit(limit))
         return [AuditInfo(id=r.id, at=r.at, actor=r.actor, action=r.action, family=r.family, detail=r.detail)
                 for r in rows]

@@ -52,14 +52,14 @@ def family_info(session: Session, family: Family) -> FamilyInfo:
 
 @router.get("/models", response_model=list[FamilyInfo])
 def list_families(_: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         return [family_info(session, f) for f in session.scalars(select(Family).order_by(Family.name))]
 
 
 @router.get("/models/{family}", response_model=FamilyInfo, responses={404: {"description": "unknown family"}})
 def show_family(family: str = FamilyName, _: Principal = Depends(current_principal),
                 storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         return family_info(session, get_family(session, family))
 
 
@@ -67,7 +67,7 @@ def show_family(family: str = FamilyName, _: Principal = Depends(current_princip
             responses={404: {"description": "unknown family"}})
 def list_versions(family: str = FamilyName, _: Principal = Depends(current_principal),
                   storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         fam = get_family(session, family)
         rows = session.scalars(select(Version).where(Version.family == family).order_by(Version.number))
         return [version_info(v, fam) for v in rows]
@@ -78,7 +78,7 @@ def list_versions(family: str = FamilyName, _: Principal = Depends(current_princ
 def package(request: Request, response: Response, family: str = FamilyName, version: str = VersionRef,
             _: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
     """The manifest of a version; weights at ``weights_url`` (immutable, so cacheable by ETag)."""
-    with storage.session() as session:
+    with storage.read() as session:
         row = get_version(session, get_family(session, family), version)
     response.headers["ETag"] = f'"{row.weights_sha256}"'
     return PackageInfo(family=family, version=row.number, manifest=row.manifest,
@@ -93,7 +93,7 @@ def package(request: Request, response: Response, family: str = FamilyName, vers
 def weights(request: Request, family: str = FamilyName, version: str = VersionRef,
             _: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
     """The safetensors weights, with ``ETag`` = sha256 and byte ranges for resuming."""
-    with storage.session() as session:
+    with storage.read() as session:
         row = get_version(session, get_family(session, family), version)
     etag = f'"{row.weights_sha256}"'
     if request.headers.get("if-none-match") == etag:

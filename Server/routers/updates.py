@@ -68,7 +68,7 @@ def upload_update(family: str = FamilyName,
     if len(blob) > settings.max_upload_bytes:
         raise _refuse(413, f"the delta is larger than {settings.max_upload_bytes} bytes")
     _sniff(blob)
-    with storage.session() as session:
+    with storage.read() as session:
         fam = get_family(session, family)
         existing = session.scalar(select(UpdateRow).where(UpdateRow.user_id == who.user_id,
                                                           UpdateRow.idempotency_key == meta.idempotency_key))
@@ -108,7 +108,7 @@ def upload_update(family: str = FamilyName,
             audit(session, who.name, "update_received", family, update=row.id, parent=parent.number,
                   bytes=len(blob), norm=round(norm, 6), n_slices=meta.n_slices)
     except IntegrityError:  # the same idempotency key raced in from a retry
-        with storage.session() as session:
+        with storage.read() as session:
             existing = session.scalar(select(UpdateRow).where(UpdateRow.user_id == who.user_id,
                                                               UpdateRow.idempotency_key == meta.idempotency_key))
         if existing is None:
@@ -121,7 +121,7 @@ def upload_update(family: str = FamilyName,
 def show_update(update_id: str = Path(pattern=r"^[0-9a-f]{32}$"), who: Principal = Depends(current_principal),
                 storage: Storage = Depends(get_storage)):
     """An update's state: buffered, rejected (with the reason) or merged into version N."""
-    with storage.session() as session:
+    with storage.read() as session:
         row = session.get(UpdateRow, update_id)
         if row is None or (row.user_id != who.user_id and not who.is_admin):
             raise HTTPException(404, "no such update")
@@ -130,6 +130,6 @@ def show_update(update_id: str = Path(pattern=r"^[0-9a-f]{32}$"), who: Principal
 
 @router.get("/me", response_model=MeInfo)
 def me(who: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
-    with storage.session() as session:
+    with storage.read() as session:
         n = session.scalar(select(func.count()).select_from(UpdateRow).where(UpdateRow.user_id == who.user_id))
     return MeInfo(name=who.name, scope=who.scope, token_id=who.token_id, updates=n or 0)
