@@ -454,6 +454,38 @@ def test_pull_and_push_go_through_the_client_once_opted_in(monkeypatch):
     assert parts["view"].errors[-1].startswith("Nothing to contribute yet")
 
 
+def test_server_refusing_the_token_is_one_message(tmp_path):
+    """The real client against a loopback server that answers 401, through the controller."""
+    import http.server
+    import json as json_module
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = json_module.dumps({"detail": "invalid or revoked token"}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        controller, parts = _controller(sync=SyncLogic(tmp_path / "sync.json"))
+        controller.sync.save(True, f"http://127.0.0.1:{server.server_port}", "wrong")
+        controller.check_for_updates()
+        _finish(controller)
+    finally:
+        server.shutdown()
+    assert len(parts["view"].errors) == 1
+    assert "401" in parts["view"].errors[0] and "invalid or revoked token" in parts["view"].errors[0]
+    assert "wrong" not in parts["view"].errors[0]  # the token never shows up in messages
+
+
 def test_share_settings_default_off_owner_only_and_url_checked(tmp_path):
     sync = SyncLogic(tmp_path / "sync.json")
     config = sync.load()

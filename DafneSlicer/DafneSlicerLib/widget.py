@@ -77,6 +77,7 @@ class DafneSlicerPanel:
     def _install(self) -> None:
         self.controller.install_dependencies()
         self._update_dependency_label()
+        self._load_share_settings()
 
     def _segment(self) -> None:
         node = self._parameter_node()
@@ -103,6 +104,9 @@ class DafneSlicerPanel:
         if not self.controller.poll():
             self._poll_timer.stop()
             self._follow_case()
+            if not self.ui.shareCheckBox.enabled:  # packages were installed on first use
+                self._update_dependency_label()
+                self._load_share_settings()
 
     def _follow_case(self) -> None:
         """Observe the current case's segmentation so edits update the review summary."""
@@ -126,7 +130,9 @@ class DafneSlicerPanel:
         self._edit_timer.start()  # restarts: only the last of a burst of paint strokes counts
 
     def _load_share_settings(self) -> None:
-        config = self.controller.guarded(self.controller.sync.load)  # needs the installed packages
+        # Reading the settings needs dafne_logic's model registry, hence torch: wait for the install.
+        config = None if self.controller.install.missing() else self.controller.guarded(self.controller.sync.load)
+        self.ui.shareCheckBox.enabled = config is not None
         if config is not None:
             self.ui.shareCheckBox.checked = config.opt_in
             self.ui.serverUrlLineEdit.text = config.server_url
