@@ -1,0 +1,48 @@
+"""Atomic writes: all or nothing, with ordinary permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dafne_logic.atomic import atomic_directory, atomic_path, atomic_write_text
+
+
+def test_output_gets_umask_permissions_not_mkstemp_ones(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.csv", "x")
+        with atomic_directory(tmp_path / "pkg") as folder:
+            (folder / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.csv").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "pkg").stat().st_mode) == 0o755
+
+
+def test_failure_leaves_target_untouched_and_no_temporary(tmp_path: Path):
+    (tmp_path / "out.nii.gz").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "out.nii.gz") as tmp:
+            assert tmp.name.endswith(".nii.gz")
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert (tmp_path / "out.nii.gz").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_directory_replaced_only_when_complete(tmp_path: Path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "v").write_text("1")
+    with pytest.raises(OSError):
+        with atomic_directory(tmp_path / "m") as folder:
+            (folder / "v").write_text("2")
+            raise OSError("disk full")
+    assert (tmp_path / "m" / "v").read_text() == "1"
+    with atomic_directory(tmp_path / "m") as folder:
+        (folder / "v").write_text("2")
+    assert (tmp_path / "m" / "v").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
