@@ -98,7 +98,7 @@ def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def same_grid(a: np.ndarray, dims_a: tuple[int, ...], b: np.ndarray, dims_b: tuple[int, ...]) -> bool:
+def _same_voxel_grid(a: np.ndarray, dims_a: tuple[int, ...], b: np.ndarray, dims_b: tuple[int, ...]) -> bool:
     """Whether two IJK-to-RAS matrices with voxel counts describe the same voxel grid."""
     scale = max(np.abs(a[:3, :3]).max(), 1e-6)
     return (tuple(dims_a) == tuple(dims_b)
@@ -194,7 +194,7 @@ def _check_labels_fit(labels: sitk.Image, table: LabelTable, volume_node) -> Non
                          f"{n_labels} labels; the model's labels do not match its table.")
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    if not same_grid(ijk_to_ras_of(labels), labels.GetSize(), _matrix_to_numpy(matrix),
+    if not _same_voxel_grid(ijk_to_ras_of(labels), labels.GetSize(), _matrix_to_numpy(matrix),
                      volume_node.GetImageData().GetDimensions()):
         raise InputError(f"The label map does not lie on the grid of volume '{volume_node.GetName()}'.")
 
