@@ -133,3 +133,24 @@ def test_sync_cli_setup_status_and_pull(sqlite_server, capsys, tmp_path):
     assert cli_main(["sync", "pull", "client", "--version", "1"]) == 0
     assert "client-v1" in capsys.readouterr().out
     assert cli_main(["sync", "setup", "--server", "http://example.org"]) == 2  # plain http only for localhost
+
+
+def test_sync_push_sends_a_finetune_output_folder(sqlite_server, tiny_leg, tmp_path, capsys):
+    import torch
+
+    from dafne_logic.delta import encode_delta, make_delta
+    from dafne_logic.finetune import DELTA_METADATA_NAME, DELTA_NAME
+
+    child = {k: v + 1e-3 * torch.randn_like(v) for k, v in tiny_leg.state_dict.items()}
+    folder = tmp_path / "finetuned"
+    folder.mkdir()
+    (folder / DELTA_NAME).write_bytes(encode_delta(make_delta(tiny_leg.state_dict, child)))
+    (folder / DELTA_METADATA_NAME).write_text(json.dumps(DeltaMetadata("inputs", "1", 6, {"right soleus": 0.7}).to_json()))
+    save_config(ClientConfig(sqlite_server.url, sqlite_server.add_user("pusher"), opt_in=True))
+    assert cli_main(["sync", "push", str(folder)]) == 0
+    first = capsys.readouterr().out
+    assert "buffered" in first and "already uploaded" not in first
+    assert cli_main(["sync", "push", str(folder)]) == 0  # the same folder again: accepted once
+    assert "already uploaded" in capsys.readouterr().out
+    assert cli_main(["sync", "push", str(tmp_path)]) == 2
+    assert "delta.json" in capsys.readouterr().err

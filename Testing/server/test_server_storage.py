@@ -109,3 +109,11 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path):
     assert blobs.sweep_temporaries(older_than_s=-1) == 1 and not stale.exists()
     with pytest.raises(ValueError):
         blobs.path("../../etc/passwd")
+
+
+def test_concurrent_lease_claims_have_exactly_one_winner(storage):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: claim_lease(storage, "leg", f"worker-{i}"), range(8)))
+    assert won.count(True) == 1
