@@ -1,7 +1,8 @@
 """Long tasks (segment, fine-tune, pull, push) as requests a separate Python process runs.
 
-A Python thread inside Slicer competes with the GUI thread for the GIL; a worker process (``PythonSlicer -m DafneSlicerLib.worker request.json``) runs at full speed,
-can be cancelled by terminating it, and cannot take Slicer down with it. Requests and results are
+A Python thread inside Slicer competes with the GUI thread for the GIL; a worker process
+(``PythonSlicer -m DafneSlicerLib.worker request.json``) runs at full speed, can be cancelled by
+terminating it, and cannot take Slicer down with it. Requests and results are
 JSON; images travel as ``.nrrd`` files in the job's work folder. The worker never imports slicer
 or qt. :func:`run_request` is also what the in-process runner of the tests calls.
 
