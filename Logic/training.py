@@ -100,6 +100,13 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _math_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint. The number of steps may change
+    (the schedule then anneals over the new total), as may the device and the bookkeeping intervals."""
+    free = {"steps", "device", "checkpoint_every", "val_every", "log_every"}
+    return {k: v for k, v in config.to_json().items() if k not in free}
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear warm-up, then cosine or poly decay."""
     if step < config.warmup_steps:
@@ -325,7 +332,8 @@ def train_model(
         output_dir: the package folder, written atomically at the end.
         progress: called after every step (see :data:`Progress`).
         validate: scores the (averaged) network; called every ``val_every`` steps and at the end.
-        resume: continue from ``work_dir/checkpoint`` (its config must match ``config``).
+        resume: continue from ``work_dir/checkpoint``; ``config`` must match the checkpoint's except
+            for the number of steps (a longer or shorter schedule), the device and the intervals.
         init_state: starting weights (e.g. a parent model's ``state_dict``) instead of random ones.
         cancel: polled between steps; when it returns True a checkpoint is written and
             :class:`Cancelled` is raised, so ``resume=True`` continues without loss of progress.
@@ -358,9 +366,10 @@ def train_model(
     if resume:
         saved = json.loads((work_dir / CHECKPOINT_DIR / STATE_NAME).read_text(encoding="utf-8")) \
             if (work_dir / CHECKPOINT_DIR / STATE_NAME).is_file() else None
-        if saved is not None and TrainConfig.from_json(saved["config"]) != config:
+        if saved is not None and _math_settings(TrainConfig.from_json(saved["config"])) != _math_settings(config):
             raise InputError(f"{work_dir}: the checkpoint was made with other settings; resume with the same "
-                             f"ones or start a new run")
+                             f"ones (only the number of steps, the device and the checkpoint, validation and "
+                             f"log intervals may change) or start a new run")
         start = _load_checkpoint(work_dir, model, ema, optimizer, generator, scaler, device)
         log.info("resuming at step %d of %d from %s", start, config.steps, work_dir / CHECKPOINT_DIR)
     train_log = _TrainLog(work_dir, start if resume else None)

@@ -144,6 +144,15 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path: Path):
         train_model(manifest(), toy_batch, config(steps=4, lr=0.5), tmp_path / "y", resume=True)
 
 
+def test_resume_with_a_longer_schedule(tmp_path: Path):
+    """An interrupted run may be continued over a new total number of steps."""
+    train_model(manifest(), toy_batch, config(steps=8), tmp_path / "z")
+    longer = train_model(manifest(), toy_batch, config(steps=12), tmp_path / "z", resume=True)
+    assert longer.manifest.provenance["training"]["steps_done"] == 12
+    rows = list(csv.DictReader((tmp_path / "z.training" / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+
+
 def test_init_state_and_learning_rate_schedule(tmp_path: Path):
     parent = train_model(manifest(), toy_batch, config(steps=30), tmp_path / "p")
     child = train_model(manifest(), toy_batch, config(steps=1, lr=1e-9, warmup_steps=0, ema_decay=None),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +94,18 @@ def _table(args: argparse.Namespace) -> LabelTable:
     raise InputError("say which labels to learn: --region thigh|leg or --label-table TABLE.json")
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """The ``dafne-slicer train`` command that reproduces this run (paths as given)."""
+    words = ["dafne-slicer", "train"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "verbose", "no_progress", "resume") or value in (None, False, []):
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if value is not True:
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]], list[list[Any]]]:
     train = [s for s in sources if s and s[0].subject not in holdout]
     held = [s for s in sources if s and s[0].subject in holdout]
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         preprocessing=params,
         provenance={
             "trained_on": summary["trained_on"],
-            "training": {"command": "dafne-slicer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "training": {"command": _command_line(args),
                          **{k: v for k, v in summary.items() if k != "trained_on"}},
         },
     )
@@ -183,9 +194,9 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
         raise InputError("no usable training slices in the label maps (every case is empty, held out or "
                          "has too few muscles of the table)")
     # Each label map weighs the same; the phantoms together take --phantom-share of the samples.
-    share = args.phantom_share if train else 1.0
-    weights = [(1 - share) / len(train)] * len(train) if train_phantoms else [1.0] * len(train)
-    weights += [share / len(train_phantoms)] * len(train_phantoms)
+    phantom_share = args.phantom_share if train else 1.0
+    weights = [((1 - phantom_share) if train_phantoms else 1.0) / len(train)] * len(train) if train else []
+    weights += [phantom_share / len(train_phantoms)] * len(train_phantoms) if train_phantoms else []
     train += train_phantoms
     bank = AnatomyBank.from_sources(train, source_weights=weights)
     synth = SynthesisConfig(size=(size, size))

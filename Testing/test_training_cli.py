@@ -1,0 +1,121 @@
+"""``dafne-slicer train`` end to end on tiny label maps: package, resume, hold-out, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dafne_logic.cli import main
+from dafne_logic.model_package import ModelPackage
+
+FAST = ["--steps", "4", "--batch-size", "2", "--size", "64", "--checkpoint-every", "2", "--val-every", "2",
+        "--no-progress"]
+
+
+def calf_map(path: Path, shift: int = 0) -> Path:
+    """Both calves, named like the real calf slices' tables ({"1": "Soleus_R", ...})."""
+    volume = np.zeros((2, 60, 120), np.uint8)
+    for value_offset, cx in ((0, 30 + shift), (1, 90 - shift)):
+        volume[:, 30:45, cx - 10:cx + 10] = 1 + value_offset  # soleus
+        volume[:, 20:30, cx - 10:cx] = 3 + value_offset  # gastrocnemius medialis
+        volume[:, 20:30, cx:cx + 10] = 5 + value_offset  # gastrocnemius lateralis
+        volume[:, 10:20, cx - 5:cx + 5] = 7 + value_offset  # tibialis anterior
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((1.0, 1.0, 5.0))
+    image.SetOrigin((-60.0, -30.0, 0.0))
+    sitk.WriteImage(image, str(path))
+    names = ["Soleus", "Gastrocnemius Medialis", "Gastrocnemius Lateralis", "Tibialis Anterior"]
+    table = {str(2 * i + 1 + s): f"{n}_{'RL'[s]}" for i, n in enumerate(names) for s in (0, 1)}
+    path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(table))
+    return path
+
+
+def test_train_from_label_maps_resume_and_holdout(tmp_path: Path, capsys):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    calf_map(maps / "subject_a_labels.nii.gz")
+    calf_map(maps / "subject_b_labels.nii.gz", shift=3)
+    out = tmp_path / "model"
+    args = ["train", "--region", "leg", "--label-maps", str(maps), "--holdout-subjects", "subject_b",
+            "--output", str(out)] + FAST
+    assert main(args) == 0
+    package = ModelPackage.load(out)
+    training = package.manifest.provenance["training"]
+    assert training["training_subjects"] == ["subject_a"] and training["holdout_subjects"] == ["subject_b"]
+    assert "--holdout-subjects subject_b" in training["command"]
+    assert package.manifest.preprocessing.spacing_mm == (1.0, 1.0)
+    assert 0.0 <= training["final_validation"]["mean_dice"] <= 1.0
+    rows = list(csv.DictReader((tmp_path / "model.training" / "train_log.csv").open()))
+    assert [r["step"] for r in rows] == ["2", "4"] and rows[-1]["mean_dice"] != ""
+    # Resuming a finished run changes nothing; resuming with other settings is refused.
+    assert main(args + ["--resume"]) == 0
+    again = ModelPackage.load(out)
+    assert all((again.state_dict[k] == v).all() for k, v in package.state_dict.items())
+    assert main(args[:-len(FAST)] + ["--lr", "0.1"] + FAST + ["--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_train_with_phantoms_only(tmp_path: Path):
+    out = tmp_path / "ph"
+    assert main(["train", "--region", "leg", "--phantoms", "1", "--output", str(out), "--steps", "2",
+                 "--batch-size", "2", "--size", "64", "--no-progress"]) == 0
+    assert ModelPackage.load(out).manifest.provenance["trained_on"].endswith("phantoms")
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("empty_folder", "no label maps found"),
+    ("unknown_holdout", "held-out subjects ['nobody'] are in none"),
+    ("no_source", "nothing to learn from"),
+    ("no_table", "say which labels to learn"),
+    ("unknown_label", "not named in"),
+])
+def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str, message: str):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    base = ["train", "--output", str(tmp_path / "m")] + FAST
+    if problem == "empty_folder":
+        args = base + ["--region", "leg", "--label-maps", str(maps)]
+    elif problem == "unknown_holdout":
+        calf_map(maps / "a_labels.nii.gz")
+        args = base + ["--region", "leg", "--label-maps", str(maps), "--holdout-subjects", "nobody"]
+    elif problem == "no_source":
+        args = base + ["--region", "leg"]
+    elif problem == "no_table":
+        args = base + ["--label-maps", str(maps)]
+    else:
+        path = calf_map(maps / "a_labels.nii.gz")
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        volume[0, 0, 0] = 42
+        image = sitk.GetImageFromArray(volume)
+        image.SetSpacing((1.0, 1.0, 5.0))
+        sitk.WriteImage(image, str(path))
+        args = base + ["--region", "leg", "--label-maps", str(path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_on_real_pairs(tmp_path: Path):
+    """The generic path: a phantom volume with its label map as a real pair, any label table file."""
+    from dafne_logic.io import write_labels
+    from dafne_logic.labels import LEG
+    from dafne_logic.phantoms import make_phantom
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    image, labels = make_phantom(region="leg", shape=(2, 96, 128), seed=3)
+    sitk.WriteImage(image, str(pairs / "case1.nii.gz"))
+    write_labels(labels, pairs / "case1_labels.nii.gz", LEG)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(LEG.to_json()))
+    out = tmp_path / "m"
+    assert main(["train", "--label-table", str(table), "--pairs", str(pairs), "--output", str(out)] + FAST) == 0
+    package = ModelPackage.load(out)
+    assert package.manifest.provenance["trained_on"] == "real image/label pairs"
+    assert package.manifest.labels.n_classes == LEG.n_classes
