@@ -2,13 +2,16 @@
 
 Shows aggregates only (no user names): per family the versions with their validation Dice, the
 client-reported Dice over time (the automatic-vs-corrected Dice sites send with each update:
-the real-world statistic) and contributions per week.
+the real-world statistic), contributions per week, and the learning curve fitted on the
+client-reported Dice (:mod:`dafne_logic.learning_curve`: each site a dataset, the parent version
+of its update the model version, as in Dafne's own analysis).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean
@@ -29,7 +32,7 @@ from .storage import Storage  # noqa: E402
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
-PLOTS = ("versions", "client-dice", "contributions")
+PLOTS = ("versions", "client-dice", "contributions", "learning-curve")
 
 
 def _date(ts: float) -> str:
@@ -65,6 +68,35 @@ def _figure_png(fig) -> bytes:  # noqa: ANN001
     return buffer.getvalue()
 
 
+def client_dice_table(session, family: str):  # noqa: ANN001, ANN201 - a pandas DataFrame
+    """One row per (site, parent version): the mean client-reported Dice of that site's updates."""
+    import pandas as pd
+
+    rows = session.execute(select(UpdateRow.user_id, UpdateRow.parent_version, UpdateRow.client_dice)
+                           .where(UpdateRow.family == family)).all()
+    table = pd.DataFrame([{"dataset": f"site {u}", "model_version": str(v), "dice": mean(d.values())}
+                          for u, v, d in rows if d], columns=["dataset", "model_version", "dice"])
+    return table.groupby(["dataset", "model_version"], as_index=False)["dice"].mean()
+
+
+def _learning_curve_png(session, family: str) -> bytes:  # noqa: ANN001
+    from dafne_logic.errors import InputError
+    from dafne_logic.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
+
+    try:
+        data = prepare_learning_curve(client_dice_table(session, family))
+        fit = fit_learning_curve(data)
+    except InputError as exc:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.text(0.5, 0.5, f"no learning curve yet:\n{exc}", ha="center", va="center", wrap=True, fontsize=8)
+        ax.set_axis_off()
+        return _figure_png(fig)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "curve.png"
+        plot_learning_curve(data, fit, path, title=f"{family}: client Dice per model generation")
+        return path.read_bytes()
+
+
 @router.get("/plots/{family}/{kind}.png")
 def plot(kind: str, family: str = FamilyName, storage: Storage = Depends(get_storage)):
     if kind not in PLOTS:
@@ -72,6 +104,9 @@ def plot(kind: str, family: str = FamilyName, storage: Storage = Depends(get_sto
     with storage.read() as session:
         if session.get(Family, family) is None:
             raise HTTPException(404, f"no model family {family!r}")
+        if kind == "learning-curve":
+            return Response(_learning_curve_png(session, family), media_type="image/png",
+                            headers={"Cache-Control": "no-cache"})
         fig, ax = plt.subplots(figsize=(5, 3))
         if kind == "versions":
             rows = [(v.number, v.validation.get("mean")) for v in

@@ -75,7 +75,7 @@ def test_pull_push_merge_pull(live_server, tiny_leg, tmp_path):
         other.update_status(results[0]["id"])
     page = requests.get(live_server.url + "/", timeout=30)
     assert page.status_code == 200 and "leg" in page.text and "/plots/leg/versions.png" in page.text
-    for kind in ("versions", "client-dice", "contributions"):
+    for kind in ("versions", "client-dice", "contributions", "learning-curve"):
         png = requests.get(f"{live_server.url}/plots/leg/{kind}.png", timeout=30)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
