@@ -138,6 +138,7 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
     if not rows:
         return MergeOutcome("idle")
     started = now()
+    scoring_s = 0.0
     base = storage.load_package(active)
 
     updates: list[Update] = []
@@ -170,7 +171,10 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
         if scorer is None:
             return state, {}, Decision(True, "published without validation (validation disabled)",
                                        math.nan, math.nan), result
+        nonlocal scoring_s
+        t0 = time.monotonic()
         dice = scorer(ModelPackage(base.manifest, state))
+        scoring_s += time.monotonic() - t0
         _heartbeat(storage, family, holder)
         decision = accept_candidate(dice, active_dice, settings.dice_tolerance, settings.label_tolerance)
         return state, dice, decision, result
@@ -211,14 +215,16 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
                              outcome="published" if version else "rejected",
                              version=version.number if version else None, update_ids=[r.id for r in rows],
                              detail={"reason": reason, "rule": rule, "candidate_dice": _json_dice(dice),
-                                     "rejected": refused}))
+                                     "rejected": refused, "seconds": round(now() - started, 3),
+                                     "scoring_seconds": round(scoring_s, 3)}))
         session.get(MergeLease, family).force_requested = False
         audit(session, "merge-worker", "merge_published" if version else "merge_rejected", family,
               version=version.number if version else None, merged=[u.key for u in batch],
               rejected=sorted(refused), reason=reason)
     outcome = MergeOutcome("published" if version else "rejected", version.number if version else None,
                            [u.key for u in batch], sorted(refused), reason)
-    log.info("merge %s: %s %s (%s)", family, outcome.outcome, outcome.version or "", reason)
+    log.info("merge %s: %s %s in %.1f s, %.1f s scoring (%s)", family, outcome.outcome, outcome.version or "",
+             now() - started, scoring_s, reason)
     return outcome
 
 
