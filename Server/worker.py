@@ -125,6 +125,31 @@ def _validation(dice: dict[str, float]) -> dict:
     return {"dice": _json_dice(dice), "mean": None if math.isnan(mean) else mean}
 
 
+def active_score(storage: Storage, version: Version, scorer: Scorer | None,
+                 package: ModelPackage | None = None) -> dict[str, float] | None:
+    """Dice per label of ``version`` on the validation cases, scored once and kept with the version
+    (a cache of its score, not a change to the immutable weights); None without a scorer."""
+    cached = version.validation.get("dice")
+    if cached is not None:
+        return {k: math.nan if v is None else v for k, v in cached.items()}
+    if scorer is None:
+        return None
+    dice = scorer(package or storage.load_package(version))
+    with storage.session.begin() as session:
+        session.get(Version, version.id).validation = _validation(dice)
+    return dice
+
+
+def warm_up(storage: Storage, scorers: ScorerFactory) -> None:
+    """Build every family's validation cases and score its active version before the first upload,
+    so the first merge costs what later ones do."""
+    with storage.read() as session:
+        actives = list(session.execute(select(Family.name, Family.region, Version).join(
+            Version, (Version.family == Family.name) & (Version.number == Family.active_version))))
+    for family, region, version in actives:
+        active_score(storage, version, scorers(family, region))
+
+
 def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | None) -> MergeOutcome:
     """One merge of ``family`` under a lease already held by ``holder`` (see the module docstring)."""
     with storage.read() as session:
@@ -156,14 +181,8 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
             continue
         updates.append(Update(row.id, delta, max(staleness, 0), row.n_slices))
 
-    active_dice = active.validation.get("dice")
-    if active_dice is not None:
-        active_dice = {k: math.nan if v is None else v for k, v in active_dice.items()}
-    if scorer is not None and active_dice is None:
-        active_dice = scorer(base)
-        with storage.session.begin() as session:  # a cache of the active version's score, not a change to it
-            session.get(Version, active.id).validation = _validation(active_dice)
-        _heartbeat(storage, family, holder)
+    active_dice = active_score(storage, active, scorer, base)
+    _heartbeat(storage, family, holder)
 
     def attempt(batch: list[Update]) -> tuple[dict, dict[str, float], Decision, MergeResult]:
         result = merge_updates(batch, settings)
@@ -278,6 +297,11 @@ def run_worker(settings: ServerSettings, should_stop: Callable[[], bool] = lambd
     scorers = default_scorer_factory(settings)
     parent = os.getppid()
     log.info("merge worker %s started", holder)
+    try:
+        warm_up(storage, scorers)
+    except Exception:  # scoring is retried at the first merge; serving must not depend on it
+        log.exception("validation warm-up failed")
+    log.info("merge worker %s ready", holder)
     while not should_stop() and os.getppid() == parent:
         try:
             run_once(storage, holder, scorers)

@@ -148,3 +148,19 @@ def test_score_model_averages_dice_over_cases_per_label(tiny_leg):
     assert perfect["right soleus"] == 1.0 and math.isnan(perfect["left soleus"])
     empty = make_scorer(cases, lambda image, model: sitk.Image(image.GetSize(), sitk.sitkUInt8))(tiny_leg)
     assert empty["right soleus"] == 0.0
+
+
+def test_warm_up_scores_each_active_version_once(storage):
+    from dafne_server.worker import warm_up
+
+    calls = []
+
+    def factory(family, region):
+        return lambda model: calls.append((family, region)) or {"right soleus": 0.5, "left soleus": math.nan}
+
+    warm_up(storage, factory)
+    warm_up(storage, factory)
+    assert calls == [("leg", "leg")]
+    with storage.session() as session:
+        version = session.scalar(sa.select(Version))
+        assert version.validation == {"dice": {"right soleus": 0.5, "left soleus": None}, "mean": 0.5}
