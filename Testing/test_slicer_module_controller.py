@@ -370,6 +370,38 @@ def test_bad_slice_marks_are_refused():
     assert controller.case.tracker.reviewed == set()
 
 
+def test_adopting_a_saved_segmentation_starts_a_case_from_its_content():
+    controller, parts = _controller()
+    volume = _volume()
+    saved = Node("calf saved", labels=_automatic_labels())
+    saved.labels[1, 0, 0] = LEG.value_of(6, "left")
+    controller.adopt(volume, None, "leg")
+    assert parts["view"].errors == ["Select a segmentation to continue with."]
+    controller.adopt(volume, saved, "leg")
+    assert not parts["view"].errors[1:]
+    assert "12 of 12 labels have a segment" in parts["view"].statuses[-1]
+    assert "Ignored segments: tumour." in parts["view"].statuses[-1]
+    assert parts["view"].summaries[-1] == "Changed slices: none. Reviewed: none."
+    saved.labels[3, 9, 9] = LEG.value_of(2, "right")
+    controller.update_review()
+    assert parts["view"].summaries[-1].startswith("Changed slices: 3.")
+    assert controller.case.segmentation_node is saved and controller.case.model_name == "leg"
+
+
+def test_adopting_a_segmentation_of_another_model_is_refused():
+    class OtherNames(FakeScene):
+        def labels_of(self, segmentation_node, volume_node, table):
+            result = super().labels_of(segmentation_node, volume_node, table)
+            return SimpleNamespace(labels=result.labels * 0, unknown_names=("Liver", "Spleen"),
+                                   missing_names=tuple(label.name for label in table.volume_labels()))
+
+    controller, parts = _controller(scene=OtherNames())
+    controller.adopt(_volume(), Node("abdomen", labels=np.zeros(SHAPE, np.uint8)), "leg")
+    assert parts["view"].errors == ["No segment of 'abdomen' is named like a label of model leg (e.g. 'right soleus'); "
+                                    "select the model it was made with."]
+    assert controller.case is None
+
+
 def test_removed_segmentation_ends_the_case():
     controller, parts, _ = _segmented()
     controller.case.segmentation_node.present = False

@@ -52,7 +52,7 @@ def test_ui_parameter_bindings_name_parameter_node_fields():
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DafneSlicerParameterNode")
     fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
     bound = {p.find("string").text for p in _ui_tree().iter("property") if p.get("name") == "SlicerParameterName"}
-    assert bound == {"inputVolume", "device"}
+    assert bound == {"inputVolume", "segmentation", "device"}
     assert bound <= fields
 
 

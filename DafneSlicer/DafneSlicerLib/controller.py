@@ -218,6 +218,36 @@ class DafneController:
 
     # --- correct ----------------------------------------------------------------------------------
 
+    def adopt(self, volume_node: Any, segmentation_node: Any, model_name: str | None) -> None:
+        """Continue with an existing segmentation (e.g. saved earlier) of ``volume_node``.
+
+        Its current content counts as the starting point: later edits are "changed" slices, and
+        slices corrected before should be marked reviewed.
+        """
+        def action():
+            if segmentation_node is None:
+                raise InputError("Select a segmentation to continue with.")
+            image = self.scene.image_of(volume_node)
+            if not self._ready():
+                return
+            if not model_name:
+                raise InputError("Select the model the segmentation belongs to.")
+            table = self.segmentation.load_model(model_name).labels
+            corrected = self.scene.labels_of(segmentation_node, volume_node, table)  # checks the grid
+            n_labels = 2 * table.n_muscles
+            if len(corrected.missing_names) == n_labels:
+                raise InputError(f"No segment of '{self.scene.node_name(segmentation_node)}' is named like a label "
+                                 f"of model {model_name} (e.g. '{table.volume_labels()[0].name}'); select the model "
+                                 "it was made with.")
+            current = sitk.GetArrayFromImage(corrected.labels)
+            self.case = Case(volume_node, segmentation_node, model_name, table, image, ReviewTracker(current))
+            ignored = f" Ignored segments: {', '.join(corrected.unknown_names)}." if corrected.unknown_names else ""
+            self.view.set_status(f"Continuing with '{self.scene.node_name(segmentation_node)}' "
+                                 f"({n_labels - len(corrected.missing_names)} of {n_labels} labels have a segment).{ignored} "
+                                 "Mark the slices you already corrected as reviewed.")
+            self.view.set_review_summary(self.case.tracker.summary(current))
+        self.guarded(action)
+
     def _require_case(self) -> Case:
         if self.case is None or not self.scene.node_exists(self.case.segmentation_node):
             self.case = None

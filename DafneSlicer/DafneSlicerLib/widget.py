@@ -17,7 +17,7 @@ from .sync_logic import TOKEN_NOTE, WHAT_IS_SENT
 
 POLL_MS = 200  # job progress refresh
 EDIT_DEBOUNCE_MS = 1000  # wait this long after the last edit before re-reading the segmentation
-ACTION_BUTTONS = ("segmentButton", "editButton", "markSliceButton", "unmarkSliceButton", "markSlicesButton",
+ACTION_BUTTONS = ("segmentButton", "adoptButton", "editButton", "markSliceButton", "unmarkSliceButton", "markSlicesButton",
                   "improveButton", "statisticsButton", "exportStatisticsButton", "checkUpdatesButton",
                   "contributeButton", "installButton")
 
@@ -60,6 +60,7 @@ class DafneSlicerPanel:
         ui.installButton.clicked.connect(self._install)
         ui.segmentButton.clicked.connect(self._segment)
         ui.cancelButton.clicked.connect(c.cancel)
+        ui.adoptButton.clicked.connect(self._adopt)
         ui.editButton.clicked.connect(c.open_editor)
         ui.markSliceButton.clicked.connect(lambda: c.mark_current_slice(True))
         ui.unmarkSliceButton.clicked.connect(lambda: c.mark_current_slice(False))
@@ -82,6 +83,11 @@ class DafneSlicerPanel:
     def _segment(self) -> None:
         node = self._parameter_node()
         self.controller.segment(node.inputVolume, self.ui.modelComboBox.currentData, node.device)
+
+    def _adopt(self) -> None:
+        node = self._parameter_node()
+        self.controller.adopt(node.inputVolume, node.segmentation, self.ui.modelComboBox.currentData)
+        self._follow_case()
 
     def _export_statistics(self) -> None:
         path = qt.QFileDialog.getSaveFileName(None, "Export muscle statistics", "muscle_statistics.csv",
