@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (par
 import SimpleITK as sitk  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 from DafneSlicerLib.slicer_scene import SEGMENTATION_EVENTS, SlicerScene  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the controller tests' fakes
 
 from dafne_logic.errors import InputError  # noqa: E402
 from dafne_logic.labels import LEG  # noqa: E402
@@ -92,3 +97,33 @@ def test_edits_fire_the_events_the_panel_observes(scene):
     assert fired == ["SegmentModified"]  # a rename
     node.GetSegmentation().RemoveSegment(segment_id)
     assert "SegmentRemoved" in fired
+
+
+def test_continue_with_a_saved_segmentation_and_refuse_another_volumes(scene, tmp_path):
+    from DafneSlicerLib.controller import DafneController
+    from DafneSlicerLib.sync_logic import SyncLogic
+    from test_slicer_module_controller import FakeInstall, FakeSegmentation, FakeView
+
+    from dafne_logic.io import write_labels
+
+    volume, labels, array = _volume_and_labels(scene)
+    write_labels(labels, tmp_path / "saved.seg.nrrd", LEG)
+    saved = mc.load_segmentation(scene, str(tmp_path / "saved.seg.nrrd"))
+    view = FakeView()
+    controller = DafneController(view, SlicerScene(scene), FakeInstall(), FakeSegmentation(), SyncLogic(tmp_path / "s"))
+
+    other_image = sitk.GetImageFromArray(np.zeros((6, 8, 10), np.float32))
+    other_image.SetSpacing((2.0, 2.0, 5.0))
+    other = slicer.vtkMRMLScalarVolumeNode()
+    other.SetName("other series")
+    scene.AddNode(other)
+    mc.update_volume_node_from_image(other, other_image)
+    controller.adopt(other, saved, "leg")
+    assert view.errors == ["Segmentation 'saved' was not drawn on the grid of volume 'other series'; select the "
+                           "volume it was made from."]
+    assert controller.case is None
+
+    controller.adopt(volume, saved, "leg")
+    assert view.errors[1:] == [] and controller.case.segmentation_node is saved
+    np.testing.assert_array_equal(controller.case.tracker.automatic, array)
+    assert "12 of 12 labels have a segment" in view.statuses[-1]
