@@ -243,13 +243,23 @@ def test_segment_runs_in_background_then_shows_a_named_segmentation(tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # the job's work folder (image and labels files) is gone
 
 
-def test_segmenting_again_replaces_the_same_segmentation_node():
+def test_segmenting_again_replaces_an_untouched_segmentation_but_never_corrections():
     controller, parts, volume = _segmented()
     first = controller.case.segmentation_node
     controller.segment(volume, "leg", "auto")
     _finish(controller)
     assert controller.case.segmentation_node is first
     assert parts["scene"].shown[-1] == ("calf segmentation", True)
+    first.labels[0, 0, 0] = LEG.value_of(2, "left")  # the user corrected something
+    controller.segment(volume, "leg", "auto")
+    _finish(controller)
+    assert controller.case.segmentation_node is not first and first.labels[0, 0, 0] == LEG.value_of(2, "left")
+    assert parts["scene"].shown[-1] == ("calf segmentation", False)
+    second = controller.case.segmentation_node
+    controller.mark_slices("1")  # reviewed counts as work too
+    controller.segment(volume, "leg", "auto")
+    _finish(controller)
+    assert controller.case.segmentation_node is not second
 
 
 @pytest.mark.parametrize("volume, model, message", [

@@ -201,11 +201,8 @@ class DafneController:
 
         def done(result: dict[str, Any]) -> None:
             labels = worker.labels_of(result)
-            previous = None
-            if self.case is not None and self.case.volume_node is volume_node and self.scene.node_exists(
-                    self.case.segmentation_node):
-                previous = self.case.segmentation_node
-            node = self.scene.show_labels(labels, model.labels, volume_node, f"{volume_name} segmentation", previous)
+            node = self.scene.show_labels(labels, model.labels, volume_node, f"{volume_name} segmentation",
+                                          self._replaceable_segmentation(volume_node))
             automatic = sitk.GetArrayFromImage(labels)
             self.case = Case(volume_node, node, model_name, model.labels, image, ReviewTracker(automatic))
             found = len(set(np.unique(automatic).tolist()) - {0})
@@ -215,6 +212,19 @@ class DafneController:
             self.view.set_review_summary(self.case.tracker.summary(automatic))
 
         self._run("Segmenting", lambda work_dir: worker.segment_request(work_dir, image, model_name, device), done)
+
+    def _replaceable_segmentation(self, volume_node: Any) -> Any | None:
+        """The case's segmentation of this volume if segmenting again may overwrite it: nothing edited or reviewed."""
+        case = self.case
+        if case is None or case.volume_node is not volume_node or not self.scene.node_exists(case.segmentation_node):
+            return None
+        if case.tracker.reviewed:
+            return None
+        try:
+            _, current = self._corrected(case)
+        except DafneError:  # no longer readable as this case: keep it, make a new one
+            return None
+        return None if case.tracker.changed_slices(current) else case.segmentation_node
 
     # --- correct ----------------------------------------------------------------------------------
 
