@@ -42,7 +42,9 @@ def phantom_cases(region: str, n: int, shape: tuple[int, int, int]) -> list[Case
 
 
 def folder_cases(folder: str | Path) -> list[Case]:
-    """Pairs ``<case>_image.*`` / ``<case>_labels.*`` in ``folder``."""
+    """Pairs ``<case>_image.*`` / ``<case>_labels.*`` in ``folder`` (images validated on reading)."""
+    from dafne_logic.io import read_image
+
     folder = Path(folder)
     cases = []
     for image_path in sorted(folder.glob("*_image.*")):
@@ -50,8 +52,7 @@ def folder_cases(folder: str | Path) -> list[Case]:
         matches = sorted(folder.glob(f"{stem}_labels.*"))
         if not matches:
             raise InputError(f"validation case {image_path} has no {stem}_labels file beside it")
-        cases.append(Case(stem, sitk.ReadImage(str(image_path), sitk.sitkFloat32),
-                          sitk.ReadImage(str(matches[0]), sitk.sitkUInt8)))
+        cases.append(Case(stem, read_image(image_path), sitk.ReadImage(str(matches[0]), sitk.sitkUInt8)))
     if not cases:
         raise InputError(f"no validation cases (<case>_image.* + <case>_labels.*) in {folder}")
     return cases

@@ -164,3 +164,23 @@ def test_warm_up_scores_each_active_version_once(storage):
     with storage.session() as session:
         version = session.scalar(sa.select(Version))
         assert version.validation == {"dice": {"right soleus": 0.5, "left soleus": None}, "mean": 0.5}
+
+
+def test_folder_validation_cases_pair_images_with_labels(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dafne_logic.errors import InputError
+    from dafne_server.validation import folder_cases
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.random((3, 8, 8)).astype(np.float32)), str(tmp_path / f"{name}_image.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 8, 8), np.uint8)), str(tmp_path / f"{name}_labels.nii.gz"))
+    cases = folder_cases(tmp_path)
+    assert [c.name for c in cases] == ["a", "b"] and cases[0].labels.GetSize() == (8, 8, 3)
+    (tmp_path / "b_labels.nii.gz").unlink()
+    with pytest.raises(InputError, match="b_labels"):
+        folder_cases(tmp_path)
+    with pytest.raises(InputError, match="no validation cases"):
+        folder_cases(tmp_path / "empty")
