@@ -1,0 +1,154 @@
+"""Dice of base models on the three measurements the model cards report (needs ../shared/data).
+
+1. **Held-out thigh subjects**: label maps of subjects listed in a thigh model's manifest as held
+   out (never trained on); per-leg images synthesised from them with fresh seeds, one batch per
+   contrast regime; Dice per label pooled over the images of each regime, and the mean over labels.
+   The adductor longus is not labelled in those maps, so it has no Dice there.
+2. **Real calf slices** (leg models): ``calf_slices/{t1,pd}_example`` through the whole path
+   (``segment_volume``: leg finding, crops, model, restore), Dice per volume label (12) against the
+   manual labels. Their images are never used in training or model selection.
+3. **Phantoms**: bilateral phantom volumes (fresh seeds, several contrasts) through ``segment_volume``.
+
+Usage::
+
+    python bench/evaluate_base_models.py --thigh MODEL_DIR... --leg MODEL_DIR... [--data ../shared/data]
+        [--per-regime 48] [--json OUT.json]
+
+Several models per region are scored in the same run (e.g. the phantom-trained bundled model and a
+new one), so their figures compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dafne_logic.evaluation import dice_per_label, mean_dice
+from dafne_logic.harmonisation import GroupRegistry, find_label_maps, load_label_map, subject_id
+from dafne_logic.inference import segment_volume
+from dafne_logic.io import read_image, read_segmentation
+from dafne_logic.labels import LEG, THIGH
+from dafne_logic.model_package import ModelPackage
+from dafne_logic.phantoms import make_phantom
+from dafne_logic.synthesis import REGIMES, AnatomyBank, SynthesisConfig, SynthesisSampler, dice_by_class
+
+EVAL_SEED = 20261127  # never used in training (training seeds are 0.. and phantom seeds 1000..)
+PHANTOM_SEEDS = (777001, 777002)
+PHANTOM_CONTRASTS = ("t1", "t2", "water", "fat", "pd", "stir")
+
+
+def _mean_defined(values: list[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
+def held_out_thigh(model: ModelPackage, data: Path, per_regime: int) -> dict[str, dict[str, float]]:
+    """Per-regime Dice on images synthesised from the model's held-out thigh subjects."""
+    training = model.manifest.provenance.get("training", {})
+    holdout = set(training.get("holdout_subjects", []))
+    if not holdout:
+        raise SystemExit(f"{model.path}: the manifest lists no held-out subjects")
+    spacing = model.manifest.preprocessing.spacing_mm[0]
+    size = training.get("synthesis", {}).get("size", [176, 176])
+    files = [p for p in find_label_maps([data / "thigh_label_maps"]) if subject_id(p) in holdout]
+    registry = GroupRegistry(THIGH.n_classes)
+    bank = AnatomyBank.from_sources([load_label_map(p, THIGH, registry, spacing, (224, 224)) for p in files])
+    network = model.network("cpu")
+    names = [m.name for m in THIGH.muscles]
+    results = {}
+    for k, regime in enumerate(REGIMES):
+        sampler = SynthesisSampler(bank, SynthesisConfig(size=tuple(size), regimes=(regime,)))
+        generator = torch.Generator().manual_seed(EVAL_SEED + k)
+        predictions, targets = [], []
+        with torch.no_grad():
+            for _ in range(max(1, per_regime // 8)):
+                images, target = sampler(generator, 8)
+                predictions.append(network(images).argmax(1))
+                targets.append(target)
+        scores = dice_by_class(torch.cat(predictions), torch.cat(targets), THIGH.n_classes)
+        row = {n: float(s) for n, s in zip(names, scores)}
+        row["mean_dice"] = _mean_defined(list(row.values()))
+        results[regime] = row
+    results["all regimes"] = {n: _mean_defined([results[r][n] for r in REGIMES]) for n in names + ["mean_dice"]}
+    results["subjects"] = sorted(holdout)  # type: ignore[assignment]
+    return results
+
+
+def real_calf(model: ModelPackage, data: Path) -> dict[str, dict[str, float]]:
+    results = {}
+    for name in ("t1_example", "pd_example"):
+        image = read_image(data / "calf_slices" / f"{name}.nii.gz")
+        reference, unknown = read_segmentation(data / "calf_slices" / f"{name}_labels.nii.gz", LEG)
+        assert not unknown, unknown
+        prediction = segment_volume(image, model, device="cpu")
+        row = dice_per_label(prediction, reference, LEG)
+        row["mean_dice"] = mean_dice(row)
+        results[name] = row
+    return results
+
+
+def phantoms(model: ModelPackage, region: str) -> dict[str, float]:
+    rows = {}
+    table = THIGH if region == "thigh" else LEG
+    for contrast in PHANTOM_CONTRASTS:
+        scores = []
+        for seed in PHANTOM_SEEDS:
+            image, labels = make_phantom(region=region, shape=(6, 256, 256), contrast=contrast, seed=seed)
+            scores.append(mean_dice(dice_per_label(segment_volume(image, model, device="cpu"), labels, table)))
+        rows[contrast] = float(np.mean(scores))
+    rows["mean_dice"] = float(np.mean(list(rows.values())))
+    return rows
+
+
+def _print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    columns = [c for c in rows if isinstance(rows[c], dict)]
+    labels = list(next(iter(rows[c] for c in columns)).keys())
+    print(f"{'label':<34}" + "".join(f"{c[:12]:>13}" for c in columns))
+    for label in labels:
+        print(f"{label:<34}" + "".join(f"{rows[c].get(label, math.nan):>13.3f}" for c in columns))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--thigh", nargs="*", default=[], type=Path, help="thigh model folders")
+    parser.add_argument("--leg", nargs="*", default=[], type=Path, help="leg (calf) model folders")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--per-regime", type=int, default=48, help="synthetic held-out images per contrast regime")
+    parser.add_argument("--json", type=Path, help="write all figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    report: dict[str, dict] = {}
+    for path in args.thigh:
+        model = ModelPackage.load(path)
+        began = time.process_time()
+        entry = {"trained_on": model.manifest.provenance.get("trained_on")}
+        if model.manifest.provenance.get("training", {}).get("holdout_subjects"):
+            entry["held_out_thigh_synthetic"] = held_out_thigh(model, args.data, args.per_regime)
+            _print_table(f"{path}: held-out thigh subjects, synthetic images (Dice per label)",
+                         {k: v for k, v in entry["held_out_thigh_synthetic"].items() if isinstance(v, dict)})
+        entry["phantoms"] = phantoms(model, "thigh")
+        print(f"{path}: phantom mean Dice by contrast {json.dumps({k: round(v, 3) for k, v in entry['phantoms'].items()})}")
+        entry["cpu_seconds"] = time.process_time() - began
+        report[str(path)] = entry
+    for path in args.leg:
+        model = ModelPackage.load(path)
+        entry = {"trained_on": model.manifest.provenance.get("trained_on"), "real_calf": real_calf(model, args.data),
+                 "phantoms": phantoms(model, "leg")}
+        _print_table(f"{path}: real calf slices, zero-shot (Dice per label)", entry["real_calf"])
+        print(f"{path}: phantom mean Dice by contrast {json.dumps({k: round(v, 3) for k, v in entry['phantoms'].items()})}")
+        report[str(path)] = entry
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
