@@ -1,12 +1,11 @@
 """Long work (inference, fine-tuning, sync) as jobs the GUI thread polls.
 
-:class:`ProcessJob` runs a :mod:`.worker` request in a separate Python process: it does not
-compete with Slicer's GUI thread for Python's GIL (Slicer's PythonQt runs without thread support,
-so a Python thread advances only while the GUI thread executes Python), and terminating it is a
-clean cancel. :class:`BackgroundJob` runs a function on a
-thread of this process (scripts and tests). Both are polled: the widget calls ``poll()`` from a
-``qt.QTimer`` and, once done, converts the result to MRML on the GUI thread, so the scene changes
-only on the GUI thread and only with a complete result.
+:class:`ProcessJob` (what the module uses) runs a :mod:`.worker` request in a separate Python
+process: it does not compete with Slicer's GUI thread for Python's GIL, a crash cannot take
+Slicer down, and terminating it is a clean cancel. :class:`BackgroundJob` runs a function on a
+thread of this process (tests and plain-Python scripts). Both are polled: the widget calls
+``poll()`` from a ``qt.QTimer`` and, once done, converts the result to MRML on the GUI thread,
+so the scene changes only on the GUI thread and only with a complete result.
 """
 
 from __future__ import annotations
