@@ -146,16 +146,20 @@ def gui(monkeypatch, tmp_path):
                                              SegmentAdded=62101, SegmentRemoved=62102)
     monkeypatch.setitem(sys.modules, "qt", qt)
     monkeypatch.setitem(sys.modules, "slicer", slicer)
-    names = ["DafneSlicerLib.widget", "DafneSlicerLib.slicer_scene", "DafneSlicerLib.mrml_conversion"]
-    saved = {name: sys.modules.pop(name, None) for name in names}
+    package = importlib.import_module("DafneSlicerLib")
+    names = ["widget", "slicer_scene", "mrml_conversion"]
+    saved = {name: sys.modules.pop(f"DafneSlicerLib.{name}", None) for name in names}
     try:
         widget = importlib.import_module("DafneSlicerLib.widget")
         yield SimpleNamespace(widget=widget, timers=timers, dialogs=dialogs, messages=messages)
     finally:
         for name, module in saved.items():  # modules bound to the stubs must not outlive the test
-            sys.modules.pop(name, None)
+            sys.modules.pop(f"DafneSlicerLib.{name}", None)
             if module is not None:
-                sys.modules[name] = module
+                sys.modules[f"DafneSlicerLib.{name}"] = module
+                setattr(package, name, module)
+            elif hasattr(package, name):
+                delattr(package, name)
 
 
 def _panel(gui, tmp_path):

@@ -48,6 +48,9 @@ def module(scene, monkeypatch):
     spec.loader.exec_module(loaded)
     yield loaded
     sys.modules.pop("DafneSlicerLib.parameter_node", None)  # bound to the stand-in wrapper
+    package = sys.modules["DafneSlicerLib"]
+    if hasattr(package, "parameter_node"):
+        delattr(package, "parameter_node")
 
 
 def test_module_metadata(module):
