@@ -451,6 +451,7 @@ def test_contribute_needs_an_improvement_and_opt_in():
     controller.contribute()
     _finish(controller)
     assert parts["view"].errors[-1] == "Sharing is off: tick 'Share my improvements' first (nothing was sent)."
+    assert parts["view"].sync[-1].endswith("Sharing is off: tick 'Share my improvements' first (nothing was sent).")
 
 
 class FakeClient:
@@ -526,6 +527,7 @@ def test_server_refusing_the_token_is_one_message(tmp_path):
     assert len(parts["view"].errors) == 1
     assert "401" in parts["view"].errors[0] and "invalid or revoked token" in parts["view"].errors[0]
     assert "wrong" not in parts["view"].errors[0]  # the token never shows up in messages
+    assert parts["view"].sync[-1].startswith("Failed at ") and "401" in parts["view"].sync[-1]
 
 
 def test_share_settings_default_off_owner_only_and_url_checked(tmp_path):

@@ -97,6 +97,7 @@ class DafneController:
         self.case: Case | None = None
         self.job: Job | None = None
         self._on_done: Callable[[dict[str, Any]], None] | None = None
+        self._on_error: Callable[[str], None] | None = None
         self._work_dir: Path | None = None
         self._job_began = 0.0
 
@@ -107,15 +108,16 @@ class DafneController:
         return self.job is not None
 
     def _run(self, task: str, build_request: Callable[[Path], dict[str, Any]],
-             on_done: Callable[[dict[str, Any]], None]) -> None:
-        """Write the job's inputs into a fresh work folder, start it, and remember what to do with its result."""
+             on_done: Callable[[dict[str, Any]], None], on_error: Callable[[str], None] | None = None) -> None:
+        """Write the job's inputs into a fresh work folder, start it, and remember what to do with its result
+        (``on_error`` additionally receives a failure's message)."""
         work_dir = Path(tempfile.mkdtemp(prefix="dafne-slicer-"))
         try:
             self.job = self._start_job(task, build_request(work_dir))
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
-        self._work_dir, self._on_done, self._job_began = work_dir, on_done, time.monotonic()
+        self._work_dir, self._on_done, self._on_error, self._job_began = work_dir, on_done, on_error, time.monotonic()
         self.view.set_busy(task)
         self.view.set_progress(0.0, f"{task}...")
 
@@ -127,7 +129,7 @@ class DafneController:
         if not status.done:
             self.view.set_progress(status.fraction, status.message)
             return True
-        on_done, self.job, self._on_done = self._on_done, None, None
+        on_done, on_error, self.job, self._on_done, self._on_error = self._on_done, self._on_error, None, None, None
         self.view.set_busy(None)
         try:
             if status.cancelled:
@@ -135,6 +137,8 @@ class DafneController:
             elif status.error is not None:
                 if status.details:
                     log.error(status.details)
+                if on_error is not None:
+                    on_error(status.error)
                 self.view.show_error(status.error)
             else:
                 self.guarded(lambda: on_done(status.result))
@@ -378,8 +382,12 @@ class DafneController:
                 return
             families = sorted({choice.family for choice in self.segmentation.list_models()})
             self._run("Checking for updates",
-                      lambda work_dir: worker.pull_request(work_dir, families, self.sync.config_path), self._pulled)
+                      lambda work_dir: worker.pull_request(work_dir, families, self.sync.config_path), self._pulled,
+                      self._sync_failed)
         self.guarded(action)
+
+    def _sync_failed(self, message: str) -> None:
+        self.view.set_sync_status(f"Failed at {time.strftime('%H:%M')}: {message}")
 
     def _pulled(self, result: dict[str, Any]) -> None:
         outcome = worker.outcome_of(result)
@@ -401,5 +409,5 @@ class DafneController:
                 self.view.set_sync_status(worker.outcome_of(result).message)
 
             self._run("Contributing", lambda work_dir: worker.push_request(work_dir, latest.path, self.sync.config_path),
-                      done)
+                      done, self._sync_failed)
         self.guarded(action)
