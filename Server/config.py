@@ -22,7 +22,8 @@ class ServerSettings:
     max_upload_bytes: int = 32 << 20  # whole request body (multipart) limit
     max_delta_bytes: int = 64 << 20  # decompressed delta limit
     max_relative_norm: float = 0.5  # ‖Δ‖ / ‖active weights‖ above this is refused at upload
-    uploads_per_hour: int = 30  # per user
+    uploads_per_hour: int = 30  # accepted uploads per user
+    refused_uploads_per_hour: int = 60  # per user; beyond this, uploads are not even checked (429)
     lease_ttl_s: float = 60.0  # a merge lease not renewed for this long may be taken over
     poll_interval_s: float = 1.0  # merge worker: how often it looks for work
     validation: str = "phantom"  # "phantom", "none" (publish without scoring), or a folder of cases

@@ -38,7 +38,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-cases", type=int, default=2)
     p.add_argument("--validation-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(12, 96, 128))
     p.add_argument("--max-upload-mb", type=float, default=32.0)
-    p.add_argument("--uploads-per-hour", type=int, default=30)
+    p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
+    p.add_argument("--refused-uploads-per-hour", type=int, default=60,
+                   help="refused uploads per user and hour before further uploads are not checked")
     p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a dead merge's lease expires")
     p.add_argument("--poll-interval", type=float, default=1.0)
     p.add_argument("--merge-hold", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
@@ -103,7 +105,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, validation=args.validation, validation_cases=args.validation_cases,
                          validation_shape=tuple(args.validation_shape),
                          max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                         uploads_per_hour=args.uploads_per_hour, lease_ttl_s=args.lease_ttl,
+                         uploads_per_hour=args.uploads_per_hour,
+                         refused_uploads_per_hour=args.refused_uploads_per_hour, lease_ttl_s=args.lease_ttl,
                          poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold)
     serve(settings, args.host, args.port, args.workers, merge_worker=not args.no_merge_worker,
           log_level="debug" if args.verbose else "info")

@@ -14,7 +14,7 @@ from dafne_logic.errors import ModelError
 from dafne_logic.model_package import Manifest
 
 from ..auth import Principal
-from ..db import UpdateRow, Version, audit, now
+from ..db import AuditEntry, UpdateRow, audit, now
 from ..deps import current_principal, get_storage
 from ..merging import MergeSettings
 from ..schemas import Accepted, MeInfo, UpdateInfo, UpdateMetadata
@@ -55,7 +55,27 @@ def upload_update(family: str = FamilyName,
                   delta: UploadFile = File(..., description="zlib-compressed fp16 safetensors delta"),
                   metadata: str = Form(..., max_length=65536, description="JSON UpdateMetadata"),
                   who: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
-    """Check an update completely, then store it as *buffered* (202), or refuse it with a reason."""
+    """Check an update completely, then store it as *buffered* (202), or refuse it with a reason.
+
+    Refusals are audited, and a user refused too often in the last hour is not checked again
+    until the hour has passed (429): checking costs the server CPU.
+    """
+    limit = storage.settings.refused_uploads_per_hour
+    with storage.read() as session:
+        refused = session.scalar(select(func.count()).select_from(AuditEntry).where(
+            AuditEntry.actor == who.name, AuditEntry.action == "update_refused", AuditEntry.at > now() - 3600)) or 0
+    if refused >= limit:
+        raise _refuse(429, f"more than {limit} refused uploads in the last hour; fix the client and retry later")
+    try:
+        return _receive(family, delta, metadata, who, storage)
+    except HTTPException as exc:
+        if exc.status_code != 429:
+            with storage.session.begin() as session:
+                audit(session, who.name, "update_refused", family, status=exc.status_code, reason=str(exc.detail)[:300])
+        raise
+
+
+def _receive(family: str, delta: UploadFile, metadata: str, who: Principal, storage: Storage):  # noqa: ANN202
     settings = storage.settings
     try:
         meta = UpdateMetadata.model_validate_json(metadata)

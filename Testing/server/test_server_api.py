@@ -152,6 +152,19 @@ def test_bad_uploads_get_4xx_with_a_reason_and_nothing_is_stored(live_server, ti
     assert requests.get(f"{live_server.url}/healthz", timeout=10).json() == {"status": "ok"}
 
 
+def test_users_refused_too_often_are_not_checked_again_and_refusals_are_audited(live_server, tiny_leg):
+    token = new_user(live_server)
+    statuses = {upload(live_server, token, "inputs", b"garbage").status_code for _ in range(30)}
+    assert statuses == {422}  # 30 refusals per hour on this server
+    r = upload(live_server, token, "inputs", encode_delta(noisy_delta(tiny_leg.state_dict)))
+    assert r.status_code == 429 and "refused uploads" in r.json()["detail"]
+    name = requests.get(f"{live_server.url}/v1/me", headers=bearer(token), timeout=10).json()["name"]
+    audit = requests.get(f"{live_server.url}/v1/admin/audit", params={"limit": 1000},
+                         headers=bearer(live_server.admin_token), timeout=10).json()
+    refusals = [a for a in audit if a["actor"] == name and a["action"] == "update_refused"]
+    assert len(refusals) == 30 and "zlib" in refusals[0]["detail"]["reason"]
+
+
 def test_tokens_wrong_revoked_expired_and_scopes(live_server, tiny_leg):
     url = f"{live_server.url}/v1/me"
     token = new_user(live_server)
@@ -198,7 +211,7 @@ def test_admin_rollback_settings_staleness_rate_limit_and_audit(live_server, tin
     assert stale.status_code == 409 and "behind" in stale.json()["detail"]
     statuses = [upload(live_server, token, "client", encode_delta(noisy_delta(tiny_leg.state_dict, seed=100 + i)),
                        parent_version="2").status_code for i in range(9)]
-    assert statuses == [202] * 8 + [429]  # 8 uploads per hour per user on this server
+    assert statuses == [202] * 8 + [429]  # 8 accepted uploads per hour per user on this server
     audit = requests.get(f"{live_server.url}/v1/admin/audit", params={"limit": 1000}, headers=admin, timeout=10).json()
     actions = {(a["action"], a["family"]) for a in audit}
     for expected in [("update_received", "client"), ("merge_requested", "client"), ("merge_published", "client"),
