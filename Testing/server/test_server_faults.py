@@ -1,4 +1,4 @@
-"""Crashes: the whole server (API + merge worker) SIGKILLed during an upload and during a merge,
+"""Crashes (SQLite and PostgreSQL): the whole server (API + merge worker) SIGKILLed during an upload and a merge,
 then restarted on the same data: no partial version, no accepted update lost, the queue resumes."""
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def _complete_blobs(storage: Storage) -> bool:
                for p in storage.blobs.root.glob("*/*") if not p.name.startswith("."))
 
 
-def test_sigkill_during_upload_and_during_merge(tmp_path, tiny_leg):
-    server = LocalServer(tmp_path / "data", validation="none", families={"leg": tiny_leg}, merge={"buffer_size": 2},
+def test_sigkill_during_upload_and_during_merge(tmp_path, tiny_leg, database_url):
+    server = LocalServer(tmp_path / "data", database_url=database_url, validation="none", families={"leg": tiny_leg},
+                         merge={"buffer_size": 2},
                          run_args=["--merge-hold", "3", "--lease-ttl", "1.5"])
     storage = Storage(server.settings)
     token = server.add_user("site")
