@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import DafneError
-from .model_package import user_data_dir
+from .paths import user_data_dir
 
 CONFIG_NAME = "sync.json"
 
@@ -28,7 +28,8 @@ class ClientConfig:
     timeout_s: float = 30.0
 
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
-        return f"ClientConfig(server_url={self.server_url!r}, opt_in={self.opt_in}, token={'set' if self.token else 'unset'})"
+        token = "set" if self.token else "unset"
+        return f"ClientConfig(server_url={self.server_url!r}, opt_in={self.opt_in}, token={token})"
 
 
 def config_path() -> Path:

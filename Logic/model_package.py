@@ -29,6 +29,7 @@ from .atomic import atomic_directory
 from .errors import ModelError
 from .labels import LabelTable
 from .networks import ARCHITECTURES, build_network
+from .paths import user_data_dir, user_models_dir  # noqa: F401  (re-exported)
 
 FORMAT = "dafne-slicer-model"
 FORMAT_VERSION = 1
@@ -224,19 +225,6 @@ def check_tensor_shapes(found: dict[str, list[int]], expected: dict[str, list[in
 
 
 # --- registry -----------------------------------------------------------------------------------
-
-
-def user_data_dir() -> Path:
-    """Where user models, pulled versions and settings live (``$DAFNE_SLICER_HOME`` overrides)."""
-    home = os.environ.get("DAFNE_SLICER_HOME")
-    if home:
-        return Path(home)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "dafne-slicer"
-
-
-def user_models_dir() -> Path:
-    return user_data_dir() / "models"
 
 
 @dataclass(frozen=True)
