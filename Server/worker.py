@@ -103,7 +103,8 @@ def families_with_work(storage: Storage) -> list[str]:
         counts = dict(session.execute(select(UpdateRow.family, func.count()).where(UpdateRow.status == "buffered")
                                       .group_by(UpdateRow.family)).all())
         out = []
-        for fam, lease in session.execute(select(Family, MergeLease).join(MergeLease, MergeLease.family == Family.name)):
+        pairs = session.execute(select(Family, MergeLease).join(MergeLease, MergeLease.family == Family.name))
+        for fam, lease in pairs:
             n = counts.get(fam.name, 0)
             if n and (lease.force_requested or n >= MergeSettings.from_json(fam.merge_settings).buffer_size):
                 out.append(fam.name)
@@ -174,8 +175,8 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
             refused[row.id] = f"parent version {row.parent_version} is too stale for active version {active.number}"
             continue
         try:
-            delta = decode_delta(storage.blobs.get(row.blob_sha256), Manifest.from_json(parents[row.parent_version].manifest),
-                                 storage.settings.max_delta_bytes)
+            parent_manifest = Manifest.from_json(parents[row.parent_version].manifest)
+            delta = decode_delta(storage.blobs.get(row.blob_sha256), parent_manifest, storage.settings.max_delta_bytes)
         except (OSError, DafneError) as exc:
             refused[row.id] = f"stored delta unreadable: {exc}"
             continue

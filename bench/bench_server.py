@@ -107,7 +107,8 @@ def latency(repeats: int, workdir: Path) -> None:
             print(f"{region:<6} ({origin}, {sum(v.numel() for v in package.state_dict.values()) / 1e6:.2f} M params): "
                   f"first {times[0]:.1f} s, then median {statistics.median(warm):.1f} s (min {min(warm):.1f}, "
                   f"max {max(warm):.1f}) over {len(warm)}; outcomes {statuses}; one validation scoring "
-                  f"{scoring_s:.1f} s in this process -> latency / scoring = {statistics.median(warm) / scoring_s:.2f}; "
+                  f"{scoring_s:.1f} s in this process -> latency / scoring = "
+                  f"{statistics.median(warm) / scoring_s:.2f}; "
                   f"inside the worker: merge median {merge_s:.1f} s of which scoring {scoring_s_worker:.1f} s")
             print(f"       bytes per contribution: {statistics.median(sizes) / 1e6:.2f} MB "
                   f"(full fp16 weights {full / 1e6:.2f} MB, ratio {statistics.median(sizes) / full:.2f}; "

@@ -69,7 +69,8 @@ def _start_shared(tmp_path_factory, tiny_leg, database_url: str):
 
     server = LocalServer(tmp_path_factory.mktemp("server"), database_url=database_url,
                          families={name: tiny_leg for name in SHARED_FAMILIES}, merge=SHARED_MERGE,
-                         run_args=["--uploads-per-hour", "8", "--refused-uploads-per-hour", "30", "--max-upload-mb", "1", "--validation-cases", "1",
+                         run_args=["--uploads-per-hour", "8", "--refused-uploads-per-hour", "30",
+                                   "--max-upload-mb", "1", "--validation-cases", "1",
                                    "--validation-shape", "8", "64", "96"])
     return server.start()
 

@@ -145,7 +145,8 @@ def test_sync_push_sends_a_finetune_output_folder(sqlite_server, tiny_leg, tmp_p
     folder = tmp_path / "finetuned"
     folder.mkdir()
     (folder / DELTA_NAME).write_bytes(encode_delta(make_delta(tiny_leg.state_dict, child)))
-    (folder / DELTA_METADATA_NAME).write_text(json.dumps(DeltaMetadata("inputs", "1", 6, {"right soleus": 0.7}).to_json()))
+    metadata = DeltaMetadata("inputs", "1", 6, {"right soleus": 0.7})
+    (folder / DELTA_METADATA_NAME).write_text(json.dumps(metadata.to_json()))
     save_config(ClientConfig(sqlite_server.url, sqlite_server.add_user("pusher"), opt_in=True))
     assert cli_main(["sync", "push", str(folder)]) == 0
     first = capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Crashes (SQLite and PostgreSQL): the whole server (API + merge worker) SIGKILLed during an upload and a merge,
-then restarted on the same data: no partial version, no accepted update lost, the queue resumes."""
+"""Crashes, on SQLite and PostgreSQL: the whole server (API + merge worker) SIGKILLed during an
+upload and during a merge, then restarted on the same data: no partial version, no accepted
+update lost, the queue resumes."""
 
 from __future__ import annotations
 

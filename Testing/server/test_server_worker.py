@@ -175,7 +175,8 @@ def test_folder_validation_cases_pair_images_with_labels(tmp_path):
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
-        sitk.WriteImage(sitk.GetImageFromArray(rng.random((3, 8, 8)).astype(np.float32)), str(tmp_path / f"{name}_image.nii.gz"))
+        image = sitk.GetImageFromArray(rng.random((3, 8, 8)).astype(np.float32))
+        sitk.WriteImage(image, str(tmp_path / f"{name}_image.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 8, 8), np.uint8)), str(tmp_path / f"{name}_labels.nii.gz"))
     cases = folder_cases(tmp_path)
     assert [c.name for c in cases] == ["a", "b"] and cases[0].labels.GetSize() == (8, 8, 3)
