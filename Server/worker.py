@@ -16,14 +16,16 @@ nothing: the next one takes the same updates again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from sqlalchemy import func, or_, select, update
 
@@ -249,11 +251,34 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
 
 
 def _hold(storage: Storage, family: str, holder: str) -> None:
-    """Fault-injection tests: keep the lease (renewing it) for ``merge_hold_s`` before publishing."""
-    deadline = time.monotonic() + storage.settings.merge_hold_s
-    while time.monotonic() < deadline:
-        time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+    """Fault-injection tests: keep the lease for ``merge_hold_s`` before publishing."""
+    if storage.settings.merge_hold_s > 0:
+        time.sleep(storage.settings.merge_hold_s)
         _heartbeat(storage, family, holder)
+
+
+@contextlib.contextmanager
+def lease_kept_alive(storage: Storage, family: str, holder: str) -> Iterator[None]:
+    """Renew the lease every third of its TTL from a thread while a merge runs: scoring a candidate
+    can take longer than the TTL, and another worker must not take over a live merge."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(storage.settings.lease_ttl_s / 3):
+            try:
+                _heartbeat(storage, family, holder)
+            except LeaseLost:
+                return  # the publishing transaction's fencing check will abort the merge
+            except Exception:  # a database hiccup: try again at the next beat
+                log.exception("lease heartbeat of %s failed", family)
+
+    thread = threading.Thread(target=beat, name=f"lease-{family}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def default_scorer_factory(settings: ServerSettings) -> ScorerFactory:
@@ -283,7 +308,8 @@ def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[Merg
         try:
             with storage.read() as session:
                 region = session.get(Family, family).region
-            outcomes.append(merge_family(storage, family, holder, scorers(family, region)))
+            with lease_kept_alive(storage, family, holder):
+                outcomes.append(merge_family(storage, family, holder, scorers(family, region)))
         except LeaseLost:
             log.warning("merge of %s abandoned: lease lost", family)
         finally:

@@ -183,9 +183,10 @@ def test_tokens_wrong_revoked_expired_and_scopes(live_server, tiny_leg):
     assert requests.get(url, headers=bearer(token), timeout=10).status_code == 401
     blob = encode_delta(noisy_delta(tiny_leg.state_dict))
     assert upload(live_server, token, "inputs", blob).status_code == 401
-    short = live_server.add_user(f"t{uuid.uuid4().hex[:6]}", expires_in_s=1.0)
+    expires = time.monotonic() + 3.0
+    short = live_server.add_user(f"t{uuid.uuid4().hex[:6]}", expires_in_s=3.0)
     assert requests.get(url, headers=bearer(short), timeout=10).status_code == 200
-    time.sleep(1.2)
+    time.sleep(max(0.0, expires - time.monotonic()) + 0.2)
     assert requests.get(url, headers=bearer(short), timeout=10).status_code == 401
 
 

@@ -19,7 +19,7 @@ from dafne_server.worker import claim_lease, release_lease, renew_lease, LeaseLo
 
 @pytest.fixture
 def storage(tmp_path, database_url, tiny_leg):
-    st = prepare(ServerSettings(data_dir=str(tmp_path / "data"), database_url=database_url, lease_ttl_s=0.5))
+    st = prepare(ServerSettings(data_dir=str(tmp_path / "data"), database_url=database_url, lease_ttl_s=1.5))
     with st.session.begin() as session:
         st.add_family(session, "leg", tiny_leg, "test")
     yield st
@@ -89,7 +89,7 @@ def test_tokens_hashed_scoped_revocable_and_expiring(storage):
 def test_merge_lease_is_exclusive_expires_and_fences(storage):
     assert claim_lease(storage, "leg", "worker-a")
     assert not claim_lease(storage, "leg", "worker-b")  # held
-    time.sleep(0.6)  # ttl 0.5 s: a dead holder's lease expires
+    time.sleep(1.6)  # ttl 1.5 s: a dead holder's lease expires
     assert claim_lease(storage, "leg", "worker-b")
     with pytest.raises(LeaseLost), storage.engine.begin() as conn:
         renew_lease(conn, storage, "leg", "worker-a")  # the old holder can no longer publish

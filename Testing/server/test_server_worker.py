@@ -185,3 +185,22 @@ def test_folder_validation_cases_pair_images_with_labels(tmp_path):
         folder_cases(tmp_path)
     with pytest.raises(InputError, match="no validation cases"):
         folder_cases(tmp_path / "empty")
+
+
+def test_lease_is_kept_alive_while_a_long_merge_runs(tmp_path, tiny_leg):
+    import time
+
+    from dafne_server.worker import lease_kept_alive
+
+    st = prepare(ServerSettings(data_dir=str(tmp_path / "data"), lease_ttl_s=1.0))
+    try:
+        with st.session.begin() as session:
+            st.add_family(session, "leg", tiny_leg, "test")
+        assert claim_lease(st, "leg", "slow-worker")
+        with lease_kept_alive(st, "leg", "slow-worker"):
+            time.sleep(2.0)  # twice the TTL
+            assert not claim_lease(st, "leg", "other-worker")
+        time.sleep(1.1)  # no heartbeat any more: the lease expires
+        assert claim_lease(st, "leg", "other-worker")
+    finally:
+        st.dispose()
