@@ -24,7 +24,7 @@ class ClientConfig:
     server_url: str = ""
     token: str = ""
     opt_in: bool = False  # nothing is ever sent while this is False
-    verify_tls: bool = True  # or set REQUESTS_CA_BUNDLE for a private CA; never disable in production
+    verify_tls: bool | str = True  # or the path of a CA bundle (PEM) for a server with a private CA
     timeout_s: float = 30.0
 
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks

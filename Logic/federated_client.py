@@ -77,6 +77,10 @@ class FederatedClient:
             try:
                 response = self.http.request(method, url, headers=headers, timeout=self.config.timeout_s,
                                              verify=self.config.verify_tls, stream=stream, **kwargs)
+            except requests.exceptions.SSLError:  # retrying cannot help
+                raise SyncError(f"the TLS certificate of {self.config.server_url} is not trusted; if the server "
+                                "uses a private CA, give its certificate with `dafne-slicer sync setup --ca-bundle`"
+                                ) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if attempt == self.retries:
                     raise SyncError(f"cannot reach {self.config.server_url} ({type(exc).__name__})") from None

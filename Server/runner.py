@@ -59,8 +59,12 @@ def start_merge_worker(settings: ServerSettings) -> subprocess.Popen:
 
 
 def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merge_worker: bool = True,
-          log_level: str = "info") -> None:
-    """Run the API (blocking) with a merge worker beside it; both stop together."""
+          log_level: str = "info", ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Run the API (blocking) with a merge worker beside it; both stop together.
+
+    With ``ssl_certfile``/``ssl_keyfile`` uvicorn serves HTTPS itself; otherwise put a TLS reverse
+    proxy in front of anything but loopback.
+    """
     import uvicorn
 
     prepare(settings).dispose()
@@ -68,7 +72,8 @@ def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merg
     worker = start_merge_worker(settings) if merge_worker else None
     try:
         uvicorn.run("dafne_server.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5)
+                    log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5,
+                    ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     finally:
         if worker is not None:
             worker.terminate()

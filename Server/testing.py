@@ -55,13 +55,18 @@ class LocalServer:
 
     def __init__(self, data_dir: str | Path, *, database_url: str = "", validation: str = "phantom",
                  families: dict[str, ModelPackage] | None = None, merge: dict | None = None,
-                 run_args: Sequence[str] = (), admin_name: str = "admin") -> None:
+                 run_args: Sequence[str] = (), admin_name: str = "admin",
+                 tls: tuple[str, str] | None = None) -> None:
+        """``tls``: (certificate, key) PEM files to serve HTTPS (the certificate must name 127.0.0.1)."""
         self.data_dir = Path(data_dir)
+        self.tls = tls
         self.database_url = database_url
         self.settings = ServerSettings(data_dir=str(self.data_dir), database_url=database_url, merge=merge or {})
         self.run_args = ["--validation", validation, "--poll-interval", "0.2", *run_args]
+        if tls is not None:
+            self.run_args += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])]
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.log_path = self.data_dir / "server.log"
         storage = prepare(self.settings)
@@ -97,7 +102,7 @@ class LocalServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                if requests.get(f"{self.url}/healthz", timeout=1, verify=self.tls[0] if self.tls else True).ok:
                     return self
             time.sleep(0.1)
         self.kill()

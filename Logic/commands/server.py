@@ -43,6 +43,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="refused uploads per user and hour before further uploads are not checked")
     p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a dead merge's lease expires")
     p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
     p.add_argument("--merge-hold", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
     p.set_defaults(func=run_serve)
 
@@ -108,8 +110,10 @@ def run_serve(args: argparse.Namespace) -> int:
                          uploads_per_hour=args.uploads_per_hour,
                          refused_uploads_per_hour=args.refused_uploads_per_hour, lease_ttl_s=args.lease_ttl,
                          poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise DafneError("--ssl-certfile and --ssl-keyfile go together")
     serve(settings, args.host, args.port, args.workers, merge_worker=not args.no_merge_worker,
-          log_level="debug" if args.verbose else "info")
+          log_level="debug" if args.verbose else "info", ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 

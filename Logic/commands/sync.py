@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..errors import DafneError
 
@@ -14,6 +15,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="server URL, e.g. https://dafne.example.org")
     p.add_argument("--token", help="your token (or set it from a file with --token-file)")
     p.add_argument("--token-file", help="read the token from this file")
+    p.add_argument("--ca-bundle", help="CA certificates (PEM) that sign the server's certificate, if private")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--opt-in", action="store_true", help="allow sending updates and fetching models")
     group.add_argument("--opt-out", action="store_true", help="stop all communication with the server")
@@ -47,6 +49,8 @@ def run_setup(args: argparse.Namespace) -> int:
             config.token = f.read().strip()
     elif args.token:
         config.token = args.token
+    if args.ca_bundle:
+        config.verify_tls = str(Path(args.ca_bundle).resolve())
     if args.opt_in:
         config.opt_in = True
     if args.opt_out:

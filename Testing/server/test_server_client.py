@@ -15,6 +15,7 @@ from dafne_logic.client_config import ClientConfig, config_path, load_config, sa
 from dafne_logic.delta import DeltaMetadata
 from dafne_logic.errors import DafneError
 from dafne_logic.federated_client import FederatedClient, SyncDisabled, SyncError
+from dafne_logic.model_package import ModelPackage
 
 
 class ScriptedServer:
@@ -155,3 +156,29 @@ def test_sync_push_sends_a_finetune_output_folder(sqlite_server, tiny_leg, tmp_p
     assert "already uploaded" in capsys.readouterr().out
     assert cli_main(["sync", "push", str(tmp_path)]) == 2
     assert "delta.json" in capsys.readouterr().err
+
+
+def test_tls_is_verified(tmp_path, tiny_leg):
+    import shutil
+    import subprocess
+
+    from dafne_server.testing import LocalServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server = LocalServer(tmp_path / "data", validation="none", families={"leg": tiny_leg}, tls=(str(cert), str(key)))
+    server.start()
+    try:
+        assert server.url.startswith("https://")
+        untrusted = FederatedClient(ClientConfig(server.url, server.admin_token, opt_in=True))
+        with pytest.raises(SyncError, match="certificate .* is not trusted"):  # self-signed: refused by default
+            untrusted.me()
+        trusted = FederatedClient(ClientConfig(server.url, server.admin_token, opt_in=True, verify_tls=str(cert)))
+        assert trusted.me()["name"] == "admin"
+        assert ModelPackage.load(trusted.pull("leg", models_dir=tmp_path / "models")).manifest.version == "1"
+    finally:
+        server.stop()
