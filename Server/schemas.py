@@ -111,7 +111,7 @@ class UserInfo(BaseModel):
 
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=0)
 
 
 class MergeSettingsBody(BaseModel):

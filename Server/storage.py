@@ -79,12 +79,14 @@ class Storage:
         return manifest.weights_sha256, len(blob)
 
     def new_version(self, session: Session, family: Family, base: Manifest, state_dict: dict[str, torch.Tensor],
-                    parent: int | None, source: str, validation: dict, provenance: dict) -> Version:
-        """Add version ``max + 1`` of ``family`` (blob written first) and make it active.
+                    parent: int | None, source: str, validation: dict, provenance: dict,
+                    number: int | None = None) -> Version:
+        """Add version ``number`` (default ``max + 1``) of ``family`` (blob written first), make it active.
 
         The caller commits; until then nobody sees the version.
         """
-        number = (session.scalar(select(func.max(Version.number)).where(Version.family == family.name)) or 0) + 1
+        if number is None:
+            number = (session.scalar(select(func.max(Version.number)).where(Version.family == family.name)) or 0) + 1
         manifest = Manifest.from_json(base.to_json())
         manifest.name = family.name  # clients' deltas name their family from the manifest
         manifest.version = str(number)
@@ -100,7 +102,7 @@ class Storage:
         return row
 
     def add_family(self, session: Session, name: str, package: ModelPackage, actor: str) -> Version:
-        """Create family ``name`` seeded with ``package`` as version 1 (the caller commits)."""
+        """Create family ``name`` seeded with ``package`` (the caller commits)."""
         if not FAMILY_NAME.match(name):
             raise ValueError("family names are lower-case letters, digits, _ or -, at most 64")
         if session.get(Family, name) is not None:
@@ -110,8 +112,11 @@ class Storage:
         session.add(family)
         session.add(MergeLease(family=name, holder=None, expires_at=0.0, force_requested=False))
         session.flush()
+        # Keep the package's own version number when it has one, so that deltas made by sites
+        # from the very same (e.g. bundled) model name a parent the server knows.
+        seed_number = int(package.manifest.version) if package.manifest.version.isdigit() else 1
         version = self.new_version(session, family, package.manifest, package.state_dict, None, "seed", {},
-                                   {"seeded_from": package.manifest.version})
+                                   {"seeded_from": package.manifest.version}, number=seed_number)
         audit(session, actor, "family_created", name, version=version.number, region=family.region)
         return version
 

@@ -117,3 +117,15 @@ def test_concurrent_lease_claims_have_exactly_one_winner(storage):
     with ThreadPoolExecutor(8) as pool:
         won = list(pool.map(lambda i: claim_lease(storage, "leg", f"worker-{i}"), range(8)))
     assert won.count(True) == 1
+
+
+def test_seed_keeps_the_package_version_number(storage, tiny_leg):
+    from dafne_logic.model_package import Manifest, ModelPackage
+
+    manifest = Manifest.from_json({**tiny_leg.manifest.to_json(), "version": "0"})
+    with storage.session.begin() as session:
+        assert storage.add_family(session, "bundled-like", ModelPackage(manifest, tiny_leg.state_dict), "t").number == 0
+        assert session.get(Family, "bundled-like").active_version == 0
+    manifest.version = "2.local-abcd1234"  # not a server version: numbering starts at 1
+    with storage.session.begin() as session:
+        assert storage.add_family(session, "local-like", ModelPackage(manifest, tiny_leg.state_dict), "t").number == 1
