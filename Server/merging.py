@@ -92,7 +92,9 @@ def staleness_weight(staleness: int) -> float:
 
 def delta_l2(delta: Delta) -> float:
     """Global L2 norm over all tensors."""
-    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in delta.values()))
+    if not delta:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in delta.values()])))
 
 
 def clip_delta(delta: Delta, max_norm: float) -> Delta:

@@ -23,6 +23,7 @@ from dafne_logic.model_package import Manifest, ModelPackage, list_models, parse
 from .blobs import BlobStore
 from .config import ServerSettings
 from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker
+from .merging import delta_l2
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -66,7 +67,7 @@ class Storage:
         """L2 norm of a version's weights (cached)."""
         if version.weights_sha256 not in self._norms:
             state = self.load_package(version).state_dict
-            self._norms[version.weights_sha256] = float(torch.sqrt(sum((v.float() ** 2).sum() for v in state.values())))
+            self._norms[version.weights_sha256] = delta_l2(state)
         return self._norms[version.weights_sha256]
 
     def store_weights(self, manifest: Manifest, state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
