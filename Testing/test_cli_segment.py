@@ -1,0 +1,96 @@
+"""``dafne-slicer segment``, ``models`` and ``phantom`` end to end through the console entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from dafne_logic.phantoms import make_phantom
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dafne_logic.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def calf_volume(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("calf")
+    image, _ = make_phantom("leg", shape=(4, 432, 432), seed=9002)
+    sitk.WriteImage(image, str(folder / "calf.nii.gz"))
+    return folder / "calf.nii.gz"
+
+
+def test_segment_writes_named_segmentation_stats_and_preview(calf_volume: Path, tmp_path: Path):
+    out = tmp_path / "calf.seg.nrrd"
+    result = cli("segment", str(calf_volume), "--model", "leg", "--output", str(out), "--stats",
+                 str(tmp_path / "stats.csv"), "--preview", str(tmp_path / "preview.png"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    segmentation = slicerio.read_segmentation(str(out))
+    names = {segment["name"] for segment in segmentation["segments"]}
+    assert {"right soleus", "left soleus", "right tibialis anterior", "left peroneus"} <= names
+    stats = (tmp_path / "stats.csv").read_text().splitlines()
+    assert stats[0].startswith("case,label_value,name")
+    assert len(stats) == 1 + 12
+    assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_inputs_go_to_a_folder(calf_volume: Path, tmp_path: Path):
+    second = tmp_path / "second.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(calf_volume)), str(second))
+    result = cli("segment", str(calf_volume), str(second), "--model", "leg", "--output", str(tmp_path / "out"),
+                 "--format", ".nii.gz", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["calf.json", "calf.nii.gz", "second.json", "second.nii.gz"]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "second.nii.gz")))
+    assert set(np.unique(labels)) > {0}
+
+
+def _bad_volume(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.nrrd"
+    if kind == "nan":
+        array = np.ones((4, 32, 32), np.float32)
+        array[1, 2, 3] = np.nan
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    elif kind == "4d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 3, 16, 16), np.float32), isVector=False), str(path))
+    elif kind == "2d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(32, 32).astype(np.float32)), str(path))
+    elif kind == "constant":
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 32, 32), 7, np.float32)), str(path))
+    elif kind == "text":
+        path = tmp_path / "notes.nii.gz"
+        path.write_text("not an image")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["nan", "4d", "2d", "constant", "text"])
+def test_bad_input_exits_with_one_sentence_and_writes_nothing(tmp_path: Path, kind: str):
+    bad = _bad_volume(tmp_path, kind)
+    out = tmp_path / "out.seg.nrrd"
+    result = cli("segment", str(bad), "--model", "leg", "--output", str(out), "--stats", str(tmp_path / "s.csv"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_unknown_model_and_bad_extension_are_refused(calf_volume: Path, tmp_path: Path):
+    result = cli("segment", str(calf_volume), "--model", "knee", "--output", str(tmp_path / "x.seg.nrrd"))
+    assert result.returncode == 2 and "unknown model 'knee'" in result.stderr
+    result = cli("segment", str(calf_volume), "--model", "leg", "--output", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "extension" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_models_lists_both_bundled_models_with_provenance():
+    result = cli("models")
+    assert result.returncode == 0
+    assert "thigh" in result.stdout and "leg" in result.stdout
+    assert "vastus lateralis" in result.stdout and "soleus" in result.stdout
