@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -31,14 +32,10 @@ _FOREIGN_FORMATS = {
 }
 
 
-def _refuse(status: int, reason: str) -> HTTPException:
-    return HTTPException(status, reason)
-
-
 def _sniff(blob: bytes) -> None:
     for magic, what in _FOREIGN_FORMATS.items():
         if blob.startswith(magic):
-            raise _refuse(422, f"the delta is {what}; only zlib-compressed safetensors deltas are accepted")
+            raise HTTPException(422, f"the delta is {what}; only zlib-compressed safetensors deltas are accepted")
 
 
 def _info(row: UpdateRow) -> UpdateInfo:
@@ -65,7 +62,7 @@ def upload_update(family: str = FamilyName,
         refused = session.scalar(select(func.count()).select_from(AuditEntry).where(
             AuditEntry.actor == who.name, AuditEntry.action == "update_refused", AuditEntry.at > now() - 3600)) or 0
     if refused >= limit:
-        raise _refuse(429, f"more than {limit} refused uploads in the last hour; fix the client and retry later")
+        raise HTTPException(429, f"more than {limit} refused uploads in the last hour; fix the client and retry later")
     try:
         return _receive(family, delta, metadata, who, storage)
     except HTTPException as exc:
@@ -81,12 +78,12 @@ def _receive(family: str, delta: UploadFile, metadata: str, who: Principal, stor
         meta = UpdateMetadata.model_validate_json(metadata)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise _refuse(422, f"metadata: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
+        raise HTTPException(422, f"metadata: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
     if meta.family is not None and meta.family != family:
-        raise _refuse(422, f"metadata names family {meta.family!r} but the upload is for {family!r}")
+        raise HTTPException(422, f"metadata names family {meta.family!r} but the upload is for {family!r}")
     blob = delta.file.read(settings.max_upload_bytes + 1)
     if len(blob) > settings.max_upload_bytes:
-        raise _refuse(413, f"the delta is larger than {settings.max_upload_bytes} bytes")
+        raise HTTPException(413, f"the delta is larger than {settings.max_upload_bytes} bytes")
     _sniff(blob)
     with storage.read() as session:
         fam = get_family(session, family)
@@ -97,25 +94,25 @@ def _receive(family: str, delta: UploadFile, metadata: str, who: Principal, stor
         recent = session.scalar(select(func.count()).select_from(UpdateRow).where(
             UpdateRow.user_id == who.user_id, UpdateRow.created_at > now() - 3600)) or 0
         if recent >= settings.uploads_per_hour:
-            raise _refuse(429, f"at most {settings.uploads_per_hour} uploads per hour per user")
+            raise HTTPException(429, f"at most {settings.uploads_per_hour} uploads per hour per user")
         try:
             parent = get_version(session, fam, meta.parent_version)
         except HTTPException:
-            raise _refuse(422, f"parent version {meta.parent_version} of {family} is unknown") from None
+            raise HTTPException(422, f"parent version {meta.parent_version} of {family} is unknown") from None
         active = get_version(session, fam, "active")
         max_staleness = MergeSettings.from_json(fam.merge_settings).max_staleness
     staleness = active.number - parent.number
     if staleness > max_staleness:
-        raise _refuse(409, f"parent version {parent.number} is {staleness} versions behind the active "
+        raise HTTPException(409, f"parent version {parent.number} is {staleness} versions behind the active "
                            f"{active.number} (at most {max_staleness}); pull the new version and fine-tune again")
     try:
         decoded = decode_delta(blob, Manifest.from_json(parent.manifest), settings.max_delta_bytes)
     except ModelError as exc:
-        raise _refuse(422, str(exc)) from None
+        raise HTTPException(422, str(exc)) from None
     norm = delta_norm(decoded)
     bound = settings.max_relative_norm * storage.weights_norm(active)
     if norm > bound:
-        raise _refuse(422, f"update norm {norm:.3g} exceeds the bound {bound:.3g} "
+        raise HTTPException(422, f"update norm {norm:.3g} exceeds the bound {bound:.3g} "
                            f"({settings.max_relative_norm} × the active weights' norm)")
     sha = storage.blobs.put(blob)
     row = UpdateRow(id=uuid.uuid4().hex, family=family, user_id=who.user_id, idempotency_key=meta.idempotency_key,
