@@ -204,3 +204,38 @@ def test_lease_is_kept_alive_while_a_long_merge_runs(tmp_path, tiny_leg):
         assert claim_lease(st, "leg", "other-worker")
     finally:
         st.dispose()
+
+
+def test_two_workers_never_merge_the_same_family_at_once(storage, tiny_leg):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    for i in range(6):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)  # two buffers of K = 3
+    inside, overlaps = 0, []
+    lock = threading.Lock()
+
+    def slow_scorer(model):
+        nonlocal inside
+        with lock:
+            inside += 1
+            overlaps.append(inside)
+        time.sleep(0.5)
+        with lock:
+            inside -= 1
+        return {"right soleus": 0.5}
+
+    start = threading.Barrier(2)
+
+    def worker(name: str):
+        start.wait()  # both look for work at the same moment; a merge then holds the lease ≥ 1 s
+        return run_once(storage, name, lambda family, region: slow_scorer)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(worker, ["w1", "w2"]))
+    assert max(overlaps) == 1  # never two merges of the family at the same time
+    assert sorted(len(r) for r in runs) == [0, 1]  # one worker merged, the other found the lease taken
+    with storage.session() as session:
+        assert list(session.scalars(sa.select(Version.number).order_by(Version.number))) == [1, 2]
+    assert sorted(s for s, _, _ in statuses(storage).values()) == ["buffered"] * 3 + ["merged"] * 3
