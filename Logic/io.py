@@ -296,7 +296,7 @@ def _label_array(label_image: sitk.Image, table: LabelTable) -> np.ndarray:
     n_labels = 2 * table.n_muscles
     if voxels.size and (voxels.min() < 0 or voxels.max() > n_labels):
         raise InputError(f"the label image has values outside 0..{n_labels} of the {table.region} label table.")
-    return voxels.astype(np.uint8 if n_labels <= np.iinfo(np.uint8).max else np.uint16)
+    return voxels.astype(_output_dtype(table))
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -426,15 +426,33 @@ def read_segmentation(path: PathLike, table: LabelTable) -> tuple[sitk.Image, li
     return _read_labelmap(path, table)
 
 
+# Largest voxel value a segmentation file may hold: lookup arrays are sized by it (uint16 range).
+MAX_FILE_LABEL_VALUE = int(np.iinfo(np.uint16).max)
+
+
+def _checked_max_value(voxels: np.ndarray, path: Path) -> int:
+    """Largest voxel value of a file's label voxels; refuses values a lookup array should not be sized by."""
+    max_value = voxels.max() if voxels.size else 0
+    if max_value > MAX_FILE_LABEL_VALUE:
+        raise InputError(f"{path} has label values up to {max_value}; label values above "
+                         f"{MAX_FILE_LABEL_VALUE} are not supported.")
+    return int(max_value)
+
+
 def _lookup(names: dict[int, str], table: LabelTable, max_value: int) -> tuple[np.ndarray, list[str]]:
-    """Array mapping a file's label value to our volume label (0 for unmatched), and the unmatched names."""
-    lut = np.zeros(max(max_value, max(names, default=0)) + 1, dtype=np.uint16)
+    """Array mapping a file's label value 0..``max_value`` to our volume label (0 for unmatched), and the
+    unmatched names.
+
+    Sized by the largest VOXEL value only: the values a file names are not trusted to size anything,
+    and a name whose value lies above it labels no voxel (unmatched names are still reported).
+    """
+    lut = np.zeros(max_value + 1, dtype=np.uint16)
     unknown = []
     for value, name in sorted(names.items()):
         target = match_label_name(name, table)
         if target is None:
             unknown.append(name)
-        else:
+        elif 0 <= value <= max_value:
             lut[value] = target
     return lut, unknown
 
@@ -460,7 +478,7 @@ def _read_slicer_segmentation(path: Path, table: LabelTable) -> tuple[sitk.Image
         layer = layers[layer_index]
         segments = [s for s in segmentation.get("segments", []) if s.get("layer", 0) == layer_index]
         names = {int(s.get("labelValue", 1)): s.get("name", s.get("id", "")) for s in segments}
-        lut, layer_unknown = _lookup(names, table, int(layer.max()) if layer.size else 0)
+        lut, layer_unknown = _lookup(names, table, _checked_max_value(layer, path))
         unknown += layer_unknown
         mapped = lut[layer.astype(np.int64, copy=False).clip(0, len(lut) - 1)]
         np.copyto(output, mapped.astype(output.dtype), where=mapped > 0)
@@ -480,10 +498,10 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
     if not np.issubdtype(voxels.dtype, np.integer):
         if not np.all(np.mod(voxels, 1) == 0):
             raise InputError(f"{path} has non-integer voxel values; it is not a label map.")
-    values = voxels.astype(np.int64)
-    max_value = int(values.max()) if values.size else 0
-    if values.size and values.min() < 0:
+    if voxels.size and voxels.min() < 0:
         raise InputError(f"{path} has negative label values.")
+    max_value = _checked_max_value(voxels, path)  # before the cast: 1e30 must not wrap around
+    values = voxels.astype(np.int64)
     table_path = label_table_path(path)
     if table_path.is_file():
         try:
