@@ -6,6 +6,8 @@ import ast
 import json
 import py_compile
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -77,14 +79,51 @@ def test_every_module_file_is_listed_in_cmake_and_every_listed_file_exists():
     assert listed - needed == set(), "files CMake lists that do not exist"
 
 
-def test_cmake_installs_dafne_logic_beside_the_module():
+def _cmake_glob_recurse(text: str, variable: str, roots: dict[str, Path]) -> set[str]:
+    """Files (relative to the RELATIVE folder) that ``file(GLOB_RECURSE variable ...)`` in ``text`` finds.
+
+    CMake's GLOB_RECURSE matches the last component of each expression against files in every
+    sub-folder of the folders its leading components match.
+    """
+    call = re.search(rf"file\(GLOB_RECURSE {variable}\b(.*?)\)", text, flags=re.DOTALL)
+    assert call, f"no file(GLOB_RECURSE {variable} ...)"
+    words = call.group(1).split()
+    for name, path in roots.items():
+        words = [w.replace("${" + name + "}", path.as_posix()) for w in words]
+    relative = Path(words[words.index("RELATIVE") + 1])
+    expressions = [w for w in words[words.index("RELATIVE") + 2:] if w != "CONFIGURE_DEPENDS"]
+    found: set[str] = set()
+    for expression in expressions:
+        folder_glob, file_glob = expression.rsplit("/", 1)
+        first_wildcard = min((folder_glob.find(c) for c in "*?[" if c in folder_glob), default=len(folder_glob))
+        anchor = Path(folder_glob[:first_wildcard].rsplit("/", 1)[0] if first_wildcard < len(folder_glob) else folder_glob)
+        rest = folder_glob[len(anchor.as_posix()):].lstrip("/")
+        folders = [p for p in anchor.glob(rest) if p.is_dir()] if rest else [anchor]
+        for folder in folders:
+            found |= {f.relative_to(relative).as_posix() for f in folder.rglob(file_glob)
+                      if f.is_file() and "__pycache__" not in f.parts}
+    return found
+
+
+def test_cmake_installs_every_dafne_logic_module_and_the_bundled_models():
     text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    assert "${PROJECT_SOURCE_DIR}/Logic" in text and "/dafne_logic" in text
-    for pattern in ("${DAFNE_LOGIC_DIR}/*.py", "bundled_models/*/manifest.json", "bundled_models/*/weights.safetensors"):
-        assert pattern in text
-    # The glob pattern finds every dafne_logic module, including subpackages (commands/).
-    assert any(p.parent.name == "commands" for p in (REPO / "Logic").rglob("*.py"))
+    logic = REPO / "Logic"
+    roots = {"DAFNE_LOGIC_DIR": logic, "PROJECT_SOURCE_DIR": REPO}
+    assert re.search(r"set\(DAFNE_LOGIC_DIR \$\{PROJECT_SOURCE_DIR\}/Logic\)", text)
+    scripts = _cmake_glob_recurse(text, "DAFNE_LOGIC_SCRIPTS", roots)
+    resources = _cmake_glob_recurse(text, "DAFNE_LOGIC_RESOURCES", roots)
+    modules = {p.relative_to(logic).as_posix() for p in logic.rglob("*.py") if "__pycache__" not in p.parts}
+    assert "commands/segment.py" in modules and "__init__.py" in modules
+    assert modules - scripts == set(), "dafne_logic modules the extension would not install"
+    models = [d for d in (logic / "bundled_models").iterdir() if (d / "manifest.json").is_file()]
+    assert {d.name for d in models} >= {"thigh", "leg"}
+    model_files = {f.relative_to(logic).as_posix() for d in models for f in d.rglob("*") if f.is_file()}
+    assert model_files - resources == set(), "bundled model files the extension would not install"
+    # Both lists go to the same dafne_logic folder beside the module.
+    install = re.search(r"ctkMacroCompilePythonScript\((.*?)\)", text, flags=re.DOTALL).group(1)
+    assert '"${DAFNE_LOGIC_SCRIPTS}"' in install and '"${DAFNE_LOGIC_RESOURCES}"' in install
+    assert "SOURCE_DIR ${DAFNE_LOGIC_DIR}" in install and "/dafne_logic" in install
 
 
 def test_top_level_cmake_declares_the_extension():
@@ -125,29 +164,121 @@ def test_module_defines_the_four_slicer_classes():
     assert classes["DafneSlicerTest"] == ["ScriptedLoadableModuleTest"]
 
 
-@pytest.mark.parametrize("path", sorted([MODULE / "DafneSlicer.py", *(MODULE / "DafneSlicerLib").glob("*.py")]),
-                         ids=lambda p: p.name)
-def test_no_heavy_dependency_is_imported_when_slicer_loads_the_module(path):
-    """torch & co. may be missing until the user agrees to install them: import them inside functions only."""
+def _module_file(name: str) -> Path | None:
+    """Source file of a dafne_logic / DafneSlicerLib module name (None: another package)."""
+    package, *parts = name.split(".")
+    roots = {"dafne_logic": REPO / "Logic", "DafneSlicerLib": MODULE / "DafneSlicerLib"}
+    if package not in roots:
+        return None
+    base = roots[package].joinpath(*parts)
+    return next((c for c in (base.with_suffix(".py"), base / "__init__.py") if c.is_file()), None)
+
+
+def _package_of(path: Path) -> str:
+    if path == MODULE / "DafneSlicer.py":
+        return ""
+    root, package = ((REPO / "Logic", "dafne_logic") if REPO / "Logic" in path.parents
+                     else (MODULE / "DafneSlicerLib", "DafneSlicerLib"))
+    return ".".join([package, *path.parent.relative_to(root).parts])
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """Absolute names of the modules ``path`` imports (relative imports resolved; ``from m import x``
+    also yields ``m.x``, which may be a submodule). ``top_level_only``: statements run on import."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    modules = {alias.name.split(".")[0] for n in top_level if isinstance(n, ast.Import) for alias in n.names}
-    modules |= {n.module.split(".")[0] for n in top_level if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-    assert not modules & HEAVY_MODULES
-    # dafne_logic modules imported at top level must themselves be free of heavy imports.
-    for n in top_level:
-        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("dafne_logic."):
-            logic = REPO / "Logic" / (n.module.split(".", 1)[1].replace(".", "/") + ".py")
-            logic_tree = ast.parse(logic.read_text(encoding="utf-8"))
-            logic_modules = {a.name.split(".")[0] for m in logic_tree.body if isinstance(m, ast.Import) for a in m.names}
-            logic_modules |= {m.module.split(".")[0] for m in logic_tree.body
-                              if isinstance(m, ast.ImportFrom) and m.module and not m.level}
-            assert not logic_modules & HEAVY_MODULES, f"{n.module} imports {logic_modules & HEAVY_MODULES}"
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = _package_of(path).split(".")
+                base = ".".join(package[: len(package) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}
+    return names
 
 
-def test_requirements_never_touch_slicers_own_packages():
+def _reached(start: list[Path], top_level_only: bool) -> tuple[set[Path], set[str]]:
+    """Our source files reachable through imports from ``start``, and the other modules they import."""
+    seen: set[Path] = set()
+    external: set[str] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imports(path, top_level_only):
+            target = _module_file(name)
+            if target is not None:
+                todo.append(target)
+                # importing dafne_logic.x runs dafne_logic/__init__.py first
+                todo += [f for f in [_module_file(name.split(".")[0])] if f is not None]
+            elif name.split(".")[0] not in {"dafne_logic", "DafneSlicerLib"}:
+                external.add(name.split(".")[0])
+    return seen, external
+
+
+SLICER_FILES = sorted([MODULE / "DafneSlicer.py", *(MODULE / "DafneSlicerLib").glob("*.py")])
+
+
+@pytest.mark.parametrize("path", SLICER_FILES, ids=lambda p: p.name)
+def test_no_heavy_dependency_is_imported_when_slicer_loads_the_module(path):
+    """torch & co. may be missing until the user agrees to install them: import them inside functions only,
+    in the module and in every dafne_logic module its imports reach when it loads (followed recursively)."""
+    files, external = _reached([path], top_level_only=True)
+    assert not external & HEAVY_MODULES, f"{path.name} loads {sorted(external & HEAVY_MODULES)} through {sorted(f.name for f in files)}"
+
+
+def test_the_recursive_import_check_sees_heavy_imports_behind_relative_imports():
+    files, external = _reached([REPO / "Logic" / "inference.py"], top_level_only=True)
+    assert "torch" in external and REPO / "Logic" / "model_package.py" in files
+
+
+# Modules of the extension that load without Qt (the others need Slicer's application).
+QT_FREE = ["DafneSlicerLib.controller", "DafneSlicerLib.worker", "DafneSlicerLib.jobs", "DafneSlicerLib.install_logic",
+           "DafneSlicerLib.segmentation_logic", "DafneSlicerLib.learning_logic", "DafneSlicerLib.sync_logic",
+           "DafneSlicerLib.review"]
+
+
+def test_qt_free_modules_import_with_torch_and_monai_missing():
+    """Import for real in a fresh interpreter where ``import torch`` / ``import monai`` fail."""
+    script = ("import importlib, sys\n"
+              "for name in ('torch', 'monai', 'scipy', 'safetensors', 'slicerio', 'nrrd'):\n"
+              "    sys.modules[name] = None\n"
+              f"for name in {QT_FREE!r}:\n"
+              "    importlib.import_module(name)\n"
+              "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=MODULE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# Packages Slicer's own Python provides (PyTorchUtils: the PyTorch extension this one depends on).
+SLICER_PROVIDED = SLICER_OWNED | {"slicer", "qt", "ctk", "vtk", "mrml", "packaging", "pytorchutils"}
+
+
+def test_requirements_cover_every_package_the_module_and_its_logic_import():
+    """Every third-party import reachable from the module (inside functions too) is installed by
+    requirements.txt or comes with Slicer."""
+    _, external = _reached(SLICER_FILES, top_level_only=False)
+    third_party = {name.lower() for name in external if name not in sys.stdlib_module_names and name != "__future__"}
+    assert {"filelock", "monai", "slicerio"} <= third_party
+    missing = third_party - _requirement_names() - SLICER_PROVIDED
+    assert not missing, f"imported but neither in requirements.txt nor part of Slicer: {sorted(missing)}"
+
+
+def _requirement_names() -> set[str]:
     from packaging.requirements import Requirement
 
     lines = [line.split("#")[0].strip() for line in (MODULE / "Resources" / "requirements.txt").read_text().splitlines()]
-    names = {Requirement(line).name.lower() for line in lines if line}
+    return {Requirement(line).name.lower() for line in lines if line}
+
+
+def test_requirements_never_touch_slicers_own_packages():
+    names = _requirement_names()
     assert "monai" in names and not names & SLICER_OWNED
