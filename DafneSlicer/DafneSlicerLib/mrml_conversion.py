@@ -18,6 +18,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from dafne_logic.atomic import atomic_path
 from dafne_logic.errors import InputError
 from dafne_logic.io import match_label_name, terminology
 from dafne_logic.labels import LabelTable, VolumeLabel
@@ -32,6 +33,9 @@ GEOMETRY_TOLERANCE = 1e-3
 
 def image_from_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> sitk.Image:
     """A copy of a scalar volume node as a SimpleITK image (LPS geometry, same voxel type).
+
+    The geometry is the node's own IJK-to-RAS, i.e. the volume's local (scanner) frame: a parent
+    transform is not applied (results go under the same transform, see :func:`labels_to_segmentation`).
 
     Raises:
         InputError: no volume, no voxels, more than one component (vector, colour, 4D) or not
@@ -152,18 +156,24 @@ def labels_to_segmentation(scene: "slicer.vtkMRMLScene", labels: sitk.Image, tab
     """Show a bilateral label map as a segmentation: one named, coloured, coded segment per label.
 
     Labels absent from the map still get an (empty) segment so the user can paint them. The
-    segmentation takes ``volume_node``'s geometry as reference. An existing ``segmentation_node``
+    segmentation takes ``volume_node``'s geometry as reference and its parent transform (linear or
+    not), so it stays on the volume wherever the transform moves it. An existing ``segmentation_node``
     is emptied and reused (segmenting again replaces the previous result).
 
     Raises:
         InputError: the label map has values outside the table or a grid different from the volume.
     """
     _check_labels_fit(labels, table, volume_node)
+    # The labels lie on the volume's voxel grid, i.e. in the volume's local frame: the label map
+    # and the segmentation go under the volume's parent transform (if any), so the import copies
+    # voxels without resampling and the segments move with the volume.
+    transform_id = volume_node.GetTransformNodeID()
     colors = color_table_node(scene, table, f"{name} colours")
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()
     scene.AddNode(labelmap)
     try:
         update_volume_node_from_image(labelmap, sitk.Cast(labels, sitk.sitkUInt8))
+        labelmap.SetAndObserveTransformNodeID(transform_id)
         display = slicer.vtkMRMLLabelMapVolumeDisplayNode()
         scene.AddNode(display)
         display.SetAndObserveColorNodeID(colors.GetID())
@@ -172,6 +182,7 @@ def labels_to_segmentation(scene: "slicer.vtkMRMLScene", labels: sitk.Image, tab
             segmentation_node = slicer.vtkMRMLSegmentationNode()
             scene.AddNode(segmentation_node)
         segmentation_node.SetName(name)
+        segmentation_node.SetAndObserveTransformNodeID(transform_id)
         segmentation_node.GetSegmentation().RemoveAllSegments()
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
@@ -324,11 +335,16 @@ def segment_names(segmentation_node) -> list[str]:
 
 
 def save_segmentation(segmentation_node, path: str) -> None:
-    """Write a segmentation as ``.seg.nrrd`` through Slicer's own storage node (names, colours, terminology)."""
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.WriteData(segmentation_node):
-        raise InputError(f"Could not write segmentation to {path}.")
+    """Write a segmentation as ``.seg.nrrd`` through Slicer's own storage node (names, colours, terminology).
+
+    Atomic: the storage node writes a temporary ``.seg.nrrd`` beside ``path`` that replaces it only
+    once complete, so a failed write leaves no half-written file and an existing one unchanged.
+    """
+    with atomic_path(path) as tmp:
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(tmp))
+        if not storage.WriteData(segmentation_node):
+            raise InputError(f"Could not write segmentation to {path}.")
 
 
 def load_segmentation(scene, path: str, name: str | None = None) -> "slicer.vtkMRMLSegmentationNode":
