@@ -659,7 +659,7 @@ def test_background_job_result_progress_and_cancel():
         gate.set()
         while not cancel():
             threading.Event().wait(0.01)
-        return "ignored"
+        raise Cancelled("slow cancelled; nothing was changed")
 
     job = BackgroundJob("slow", slow).start()
     gate.wait(5)

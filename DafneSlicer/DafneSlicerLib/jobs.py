@@ -78,10 +78,10 @@ class BackgroundJob:
 
     def _run(self) -> None:
         try:
+            # A cancel that comes after the function returned is too late: its outputs (e.g. a saved
+            # model) exist, so the result is reported, not hidden behind "nothing was changed".
             result = self._function(self._progress, self._cancel.is_set)
-            if self._cancel.is_set():
-                raise Cancelled(f"{self.name} cancelled; nothing was changed")
-            final = JobStatus(1.0, f"{self.name}: done", done=True, result=result)
+            final = JobStatus(1.0, _done_message(self.name, self._cancel.is_set()), done=True, result=result)
         except Cancelled as exc:
             final = JobStatus(self.poll().fraction, str(exc), done=True, cancelled=True)
         except DafneError as exc:
@@ -92,6 +92,10 @@ class BackgroundJob:
                               error=f"{self.name} failed: {first_line}", details=traceback.format_exc())
         with self._lock:
             self._status = final
+
+
+def _done_message(name: str, cancel_requested: bool) -> str:
+    return f"{name}: done (it had finished when Cancel was pressed)" if cancel_requested else f"{name}: done"
 
 
 def worker_python() -> str:
@@ -128,7 +132,8 @@ class ProcessJob:
         return self
 
     def cancel(self) -> None:
-        """Stop the worker now; it writes its outputs atomically, so nothing half-written remains."""
+        """Stop the worker now (SIGTERM, which the worker turns into SystemExit so its atomic writes
+        clean up); nothing half-written remains. A worker already committing its result finishes it."""
         self._cancelled = True
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
@@ -174,10 +179,11 @@ class ProcessJob:
 
     def _final_status(self) -> JobStatus:
         fraction = self._status.fraction
+        # A result line means the worker committed its outputs before Cancel reached it.
+        if self._final is not None and "result" in self._final:
+            return JobStatus(1.0, _done_message(self.name, self._cancelled), done=True, result=self._final["result"])
         if self._cancelled:
             return JobStatus(fraction, f"{self.name} cancelled; nothing was changed", done=True, cancelled=True)
-        if self._final is not None and "result" in self._final:
-            return JobStatus(1.0, f"{self.name}: done", done=True, result=self._final["result"])
         if self._final is not None:
             error = self._final["error"] if self._final["details"] is None else f"{self.name} failed: {self._final['error']}"
             return JobStatus(fraction, error, done=True, error=error, details=self._final["details"])

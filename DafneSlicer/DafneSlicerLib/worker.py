@@ -13,6 +13,7 @@ Protocol on stdout, one line each: ``DAFNE {"progress": f, "message": m}`` while
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from dataclasses import asdict
@@ -29,6 +30,29 @@ from .segmentation_logic import SegmentationLogic
 from .sync_logic import SyncLogic, SyncOutcome
 
 MARK = "DAFNE "
+
+
+class _Termination:
+    """SIGTERM (Cancel) as SystemExit, so ``atomic_path``/``atomic_directory`` remove their temporary
+    outputs; ignored once a result is being committed, so an output saved is always reported."""
+
+    def __init__(self) -> None:
+        self.committing = False
+
+    def install(self) -> None:
+        self.committing = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if not self.committing:
+            raise SystemExit(128 + signum)
+
+    def commit(self) -> None:
+        """From now on the task finishes and reports its result even if cancelled."""
+        self.committing = True
+
+
+TERMINATION = _Termination()
 
 
 # --- requests (built in Slicer) ------------------------------------------------------------------
@@ -98,6 +122,7 @@ def run_request(request: dict[str, Any], progress: ProgressCallback, cancel: Can
         model = (segmentation or SegmentationLogic()).load_model(request["model"])
         result = learning.finetune(model, sitk.ReadImage(str(work_dir / "image.nrrd")),
                                    sitk.ReadImage(str(work_dir / "corrected.nrrd")), request["slices"], progress, cancel)
+        TERMINATION.commit()  # the saved model must reach the GUI
         improvement = learning.save(result)
         return {"improvement": {**asdict(improvement), "path": str(improvement.path)}}
     if task not in ("pull", "push"):
@@ -116,6 +141,7 @@ def main(argv: list[str]) -> int:
         protocol.write(MARK + json.dumps(message) + "\n")
         protocol.flush()
 
+    TERMINATION.install()
     try:
         request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
         result = run_request(request, lambda f, m: send({"progress": float(f), "message": str(m)}), lambda: False)
