@@ -27,14 +27,11 @@ DEFAULT_MAX_DELTA_BYTES = 64 << 20  # decompressed size limit
 
 
 def make_delta(parent: dict[str, torch.Tensor], child: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``child - parent`` per floating tensor (fp32 arithmetic), cast to fp16."""
+    """``child - parent`` per tensor (fp32 arithmetic), cast to fp16. Model packages hold only
+    floating tensors (checked on load), so every tensor has a delta."""
     if set(parent) != set(child):
         raise ValueError("parent and child state dicts have different tensor names")
-    return {
-        k: (child[k].float() - parent[k].float()).to(DELTA_DTYPE).contiguous()
-        for k in sorted(parent)
-        if parent[k].is_floating_point()
-    }
+    return {k: (child[k].float() - parent[k].float()).to(DELTA_DTYPE).contiguous() for k in sorted(parent)}
 
 
 def apply_delta(parent: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
@@ -45,7 +42,7 @@ def apply_delta(parent: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
 
 def delta_norm(delta: dict[str, torch.Tensor]) -> float:
     """Global L2 norm over all tensors of a delta."""
-    return float(torch.sqrt(sum((v.float() ** 2).sum() for v in delta.values())))
+    return float(sum((float((v.float() ** 2).sum()) for v in delta.values()), 0.0) ** 0.5)
 
 
 def encode_delta(delta: dict[str, torch.Tensor]) -> bytes:
@@ -86,9 +83,8 @@ def decode_delta(blob: bytes, manifest: Manifest, max_bytes: int = DEFAULT_MAX_D
     dtypes = {k: v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
     if any(d != "F16" for d in dtypes.values()):
         raise ModelError("delta tensors must all be float16")
-    float_tensors = {k: s for k, s in manifest.tensors.items() if not _is_integer_tensor(k)}
     found = {k: list(v.get("shape", [])) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    check_tensor_shapes(found, float_tensors, "delta")
+    check_tensor_shapes(found, manifest.tensors, "delta")
     try:
         tensors = load_safetensors_bytes(raw)
     except Exception as exc:
@@ -97,11 +93,6 @@ def decode_delta(blob: bytes, manifest: Manifest, max_bytes: int = DEFAULT_MAX_D
         if not torch.isfinite(tensor).all():
             raise ModelError(f"delta tensor {name} contains NaN or Inf")
     return tensors
-
-
-def _is_integer_tensor(name: str) -> bool:
-    # MONAI UNet has no integer buffers (instance norm keeps no running stats); kept for clarity.
-    return name.endswith("num_batches_tracked")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from .atomic import atomic_directory
 from .errors import ModelError
 from .labels import LabelTable
-from .networks import ARCHITECTURES, build_network
+from .networks import build_network, check_architecture
 from .paths import user_data_dir, user_models_dir  # noqa: F401  (re-exported)
 
 FORMAT = "dafne-slicer-model"
@@ -50,8 +50,20 @@ class PreprocessingParams:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __post_init__(self) -> None:
+        if len(self.spacing_mm) != 2 or not all(0.05 <= s <= 20.0 for s in self.spacing_mm):
+            raise ValueError(f"spacing_mm must be two values in 0.05..20 mm, got {self.spacing_mm}")
+        if not 1 <= self.pad_multiple <= 256:
+            raise ValueError(f"pad_multiple must be in 1..256, got {self.pad_multiple}")
+        if not 0.0 <= self.margin_mm <= 200.0:
+            raise ValueError(f"margin_mm must be in 0..200, got {self.margin_mm}")
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles must rise within 0..100, got {self.percentiles}")
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PreprocessingParams":
+        """Parse and check; raises ValueError (or TypeError) for unusable values."""
         return cls(
             spacing_mm=tuple(float(v) for v in data.get("spacing_mm", (1.0, 1.0))),  # type: ignore[arg-type]
             pad_multiple=int(data.get("pad_multiple", 16)),
@@ -126,8 +138,10 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
-        if manifest.architecture.get("name") not in ARCHITECTURES:
-            raise ModelError(f"{source}: unknown architecture {manifest.architecture.get('name')!r}")
+        try:
+            check_architecture(manifest.architecture)
+        except ValueError as exc:
+            raise ModelError(f"{source}: {exc}") from exc
         out_channels = manifest.architecture.get("kwargs", {}).get("out_channels")
         if out_channels != manifest.labels.n_classes:
             raise ModelError(
@@ -210,7 +224,9 @@ def parse_weights(blob: bytes, manifest: Manifest, source: str = "weights") -> d
     except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
         raise ModelError(f"{source}: not a readable safetensors file ({exc})") from exc
     check_tensor_shapes({k: list(v.shape) for k, v in tensors.items()}, manifest.tensors, source)
-    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    if not all(v.is_floating_point() for v in tensors.values()):
+        raise ModelError(f"{source}: every tensor must be floating point (deltas apply to all of them)")
+    return {k: v.float() for k, v in tensors.items()}
 
 
 def check_tensor_shapes(found: dict[str, list[int]], expected: dict[str, list[int]], source: str) -> None:
@@ -254,7 +270,8 @@ def list_models(include_user: bool = True) -> list[ModelEntry]:
     for root, source in roots:
         if not root.is_dir():
             continue
-        for folder in sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()):
+        # Dot-folders are unfinished atomic writes (a killed process), never models.
+        for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()):
             try:
                 entries.append(ModelEntry(folder.name, folder, read_manifest(folder), source))
             except ModelError:
@@ -265,12 +282,16 @@ def list_models(include_user: bool = True) -> list[ModelEntry]:
 
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
     """A registry name (``thigh``, ``leg``, a user model) or a package folder → its folder."""
+    text = str(name_or_path)
     candidate = Path(name_or_path)
+    # A bare name is a registry name (user models shadow bundled ones of the same name); anything
+    # with a path separator is a folder, so "./thigh" still reaches a local folder called thigh.
+    if os.sep not in text and "/" not in text:
+        matches = [e for e in list_models() if e.name == text]
+        if matches:
+            return next((e for e in matches if e.source == "user"), matches[0]).path
     if (candidate / MANIFEST_NAME).is_file():
         return candidate
-    for entry in list_models():
-        if entry.name == str(name_or_path):
-            return entry.path
     known = ", ".join(e.name for e in list_models()) or "none"
     raise ModelError(f"unknown model {str(name_or_path)!r}: not a model folder, and the registry has {known}")
 

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .evaluation import mean_dice
+from .evaluation import dice_counts, dice_from_counts, mean_dice
 from .labels import BUILTIN_TABLES, LabelTable
 from .model_package import Manifest, PreprocessingParams
 from .networks import unet_architecture
-from .phantoms import make_phantom
+from .finetune import fit_to
+from .phantoms import CONTRASTS, make_phantom
 from .preprocessing import prepare_volume
 from .training import TrainConfig, train_model
 
 log = logging.getLogger(__name__)
 
-CONTRASTS = ("t1", "t2", "water", "fat", "pd", "stir")
 PATCH = {"thigh": 192, "leg": 160}  # square training patch (pixels at the model spacing)
 
 
@@ -42,17 +42,6 @@ class SlicePool:
     targets: np.ndarray
 
 
-def _fit(array: np.ndarray, size: int, fill: float) -> np.ndarray:
-    """Centre-crop or pad the last two axes of ``array`` to ``size``×``size``."""
-    out = np.full(array.shape[:-2] + (size, size), fill, dtype=array.dtype)
-    h, w = array.shape[-2:]
-    sh, sw = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    dh, dw = max(0, (size - h) // 2), max(0, (size - w) // 2)
-    ch, cw = min(h, size), min(w, size)
-    out[..., dh:dh + ch, dw:dw + cw] = array[..., sh:sh + ch, sw:sw + cw]
-    return out
-
-
 def build_pool(region: str, seeds: range, params: PreprocessingParams, n_slices: int = 10) -> SlicePool:
     """Phantoms of ``seeds``, each in a random contrast with random noise, bias and fat infiltration."""
     table = BUILTIN_TABLES[region]
@@ -64,8 +53,8 @@ def build_pool(region: str, seeds: range, params: PreprocessingParams, n_slices:
             noise=float(rng.uniform(0.0, 0.08)), bias=float(rng.uniform(0.0, 0.4)),
             fat_infiltration=float(rng.choice([0.0, 0.0, rng.uniform(0.0, 0.5)])))
         for leg in prepare_volume(image, params, labels, table).legs:
-            images.append(_fit(leg.image, PATCH[region], 0.0))
-            targets.append(_fit(leg.target, PATCH[region], 0).astype(np.int64))
+            images.append(fit_to(leg.image, PATCH[region], PATCH[region]))
+            targets.append(fit_to(leg.target, PATCH[region], PATCH[region]).astype(np.int64))
     return SlicePool(np.concatenate(images), np.concatenate(targets))
 
 
@@ -90,12 +79,8 @@ def make_validator(pool: SlicePool, table: LabelTable):
     def validate(net: torch.nn.Module) -> dict[str, float]:
         pred = torch.cat([net(torch.from_numpy(pool.images[i:i + 16, None])).argmax(1)
                           for i in range(0, len(pool.images), 16)]).numpy()
-        ref = pool.targets
-        scores = {}
-        for i, muscle in enumerate(table.muscles, start=1):
-            p, r = pred == i, ref == i
-            denominator = p.sum() + r.sum()
-            scores[muscle.name] = float(2 * (p & r).sum() / denominator) if denominator else float("nan")
+        dice = dice_from_counts(*dice_counts(pred, pool.targets, table.n_muscles))[1:]
+        scores = {muscle.name: float(d) for muscle, d in zip(table.muscles, dice)}
         return {"mean_dice": mean_dice(scores), **scores}
 
     return validate

@@ -68,3 +68,7 @@ def test_nan_and_wrong_shape_are_refused():
     missing.pop(name)
     with pytest.raises(ModelError, match="names differ"):
         decode_delta(encode_delta(missing), manifest)
+
+
+def test_norm_of_an_empty_delta_is_zero():
+    assert delta_norm({}) == 0.0

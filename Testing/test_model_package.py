@@ -137,3 +137,60 @@ def test_registry_finds_user_models_and_rejects_unknown_names(tmp_path: Path):
     assert resolve_model_path(user_models_dir() / "my-calf") == user_models_dir() / "my-calf"
     with pytest.raises(ModelError, match="unknown model 'nope'"):
         load_model("nope")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["architecture"]["kwargs"].update({"channels": [4, 100000]}), "channel counts"),
+        (lambda d: d["architecture"]["kwargs"].update({"act": "os.system"}), "does not take act"),
+        (lambda d: d["preprocessing"].update({"pad_multiple": 0}), "pad_multiple"),
+        (lambda d: d["preprocessing"].update({"spacing_mm": [0.0, 1.0]}), "spacing_mm"),
+        (lambda d: d["preprocessing"].update({"percentiles": [99, 1]}), "percentiles"),
+    ],
+)
+def test_hostile_or_unusable_manifest_values_are_refused_before_building(tmp_path: Path, edit, message):
+    tiny_package().save(tmp_path / "m")
+    _rewrite_manifest(tmp_path / "m", edit)
+    with pytest.raises(ModelError, match=message):
+        ModelPackage.load(tmp_path / "m")
+
+
+def test_integer_tensors_are_refused(tmp_path: Path):
+    pkg = tiny_package()
+    name = next(iter(pkg.state_dict))
+    pkg.state_dict[name] = torch.zeros(pkg.state_dict[name].shape, dtype=torch.int32)
+    pkg.save(tmp_path / "m")
+    with pytest.raises(ModelError, match="floating"):
+        ModelPackage.load(tmp_path / "m")
+
+
+def test_save_failing_inside_the_folder_leaves_previous_package_intact(tmp_path: Path, monkeypatch):
+    tiny_package(version="1").save(tmp_path / "m")
+    real_write_text = Path.write_text
+
+    def failing_write_text(self, *args, **kwargs):
+        if self.name == MANIFEST_NAME:
+            raise OSError("disk full")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing_write_text)
+    with pytest.raises(OSError):
+        tiny_package(version="2").save(tmp_path / "m")
+    monkeypatch.undo()
+    assert ModelPackage.load(tmp_path / "m").manifest.version == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_names_resolve_in_the_registry_first_and_user_models_shadow_bundled(tmp_path: Path, monkeypatch):
+    from dafne_logic.model_package import user_models_dir
+
+    monkeypatch.chdir(tmp_path)
+    tiny_package(version="local-folder").save(tmp_path / "leg")  # ./leg must not hijack the name "leg"
+    assert resolve_model_path("leg") != tmp_path / "leg"
+    assert load_model("./leg").manifest.version == "local-folder"
+    tiny_package(version="user-leg").save(user_models_dir() / "leg")
+    assert load_model("leg").manifest.version == "user-leg"
+    (user_models_dir() / ".leg-tmp123").mkdir()
+    (user_models_dir() / ".leg-tmp123" / MANIFEST_NAME).write_text("{}")
+    assert all(not e.name.startswith(".") for e in list_models())
