@@ -122,11 +122,16 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
 
         return DafneController(view, self.scene, self.install, self.segmentation, self.sync)
 
-    def segment(self, volume_node, model_name: str = "thigh", device: str = "auto", segmentation_node=None):
-        """Segment ``volume_node`` now (blocking) and return the segmentation node."""
+    def segment(self, volume_node, model_name: str = "thigh", device: str = "auto", segmentation_node=None,
+                side: str = "auto"):
+        """Segment ``volume_node`` now (blocking) and return the segmentation node (``side``: single leg
+        side, auto / right / left)."""
+        from DafneSlicerLib.segmentation_logic import single_leg_side
+
+        leg_side = single_leg_side(side)
         model = self.segmentation.load_model(model_name)
         image = self.scene.image_of(volume_node)
-        labels = self.segmentation.segment(image, model, device, lambda f, m: None, lambda: False)
+        labels = self.segmentation.segment(image, model, device, lambda f, m: None, lambda: False, leg_side)
         return self.scene.show_labels(labels, model.labels, volume_node, f"{volume_node.GetName()} segmentation",
                                       segmentation_node)
 

@@ -131,7 +131,7 @@ class FakeModel:
 
 class FakeSegmentation:
     def __init__(self):
-        self.calls, self.block, self.fail = [], None, None
+        self.calls, self.sides, self.block, self.fail = [], [], None, None
 
     def list_models(self):
         return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(l.name for l in LEG.volume_labels()))]
@@ -141,8 +141,9 @@ class FakeSegmentation:
             raise ModelError("model 'broken': weights do not match the manifest")
         return FakeModel(name)
 
-    def segment(self, image, model, device, progress, cancel):
+    def segment(self, image, model, device, progress, cancel, single_leg_side=None):
         self.calls.append(device)
+        self.sides.append(single_leg_side)
         progress(0.5, "segmenting")
         if self.fail is not None:
             raise self.fail
@@ -236,7 +237,7 @@ def test_segment_runs_in_background_then_shows_a_named_segmentation(tmp_path, mo
     view = parts["view"]
     assert view.busy == ["Segmenting", None] and not view.errors
     assert parts["scene"].shown == [("calf segmentation", False)]
-    assert parts["segmentation"].calls == ["cpu"]
+    assert parts["segmentation"].calls == ["cpu"] and parts["segmentation"].sides == [None]
     assert "2 of 12 muscles found" in view.statuses[-1]
     assert view.summaries[-1] == "Changed slices: none. Reviewed: none."
     assert controller.case.model_name == "leg"
@@ -284,6 +285,21 @@ def test_declined_installation_changes_nothing():
     assert parts["view"].models[-1] == ([], None)  # no model list without torch, and a hint
     assert "Click Install" in parts["view"].statuses[-1]
 
+
+
+@pytest.mark.parametrize("side, expected", [("auto", None), ("right", "right"), ("left", "left")])
+def test_single_leg_side_reaches_the_segmentation_through_the_worker_request(side, expected):
+    controller, parts = _controller()
+    controller.segment(_volume(), "leg", "cpu", side)
+    _finish(controller)
+    assert parts["segmentation"].sides == [expected] and not parts["view"].errors
+
+
+def test_unknown_single_leg_side_is_refused_before_any_work():
+    controller, parts = _controller()
+    controller.segment(_volume(), "leg", "cpu", "middle")
+    assert controller.job is None and parts["segmentation"].calls == []
+    assert parts["view"].errors == ["Single leg side must be one of auto, right, left, not 'middle'."]
 
 def test_installation_on_first_use_then_segment():
     install = FakeInstall(missing=["torch>=2.4"], agree=True)

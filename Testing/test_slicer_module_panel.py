@@ -170,7 +170,8 @@ def _panel(gui, tmp_path):
 
     names = {w.get("name") for w in ET.parse(UI_FILE).iter("widget")}
     ui = SimpleNamespace(**{name: FakeWidget(name) for name in names})
-    parameters = SimpleNamespace(inputVolume=_volume(), modelName="leg", device="cpu", segmentation=None)
+    parameters = SimpleNamespace(inputVolume=_volume(), modelName="leg", device="cpu", singleLegSide="auto",
+                                 segmentation=None)
     parts = SimpleNamespace(scene=FakeScene(), segmentation=FakeSegmentation(), learning=FakeLearning(),
                             sync=SyncLogic(tmp_path / "sync.json"), observer=FakeObserver())
 
@@ -203,6 +204,14 @@ def test_panel_start_state(gui, tmp_path):
     assert not ui.contributeButton.enabled and not ui.checkUpdatesButton.enabled and not ui.tokenLineEdit.enabled
     assert ui.diceTable.headers == ["Muscle", "Dice automatic", "Dice improved"]
 
+
+
+def test_panel_passes_the_single_leg_side_parameter(gui, tmp_path):
+    panel, ui, parameters, parts = _panel(gui, tmp_path)
+    parameters.singleLegSide = "left"
+    ui.segmentButton.clicked.emit()
+    _finish_job(gui, panel)
+    assert parts.segmentation.sides == ["left"]
 
 def test_panel_segment_edit_mark_improve_statistics(gui, tmp_path):
     panel, ui, parameters, parts = _panel(gui, tmp_path)

@@ -15,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "DafneSlicer"
+if str(MODULE) not in sys.path:
+    sys.path.insert(0, str(MODULE))
 UI_FILE = MODULE / "Resources" / "UI" / "DafneSlicer.ui"
 PANEL_SOURCES = [MODULE / "DafneSlicer.py", MODULE / "DafneSlicerLib" / "widget.py"]
 WIDGET_NAME = re.compile(r"(Button|LineEdit|Label|ComboBox|CheckBox|Table|Selector|Bar)$")
@@ -54,9 +56,20 @@ def test_ui_parameter_bindings_name_parameter_node_fields():
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DafneSlicerParameterNode")
     fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
     bound = {p.find("string").text for p in _ui_tree().iter("property") if p.get("name") == "SlicerParameterName"}
-    assert bound == {"inputVolume", "segmentation", "device"}
+    assert bound == {"inputVolume", "segmentation", "device", "singleLegSide"}
     assert bound <= fields
 
+
+
+def test_single_leg_side_combo_box_in_the_segment_section():
+    from DafneSlicerLib.segmentation_logic import SINGLE_LEG_SIDES
+
+    section = _ui_tree().getroot().find(".//widget[@name='segmentCollapsibleButton']")
+    combo = section.find(".//widget[@name='sideComboBox']")
+    assert tuple(item.find("property/string").text for item in combo.iter("item")) == SINGLE_LEG_SIDES
+    tooltip = combo.find("property[@name='toolTip']/string").text
+    assert "one leg" in tooltip and "midline" in tooltip
+    assert section.find(".//widget[@name='sideLabel']/property[@name='text']/string").text == "Single leg side:"
 
 def test_share_section_is_collapsed_and_off_by_default():
     root = _ui_tree().getroot()
@@ -135,6 +148,26 @@ def test_top_level_cmake_declares_the_extension():
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert (REPO / "LICENSE").is_file()
 
+
+
+@pytest.mark.parametrize("field", ["ICONURL", "SCREENSHOTURLS"])
+def test_extension_image_urls_name_files_in_this_repository(field):
+    """The index shows these images from the repository's main branch: each must be a committed PNG."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = re.search(rf'set\(EXTENSION_{field} "([^"]+)"\)', text).group(1).split()
+    prefix = "https://raw.githubusercontent.com/dafne-imaging/DafneSlicer/main/"
+    for url in urls:
+        assert url.startswith(prefix), url
+        path = REPO / url[len(prefix):]
+        assert path.is_file(), f"{url} names {path.relative_to(REPO)}, which does not exist"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size <= 300 * 1024
+
+
+def test_screenshot_is_an_honest_reproducible_figure():
+    script = (REPO / "Docs" / "make_figure.py").read_text(encoding="utf-8")
+    assert 'DEFAULT_OUTPUT = REPO / "Docs" / "screenshot.png"' in script
+    assert "command-line preview; not a Slicer screenshot" in script
+    assert 'PHANTOM = {"region": "thigh", "shape": (20, 432, 432), "seed": 2024}' in script
 
 def test_extensions_index_entry():
     entry = json.loads((REPO / "DafneSlicer.json").read_text(encoding="utf-8"))

@@ -27,7 +27,7 @@ from .install_logic import InstallLogic
 from .jobs import JobStatus, ProcessJob
 from .learning_logic import Improvement, dice_rows
 from .review import ReviewTracker, format_slices
-from .segmentation_logic import ModelChoice, SegmentationLogic
+from .segmentation_logic import ModelChoice, SegmentationLogic, single_leg_side
 from .sync_logic import SyncLogic
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,12 @@ class DafneController:
 
     # --- segment ----------------------------------------------------------------------------------
 
-    def segment(self, volume_node: Any, model_name: str | None, device: str) -> None:
-        self.guarded(lambda: self._segment(volume_node, model_name, device))
+    def segment(self, volume_node: Any, model_name: str | None, device: str, side: str = "auto") -> None:
+        """``side``: the panel's "Single leg side" (auto, right, left), used when one leg is in view."""
+        self.guarded(lambda: self._segment(volume_node, model_name, device, side))
 
-    def _segment(self, volume_node: Any, model_name: str | None, device: str) -> None:
+    def _segment(self, volume_node: Any, model_name: str | None, device: str, side: str) -> None:
+        leg_side = single_leg_side(side)
         image = self.scene.image_of(volume_node)  # validates first: no install prompt for a bad input
         if not self._ready():
             return
@@ -215,7 +217,8 @@ class DafneController:
                                  "Correct it in the Segment Editor, then click Improve.")
             self.view.set_review_summary(self.case.tracker.summary(automatic))
 
-        self._run("Segmenting", lambda work_dir: worker.segment_request(work_dir, image, model_name, device), done)
+        self._run("Segmenting", lambda work_dir: worker.segment_request(work_dir, image, model_name, device, leg_side),
+                  done)
 
     def _replaceable_segmentation(self, volume_node: Any) -> Any | None:
         """The case's segmentation of this volume if segmenting again may overwrite it: nothing edited or reviewed."""

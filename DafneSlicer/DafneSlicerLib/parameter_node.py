@@ -1,6 +1,6 @@
 """The module's parameter node: what is saved with the scene and bound to widgets by name.
 
-Widgets carry a ``SlicerParameterName`` property in the .ui file (``inputVolume``, ``device``),
+Widgets carry a ``SlicerParameterName`` property in the .ui file (``inputVolume``, ``device``, ``singleLegSide``),
 so ``connectGui`` keeps them and the node in sync both ways.
 """
 
@@ -11,7 +11,7 @@ from typing import Annotated
 import slicer
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 
-from .segmentation_logic import DEVICES
+from .segmentation_logic import DEVICES, SINGLE_LEG_SIDES
 
 
 @parameterNodeWrapper
@@ -20,3 +20,4 @@ class DafneSlicerParameterNode:
     segmentation: slicer.vtkMRMLSegmentationNode
     modelName: str = "thigh"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    singleLegSide: Annotated[str, Choice(list(SINGLE_LEG_SIDES))] = "auto"

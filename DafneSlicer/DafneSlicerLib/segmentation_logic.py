@@ -11,12 +11,23 @@ from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
+from dafne_logic.errors import InputError
+
 from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
     from dafne_logic.model_package import ModelPackage
 
 DEVICES = ("auto", "cpu", "cuda")
+# "Single leg side" choices: auto lets the leg's position decide (patient right where LPS x < 0).
+SINGLE_LEG_SIDES = ("auto", "right", "left")
+
+
+def single_leg_side(choice: str) -> str | None:
+    """``segment_volume``'s ``single_leg_side`` for a panel / command-line choice (auto -> None)."""
+    if choice not in SINGLE_LEG_SIDES:
+        raise InputError(f"Single leg side must be one of {', '.join(SINGLE_LEG_SIDES)}, not '{choice}'.")
+    return None if choice == "auto" else choice
 
 
 @dataclass(frozen=True)
@@ -50,8 +61,13 @@ class SegmentationLogic:
         return load_model(name)
 
     def segment(self, image: sitk.Image, model: "ModelPackage", device: str,
-                progress: ProgressCallback, cancel: CancelCheck) -> sitk.Image:
-        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid."""
+                progress: ProgressCallback, cancel: CancelCheck, single_leg_side: str | None = None) -> sitk.Image:
+        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid.
+
+        ``single_leg_side`` ("right", "left" or None: from the leg's position) names the side of the
+        only leg in the field of view; ignored when both legs are found.
+        """
         from dafne_logic.inference import segment_volume
 
-        return segment_volume(image, model, device=device, progress=progress, cancel=cancel)
+        return segment_volume(image, model, device=device, progress=progress, cancel=cancel,
+                              single_leg_side=single_leg_side)

@@ -82,7 +82,7 @@ class DafneSlicerPanel:
 
     def _segment(self) -> None:
         node = self._parameter_node()
-        self.controller.segment(node.inputVolume, self.ui.modelComboBox.currentData, node.device)
+        self.controller.segment(node.inputVolume, self.ui.modelComboBox.currentData, node.device, node.singleLegSide)
 
     def _adopt(self) -> None:
         node = self._parameter_node()

@@ -58,9 +58,11 @@ TERMINATION = _Termination()
 # --- requests (built in Slicer) ------------------------------------------------------------------
 
 
-def segment_request(work_dir: Path, image: sitk.Image, model_name: str, device: str) -> dict[str, Any]:
+def segment_request(work_dir: Path, image: sitk.Image, model_name: str, device: str,
+                    single_leg_side: str | None = None) -> dict[str, Any]:
     sitk.WriteImage(image, str(work_dir / "image.nrrd"))
-    return {"task": "segment", "work_dir": str(work_dir), "model": model_name, "device": device}
+    return {"task": "segment", "work_dir": str(work_dir), "model": model_name, "device": device,
+            "single_leg_side": single_leg_side}
 
 
 def finetune_request(work_dir: Path, image: sitk.Image, corrected: sitk.Image, model_name: str, slices: list[int],
@@ -111,7 +113,7 @@ def run_request(request: dict[str, Any], progress: ProgressCallback, cancel: Can
         segmentation = segmentation or SegmentationLogic()
         model = segmentation.load_model(request["model"])
         labels = segmentation.segment(sitk.ReadImage(str(work_dir / "image.nrrd")), model, request["device"],
-                                      progress, cancel)
+                                      progress, cancel, single_leg_side=request.get("single_leg_side"))
         sitk.WriteImage(labels, str(work_dir / "labels.nrrd"), useCompression=True)
         return {"labels": str(work_dir / "labels.nrrd")}
     if task == "finetune":

@@ -1,6 +1,6 @@
 """Segment every MR volume of a folder inside Slicer, without the GUI.
 
-    Slicer --no-main-window --python-script batch_segment.py --model thigh INPUT_DIR OUTPUT_DIR
+    Slicer --no-main-window --python-script batch_segment.py --model thigh [--side right] INPUT_DIR OUTPUT_DIR
 
 Each NIfTI/NRRD/MHA file or DICOM series folder of INPUT_DIR becomes ``OUTPUT_DIR/<name>.seg.nrrd``
 (written by Slicer's segmentation storage node: named, coloured, coded segments), and all volumes'
@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--model", default="thigh", help="thigh, leg, or a user / pulled model name")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--side", default="auto", choices=("auto", "right", "left"),
+                        help="side of the leg when only one is in the field of view (auto: from its position, "
+                             "which needs the image origin on the patient midline)")
     return parser.parse_args(argv)
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str], scene=None) -> int:
     from dafne_logic.statistics import muscle_statistics, write_statistics_csv
     from DafneSlicerLib import mrml_conversion as mc
     from DafneSlicerLib.install_logic import InstallLogic, read_requirements
-    from DafneSlicerLib.segmentation_logic import SegmentationLogic
+    from DafneSlicerLib.segmentation_logic import SegmentationLogic, single_leg_side
     from DafneSlicerLib.slicer_packaging import SlicerPackaging
 
     scene = scene if scene is not None else slicer.mrmlScene
@@ -85,7 +88,8 @@ def main(argv: list[str], scene=None) -> int:
             volume.SetName(target.name.split(".")[0])
             scene.AddNode(volume)
             mc.update_volume_node_from_image(volume, image)
-            labels = segmentation_logic.segment(image, model, args.device, lambda f, m: None, lambda: False)
+            labels = segmentation_logic.segment(image, model, args.device, lambda f, m: None, lambda: False,
+                                                single_leg_side=single_leg_side(args.side))
             segmentation = mc.labels_to_segmentation(scene, labels, model.labels, volume, volume.GetName())
             mc.save_segmentation(segmentation, str(target))
             rows += [{"case": source.name, **row} for row in muscle_statistics(image, labels, model.labels)]

@@ -56,3 +56,28 @@ def test_batch_refuses_unusable_arguments(scene, tmp_path, capsys):
     assert batch.main([str(tmp_path / "empty"), str(tmp_path / "out")], scene=scene) == 2
     assert "no image files" in capsys.readouterr().err
     np.testing.assert_equal(list(tmp_path.iterdir()), [tmp_path / "empty"])  # nothing written
+
+
+def test_batch_side_option_reaches_the_segmentation(scene, tmp_path, tiny_leg_model, monkeypatch):
+    from DafneSlicerLib.segmentation_logic import SegmentationLogic
+
+    sides = []
+    segment = SegmentationLogic.segment
+
+    def recording(self, image, model, device, progress, cancel, single_leg_side=None):
+        sides.append(single_leg_side)
+        return segment(self, image, model, device, progress, cancel, single_leg_side=single_leg_side)
+
+    monkeypatch.setattr(SegmentationLogic, "segment", recording)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = make_phantom("leg", shape=(1, 64, 96), legs="right", seed=3)
+    sitk.WriteImage(image, str(inputs / "one_leg.nrrd"))
+    batch = _batch_module()
+    assert batch.main(["--model", tiny_leg_model, "--device", "cpu", "--side", "left", str(inputs),
+                       str(tmp_path / "out")], scene=scene) == 0
+    assert batch.main(["--model", tiny_leg_model, "--device", "cpu", str(inputs), str(tmp_path / "out2")],
+                      scene=scene) == 0
+    assert sides == ["left", None]
+    with pytest.raises(SystemExit):
+        batch.parse_args(["--side", "middle", "in", "out"])
