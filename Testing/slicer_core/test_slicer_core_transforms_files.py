@@ -8,6 +8,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
+import vtk.util.numpy_support  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
 from dafne_logic.errors import InputError  # noqa: E402
@@ -135,3 +136,29 @@ def test_failed_seg_nrrd_write_leaves_the_old_file_and_no_partial_one(scene, tmp
     with pytest.raises(InputError):
         mc.save_segmentation(segmentation, str(tmp_path / "new.seg.nrrd"))
     assert [p.name for p in tmp_path.iterdir()] == ["case.seg.nrrd"]
+
+
+def test_segmentation_of_a_volume_under_a_non_linear_transform_shares_it(scene):
+    """A deformable registration's grid transform: the labels stay in the volume's local frame, under it."""
+    image = _image()
+    volume = _volume(scene, image)
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(4, 4, 4)
+    grid.SetSpacing(50.0, 50.0, 50.0)
+    grid.SetOrigin(-100.0, -100.0, -100.0)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacements = vtk.util.numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
+    displacements[:] = np.random.default_rng(1).normal(0.0, 3.0, displacements.shape)
+    deformation = slicer.vtkOrientedGridTransform()
+    deformation.SetDisplacementGridData(grid)
+    transform = slicer.vtkMRMLGridTransformNode()
+    scene.AddNode(transform)
+    transform.SetAndObserveTransformToParent(deformation)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    assert not transform.IsLinear()
+
+    segmentation = mc.labels_to_segmentation(scene, _labels(image), THIGH, volume, "seg")
+
+    assert segmentation.GetTransformNodeID() == transform.GetID()
+    corrected = mc.segmentation_to_labels(scene, segmentation, volume, THIGH)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(corrected.labels), sitk.GetArrayFromImage(_labels(image)))
