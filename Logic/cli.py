@@ -66,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dafne-slicer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output folder, full disk, missing file
+        if args.verbose:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"dafne-slicer {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dafne-slicer {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

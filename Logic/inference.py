@@ -9,7 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import Cancelled
+from .errors import Cancelled, InputError
+from .labels import Side
 from .model_package import ModelPackage
 from .networks import resolve_device
 from .preprocessing import LabelAssembler, prepare_volume
@@ -45,7 +46,8 @@ def predict_slices(net: torch.nn.Module, slices: np.ndarray, device: torch.devic
 
 
 def segment_volume(image: sitk.Image, model: ModelPackage, device: str = "auto", batch_size: int = 8,
-                   progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> sitk.Image:
+                   progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+                   single_leg_side: Side | None = None) -> sitk.Image:
     """Segment every muscle of both legs in ``image``.
 
     Args:
@@ -55,16 +57,20 @@ def segment_volume(image: sitk.Image, model: ModelPackage, device: str = "auto",
         batch_size: slices per forward pass (bounds memory together with the crop size).
         progress: receives (fraction in 0..1, message) after each batch.
         cancel: polled before each batch; returning True raises :class:`Cancelled`.
+        single_leg_side: the side of the leg when only one is in the field of view; by default it
+            comes from the leg's physical x (patient midline at x = 0), which needs a real origin.
 
     Returns:
         uint8 label image on exactly the input grid: patient-right muscles 1..N, left N+1..2N
         (see :mod:`dafne_logic.labels`). Memory: one uint8 canonical volume plus one batch of
         probabilities, whatever the number of slices.
     """
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
     report = progress or (lambda fraction, message: None)
     report(0.0, "preparing volume")
-    prepared = prepare_volume(image, model.manifest.preprocessing)
+    prepared = prepare_volume(image, model.manifest.preprocessing, single_leg_side=single_leg_side)
     net = model.network(dev)
     assembler = LabelAssembler(prepared, model.labels)
     total = sum(leg.image.shape[0] for leg in prepared.legs)

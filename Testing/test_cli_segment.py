@@ -85,7 +85,7 @@ def test_unknown_model_and_bad_extension_are_refused(calf_volume: Path, tmp_path
     result = cli("segment", str(calf_volume), "--model", "knee", "--output", str(tmp_path / "x.seg.nrrd"))
     assert result.returncode == 2 and "unknown model 'knee'" in result.stderr
     result = cli("segment", str(calf_volume), "--model", "leg", "--output", str(tmp_path / "x.png"))
-    assert result.returncode == 2 and "extension" in result.stderr
+    assert result.returncode == 2 and "unknown output format" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,3 +94,45 @@ def test_models_lists_both_bundled_models_with_provenance():
     assert result.returncode == 0
     assert "thigh" in result.stdout and "leg" in result.stdout
     assert "vastus lateralis" in result.stdout and "soleus" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [(["--device", "gpu"], "unknown device"),
+                                            (["--device", "cuda:7"], "cuda"),
+                                            (["--batch-size", "0"], "at least 1")])
+def test_bad_device_or_batch_size_is_one_sentence(calf_volume: Path, tmp_path: Path, flags, message):
+    result = cli("segment", str(calf_volume), "--model", "leg", "--output", str(tmp_path / "o.seg.nrrd"), *flags)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_never_overwrite_inputs_or_their_sidecars(tmp_path: Path):
+    image, _ = make_phantom("leg", shape=(1, 128, 160), seed=3)
+    scan = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    (tmp_path / "scan.json").write_text('{"EchoTime": 0.01}')
+    before = scan.read_bytes()
+    for output in (scan, tmp_path):
+        result = cli("segment", str(scan), "--model", "leg", "--output", str(output), "--format", ".nii.gz")
+        assert result.returncode == 2 and "would overwrite" in result.stderr
+    assert scan.read_bytes() == before and (tmp_path / "scan.json").read_text() == '{"EchoTime": 0.01}'
+
+
+def test_a_failing_case_is_named_and_the_others_are_still_written(calf_volume: Path, tmp_path: Path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_text("not an image")
+    out = tmp_path / "out"
+    result = cli("segment", str(calf_volume), str(broken), "--model", "leg", "--output", str(out),
+                 "--stats", str(tmp_path / "s.csv"), "--no-progress")
+    assert result.returncode == 1
+    assert "broken.nii.gz" in result.stderr and "1 of 2 inputs failed" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["calf.seg.nrrd"]
+    cases = {line.split(",")[0] for line in (tmp_path / "s.csv").read_text().splitlines()[1:]}
+    assert cases == {"calf"}
+
+
+def test_unwritable_output_is_one_sentence(calf_volume: Path, tmp_path: Path):
+    (tmp_path / "afile").write_text("x")
+    result = cli("segment", str(calf_volume), "--model", "leg", "--output", str(tmp_path / "afile" / "o.seg.nrrd"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "afile" in result.stderr

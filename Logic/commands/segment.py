@@ -1,15 +1,31 @@
-"""``dafne-slicer segment``: MR volumes in, named muscle segmentations (and statistics) out."""
+"""``dafne-slicer segment``: MR volumes in, named muscle segmentations (and statistics) out.
+
+Every problem that can be seen before any work starts (model, output names, clashes with the
+inputs) stops the run with one sentence and nothing written. With several inputs, a case that
+fails later is reported by name and skipped: the other cases, their statistics and previews are
+still written, and the exit status is 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import InputError
+from ..errors import DafneError, InputError
+from ..io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
 
-OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+OUTPUT_SUFFIXES = (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES)
+INPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -17,38 +33,55 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="thigh", help="thigh, leg, a user model name or a model folder")
     parser.add_argument("--output", "-o", required=True,
                         help="output file (.seg.nrrd, .nii.gz, .nrrd) for one input; a folder for several")
-    parser.add_argument("--format", default=".seg.nrrd", choices=OUTPUT_SUFFIXES,
+    parser.add_argument("--format", default=SEGMENTATION_SUFFIX, choices=OUTPUT_SUFFIXES,
                         help="file type written into an output folder (default .seg.nrrd)")
     parser.add_argument("--stats", metavar="CSV", help="write per-muscle volume and intensity statistics")
     parser.add_argument("--preview", metavar="PNG", help="write an overlay of a few slices (one input), "
                         "or a folder of PNGs (several inputs)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="slices per forward pass")
+    parser.add_argument("--side", choices=("right", "left"),
+                        help="side of the leg when only one leg is in the field of view (by default it "
+                             "is taken from the image position, which needs the origin on the patient midline)")
     parser.add_argument("--series", help="DICOM series UID when an input folder holds several series")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
-def _stem(path: Path) -> str:
-    name = path.name.rstrip("/")
-    for suffix in (".nii.gz", ".seg.nrrd") + OUTPUT_SUFFIXES:
-        if name.endswith(suffix):
+def case_name(path: Path) -> str:
+    """``scan.nii.gz`` → ``scan``; a DICOM folder keeps its name."""
+    name = path.name
+    for suffix in INPUT_SUFFIXES:
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
 def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
-    """Output path for each input; raises InputError before anything is computed."""
-    if len(inputs) == 1 and output.name.endswith(OUTPUT_SUFFIXES):
-        return [output]
-    if len(inputs) == 1 and not output.is_dir() and "." in output.name:
-        raise InputError(f"output {output} has an unknown extension; use one of {', '.join(OUTPUT_SUFFIXES)}")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} must be a folder when segmenting several inputs")
-    names = [_stem(p) for p in inputs]
-    if len(set(names)) != len(names):
-        raise InputError("several inputs share a file name; segment them into separate folders")
-    return [output / f"{name}{fmt}" for name in names]
+    """Output path for each input; raises InputError before anything is computed.
+
+    Refuses names that would overwrite an input, or the JSON sidecar next to an input (BIDS and
+    dcm2niix keep acquisition metadata there).
+    """
+    if len(inputs) == 1 and output.name.lower().endswith(OUTPUT_SUFFIXES):
+        planned = [output]
+    elif len(inputs) == 1 and not output.is_dir() and "." in output.name:
+        check_output_path(output)  # raises with the list of known extensions
+        planned = [output]
+    else:
+        if output.exists() and not output.is_dir():
+            raise InputError(f"output {output} must be a folder when segmenting several inputs")
+        names = [case_name(p) for p in inputs]
+        if len(set(names)) != len(names):
+            raise InputError("several inputs share a file name; segment them into separate folders")
+        planned = [output / f"{name}{fmt}" for name in names]
+    protected = {p.resolve() for p in inputs} | {(p.parent / f"{case_name(p)}.json").resolve() for p in inputs}
+    for out in planned:
+        written = [out] + ([label_table_path(out)] if not out.name.lower().endswith(SEGMENTATION_SUFFIX) else [])
+        clash = next((w for w in written if w.resolve() in protected), None)
+        if clash is not None:
+            raise InputError(f"output {clash} would overwrite an input or its JSON sidecar; choose another output")
+    return planned
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,25 +94,36 @@ def run(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     outputs = plan_outputs(inputs, Path(args.output), args.format)
     model = load_model(args.model)
-    # Read and validate every input before writing anything: bad input leaves no output behind.
-    images = [read_image(p, series_uid=args.series) for p in inputs]
     rows: list[dict] = []
-    for path, image, out in zip(inputs, images, outputs):
-        with tqdm(total=100, desc=_stem(path), unit="%", disable=args.no_progress, leave=False) as bar:
-            def progress(fraction: float, message: str) -> None:
-                bar.set_postfix_str(message, refresh=False)
-                bar.update(round(100 * fraction) - bar.n)
+    failures: list[str] = []
+    for path, out in zip(inputs, outputs):
+        try:
+            image = read_image(path, series_uid=args.series)
+            with tqdm(total=100, desc=case_name(path), unit="%", disable=args.no_progress, leave=False) as bar:
+                def progress(fraction: float, message: str) -> None:
+                    bar.set_postfix_str(message, refresh=False)
+                    bar.update(round(100 * fraction) - bar.n)
 
-            labels = segment_volume(image, model, device=args.device, batch_size=args.batch_size, progress=progress)
-        write_labels(labels, out, model.labels)
+                labels = segment_volume(image, model, device=args.device, batch_size=args.batch_size,
+                                        progress=progress, single_leg_side=args.side)
+            write_labels(labels, out, model.labels)
+        except DafneError as exc:
+            if len(inputs) == 1:
+                raise
+            failures.append(f"{path}: {exc}")
+            print(f"{path}: failed: {exc}", file=sys.stderr)
+            continue
         print(f"{path} -> {out}")
         if args.stats:
-            rows += [{"case": _stem(path), **row} for row in muscle_statistics(image, labels, model.labels)]
+            rows += [{"case": case_name(path), **row} for row in muscle_statistics(image, labels, model.labels)]
         if args.preview:
-            preview = Path(args.preview) if len(inputs) == 1 else Path(args.preview) / f"{_stem(path)}.png"
+            preview = Path(args.preview) if len(inputs) == 1 else Path(args.preview) / f"{case_name(path)}.png"
             write_preview(image, labels, model.labels, preview,
                           title=f"{path.name} — {model.manifest.name} v{model.manifest.version}")
-    if args.stats:
+    if args.stats and rows:
         write_statistics_csv(rows, args.stats)
         print(f"statistics -> {args.stats}")
+    if failures:
+        print(f"{len(failures)} of {len(inputs)} inputs failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
     return 0
