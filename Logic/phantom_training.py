@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-phantoms", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--work-dir", help="checkpoints and logs (default build/phantom-training/REGION, "
+                        "outside the package so they are never shipped)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("step %d/%d loss %.4f", step, total, info["loss"])
 
     package = train_model(manifest, make_sampler(train_pool), config, args.output, progress=progress,
-                          validate=make_validator(val_pool, table), resume=args.resume)
+                          validate=make_validator(val_pool, table), resume=args.resume,
+                          work_dir=args.work_dir or Path("build") / "phantom-training" / args.region)
     log.info("validation: %s", package.manifest.provenance["training"].get("final_validation"))
     return 0
 

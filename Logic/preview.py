@@ -10,23 +10,19 @@ import SimpleITK as sitk
 
 from .atomic import atomic_write_bytes
 from .labels import LabelTable
-
-
-def _axial(image: sitk.Image) -> np.ndarray:
-    """(z, y, x) array in LPS orientation, so slices show the patient's right on the left."""
-    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+from .preprocessing import canonical
 
 
 def render_preview(image: sitk.Image, labels: sitk.Image, table: LabelTable, n_slices: int = 3,
                    title: str = "") -> bytes:
     """PNG bytes of ``n_slices`` evenly spaced axial slices with a 45 % opaque label overlay."""
-    import matplotlib
+    # A bare Figure with the Agg canvas: no pyplot, so the host's backend (Slicer's) is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img = _axial(image).astype(np.float32)
-    lab = _axial(labels)
+    oriented = canonical(image)  # LPS: slices show the patient's right on the left, as radiologists read
+    img = sitk.GetArrayFromImage(oriented).astype(np.float32)
+    lab = sitk.GetArrayFromImage(canonical(labels))
     z_count = img.shape[0]
     zs = sorted({int(round(f * (z_count - 1))) for f in np.linspace(0.2, 0.8, n_slices)}) if z_count > 1 else [0]
     lut = np.zeros((2 * table.n_muscles + 1, 4), dtype=np.float32)
@@ -34,10 +30,12 @@ def render_preview(image: sitk.Image, labels: sitk.Image, table: LabelTable, n_s
         lut[entry.value, :3] = np.array(entry.muscle.color) / 255.0
         lut[entry.value, 3] = 0.45
     lo, hi = np.percentile(img, [1, 99])
-    spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()
+    spacing = oriented.GetSpacing()
     aspect = spacing[1] / spacing[0]
-    fig, axes = plt.subplots(1, len(zs), figsize=(4 * len(zs), 4), squeeze=False)
-    for ax, z in zip(axes[0], zs):
+    fig = Figure(figsize=(4 * len(zs), 4))
+    FigureCanvasAgg(fig)
+    for i, z in enumerate(zs):
+        ax = fig.add_subplot(1, len(zs), i + 1)
         ax.imshow(img[z], cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
         ax.imshow(lut[np.clip(lab[z], 0, len(lut) - 1)], aspect=aspect, interpolation="nearest")
         ax.set_title(f"slice {z + 1}/{z_count}   R ← → L", fontsize=9)
@@ -47,7 +45,6 @@ def render_preview(image: sitk.Image, labels: sitk.Image, table: LabelTable, n_s
     fig.tight_layout()
     buffer = _io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
     return buffer.getvalue()
 
 
