@@ -17,9 +17,9 @@ import torch
 
 from dafne_logic.delta import DeltaMetadata, apply_delta, decode_delta
 from dafne_logic.errors import Cancelled, InputError
-from dafne_logic.finetune import (DELTA_METADATA_NAME, DELTA_NAME, FinetuneConfig, augment,
+from dafne_logic.finetune import (DELTA_METADATA_NAME, DELTA_NAME, FinetuneConfig, TrainingSlices, augment,
                                   finetune_on_corrections)
-from dafne_logic.labels import LEG
+from dafne_logic.labels import LEG, LabelTable
 from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams
 from dafne_logic.networks import build_network, unet_architecture
 from dafne_logic.slice_selection import min_muscles_required, parse_slice_list, select_slices
@@ -58,11 +58,15 @@ def two_legs(n_slices: int = 6, seed: int = 0) -> tuple[sitk.Image, sitk.Image]:
     return img, lab
 
 
-def tiny_model(seed: int = 0, version: str = "1") -> ModelPackage:
-    """An untrained 3-level U-Net for the calf table, preprocessing at 2 mm."""
+# The calf muscles under another region name: no phantom replay (fast); see test_phantom_replay.
+TINY_CALF = LabelTable("tiny calf", LEG.muscles)
+
+
+def tiny_model(seed: int = 0, version: str = "1", table: LabelTable = TINY_CALF) -> ModelPackage:
+    """An untrained 3-level U-Net for the calf muscles, preprocessing at 2 mm."""
     torch.manual_seed(seed)
     arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
-    manifest = Manifest(name="leg", region="leg", version=version, architecture=arch, labels=LEG,
+    manifest = Manifest(name="leg", region="leg", version=version, architecture=arch, labels=table,
                         preprocessing=PreprocessingParams(spacing_mm=(2.0, 2.0)),
                         provenance={"trained_on": "nothing (test)"})
     return ModelPackage(manifest, {k: v.detach().clone() for k, v in build_network(arch).state_dict().items()})
@@ -100,6 +104,7 @@ def test_finetune_learns_and_saves_lineage_and_delta(tmp_path):
     assert report["mean_dice_after"] > 0.7
     # agreement of the automatic (parent) segmentation, per volume label, travels with the delta
     assert set(result.metadata.dice_per_label) == {lab.name for lab in LEG.volume_labels()}
+    assert report["n_replay_slices"] == 0  # no phantoms for a table that is not built in
     assert result.metadata.dice_per_label == report["dice_before"]
     assert result.metadata.parent_version == "1" and result.metadata.n_slices == 6
 
@@ -147,6 +152,23 @@ def test_proximal_term_keeps_weights_closer_to_the_parent():
     free = finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=2))
     held = finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(lr=1e-2, prox_mu=5.0, max_epochs=2))
     assert held.report["delta_norm"] < 0.8 * free.report["delta_norm"]
+
+
+def test_replay_pools_are_rehearsed():
+    image, labels = two_legs(n_slices=2)
+    config = FinetuneConfig(max_epochs=1, replay_cases=1, replay_slices=1)
+    # phantoms of the model's region (the built-in calf table), cropped to the correction's crop size
+    calf = finetune_on_corrections(tiny_model(table=LEG), image, labels, config=config)
+    assert calf.report["n_replay_slices"] == 12  # 6 contrasts x 1 slice x 2 legs
+    assert calf.model.manifest.provenance["finetune"]["n_replay_slices"] == 12
+    # a caller's pool; pulling towards an all-background pool changes the result
+    pool = TrainingSlices(torch.zeros(3, 1, 64, 64), torch.zeros(3, 64, 64, dtype=torch.long), [("pool", i) for i in range(3)])
+    own = finetune_on_corrections(tiny_model(), image, labels, config=config, replay=pool)
+    none = finetune_on_corrections(tiny_model(), image, labels, config=config, replay=None)
+    assert own.report["n_replay_slices"] == 3 and none.report["n_replay_slices"] == 0
+    assert own.model.manifest.version != none.model.manifest.version
+    with pytest.raises(InputError, match="replay"):
+        finetune_on_corrections(tiny_model(), image, labels, config=config, replay="everything")
 
 
 def test_automatic_selection_uses_slices_with_most_muscles_per_leg():
