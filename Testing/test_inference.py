@@ -69,13 +69,41 @@ def test_bundled_model_segments_an_unseen_phantom(region, table, threshold):
     assert min(scores[f"right {table.muscles[0].name}"], scores[f"left {table.muscles[0].name}"]) > 0.5
 
 
-def test_flipped_volume_gives_the_same_physical_segmentation():
+def _rotated_grid(image: sitk.Image, degrees: float) -> sitk.Image:
+    """The image resampled onto a grid rotated by ``degrees`` about the z axis (an oblique scan)."""
+    angle = np.deg2rad(degrees)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    reference = sitk.Image(image.GetSize(), image.GetPixelID())
+    reference.SetSpacing(image.GetSpacing())
+    reference.SetDirection(tuple(direction.ravel()))
+    half = direction @ (np.array(image.GetSpacing()) * (np.array(image.GetSize()) - 1) / 2)
+    reference.SetOrigin(tuple(centre - half))
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+
+
+@pytest.mark.parametrize("reorient", ["flip_x", "permute"])
+def test_flipped_or_permuted_volume_gives_the_same_physical_segmentation(reorient):
     image, _ = make_phantom("leg", shape=(3, 432, 432), seed=UNSEEN_SEED)
     model = load_model("leg")
     direct = segment_volume(image, model, device="cpu")
-    flipped = segment_volume(_oblique_copy(image), model, device="cpu")
-    # Resample the flipped result onto the original grid: identical physical labels expected.
-    back = sitk.Resample(flipped, direct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    moved = _oblique_copy(image) if reorient == "flip_x" else sitk.PermuteAxes(image, [2, 0, 1])
+    result = segment_volume(moved, model, device="cpu")
+    assert result.GetSize() == moved.GetSize()
+    # Resample the result onto the original grid: identical physical labels expected.
+    back = sitk.Resample(result, direct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     a, b = sitk.GetArrayFromImage(direct), sitk.GetArrayFromImage(back)
     assert a.max() > 0
     assert np.mean(a == b) > 0.995
+
+
+def test_oblique_volume_keeps_muscles_and_sides_in_place():
+    image, truth = make_phantom("leg", shape=(3, 432, 432), seed=UNSEEN_SEED)
+    oblique = _rotated_grid(image, 10.0)
+    result = segment_volume(oblique, load_model("leg"), device="cpu")
+    back = sitk.Resample(result, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    # Compare where the rotated grid covers the original field of view.
+    covered = sitk.GetArrayFromImage(sitk.Resample(oblique, truth, sitk.Transform(), sitk.sitkLinear, 0.0)) > 0
+    scores = dice_per_label(sitk.GetArrayFromImage(back) * covered, sitk.GetArrayFromImage(truth) * covered, LEG)
+    assert mean_dice(scores) > 0.75, scores
+    assert min(scores["right soleus"], scores["left soleus"]) > 0.5
