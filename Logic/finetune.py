@@ -11,7 +11,9 @@ Steps of :func:`finetune_on_corrections`:
 3. Agreement: the parent's automatic segmentation of those slices is compared with the correction
    (Dice per volume label): the figure the reference tool sends with each contribution.
 4. Training: Adam on Dice + cross-entropy (the trainer's loss), small random affine and intensity
-   augmentation, and a FedProx proximal term ``mu/2 * ||w - w_parent||^2`` against forgetting.
+   augmentation, and two guards against forgetting: a FedProx proximal term
+   ``mu/2 * ||w - w_parent||^2`` and replay (each batch also rehearses phantom slices of the
+   model's region in every phantom contrast, see :func:`phantom_replay`).
    One slice in five is held out (when there are at least five); training stops when its loss
    has not improved for ``patience`` epochs, and the best weights are kept. Without a held-out
    part it stops on a plateau of the training loss. Every random choice comes from ``seed``.
