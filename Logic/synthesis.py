@@ -401,9 +401,11 @@ def dice_by_class(prediction: torch.Tensor, target: torch.Tensor, n_classes: int
 def synthetic_validation(bank: AnatomyBank, config: SynthesisConfig, class_names: list[str], samples: int = 32,
                          seed: int = 12345, regimes: tuple[str, ...] | None = None, batch_size: int = 8,
                          device: str | torch.device = "cpu",
-                         percentiles: tuple[float, float] = (0.5, 99.5)) -> Callable[[torch.nn.Module], dict[str, float]]:
+                         percentiles: tuple[float, float] = (0.5, 99.5),
+                         unlabelled: frozenset[int] = frozenset()) -> Callable[[torch.nn.Module], dict[str, float]]:
     """A ``validate(network) -> {name: Dice, "mean_dice": ...}`` callable on images synthesised from
-    ``bank`` with a fixed seed (the same images at every call). ``class_names`` are the muscles."""
+    ``bank`` with a fixed seed (the same images at every call). ``class_names`` are the muscles;
+    classes in ``unlabelled`` (muscles the sources never label) get NaN and stay out of the mean."""
     from dataclasses import replace
 
     n_classes = len(class_names) + 1
@@ -417,6 +419,7 @@ def synthetic_validation(bank: AnatomyBank, config: SynthesisConfig, class_names
             for images, _ in batches:
                 predictions.append(network(images.to(next(network.parameters()).device)).argmax(1).cpu())
         scores = dice_by_class(torch.cat(predictions), torch.cat([t.cpu() for _, t in batches]), n_classes)
+        scores[[c - 1 for c in sorted(unlabelled)]] = float("nan")
         result = {name: float(s) for name, s in zip(class_names, scores)}
         valid = scores[~torch.isnan(scores)]
         result["mean_dice"] = float(valid.mean()) if valid.numel() else float("nan")

@@ -121,6 +121,16 @@ def test_trainer_learns_from_synthetic_images(tmp_path):
     assert final["soleus"] > 0.6
 
 
+def test_validation_leaves_unlabelled_muscles_out():
+    bank = AnatomyBank.from_sources([[leg()]])
+    names = [m.name for m in LEG.muscles]
+    network = torch.nn.Conv2d(1, LEG.n_classes, 1)  # predicts something everywhere
+    plain = synthetic_validation(bank, SynthesisConfig(size=(48, 48)), names, samples=8)(network)
+    skipping = synthetic_validation(bank, SynthesisConfig(size=(48, 48)), names, samples=8,
+                                    unlabelled=frozenset({LEG.muscle_index("peroneus")}))(network)
+    assert np.isnan(skipping["peroneus"]) and skipping["soleus"] == plain["soleus"]
+
+
 def test_slice_sampler_augments_real_crops():
     rng = np.random.default_rng(0)
     image = rng.random((2, 40, 32)).astype(np.float32)

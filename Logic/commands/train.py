@@ -203,8 +203,9 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
     sampler = SynthesisSampler(bank, synth, device)
     validate = None
     if held:
+        unlabelled = frozenset(c for group in registry.groups if 0 in group for c in group) - {0}
         validate = synthetic_validation(AnatomyBank.from_sources(held), synth, [m.name for m in table.muscles],
-                                        samples=48, device=device)
+                                        samples=48, device=device, unlabelled=unlabelled)
     summary = {
         "trained_on": "images synthesised from real label maps" + (" and phantoms" if args.phantoms else ""),
         "label_maps": [str(p) for p in files],
