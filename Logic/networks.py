@@ -15,12 +15,13 @@ from torch import nn
 
 from .errors import InputError
 
-# Our deployed network: small enough to fine-tune on a laptop CPU (~0.84 M parameters). One
-# residual unit per level: on 2 CPU cores two units cost ~1.7x the time (instance norm dominates).
+# Our deployed network (the shipped base models): small enough to fine-tune on a laptop CPU
+# (~1.6 M parameters). One residual unit per level (0.84 M) runs ~1.5x faster on 2 CPU cores
+# (instance norm dominates) but the base models would need retraining to use it.
 DEFAULT_UNET_KWARGS: dict[str, Any] = {
     "channels": [16, 32, 64, 128, 256],
     "strides": [2, 2, 2, 2],
-    "num_res_units": 1,
+    "num_res_units": 2,
 }
 
 # The size of network Dafne uses (2D U-Net, 32-512 channels, ~6.5 M parameters): benchmark reference.
