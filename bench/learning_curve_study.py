@@ -32,7 +32,7 @@ import torch
 
 from dafne_logic.atomic import atomic_write_text
 from dafne_logic.evaluation import mean_dice, write_dice_csv
-from dafne_logic.finetune import (FinetuneConfig, TrainingSlices, agreement_dice, collect_training_slices,
+from dafne_logic.finetune import (TrainingSlices, agreement_dice, collect_training_slices,
                                   finetune_on_corrections, predict_classes)
 from dafne_logic.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
 from dafne_logic.model_package import ModelPackage, load_model
