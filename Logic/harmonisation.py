@@ -40,7 +40,7 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .io import label_table_path, match_label_name
+from .io import label_table_path, match_label_name, read_label_names
 from .labels import SIDES, LabelTable, Side, normalise_name
 from .phantom_anatomy import Tissue
 
@@ -166,19 +166,7 @@ def scheme_for(path: Path, values: set[int]) -> LabelScheme:
     sidecar = label_table_path(path)
     scheme: LabelScheme | None = None
     if sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{sidecar}: not readable JSON ({exc})") from exc
-        entries = data.get("labels", data) if isinstance(data, dict) else None
-        if not isinstance(entries, dict):
-            raise InputError(f"{sidecar}: not a label table (expected an object mapping values to names)")
-        labels = {}
-        for key, entry in entries.items():
-            name = entry.get("name") if isinstance(entry, dict) else entry
-            if not str(key).isdigit() or not isinstance(name, str):
-                raise InputError(f"{sidecar}: label {key!r} needs an integer value and a name")
-            labels[int(key)] = _split_side(name)
+        labels = {value: _split_side(name) for value, name in read_label_names(sidecar).items()}
         scheme = LabelScheme(labels, str(sidecar))
     else:
         for candidate in sorted(path.parent.glob("*.json")):

@@ -212,6 +212,20 @@ def label_table_path(labelmap_path: PathLike) -> Path:
     return path.with_suffix(".json")
 
 
+def read_label_names(table_path: PathLike) -> dict[int, str]:
+    """Value → name from a JSON label table file (ours, or a plain ``{"1": "Soleus_R"}`` mapping).
+
+    Raises:
+        InputError: unreadable JSON, or entries without an integer value and a name.
+    """
+    path = Path(table_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not readable JSON: {exc}") from exc
+    return _names_by_value(data, path)
+
+
 def _names_by_value(data: Any, source: Path) -> dict[int, str]:
     """Value → name from our label table JSON or a plain ``{"1": "Soleus_R", ...}`` mapping."""
     entries = data.get("labels", data) if isinstance(data, dict) else None
@@ -504,11 +518,7 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
     values = voxels.astype(np.int64)
     table_path = label_table_path(path)
     if table_path.is_file():
-        try:
-            data = json.loads(table_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{table_path} is not readable JSON: {exc}") from exc
-        lut, unknown = _lookup(_names_by_value(data, table_path), table, max_value)
+        lut, unknown = _lookup(read_label_names(table_path), table, max_value)
     else:
         n_labels = 2 * table.n_muscles
         lut = np.zeros(max(max_value, n_labels) + 1, dtype=np.uint16)
@@ -522,6 +532,6 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
 __all__ = [
     "ANATOMIC_CONTEXT", "DicomSeries", "LABELMAP_SUFFIXES", "SEGMENTATION_SUFFIX", "TERMINOLOGY_CONTEXT",
     "check_output_path", "ijk_to_lps", "label_table_json", "label_table_path", "list_dicom_series",
-    "match_label_name", "read_image", "read_segmentation", "resample_labels", "same_grid", "terminology",
+    "match_label_name", "read_image", "read_label_names", "read_segmentation", "resample_labels", "same_grid", "terminology",
     "validate_image", "write_labels",
 ]
