@@ -40,7 +40,7 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .io import label_table_path, match_label_name, read_label_names
+from .io import label_table_path, match_label_name, read_label_names, read_label_volume
 from .labels import SIDES, LabelTable, Side, normalise_name
 from .phantom_anatomy import Tissue
 
@@ -280,16 +280,8 @@ def find_label_maps(paths: list[Path]) -> list[Path]:
 
 
 def _read_label_map(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[0]})") from exc
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: not a 3D scalar label map")
+    image = read_label_volume(path)
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        voxels = sitk.GetArrayViewFromImage(image)
-        if not np.array_equal(voxels, np.round(voxels)):
-            raise InputError(f"{path}: holds non-integer values; it is an image, not a label map")
         image = sitk.Cast(image, sitk.sitkInt32)
     return sitk.DICOMOrient(image, "LPS")
 

@@ -501,7 +501,13 @@ def _read_slicer_segmentation(path: Path, table: LabelTable) -> tuple[sitk.Image
     return image, unknown
 
 
-def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+def read_label_volume(path: PathLike) -> sitk.Image:
+    """A 3D scalar label map file, checked to hold only whole-number values (any pixel type).
+
+    Raises:
+        InputError: unreadable, not 3D scalar, or non-integer values (an image, not a label map).
+    """
+    path = Path(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -509,9 +515,14 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} is not a 3D scalar label map.")
     voxels = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(voxels.dtype, np.integer):
-        if not np.all(np.mod(voxels, 1) == 0):
-            raise InputError(f"{path} has non-integer voxel values; it is not a label map.")
+    if not np.issubdtype(voxels.dtype, np.integer) and not np.all(np.mod(voxels, 1) == 0):
+        raise InputError(f"{path} holds non-integer values; it is an image, not a label map.")
+    return image
+
+
+def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+    image = read_label_volume(path)
+    voxels = sitk.GetArrayViewFromImage(image)
     if voxels.size and voxels.min() < 0:
         raise InputError(f"{path} has negative label values.")
     max_value = _checked_max_value(voxels, path)  # before the cast: 1e30 must not wrap around
@@ -532,6 +543,6 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
 __all__ = [
     "ANATOMIC_CONTEXT", "DicomSeries", "LABELMAP_SUFFIXES", "SEGMENTATION_SUFFIX", "TERMINOLOGY_CONTEXT",
     "check_output_path", "ijk_to_lps", "label_table_json", "label_table_path", "list_dicom_series",
-    "match_label_name", "read_image", "read_label_names", "read_segmentation", "resample_labels", "same_grid", "terminology",
+    "match_label_name", "read_image", "read_label_names", "read_label_volume", "read_segmentation", "resample_labels", "same_grid", "terminology",
     "validate_image", "write_labels",
 ]

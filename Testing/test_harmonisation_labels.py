@@ -131,7 +131,7 @@ def test_bad_label_maps_are_named(tmp_path: Path):
         load_label_map(named, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((2, 10, 10)).astype(np.float32))
     sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
-    with pytest.raises(InputError, match="image.nii.gz: holds non-integer values"):
+    with pytest.raises(InputError, match="image.nii.gz holds non-integer values"):
         load_label_map(tmp_path / "image.nii.gz", THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(InputError, match="no label maps found"):

@@ -188,13 +188,18 @@ def labels_to_segmentation(scene: "slicer.vtkMRMLScene", labels: sitk.Image, tab
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
             raise InputError(f"Slicer could not import the label map into segmentation '{name}'.")
     finally:
-        display_node = labelmap.GetDisplayNode()
-        scene.RemoveNode(labelmap)
-        if display_node is not None:
-            scene.RemoveNode(display_node)
-        scene.RemoveNode(colors)
+        _remove_temporary_nodes(scene, labelmap, colors)
     _complete_segments(segmentation_node, table)
     return segmentation_node
+
+
+def _remove_temporary_nodes(scene, labelmap, colors) -> None:
+    """Drop the helper label map (with its display node) and colour table from the scene."""
+    display_node = labelmap.GetDisplayNode()
+    scene.RemoveNode(labelmap)
+    if display_node is not None:
+        scene.RemoveNode(display_node)
+    scene.RemoveNode(colors)
 
 
 def _check_labels_fit(labels: sitk.Image, table: LabelTable, volume_node) -> None:
@@ -296,11 +301,7 @@ def _export_by_value(scene, segmentation_node, volume_node, chosen: dict[int, tu
         array = numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
         return array.astype(np.uint8)
     finally:
-        display_node = labelmap.GetDisplayNode()
-        scene.RemoveNode(labelmap)
-        if display_node is not None:
-            scene.RemoveNode(display_node)
-        scene.RemoveNode(colors)
+        _remove_temporary_nodes(scene, labelmap, colors)
 
 
 def check_segmentation_on_volume(segmentation_node, volume_node) -> None:
