@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import SimpleITK as sitk
 
 from dafne_logic.cli import main
@@ -119,3 +120,26 @@ def test_train_on_real_pairs(tmp_path: Path):
     package = ModelPackage.load(out)
     assert package.manifest.provenance["trained_on"] == "real image/label pairs"
     assert package.manifest.labels.n_classes == LEG.n_classes
+
+
+def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path, capsys):
+    """``--init``: training continues from a package's weights (a tiny learning rate barely moves
+    them, a random start is far away); a package of other anatomy is refused before training."""
+    from dafne_logic.model_package import load_model
+
+    parent = load_model("leg")
+    base = ["train", "--region", "leg", "--phantoms", "1", "--steps", "1", "--batch-size", "2", "--size", "64",
+            "--lr", "1e-9", "--no-progress"]
+    assert main(base + ["--init", str(parent.path), "--output", str(tmp_path / "warm")]) == 0
+    assert main(base + ["--output", str(tmp_path / "cold")]) == 0
+    warm, cold = ModelPackage.load(tmp_path / "warm"), ModelPackage.load(tmp_path / "cold")
+    key = "model.0.conv.unit0.conv.weight"
+    assert torch.allclose(warm.state_dict[key], parent.state_dict[key], atol=1e-3)
+    assert not torch.allclose(cold.state_dict[key], parent.state_dict[key], atol=1e-2)
+    origin = warm.manifest.provenance["training"]["initialised_from"]
+    assert origin == {"name": "leg", "version": parent.manifest.version,
+                      "weights_sha256": parent.manifest.weights_sha256}
+    assert "--init" in warm.manifest.provenance["training"]["command"]
+    capsys.readouterr()
+    assert main(base + ["--init", str(load_model("thigh").path), "--output", str(tmp_path / "bad")]) == 2
+    assert "architecture" in capsys.readouterr().err and not (tmp_path / "bad").exists()

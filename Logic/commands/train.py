@@ -67,6 +67,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="checkpoints and logs (default OUTPUT.training)")
     parser.add_argument("--name", help="model name in the manifest (default: the output folder's name)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--init", type=Path, metavar="MODEL_DIR",
+                        help="start from this model package's weights (same architecture and labels) instead "
+                             "of random ones, e.g. to train a shipped model longer")
     train = parser.add_argument_group("schedule")
     train.add_argument("--steps", type=int, default=4000)
     train.add_argument("--batch-size", type=int, default=8)
@@ -104,6 +107,23 @@ def _command_line(args: argparse.Namespace) -> str:
         if value is not True:
             words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def _initial_weights(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The weights of the package at ``path``, checked to fit ``manifest`` (architecture and labels);
+    the new manifest records where they came from."""
+    from ..model_package import ModelPackage
+
+    parent = ModelPackage.load(path)
+    if parent.manifest.architecture != manifest.architecture:
+        raise InputError(f"{path}: its architecture {parent.manifest.architecture} differs from the one trained "
+                         f"here {manifest.architecture}")
+    if [m.name for m in parent.labels.muscles] != [m.name for m in manifest.labels.muscles]:
+        raise InputError(f"{path}: its labels differ from the {manifest.labels.region} label table trained here")
+    manifest.provenance["training"]["initialised_from"] = {
+        "name": parent.manifest.name, "version": parent.manifest.version,
+        "weights_sha256": parent.manifest.weights_sha256}
+    return parent.state_dict
 
 
 def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -154,9 +174,10 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
             bar.refresh()
 
+    init_state = _initial_weights(args.init, manifest) if args.init else None
     try:
         package = train_model(manifest, sampler, config, args.output, progress=progress, validate=validate,
-                              resume=args.resume, loss_fn=loss_fn, work_dir=args.work_dir)
+                              resume=args.resume, init_state=init_state, loss_fn=loss_fn, work_dir=args.work_dir)
     finally:
         if bar is not None:
             bar.close()
