@@ -18,7 +18,9 @@ Steps of :func:`finetune_on_corrections`:
    has not improved for ``patience`` epochs, and the best weights are kept. Without a held-out
    part it stops on a plateau of the training loss. Every random choice comes from ``seed``.
 5. Lineage: the child's version is ``"<server version>.local-<8 hex of its weights' sha256>"``;
-   its manifest names the parent version; the delta ``child - parent`` is fp16 + zlib.
+   its manifest names the parent version and the server version it descends from; the delta
+   ``child - server version`` is fp16 + zlib (for a model fine-tuned again locally, the sum of
+   its local steps, so it can still be pushed).
 
 This module writes nothing until :meth:`FinetuneResult.save`; cancelling raises
 :class:`~dafne_logic.errors.Cancelled` with no file touched.
@@ -53,7 +55,7 @@ from .evaluation import dice_counts, dice_from_counts
 from .inference import CancelCheck, ProgressCallback
 from .io import resample_labels, same_grid
 from .labels import LabelTable
-from .model_package import ModelPackage, weights_bytes
+from .model_package import ModelPackage, find_package, weights_bytes
 from .networks import resolve_device
 from .preprocessing import PreparedVolume, prepare_volume
 from .slice_selection import keep_only_slices, min_muscles_required, select_slices
@@ -370,6 +372,28 @@ def _mean(values: dict[str, float]) -> float:
     return float(np.mean(list(values.values()))) if values else math.nan
 
 
+def server_ancestor(model: ModelPackage) -> tuple[ModelPackage, int]:
+    """The server (or bundled) version ``model`` descends from, and how many corrected image
+    slices its local fine-tunes have used since; ``(model, 0)`` when it is one itself.
+
+    A local model's manifest names its server parent (version and weights sha256); that package is
+    looked up in the model registry. When it is not there (deleted, or a model made before the
+    field existed), the local model itself is returned with a warning: its delta can be kept but
+    not pushed.
+    """
+    if LOCAL_MARK not in model.manifest.version:
+        return model, 0
+    recorded = model.manifest.provenance.get("finetune", {}).get("server_parent") or {}
+    version = str(recorded.get("version") or model.manifest.version.split(LOCAL_MARK, 1)[0])
+    found = find_package(model.manifest.name, version, recorded.get("weights_sha256"))
+    if found is None:
+        log.warning("%s %s descends from version %s, which is not in the model registry: the delta is taken "
+                    "against the local parent and cannot be pushed", model.manifest.name, model.manifest.version,
+                    version)
+        return model, 0
+    return found, int(recorded.get("n_slices", 0))
+
+
 def _local_version(parent_version: str, weights_sha256: str) -> str:
     base = parent_version.split(LOCAL_MARK, 1)[0]
     return f"{base}{LOCAL_MARK}{weights_sha256[:8]}"
@@ -477,10 +501,20 @@ def finetune_on_corrections(
             "epochs": len(history) - 1,
         },
     }
+    # The delta always goes against the server version the model descends from, so a model
+    # fine-tuned again locally can still be pushed (as the sum of its local steps).
+    base, earlier_slices = server_ancestor(model)
+    base_dice = automatic_dice
+    if base is not model:
+        base_dice = agreement_dice(predict_classes(base.network("cpu"), data.images, config.batch_size), data, table)
+    manifest.provenance["finetune"]["server_parent"] = {
+        "version": base.manifest.version, "weights_sha256": base.manifest.weights_sha256,
+        "n_slices": earlier_slices + n_image_slices}
     child = ModelPackage(manifest, child_state)
-    delta = make_delta(model.state_dict, child_state)
-    metadata = DeltaMetadata(family=manifest.name, parent_version=model.manifest.version,
-                             n_slices=n_image_slices, dice_per_label=automatic_dice, client_version=__version__)
+    delta = make_delta(base.state_dict, child_state)
+    metadata = DeltaMetadata(family=manifest.name, parent_version=base.manifest.version,
+                             n_slices=earlier_slices + n_image_slices, dice_per_label=base_dice,
+                             client_version=__version__)
     report = {
         "parent_version": model.manifest.version,
         "parent_path": str(model.path) if model.path else None,
@@ -497,6 +531,7 @@ def finetune_on_corrections(
         "dice_after": after_dice,
         "mean_dice_before": _mean(automatic_dice),
         "mean_dice_after": _mean(after_dice),
+        "delta_parent_version": base.manifest.version,
         "delta_norm": delta_norm(delta),
         "delta_megabytes": len(encode_delta(delta)) / 1e6,
         "seconds": time.monotonic() - began,

@@ -296,6 +296,16 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
     raise ModelError(f"unknown model {str(name_or_path)!r}: not a model folder, and the registry has {known}")
 
 
+def find_package(family: str, version: str, weights_sha256: str | None = None) -> ModelPackage | None:
+    """The registry's package of ``family`` at ``version`` (and these weights, when given), or None."""
+    for entry in list_models():
+        manifest = entry.manifest
+        if manifest.name == family and manifest.version == version and (
+                weights_sha256 is None or manifest.weights_sha256 == weights_sha256):
+            return ModelPackage.load(entry.path)
+    return None
+
+
 def load_model(name_or_path: str | os.PathLike[str]) -> ModelPackage:
     """Resolve and load a model package (see :meth:`ModelPackage.load`)."""
     return ModelPackage.load(resolve_model_path(name_or_path))

@@ -282,3 +282,42 @@ def test_save_refuses_the_parent_folder(tmp_path):
     result = finetune_on_corrections(parent, image, labels, config=FinetuneConfig(max_epochs=1))
     with pytest.raises(InputError, match="parent"):
         result.save(tmp_path / "parent")
+
+
+def test_fine_tuning_again_locally_gives_a_delta_against_the_server_version(tmp_path, caplog):
+    """A local model fine-tuned again: its delta is taken against the server version it descends
+    from (found in the registry by version and sha256), with the slices of both runs counted and
+    that version's agreement Dice, so it can be pushed; without that version it stays local."""
+    import shutil
+
+    from dafne_logic.paths import user_models_dir
+
+    server = saved_tiny_model(user_models_dir() / "leg-v1")
+    first = finetune_on_corrections(server, *two_legs(seed=1), config=FAST).save(tmp_path / "first")
+    local = ModelPackage.load(first)
+    image, labels = two_legs(n_slices=4, seed=2)
+    again = finetune_on_corrections(local, image, labels, config=FAST)
+
+    assert again.model.manifest.parent_version == local.manifest.version
+    assert again.metadata.parent_version == "1" and again.metadata.n_slices == 6 + 4
+    assert again.model.manifest.provenance["finetune"]["server_parent"] == {
+        "version": "1", "weights_sha256": server.manifest.weights_sha256, "n_slices": 10}
+    rebuilt = apply_delta(server.state_dict, again.delta)
+    for k, v in again.model.state_dict.items():
+        assert torch.allclose(rebuilt[k], v, rtol=2e-3, atol=2e-3), k
+    # the Dice that travels is the server version's on these slices, not the local parent's
+    from_server = finetune_on_corrections(server, image, labels, config=replace_epochs(FAST, 1))
+    assert again.metadata.dice_per_label == from_server.report["dice_before"]
+    assert again.report["dice_before"] != from_server.report["dice_before"]
+
+    shutil.rmtree(user_models_dir() / "leg-v1")
+    with caplog.at_level("WARNING"):
+        orphan = finetune_on_corrections(local, image, labels, config=FAST)
+    assert orphan.metadata.parent_version == local.manifest.version
+    assert "not in the model registry" in caplog.text
+
+
+def replace_epochs(config: FinetuneConfig, epochs: int) -> FinetuneConfig:
+    from dataclasses import replace
+
+    return replace(config, max_epochs=epochs)
