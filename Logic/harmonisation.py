@@ -255,7 +255,8 @@ def find_label_maps(paths: list[Path]) -> list[Path]:
     """Label map files among ``paths`` (files, or folders searched recursively).
 
     In folders, images with floating-point voxels are skipped (a folder may hold images beside
-    their label maps). Raises :class:`InputError` for a missing path or when nothing is found.
+    their label maps). Raises :class:`InputError` for a missing path, an empty or unreadable
+    file with a label-map suffix (named), or when nothing is found.
     """
     found: list[Path] = []
     for path in paths:
@@ -268,10 +269,13 @@ def find_label_maps(paths: list[Path]) -> list[Path]:
             if candidate.is_file() and candidate.name.lower().endswith(LABEL_MAP_SUFFIXES):
                 reader = sitk.ImageFileReader()
                 reader.SetFileName(str(candidate))
+                if candidate.stat().st_size == 0:
+                    raise InputError(f"{candidate} is an empty file; remove it or give only usable label maps")
                 try:
                     reader.ReadImageInformation()
-                except RuntimeError:
-                    continue
+                except RuntimeError as exc:
+                    raise InputError(f"{candidate} could not be read as a label map: "
+                                     f"{str(exc).strip().splitlines()[-1]}") from exc
                 if reader.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
                     found.append(candidate)
     if not found:

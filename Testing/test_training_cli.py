@@ -74,6 +74,9 @@ def test_train_with_phantoms_only(tmp_path: Path):
     ("no_source", "nothing to learn from"),
     ("no_table", "say which labels to learn"),
     ("unknown_label", "not named in"),
+    ("empty_file", "a_labels.nii.gz is an empty file"),
+    ("corrupt_file", "a_labels.nrrd could not be read as a label map"),
+    ("mismatched_table", "are not muscles of the leg table"),
 ])
 def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str, message: str):
     maps = tmp_path / "maps"
@@ -88,6 +91,18 @@ def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str
         args = base + ["--region", "leg"]
     elif problem == "no_table":
         args = base + ["--label-maps", str(maps)]
+    elif problem == "empty_file":
+        calf_map(maps / "b_labels.nii.gz")
+        (maps / "a_labels.nii.gz").write_bytes(b"")
+        args = base + ["--region", "leg", "--label-maps", str(maps)]
+    elif problem == "corrupt_file":
+        calf_map(maps / "b_labels.nii.gz")
+        (maps / "a_labels.nrrd").write_bytes(b"NRRD0004\ntype: nonsense\n\n")
+        args = base + ["--region", "leg", "--label-maps", str(maps)]
+    elif problem == "mismatched_table":
+        path = calf_map(maps / "a_labels.nii.gz")
+        path.with_name("a_labels.json").write_text(json.dumps({str(v): f"Vastus Lateralis_{v}" for v in range(1, 9)}))
+        args = base + ["--region", "leg", "--label-maps", str(path)]
     else:
         path = calf_map(maps / "a_labels.nii.gz")
         volume = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
