@@ -57,7 +57,7 @@ from .io import resample_labels, same_grid
 from .labels import LabelTable
 from .model_package import ModelPackage, find_package, weights_bytes
 from .networks import resolve_device
-from .preprocessing import PreparedVolume, prepare_volume
+from .preprocessing import PreparedVolume, fit_to, prepare_volume
 from .slice_selection import keep_only_slices, min_muscles_required, select_slices
 from .training import default_loss
 
@@ -252,17 +252,6 @@ def split_holdout(n: int, config: FinetuneConfig) -> tuple[list[int], list[int]]
         return list(range(n)), []
     held = set(range(config.holdout_every // 2, n, config.holdout_every))
     return [i for i in range(n) if i not in held], sorted(held)
-
-
-def fit_to(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Centre-crop or zero-pad the last two axes of ``array`` to (height, width)."""
-    h, w = array.shape[-2:]
-    out = np.zeros(array.shape[:-2] + (height, width), dtype=array.dtype)
-    sh, sw = max(0, (h - height) // 2), max(0, (w - width) // 2)
-    dh, dw = max(0, (height - h) // 2), max(0, (width - w) // 2)
-    ch, cw = min(h, height), min(w, width)
-    out[..., dh:dh + ch, dw:dw + cw] = array[..., sh:sh + ch, sw:sw + cw]
-    return out
 
 
 def phantom_replay(model: ModelPackage, config: FinetuneConfig, seed: int, shape: tuple[int, int]) -> TrainingSlices | None:

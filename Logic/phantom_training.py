@@ -22,9 +22,8 @@ from .evaluation import dice_counts, dice_from_counts, mean_dice
 from .labels import BUILTIN_TABLES, LabelTable
 from .model_package import Manifest, PreprocessingParams
 from .networks import unet_architecture
-from .finetune import fit_to
 from .phantoms import CONTRASTS, make_phantom
-from .preprocessing import prepare_volume
+from .preprocessing import fit_to, prepare_volume
 from .training import TrainConfig, train_model
 
 log = logging.getLogger(__name__)

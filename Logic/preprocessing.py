@@ -453,3 +453,14 @@ def _to_input_mapping(image: sitk.Image, oriented: sitk.Image) -> tuple[tuple[in
         axes[2 - a] = 2 - b
         flips[2 - a] = bool(rounded[b, a] < 0)
     return (axes[0], axes[1], axes[2]), (flips[0], flips[1], flips[2])
+
+
+def fit_to(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop or zero-pad the last two axes of ``array`` to (height, width)."""
+    h, w = array.shape[-2:]
+    out = np.zeros(array.shape[:-2] + (height, width), dtype=array.dtype)
+    sh, sw = max(0, (h - height) // 2), max(0, (w - width) // 2)
+    dh, dw = max(0, (height - h) // 2), max(0, (width - w) // 2)
+    ch, cw = min(h, height), min(w, width)
+    out[..., dh:dh + ch, dw:dw + cw] = array[..., sh:sh + ch, sw:sw + cw]
+    return out
