@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -101,7 +102,7 @@ class Manifest:
             "architecture": self.architecture,
             "labels": self.labels.to_json(),
             "preprocessing": self.preprocessing.to_json(),
-            "provenance": self.provenance,
+            "provenance": strict_json(self.provenance),
             "weights": {
                 "file": WEIGHTS_NAME,
                 "sha256": self.weights_sha256,
@@ -150,6 +151,18 @@ class Manifest:
         return manifest
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON ``null``): strict JSON
+    readers (browsers, FastAPI responses) refuse ``NaN``, and a Dice that is not defined is null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 @dataclass
 class ModelPackage:
     """A validated manifest with its weights loaded as float32 CPU tensors."""
@@ -196,7 +209,8 @@ class ModelPackage:
             self.manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with atomic_directory(path) as tmp:
             (tmp / WEIGHTS_NAME).write_bytes(blob)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+            (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest.to_json(), indent=2, allow_nan=False) + "\n",
+                                              encoding="utf-8")
         self.path = Path(path)
         return self.path
 

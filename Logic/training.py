@@ -35,7 +35,7 @@ from torch import nn
 
 from .atomic import atomic_directory, atomic_write_text
 from .errors import Cancelled, DafneError, InputError
-from .model_package import Manifest, ModelPackage
+from .model_package import Manifest, ModelPackage, strict_json
 from .networks import build_network, resolve_device
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ class _TrainLog:
         if metrics is not None:
             row["mean_dice"] = f"{metrics.get('mean_dice', float('nan')):.4f}"
             self.validation.append({"step": step, **metrics})
-            atomic_write_text(self.validation_path, json.dumps(self.validation, indent=1) + "\n")
+            atomic_write_text(self.validation_path, json.dumps(strict_json(self.validation), indent=1) + "\n")
         self.rows.append(row)
         self._write_csv()
 

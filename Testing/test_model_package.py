@@ -194,3 +194,16 @@ def test_names_resolve_in_the_registry_first_and_user_models_shadow_bundled(tmp_
     (user_models_dir() / ".leg-tmp123").mkdir()
     (user_models_dir() / ".leg-tmp123" / MANIFEST_NAME).write_text("{}")
     assert all(not e.name.startswith(".") for e in list_models())
+
+
+def test_undefined_figures_are_saved_as_strict_json_null(tmp_path: Path):
+    """A Dice that is not defined (NaN) is written as null: FastAPI and browsers refuse NaN."""
+    package = tiny_package()
+    package.manifest.provenance = {"validation": {"adductor longus": float("nan"), "soleus": 0.9,
+                                                  "per step": [float("inf"), 1.0]}}
+    package.save(tmp_path / "m")
+    text = (tmp_path / "m" / "manifest.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    loaded = ModelPackage.load(tmp_path / "m").manifest.provenance["validation"]
+    assert loaded == {"adductor longus": None, "soleus": 0.9, "per step": [None, 1.0]}
