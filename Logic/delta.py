@@ -104,6 +104,7 @@ class DeltaMetadata:
     n_slices: int  # number of corrected slices trained on
     dice_per_label: dict[str, float]  # automatic vs corrected segmentation, by muscle name
     client_version: str = ""
+    parent_sha256: str = ""  # sha256 of the parent's weights file; the server checks it when given
 
     def to_json(self) -> dict:
         return {
@@ -112,4 +113,5 @@ class DeltaMetadata:
             "n_slices": self.n_slices,
             "dice_per_label": self.dice_per_label,
             "client_version": self.client_version,
+            "parent_sha256": self.parent_sha256,
         }

@@ -196,6 +196,8 @@ class FederatedClient:
             "family": metadata.family,
             "client_version": metadata.client_version[:64],
         }
+        if metadata.parent_sha256:
+            meta["parent_sha256"] = metadata.parent_sha256
         meta["idempotency_key"] = idempotency_key or _update_key(delta_blob, meta)
         response = self._request(
             "POST", f"/v1/models/{metadata.family}/updates", ok=(200, 202),

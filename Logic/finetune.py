@@ -503,7 +503,7 @@ def finetune_on_corrections(
     delta = make_delta(base.state_dict, child_state)
     metadata = DeltaMetadata(family=manifest.name, parent_version=base.manifest.version,
                              n_slices=earlier_slices + n_image_slices, dice_per_label=base_dice,
-                             client_version=__version__)
+                             client_version=__version__, parent_sha256=base.manifest.weights_sha256)
     report = {
         "parent_version": model.manifest.version,
         "parent_path": str(model.path) if model.path else None,

@@ -50,6 +50,9 @@ class UpdateMetadata(BaseModel):
     idempotency_key: str = Field(pattern=r"^[A-Za-z0-9_.:-]{8,128}$")
     family: str | None = Field(default=None, max_length=64)
     client_version: str = Field(default="", max_length=64)
+    # sha256 of the parent's weights as the client has them: a version number alone cannot tell
+    # two servers' (or two releases') "version 1" apart.
+    parent_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("dice_per_label")
     @classmethod

@@ -30,6 +30,13 @@ FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SERVER_WEIGHTS_DTYPE = torch.float32  # merged versions accumulate small deltas; fp16 would round them away
 
 
+def known_weights(version: Version) -> set[str]:
+    """The sha256s a site may name as a version's weights: the server's float32 blob, and for a
+    seeded version the file it was seeded from (e.g. the bundled fp16 package)."""
+    seed = (version.manifest.get("provenance") or {}).get("seed_weights_sha256")
+    return {version.weights_sha256} | ({seed} if seed else set())
+
+
 class Storage:
     """One per process: engine, session factory and blob folder for ``settings``."""
 
@@ -117,7 +124,11 @@ class Storage:
         # from the very same (e.g. bundled) model name a parent the server knows.
         seed_number = int(package.manifest.version) if package.manifest.version.isdigit() else 1
         version = self.new_version(session, family, package.manifest, package.state_dict, None, "seed", {},
-                                   {"seeded_from": package.manifest.version}, number=seed_number)
+                                   {"seeded_from": package.manifest.version,
+                                    # the package file's own sha256 (sites that fine-tune the very same
+                                    # package name it; the server's copy is re-encoded as float32)
+                                    "seed_weights_sha256": package.manifest.weights_sha256 or None},
+                                   number=seed_number)
         audit(session, actor, "family_created", name, version=version.number, region=family.region)
         return version
 

@@ -300,6 +300,7 @@ def test_fine_tuning_again_locally_gives_a_delta_against_the_server_version(tmp_
 
     assert again.model.manifest.parent_version == local.manifest.version
     assert again.metadata.parent_version == "1" and again.metadata.n_slices == 6 + 4
+    assert again.metadata.parent_sha256 == server.manifest.weights_sha256  # the server checks it
     assert again.model.manifest.provenance["finetune"]["server_parent"] == {
         "version": "1", "weights_sha256": server.manifest.weights_sha256, "n_slices": 10}
     rebuilt = apply_delta(server.state_dict, again.delta)

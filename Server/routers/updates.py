@@ -19,7 +19,7 @@ from ..db import AuditEntry, UpdateRow, audit, now
 from ..deps import current_principal, get_storage
 from ..merging import MergeSettings
 from ..schemas import Accepted, MeInfo, UpdateInfo, UpdateMetadata
-from ..storage import Storage
+from ..storage import Storage, known_weights
 from .models import FamilyName, get_family, get_version
 
 router = APIRouter(prefix="/v1", tags=["updates"])
@@ -99,6 +99,10 @@ def _receive(family: str, delta: UploadFile, metadata: str, who: Principal, stor
             parent = get_version(session, fam, meta.parent_version)
         except HTTPException:
             raise HTTPException(422, f"parent version {meta.parent_version} of {family} is unknown") from None
+        if meta.parent_sha256 is not None and meta.parent_sha256 not in known_weights(parent):
+            raise HTTPException(409, f"the delta was made against other weights than version {parent.number} of "
+                                     f"{family} on this server; pull version {parent.number} (or the active one) "
+                                     "and fine-tune again")
         active = get_version(session, fam, "active")
         max_staleness = MergeSettings.from_json(fam.merge_settings).max_staleness
     staleness = active.number - parent.number

@@ -57,8 +57,10 @@ def test_pull_push_merge_pull(live_server, tiny_leg, tmp_path):
     first = client.pull("leg", models_dir=tmp_path)
     assert ModelPackage.load(first).manifest.version == "1"
     assert client.pull("leg", models_dir=tmp_path) == first  # already there: nothing downloaded
+    parent_sha = ModelPackage.load(first).manifest.weights_sha256  # what the server checks it against
     results = [client.push(encode_delta(noisy_delta(tiny_leg.state_dict, seed=i)),
-                           DeltaMetadata("leg", "1", 4 + i, {"right soleus": 0.8, "left soleus": float("nan")}))
+                           DeltaMetadata("leg", "1", 4 + i, {"right soleus": 0.8, "left soleus": float("nan")},
+                                         parent_sha256=parent_sha))
                for i in range(2)]  # K = 2: this completes a buffer
     assert all(r["status"] == "buffered" and not r["duplicate"] for r in results)
     infos = [client.wait_for_update(r["id"], timeout_s=90) for r in results]
@@ -133,6 +135,8 @@ def test_bad_uploads_get_4xx_with_a_reason_and_nothing_is_stored(live_server, ti
         ({"idempotency_key": "short"}, 422, "idempotency_key"),
         ({"family": "thigh"}, 422, "family"),
         ({"extra": "field"}, 422, "extra"),
+        ({"parent_sha256": "not-a-sha"}, 422, "parent_sha256"),
+        ({"parent_sha256": "0" * 64}, 409, "other weights than version 1"),
     ]
     for meta, status, reason in metadata_cases:
         r = upload(live_server, token, "inputs", good, **meta)

@@ -129,3 +129,19 @@ def test_seed_keeps_the_package_version_number(storage, tiny_leg):
     manifest.version = "2.local-abcd1234"  # not a server version: numbering starts at 1
     with storage.session.begin() as session:
         assert storage.add_family(session, "local-like", ModelPackage(manifest, tiny_leg.state_dict), "t").number == 1
+
+
+def test_a_version_seeded_from_a_package_file_knows_that_file_s_weights(storage, tiny_leg, tmp_path):
+    """Sites name their parent's weights by sha256: the server's float32 copy differs from the
+    fp16 package file it was seeded from, so both are known; other weights are not."""
+    from dafne_logic.model_package import ModelPackage
+    from dafne_server.storage import known_weights
+
+    tiny_leg.save(tmp_path / "bundled-like")
+    package = ModelPackage.load(tmp_path / "bundled-like")
+    with storage.session.begin() as session:
+        version = storage.add_family(session, "seeded", package, "t")
+        known = known_weights(version)
+    assert package.manifest.weights_sha256 != version.weights_sha256  # re-encoded as float32
+    assert known == {version.weights_sha256, package.manifest.weights_sha256}
+    assert "0" * 64 not in known
