@@ -40,7 +40,7 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .io import label_table_path, match_label_name, read_label_names, read_label_volume
+from .io import label_table_path, match_label_name, read_label_names, read_label_volume, split_side
 from .labels import SIDES, LabelTable, Side, normalise_name
 from .phantom_anatomy import Tissue
 
@@ -128,18 +128,8 @@ class LegSlice:
 # --- schemes ---------------------------------------------------------------------------------------
 
 
-_SIDE_SUFFIX = re.compile(r"^(.*?)[\s_.-]+(r|l|right|left)$", re.IGNORECASE)
-
-
 def _split_side(name: str) -> SourceLabel:
-    words = normalise_name(name).split()
-    if len(words) > 1 and words[0] in ("right", "left"):
-        return SourceLabel(" ".join(words[1:]), words[0])  # type: ignore[arg-type]
-    match = _SIDE_SUFFIX.match(name.strip())
-    if match:
-        side = "right" if match.group(2).lower() in ("r", "right") else "left"
-        return SourceLabel(normalise_name(match.group(1)), side)  # type: ignore[arg-type]
-    return SourceLabel(normalise_name(name), None)
+    return SourceLabel(*split_side(name))
 
 
 def _musclemap_scheme(path: Path) -> LabelScheme | None:

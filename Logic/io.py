@@ -259,6 +259,19 @@ def _muscle_words(name: str) -> frozenset[str]:
     return frozenset(w for w in words if w not in _FILLER_WORDS)
 
 
+def split_side(name: str) -> tuple[str, Side | None]:
+    """A label name without its side word (normalised) and the side it names, or None.
+
+    The side may come first or last as a word or abbreviation ("right vastus lateralis",
+    "Soleus_R", "soleus.r", "Tibia Lt"); punctuation counts as a separator."""
+    words = normalise_name(re.sub(r"[.,;:()\[\]/]", " ", name)).split()
+    for position in (0, -1):
+        if len(words) > 1 and words[position] in _SIDE_WORDS:
+            side = _SIDE_WORDS[words.pop(position)]
+            return " ".join(words), side
+    return " ".join(words), None
+
+
 def match_label_name(name: str, table: LabelTable) -> int | None:
     """Volume label value of a segment or label name, or None when it names no label of ``table``.
 
@@ -267,15 +280,10 @@ def match_label_name(name: str, table: LabelTable) -> int | None:
     word order and "muscle"/"head" do not matter ("Extensor Longus Digitorum_R" is the right
     extensor digitorum longus, "medial gastrocnemius" is gastrocnemius medialis).
     """
-    words = normalise_name(re.sub(r"[.,;:()\[\]/]", " ", name)).split()
-    side = None
-    for position in (0, -1):
-        if len(words) > 1 and words[position] in _SIDE_WORDS:
-            side = _SIDE_WORDS[words.pop(position)]
-            break
+    base, side = split_side(name)
     if side is None:
         return None
-    wanted = _muscle_words(" ".join(words))
+    wanted = _muscle_words(base)
     for index, muscle in enumerate(table.muscles, start=1):
         if _muscle_words(muscle.name) == wanted:
             return table.value_of(index, side)

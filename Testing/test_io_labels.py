@@ -253,3 +253,15 @@ def test_unreadable_segmentation_is_an_input_error(tmp_path, content, expected):
         read_segmentation(path, THIGH)
     with pytest.raises(InputError, match="does not exist"):
         read_segmentation(tmp_path / "missing.seg.nrrd", THIGH)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("Soleus_R", ("soleus", "right")), ("L soleus", ("soleus", "left")), ("soleus.r", ("soleus", "right")),
+    ("Gastrocnemius Medialis Lt", ("gastrocnemius medialis", "left")), ("right Tibia", ("tibia", "right")),
+    ("Tibia", ("tibia", None)), ("R", ("r", None)),
+])
+def test_split_side_finds_the_side_word_first_or_last(name, expected):
+    """One parser of side words serves segment-name matching and training label tables."""
+    from dafne_logic.io import split_side
+
+    assert split_side(name) == expected
