@@ -40,7 +40,7 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .io import label_table_path, match_label_name, read_label_names, read_label_volume, split_side
+from .io import label_table_path, match_label_name, read_header, read_label_names, read_label_volume, split_side
 from .labels import SIDES, LabelTable, Side, normalise_name
 from .phantom_anatomy import Tissue
 
@@ -128,10 +128,6 @@ class LegSlice:
 # --- schemes ---------------------------------------------------------------------------------------
 
 
-def _split_side(name: str) -> SourceLabel:
-    return SourceLabel(*split_side(name))
-
-
 def _musclemap_scheme(path: Path) -> LabelScheme | None:
     """A folder-level MuscleMap table (``{"labels": [{"anatomy", "side", "value"}, ...]}``) or None."""
     try:
@@ -156,7 +152,7 @@ def scheme_for(path: Path, values: set[int]) -> LabelScheme:
     sidecar = label_table_path(path)
     scheme: LabelScheme | None = None
     if sidecar.is_file():
-        labels = {value: _split_side(name) for value, name in read_label_names(sidecar).items()}
+        labels = {value: SourceLabel(*split_side(name)) for value, name in read_label_names(sidecar).items()}
         scheme = LabelScheme(labels, str(sidecar))
     else:
         for candidate in sorted(path.parent.glob("*.json")):
@@ -257,16 +253,7 @@ def find_label_maps(paths: list[Path]) -> list[Path]:
             continue
         for candidate in sorted(path.rglob("*")):
             if candidate.is_file() and candidate.name.lower().endswith(LABEL_MAP_SUFFIXES):
-                reader = sitk.ImageFileReader()
-                reader.SetFileName(str(candidate))
-                if candidate.stat().st_size == 0:
-                    raise InputError(f"{candidate} is an empty file; remove it or give only usable label maps")
-                try:
-                    reader.ReadImageInformation()
-                except RuntimeError as exc:
-                    raise InputError(f"{candidate} could not be read as a label map: "
-                                     f"{str(exc).strip().splitlines()[-1]}") from exc
-                if reader.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+                if read_header(candidate, "a label map").GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
                     found.append(candidate)
     if not found:
         raise InputError(f"no label maps found in {', '.join(str(p) for p in paths)}")

@@ -133,6 +133,24 @@ def _first_line(exc: BaseException) -> str:
     return useful[-1].rstrip(".")
 
 
+def read_header(path: PathLike, kind: str = "an image") -> sitk.ImageFileReader:
+    """A reader holding ``path``'s header (size, pixel type, geometry) without its voxels.
+
+    Raises:
+        InputError: an empty file, or one SimpleITK cannot read (the reason in one line).
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is an empty file.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{path} could not be read as {kind}: {_first_line(exc)}.") from exc
+    return reader
+
+
 def validate_image(image: sitk.Image, name: str) -> None:
     """Raise :class:`InputError` (one sentence naming ``name``) unless ``image`` is a usable volume.
 

@@ -107,7 +107,7 @@ class Manifest:
                 "file": WEIGHTS_NAME,
                 "sha256": self.weights_sha256,
                 "dtype": self.weights_dtype,
-                "tensors": self.tensors,
+                "tensors": dict(sorted(self.tensors.items())),  # stable files, readable diffs
             },
         }
 

@@ -59,13 +59,18 @@ def _world_of(node, local_ras: np.ndarray) -> np.ndarray:
     return np.array(to_world.TransformPoint(*local_ras))
 
 
-def test_segmentation_of_a_transformed_volume_lies_on_the_volume_in_world_space(scene):
+def _segmentation_of_transformed_volume(scene):
+    """(image, volume under a linear transform, transform, its 4x4 matrix, segmentation made on it)."""
     image = _image()
     volume = _volume(scene, image)
     transform, matrix = _linear_transform(scene)
     volume.SetAndObserveTransformNodeID(transform.GetID())
-
     segmentation = mc.labels_to_segmentation(scene, _labels(image), THIGH, volume, "seg")
+    return image, volume, transform, matrix, segmentation
+
+
+def test_segmentation_of_a_transformed_volume_lies_on_the_volume_in_world_space(scene):
+    image, volume, transform, matrix, segmentation = _segmentation_of_transformed_volume(scene)
 
     assert segmentation.GetTransformNodeID() == transform.GetID()
     # The segment's first voxel and the volume's voxel it labels coincide in world coordinates.
@@ -87,11 +92,7 @@ def test_segmentation_of_a_transformed_volume_lies_on_the_volume_in_world_space(
 
 
 def test_reused_segmentation_follows_the_volume_out_of_its_transform(scene):
-    image = _image()
-    volume = _volume(scene, image)
-    transform, _ = _linear_transform(scene)
-    volume.SetAndObserveTransformNodeID(transform.GetID())
-    segmentation = mc.labels_to_segmentation(scene, _labels(image), THIGH, volume, "seg")
+    image, volume, _, _, segmentation = _segmentation_of_transformed_volume(scene)
     volume.SetAndObserveTransformNodeID(None)
     again = mc.labels_to_segmentation(scene, _labels(image), THIGH, volume, "seg", segmentation_node=segmentation)
     assert again is segmentation and again.GetTransformNodeID() is None
