@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q Testing
 
 demo: $(STAMP)
-	$(PY) -m dafne_logic.demo
+	$(PY) -m dafne_server.demo
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

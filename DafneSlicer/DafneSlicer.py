@@ -137,7 +137,7 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
 
     def statistics(self, volume_node, segmentation_node, model_name: str = "thigh"):
         """Per-muscle statistics rows of a (corrected) segmentation, also shown as a table node."""
-        from dafne_logic.statistics import muscle_statistics
+        from dafne_logic.core.statistics import muscle_statistics
 
         table = self.segmentation.load_model(model_name).labels
         corrected = self.scene.labels_of(segmentation_node, volume_node, table)
@@ -160,8 +160,8 @@ class DafneSlicerTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SimpleITK as sitk
 
-        from dafne_logic.finetune import FinetuneConfig
-        from dafne_logic.phantoms import make_phantom
+        from dafne_logic.learning.finetune import FinetuneConfig
+        from dafne_logic.phantoms.images import make_phantom
         from DafneSlicerLib import mrml_conversion as mc
 
         logic = DafneSlicerLogic()

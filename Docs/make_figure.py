@@ -52,11 +52,11 @@ def render(output: Path = DEFAULT_OUTPUT) -> dict[str, float]:
     from matplotlib.patches import Patch
     from PIL import Image
 
-    from dafne_logic.atomic import atomic_path
-    from dafne_logic.evaluation import dice_per_label
-    from dafne_logic.inference import segment_volume
-    from dafne_logic.model_package import load_model
-    from dafne_logic.phantoms import make_phantom
+    from dafne_logic.core.atomic import atomic_path
+    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.inference.segment import segment_volume
+    from dafne_logic.learning.evaluation import dice_per_label
+    from dafne_logic.phantoms.images import make_phantom
 
     model = load_model("thigh")
     table = model.labels

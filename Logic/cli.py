@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module under ``dafne_logic.commands`` and exposes
 ``register(subparsers)``; the module is imported only when its subcommand runs, so
-``dafne-slicer --help`` stays fast and a server dependency never burdens ``segment``.
+``dafne-slicer --help`` stays fast. The federated server has its own command, ``dafne-server``
+(:mod:`dafne_server.cli`).
 Errors the user can fix (:class:`DafneError`) print one sentence and exit 2; ``--verbose``
 adds the traceback.
 """
@@ -13,9 +14,9 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from .errors import DafneError
+from dafne_logic.core.errors import DafneError
 
 # subcommand -> module under dafne_logic.commands, and its one-line help
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,7 +29,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Dice of model versions against reference segmentations"),
     "report": ("report", "learning-curve fit (mixed model) from an evaluate CSV"),
     "sync": ("sync", "opt-in exchange of model updates with a federated server"),
-    "server": ("server", "run and administer the federated server"),
 }
 
 
@@ -59,21 +59,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    return run_parsed(args, f"dafne-slicer {args.command}")
+
+
+def run_parsed(args: argparse.Namespace, label: str) -> int:
+    """Run ``args.func(args)`` and turn what a user can fix into one sentence and exit status 2.
+
+    ``label`` names the command in the message (``dafne-slicer segment``); ``args.verbose`` re-raises
+    instead, so the traceback shows. Shared by ``dafne-slicer`` and ``dafne-server``.
+    """
     try:
         return int(args.func(args) or 0)
     except DafneError as exc:
         if args.verbose:
             raise
-        print(f"dafne-slicer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{label}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable output folder, full disk, missing file
         if args.verbose:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"dafne-slicer {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{label}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dafne-slicer {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"{label}: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dafne_logic.errors import DafneError
+from dafne_logic.core.errors import DafneError
 
 from . import dashboard
 from .config import ServerSettings

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from dafne_logic.atomic import atomic_write_bytes
+from dafne_logic.core.atomic import atomic_write_bytes
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -47,14 +47,14 @@ class ServerSettings:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ServerSettings":
+    def from_json(cls, text: str) -> ServerSettings:
         data = json.loads(text)
         data["validation_shape"] = tuple(data.get("validation_shape", cls.validation_shape))
         return cls(**data)
 
     @classmethod
-    def from_env(cls) -> "ServerSettings":
+    def from_env(cls) -> ServerSettings:
         text = os.environ.get(SETTINGS_ENV)
         if not text:
-            raise RuntimeError(f"{SETTINGS_ENV} is not set; start the server with `dafne-slicer server run`")
+            raise RuntimeError(f"{SETTINGS_ENV} is not set; start the server with `dafne-server run`")
         return cls.from_json(text)

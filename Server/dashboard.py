@@ -3,7 +3,7 @@
 Shows aggregates only (no user names): per family the versions with their validation Dice, the
 client-reported Dice over time (the automatic-vs-corrected Dice sites send with each update:
 the real-world statistic), contributions per week, and the learning curve fitted on the
-client-reported Dice (:mod:`dafne_logic.learning_curve`: each site a dataset, the parent version
+client-reported Dice (:mod:`dafne_logic.learning.learning_curve`: each site a dataset, the parent version
 of its update the model version, as in Dafne's own analysis).
 """
 
@@ -80,8 +80,8 @@ def client_dice_table(session, family: str):  # noqa: ANN001, ANN201 - a pandas 
 
 
 def _learning_curve_png(session, family: str) -> bytes:  # noqa: ANN001
-    from dafne_logic.errors import InputError
-    from dafne_logic.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
+    from dafne_logic.core.errors import InputError
+    from dafne_logic.learning.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
 
     try:
         data = prepare_learning_curve(client_dice_table(session, family))

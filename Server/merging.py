@@ -1,7 +1,7 @@
 """Merge rules: pure functions over weight deltas, apart from transport and storage.
 
 An *update* is one site's delta (``child - parent`` per floating tensor, see
-:mod:`dafne_logic.delta`) with its staleness ``τ`` (how many versions were published after its
+:mod:`dafne_logic.learning.delta`) with its staleness ``τ`` (how many versions were published after its
 parent) and the number of corrected slices it was trained on. The server feeds buffers of K
 updates to :func:`merge_updates` (FedBuff, Nguyen et al. 2022); K = 1 is FedAsync (Xie et al.
 2019), whose constant-mixing special case is the reference tool's rule.
@@ -22,8 +22,9 @@ or δ on any label against the active version on the validation cases.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -59,7 +60,7 @@ class MergeSettings:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "MergeSettings":
+    def from_json(cls, data: Mapping) -> MergeSettings:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 

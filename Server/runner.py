@@ -1,4 +1,4 @@
-"""Process layout of ``dafne-slicer server run``: uvicorn API workers plus one merge-worker process.
+"""Process layout of ``dafne-server run``: uvicorn API workers plus one merge-worker process.
 
 The merge worker is a separate process (``python -m dafne_server.worker``) so merging never
 competes with request handlers for the interpreter; it exits when this process goes away. More

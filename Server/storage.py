@@ -18,7 +18,7 @@ from alembic.config import Config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dafne_logic.model_package import Manifest, ModelPackage, list_models, parse_weights, weights_bytes
+from dafne_logic.inference.model_package import Manifest, ModelPackage, list_models, parse_weights, weights_bytes
 
 from .blobs import BlobStore
 from .config import ServerSettings

@@ -3,7 +3,7 @@
     with run_local_server(tmp_dir) as server:
         client = FederatedClient(ClientConfig(server.url, server.admin_token, opt_in=True))
 
-The server runs exactly as in production (``dafne-slicer server run`` in a subprocess with its
+The server runs exactly as in production (``dafne-server run`` in a subprocess with its
 merge worker) in its own process group, so :meth:`LocalServer.kill` can SIGKILL all of it.
 """
 
@@ -16,12 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import requests
 
-from dafne_logic.model_package import Manifest, ModelPackage
+from dafne_logic.inference.model_package import Manifest, ModelPackage
 
 from .auth import create_user
 from .config import ServerSettings
@@ -38,8 +38,8 @@ def tiny_package(region: str = "leg", seed: int = 0) -> ModelPackage:
     """A 2-level U-Net (4/8 channels) for the region's label table: fast enough for any test."""
     import torch
 
-    from dafne_logic.labels import BUILTIN_TABLES
-    from dafne_logic.networks import build_network, unet_architecture
+    from dafne_logic.core.labels import BUILTIN_TABLES
+    from dafne_logic.inference.networks import build_network, unet_architecture
 
     table = BUILTIN_TABLES[region]
     arch = unet_architecture(table.n_classes, {"channels": [4, 8], "strides": [2], "num_res_units": 0})
@@ -51,7 +51,7 @@ def tiny_package(region: str = "leg", seed: int = 0) -> ModelPackage:
 
 
 class LocalServer:
-    """``dafne-slicer server run`` on 127.0.0.1:<free port> over ``data_dir``."""
+    """``dafne-server run`` on 127.0.0.1:<free port> over ``data_dir``."""
 
     def __init__(self, data_dir: str | Path, *, database_url: str = "", validation: str = "phantom",
                  families: dict[str, ModelPackage] | None = None, merge: dict | None = None,
@@ -89,8 +89,8 @@ class LocalServer:
         finally:
             storage.dispose()
 
-    def start(self, timeout_s: float = 60.0) -> "LocalServer":
-        command = [sys.executable, "-m", "dafne_logic.cli", "server", "run", "--data-dir", str(self.data_dir),
+    def start(self, timeout_s: float = 60.0) -> LocalServer:
+        command = [sys.executable, "-m", "dafne_server.cli", "run", "--data-dir", str(self.data_dir),
                    "--port", str(self.port), *self.run_args]
         if self.database_url:
             command += ["--database-url", self.database_url]

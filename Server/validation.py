@@ -8,15 +8,15 @@ process, deterministic seeds), or a folder ``<dir>/<family>/<case>_image.<ext>``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from dafne_logic.errors import InputError
-from dafne_logic.model_package import ModelPackage
+from dafne_logic.core.errors import InputError
+from dafne_logic.inference.model_package import ModelPackage
 
 Segmenter = Callable[[sitk.Image, ModelPackage], sitk.Image]
 Scorer = Callable[[ModelPackage], dict[str, float]]
@@ -32,7 +32,7 @@ class Case:
 
 def phantom_cases(region: str, n: int, shape: tuple[int, int, int]) -> list[Case]:
     """``n`` phantoms of ``region`` with fixed seeds (the same cases in every process)."""
-    from dafne_logic.phantoms import make_phantom
+    from dafne_logic.phantoms.images import make_phantom
 
     cases = []
     for i in range(n):
@@ -43,7 +43,7 @@ def phantom_cases(region: str, n: int, shape: tuple[int, int, int]) -> list[Case
 
 def folder_cases(folder: str | Path) -> list[Case]:
     """Pairs ``<case>_image.*`` / ``<case>_labels.*`` in ``folder`` (images validated on reading)."""
-    from dafne_logic.io import read_image
+    from dafne_logic.core.io import read_image
 
     folder = Path(folder)
     cases = []
@@ -60,7 +60,7 @@ def folder_cases(folder: str | Path) -> list[Case]:
 
 def score_model(model: ModelPackage, cases: Sequence[Case], segment: Segmenter) -> dict[str, float]:
     """Mean Dice per volume label over ``cases`` (labels absent from every case: NaN)."""
-    from dafne_logic.evaluation import dice_per_label
+    from dafne_logic.learning.evaluation import dice_per_label
 
     per_case = [dice_per_label(segment(case.image, model), case.labels, model.labels) for case in cases]
     names = list(per_case[0]) if per_case else []
@@ -72,9 +72,9 @@ def score_model(model: ModelPackage, cases: Sequence[Case], segment: Segmenter) 
 
 
 def make_scorer(cases: Sequence[Case], segment: Segmenter | None = None) -> Scorer:
-    """A scorer over fixed cases; ``segment`` defaults to :func:`dafne_logic.inference.segment_volume` on CPU."""
+    """A scorer over fixed cases; ``segment`` defaults to :func:`dafne_logic.inference.segment.segment_volume` on CPU."""
     if segment is None:
-        from dafne_logic.inference import segment_volume
+        from dafne_logic.inference.segment import segment_volume
 
         def segment(image: sitk.Image, model: ModelPackage) -> sitk.Image:
             return segment_volume(image, model, device="cpu")

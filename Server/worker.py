@@ -24,14 +24,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from sqlalchemy import func, or_, select, update
 
-from dafne_logic.delta import decode_delta
-from dafne_logic.errors import DafneError
-from dafne_logic.model_package import Manifest, ModelPackage
+from dafne_logic.core.errors import DafneError
+from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.learning.delta import decode_delta
 
 from .config import ServerSettings
 from .db import Family, MergeLease, MergeRun, UpdateRow, Version, audit, now

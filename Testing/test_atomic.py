@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dafne_logic.atomic import atomic_directory, atomic_path, atomic_write_text
+from dafne_logic.core.atomic import atomic_directory, atomic_path, atomic_write_text
 
 
 def test_output_gets_umask_permissions_not_mkstemp_ones(tmp_path: Path):

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from dafne_logic.phantoms import make_phantom
+from dafne_logic.phantoms.images import make_phantom
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ import zlib
 
 import pytest
 import torch
-
-from dafne_logic.delta import apply_delta, decode_delta, delta_norm, encode_delta, make_delta
-from dafne_logic.errors import ModelError
 from test_model_package import tiny_package
+
+from dafne_logic.core.errors import ModelError
+from dafne_logic.learning.delta import apply_delta, decode_delta, delta_norm, encode_delta, make_delta
 
 
 def _child(parent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dafne_logic.errors import InputError
-from dafne_logic.evaluation import dice_per_label, mean_dice
-from dafne_logic.labels import LEG
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import LEG
+from dafne_logic.learning.evaluation import dice_per_label, mean_dice
 
 
 def test_dice_values_by_name_and_nan_when_absent():

@@ -15,14 +15,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dafne_logic.delta import DeltaMetadata, apply_delta, decode_delta
-from dafne_logic.errors import Cancelled, InputError
-from dafne_logic.finetune import (DELTA_METADATA_NAME, DELTA_NAME, FinetuneConfig, TrainingSlices, augment,
-                                  finetune_on_corrections)
-from dafne_logic.labels import LEG, LabelTable
-from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams
-from dafne_logic.networks import build_network, unet_architecture
-from dafne_logic.slice_selection import min_muscles_required, parse_slice_list, select_slices
+from dafne_logic.core.errors import Cancelled, InputError
+from dafne_logic.core.labels import LEG, LabelTable
+from dafne_logic.core.preprocessing import PreprocessingParams
+from dafne_logic.core.slice_selection import min_muscles_required, parse_slice_list, select_slices
+from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.networks import build_network, unet_architecture
+from dafne_logic.learning.delta import DeltaMetadata, apply_delta, decode_delta
+from dafne_logic.learning.finetune import DELTA_METADATA_NAME, DELTA_NAME, FinetuneConfig, TrainingSlices, augment, finetune_on_corrections
 
 FAST = FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=10)
 
@@ -129,8 +129,8 @@ def test_finetune_learns_and_saves_lineage_and_delta(tmp_path):
     assert meta == DeltaMetadata(**meta).to_json() and meta["family"] == "leg"
 
     # the saved child predicts the training slices better than the parent, via the full pipeline
-    from dafne_logic.evaluation import dice_per_label, mean_dice
-    from dafne_logic.inference import segment_volume
+    from dafne_logic.inference.segment import segment_volume
+    from dafne_logic.learning.evaluation import dice_per_label, mean_dice
 
     dice_parent = mean_dice(dice_per_label(segment_volume(image, parent, device="cpu"), labels, LEG))
     dice_child = mean_dice(dice_per_label(segment_volume(image, child, device="cpu"), labels, LEG))
@@ -290,7 +290,7 @@ def test_fine_tuning_again_locally_gives_a_delta_against_the_server_version(tmp_
     that version's agreement Dice, so it can be pushed; without that version it stays local."""
     import shutil
 
-    from dafne_logic.paths import user_models_dir
+    from dafne_logic.core.paths import user_models_dir
 
     server = saved_tiny_model(user_models_dir() / "leg-v1")
     first = finetune_on_corrections(server, *two_legs(seed=1), config=FAST).save(tmp_path / "first")

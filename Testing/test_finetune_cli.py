@@ -6,12 +6,12 @@ import csv
 import json
 
 import SimpleITK as sitk
+from test_finetune import folder_digest, tiny_model, two_legs
 
 from dafne_logic.cli import main
-from dafne_logic.io import write_labels
-from dafne_logic.labels import LEG
-from dafne_logic.model_package import ModelPackage
-from test_finetune import folder_digest, tiny_model, two_legs
+from dafne_logic.core.io import write_labels
+from dafne_logic.core.labels import LEG
+from dafne_logic.inference.model_package import ModelPackage
 
 
 def write_case(folder, name, seed, n_slices=4, fmt=".seg.nrrd"):

@@ -10,10 +10,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dafne_logic.errors import InputError
-from dafne_logic.harmonisation import (BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE, GroupRegistry, PartialLabelLoss,
-                                       find_label_maps, load_label_map, subject_id)
-from dafne_logic.labels import LEG, THIGH
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import LEG, THIGH
+from dafne_logic.training.harmonisation import (
+    BONE,
+    HOLE,
+    HOLE_LARGEST,
+    MUSCLE_BASE,
+    GroupRegistry,
+    PartialLabelLoss,
+    find_label_maps,
+    load_label_map,
+    subject_id,
+)
 
 CANVAS = (64, 64)
 
@@ -110,7 +119,7 @@ def test_musclemap_coarse_groups_bones_and_other_muscles(tmp_path: Path):
     right = next(s for s in slices if s.side == "right")
     codes = set(np.unique(right.target).tolist())
     assert {LEG.muscle_index("soleus"), LEG.n_classes + registry.groups.index(gastrocnemius)} <= codes
-    assert BONE in right.tissue and int(7) in right.tissue  # tibia and an unlabelled muscle
+    assert BONE in right.tissue and 7 in right.tissue  # tibia and an unlabelled muscle
     assert set(np.unique(right.target[right.tissue == BONE])) == {0}
     assert {s.side for s in slices} == {"right", "left"}
 

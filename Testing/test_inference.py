@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from dafne_logic.errors import Cancelled
-from dafne_logic.evaluation import dice_per_label, mean_dice
-from dafne_logic.inference import segment_volume
-from dafne_logic.labels import LEG, THIGH
-from dafne_logic.model_package import load_model
-from dafne_logic.phantoms import make_phantom
 from test_model_package import tiny_package
+
+from dafne_logic.core.errors import Cancelled
+from dafne_logic.core.labels import LEG, THIGH
+from dafne_logic.inference.model_package import load_model
+from dafne_logic.inference.segment import segment_volume
+from dafne_logic.learning.evaluation import dice_per_label, mean_dice
+from dafne_logic.phantoms.images import make_phantom
 
 # Phantom seeds ≥ 9000 are never used for training (training uses 1000+, validation 5000+).
 UNSEEN_SEED = 9001

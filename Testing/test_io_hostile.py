@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
-from dafne_logic import io as dio
-from dafne_logic.errors import InputError
-from dafne_logic.io import read_segmentation, write_labels
-from dafne_logic.labels import LEG, THIGH
 from test_io_support import make_image, make_labels
+
+from dafne_logic.core import io as dio
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import read_segmentation, write_labels
+from dafne_logic.core.labels import LEG, THIGH
 
 HUGE = 10**13  # a lookup array this long needs 20 TB
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from dafne_logic.errors import InputError
-from dafne_logic.io import list_dicom_series, read_image, validate_image
 from test_io_support import assert_same_geometry, make_image, oblique_direction
+
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import list_dicom_series, read_image, validate_image
 
 SERIES_A = "1.2.826.0.1.3680043.2.1125.7001"
 SERIES_B = "1.2.826.0.1.3680043.2.1125.7002"

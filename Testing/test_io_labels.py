@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
-from dafne_logic import io as dio
-from dafne_logic.errors import InputError
-from dafne_logic.io import match_label_name, read_segmentation, write_labels
-from dafne_logic.labels import LEG, THIGH
 from test_io_support import assert_same_geometry, make_image, make_labels
+
+from dafne_logic.core import io as dio
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import match_label_name, read_segmentation, write_labels
+from dafne_logic.core.labels import LEG, THIGH
 
 ABSENT = (5, 17)  # right sartorius and left gracilis own no voxel
 
@@ -262,6 +262,6 @@ def test_unreadable_segmentation_is_an_input_error(tmp_path, content, expected):
 ])
 def test_split_side_finds_the_side_word_first_or_last(name, expected):
     """One parser of side words serves segment-name matching and training label tables."""
-    from dafne_logic.io import split_side
+    from dafne_logic.core.io import split_side
 
     assert split_side(name) == expected

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from dafne_logic.labels import LabelTable
+from dafne_logic.core.labels import LabelTable
 
 
 def oblique_direction(angle: float = 0.3) -> tuple[float, ...]:

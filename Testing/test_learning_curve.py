@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dafne_logic.errors import InputError
-from dafne_logic.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve, read_dice_csv
+from dafne_logic.core.errors import InputError
+from dafne_logic.learning.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve, read_dice_csv
 
 
 def synthetic_dice(slope: float, n_datasets: int = 12, n_versions: int = 8, noise: float = 0.01,

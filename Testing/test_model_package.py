@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dafne_logic.errors import ModelError
-from dafne_logic.labels import LEG, THIGH, LabelTable
-from dafne_logic.model_package import (
+from dafne_logic.core.errors import ModelError
+from dafne_logic.core.labels import LEG, THIGH, LabelTable
+from dafne_logic.inference.model_package import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
     Manifest,
@@ -20,7 +20,7 @@ from dafne_logic.model_package import (
     load_model,
     resolve_model_path,
 )
-from dafne_logic.networks import build_network, unet_architecture
+from dafne_logic.inference.networks import build_network, unet_architecture
 
 TINY = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
 
@@ -115,7 +115,7 @@ def test_bad_manifest_is_refused(tmp_path: Path, edit, message):
 
 def test_failed_save_leaves_previous_package_intact(tmp_path: Path, monkeypatch):
     tiny_package(version="1").save(tmp_path / "m")
-    import dafne_logic.model_package as mp
+    import dafne_logic.inference.model_package as mp
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -128,7 +128,7 @@ def test_failed_save_leaves_previous_package_intact(tmp_path: Path, monkeypatch)
 
 
 def test_registry_finds_user_models_and_rejects_unknown_names(tmp_path: Path):
-    from dafne_logic.model_package import user_models_dir
+    from dafne_logic.core.paths import user_models_dir
 
     tiny_package(version="3.local-abc").save(user_models_dir() / "my-calf")
     names = {e.name: e for e in list_models()}
@@ -183,7 +183,7 @@ def test_save_failing_inside_the_folder_leaves_previous_package_intact(tmp_path:
 
 
 def test_names_resolve_in_the_registry_first_and_user_models_shadow_bundled(tmp_path: Path, monkeypatch):
-    from dafne_logic.model_package import user_models_dir
+    from dafne_logic.core.paths import user_models_dir
 
     monkeypatch.chdir(tmp_path)
     tiny_package(version="local-folder").save(tmp_path / "leg")  # ./leg must not hijack the name "leg"

@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from dafne_logic.errors import InputError
-from dafne_logic.labels import BUILTIN_TABLES
-from dafne_logic.phantom_anatomy import Tissue, phantom_tissue_map
-from dafne_logic.phantoms import CONTRASTS, INTENSITIES, make_phantom, render_contrast
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import BUILTIN_TABLES
+from dafne_logic.phantoms.anatomy import Tissue, phantom_tissue_map
+from dafne_logic.phantoms.images import CONTRASTS, INTENSITIES, make_phantom, render_contrast
 
 SHAPE = (7, 224, 224)  # small and fast; the field of view adapts to the body
 

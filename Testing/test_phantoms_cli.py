@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from dafne_logic.cli import main
-from dafne_logic.io import read_segmentation
-from dafne_logic.labels import BUILTIN_TABLES
-from dafne_logic.phantoms import make_phantom
+from dafne_logic.core.io import read_segmentation
+from dafne_logic.core.labels import BUILTIN_TABLES
+from dafne_logic.phantoms.images import make_phantom
 
 
 def test_writes_image_labels_and_table(tmp_path, capsys):

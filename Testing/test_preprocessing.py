@@ -13,13 +13,13 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from dafne_logic import preprocessing
-from dafne_logic.errors import InputError
-from dafne_logic.labels import Code, LabelTable, Muscle
-from dafne_logic.model_package import PreprocessingParams
-from dafne_logic.preprocessing import (
+from dafne_logic.core import preprocessing
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import Code, LabelTable, Muscle
+from dafne_logic.core.preprocessing import (
     NORMALISED_RANGE,
     LabelAssembler,
+    PreprocessingParams,
     labels_to_onehot,
     prepare_volume,
     restore_labels,

@@ -9,11 +9,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from dafne_logic.io import read_image, read_segmentation
-from dafne_logic.labels import BUILTIN_TABLES, LEG
-from dafne_logic.model_package import PreprocessingParams
-from dafne_logic.phantoms import make_phantom
-from dafne_logic.preprocessing import labels_to_onehot, prepare_volume, restore_labels
+from dafne_logic.core.io import read_image, read_segmentation
+from dafne_logic.core.labels import BUILTIN_TABLES, LEG
+from dafne_logic.core.preprocessing import PreprocessingParams, labels_to_onehot, prepare_volume, restore_labels
+from dafne_logic.phantoms.images import make_phantom
 
 PARAMS = PreprocessingParams()
 

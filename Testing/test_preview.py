@@ -9,9 +9,9 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from dafne_logic.labels import LEG
-from dafne_logic.phantoms import make_phantom
-from dafne_logic.preview import render_preview
+from dafne_logic.core.labels import LEG
+from dafne_logic.core.preview import render_preview
+from dafne_logic.phantoms.images import make_phantom
 
 
 def test_preview_is_a_png_with_right_leg_colours_on_the_left_and_keeps_the_backend():

@@ -63,7 +63,7 @@ def test_process_job_cancelled_after_the_worker_reported_its_result_reports_the_
 WORKER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from dafne_logic.atomic import atomic_directory
+from dafne_logic.core.atomic import atomic_directory
 from DafneSlicerLib import worker
 
 def run_request(request, progress, cancel, *args, **kwargs):

@@ -20,6 +20,10 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DafneSlicer"))
 
+from packaging.requirements import Requirement  # noqa: E402
+
+from dafne_logic.core.errors import Cancelled, InputError, ModelError  # noqa: E402
+from dafne_logic.core.labels import LEG  # noqa: E402
 from DafneSlicerLib.controller import DafneController  # noqa: E402
 from DafneSlicerLib.install_logic import NEVER_INSTALL, DependencyError, InstallLogic, is_satisfied, read_requirements  # noqa: E402
 from DafneSlicerLib.jobs import BackgroundJob  # noqa: E402
@@ -28,10 +32,6 @@ from DafneSlicerLib.review import ReviewTracker, format_slices  # noqa: E402
 from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
 from DafneSlicerLib.sync_logic import WHAT_IS_SENT, ShareError, SyncLogic  # noqa: E402
 from DafneSlicerLib.worker import run_request  # noqa: E402
-from packaging.requirements import Requirement  # noqa: E402
-
-from dafne_logic.errors import Cancelled, InputError, ModelError  # noqa: E402
-from dafne_logic.labels import LEG  # noqa: E402
 
 SHAPE = (5, 12, 16)
 
@@ -471,7 +471,7 @@ def test_contribute_needs_an_improvement_and_opt_in():
 
 
 class FakeClient:
-    """The federated client's interface (dafne_logic.federated_client.FederatedClient) without HTTP."""
+    """The federated client's interface (dafne_logic.learning.federated_client.FederatedClient) without HTTP."""
 
     pushed: list = []
 
@@ -479,7 +479,7 @@ class FakeClient:
         self.config = config
 
     def pull(self, family):
-        from dafne_logic.model_package import user_models_dir
+        from dafne_logic.core.paths import user_models_dir
 
         folder = user_models_dir() / f"{family}-v2"
         folder.mkdir(parents=True, exist_ok=True)
@@ -491,9 +491,9 @@ class FakeClient:
 
 
 def test_pull_and_push_go_through_the_client_once_opted_in(monkeypatch):
-    import dafne_logic.federated_client
+    import dafne_logic.learning.federated_client
 
-    monkeypatch.setattr(dafne_logic.federated_client, "FederatedClient", FakeClient)
+    monkeypatch.setattr(dafne_logic.learning.federated_client, "FederatedClient", FakeClient)
     controller, parts, _ = _segmented()
     controller.sync.save(True, "https://dafne.example.org/", " secret ")
     controller.check_for_updates()

@@ -21,12 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DafneSlicer"))
 
 from test_slicer_module_controller import (  # noqa: E402
-    FakeInstall, FakeLearning, FakeScene, FakeSegmentation, _volume,
+    FakeInstall,
+    FakeLearning,
+    FakeScene,
+    FakeSegmentation,
+    _volume,
 )
 
+from dafne_logic.core.labels import LEG  # noqa: E402
 from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
-
-from dafne_logic.labels import LEG  # noqa: E402
 
 UI_FILE = Path(__file__).resolve().parents[1] / "DafneSlicer" / "Resources" / "UI" / "DafneSlicer.ui"
 

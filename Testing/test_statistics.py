@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_io_support import make_image
 
 from dafne_logic.cli import main
-from dafne_logic.errors import InputError
-from dafne_logic.io import read_segmentation, write_labels
-from dafne_logic.labels import LEG
-from dafne_logic.statistics import STAT_FIELDS, muscle_statistics, write_statistics_csv
-from test_io_support import make_image
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import read_segmentation, write_labels
+from dafne_logic.core.labels import LEG
+from dafne_logic.core.statistics import STAT_FIELDS, muscle_statistics, write_statistics_csv
 
 SPACING = (0.5, 0.75, 4.0)  # anisotropic: one voxel is 1.5 mm³
 RIGHT_SOLEUS, RIGHT_GM, LEFT_SOLEUS = 1, 2, 7
@@ -114,7 +114,7 @@ def test_csv_keeps_columns_a_caller_adds_first(tmp_path):
 
 
 def test_failed_csv_write_leaves_no_file(tmp_path, monkeypatch):
-    import dafne_logic.statistics as statistics
+    import dafne_logic.core.statistics as statistics
 
     def broken(rows):
         raise RuntimeError("formatting failed")

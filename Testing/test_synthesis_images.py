@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from dafne_logic.harmonisation import HOLE_LARGEST, MUSCLE_BASE, LegSlice, PartialLabelLoss
-from dafne_logic.labels import LEG
-from dafne_logic.model_package import Manifest
-from dafne_logic.networks import unet_architecture
-from dafne_logic.phantom_anatomy import Tissue
-from dafne_logic.preprocessing import NORMALISED_RANGE
-from dafne_logic.synthesis import (AnatomyBank, SliceSampler, SynthesisConfig, SynthesisSampler, dice_by_class,
-                                   gaussian_blur, synthesise, synthetic_validation)
-from dafne_logic.training import TrainConfig, train_model
+from dafne_logic.core.labels import LEG
+from dafne_logic.core.preprocessing import NORMALISED_RANGE
+from dafne_logic.inference.model_package import Manifest
+from dafne_logic.inference.networks import unet_architecture
+from dafne_logic.training.harmonisation import HOLE_LARGEST, MUSCLE_BASE, LegSlice, PartialLabelLoss
+from dafne_logic.training.synthesis import (
+    AnatomyBank,
+    SliceSampler,
+    SynthesisConfig,
+    SynthesisSampler,
+    dice_by_class,
+    gaussian_blur,
+    synthesise,
+    synthetic_validation,
+)
+from dafne_logic.training.trainer import TrainConfig, train_model
 
 QUIET = SynthesisConfig(size=(48, 48), rotation_deg=0, scale=(1, 1), shear=0, shift=0, elastic_px=0, bias=0,
                         blur_px=0, p_low_resolution=0, noise=(0, 0), gamma_log_sd=0, p_infiltration=0,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import SimpleITK as sitk
+import torch
 
 from dafne_logic.cli import main
-from dafne_logic.model_package import ModelPackage
+from dafne_logic.inference.model_package import ModelPackage
 
 FAST = ["--steps", "4", "--batch-size", "2", "--size", "64", "--checkpoint-every", "2", "--val-every", "2",
         "--no-progress"]
@@ -119,9 +119,9 @@ def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str
 
 def test_train_on_real_pairs(tmp_path: Path):
     """The generic path: a phantom volume with its label map as a real pair, any label table file."""
-    from dafne_logic.io import write_labels
-    from dafne_logic.labels import LEG
-    from dafne_logic.phantoms import make_phantom
+    from dafne_logic.core.io import write_labels
+    from dafne_logic.core.labels import LEG
+    from dafne_logic.phantoms.images import make_phantom
 
     pairs = tmp_path / "pairs"
     pairs.mkdir()
@@ -140,7 +140,7 @@ def test_train_on_real_pairs(tmp_path: Path):
 def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path, capsys):
     """``--init``: training continues from a package's weights (a tiny learning rate barely moves
     them, a random start is far away); a package of other anatomy is refused before training."""
-    from dafne_logic.model_package import load_model
+    from dafne_logic.inference.model_package import load_model
 
     parent = load_model("leg")
     base = ["train", "--region", "leg", "--phantoms", "1", "--steps", "1", "--batch-size", "2", "--size", "64",

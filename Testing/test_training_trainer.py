@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dafne_logic.errors import Cancelled, InputError
-from dafne_logic.labels import LabelTable, Muscle, Code
-from dafne_logic.model_package import Manifest, ModelPackage
-from dafne_logic.networks import unet_architecture
-from dafne_logic.training import TrainConfig, learning_rate, train_model
+from dafne_logic.core.errors import Cancelled, InputError
+from dafne_logic.core.labels import Code, LabelTable, Muscle
+from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.networks import unet_architecture
+from dafne_logic.training.trainer import TrainConfig, learning_rate, train_model
 
 TABLE = LabelTable("toy", (Muscle("disc", (255, 0, 0), Code("SCT", "1", "disc")),
                            Muscle("square", (0, 255, 0), Code("SCT", "2", "square"))))

@@ -26,10 +26,10 @@ import torch
 
 
 def parent_model(name: str):
-    from dafne_logic.errors import ModelError
-    from dafne_logic.labels import THIGH
-    from dafne_logic.model_package import Manifest, ModelPackage, load_model
-    from dafne_logic.networks import build_network, unet_architecture
+    from dafne_logic.core.errors import ModelError
+    from dafne_logic.core.labels import THIGH
+    from dafne_logic.inference.model_package import Manifest, ModelPackage, load_model
+    from dafne_logic.inference.networks import build_network, unet_architecture
 
     try:
         return load_model(name), f"{name} (bundled/registry)"
@@ -42,8 +42,8 @@ def parent_model(name: str):
 
 def time_reference(data, n_classes: int, seed: int = 0) -> tuple[float, int]:
     """Seconds for Dafne's recipe on the same leg-slices, and its parameter count."""
-    from dafne_logic.networks import DAFNE_REFERENCE_UNET_KWARGS, build_network, count_parameters, unet_architecture
-    from dafne_logic.training import default_loss
+    from dafne_logic.inference.networks import DAFNE_REFERENCE_UNET_KWARGS, build_network, count_parameters, unet_architecture
+    from dafne_logic.training.trainer import default_loss
 
     torch.manual_seed(seed)
     net = build_network(unet_architecture(n_classes, DAFNE_REFERENCE_UNET_KWARGS)).train()
@@ -71,10 +71,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from dafne_logic.finetune import collect_training_slices, finetune_on_corrections
-    from dafne_logic.networks import count_parameters
-    from dafne_logic.phantoms import make_phantom
-    from dafne_logic.preprocessing import prepare_volume
+    from dafne_logic.core.preprocessing import prepare_volume
+    from dafne_logic.inference.networks import count_parameters
+    from dafne_logic.learning.finetune import collect_training_slices, finetune_on_corrections
+    from dafne_logic.phantoms.images import make_phantom
 
     model, source = parent_model(args.model)
     image, labels = make_phantom("thigh", shape=(40, 432, 432), contrast=args.contrast, seed=321)
@@ -119,7 +119,7 @@ def main() -> int:
     if not (math.isnan(before) or math.isnan(after)):
         print(f"mean Dice on the corrected slices: {before:.3f} before, {after:.3f} after")
     if args.json:
-        from dafne_logic.atomic import atomic_write_text
+        from dafne_logic.core.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
     return 0

@@ -19,9 +19,9 @@ import torch
 CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
-from dafne_logic.model_package import load_model
-from dafne_logic.phantoms import make_phantom
-from dafne_logic.inference import segment_volume
+from dafne_logic.inference.model_package import load_model
+from dafne_logic.phantoms.images import make_phantom
+from dafne_logic.inference.segment import segment_volume
 image, _ = make_phantom("thigh", shape=(40, 432, 432), seed=123)
 model = load_model("thigh")
 segment_volume(image, model, device=sys.argv[2])
@@ -32,11 +32,11 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 def compare(threads: int, device: str, repeats: int = 3) -> dict[str, float]:
     """Best-of-``repeats`` seconds of the whole path and of the reference network, interleaved so
     that both see the same load on a shared machine."""
-    from dafne_logic.inference import predict_slices, segment_volume
-    from dafne_logic.model_package import load_model
-    from dafne_logic.networks import DAFNE_REFERENCE_UNET_KWARGS, build_network, count_parameters, unet_architecture
-    from dafne_logic.phantoms import make_phantom
-    from dafne_logic.preprocessing import prepare_volume
+    from dafne_logic.core.preprocessing import prepare_volume
+    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.inference.networks import DAFNE_REFERENCE_UNET_KWARGS, build_network, count_parameters, unet_architecture
+    from dafne_logic.inference.segment import predict_slices, segment_volume
+    from dafne_logic.phantoms.images import make_phantom
 
     torch.set_num_threads(threads)
     dev = torch.device(device)

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from dafne_logic.client_config import ClientConfig
-from dafne_logic.delta import DeltaMetadata, encode_delta, make_delta
-from dafne_logic.federated_client import FederatedClient
-from dafne_logic.labels import BUILTIN_TABLES
-from dafne_logic.model_package import Manifest, ModelPackage, list_models, weights_bytes
-from dafne_logic.networks import DEFAULT_UNET_KWARGS, build_network, unet_architecture
+from dafne_logic.core.client_config import ClientConfig
+from dafne_logic.core.labels import BUILTIN_TABLES
+from dafne_logic.inference.model_package import Manifest, ModelPackage, list_models, weights_bytes
+from dafne_logic.inference.networks import DEFAULT_UNET_KWARGS, build_network, unet_architecture
+from dafne_logic.learning.delta import DeltaMetadata, encode_delta, make_delta
+from dafne_logic.learning.federated_client import FederatedClient
 from dafne_server.db import MergeRun
 from dafne_server.storage import Storage
 from dafne_server.testing import LocalServer, tiny_package

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dafne_logic.evaluation import dice_per_label, mean_dice
-from dafne_logic.harmonisation import GroupRegistry, find_label_maps, load_label_map, subject_id
-from dafne_logic.inference import segment_volume
-from dafne_logic.io import read_image, read_segmentation
-from dafne_logic.labels import LEG, THIGH
-from dafne_logic.model_package import ModelPackage
-from dafne_logic.phantoms import make_phantom
-from dafne_logic.synthesis import REGIMES, AnatomyBank, SynthesisConfig, SynthesisSampler, dice_by_class
+from dafne_logic.core.io import read_image, read_segmentation
+from dafne_logic.core.labels import LEG, THIGH
+from dafne_logic.inference.model_package import ModelPackage
+from dafne_logic.inference.segment import segment_volume
+from dafne_logic.learning.evaluation import dice_per_label, mean_dice
+from dafne_logic.phantoms.images import make_phantom
+from dafne_logic.training.harmonisation import GroupRegistry, find_label_maps, load_label_map, subject_id
+from dafne_logic.training.synthesis import REGIMES, AnatomyBank, SynthesisConfig, SynthesisSampler, dice_by_class
 
 EVAL_SEED = 20261127  # never used in training (training seeds are 0.. and phantom seeds 1000..)
 PHANTOM_SEEDS = (777001, 777002)

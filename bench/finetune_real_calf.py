@@ -22,12 +22,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dafne_logic.evaluation import dice_per_label, mean_dice
-from dafne_logic.finetune import finetune_on_corrections
-from dafne_logic.inference import segment_volume
-from dafne_logic.io import read_image, read_segmentation
-from dafne_logic.labels import LabelTable
-from dafne_logic.model_package import ModelPackage, load_model
+from dafne_logic.core.io import read_image, read_segmentation
+from dafne_logic.core.labels import LabelTable
+from dafne_logic.inference.model_package import ModelPackage, load_model
+from dafne_logic.inference.segment import segment_volume
+from dafne_logic.learning.evaluation import dice_per_label, mean_dice
+from dafne_logic.learning.finetune import finetune_on_corrections
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "calf_slices"
 
@@ -99,7 +99,7 @@ def main() -> int:
             new = results["after"][args.seeds[0]][key]["per_label"][label]
             print(f"  {key:<14} {label:<{key_width}} {value:.3f} -> {new:.3f}")
     if args.json:
-        from dafne_logic.atomic import atomic_write_text
+        from dafne_logic.core.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=2, default=float) + "\n")
     return 0

@@ -4,10 +4,10 @@ A stream of cases from a **shifted domain** (phantoms with heavy fat infiltratio
 phantom-trained base models saw in training, optionally in a contrast they never saw) is
 fine-tuned on in turn, as a user correcting one case after another would: generation k is
 generation k-1 fine-tuned on stream case k (every slice of it "corrected": the phantom truth),
-with the default :class:`~dafne_logic.finetune.FinetuneConfig`. Every generation is scored on
+with the default :class:`~dafne_logic.learning.finetune.FinetuneConfig`. Every generation is scored on
 held-out cases of the shifted domain and of the **original** domain (the contrasts and fat levels
 of the base model's training), Dice per volume label on the network's leg crops. The mixed model
-of :mod:`dafne_logic.learning_curve` then gives the slope per generation.
+of :mod:`dafne_logic.learning.learning_curve` then gives the slope per generation.
 
 Targets (issue 4): shifted-domain slope >= 0.009 Dice per generation with p < 0.001; original
 domain loses <= 0.01 mean Dice between generation 0 and the last.
@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dafne_logic.atomic import atomic_write_text
-from dafne_logic.evaluation import mean_dice, write_dice_csv
-from dafne_logic.finetune import (TrainingSlices, agreement_dice, collect_training_slices,
-                                  finetune_on_corrections, predict_classes)
-from dafne_logic.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
-from dafne_logic.model_package import ModelPackage, load_model
-from dafne_logic.phantoms import CONTRASTS, INTENSITIES, Tissue, phantom_tissue_map, render_contrast, to_image
-from dafne_logic.preprocessing import prepare_volume
+from dafne_logic.core.atomic import atomic_write_text
+from dafne_logic.core.preprocessing import prepare_volume
+from dafne_logic.inference.model_package import ModelPackage, load_model
+from dafne_logic.learning.evaluation import mean_dice, write_dice_csv
+from dafne_logic.learning.finetune import TrainingSlices, agreement_dice, collect_training_slices, finetune_on_corrections, predict_classes
+from dafne_logic.learning.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
+from dafne_logic.phantoms.images import CONTRASTS, INTENSITIES, Tissue, phantom_tissue_map, render_contrast, to_image
 
 log = logging.getLogger("study")
 

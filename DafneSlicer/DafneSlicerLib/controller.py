@@ -12,15 +12,16 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import SimpleITK as sitk
 
-from dafne_logic.errors import DafneError, InputError
-from dafne_logic.labels import LabelTable
+from dafne_logic.core.errors import DafneError, InputError
+from dafne_logic.core.labels import LabelTable
 
 from . import worker
 from .install_logic import InstallLogic
@@ -84,7 +85,7 @@ class DafneController:
     def __init__(self, view: View, scene: SceneAdapter, install: InstallLogic, segmentation: SegmentationLogic,
                  sync: SyncLogic, finetune_config: dict[str, Any] | None = None,
                  start_job: Callable[[str, dict[str, Any]], Job] | None = None):
-        """``finetune_config``: fields of ``dafne_logic.finetune.FinetuneConfig`` to override (None: its
+        """``finetune_config``: fields of ``dafne_logic.learning.finetune.FinetuneConfig`` to override (None: its
         defaults). ``start_job(task, request)`` starts a :mod:`.worker` request; by default in a
         worker process."""
         self.view = view
@@ -302,7 +303,7 @@ class DafneController:
 
     def mark_slices(self, text: str, reviewed: bool = True) -> None:
         def action():
-            from dafne_logic.slice_selection import parse_slice_list
+            from dafne_logic.core.slice_selection import parse_slice_list
 
             case = self._require_case()
             slices = parse_slice_list(text)
@@ -356,7 +357,7 @@ class DafneController:
 
     def statistics(self) -> None:
         def action():
-            from dafne_logic.statistics import muscle_statistics
+            from dafne_logic.core.statistics import muscle_statistics
 
             case = self._require_case()
             corrected, _ = self._corrected(case)
@@ -368,7 +369,7 @@ class DafneController:
 
     def export_statistics(self, path: str) -> None:
         def action():
-            from dafne_logic.statistics import write_statistics_csv
+            from dafne_logic.core.statistics import write_statistics_csv
 
             case = self._require_case()
             if not case.statistics:

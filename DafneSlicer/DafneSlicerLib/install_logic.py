@@ -9,14 +9,15 @@ requests are never installed or replaced. Nothing is installed at import time.
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
-from dafne_logic.errors import DafneError
+from dafne_logic.core.errors import DafneError
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 TORCH_REQUIREMENT = ">=2.4"  # Linux Slicer can install at most torch 2.6 (see DESIGN.md §4)

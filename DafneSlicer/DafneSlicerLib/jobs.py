@@ -17,11 +17,12 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from dafne_logic.errors import Cancelled, DafneError
+from dafne_logic.core.errors import Cancelled, DafneError
 
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds DafneSlicerLib/ (and dafne_logic/ when installed)
 
@@ -54,7 +55,7 @@ class BackgroundJob:
         self._status = JobStatus(0.0, f"{name}: starting", done=False)
         self._thread = threading.Thread(target=self._run, name=f"dafne-{name}", daemon=True)
 
-    def start(self) -> "BackgroundJob":
+    def start(self) -> BackgroundJob:
         self._thread.start()
         return self
 
@@ -120,7 +121,7 @@ class ProcessJob:
         self._cancelled = False
         self._process: subprocess.Popen | None = None
 
-    def start(self) -> "ProcessJob":
+    def start(self) -> ProcessJob:
         request_path = self._work_dir / "request.json"
         request_path.write_text(json.dumps(self._request), encoding="utf-8")
         env = dict(os.environ)

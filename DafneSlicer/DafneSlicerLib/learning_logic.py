@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
-    from dafne_logic.finetune import FinetuneConfig, FinetuneResult
-    from dafne_logic.model_package import ModelPackage
+    from dafne_logic.inference.model_package import ModelPackage
+    from dafne_logic.learning.finetune import FinetuneConfig, FinetuneResult
 
 
 @dataclass(frozen=True)
@@ -31,23 +31,23 @@ class Improvement:
 
 
 class LearningLogic:
-    """Runs ``dafne_logic.finetune`` (on whatever thread calls it) and saves the result."""
+    """Runs ``dafne_logic.learning.finetune`` (on whatever thread calls it) and saves the result."""
 
-    def __init__(self, config: "FinetuneConfig | None" = None):
+    def __init__(self, config: FinetuneConfig | None = None):
         self.config = config  # None: dafne_logic's defaults
 
-    def finetune(self, model: "ModelPackage", image: sitk.Image, corrected: sitk.Image, slices: list[int],
-                 progress: ProgressCallback, cancel: CancelCheck, config: "FinetuneConfig | None" = None,
-                 ) -> "FinetuneResult":
+    def finetune(self, model: ModelPackage, image: sitk.Image, corrected: sitk.Image, slices: list[int],
+                 progress: ProgressCallback, cancel: CancelCheck, config: FinetuneConfig | None = None,
+                 ) -> FinetuneResult:
         """Child of ``model`` trained on the k-slices ``slices`` of ``corrected`` (volume labels on ``image``)."""
-        from dafne_logic.finetune import finetune_on_corrections
+        from dafne_logic.learning.finetune import finetune_on_corrections
 
         return finetune_on_corrections(model, image, corrected, slices=slices, progress=progress, cancel=cancel,
                                        config=config or self.config)
 
-    def save(self, result: "FinetuneResult") -> Improvement:
+    def save(self, result: FinetuneResult) -> Improvement:
         """Write the child (package + delta) into the user model folder, where the registry lists it."""
-        from dafne_logic.model_package import user_models_dir
+        from dafne_logic.core.paths import user_models_dir
 
         manifest = result.model.manifest
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{manifest.name}-{manifest.version}")

@@ -18,10 +18,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from dafne_logic.atomic import atomic_path
-from dafne_logic.errors import InputError
-from dafne_logic.io import match_label_name, terminology
-from dafne_logic.labels import LabelTable, VolumeLabel
+from dafne_logic.core.atomic import atomic_path
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import match_label_name, terminology
+from dafne_logic.core.labels import LabelTable, VolumeLabel
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # Grids closer than this (mm for origins, relative for directions and spacing) count as equal.
@@ -31,7 +31,7 @@ GEOMETRY_TOLERANCE = 1e-3
 # --- volumes -------------------------------------------------------------------------------------
 
 
-def image_from_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> sitk.Image:
+def image_from_volume_node(volume_node: slicer.vtkMRMLScalarVolumeNode) -> sitk.Image:
     """A copy of a scalar volume node as a SimpleITK image (LPS geometry, same voxel type).
 
     The geometry is the node's own IJK-to-RAS, i.e. the volume's local (scanner) frame: a parent
@@ -60,7 +60,7 @@ def image_from_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> sit
     return image
 
 
-def update_volume_node_from_image(volume_node: "slicer.vtkMRMLVolumeNode", image: sitk.Image) -> None:
+def update_volume_node_from_image(volume_node: slicer.vtkMRMLVolumeNode, image: sitk.Image) -> None:
     """Replace a volume node's voxels and geometry with those of a 3D scalar SimpleITK image."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("Only 3D scalar images can be shown as volumes.")
@@ -114,7 +114,7 @@ def _same_voxel_grid(a: np.ndarray, dims_a: tuple[int, ...], b: np.ndarray, dims
 
 
 def terminology_entry(label: VolumeLabel) -> str:
-    """Slicer's terminology string of one bilateral label, the same entry ``dafne_logic.io`` writes to files.
+    """Slicer's terminology string of one bilateral label, the same entry ``dafne_logic.core.io`` writes to files.
 
     Format: context~category~type~type modifier~anatomic context~region~region modifier, each
     code ``scheme^value^meaning`` (no anatomic region: the type already names the muscle).
@@ -124,7 +124,7 @@ def terminology_entry(label: VolumeLabel) -> str:
                      "^".join(entry["typeModifier"]), entry["anatomicContextName"], "^^", "^^"])
 
 
-def color_table_node(scene: "slicer.vtkMRMLScene", table: LabelTable, name: str) -> "slicer.vtkMRMLColorTableNode":
+def color_table_node(scene: slicer.vtkMRMLScene, table: LabelTable, name: str) -> slicer.vtkMRMLColorTableNode:
     """A colour table node whose entry ``value`` is the volume label of that value (name, colour, terminology).
 
     Entry 0 is the transparent background. Label maps shown with this table read as muscles, and
@@ -149,10 +149,10 @@ def color_table_node(scene: "slicer.vtkMRMLScene", table: LabelTable, name: str)
 # --- segmentations -------------------------------------------------------------------------------
 
 
-def labels_to_segmentation(scene: "slicer.vtkMRMLScene", labels: sitk.Image, table: LabelTable,
-                           volume_node: "slicer.vtkMRMLVolumeNode", name: str,
-                           segmentation_node: "slicer.vtkMRMLSegmentationNode | None" = None,
-                           ) -> "slicer.vtkMRMLSegmentationNode":
+def labels_to_segmentation(scene: slicer.vtkMRMLScene, labels: sitk.Image, table: LabelTable,
+                           volume_node: slicer.vtkMRMLVolumeNode, name: str,
+                           segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
+                           ) -> slicer.vtkMRMLSegmentationNode:
     """Show a bilateral label map as a segmentation: one named, coloured, coded segment per label.
 
     Labels absent from the map still get an (empty) segment so the user can paint them. The
@@ -238,12 +238,12 @@ class CorrectedLabels:
     missing_names: tuple[str, ...]  # table labels without a segment (read as absent)
 
 
-def segmentation_to_labels(scene: "slicer.vtkMRMLScene", segmentation_node: "slicer.vtkMRMLSegmentationNode",
-                           volume_node: "slicer.vtkMRMLVolumeNode", table: LabelTable) -> CorrectedLabels:
+def segmentation_to_labels(scene: slicer.vtkMRMLScene, segmentation_node: slicer.vtkMRMLSegmentationNode,
+                           volume_node: slicer.vtkMRMLVolumeNode, table: LabelTable) -> CorrectedLabels:
     """Export a (corrected) segmentation to volume labels on ``volume_node``'s grid, matching by segment NAME.
 
     The internal label values of segments change as the user edits, reorders or merges layers, so
-    values come from the names, matched as ``dafne_logic.io`` matches names in files ("right vastus
+    values come from the names, matched as ``dafne_logic.core.io`` matches names in files ("right vastus
     lateralis", "Vastus_Lateralis_R", ...). Segments with other names are left out and reported.
 
     Raises:
@@ -348,7 +348,7 @@ def save_segmentation(segmentation_node, path: str) -> None:
             raise InputError(f"Could not write segmentation to {path}.")
 
 
-def load_segmentation(scene, path: str, name: str | None = None) -> "slicer.vtkMRMLSegmentationNode":
+def load_segmentation(scene, path: str, name: str | None = None) -> slicer.vtkMRMLSegmentationNode:
     """Read a ``.seg.nrrd`` into a new segmentation node through Slicer's storage node."""
     node = slicer.vtkMRMLSegmentationNode()
     node.SetName(name or str(path).rsplit("/", 1)[-1].split(".")[0])
@@ -364,7 +364,7 @@ def load_segmentation(scene, path: str, name: str | None = None) -> "slicer.vtkM
 # --- tables --------------------------------------------------------------------------------------
 
 
-def fill_table_node(table_node: "slicer.vtkMRMLTableNode", rows: list[dict[str, object]]) -> None:
+def fill_table_node(table_node: slicer.vtkMRMLTableNode, rows: list[dict[str, object]]) -> None:
     """Replace a table node's content with ``rows`` (one dict per row).
 
     A column holding any string is text; other columns are numbers, with None (e.g. the intensity

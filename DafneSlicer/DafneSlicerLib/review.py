@@ -1,13 +1,13 @@
 """Which slices of a case the user changed or approved since the automatic segmentation.
 
 Slices are k indices of the volume (its third voxel axis: the axial slices of an axial scan),
-counted from 0, the same indices ``dafne_logic.finetune`` takes. Pure numpy: no MRML, no Qt.
+counted from 0, the same indices ``dafne_logic.learning.finetune`` takes. Pure numpy: no MRML, no Qt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
-from dafne_logic.errors import InputError
+from dafne_logic.core.errors import InputError
 
 from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
-    from dafne_logic.model_package import ModelPackage
+    from dafne_logic.inference.model_package import ModelPackage
 
 DEVICES = ("auto", "cpu", "cuda")
 # "Single leg side" choices: auto lets the leg's position decide (patient right where LPS x < 0).
@@ -46,7 +46,7 @@ class SegmentationLogic:
     """Lists models, loads one, segments an image (on whatever thread calls it)."""
 
     def list_models(self) -> list[ModelChoice]:
-        from dafne_logic.model_package import list_models
+        from dafne_logic.inference.model_package import list_models
 
         return [
             ModelChoice(entry.name, entry.manifest.name, f"{entry.name} {entry.manifest.version} ({entry.source})",
@@ -55,19 +55,19 @@ class SegmentationLogic:
             for entry in list_models()
         ]
 
-    def load_model(self, name: str) -> "ModelPackage":
-        from dafne_logic.model_package import load_model
+    def load_model(self, name: str) -> ModelPackage:
+        from dafne_logic.inference.model_package import load_model
 
         return load_model(name)
 
-    def segment(self, image: sitk.Image, model: "ModelPackage", device: str,
+    def segment(self, image: sitk.Image, model: ModelPackage, device: str,
                 progress: ProgressCallback, cancel: CancelCheck, single_leg_side: str | None = None) -> sitk.Image:
         """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid.
 
         ``single_leg_side`` ("right", "left" or None: from the leg's position) names the side of the
         only leg in the field of view; ignored when both legs are found.
         """
-        from dafne_logic.inference import segment_volume
+        from dafne_logic.inference.segment import segment_volume
 
         return segment_volume(image, model, device=device, progress=progress, cancel=cancel,
                               single_leg_side=single_leg_side)

@@ -11,7 +11,7 @@ from typing import Any
 import SimpleITK as sitk
 import slicer
 
-from dafne_logic.labels import LabelTable
+from dafne_logic.core.labels import LabelTable
 
 from . import mrml_conversion as mc
 
@@ -21,7 +21,7 @@ SEGMENTATION_EVENTS = ("SourceRepresentationModified", "SegmentModified", "Segme
 
 
 class SlicerScene:
-    def __init__(self, scene: "slicer.vtkMRMLScene"):
+    def __init__(self, scene: slicer.vtkMRMLScene):
         self.scene = scene
 
     def image_of(self, volume_node) -> sitk.Image:

@@ -1,6 +1,6 @@
-"""Share: the opt-in settings and the calls to the federated server, through ``dafne_logic.federated_client``.
+"""Share: the opt-in settings and the calls to the federated server, through ``dafne_logic.learning.federated_client``.
 
-Settings live in the same owner-only file the command line uses (``dafne_logic.client_config``):
+Settings live in the same owner-only file the command line uses (``dafne_logic.core.client_config``):
 server URL, token, opt-in. Nothing leaves the computer unless the user ticked the opt-in box; the
 client refuses every request otherwise, and this layer checks first to say so plainly. What is
 sent is :data:`WHAT_IS_SENT`, shown verbatim in the module panel.
@@ -12,12 +12,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dafne_logic.errors import DafneError
+from dafne_logic.core.errors import DafneError
 
 from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
-    from dafne_logic.client_config import ClientConfig
+    from dafne_logic.core.client_config import ClientConfig
 
 WHAT_IS_SENT = (
     "When you click Contribute, DafneSlicer sends the server: the weight difference between your improved "
@@ -46,13 +46,13 @@ class SyncLogic:
     def __init__(self, config_path: Path | None = None):
         self.config_path = config_path  # None: the user's sync.json
 
-    def load(self) -> "ClientConfig":
-        from dafne_logic.client_config import load_config
+    def load(self) -> ClientConfig:
+        from dafne_logic.core.client_config import load_config
 
         return load_config(self.config_path)
 
     def save(self, opted_in: bool, server_url: str, token: str) -> None:
-        from dafne_logic.client_config import save_config
+        from dafne_logic.core.client_config import save_config
 
         url = server_url.strip().rstrip("/")
         if url and not url.startswith(("https://", "http://localhost", "http://127.0.0.1")):
@@ -66,13 +66,13 @@ class SyncLogic:
             raise ShareError("Sharing is off: tick 'Share my improvements' first (nothing was sent).")
         if not config.server_url or not config.token:
             raise ShareError("Enter the server URL and your token first (nothing was sent).")
-        from dafne_logic.federated_client import FederatedClient
+        from dafne_logic.learning.federated_client import FederatedClient
 
         return FederatedClient(config)
 
     def pull(self, families: list[str], progress: ProgressCallback, cancel: CancelCheck) -> SyncOutcome:
         """Download the server's active version of each model family (already present ones are skipped)."""
-        from dafne_logic.model_package import user_models_dir
+        from dafne_logic.core.paths import user_models_dir
 
         client = self._client()
         before = {p.name for p in user_models_dir().iterdir()} if user_models_dir().is_dir() else set()

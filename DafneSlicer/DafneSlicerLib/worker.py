@@ -22,7 +22,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from dafne_logic.errors import DafneError
+from dafne_logic.core.errors import DafneError
 
 from .jobs import CancelCheck, ProgressCallback
 from .learning_logic import Improvement, LearningLogic
@@ -118,7 +118,7 @@ def run_request(request: dict[str, Any], progress: ProgressCallback, cancel: Can
         return {"labels": str(work_dir / "labels.nrrd")}
     if task == "finetune":
         if learning is None:
-            from dafne_logic.finetune import FinetuneConfig
+            from dafne_logic.learning.finetune import FinetuneConfig
 
             learning = LearningLogic(FinetuneConfig(**request["config"]) if request["config"] else None)
         model = (segmentation or SegmentationLogic()).load_model(request["model"])

@@ -48,9 +48,9 @@ def main(argv: list[str], scene=None) -> int:
     import slicer
 
     from dafne_logic.commands.segment import plan_outputs
-    from dafne_logic.errors import DafneError
-    from dafne_logic.io import read_image
-    from dafne_logic.statistics import muscle_statistics, write_statistics_csv
+    from dafne_logic.core.errors import DafneError
+    from dafne_logic.core.io import read_image
+    from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
     from DafneSlicerLib import mrml_conversion as mc
     from DafneSlicerLib.install_logic import InstallLogic, read_requirements
     from DafneSlicerLib.segmentation_logic import SegmentationLogic, single_leg_side

@@ -7,7 +7,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..errors import InputError
+from dafne_logic.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def dataset_name(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import EvaluationCase, evaluate_models, write_dice_csv
-    from ..io import read_image, read_segmentation
-    from ..model_package import load_model
+    from dafne_logic.core.io import read_image, read_segmentation
+    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.learning.evaluation import EvaluationCase, evaluate_models, write_dice_csv
 
     if len(args.image) != len(args.reference):
         raise InputError(f"{len(args.image)} images but {len(args.reference)} references; give one reference per image")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import InputError
+from dafne_logic.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..finetune import DELTA_NAME, FinetuneConfig, finetune_on_corrections
-    from ..io import read_image, read_segmentation
-    from ..model_package import load_model
-    from ..slice_selection import parse_slice_list
+    from dafne_logic.core.io import read_image, read_segmentation
+    from dafne_logic.core.slice_selection import parse_slice_list
+    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.learning.finetune import DELTA_NAME, FinetuneConfig, finetune_on_corrections
 
     slices = parse_slice_list(args.slices)
     output = Path(args.output_model)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..atomic import atomic_path
-from ..phantom_anatomy import REGIONS
-from ..phantoms import CONTRASTS
+from dafne_logic.core.atomic import atomic_path
+from dafne_logic.phantoms.anatomy import REGIONS
+from dafne_logic.phantoms.images import CONTRASTS
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import write_labels
-    from ..phantoms import make_phantom
+    from dafne_logic.core.io import write_labels
+    from dafne_logic.phantoms.images import make_phantom
 
     start = time.perf_counter()
     image, labels = make_phantom(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..atomic import atomic_write_text
-from ..learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve, read_dice_csv
+from dafne_logic.core.atomic import atomic_write_text
+from dafne_logic.learning.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve, read_dice_csv
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import DafneError, InputError
-from ..io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
+from dafne_logic.core.errors import DafneError, InputError
+from dafne_logic.core.io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
 
 OUTPUT_SUFFIXES = (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES)
 INPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -85,11 +85,11 @@ def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference import segment_volume
-    from ..io import read_image, write_labels
-    from ..model_package import load_model
-    from ..preview import write_preview
-    from ..statistics import muscle_statistics, write_statistics_csv
+    from dafne_logic.core.io import read_image, write_labels
+    from dafne_logic.core.preview import write_preview
+    from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
+    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.inference.segment import segment_volume
 
     inputs = [Path(p) for p in args.inputs]
     outputs = plan_outputs(inputs, Path(args.output), args.format)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..errors import DafneError
-from ..io import read_image, read_segmentation, resample_labels
-from ..labels import BUILTIN_TABLES, LabelTable
-from ..statistics import muscle_statistics, write_statistics_csv
+from dafne_logic.core.errors import DafneError
+from dafne_logic.core.io import read_image, read_segmentation, resample_labels
+from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
+from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
     """The label table named by ``--region``, or the one in a model's manifest (``--model``)."""
     if region is not None:
         return BUILTIN_TABLES[region]
-    from ..model_package import read_manifest, resolve_model_path
+    from dafne_logic.inference.model_package import read_manifest, resolve_model_path
 
     return read_manifest(resolve_model_path(model)).labels
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import DafneError
+from dafne_logic.core.errors import DafneError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_setup(args: argparse.Namespace) -> int:
-    from ..client_config import load_config, save_config
+    from dafne_logic.core.client_config import load_config, save_config
 
     config = load_config()
     if args.server:
@@ -62,8 +62,8 @@ def run_setup(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from ..client_config import config_path, load_config
-    from ..federated_client import FederatedClient
+    from dafne_logic.core.client_config import config_path, load_config
+    from dafne_logic.learning.federated_client import FederatedClient
 
     config = load_config()
     status = {"config": str(config_path()), "server": config.server_url, "opt_in": config.opt_in,
@@ -85,7 +85,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from ..federated_client import FederatedClient
+    from dafne_logic.learning.federated_client import FederatedClient
 
     path = FederatedClient().pull(args.family, args.version)
     print(f"{args.family} version {args.version} in {path}")
@@ -93,7 +93,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from ..federated_client import FederatedClient
+    from dafne_logic.learning.federated_client import FederatedClient
 
     client = FederatedClient()
     result = client.push_folder(args.folder)

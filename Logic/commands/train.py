@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..errors import InputError
-from ..labels import BUILTIN_TABLES, LabelTable
-from ..model_package import Manifest, PreprocessingParams
-from ..networks import unet_architecture
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
+from dafne_logic.core.preprocessing import PreprocessingParams
+from dafne_logic.inference.model_package import Manifest
+from dafne_logic.inference.networks import unet_architecture
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _command_line(args: argparse.Namespace) -> str:
 def _initial_weights(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """The weights of the package at ``path``, checked to fit ``manifest`` (architecture and labels);
     the new manifest records where they came from."""
-    from ..model_package import ModelPackage
+    from dafne_logic.inference.model_package import ModelPackage
 
     parent = ModelPackage.load(path)
     if parent.manifest.architecture != manifest.architecture:
@@ -133,7 +133,7 @@ def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TrainConfig, default_work_dir, train_model
+    from dafne_logic.training.trainer import TrainConfig, default_work_dir, train_model
 
     table = _table(args)
     if not args.label_maps and not args.pairs and not args.phantoms:
@@ -190,9 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float, size: int,
                      defaults: dict[str, Any], holdout: set[str], device: str):
-    from ..harmonisation import (GroupRegistry, PartialLabelLoss, find_label_maps, load_label_map,
-                                 phantom_leg_slices)
-    from ..synthesis import AnatomyBank, SynthesisConfig, SynthesisSampler, synthetic_validation
+    from dafne_logic.training.harmonisation import GroupRegistry, PartialLabelLoss, find_label_maps, load_label_map, phantom_leg_slices
+    from dafne_logic.training.synthesis import AnatomyBank, SynthesisConfig, SynthesisSampler, synthetic_validation
 
     canvas = (defaults["canvas"], defaults["canvas"])
     registry = GroupRegistry(table.n_classes)
@@ -245,10 +244,10 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
 
 def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: PreprocessingParams, size: int,
                  holdout: set[str], device: str):
-    from ..harmonisation import subject_id
-    from ..io import read_image, read_segmentation
-    from ..preprocessing import prepare_volume
-    from ..synthesis import SliceSampler, SynthesisConfig, dice_by_class
+    from dafne_logic.core.io import read_image, read_segmentation
+    from dafne_logic.core.preprocessing import prepare_volume
+    from dafne_logic.training.harmonisation import subject_id
+    from dafne_logic.training.synthesis import SliceSampler, SynthesisConfig, dice_by_class
 
     cases = []
     for folder in args.pairs:

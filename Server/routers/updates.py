@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from dafne_logic.delta import decode_delta, delta_norm
-from dafne_logic.errors import ModelError
-from dafne_logic.model_package import Manifest
+from dafne_logic.core.errors import ModelError
+from dafne_logic.inference.model_package import Manifest
+from dafne_logic.learning.delta import decode_delta, delta_norm
 
 from ..auth import Principal
 from ..db import AuditEntry, UpdateRow, audit, now

@@ -1,4 +1,4 @@
-"""The /v1 API over real HTTP against `dafne-slicer server run` on a loopback port, SQLite and PostgreSQL."""
+"""The /v1 API over real HTTP against `dafne-server run` on a loopback port, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import requests
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from dafne_logic.client_config import ClientConfig
-from dafne_logic.delta import DeltaMetadata, encode_delta, make_delta
-from dafne_logic.federated_client import FederatedClient, SyncError
-from dafne_logic.model_package import ModelPackage, user_data_dir
+from dafne_logic.core.client_config import ClientConfig
+from dafne_logic.core.paths import user_data_dir
+from dafne_logic.inference.model_package import ModelPackage
+from dafne_logic.learning.delta import DeltaMetadata, encode_delta, make_delta
+from dafne_logic.learning.federated_client import FederatedClient, SyncError
 
 
 def bearer(token: str) -> dict[str, str]:

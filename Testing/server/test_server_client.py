@@ -11,11 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dafne_logic.cli import main as cli_main
-from dafne_logic.client_config import ClientConfig, config_path, load_config, save_config
-from dafne_logic.delta import DeltaMetadata
-from dafne_logic.errors import DafneError
-from dafne_logic.federated_client import FederatedClient, SyncDisabled, SyncError
-from dafne_logic.model_package import ModelPackage
+from dafne_logic.core.client_config import ClientConfig, config_path, load_config, save_config
+from dafne_logic.core.errors import DafneError
+from dafne_logic.inference.model_package import ModelPackage
+from dafne_logic.learning.delta import DeltaMetadata
+from dafne_logic.learning.federated_client import FederatedClient, SyncDisabled, SyncError
 
 
 class ScriptedServer:
@@ -139,8 +139,8 @@ def test_sync_cli_setup_status_and_pull(sqlite_server, capsys, tmp_path):
 def test_sync_push_sends_a_finetune_output_folder(sqlite_server, tiny_leg, tmp_path, capsys):
     import torch
 
-    from dafne_logic.delta import encode_delta, make_delta
-    from dafne_logic.finetune import DELTA_METADATA_NAME, DELTA_NAME
+    from dafne_logic.learning.delta import encode_delta, make_delta
+    from dafne_logic.learning.finetune import DELTA_METADATA_NAME, DELTA_NAME
 
     child = {k: v + 1e-3 * torch.randn_like(v) for k, v in tiny_leg.state_dict.items()}
     folder = tmp_path / "finetuned"

@@ -13,9 +13,9 @@ import uuid
 import requests
 import sqlalchemy as sa
 
-from dafne_logic.client_config import ClientConfig
-from dafne_logic.delta import DeltaMetadata, encode_delta, make_delta
-from dafne_logic.federated_client import FederatedClient
+from dafne_logic.core.client_config import ClientConfig
+from dafne_logic.learning.delta import DeltaMetadata, encode_delta, make_delta
+from dafne_logic.learning.federated_client import FederatedClient
 from dafne_server.db import MergeLease, UpdateRow, Version
 from dafne_server.storage import Storage
 from dafne_server.testing import LocalServer

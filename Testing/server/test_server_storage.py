@@ -14,7 +14,7 @@ from dafne_server.blobs import BlobStore
 from dafne_server.config import ServerSettings
 from dafne_server.db import AuditEntry, Base, Family, User, Version
 from dafne_server.runner import prepare
-from dafne_server.worker import claim_lease, release_lease, renew_lease, LeaseLost
+from dafne_server.worker import LeaseLost, claim_lease, release_lease, renew_lease
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_concurrent_lease_claims_have_exactly_one_winner(storage):
 
 
 def test_seed_keeps_the_package_version_number(storage, tiny_leg):
-    from dafne_logic.model_package import Manifest, ModelPackage
+    from dafne_logic.inference.model_package import Manifest, ModelPackage
 
     manifest = Manifest.from_json({**tiny_leg.manifest.to_json(), "version": "0"})
     with storage.session.begin() as session:
@@ -134,7 +134,7 @@ def test_seed_keeps_the_package_version_number(storage, tiny_leg):
 def test_a_version_seeded_from_a_package_file_knows_that_file_s_weights(storage, tiny_leg, tmp_path):
     """Sites name their parent's weights by sha256: the server's float32 copy differs from the
     fp16 package file it was seeded from, so both are known; other weights are not."""
-    from dafne_logic.model_package import ModelPackage
+    from dafne_logic.inference.model_package import ModelPackage
     from dafne_server.storage import known_weights
 
     tiny_leg.save(tmp_path / "bundled-like")

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from dafne_logic.delta import encode_delta, make_delta
+from dafne_logic.learning.delta import encode_delta, make_delta
 from dafne_server.config import ServerSettings
 from dafne_server.db import Family, MergeLease, MergeRun, UpdateRow, User, Version
 from dafne_server.runner import prepare
@@ -170,7 +170,7 @@ def test_folder_validation_cases_pair_images_with_labels(tmp_path):
     import numpy as np
     import SimpleITK as sitk
 
-    from dafne_logic.errors import InputError
+    from dafne_logic.core.errors import InputError
     from dafne_server.validation import folder_cases
 
     rng = np.random.default_rng(0)

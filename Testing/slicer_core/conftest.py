@@ -40,9 +40,11 @@ def _register_segmentation_converters(slicer) -> None:
 @pytest.fixture
 def tiny_leg_model() -> str:
     """An untrained 3-level U-Net for the calf table, saved where the registry finds user models."""
-    from dafne_logic.labels import LEG
-    from dafne_logic.model_package import Manifest, ModelPackage, PreprocessingParams, user_models_dir
-    from dafne_logic.networks import build_network, unet_architecture
+    from dafne_logic.core.labels import LEG
+    from dafne_logic.core.paths import user_models_dir
+    from dafne_logic.core.preprocessing import PreprocessingParams
+    from dafne_logic.inference.model_package import Manifest, ModelPackage
+    from dafne_logic.inference.networks import build_network, unet_architecture
 
     arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
     manifest = Manifest(name="leg", region="leg", version="1", architecture=arch, labels=LEG,

@@ -8,10 +8,10 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
-from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
-from dafne_logic.errors import InputError  # noqa: E402
-from dafne_logic.labels import THIGH  # noqa: E402
+from dafne_logic.core.errors import InputError  # noqa: E402
+from dafne_logic.core.labels import THIGH  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
 SHAPE = (5, 7, 9)  # (k, j, i) = (slices, rows, columns)
 RIGHT_VL = THIGH.value_of(1, "right")
@@ -51,7 +51,7 @@ def _labels(like: sitk.Image) -> sitk.Image:
     return labels
 
 
-def _volume(scene, image: sitk.Image, name: str = "thigh T1") -> "slicer.vtkMRMLScalarVolumeNode":
+def _volume(scene, image: sitk.Image, name: str = "thigh T1") -> slicer.vtkMRMLScalarVolumeNode:
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetName(name)
     scene.AddNode(node)
@@ -258,7 +258,7 @@ def test_table_node_holds_statistics_rows(scene):
 
 
 def test_seg_nrrd_written_by_dafne_logic_loads_with_names_colours_terminology_geometry(scene, tmp_path):
-    from dafne_logic.io import write_labels
+    from dafne_logic.core.io import write_labels
 
     image = _image(DIRECTIONS["oblique"])
     volume = _volume(scene, image)

@@ -16,10 +16,10 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
-from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
-from dafne_logic.labels import LEG  # noqa: E402
-from dafne_logic.phantoms import make_phantom  # noqa: E402
+from dafne_logic.core.labels import LEG  # noqa: E402
+from dafne_logic.phantoms.images import make_phantom  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
 MODULE_FILE = Path(__file__).resolve().parents[2] / "DafneSlicer" / "DafneSlicer.py"
 

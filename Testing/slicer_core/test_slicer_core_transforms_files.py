@@ -9,10 +9,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (par
 import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 import vtk.util.numpy_support  # noqa: E402
-from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
-from dafne_logic.errors import InputError  # noqa: E402
-from dafne_logic.labels import THIGH  # noqa: E402
+from dafne_logic.core.errors import InputError  # noqa: E402
+from dafne_logic.core.labels import THIGH  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 
 SHAPE = (4, 6, 8)
 RIGHT_VL = THIGH.value_of(1, "right")

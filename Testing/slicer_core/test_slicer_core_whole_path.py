@@ -12,6 +12,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
+
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 from DafneSlicerLib.controller import DafneController  # noqa: E402
 from DafneSlicerLib.segmentation_logic import SegmentationLogic  # noqa: E402
@@ -21,9 +22,9 @@ from DafneSlicerLib.sync_logic import SyncLogic  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_slicer_module_controller import FakeInstall, FakeView, _finish  # noqa: E402
 
-from dafne_logic.labels import LEG  # noqa: E402
-from dafne_logic.model_package import user_models_dir  # noqa: E402
-from dafne_logic.phantoms import make_phantom  # noqa: E402
+from dafne_logic.core.labels import LEG  # noqa: E402
+from dafne_logic.core.paths import user_models_dir
+from dafne_logic.phantoms.images import make_phantom  # noqa: E402
 
 
 @pytest.mark.slow  # two worker processes, each importing torch and MONAI

@@ -6,19 +6,19 @@ where *most* of the model's muscles are drawn count as corrected, per leg. The r
 (Dafne) required 7 of its 12 thigh muscles or 4 of its 6 calf muscles; :func:`min_muscles_required`
 keeps that fraction (7/12, rounded up) for any label table.
 
-Slices are chosen per leg on the model-class targets of :mod:`dafne_logic.preprocessing`
+Slices are chosen per leg on the model-class targets of :mod:`dafne_logic.core.preprocessing`
 (``(n_slices, H, W)`` arrays, 0 = background, 1..N = muscles).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from dafne_logic.core.errors import InputError
 
 REFERENCE_FRACTION = 7 / 12  # Dafne: 7 of 12 thigh muscles (and 4 of 6 calf muscles, rounded up)
 

@@ -1,6 +1,6 @@
 """The sync client's settings: server URL, token and the user's opt-in, in an owner-only file.
 
-``<user data dir>/sync.json`` (see :func:`dafne_logic.model_package.user_data_dir`), mode 0600.
+``<user data dir>/sync.json`` (see :func:`dafne_logic.core.paths.user_data_dir`), mode 0600.
 Sync is **off** until the user opts in; a missing file means "not opted in".
 """
 
@@ -12,9 +12,9 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .atomic import atomic_path
-from .errors import DafneError
-from .paths import user_data_dir
+from dafne_logic.core.atomic import atomic_path
+from dafne_logic.core.errors import DafneError
+from dafne_logic.core.paths import user_data_dir
 
 CONFIG_NAME = "sync.json"
 

@@ -5,9 +5,9 @@ Steps of :func:`finetune_on_corrections`:
 
 1. Geometry: the corrected labels are resampled (nearest neighbour) onto the image grid when only
    the grid differs; labels that do not overlap the image are refused.
-2. Slices: both legs are cropped and the left one mirrored (:mod:`dafne_logic.preprocessing`); per
+2. Slices: both legs are cropped and the left one mirrored (:mod:`dafne_logic.core.preprocessing`); per
    leg, only slices the user corrected count (default: most muscles drawn, see
-   :mod:`dafne_logic.slice_selection`; or an explicit list of image k-slices).
+   :mod:`dafne_logic.core.slice_selection`; or an explicit list of image k-slices).
 3. Agreement: the parent's automatic segmentation of those slices is compared with the correction
    (Dice per volume label): the figure the reference tool sends with each contribution.
 4. Training: Adam on Dice + cross-entropy (the trainer's loss), small random affine and intensity
@@ -23,9 +23,9 @@ Steps of :func:`finetune_on_corrections`:
    its local steps, so it can still be pushed).
 
 This module writes nothing until :meth:`FinetuneResult.save`; cancelling raises
-:class:`~dafne_logic.errors.Cancelled` with no file touched.
+:class:`~dafne_logic.core.errors.Cancelled` with no file touched.
 
-Why not :func:`dafne_logic.training.train_model`: that trainer streams an endless sampler and
+Why not :func:`dafne_logic.training.trainer.train_model`: that trainer streams an endless sampler and
 checkpoints to disk; fine-tuning needs a fixed handful of slices held in memory, a penalty on the
 live parameters, held-out early stopping with a restore of the best weights, and no file written
 before the user accepts the result. It reuses the trainer's loss.
@@ -38,28 +38,29 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .atomic import atomic_directory
-from .delta import DeltaMetadata, delta_norm, encode_delta, make_delta
-from .errors import Cancelled, InputError
-from .evaluation import dice_counts, dice_from_counts
-from .inference import CancelCheck, ProgressCallback
-from .io import resample_labels, same_grid
-from .labels import LabelTable
-from .model_package import ModelPackage, find_package, weights_bytes
-from .networks import resolve_device
-from .preprocessing import PreparedVolume, fit_to, prepare_volume
-from .slice_selection import keep_only_slices, min_muscles_required, select_slices
-from .training import default_loss
+from dafne_logic import __version__
+from dafne_logic.core.atomic import atomic_directory
+from dafne_logic.core.errors import Cancelled, InputError
+from dafne_logic.core.io import resample_labels, same_grid
+from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.preprocessing import PreparedVolume, fit_to, prepare_volume
+from dafne_logic.core.slice_selection import keep_only_slices, min_muscles_required, select_slices
+from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
+from dafne_logic.inference.networks import resolve_device
+from dafne_logic.inference.segment import CancelCheck, ProgressCallback
+from dafne_logic.learning.delta import DeltaMetadata, delta_norm, encode_delta, make_delta
+from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
+from dafne_logic.training.trainer import default_loss
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class TrainingSlices:
     targets: torch.Tensor
     sources: list[tuple[str, int]]
 
-    def subset(self, indices: Sequence[int]) -> "TrainingSlices":
+    def subset(self, indices: Sequence[int]) -> TrainingSlices:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return TrainingSlices(self.images[idx], self.targets[idx], [self.sources[i] for i in indices])
 
@@ -262,8 +263,8 @@ def phantom_replay(model: ModelPackage, config: FinetuneConfig, seed: int, shape
     Rehearsing them while fine-tuning keeps the model good on the contrasts the correction does
     not show. Returns None for a region without phantoms (a user-defined label table).
     """
-    from .labels import BUILTIN_TABLES
-    from .phantoms import CONTRASTS, phantom_tissue_map, render_contrast, to_image
+    from dafne_logic.core.labels import BUILTIN_TABLES
+    from dafne_logic.phantoms.images import CONTRASTS, phantom_tissue_map, render_contrast, to_image
 
     table = model.labels
     if table.region not in BUILTIN_TABLES or BUILTIN_TABLES[table.region].muscles != table.muscles:

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path
-from .errors import InputError
+from dafne_logic.core.atomic import atomic_path
+from dafne_logic.core.errors import InputError
 
 REQUIRED_COLUMNS = ("dataset", "model_version", "dice")
 SCALE = 1000.0  # the reference fit models Dice x 1000 (numerically friendlier variances)

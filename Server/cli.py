@@ -1,6 +1,7 @@
-"""``dafne-slicer server``: initialise, run and administer the federated server.
+"""``dafne-server``: initialise, run and administer the federated server.
 
-Needs the ``server`` extra (``pip install dafne-slicer[server]``); imported only when used.
+Needs the ``server`` extra (``pip install dafne-slicer[server]``). Heavy modules are imported by the
+action that needs them, so ``dafne-server --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -8,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from collections.abc import Sequence
 
-from ..errors import DafneError
+from dafne_logic.cli import run_parsed
+from dafne_logic.core.errors import DafneError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +22,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in --data-dir)")
 
 
-def register(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="server_command", metavar="ACTION", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dafne-server", description="The DafneSlicer federated server.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("init", help="create the database and seed families from the bundled models")
     _common(p)
     p.add_argument("--family", help="seed this family from --package instead of the bundled models")
@@ -64,6 +70,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("token_id", type=int)
     p.set_defaults(func=run_revoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    return run_parsed(args, f"dafne-server {args.action}")
 
 
 def _settings(args: argparse.Namespace, **extra):
@@ -79,7 +92,7 @@ def _storage(args: argparse.Namespace, **extra):
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from dafne_logic.model_package import ModelPackage
+    from dafne_logic.inference.model_package import ModelPackage
 
     merge = {"buffer_size": args.buffer_size} if args.buffer_size else {}
     storage = _storage(args, merge=merge)
@@ -155,3 +168,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         storage.dispose()
     print(f"token {args.token_id} revoked")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Finding the body and the legs in an axial MR volume.
 
-Every array here is in the canonical orientation of :mod:`dafne_logic.preprocessing`: numpy axes
+Every array here is in the canonical orientation of :mod:`dafne_logic.core.preprocessing`: numpy axes
 (z: inferior→superior, y: anterior→posterior, x: patient right→left). Spacings are in mm.
 
 The body is what survives a threshold chosen by Otsu's method on the logarithm of a smoothed image
@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError
+from dafne_logic.core.errors import InputError
 
 SMOOTHING_MM = 2.0  # in-plane Gaussian sigma before thresholding: averages out noise, keeps leg edges
 MIN_COMPONENT_FRACTION = 0.1  # blobs smaller than this fraction of the largest are debris, not legs

@@ -1,7 +1,7 @@
 """Dice overlap between segmentations, per label and averaged.
 
 Both inputs are **volume label maps** (patient-right muscles 1..N, patient-left N+1..2N, see
-:mod:`dafne_logic.labels`) as ``SimpleITK.Image`` or numpy arrays of the same shape. Results are
+:mod:`dafne_logic.core.labels`) as ``SimpleITK.Image`` or numpy arrays of the same shape. Results are
 keyed by the volume label's name (``"right vastus lateralis"``).
 
 A label absent from both maps has no defined Dice: it is reported as ``NaN`` (so a table of many
@@ -9,7 +9,7 @@ cases keeps the same columns) and :func:`mean_dice` skips it. A label present in
 Dice 0.
 
 :func:`evaluate_models` scores many model versions on many cases and :func:`write_dice_csv`
-writes the table that :mod:`dafne_logic.learning_curve` reads.
+writes the table that :mod:`dafne_logic.learning.learning_curve` reads.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_write_text
-from .errors import InputError
-from .labels import LabelTable
-from .model_package import ModelPackage
+from dafne_logic.core.atomic import atomic_write_text
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import LabelTable
+from dafne_logic.inference.model_package import ModelPackage
 
 
 def _as_array(image: sitk.Image | np.ndarray, what: str) -> np.ndarray:
@@ -123,8 +124,8 @@ def evaluate_models(models: Sequence[ModelPackage], cases: Sequence[EvaluationCa
         One row per (case, model): ``dataset``, ``model_version``, ``dice`` (mean over labels
         present in the prediction or the reference) and one column per volume-label name.
     """
-    from .inference import segment_volume
-    from .io import resample_labels
+    from dafne_logic.core.io import resample_labels
+    from dafne_logic.inference.segment import segment_volume
 
     rows = []
     for case in cases:

@@ -39,10 +39,10 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .errors import InputError
-from .io import label_table_path, match_label_name, read_header, read_label_names, read_label_volume, split_side
-from .labels import SIDES, LabelTable, Side, normalise_name
-from .phantom_anatomy import Tissue
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import label_table_path, match_label_name, read_header, read_label_names, read_label_volume, split_side
+from dafne_logic.core.labels import SIDES, LabelTable, Side, normalise_name
+from dafne_logic.phantoms.anatomy import Tissue
 
 log = logging.getLogger(__name__)
 
@@ -467,11 +467,11 @@ class PartialLabelLoss:
 
 def phantom_leg_slices(table: LabelTable, n_subjects: int, seed: int, spacing_mm: float,
                        canvas: tuple[int, int], n_slices: int = 12) -> list[list[LegSlice]]:
-    """Anatomy of procedural phantoms (:mod:`dafne_logic.phantom_anatomy`), one source per subject.
+    """Anatomy of procedural phantoms (:mod:`dafne_logic.phantoms.anatomy`), one source per subject.
 
     Phantoms are complete (skin, fat, bones, vessels, unlabelled muscle): synthesis only paints them.
     Their muscles must be those of ``table`` (the built-in thigh or leg table)."""
-    from .phantom_anatomy import phantom_tissue_map
+    from dafne_logic.phantoms.anatomy import phantom_tissue_map
 
     size = int(round(max(canvas) * 2.4))
     sources = []

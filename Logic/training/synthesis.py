@@ -1,6 +1,6 @@
 """Label-to-image synthesis: random MR-like images from per-leg anatomy (SynthSeg-style).
 
-Given batches of :class:`~dafne_logic.harmonisation.LegSlice` canvases (a *tissue* map and a
+Given batches of :class:`~dafne_logic.training.harmonisation.LegSlice` canvases (a *tissue* map and a
 *target* map), :func:`synthesise` returns network inputs and targets, in torch, batched, on CPU or
 CUDA, fully determined by one ``torch.Generator``:
 
@@ -16,7 +16,7 @@ CUDA, fully determined by one ``torch.Generator``:
    fat infiltration of some muscles (as in neuromuscular disease) with marbled texture.
 4. **Acquisition**: partial volume with the neighbouring slice (thick slices), multiplicative bias
    field, Gaussian blur and in-plane low resolution, Rician noise, gamma.
-5. **Normalisation** as :mod:`dafne_logic.preprocessing` does it: the body's 0.5–99.5 percentiles
+5. **Normalisation** as :mod:`dafne_logic.core.preprocessing` does it: the body's 0.5–99.5 percentiles
    map to 0 and 1, clipped to (-0.1, 1.1).
 
 Canvases are in the network's orientation (the left leg already mirrored), so there is no random
@@ -26,16 +26,16 @@ left/right flip here: mirroring happened when the left leg was cut (see harmonis
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .harmonisation import BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE, LegSlice
-from .phantom_anatomy import Tissue
-from .preprocessing import NORMALISED_RANGE
+from dafne_logic.core.preprocessing import NORMALISED_RANGE
+from dafne_logic.phantoms.anatomy import Tissue
+from dafne_logic.training.harmonisation import BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE, LegSlice
 
 REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "random")
 
@@ -243,7 +243,7 @@ def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tenso
     """Random images for a batch of anatomy canvases.
 
     Args:
-        tissue: (B, H0, W0) uint8 tissue codes (see :mod:`dafne_logic.harmonisation`).
+        tissue: (B, H0, W0) uint8 tissue codes (see :mod:`dafne_logic.training.harmonisation`).
         target: (B, H0, W0) uint8 target codes (model classes and group codes).
         complete: (B,) bool, anatomy that already has skin and fat.
         rng: generator on the tensors' device; the only source of randomness.
@@ -320,7 +320,7 @@ class AnatomyBank:
 
     @classmethod
     def from_sources(cls, sources: list[list[LegSlice]], max_neighbour_mm: float = 6.0,
-                     source_weights: list[float] | None = None) -> "AnatomyBank":
+                     source_weights: list[float] | None = None) -> AnatomyBank:
         """Stack the slices of several sources (each the output of one label map)."""
         weights = list(source_weights) if source_weights is not None else [1.0] * len(sources)
         if len(weights) != len(sources):
@@ -358,7 +358,7 @@ class AnatomyBank:
 
 
 class SynthesisSampler:
-    """``sampler(generator, batch) -> (images, targets)`` for :func:`dafne_logic.training.train_model`.
+    """``sampler(generator, batch) -> (images, targets)`` for :func:`dafne_logic.training.trainer.train_model`.
 
     Draws slices by weight with the (CPU) ``generator``, then seeds a generator on ``device`` from
     it, so a run is reproducible and resumable on either device."""

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
-from .errors import InputError
-from .labels import ANATOMICAL_STRUCTURE, Code, LabelTable, Side, VolumeLabel, normalise_name
+from dafne_logic.core.atomic import atomic_path
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable, Side, VolumeLabel, normalise_name
 
 PathLike = str | os.PathLike[str]
 

@@ -1,6 +1,6 @@
 """Opt-in client of the federated server: pull model versions, push fine-tuning deltas.
 
-**Nothing is sent unless the user has opted in** (:class:`~dafne_logic.client_config.ClientConfig`
+**Nothing is sent unless the user has opted in** (:class:`~dafne_logic.core.client_config.ClientConfig`
 ``opt_in``): every request goes through :meth:`FederatedClient._request`, which refuses first.
 What a push sends: the weight delta (fp16 safetensors, zlib), its parent version, the number of
 corrected slices and the Dice between automatic and corrected masks per label; no image, no
@@ -25,11 +25,12 @@ from typing import Any
 import requests
 from filelock import FileLock
 
-from .atomic import atomic_directory
-from .client_config import ClientConfig, load_config
-from .delta import DeltaMetadata
-from .errors import DafneError
-from .model_package import MANIFEST_NAME, WEIGHTS_NAME, ModelPackage, user_data_dir, user_models_dir
+from dafne_logic.core.atomic import atomic_directory
+from dafne_logic.core.client_config import ClientConfig, load_config
+from dafne_logic.core.errors import DafneError
+from dafne_logic.core.paths import user_data_dir, user_models_dir
+from dafne_logic.inference.model_package import MANIFEST_NAME, WEIGHTS_NAME, ModelPackage
+from dafne_logic.learning.delta import DeltaMetadata
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class FederatedClient:
 
     def push_folder(self, folder: str | Path) -> dict[str, Any]:
         """Push what ``dafne-slicer finetune`` wrote: ``delta.safetensors.zz`` + ``delta.json``."""
-        from .finetune import DELTA_METADATA_NAME, DELTA_NAME
+        from dafne_logic.learning.finetune import DELTA_METADATA_NAME, DELTA_NAME
 
         folder = Path(folder)
         if not (folder / DELTA_NAME).is_file() or not (folder / DELTA_METADATA_NAME).is_file():

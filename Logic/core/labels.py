@@ -14,8 +14,9 @@ a SNOMED CT type code per muscle and the laterality as a type modifier.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 Side = Literal["right", "left"]
 SIDES: tuple[Side, Side] = ("right", "left")
@@ -33,7 +34,7 @@ class Code:
         return {"scheme": self.scheme, "value": self.value, "meaning": self.meaning}
 
     @classmethod
-    def from_json(cls, data: dict[str, str]) -> "Code":
+    def from_json(cls, data: dict[str, str]) -> Code:
         return cls(str(data["scheme"]), str(data["value"]), str(data["meaning"]))
 
 
@@ -56,7 +57,7 @@ class Muscle:
         return {"name": self.name, "color": list(self.color), "code": self.code.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Muscle":
+    def from_json(cls, data: dict[str, Any]) -> Muscle:
         color = tuple(int(c) for c in data["color"])
         if len(color) != 3 or not all(0 <= c <= 255 for c in color):
             raise ValueError(f"muscle {data.get('name')!r}: colour must be three integers in 0..255")
@@ -122,7 +123,7 @@ class LabelTable:
         return {"region": self.region, "muscles": [m.to_json() for m in self.muscles]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LabelTable":
+    def from_json(cls, data: dict[str, Any]) -> LabelTable:
         muscles = tuple(Muscle.from_json(m) for m in data["muscles"])
         names = [normalise_name(m.name) for m in muscles]
         if len(set(names)) != len(names):
@@ -132,7 +133,7 @@ class LabelTable:
         return cls(str(data["region"]), muscles)
 
     @classmethod
-    def load(cls, path: str) -> "LabelTable":
+    def load(cls, path: str) -> LabelTable:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(json.load(f))
 

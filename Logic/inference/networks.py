@@ -8,12 +8,13 @@ the manifest lists every tensor name and shape so a mismatch is caught before lo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import InputError
+from dafne_logic.core.errors import InputError
 
 # Our deployed network (the shipped base models): small enough to fine-tune on a laptop CPU
 # (~1.6 M parameters). One residual unit per level (0.84 M) runs ~1.5x faster on 2 CPU cores

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,51 +26,18 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .atomic import atomic_directory
-from .errors import ModelError
-from .labels import LabelTable
-from .networks import build_network, check_architecture
-from .paths import user_data_dir, user_models_dir  # noqa: F401  (re-exported)
+from dafne_logic.core.atomic import atomic_directory
+from dafne_logic.core.errors import ModelError
+from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.paths import user_models_dir
+from dafne_logic.core.preprocessing import PreprocessingParams
+from dafne_logic.inference.networks import build_network, check_architecture
 
 FORMAT = "dafne-slicer-model"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
-BUNDLED_DIR = Path(__file__).parent / "bundled_models"
-
-
-@dataclass(frozen=True)
-class PreprocessingParams:
-    """How a volume becomes network input (see :mod:`dafne_logic.preprocessing`)."""
-
-    spacing_mm: tuple[float, float] = (1.0, 1.0)  # in-plane (row, column) spacing the model sees
-    pad_multiple: int = 16  # crop sizes are padded to a multiple of this (2 ** number of strides)
-    margin_mm: float = 10.0  # margin kept around each leg's bounding box
-    percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity range mapped to [0, 1]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __post_init__(self) -> None:
-        if len(self.spacing_mm) != 2 or not all(0.05 <= s <= 20.0 for s in self.spacing_mm):
-            raise ValueError(f"spacing_mm must be two values in 0.05..20 mm, got {self.spacing_mm}")
-        if not 1 <= self.pad_multiple <= 256:
-            raise ValueError(f"pad_multiple must be in 1..256, got {self.pad_multiple}")
-        if not 0.0 <= self.margin_mm <= 200.0:
-            raise ValueError(f"margin_mm must be in 0..200, got {self.margin_mm}")
-        low, high = self.percentiles
-        if not 0.0 <= low < high <= 100.0:
-            raise ValueError(f"percentiles must rise within 0..100, got {self.percentiles}")
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "PreprocessingParams":
-        """Parse and check; raises ValueError (or TypeError) for unusable values."""
-        return cls(
-            spacing_mm=tuple(float(v) for v in data.get("spacing_mm", (1.0, 1.0))),  # type: ignore[arg-type]
-            pad_multiple=int(data.get("pad_multiple", 16)),
-            margin_mm=float(data.get("margin_mm", 10.0)),
-            percentiles=tuple(float(v) for v in data.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
-        )
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled_models"
 
 
 @dataclass
@@ -112,7 +79,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: Any, source: str = "manifest") -> "Manifest":
+    def from_json(cls, data: Any, source: str = "manifest") -> Manifest:
         """Validate and parse a manifest; any problem raises :class:`ModelError` naming ``source``."""
         if not isinstance(data, dict):
             raise ModelError(f"{source}: not a JSON object")
@@ -186,7 +153,7 @@ class ModelPackage:
         return net.to(device).eval()
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "ModelPackage":
+    def load(cls, path: str | os.PathLike[str]) -> ModelPackage:
         """Load a package folder, checking schema, sha256, tensor names and shapes."""
         path = Path(path)
         manifest_path = path / MANIFEST_NAME

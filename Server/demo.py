@@ -21,13 +21,13 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .evaluation import dice_per_label, mean_dice
-from .inference import segment_volume
-from .io import write_labels
-from .model_package import load_model
-from .phantoms import make_phantom
-from .preview import write_preview
-from .statistics import muscle_statistics, write_statistics_csv
+from dafne_logic.core.io import write_labels
+from dafne_logic.core.preview import write_preview
+from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
+from dafne_logic.inference.model_package import load_model
+from dafne_logic.inference.segment import segment_volume
+from dafne_logic.learning.evaluation import dice_per_label, mean_dice
+from dafne_logic.phantoms.images import make_phantom
 
 
 def segment_demo(out: Path, region: str = "thigh", seed: int = 2024) -> float:
@@ -60,12 +60,11 @@ def _shifted_case(region: str, seed: int) -> tuple[sitk.Image, sitk.Image]:
 
 def federated_demo(out: Path, region: str = "leg") -> tuple[float, float]:
     """The whole segment → correct → fine-tune → push → merge → pull loop; (Dice before, after)."""
+    from dafne_logic.core.client_config import ClientConfig
+    from dafne_logic.inference.model_package import ModelPackage
+    from dafne_logic.learning.federated_client import FederatedClient
+    from dafne_logic.learning.finetune import finetune_on_corrections
     from dafne_server.testing import run_local_server
-
-    from .client_config import ClientConfig
-    from .federated_client import FederatedClient
-    from .finetune import finetune_on_corrections
-    from .model_package import ModelPackage
 
     test_image, test_truth = _shifted_case(region, seed=7100)
 

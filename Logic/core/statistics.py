@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_write_text
-from .errors import InputError
-from .io import same_grid
-from .labels import LabelTable
+from dafne_logic.core.atomic import atomic_write_text
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import same_grid
+from dafne_logic.core.labels import LabelTable
 
 # CSV columns, in order. Slices are indices along the image's third axis (k, the axial axis of an
 # axial acquisition), counted from 0; intensities are in the image's own units.

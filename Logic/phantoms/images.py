@@ -1,6 +1,6 @@
 """Procedural thigh and calf phantoms: MR-like images with their exact muscle label maps.
 
-:func:`make_phantom` = :func:`~dafne_logic.phantom_anatomy.phantom_tissue_map` (geometry: tissue
+:func:`make_phantom` = :func:`~dafne_logic.phantoms.anatomy.phantom_tissue_map` (geometry: tissue
 classes and muscle labels) + :func:`render_contrast` (intensities: a per-tissue table for the
 contrast regime, fat infiltration of muscle, partial volume, thick-slice blur, bias field, Rician
 noise). Synthesis code that randomises intensities itself can use the tissue map directly.
@@ -16,8 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError
-from .phantom_anatomy import Tissue, TissueMap, phantom_tissue_map
+from dafne_logic.core.errors import InputError
+from dafne_logic.phantoms.anatomy import Tissue, TissueMap, phantom_tissue_map
 
 __all__ = ["CONTRASTS", "INTENSITIES", "make_phantom", "render_contrast", "to_image", "Tissue", "TissueMap",
            "phantom_tissue_map"]
@@ -177,7 +177,7 @@ def make_phantom(region: str = "thigh", shape: tuple[int, int, int] = (40, 432, 
     ``shape`` is (z, y, x) voxels, ``spacing`` (x, y, z) mm or None to fit the field of view to the
     body (about 0.9 mm for 432 columns; 5 mm slices for the thigh, 6 mm for the calf). Returns
     ``(image, labels)``: float32 intensities and uint8 volume labels (right muscles 1..N, left
-    N+1..2N of the region's :class:`~dafne_logic.labels.LabelTable`), both in LPS with identity
+    N+1..2N of the region's :class:`~dafne_logic.core.labels.LabelTable`), both in LPS with identity
     direction, the right leg at small x indices and the body midline near x = 0. The same ``seed``
     gives identical arrays; the anatomy depends on ``seed``, ``region``, ``shape``, ``spacing``,
     ``legs`` and ``touching`` only, so contrasts of one seed share their labels.

@@ -24,19 +24,20 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from .atomic import atomic_directory, atomic_write_text
-from .errors import Cancelled, DafneError, InputError
-from .model_package import Manifest, ModelPackage, strict_json
-from .networks import build_network, resolve_device
+from dafne_logic.core.atomic import atomic_directory, atomic_write_text
+from dafne_logic.core.errors import Cancelled, DafneError, InputError
+from dafne_logic.inference.model_package import Manifest, ModelPackage, strict_json
+from dafne_logic.inference.networks import build_network, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

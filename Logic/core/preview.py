@@ -8,9 +8,9 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_write_bytes
-from .labels import LabelTable
-from .preprocessing import canonical
+from dafne_logic.core.atomic import atomic_write_bytes
+from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.preprocessing import canonical
 
 
 def render_preview(image: sitk.Image, labels: sitk.Image, table: LabelTable, n_slices: int = 3,

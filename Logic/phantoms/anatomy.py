@@ -16,20 +16,20 @@ and fibula) with cortex and marrow and fat-padded neurovascular bundles are carv
 
 Anatomy is defined along a segment of ``length_mm`` of the limb; ``t`` in 0..1 runs from its distal
 to its proximal end (patient superior = +z in LPS). Everything here is geometry; intensities live
-in :mod:`dafne_logic.phantoms`.
+in :mod:`dafne_logic.phantoms.images`.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .labels import BUILTIN_TABLES, LabelTable, Side
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable, Side
 
 __all__ = ["Tissue", "TissueMap", "REGIONS", "phantom_tissue_map", "default_spacing"]
 
@@ -339,7 +339,7 @@ class _LegSection:
     fat_harmonics: np.ndarray
 
     @classmethod
-    def at(cls, leg: LegAnatomy, t: float) -> "_LegSection":
+    def at(cls, leg: LegAnatomy, t: float) -> _LegSection:
         return cls(leg, t, leg.axes_mm * float(_interp(leg.scale, t)), _interp(leg.outline_harmonics, t),
                    leg.fat_mm * float(_interp(leg.fat_profile, t)), _interp(leg.fat_harmonics, t))
 

@@ -6,7 +6,7 @@ Forward (:func:`prepare_volume`):
    volumes take their nearest axes) so that the **canonical array** has numpy axes
    (z: inferior→superior, y: anterior→posterior, x: patient right→left). Left and right therefore
    come from the direction matrix, never from the side of the input array a leg lies on.
-2. Body and legs (:mod:`dafne_logic.leg_detection`): two legs, one leg (its side from its physical
+2. Body and legs (:mod:`dafne_logic.core.leg_detection`): two legs, one leg (its side from its physical
    x in LPS: x < 0 is the patient's right, unless the caller says), or two legs touching.
 3. Intensity: the ``percentiles`` of body voxels map to 0 and 1, clipped to :data:`NORMALISED_RANGE`.
 4. Each leg: bounding box over all slices plus ``margin_mm``, resampled in-plane to ``spacing_mm``
@@ -18,26 +18,60 @@ Inverse (:func:`restore_labels`, or :class:`LabelAssembler` for slice-by-slice s
 class probabilities of each crop are resampled linearly back onto the canonical grid, one class and
 a bounded chunk of slices at a time, the winning class becomes that side's volume label, and the
 canonical array is permuted and flipped back onto exactly the input grid. Each canonical pixel is
-written by exactly one leg (the nearest, see :func:`dafne_logic.leg_detection.find_legs`).
+written by exactly one leg (the nearest, see :func:`dafne_logic.core.leg_detection.find_legs`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError
-from .io import same_grid
-from .labels import SIDES, LabelTable, Side
-from .leg_detection import body_mask, find_legs, strided_sample
-from .model_package import PreprocessingParams
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import same_grid
+from dafne_logic.core.labels import SIDES, LabelTable, Side
+from dafne_logic.core.leg_detection import body_mask, find_legs, strided_sample
 
 CANONICAL_ORIENTATION = "LPS"
 NORMALISED_RANGE = (-0.1, 1.1)  # normalised intensities are clipped a little beyond [0, 1]
 RESTORE_CHUNK_ELEMENTS = 16_000_000  # probabilities (slices × classes × plane) resampled at once on restore
+
+
+@dataclass(frozen=True)
+class PreprocessingParams:
+    """How a volume becomes network input (this module)."""
+
+    spacing_mm: tuple[float, float] = (1.0, 1.0)  # in-plane (row, column) spacing the model sees
+    pad_multiple: int = 16  # crop sizes are padded to a multiple of this (2 ** number of strides)
+    margin_mm: float = 10.0  # margin kept around each leg's bounding box
+    percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity range mapped to [0, 1]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __post_init__(self) -> None:
+        if len(self.spacing_mm) != 2 or not all(0.05 <= s <= 20.0 for s in self.spacing_mm):
+            raise ValueError(f"spacing_mm must be two values in 0.05..20 mm, got {self.spacing_mm}")
+        if not 1 <= self.pad_multiple <= 256:
+            raise ValueError(f"pad_multiple must be in 1..256, got {self.pad_multiple}")
+        if not 0.0 <= self.margin_mm <= 200.0:
+            raise ValueError(f"margin_mm must be in 0..200, got {self.margin_mm}")
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles must rise within 0..100, got {self.percentiles}")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PreprocessingParams:
+        """Parse and check; raises ValueError (or TypeError) for unusable values."""
+        return cls(
+            spacing_mm=tuple(float(v) for v in data.get("spacing_mm", (1.0, 1.0))),  # type: ignore[arg-type]
+            pad_multiple=int(data.get("pad_multiple", 16)),
+            margin_mm=float(data.get("margin_mm", 10.0)),
+            percentiles=tuple(float(v) for v in data.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
+        )
 
 
 @dataclass(frozen=True)
@@ -52,7 +86,7 @@ class AxisSampling:
     size: int
 
     @classmethod
-    def around(cls, first: int, stop: int, source_mm: float, target_mm: float, multiple: int) -> "AxisSampling":
+    def around(cls, first: int, stop: int, source_mm: float, target_mm: float, multiple: int) -> AxisSampling:
         """A grid of ``target_mm`` pixels, a multiple of ``multiple`` long, centred on pixels [first, stop).
 
         The start is rounded to a whole canonical pixel so that equal spacings copy pixels exactly;

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .errors import ModelError
-from .model_package import Manifest, check_tensor_shapes
+from dafne_logic.core.errors import ModelError
+from dafne_logic.inference.model_package import Manifest, check_tensor_shapes
 
 DELTA_DTYPE = torch.float16
 MAX_HEADER_BYTES = 1 << 20  # a thigh model's header is ~10 kB; anything near 1 MB is hostile

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import Cancelled, InputError
-from .labels import Side
-from .model_package import ModelPackage
-from .networks import resolve_device
-from .preprocessing import LabelAssembler, prepare_volume
+from dafne_logic.core.errors import Cancelled, InputError
+from dafne_logic.core.labels import Side
+from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
+from dafne_logic.inference.model_package import ModelPackage
+from dafne_logic.inference.networks import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def segment_volume(image: sitk.Image, model: ModelPackage, device: str = "auto",
 
     Returns:
         uint8 label image on exactly the input grid: patient-right muscles 1..N, left N+1..2N
-        (see :mod:`dafne_logic.labels`). Memory: one uint8 canonical volume plus one batch of
+        (see :mod:`dafne_logic.core.labels`). Memory: one uint8 canonical volume plus one batch of
         probabilities, whatever the number of slices.
     """
     if batch_size < 1:
