@@ -437,22 +437,8 @@ def finetune_on_corrections(
             raise Cancelled("fine-tuning cancelled; no model was written")
 
     report_progress(0.0, "preparing the corrected slices")
-    labels = align_labels_to_image(corrected, image)
-    check_correction(labels, table)
-    if isinstance(slices, str):
-        if slices != "auto":
-            raise InputError(f"slices must be 'auto' or a list of slice indices, not {slices!r}")
-    else:
-        labels = keep_only_slices(labels, list(slices))
-        check_correction(labels, table)
-        min_muscles = 1 if min_muscles is None else min_muscles
-    prepared = prepare_volume(image, model.manifest.preprocessing, labels, table)
-    data = collect_training_slices(prepared, table, min_muscles)
-    if isinstance(replay, str):
-        if replay != "phantoms":
-            raise InputError(f"replay must be 'phantoms', a TrainingSlices pool or None, not {replay!r}")
-        report_progress(0.02, "drawing replay phantoms")
-        replay = phantom_replay(model, config, seed, tuple(data.images.shape[2:])) if config.replay_per_batch else None
+    data = corrected_training_slices(model, image, corrected, slices, min_muscles)
+    replay = _replay_pool(replay, model, config, seed, tuple(data.images.shape[2:]), report_progress)
     train_idx, held_idx = split_holdout(len(data), config)
     train, held = data.subset(train_idx), data.subset(held_idx) if held_idx else None
     check_cancel()
@@ -462,8 +448,7 @@ def finetune_on_corrections(
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         net = model.network("cpu")
-        before = predict_classes(net, data.images, config.batch_size)
-        automatic_dice = agreement_dice(before, data, table)
+        automatic_dice = agreement_dice(predict_classes(net, data.images, config.batch_size), data, table)
         net.to(device)
         history, stop_reason, best_state = _train(net, model.state_dict, table.n_classes, train, held, replay,
                                                   generator, config, device, report_progress, check_cancel, began)
@@ -472,24 +457,16 @@ def finetune_on_corrections(
     after_dice = agreement_dice(predict_classes(net, data.images, config.batch_size), data, table)
 
     child_state = {k: v.detach().to(torch.float16).float() for k, v in best_state.items()}
-    sha = hashlib.sha256(weights_bytes(child_state)).hexdigest()
-    manifest = copy.deepcopy(model.manifest)
-    manifest.version = _local_version(model.manifest.version, sha)
-    manifest.parent_version = model.manifest.version
-    manifest.created = ""
     n_image_slices = len({z for _, z in data.sources})
-    manifest.provenance = {
-        "trained_on": model.manifest.provenance.get("trained_on", "unknown"),
-        "finetune": {
-            "parent_version": model.manifest.version,
-            "n_slices": n_image_slices,
-            "n_leg_slices": len(data),
-            "n_replay_slices": len(replay) if replay is not None else 0,
-            "seed": seed,
-            "config": asdict(config),
-            "stop_reason": stop_reason,
-            "epochs": len(history) - 1,
-        },
+    training = {
+        "parent_version": model.manifest.version,
+        "n_slices": n_image_slices,
+        "n_leg_slices": len(data),
+        "n_replay_slices": len(replay) if replay is not None else 0,
+        "seed": seed,
+        "config": asdict(config),
+        "stop_reason": stop_reason,
+        "epochs": len(history) - 1,
     }
     # The delta always goes against the server version the model descends from, so a model
     # fine-tuned again locally can still be pushed (as the sum of its local steps).
@@ -497,22 +474,20 @@ def finetune_on_corrections(
     base_dice = automatic_dice
     if base is not model:
         base_dice = agreement_dice(predict_classes(base.network("cpu"), data.images, config.batch_size), data, table)
-    manifest.provenance["finetune"]["server_parent"] = {
-        "version": base.manifest.version, "weights_sha256": base.manifest.weights_sha256,
-        "n_slices": earlier_slices + n_image_slices}
-    child = ModelPackage(manifest, child_state)
+    n_slices_since_base = earlier_slices + n_image_slices
+    child = _child_package(model, child_state, training, base, n_slices_since_base)
     delta = make_delta(base.state_dict, child_state)
-    metadata = DeltaMetadata(family=manifest.name, parent_version=base.manifest.version,
-                             n_slices=earlier_slices + n_image_slices, dice_per_label=base_dice,
+    metadata = DeltaMetadata(family=child.manifest.name, parent_version=base.manifest.version,
+                             n_slices=n_slices_since_base, dice_per_label=base_dice,
                              client_version=__version__, parent_sha256=base.manifest.weights_sha256)
     report = {
         "parent_version": model.manifest.version,
         "parent_path": str(model.path) if model.path else None,
-        "version": manifest.version,
+        "version": child.manifest.version,
         "n_slices": n_image_slices,
         "n_leg_slices": len(data),
         "n_held_out": len(held_idx),
-        "n_replay_slices": len(replay) if replay is not None else 0,
+        "n_replay_slices": training["n_replay_slices"],
         "leg_slices": [[side, z] for side, z in data.sources],
         "epochs": len(history) - 1,
         "stop_reason": stop_reason,
@@ -529,6 +504,60 @@ def finetune_on_corrections(
     report_progress(1.0, f"fine-tuned on {len(data)} leg-slices; Dice on them "
                          f"{report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}")
     return FinetuneResult(child, delta, metadata, report)
+
+
+def corrected_training_slices(model: ModelPackage, image: sitk.Image, corrected: sitk.Image,
+                              slices: str | Sequence[int], min_muscles: int | None) -> TrainingSlices:
+    """The leg-slices to learn from: the correction checked against ``model``'s table, aligned to
+    ``image``, restricted to the user's slices (a list of k indices) or chosen automatically
+    (``"auto"``: per leg, slices with at least ``min_muscles`` muscles drawn), then cropped per leg.
+
+    Raises:
+        InputError: no overlap, label values outside the table, empty correction, no usable slices.
+    """
+    table = model.labels
+    labels = align_labels_to_image(corrected, image)
+    check_correction(labels, table)
+    if isinstance(slices, str):
+        if slices != "auto":
+            raise InputError(f"slices must be 'auto' or a list of slice indices, not {slices!r}")
+    else:
+        labels = keep_only_slices(labels, list(slices))
+        check_correction(labels, table)
+        min_muscles = 1 if min_muscles is None else min_muscles
+    prepared = prepare_volume(image, model.manifest.preprocessing, labels, table)
+    return collect_training_slices(prepared, table, min_muscles)
+
+
+def _replay_pool(replay: str | TrainingSlices | None, model: ModelPackage, config: FinetuneConfig, seed: int,
+                 shape: tuple[int, ...], report_progress: ProgressCallback) -> TrainingSlices | None:
+    """The rehearsal pool ``finetune_on_corrections``'s ``replay`` argument names (crops of ``shape``)."""
+    if not isinstance(replay, str):
+        return replay
+    if replay != "phantoms":
+        raise InputError(f"replay must be 'phantoms', a TrainingSlices pool or None, not {replay!r}")
+    if not config.replay_per_batch:
+        return None
+    report_progress(0.02, "drawing replay phantoms")
+    return phantom_replay(model, config, seed, (shape[0], shape[1]))
+
+
+def _child_package(model: ModelPackage, child_state: dict[str, torch.Tensor], training: dict[str, Any],
+                   base: ModelPackage, n_slices_since_base: int) -> ModelPackage:
+    """The fine-tuned package: ``model``'s manifest with a local version named by the new weights'
+    hash, ``model`` as parent, and provenance naming the server version its delta is taken against."""
+    sha = hashlib.sha256(weights_bytes(child_state)).hexdigest()
+    manifest = copy.deepcopy(model.manifest)
+    manifest.version = _local_version(model.manifest.version, sha)
+    manifest.parent_version = model.manifest.version
+    manifest.created = ""
+    manifest.provenance = {
+        "trained_on": model.manifest.provenance.get("trained_on", "unknown"),
+        "finetune": {**training, "server_parent": {
+            "version": base.manifest.version, "weights_sha256": base.manifest.weights_sha256,
+            "n_slices": n_slices_since_base}},
+    }
+    return ModelPackage(manifest, child_state)
 
 
 def _train(net: torch.nn.Module, parent_state: dict[str, torch.Tensor], n_classes: int, train: TrainingSlices,

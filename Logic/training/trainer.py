@@ -347,107 +347,152 @@ def train_model(
     output_dir = Path(output_dir)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(output_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    n_classes = manifest.labels.n_classes
-    loss_fn = loss_fn or default_loss(n_classes)
-
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    model = build_network(manifest.architecture)
-    if init_state is not None:
-        model.load_state_dict(init_state, strict=True)
-    model.to(device).train()
-    ema = _new_ema(model) if config.ema_decay is not None else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-
-    start = 0
-    if resume:
-        saved = json.loads((work_dir / CHECKPOINT_DIR / STATE_NAME).read_text(encoding="utf-8")) \
-            if (work_dir / CHECKPOINT_DIR / STATE_NAME).is_file() else None
-        if saved is not None and _math_settings(TrainConfig.from_json(saved["config"])) != _math_settings(config):
-            raise InputError(f"{work_dir}: the checkpoint was made with other settings; resume with the same "
-                             f"ones (only the number of steps, the device and the checkpoint, validation and "
-                             f"log intervals may change) or start a new run")
-        start = _load_checkpoint(work_dir, model, ema, optimizer, generator, scaler, device)
-        log.info("resuming at step %d of %d from %s", start, config.steps, work_dir / CHECKPOINT_DIR)
+    loss_fn = loss_fn or default_loss(manifest.labels.n_classes)
+    run = _TrainingRun.start(manifest, config, init_state)
+    start = _resume_checkpoint(work_dir, run, config) if resume else 0
     train_log = _TrainLog(work_dir, start if resume else None)
-
-    def averaged_weights() -> dict[str, torch.Tensor]:
-        return ema if ema is not None else {k: v.detach().float() for k, v in model.state_dict().items()}
 
     def run_validation() -> dict[str, float]:
         assert validate is not None
         with torch.no_grad():
-            return validate(_evaluation_network(manifest, averaged_weights(), device))
+            return validate(_evaluation_network(manifest, run.averaged_weights(), run.device))
 
     began = time.monotonic()
     running: list[float] = []
     metrics: dict[str, float] | None = None
-    step = start
     for step in range(start, config.steps):
         if cancel is not None and cancel():
-            save_checkpoint(work_dir, step, model, ema, optimizer, generator, scaler, config)
+            run.save_checkpoint(work_dir, step, config)
             raise Cancelled(f"training cancelled at step {step}; resume from {work_dir}")
         lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, targets = sample_batch(generator, config.batch_size)
+        images, targets = sample_batch(run.generator, config.batch_size)
         _check_batch(images, targets, config.batch_size)
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(images)
-        loss = loss_fn(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise DafneError(f"training diverged at step {step + 1} (loss {loss.item()}); lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if ema is not None:
-            _update_ema(ema, model, config.ema_decay, step)  # type: ignore[arg-type]
+        running.append(run.optimisation_step(images, targets, loss_fn, lr, step, config))
         done = step + 1
-        running.append(float(loss.detach()))
         if progress is not None:
             progress(done, config.steps, {"loss": running[-1], "lr": lr})
         validating = validate is not None and (
             done == config.steps or (config.val_every > 0 and done % config.val_every == 0))
         if validating:
-            model.eval()
+            run.model.eval()
             metrics = run_validation()
-            model.train()
+            run.model.train()
         if done % config.log_every == 0 or validating or done == config.steps:
             train_log.add(done, sum(running) / len(running) if running else None, lr,
                           time.monotonic() - began, metrics if validating else None)
             running = []
         if config.checkpoint_every > 0 and done % config.checkpoint_every == 0 and done < config.steps:
-            save_checkpoint(work_dir, done, model, ema, optimizer, generator, scaler, config)
+            run.save_checkpoint(work_dir, done, config)
 
     if start >= config.steps and validate is not None:
         metrics = run_validation()
-    save_checkpoint(work_dir, config.steps, model, ema, optimizer, generator, scaler, config)
+    run.save_checkpoint(work_dir, config.steps, config)
+    return _save_package(manifest, run, config, metrics, output_dir)
+
+
+@dataclass
+class _TrainingRun:
+    """What one training run changes step by step: the network, its moving average, the optimiser,
+    the sampler's random generator and the mixed-precision scaler (CUDA fp16 only)."""
+
+    model: nn.Module
+    ema: dict[str, torch.Tensor] | None
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
+
+    @classmethod
+    def start(cls, manifest: Manifest, config: TrainConfig, init_state: dict[str, torch.Tensor] | None) -> _TrainingRun:
+        """Seeded fresh network (or ``init_state``'s weights) on ``config.device``, step 0."""
+        device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        model = build_network(manifest.architecture)
+        if init_state is not None:
+            model.load_state_dict(init_state, strict=True)
+        model.to(device).train()
+        ema = _new_ema(model) if config.ema_decay is not None else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        use_amp = config.amp and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+        return cls(model, ema, optimizer, generator, scaler, device, use_amp, amp_dtype)
+
+    def averaged_weights(self) -> dict[str, torch.Tensor]:
+        """The weights to validate and ship: the moving average when there is one."""
+        if self.ema is not None:
+            return self.ema
+        return {k: v.detach().float() for k, v in self.model.state_dict().items()}
+
+    def optimisation_step(self, images: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, lr: float,
+                          step: int, config: TrainConfig) -> float:
+        """One gradient step at learning rate ``lr`` on a batch; returns its loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            logits = self.model(images)
+        loss = loss_fn(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise DafneError(f"training diverged at step {step + 1} (loss {loss.item()}); lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            _update_ema(self.ema, self.model, config.ema_decay, step)  # type: ignore[arg-type]
+        return float(loss.detach())
+
+    def save_checkpoint(self, work_dir: Path, step: int, config: TrainConfig) -> None:
+        save_checkpoint(work_dir, step, self.model, self.ema, self.optimizer, self.generator, self.scaler, config)
+
+
+def _resume_checkpoint(work_dir: Path, run: _TrainingRun, config: TrainConfig) -> int:
+    """Load ``work_dir``'s checkpoint into ``run``; returns the step to continue from (0 without one).
+
+    Raises:
+        InputError: the checkpoint was made with other settings than the schedule's length, the
+            device and the intervals.
+    """
+    state_file = work_dir / CHECKPOINT_DIR / STATE_NAME
+    saved = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else None
+    if saved is not None and _math_settings(TrainConfig.from_json(saved["config"])) != _math_settings(config):
+        raise InputError(f"{work_dir}: the checkpoint was made with other settings; resume with the same "
+                         f"ones (only the number of steps, the device and the checkpoint, validation and "
+                         f"log intervals may change) or start a new run")
+    start = _load_checkpoint(work_dir, run.model, run.ema, run.optimizer, run.generator, run.scaler, run.device)
+    log.info("resuming at step %d of %d from %s", start, config.steps, work_dir / CHECKPOINT_DIR)
+    return start
+
+
+def _save_package(manifest: Manifest, run: _TrainingRun, config: TrainConfig, metrics: dict[str, float] | None,
+                  output_dir: Path) -> ModelPackage:
+    """Record the run in ``manifest.provenance["training"]`` and save the averaged weights at ``output_dir``."""
     manifest.provenance = {
         **manifest.provenance,
         "training": {
             **manifest.provenance.get("training", {}),
             "config": config.to_json(),
             "steps_done": config.steps,
-            "weights": "exponential moving average" if ema is not None else "last step",
-            "device": str(device),
+            "weights": "exponential moving average" if run.ema is not None else "last step",
+            "device": str(run.device),
             "final_validation": metrics,
         },
     }
-    package = ModelPackage(manifest, {k: v.detach().to("cpu").float().clone() for k, v in averaged_weights().items()})
+    weights = {k: v.detach().to("cpu").float().clone() for k, v in run.averaged_weights().items()}
+    package = ModelPackage(manifest, weights)
     package.save(output_dir)
     return package
