@@ -40,10 +40,10 @@ def rotation_z(degrees: float) -> np.ndarray:
     return np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
 
 
-def grid(size_xyz, spacing_xyz, direction=np.eye(3), centre=(0.0, 0.0, 0.0)) -> sitk.Image:
+def grid(size_xyz, spacing_xyz, direction=None, centre=(0.0, 0.0, 0.0)) -> sitk.Image:
     """An empty float image of this size and spacing whose centre sits at ``centre`` (mm)."""
     image = sitk.Image([int(s) for s in size_xyz], sitk.sitkFloat32)
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    d = np.asarray(np.eye(3) if direction is None else direction, dtype=float).reshape(3, 3)
     image.SetSpacing([float(s) for s in spacing_xyz])
     image.SetDirection(d.ravel().tolist())
     image.SetOrigin((np.asarray(centre) - d @ (np.asarray(spacing_xyz) * (np.asarray(size_xyz) - 1) / 2)).tolist())

@@ -134,7 +134,7 @@ class FakeSegmentation:
         self.calls, self.sides, self.block, self.fail = [], [], None, None
 
     def list_models(self):
-        return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(l.name for l in LEG.volume_labels()))]
+        return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(label.name for label in LEG.volume_labels()))]
 
     def load_model(self, name):
         if name == "broken":

@@ -61,7 +61,7 @@ class Muscle:
         color = tuple(int(c) for c in data["color"])
         if len(color) != 3 or not all(0 <= c <= 255 for c in color):
             raise ValueError(f"muscle {data.get('name')!r}: colour must be three integers in 0..255")
-        return cls(str(data["name"]), color, Code.from_json(data["code"]))  # type: ignore[arg-type]
+        return cls(str(data["name"]), color, Code.from_json(data["code"]))
 
 
 @dataclass(frozen=True)

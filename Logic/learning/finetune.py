@@ -325,7 +325,8 @@ def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Genera
 
 def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
     """``0.5 * sum ||w - w_parent||^2`` over the trainable parameters."""
-    return 0.5 * sum(((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters())
+    squares = [((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters()]
+    return 0.5 * torch.stack(squares).sum()
 
 
 @torch.no_grad()

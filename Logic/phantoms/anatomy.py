@@ -414,15 +414,15 @@ def _t_of(subject: Subject, z_mm: float) -> float:
 
 def _leg_centres(subject: Subject, slices: dict[Side, _LegSection]) -> dict[Side, tuple[float, float]]:
     """Physical (x, y) of each leg centre: the legs sit either side of x = 0, ``gap`` apart."""
-    r, l = slices["right"], slices["left"]
+    right, left = slices["right"], slices["left"]
     if subject.touching:
         # Touching: overlap by part of the thinner medial fat, so skin meets skin and fat meets fat.
-        gap = -(0.5 * min(r.fat_thickness(-1.0, 0.0), l.fat_thickness(-1.0, 0.0)) + 1.0)
+        gap = -(0.5 * min(right.fat_thickness(-1.0, 0.0), left.fat_thickness(-1.0, 0.0)) + 1.0)
     else:
-        gap = float(_interp(subject.gap_mm, r.t))
-    drift = 6.0 * (r.t - subject.t_center)  # legs converge slightly towards the hips
-    return {"right": (-(r.medial_extent_mm() + gap / 2) + drift, r.leg.center_y_mm),
-            "left": (l.medial_extent_mm() + gap / 2 - drift, l.leg.center_y_mm)}
+        gap = float(_interp(subject.gap_mm, right.t))
+    drift = 6.0 * (right.t - subject.t_center)  # legs converge slightly towards the hips
+    return {"right": (-(right.medial_extent_mm() + gap / 2) + drift, right.leg.center_y_mm),
+            "left": (left.medial_extent_mm() + gap / 2 - drift, left.leg.center_y_mm)}
 
 
 def default_spacing(region: str, shape: tuple[int, int, int], seed: int = 0) -> tuple[float, float, float]:
