@@ -14,7 +14,7 @@
 Usage::
 
     python bench/evaluate_base_models.py --thigh MODEL_DIR... --leg MODEL_DIR... [--data ../shared/data]
-        [--per-regime 48] [--json OUT.json]
+        [--per-regime 48] [--json OUT.json (default bench/results/evaluate_base_models.json)]
 
 Several models per region are scored in the same run (e.g. the phantom-trained bundled model and a
 new one), so their figures compare like with like.
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.io import read_image, read_segmentation
 from dafne_logic.core.labels import LEG, THIGH
 from dafne_logic.inference.model_package import ModelPackage
@@ -40,6 +41,8 @@ from dafne_logic.learning.evaluation import dice_per_label, mean_dice
 from dafne_logic.phantoms.images import make_phantom
 from dafne_logic.training.harmonisation import GroupRegistry, find_label_maps, load_label_map, subject_id
 from dafne_logic.training.synthesis import REGIMES, AnatomyBank, SynthesisConfig, SynthesisSampler, dice_by_class
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 EVAL_SEED = 20261127  # never used in training (training seeds are 0.. and phantom seeds 1000..)
 PHANTOM_SEEDS = (777001, 777002)
@@ -129,7 +132,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--leg", nargs="*", default=[], type=Path, help="leg (calf) model folders")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--per-regime", type=int, default=48, help="synthetic held-out images per contrast regime")
-    parser.add_argument("--json", type=Path, help="write all figures here")
+    parser.add_argument("--json", type=Path, default=RESULTS / "evaluate_base_models.json",
+                        help="write all figures here (default: bench/results/evaluate_base_models.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     report: dict[str, dict] = {}
@@ -154,8 +158,8 @@ def main(argv: list[str]) -> int:
         _print_table(f"{path}: real calf slices, zero-shot (Dice per label)", entry["real_calf"])
         print(f"{path}: phantom mean Dice by contrast {json.dumps({k: round(v, 3) for k, v in entry['phantoms'].items()})}")
         report[str(path)] = entry
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    print(f"figures saved in {args.json}")
     return 0
 
 

@@ -62,7 +62,8 @@ def main() -> int:
     parser.add_argument("--side", default="right", choices=("right", "left"), help="leg trained on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json")
+    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "finetune_real_calf.json"),
+                        help="figures as JSON (default: bench/results/finetune_real_calf.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -98,10 +99,10 @@ def main() -> int:
         for label, value in before[key]["per_label"].items():
             new = results["after"][args.seeds[0]][key]["per_label"][label]
             print(f"  {key:<14} {label:<{key_width}} {value:.3f} -> {new:.3f}")
-    if args.json:
-        from dafne_logic.core.atomic import atomic_write_text
+    from dafne_logic.core.atomic import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(results, indent=2, default=float) + "\n")
+    atomic_write_text(args.json, json.dumps(results, indent=2, default=float) + "\n")
+    print(f"figures saved in {args.json}")
     return 0
 
 
