@@ -22,7 +22,15 @@ from dafne_logic.core.slice_selection import min_muscles_required, parse_slice_l
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.inference.networks import build_network, unet_architecture
 from dafne_logic.learning.delta import DeltaMetadata, apply_delta, decode_delta
-from dafne_logic.learning.finetune import DELTA_METADATA_NAME, DELTA_NAME, FinetuneConfig, TrainingSlices, augment, finetune_on_corrections
+from dafne_logic.learning.finetune import (
+    DELTA_METADATA_NAME,
+    DELTA_NAME,
+    FinetuneConfig,
+    TrainingSlices,
+    augment,
+    finetune_on_corrections,
+    split_holdout,
+)
 
 FAST = FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=10)
 
@@ -90,6 +98,25 @@ def with_array(like: sitk.Image, array: np.ndarray) -> sitk.Image:
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(like)
     return out
+
+
+def test_report_gives_dice_on_held_out_slices_apart_from_the_trained_ones(tmp_path):
+    parent = saved_tiny_model(tmp_path / "parent")
+    image, labels = two_legs()
+    report = finetune_on_corrections(parent, image, labels, config=FAST).report
+
+    held = [tuple(pair) for pair in report["leg_slices"]]
+    held = [held[i] for i in split_holdout(len(held), FAST)[1]]
+    assert len(held) == report["n_held_out"] == 2
+    # the held-out Dice is measured on those slices only: its labels are those drawn there
+    drawn_on_held = {name for name in report["dice_before"] if name.split()[0] in {side for side, _ in held}}
+    assert set(report["dice_held_out_before"]) <= drawn_on_held
+    assert report["dice_held_out_before"] and report["dice_held_out_after"]
+    assert report["mean_dice_held_out_after"] > report["mean_dice_held_out_before"]
+    assert report["dice_held_out_after"] != report["dice_after"]
+
+    few = finetune_on_corrections(parent, image, labels, slices=[0, 1], config=FAST).report
+    assert few["n_held_out"] == 0 and few["dice_held_out_after"] is None and few["mean_dice_held_out_after"] is None
 
 
 def test_finetune_learns_and_saves_lineage_and_delta(tmp_path):

@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
           f"({report['epochs']} epochs, {report['stop_reason']}, {report['seconds']:.1f} s)")
     print(f"Dice automatic vs corrected on those slices: {_fmt(report['mean_dice_before'])}; "
           f"after fine-tuning: {_fmt(report['mean_dice_after'])}")
+    if report["n_held_out"]:
+        print(f"on the {report['n_held_out']} held-out leg-slices (not trained on): "
+              f"{_fmt(report['mean_dice_held_out_before'])} -> {_fmt(report['mean_dice_held_out_after'])}")
     print(f"model -> {output}; delta -> {output / DELTA_NAME} ({report['delta_megabytes']:.2f} MB)")
     return 0
 
