@@ -58,6 +58,7 @@ from dafne_logic.core.slice_selection import keep_only_slices, min_muscles_requi
 from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
 from dafne_logic.inference.networks import resolve_device
 from dafne_logic.inference.segment import CancelCheck, ProgressCallback
+from dafne_logic.learning.contrast_resynthesis import resynthesise_contrast
 from dafne_logic.learning.delta import DeltaMetadata, delta_norm, encode_delta, make_delta
 from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
 from dafne_logic.training.trainer import default_loss
@@ -93,12 +94,15 @@ class FinetuneConfig:
     intensity_scale: float = 0.1  # gain drawn in [1 - s, 1 + s]
     intensity_shift: float = 0.05  # offset in normalised units
     noise_std: float = 0.02  # Gaussian noise, normalised units
+    resynthesis_probability: float = 0.0  # chance a corrected slice is re-painted in a random contrast, per step
     max_seconds: float | None = None  # optional wall-clock budget (makes results time-dependent)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.max_steps < 1 or self.prox_mu < 0:
             raise InputError("fine-tuning needs lr > 0, batch size >= 1, max epochs and steps >= 1 and mu >= 0")
+        if not 0.0 <= self.resynthesis_probability <= 1.0:
+            raise InputError("the resynthesis probability must lie in 0..1")
 
 
 @dataclass
@@ -608,6 +612,7 @@ def _train(net: torch.nn.Module, parent_state: dict[str, torch.Tensor], n_classe
                 order += torch.randperm(len(train), generator=generator).tolist()
             batch, order = order[:config.batch_size], order[config.batch_size:]
             images, targets = train.images[batch], train.targets[batch]
+            images = resynthesise_contrast(images, targets, n_classes - 1, generator, config.resynthesis_probability)
             if replay is not None and config.replay_per_batch > 0:
                 pick = torch.randint(len(replay), (config.replay_per_batch,), generator=generator)
                 images = torch.cat([images, replay.images[pick]])
