@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "DafneSlicer"
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
 
 from DafneSlicerLib.jobs import BackgroundJob, ProcessJob  # noqa: E402
 

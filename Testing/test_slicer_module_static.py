@@ -15,8 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "DafneSlicer"
-if str(MODULE) not in sys.path:
-    sys.path.insert(0, str(MODULE))
 UI_FILE = MODULE / "Resources" / "UI" / "DafneSlicer.ui"
 PANEL_SOURCES = [MODULE / "DafneSlicer.py", MODULE / "DafneSlicerLib" / "widget.py"]
 WIDGET_NAME = re.compile(r"(Button|LineEdit|Label|ComboBox|CheckBox|Table|Selector|Bar)$")
