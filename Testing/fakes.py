@@ -264,3 +264,11 @@ class FakePackaging:
         raise importlib.metadata.PackageNotFoundError(name)
 
 
+
+
+def as_on_windows_python_312(monkeypatch) -> None:
+    """Make ``os`` look as on Windows Python 3.12 (what Slicer 5.10 ships): no fchmod, no fchown."""
+    import os
+
+    monkeypatch.delattr(os, "fchmod", raising=False)
+    monkeypatch.delattr(os, "fchown", raising=False)
