@@ -37,6 +37,16 @@ class DafneSlicer(ScriptedLoadableModule):
             "Follows Dafne (Santini et al., arXiv 2302.06352): deep anatomical federated network for "
             "muscle segmentation with incremental learning."
         )
+        # The muscles' codes are not in Slicer's bundled terminology lists: load the module's own, so the
+        # terminology picker offers them (as SlicerTotalSegmentator does).
+        slicer.app.connect("startupCompleted()", load_muscle_terminology)
+
+
+def load_muscle_terminology() -> None:
+    """Load ``Resources/Terminology/DafneSlicer-muscles.term.json`` into Slicer's Terminologies module."""
+    from DafneSlicerLib.terminology import load_terminology
+
+    load_terminology(slicer.modules.terminologies.logic())
 
 
 class DafneSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -79,7 +79,7 @@ def test_share_section_is_collapsed_and_off_by_default():
 
 def _cmake_listed(text: str) -> set[str]:
     text = text.replace("${MODULE_NAME}", "DafneSlicer")
-    return set(re.findall(r"^\s+([\w./-]+\.(?:py|ui|png|txt))\s*$", text, flags=re.MULTILINE))
+    return set(re.findall(r"^\s+([\w./-]+\.(?:py|ui|png|txt|json))\s*$", text, flags=re.MULTILINE))
 
 
 def test_every_module_file_is_listed_in_cmake_and_every_listed_file_exists():
@@ -172,6 +172,16 @@ def test_extensions_index_entry():
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith("https://") and entry["build_subdirectory"] == "."
+
+
+def test_shipped_terminology_file_is_what_the_label_tables_give_and_loads_at_startup():
+    from DafneSlicerLib.terminology import TERMINOLOGY_FILE, terminology_json
+
+    assert TERMINOLOGY_FILE.read_text(encoding="utf-8") == terminology_json(), (
+        "regenerate it: python DafneSlicer/DafneSlicerLib/terminology.py")
+    module = (MODULE / "DafneSlicer.py").read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", load_muscle_terminology)' in module
+    assert "load_terminology(slicer.modules.terminologies.logic())" in module
 
 
 def test_icon_is_a_128_pixel_png():
