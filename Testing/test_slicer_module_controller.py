@@ -117,6 +117,17 @@ def test_unknown_single_leg_side_is_refused_before_any_work():
     assert controller.job is None and parts["segmentation"].calls == []
     assert parts["view"].errors == ["Single leg side must be one of auto, right, left, not 'middle'."]
 
+def test_first_segment_after_installing_fills_the_model_list_and_uses_its_selection():
+    install = FakeInstall(missing=["torch>=2.4"], agree=True)
+    controller, parts = make_controller(install=install)
+    controller.refresh_models()  # the panel opened before the packages were there: nothing to select
+    assert parts["view"].models == [([], None)]
+    controller.segment(make_volume(), None, "cpu")
+    finish(controller)
+    assert install.asked == 1 and parts["view"].models[1] == (["leg"], None)  # filled right after installing
+    assert parts["scene"].shown and not parts["view"].errors and controller.case.model_name == "leg"
+
+
 def test_installation_on_first_use_then_segment():
     install = FakeInstall(missing=["torch>=2.4"], agree=True)
     controller, parts = make_controller(install=install)
@@ -379,6 +390,42 @@ def test_install_asks_once_then_installs_torch_and_pip_packages_without_slicers_
     assert packaging.calls[2][1] == ["monai<1.6,>=1.5"] and packaging.calls[2][2] == NEVER_INSTALL  # torch 2.6
     assert set(NEVER_INSTALL) >= {"numpy", "vtk", "SimpleITK", "pydicom", "requests", "torch"}
     assert install.missing() == [] and install.ensure() is True and len(packaging.calls) == 3  # no second prompt
+
+
+def test_first_install_asks_once_the_pytorch_extension_does_not_ask_again(monkeypatch):
+    """The module's question lists torch; PyTorchUtils is told not to ask a second time."""
+    import importlib
+    import sys
+    from types import ModuleType
+
+    torch_calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):  # noqa: N802 - the PyTorch extension's name
+            torch_calls.append(kwargs)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    monkeypatch.setitem(sys.modules, "slicer", ModuleType("slicer"))  # what the module imports; unused here
+    monkeypatch.delitem(sys.modules, "DafneSlicerLib.slicer_packaging", raising=False)
+    slicer_packaging = importlib.import_module("DafneSlicerLib.slicer_packaging")
+    questions = []
+
+    class Packaging(slicer_packaging.SlicerPackaging):
+        def confirm(self, question):
+            questions.append(question)
+            return True
+
+        def torch_installed(self):
+            return bool(torch_calls)
+
+        def pip_install(self, requirements, skip):
+            pass
+
+    install = InstallLogic(Packaging(), [], version_of=lambda name: "2.6.0")
+    assert install.ensure() is True
+    assert len(questions) == 1 and "torch>=2.4" in questions[0]
+    assert torch_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.4"}]
 
 
 def test_install_declined_or_offline():
