@@ -174,14 +174,11 @@ def test_extensions_index_entry():
     assert entry["scm_url"].startswith("https://") and entry["build_subdirectory"] == "."
 
 
-def test_shipped_terminology_file_is_what_the_label_tables_give_and_loads_at_startup():
+def test_shipped_terminology_file_is_what_the_label_tables_give():
     from DafneSlicerLib.terminology import TERMINOLOGY_FILE, terminology_json
 
     assert TERMINOLOGY_FILE.read_text(encoding="utf-8") == terminology_json(), (
         "regenerate it: python DafneSlicer/DafneSlicerLib/terminology.py")
-    module = (MODULE / "DafneSlicer.py").read_text(encoding="utf-8")
-    assert 'slicer.app.connect("startupCompleted()", load_muscle_terminology)' in module
-    assert "load_terminology(slicer.modules.terminologies.logic())" in module
 
 
 def test_icon_is_a_128_pixel_png():
