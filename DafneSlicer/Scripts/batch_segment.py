@@ -25,6 +25,7 @@ from pathlib import Path
 MODULE_DIR = Path(__file__).resolve().parents[1]  # DafneSlicer/ (dafne_logic is installed beside it)
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
+import DafneSlicerLib  # noqa: E402, F401 - first: in a source checkout it makes ../Logic importable as dafne_logic
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
