@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import SimpleITK as sitk
 
@@ -69,7 +69,7 @@ class _Termination:
             self.requested = True
             _thread.interrupt_main(signal.SIGINT)
 
-    def watch(self, cancel_file: Path, stdin: object | None) -> None:
+    def watch(self, cancel_file: Path, stdin: BinaryIO | None) -> None:
         """Start daemon threads that call :meth:`request_stop` when ``cancel_file`` appears or ``stdin``
         (a binary stream; None: not watched) reaches end-of-file."""
         def watch_file() -> None:
@@ -77,14 +77,14 @@ class _Termination:
                 threading.Event().wait(self.POLL_S)
             self.request_stop()
 
-        def watch_stdin() -> None:
-            while stdin.read(1 << 16):  # type: ignore[attr-defined]
+        def watch_stdin(stream: BinaryIO) -> None:
+            while stream.read(1 << 16):
                 pass
             self.request_stop()
 
         threading.Thread(target=watch_file, name="dafne-cancel-file", daemon=True).start()
         if stdin is not None:
-            threading.Thread(target=watch_stdin, name="dafne-stdin", daemon=True).start()
+            threading.Thread(target=watch_stdin, args=(stdin,), name="dafne-stdin", daemon=True).start()
 
     def commit(self) -> None:
         """From now on the task finishes and reports its result even if cancelled."""
