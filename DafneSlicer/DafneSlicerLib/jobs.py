@@ -135,6 +135,7 @@ class ProcessJob:
         self._committing = False
         self._stdout_closed = False  # end-of-file: every process of the tree has exited
         self._cancelled_at: float | None = None
+        self._killed = False
         self._process: subprocess.Popen | None = None
 
     def start(self) -> ProcessJob:
@@ -177,8 +178,9 @@ class ProcessJob:
         exited = self._process.poll() is not None
         self._read_lines()
         if self._cancelled_at is not None and not self._stdout_closed and not self._committing \
-                and time.monotonic() - self._cancelled_at > KILL_AFTER_S:
+                and not self._killed and time.monotonic() - self._cancelled_at > KILL_AFTER_S:
             signal_tree(self._process)  # it did not stop when asked: end the whole tree now
+            self._killed = True
         if not exited or (self._cancelled_at is not None and not self._stdout_closed):
             return self._status  # after Cancel, "done" only once nothing of the tree can write any more
         self._read_lines()
