@@ -221,3 +221,23 @@ def test_worker_processes_start_hidden_on_windows_and_in_their_own_group_elsewhe
     assert windows["creationflags"] & 0x08000000  # CREATE_NO_WINDOW
     assert windows["startupinfo"].dwFlags & 1 and windows["startupinfo"].wShowWindow == 0  # SW_HIDE
     assert popen_options("posix") == {"start_new_session": True}
+
+
+def test_on_windows_cancel_ends_the_tree_with_taskkill_and_asks_no_signal(monkeypatch):
+    from types import SimpleNamespace
+
+    from DafneSlicerLib import processes
+
+    class StartupInfo:
+        dwFlags, wShowWindow = 0, 1
+
+    ran = []
+    monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    monkeypatch.setattr(processes, "os", SimpleNamespace(name="nt"))
+    monkeypatch.setattr(processes.subprocess, "run", lambda args, **kwargs: ran.append((args, kwargs)))
+    worker = SimpleNamespace(pid=4242)
+    processes.signal_tree(worker, terminate=True)  # Windows has no polite tree signal: the cancel file asks
+    assert ran == []
+    processes.signal_tree(worker)
+    (args, kwargs), = ran
+    assert args == ["taskkill", "/T", "/F", "/PID", "4242"] and kwargs["creationflags"] & 0x08000000  # hidden too

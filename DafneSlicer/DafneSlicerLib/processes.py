@@ -27,9 +27,10 @@ SW_HIDE = 0
 CREATE_NO_WINDOW = 0x08000000
 
 
-def popen_options(os_name: str = os.name) -> dict[str, Any]:
-    """Keyword arguments for :class:`subprocess.Popen` that start a process tree Cancel can end."""
-    if os_name == "nt":
+def popen_options(os_name: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for :class:`subprocess.Popen` that start a process tree Cancel can end
+    (``os_name``: an ``os.name`` value, this platform's by default)."""
+    if (os_name or os.name) == "nt":
         info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]  # Windows only
         info.dwFlags |= STARTF_USESHOWWINDOW
         info.wShowWindow = SW_HIDE
