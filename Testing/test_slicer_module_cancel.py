@@ -205,11 +205,28 @@ def test_worker_stops_when_its_stdin_closes(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(MODULE_DIR), os.environ.get("PYTHONPATH")])))
     process = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "request.json")], cwd=tmp_path,
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdin.write("dafne-worker-stdin\n")  # what ProcessJob writes first: this pipe is the GUI's
+    process.stdin.flush()
     _wait_for(tmp_path / "ready")
     process.stdin.close()
     assert process.wait(timeout=5) != 0, process.stderr.read()
     assert "DAFNE {\"result\"" not in process.stdout.read()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_empty_stdin_from_a_launcher_does_not_stop_the_worker(tmp_path):
+    """A launcher may give the interpreter a stdin of its own that is at end-of-file from the start."""
+    (tmp_path / "request.json").write_text(json.dumps({"task": "work", "work_dir": str(tmp_path),
+                                                       "stop_when_stdin_closes": True}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(MODULE_DIR), os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / "request.json")], cwd=tmp_path,
+                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for(tmp_path / "ready")
+    time.sleep(0.5)
+    (tmp_path / "go").touch()
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0 and 'DAFNE {"result": {"saved": true}}' in stdout, stderr
 
 
 def test_worker_processes_start_hidden_on_windows_and_in_their_own_group_elsewhere(monkeypatch):

@@ -122,10 +122,11 @@ class ProcessJob:
     """
 
     def __init__(self, name: str, request: dict[str, Any], python: str | None = None):
-        from .worker import MARK
+        from .worker import MARK, STDIN_HELLO
 
         self.name = name
         self._mark = MARK
+        self._hello = STDIN_HELLO
         self._work_dir = Path(request["work_dir"])
         self._request = {**request, "stop_when_stdin_closes": True}
         self._python = python or worker_python()
@@ -148,6 +149,11 @@ class ProcessJob:
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
                                              cwd=self._work_dir, **popen_options())
         os.set_blocking(self._process.stdout.fileno(), False)  # pipes on Windows too since Python 3.12
+        try:  # tells the worker that its stdin is this pipe, whose end-of-file then means "stop"
+            self._process.stdin.write(self._hello + b"\n")
+            self._process.stdin.flush()
+        except OSError:  # the worker died at once; poll() reports it
+            pass
         return self
 
     def cancel(self) -> None:

@@ -8,8 +8,9 @@ in-process runner of the tests calls.
 
 The worker stops (its atomic writes removing their temporary outputs) when asked in any of the
 ways that reach it behind Slicer's launcher: a ``cancel`` file in the work folder, SIGTERM or
-SIGINT, end-of-file on stdin when the request says ``stop_when_stdin_closes`` (the GUI closed it,
-or the GUI process is gone), or a broken stdout (nobody reads its progress any more).
+SIGINT, end-of-file on stdin when the request says ``stop_when_stdin_closes`` and the GUI's first
+line arrived on it (the GUI closed it, or the GUI process is gone), or a broken stdout (nobody
+reads its progress any more).
 
 Protocol on stdout, one line each: ``DAFNE {"progress": f, "message": m}`` while running,
 ``DAFNE {"committing": true}`` when it starts saving a result it will report even if cancelled,
@@ -39,6 +40,7 @@ from .segmentation_logic import SegmentationLogic
 from .sync_logic import SyncLogic, SyncOutcome
 
 MARK = "DAFNE "
+STDIN_HELLO = b"dafne-worker-stdin"  # the GUI's first line on the worker's stdin: this pipe is the GUI's
 
 
 class _Termination:
@@ -78,6 +80,10 @@ class _Termination:
             self.request_stop()
 
         def watch_stdin(stream: BinaryIO) -> None:
+            # Only a stdin that is the GUI's pipe counts: a launcher may hand the interpreter an empty or
+            # closed stdin of its own, whose end-of-file means nothing.
+            if stream.readline().rstrip() != STDIN_HELLO:
+                return
             while stream.read(1 << 16):
                 pass
             self.request_stop()
