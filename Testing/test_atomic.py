@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from fakes import as_on_windows_python_312
 
 from dafne_logic.core.atomic import atomic_directory, atomic_path, atomic_write_text
 
@@ -46,3 +47,24 @@ def test_directory_replaced_only_when_complete(tmp_path: Path):
         (folder / "v").write_text("2")
     assert (tmp_path / "m" / "v").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_settings_csv_and_segmentation_writes_work_without_fchmod_and_fchown(tmp_path: Path, monkeypatch):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dafne_logic.core.client_config import ClientConfig, load_config, save_config
+    from dafne_logic.core.io import write_labels
+    from dafne_logic.core.labels import LEG
+    from dafne_logic.core.statistics import write_statistics_csv
+
+    as_on_windows_python_312(monkeypatch)
+
+    save_config(ClientConfig("https://dafne.example.org", "secret", opt_in=True), tmp_path / "sync.json")
+    assert load_config(tmp_path / "sync.json").token == "secret"
+    assert stat.S_IMODE((tmp_path / "sync.json").stat().st_mode) == 0o600  # owner-only from creation on
+    write_statistics_csv([{"name": "right soleus", "volume_ml": 1.5}], tmp_path / "stats.csv")
+    assert ",right soleus,,,,1.5," in (tmp_path / "stats.csv").read_text()
+    labels = sitk.GetImageFromArray(np.full((2, 3, 4), LEG.value_of(1, "right"), np.uint8))
+    write_labels(labels, tmp_path / "case.seg.nrrd", LEG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.seg.nrrd", "stats.csv", "sync.json"]

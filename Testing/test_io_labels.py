@@ -71,7 +71,7 @@ def test_seg_nrrd_terminology_entry_is_slicer_tag_format(tmp_path, thigh_labels)
     header = nrrd.read_header(str(path))
     assert header["Segment0_Name"] == "right vastus lateralis"
     assert header["Segment0_Tags"] == (
-        "TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list"
+        "TerminologyEntry:Segmentation category and type - DafneSlicer muscles"
         "~SCT^123037004^Anatomical Structure~SCT^1403006^Vastus lateralis muscle~SCT^24028007^Right"
         "~Anatomic codes - DICOM master list~^^~^^|")
     assert header["Segment12_Tags"].split("~")[3] == "SCT^7771000^Left"

@@ -1,225 +1,41 @@
-"""The module's controller and logic objects with the slow or Slicer-only parts replaced by small fakes.
-
-The fakes stand in for MRML (``SceneAdapter``), the network (segmentation/learning/sync) and Slicer's
-installers; jobs run on real threads, statistics and CSV export use the real ``dafne_logic`` code.
+"""The module's controller and logic objects with the slow or Slicer-only parts replaced by the small
+fakes of ``fakes.py``; jobs run on real threads, statistics and CSV export use the real ``dafne_logic`` code.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from fakes import (
+    SHAPE,
+    FakeClient,
+    FakeInstall,
+    FakePackaging,
+    FakeScene,
+    FakeSegmentation,
+    Node,
+    automatic_labels,
+    finish,
+    make_controller,
+    make_volume,
+    segmented,
+)
+from packaging.requirements import Requirement
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DafneSlicer"))
-
-from packaging.requirements import Requirement  # noqa: E402
-
-from dafne_logic.core.errors import Cancelled, InputError, ModelError  # noqa: E402
-from dafne_logic.core.labels import LEG  # noqa: E402
-from DafneSlicerLib.controller import DafneController  # noqa: E402
-from DafneSlicerLib.install_logic import NEVER_INSTALL, DependencyError, InstallLogic, is_satisfied, read_requirements  # noqa: E402
-from DafneSlicerLib.jobs import BackgroundJob  # noqa: E402
-from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows  # noqa: E402
-from DafneSlicerLib.review import ReviewTracker, format_slices  # noqa: E402
-from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
-from DafneSlicerLib.sync_logic import WHAT_IS_SENT, ShareError, SyncLogic  # noqa: E402
-from DafneSlicerLib.worker import run_request  # noqa: E402
-
-SHAPE = (5, 12, 16)
-
-
-# --- fakes ---------------------------------------------------------------------------------------
-
-
-class FakeView:
-    def __init__(self):
-        self.statuses, self.errors, self.busy, self.models, self.summaries, self.dice, self.sync = [], [], [], [], [], [], []
-        self.progress = []
-
-    def set_status(self, message):
-        self.statuses.append(message)
-
-    def show_error(self, message):
-        self.errors.append(message)
-
-    def set_busy(self, task):
-        self.busy.append(task)
-
-    def set_progress(self, fraction, message):
-        self.progress.append((fraction, message))
-
-    def set_models(self, choices, selected):
-        self.models.append(([c.name for c in choices], selected))
-
-    def set_review_summary(self, text):
-        self.summaries.append(text)
-
-    def show_dice(self, rows):
-        self.dice.append(rows)
-
-    def set_sync_status(self, text):
-        self.sync.append(text)
-
-
-@dataclass
-class Node:
-    name: str
-    image: sitk.Image | None = None  # volumes
-    labels: np.ndarray | None = None  # segmentations: what the user sees now
-    present: bool = True
-
-
-class FakeScene:
-    """Nodes are plain objects; a segmentation is its label array (real MRML is tested with slicer-core)."""
-
-    def __init__(self):
-        self.shown, self.tables, self.editor = [], [], None
-        self.slice_shown = 0
-
-    def image_of(self, node):
-        if node is None:
-            raise InputError("Select an input volume first.")
-        return node.image
-
-    def node_name(self, node):
-        return node.name
-
-    def node_exists(self, node):
-        return node is not None and node.present
-
-    def show_labels(self, labels, table, volume_node, name, segmentation_node):
-        node = segmentation_node or Node(name)
-        node.labels = sitk.GetArrayFromImage(labels)
-        self.shown.append((name, segmentation_node is not None))
-        return node
-
-    def labels_of(self, segmentation_node, volume_node, table):
-        image = sitk.GetImageFromArray(segmentation_node.labels)
-        image.CopyInformation(volume_node.image)
-        return SimpleNamespace(labels=image, unknown_names=("tumour",), missing_names=())
-
-    def open_segment_editor(self, segmentation_node, volume_node):
-        self.editor = (segmentation_node, volume_node)
-
-    def current_slice(self, volume_node):
-        return self.slice_shown
-
-    def show_statistics(self, rows, name):
-        self.tables.append((name, rows))
-
-
-def _automatic_labels() -> np.ndarray:
-    array = np.zeros(SHAPE, np.uint8)
-    array[:, 2:6, 2:6] = LEG.value_of(1, "right")
-    array[:, 2:6, 10:14] = LEG.value_of(1, "left")
-    return array
-
-
-class FakeModel:
-    def __init__(self, name="leg", version="1"):
-        self.labels = LEG
-        self.manifest = SimpleNamespace(name=name, version=version, parent_version=None)
-
-
-class FakeSegmentation:
-    def __init__(self):
-        self.calls, self.sides, self.block, self.fail = [], [], None, None
-
-    def list_models(self):
-        return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(label.name for label in LEG.volume_labels()))]
-
-    def load_model(self, name):
-        if name == "broken":
-            raise ModelError("model 'broken': weights do not match the manifest")
-        return FakeModel(name)
-
-    def segment(self, image, model, device, progress, cancel, single_leg_side=None):
-        self.calls.append(device)
-        self.sides.append(single_leg_side)
-        progress(0.5, "segmenting")
-        if self.fail is not None:
-            raise self.fail
-        if self.block is not None:  # wait until cancelled, like a long inference would
-            while not cancel():
-                self.block.wait(0.01)
-            raise Cancelled("segmentation cancelled; nothing was written")
-        labels = sitk.GetImageFromArray(_automatic_labels())
-        labels.CopyInformation(image)
-        return labels
-
-
-class FakeLearning(LearningLogic):
-    def __init__(self):
-        self.finetuned = []
-
-    def finetune(self, model, image, corrected, slices, progress, cancel, config=None):
-        self.finetuned.append((slices, sitk.GetArrayFromImage(corrected)))
-        return SimpleNamespace(model=FakeModel(version="1.local-abc"))
-
-    def save(self, result):
-        return Improvement("leg-1.local-abc", Path("/models/leg-1.local-abc"), "1.local-abc", "1", 2,
-                           {"right soleus": 0.8, "left soleus": math.nan}, {"right soleus": 0.9, "left soleus": math.nan})
-
-
-class FakeInstall:
-    def __init__(self, missing=(), agree=True):
-        self._missing, self.agree, self.asked = list(missing), agree, 0
-
-    def missing(self):
-        return list(self._missing)
-
-    def ensure(self):
-        if not self._missing:
-            return True
-        self.asked += 1
-        if self.agree:
-            self._missing = []
-        return self.agree
-
-
-def _volume() -> Node:
-    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, SHAPE).astype(np.float32))
-    image.SetSpacing((0.8, 0.8, 5.0))
-    return Node("calf", image=image)
-
-
-def _controller(**overrides):
-    """A controller whose worker requests run on a thread of this process, with the fakes as logic."""
-    parts = dict(view=FakeView(), scene=FakeScene(), install=FakeInstall(), segmentation=FakeSegmentation(),
-                 learning=FakeLearning(), sync=SyncLogic())
-    parts.update(overrides)
-
-    def start_job(task, request):
-        return BackgroundJob(task, lambda progress, cancel: run_request(
-            request, progress, cancel, parts["segmentation"], parts["learning"], parts["sync"])).start()
-
-    controller = DafneController(parts["view"], parts["scene"], parts["install"], parts["segmentation"], parts["sync"],
-                                 start_job=start_job)
-    return controller, parts
-
-
-def _finish(controller, timeout: float = 30) -> None:
-    assert controller.job is not None
-    status = controller.job.wait(timeout)
-    assert status.done
-    assert controller.poll() is False
-
-
-def _segmented():
-    controller, parts = _controller()
-    volume = _volume()
-    controller.segment(volume, "leg", "cpu")
-    _finish(controller)
-    return controller, parts, volume
-
+from dafne_logic.core.errors import Cancelled, InputError
+from dafne_logic.core.labels import LEG
+from DafneSlicerLib.install_logic import NEVER_INSTALL, DependencyError, InstallLogic, is_satisfied, read_requirements
+from DafneSlicerLib.jobs import BackgroundJob
+from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows
+from DafneSlicerLib.review import ReviewTracker, format_slices
+from DafneSlicerLib.sync_logic import WHAT_IS_SENT, ShareError, SyncLogic
 
 # --- segment -------------------------------------------------------------------------------------
 
@@ -228,12 +44,12 @@ def test_segment_runs_in_background_then_shows_a_named_segmentation(tmp_path, mo
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    controller, parts = _controller()
-    volume = _volume()
+    controller, parts = make_controller()
+    volume = make_volume()
     controller.segment(volume, "leg", "cpu")
     assert controller.busy and parts["view"].busy == ["Segmenting"]
     assert parts["scene"].shown == []  # nothing in the scene until the job finished
-    _finish(controller)
+    finish(controller)
     view = parts["view"]
     assert view.busy == ["Segmenting", None] and not view.errors
     assert parts["scene"].shown == [("calf segmentation", False)]
@@ -245,21 +61,21 @@ def test_segment_runs_in_background_then_shows_a_named_segmentation(tmp_path, mo
 
 
 def test_segmenting_again_replaces_an_untouched_segmentation_but_never_corrections():
-    controller, parts, volume = _segmented()
+    controller, parts, volume = segmented()
     first = controller.case.segmentation_node
     controller.segment(volume, "leg", "auto")
-    _finish(controller)
+    finish(controller)
     assert controller.case.segmentation_node is first
     assert parts["scene"].shown[-1] == ("calf segmentation", True)
     first.labels[0, 0, 0] = LEG.value_of(2, "left")  # the user corrected something
     controller.segment(volume, "leg", "auto")
-    _finish(controller)
+    finish(controller)
     assert controller.case.segmentation_node is not first and first.labels[0, 0, 0] == LEG.value_of(2, "left")
     assert parts["scene"].shown[-1] == ("calf segmentation", False)
     second = controller.case.segmentation_node
     controller.mark_slices("1")  # reviewed counts as work too
     controller.segment(volume, "leg", "auto")
-    _finish(controller)
+    finish(controller)
     assert controller.case.segmentation_node is not second
 
 
@@ -269,16 +85,16 @@ def test_segmenting_again_replaces_an_untouched_segmentation_but_never_correctio
     ("volume", "broken", "model 'broken': weights do not match the manifest"),
 ])
 def test_bad_segment_input_is_one_message_and_no_job(volume, model, message):
-    controller, parts = _controller()
-    controller.segment(_volume() if volume else None, model, "auto")
+    controller, parts = make_controller()
+    controller.segment(make_volume() if volume else None, model, "auto")
     assert parts["view"].errors == [message]
     assert controller.job is None and parts["scene"].shown == [] and controller.case is None
 
 
 def test_declined_installation_changes_nothing():
     install = FakeInstall(missing=["torch>=2.4"], agree=False)
-    controller, parts = _controller(install=install)
-    controller.segment(_volume(), "leg", "auto")
+    controller, parts = make_controller(install=install)
+    controller.segment(make_volume(), "leg", "auto")
     assert install.asked == 1 and controller.job is None
     assert "not installed" in parts["view"].statuses[-1]
     controller.refresh_models()
@@ -289,33 +105,44 @@ def test_declined_installation_changes_nothing():
 
 @pytest.mark.parametrize("side, expected", [("auto", None), ("right", "right"), ("left", "left")])
 def test_single_leg_side_reaches_the_segmentation_through_the_worker_request(side, expected):
-    controller, parts = _controller()
-    controller.segment(_volume(), "leg", "cpu", side)
-    _finish(controller)
+    controller, parts = make_controller()
+    controller.segment(make_volume(), "leg", "cpu", side)
+    finish(controller)
     assert parts["segmentation"].sides == [expected] and not parts["view"].errors
 
 
 def test_unknown_single_leg_side_is_refused_before_any_work():
-    controller, parts = _controller()
-    controller.segment(_volume(), "leg", "cpu", "middle")
+    controller, parts = make_controller()
+    controller.segment(make_volume(), "leg", "cpu", "middle")
     assert controller.job is None and parts["segmentation"].calls == []
     assert parts["view"].errors == ["Single leg side must be one of auto, right, left, not 'middle'."]
 
+def test_first_segment_after_installing_fills_the_model_list_and_uses_its_selection():
+    install = FakeInstall(missing=["torch>=2.4"], agree=True)
+    controller, parts = make_controller(install=install)
+    controller.refresh_models()  # the panel opened before the packages were there: nothing to select
+    assert parts["view"].models == [([], None)]
+    controller.segment(make_volume(), None, "cpu")
+    finish(controller)
+    assert install.asked == 1 and parts["view"].models[1] == (["leg"], None)  # filled right after installing
+    assert parts["scene"].shown and not parts["view"].errors and controller.case.model_name == "leg"
+
+
 def test_installation_on_first_use_then_segment():
     install = FakeInstall(missing=["torch>=2.4"], agree=True)
-    controller, parts = _controller(install=install)
-    controller.segment(_volume(), "leg", "auto")
-    _finish(controller)
+    controller, parts = make_controller(install=install)
+    controller.segment(make_volume(), "leg", "auto")
+    finish(controller)
     assert install.asked == 1 and parts["scene"].shown
 
 
 def test_cancel_stops_the_job_and_leaves_the_scene_untouched():
     segmentation = FakeSegmentation()
     segmentation.block = threading.Event()
-    controller, parts = _controller(segmentation=segmentation)
-    controller.segment(_volume(), "leg", "auto")
+    controller, parts = make_controller(segmentation=segmentation)
+    controller.segment(make_volume(), "leg", "auto")
     controller.cancel()
-    _finish(controller)
+    finish(controller)
     assert parts["scene"].shown == [] and controller.case is None and not parts["view"].errors
     assert "cancelled" in parts["view"].statuses[-1]
     assert parts["view"].busy[-1] is None
@@ -328,28 +155,28 @@ def test_cancel_stops_the_job_and_leaves_the_scene_untouched():
 def test_failures_in_the_worker_become_one_message(failure, expected):
     segmentation = FakeSegmentation()
     segmentation.fail = failure
-    controller, parts = _controller(segmentation=segmentation)
-    controller.segment(_volume(), "leg", "auto")
-    _finish(controller)
+    controller, parts = make_controller(segmentation=segmentation)
+    controller.segment(make_volume(), "leg", "auto")
+    finish(controller)
     assert parts["view"].errors == [expected] and parts["scene"].shown == []
 
 
 def test_second_task_while_busy_is_refused():
     segmentation = FakeSegmentation()
     segmentation.block = threading.Event()
-    controller, parts = _controller(segmentation=segmentation)
-    controller.segment(_volume(), "leg", "auto")
-    controller.segment(_volume(), "leg", "auto")
+    controller, parts = make_controller(segmentation=segmentation)
+    controller.segment(make_volume(), "leg", "auto")
+    controller.segment(make_volume(), "leg", "auto")
     assert "Wait for the running task" in parts["view"].statuses[-1]
     controller.cancel()
-    _finish(controller)
+    finish(controller)
 
 
 # --- correct, review, improve --------------------------------------------------------------------
 
 
 def test_edits_and_reviewed_slices_drive_improve():
-    controller, parts, volume = _segmented()
+    controller, parts, volume = segmented()
     case = controller.case
     controller.open_editor()
     assert parts["scene"].editor == (case.segmentation_node, volume)
@@ -365,7 +192,7 @@ def test_edits_and_reviewed_slices_drive_improve():
     assert parts["view"].summaries[-1].startswith("Changed slices: 2. Reviewed: 0, 4.")
 
     controller.improve()
-    _finish(controller)
+    finish(controller)
     slices, corrected = parts["learning"].finetuned[0]
     assert slices == [0, 2, 4]
     np.testing.assert_array_equal(corrected, case.segmentation_node.labels)
@@ -377,17 +204,17 @@ def test_edits_and_reviewed_slices_drive_improve():
 
 
 def test_improve_without_corrections_or_case_explains_what_to_do():
-    controller, parts = _controller()
+    controller, parts = make_controller()
     controller.improve()
     assert parts["view"].errors == ["Segment a volume first."]
-    controller, parts, _ = _segmented()
+    controller, parts, _ = segmented()
     controller.improve()
     assert parts["view"].errors[-1].startswith("No corrected or reviewed slices yet")
     assert controller.job is None
 
 
 def test_bad_slice_marks_are_refused():
-    controller, parts, _ = _segmented()
+    controller, parts, _ = segmented()
     controller.mark_slices("3-1")
     controller.mark_slices("9")
     controller.mark_slices("auto")
@@ -397,9 +224,9 @@ def test_bad_slice_marks_are_refused():
 
 
 def test_adopting_a_saved_segmentation_starts_a_case_from_its_content():
-    controller, parts = _controller()
-    volume = _volume()
-    saved = Node("calf saved", labels=_automatic_labels())
+    controller, parts = make_controller()
+    volume = make_volume()
+    saved = Node("calf saved", labels=automatic_labels())
     saved.labels[1, 0, 0] = LEG.value_of(6, "left")
     controller.adopt(volume, None, "leg")
     assert parts["view"].errors == ["Select a segmentation to continue with."]
@@ -421,15 +248,15 @@ def test_adopting_a_segmentation_of_another_model_is_refused():
             return SimpleNamespace(labels=result.labels * 0, unknown_names=("Liver", "Spleen"),
                                    missing_names=tuple(label.name for label in table.volume_labels()))
 
-    controller, parts = _controller(scene=OtherNames())
-    controller.adopt(_volume(), Node("abdomen", labels=np.zeros(SHAPE, np.uint8)), "leg")
+    controller, parts = make_controller(scene=OtherNames())
+    controller.adopt(make_volume(), Node("abdomen", labels=np.zeros(SHAPE, np.uint8)), "leg")
     assert parts["view"].errors == ["No segment of 'abdomen' is named like a label of model leg (e.g. 'right soleus'); "
                                     "select the model it was made with."]
     assert controller.case is None
 
 
 def test_removed_segmentation_ends_the_case():
-    controller, parts, _ = _segmented()
+    controller, parts, _ = segmented()
     controller.case.segmentation_node.present = False
     controller.open_editor()
     assert parts["view"].errors == ["Segment a volume first."] and controller.case is None
@@ -439,7 +266,7 @@ def test_removed_segmentation_ends_the_case():
 
 
 def test_statistics_table_and_csv_export(tmp_path):
-    controller, parts, volume = _segmented()
+    controller, parts, volume = segmented()
     controller.export_statistics(str(tmp_path / "early.csv"))
     assert parts["view"].errors == ["Compute the statistics first."]
     controller.statistics()
@@ -458,55 +285,36 @@ def test_statistics_table_and_csv_export(tmp_path):
 
 
 def test_contribute_needs_an_improvement_and_opt_in():
-    controller, parts, _ = _segmented()
+    controller, parts, _ = segmented()
     controller.contribute()
     assert parts["view"].errors[-1].startswith("Nothing to contribute yet")
     controller.case.segmentation_node.labels[1] = 0
     controller.improve()
-    _finish(controller)
+    finish(controller)
     controller.contribute()
-    _finish(controller)
+    finish(controller)
     assert parts["view"].errors[-1] == "Sharing is off: tick 'Share my improvements' first (nothing was sent)."
     assert parts["view"].sync[-1].endswith("Sharing is off: tick 'Share my improvements' first (nothing was sent).")
 
-
-class FakeClient:
-    """The federated client's interface (dafne_logic.learning.federated_client.FederatedClient) without HTTP."""
-
-    pushed: list = []
-
-    def __init__(self, config):
-        self.config = config
-
-    def pull(self, family):
-        from dafne_logic.core.paths import user_models_dir
-
-        folder = user_models_dir() / f"{family}-v2"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def push_folder(self, folder):
-        FakeClient.pushed.append((self.config.server_url, self.config.token, Path(folder).name))
-        return {"id": "7", "status": "buffered", "duplicate": False}
 
 
 def test_pull_and_push_go_through_the_client_once_opted_in(monkeypatch):
     import dafne_logic.learning.federated_client
 
     monkeypatch.setattr(dafne_logic.learning.federated_client, "FederatedClient", FakeClient)
-    controller, parts, _ = _segmented()
+    controller, parts, _ = segmented()
     controller.sync.save(True, "https://dafne.example.org/", " secret ")
     controller.check_for_updates()
-    _finish(controller)
+    finish(controller)
     assert parts["view"].sync[-1] == "Downloaded leg-v2." and parts["view"].models[-1][1] == "leg-v2"
     controller.check_for_updates()
-    _finish(controller)
+    finish(controller)
     assert parts["view"].sync[-1] == "Up to date (leg)."
     controller.case.segmentation_node.labels[1] = 0
     controller.improve()
-    _finish(controller)
+    finish(controller)
     controller.contribute()
-    _finish(controller)
+    finish(controller)
     assert FakeClient.pushed == [("https://dafne.example.org", "secret", "leg-1.local-abc")]
     assert parts["view"].sync[-1] == "Contributed leg-1.local-abc: update 7 is buffered."
     controller.contribute()  # the same version is not sent twice
@@ -534,10 +342,10 @@ def test_server_refusing_the_token_is_one_message(tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        controller, parts = _controller(sync=SyncLogic(tmp_path / "sync.json"))
+        controller, parts = make_controller(sync=SyncLogic(tmp_path / "sync.json"))
         controller.sync.save(True, f"http://127.0.0.1:{server.server_port}", "wrong")
         controller.check_for_updates()
-        _finish(controller)
+        finish(controller)
     finally:
         server.shutdown()
     assert len(parts["view"].errors) == 1
@@ -566,41 +374,6 @@ def test_share_settings_default_off_owner_only_and_url_checked(tmp_path):
 # --- install logic -------------------------------------------------------------------------------
 
 
-@dataclass
-class FakePackaging:
-    agree: bool = True
-    torch: bool = False
-    fail: Exception | None = None
-    installed: dict = field(default_factory=dict)
-    calls: list = field(default_factory=list)
-
-    def confirm(self, question):
-        self.calls.append(("confirm", question))
-        return self.agree
-
-    def torch_installed(self):
-        return self.torch
-
-    def install_torch(self, version_requirement):
-        self.calls.append(("torch", version_requirement))
-        self.torch = True
-        self.installed["torch"] = "2.6.0+cpu"  # what Linux Slicer gets
-        return True
-
-    def pip_install(self, requirements, skip):
-        self.calls.append(("pip", [str(r) for r in requirements], skip))
-        if self.fail:
-            raise self.fail
-        self.installed.update({r.name: "1.5.2" for r in requirements})
-
-    def version_of(self, name):
-        import importlib.metadata
-
-        if name in self.installed:
-            return self.installed[name]
-        raise importlib.metadata.PackageNotFoundError(name)
-
-
 def _install(packaging):
     return InstallLogic(packaging, [Requirement("monai>=1.5"), Requirement("colorama; platform_system == 'Nope'")],
                         version_of=packaging.version_of)
@@ -617,6 +390,42 @@ def test_install_asks_once_then_installs_torch_and_pip_packages_without_slicers_
     assert packaging.calls[2][1] == ["monai<1.6,>=1.5"] and packaging.calls[2][2] == NEVER_INSTALL  # torch 2.6
     assert set(NEVER_INSTALL) >= {"numpy", "vtk", "SimpleITK", "pydicom", "requests", "torch"}
     assert install.missing() == [] and install.ensure() is True and len(packaging.calls) == 3  # no second prompt
+
+
+def test_first_install_asks_once_the_pytorch_extension_does_not_ask_again(monkeypatch):
+    """The module's question lists torch; PyTorchUtils is told not to ask a second time."""
+    import importlib
+    import sys
+    from types import ModuleType
+
+    torch_calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):  # noqa: N802 - the PyTorch extension's name
+            torch_calls.append(kwargs)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    monkeypatch.setitem(sys.modules, "slicer", ModuleType("slicer"))  # what the module imports; unused here
+    monkeypatch.delitem(sys.modules, "DafneSlicerLib.slicer_packaging", raising=False)
+    slicer_packaging = importlib.import_module("DafneSlicerLib.slicer_packaging")
+    questions = []
+
+    class Packaging(slicer_packaging.SlicerPackaging):
+        def confirm(self, question):
+            questions.append(question)
+            return True
+
+        def torch_installed(self):
+            return bool(torch_calls)
+
+        def pip_install(self, requirements, skip):
+            pass
+
+    install = InstallLogic(Packaging(), [], version_of=lambda name: "2.6.0")
+    assert install.ensure() is True
+    assert len(questions) == 1 and "torch>=2.4" in questions[0]
+    assert torch_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.4"}]
 
 
 def test_install_declined_or_offline():
@@ -648,7 +457,7 @@ def test_requirements_file_and_version_checks():
 
 
 def test_review_tracker_and_slice_ranges():
-    automatic = _automatic_labels()
+    automatic = automatic_labels()
     tracker = ReviewTracker(automatic)
     current = automatic.copy()
     current[3, 0, 0] = 1
@@ -717,8 +526,9 @@ def _process_job(tmp_path, request, python=None):
     return ProcessJob("Segmenting", {"work_dir": str(tmp_path), **request}, python=python).start()
 
 
+@pytest.mark.slow  # a worker process importing torch and MONAI
 def test_worker_process_reports_a_readable_error(tmp_path):
-    sitk.WriteImage(_volume().image, str(tmp_path / "image.nrrd"))
+    sitk.WriteImage(make_volume().image, str(tmp_path / "image.nrrd"))
     status = _process_job(tmp_path, {"task": "segment", "model": "no-such-model", "device": "cpu"}).wait(120)
     assert status.done and not status.cancelled
     assert "no-such-model" in status.error and status.details is None  # a DafneError: one sentence
@@ -732,7 +542,7 @@ def test_worker_process_unexpected_failure_and_crash(tmp_path):
 
 
 def test_worker_process_cancel_terminates_it(tmp_path):
-    sitk.WriteImage(_volume().image, str(tmp_path / "image.nrrd"))
+    sitk.WriteImage(make_volume().image, str(tmp_path / "image.nrrd"))
     job = _process_job(tmp_path, {"task": "segment", "model": "leg", "device": "cpu"})
     job.cancel()
     status = job.wait(60)

@@ -16,20 +16,16 @@ from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DafneSlicer"))
-
-from test_slicer_module_controller import (  # noqa: E402
+from fakes import (
     FakeInstall,
     FakeLearning,
     FakeScene,
     FakeSegmentation,
-    _volume,
+    make_volume,
 )
 
-from dafne_logic.core.labels import LEG  # noqa: E402
-from DafneSlicerLib.segmentation_logic import ModelChoice  # noqa: E402
+from dafne_logic.core.labels import LEG
+from DafneSlicerLib.segmentation_logic import ModelChoice
 
 UI_FILE = Path(__file__).resolve().parents[1] / "DafneSlicer" / "Resources" / "UI" / "DafneSlicer.ui"
 
@@ -173,7 +169,7 @@ def _panel(gui, tmp_path):
 
     names = {w.get("name") for w in ET.parse(UI_FILE).iter("widget")}
     ui = SimpleNamespace(**{name: FakeWidget(name) for name in names})
-    parameters = SimpleNamespace(inputVolume=_volume(), modelName="leg", device="cpu", singleLegSide="auto",
+    parameters = SimpleNamespace(inputVolume=make_volume(), modelName="leg", device="cpu", singleLegSide="auto",
                                  segmentation=None)
     parts = SimpleNamespace(scene=FakeScene(), segmentation=FakeSegmentation(), learning=FakeLearning(),
                             sync=SyncLogic(tmp_path / "sync.json"), observer=FakeObserver())

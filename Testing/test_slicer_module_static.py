@@ -15,8 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "DafneSlicer"
-if str(MODULE) not in sys.path:
-    sys.path.insert(0, str(MODULE))
 UI_FILE = MODULE / "Resources" / "UI" / "DafneSlicer.ui"
 PANEL_SOURCES = [MODULE / "DafneSlicer.py", MODULE / "DafneSlicerLib" / "widget.py"]
 WIDGET_NAME = re.compile(r"(Button|LineEdit|Label|ComboBox|CheckBox|Table|Selector|Bar)$")
@@ -81,7 +79,7 @@ def test_share_section_is_collapsed_and_off_by_default():
 
 def _cmake_listed(text: str) -> set[str]:
     text = text.replace("${MODULE_NAME}", "DafneSlicer")
-    return set(re.findall(r"^\s+([\w./-]+\.(?:py|ui|png|txt))\s*$", text, flags=re.MULTILINE))
+    return set(re.findall(r"^\s+([\w./-]+\.(?:py|ui|png|txt|json))\s*$", text, flags=re.MULTILINE))
 
 
 def test_every_module_file_is_listed_in_cmake_and_every_listed_file_exists():
@@ -174,6 +172,33 @@ def test_extensions_index_entry():
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith("https://") and entry["build_subdirectory"] == "."
+
+
+def test_shipped_terminology_file_is_what_the_label_tables_give():
+    from DafneSlicerLib.terminology import TERMINOLOGY_FILE, terminology_json
+
+    assert TERMINOLOGY_FILE.read_text(encoding="utf-8") == terminology_json(), (
+        "regenerate it: python DafneSlicer/DafneSlicerLib/terminology.py")
+
+
+def test_extensions_index_checks_names_and_urls():
+    """What the index's check_description_files.py enforces: the extension name does not start with
+    'Slicer', the repository name contains 'slicer', CMake's project() is the index file's name, and
+    homepage, icon and screenshots are https URLs, all of the repository that scm_url names."""
+    from urllib.parse import urlsplit
+
+    entry = json.loads((REPO / "DafneSlicer.json").read_text(encoding="utf-8"))
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    project = re.search(r"^project\((\w+)\)", cmake, flags=re.MULTILINE).group(1)
+    assert project == "DafneSlicer" == Path("DafneSlicer.json").stem and not project.lower().startswith("slicer")
+    scm = urlsplit(entry["scm_url"])
+    owner, repository = scm.path.strip("/").removesuffix(".git").split("/")
+    assert scm.scheme == "https" and scm.netloc == "github.com" and "slicer" in repository.lower()
+    urls = [re.search(rf'set\(EXTENSION_{field} "([^"]+)"\)', cmake).group(1).split()
+            for field in ("HOMEPAGE", "ICONURL", "SCREENSHOTURLS")]
+    for url in sum(urls, []):
+        parts = urlsplit(url)
+        assert parts.scheme == "https" and parts.path.strip("/").split("/")[:2] == [owner, repository], url
 
 
 def test_icon_is_a_128_pixel_png():
@@ -315,3 +340,17 @@ def _requirement_names() -> set[str]:
 def test_requirements_never_touch_slicers_own_packages():
     names = _requirement_names()
     assert "monai" in names and not names & SLICER_OWNED
+
+
+def test_a_source_checkout_added_through_additional_module_paths_finds_dafne_logic(tmp_path):
+    """Without the extension build no dafne_logic is installed beside the module: Logic/ stands in for it,
+    in Slicer's Python and in the worker processes (run here by an interpreter without site-packages)."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "import DafneSlicerLib, dafne_logic.core.paths\n"
+              "print(dafne_logic.core.paths.__file__)\n")
+    result = subprocess.run([sys.executable, "-S", "-c", script, str(MODULE)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == REPO / "Logic" / "core" / "paths.py"
+    batch = (MODULE / "Scripts" / "batch_segment.py").read_text(encoding="utf-8")
+    assert batch.index("import DafneSlicerLib") < batch.index("from dafne_logic")  # the batch script too

@@ -101,6 +101,7 @@ class DafneController:
         self._on_error: Callable[[str], None] | None = None
         self._work_dir: Path | None = None
         self._job_began = 0.0
+        self.listed_model: str | None = None  # what the model selector shows as selected after refresh_models
 
     # --- jobs -------------------------------------------------------------------------------------
 
@@ -168,9 +169,12 @@ class DafneController:
         if self.busy:
             self.view.set_status("Wait for the running task to finish or cancel it.")
             return False
+        installing = bool(self.install.missing())
         if not self.install.ensure():
             self.view.set_status("Nothing was done: the required Python packages are not installed.")
             return False
+        if installing:  # the model list needed the packages: fill it now, not after a restart or a click
+            self.refresh_models()
         return True
 
     # --- models -----------------------------------------------------------------------------------
@@ -178,11 +182,18 @@ class DafneController:
     def refresh_models(self, selected: str | None = None) -> None:
         """Fill the model selector (empty with a hint while torch and friends are missing)."""
         missing = self.install.missing()
+        self.listed_model = None
         if missing:
             self.view.set_models([], None)
             self.view.set_status(f"Not installed yet: {', '.join(missing)}. Click Install (or Segment) to install.")
             return
-        self.guarded(lambda: self.view.set_models(self.segmentation.list_models(), selected))
+
+        def fill() -> None:
+            choices = self.segmentation.list_models()
+            names = [choice.name for choice in choices]
+            self.listed_model = selected if selected in names else (names[0] if names else None)
+            self.view.set_models(choices, selected)
+        self.guarded(fill)
 
     def install_dependencies(self) -> None:
         if self.guarded(self.install.ensure):
@@ -198,11 +209,14 @@ class DafneController:
     def _segment(self, volume_node: Any, model_name: str | None, device: str, side: str) -> None:
         leg_side = single_leg_side(side)
         image = self.scene.image_of(volume_node)  # validates first: no install prompt for a bad input
+        list_was_empty = bool(self.install.missing())  # so the user could not pick a model yet
         if not self._ready():
             return
         if not model_name:
             self.refresh_models()
-            raise InputError("Select a model first.")
+            if not (list_was_empty and self.listed_model):
+                raise InputError("Select a model first.")
+            model_name = self.listed_model  # the first click after installing segments with what the list shows
         model = self.segmentation.load_model(model_name)  # checks the package before any work starts
         volume_name = self.scene.node_name(volume_node)
 

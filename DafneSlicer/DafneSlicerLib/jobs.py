@@ -1,8 +1,10 @@
 """Long work (inference, fine-tuning, sync) as jobs the GUI thread polls.
 
 :class:`ProcessJob` (what the module uses) runs a :mod:`.worker` request in a separate Python
-process: it does not compete with Slicer's GUI thread for Python's GIL, a crash cannot take
-Slicer down, and terminating it is a clean cancel. :class:`BackgroundJob` runs a function on a
+process: it does not compete with Slicer's GUI thread for Python's GIL and a crash cannot take
+Slicer down. Cancel reaches the worker even behind Slicer's ``PythonSlicer`` launcher, which
+passes no signals on (see :mod:`.processes`), and "cancelled" is reported only once the whole
+process tree is gone, so nothing is written after it. :class:`BackgroundJob` runs a function on a
 thread of this process (tests and plain-Python scripts). Both are polled: the widget calls
 ``poll()`` from a ``qt.QTimer`` and, once done, converts the result to MRML on the GUI thread,
 so the scene changes only on the GUI thread and only with a complete result.
@@ -16,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +27,12 @@ from typing import Any
 
 from dafne_logic.core.errors import Cancelled, DafneError
 
+from .processes import popen_options, signal_tree
+
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds DafneSlicerLib/ (and dafne_logic/ when installed)
+
+CANCEL_FILE = "cancel"  # created in the work folder on Cancel: the worker's signal to stop, through any launcher
+KILL_AFTER_S = 2.0  # a worker still running this long after Cancel is killed, its whole process tree
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -105,20 +113,30 @@ def worker_python() -> str:
 
 
 class ProcessJob:
-    """Runs ``python -m DafneSlicerLib.worker request.json`` and follows its progress lines without blocking."""
+    """Runs ``python -m DafneSlicerLib.worker request.json`` and follows its progress lines without blocking.
+
+    Cancel asks the worker to stop in three ways that need no signal to pass a launcher: a
+    ``cancel`` file in the work folder, end-of-file on its stdin, and (POSIX) SIGTERM to its
+    process group. A worker still running :data:`KILL_AFTER_S` later is killed with its whole tree,
+    unless it announced that it is committing its result (then its result is reported).
+    """
 
     def __init__(self, name: str, request: dict[str, Any], python: str | None = None):
-        from .worker import MARK
+        from .worker import MARK, STDIN_HELLO
 
         self.name = name
         self._mark = MARK
+        self._hello = STDIN_HELLO
         self._work_dir = Path(request["work_dir"])
-        self._request = request
+        self._request = {**request, "stop_when_stdin_closes": True}
         self._python = python or worker_python()
         self._status = JobStatus(0.0, f"{name}: starting", done=False)
         self._buffer = b""
         self._final: dict[str, Any] | None = None
-        self._cancelled = False
+        self._committing = False
+        self._stdout_closed = False  # end-of-file: every process of the tree has exited
+        self._cancelled_at: float | None = None
+        self._killed = False
         self._process: subprocess.Popen | None = None
 
     def start(self) -> ProcessJob:
@@ -128,22 +146,36 @@ class ProcessJob:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MODULE_DIR), env.get("PYTHONPATH")]))
         with open(self._work_dir / "worker.log", "wb") as log:
             self._process = subprocess.Popen([self._python, "-m", "DafneSlicerLib.worker", str(request_path)],
-                                             stdout=subprocess.PIPE, stderr=log, env=env, cwd=self._work_dir)
-        os.set_blocking(self._process.stdout.fileno(), False)
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                                             cwd=self._work_dir, **popen_options())
+        os.set_blocking(self._process.stdout.fileno(), False)  # pipes on Windows too since Python 3.12
+        try:  # tells the worker that its stdin is this pipe, whose end-of-file then means "stop"
+            self._process.stdin.write(self._hello + b"\n")
+            self._process.stdin.flush()
+        except OSError:  # the worker died at once; poll() reports it
+            pass
         return self
 
     def cancel(self) -> None:
-        """Stop the worker now (SIGTERM, which the worker turns into SystemExit so its atomic writes
-        clean up); nothing half-written remains. A worker already committing its result finishes it."""
-        self._cancelled = True
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
+        """Ask the worker to stop now; its atomic writes clean up and nothing half-written remains.
+        A worker already committing its result finishes it and the result is reported."""
+        if self._cancelled_at is not None or self._process is None:
+            return
+        self._cancelled_at = time.monotonic()
+        if self._process.poll() is not None and self._stdout_closed:
+            return
+        (self._work_dir / CANCEL_FILE).touch()
+        try:
+            self._process.stdin.close()
+        except OSError:  # the worker is gone already
+            pass
+        signal_tree(self._process, terminate=True)
 
     def wait(self, timeout: float | None = None) -> JobStatus:
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+        """Poll until the job ends or ``timeout`` seconds passed (scripts and tests; the GUI polls)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll().done and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.02)
         return self.poll()
 
     def poll(self) -> JobStatus:
@@ -151,20 +183,32 @@ class ProcessJob:
             return self._status
         exited = self._process.poll() is not None
         self._read_lines()
-        if not exited:
-            return self._status
+        if self._cancelled_at is not None and not self._stdout_closed and not self._committing \
+                and not self._killed and time.monotonic() - self._cancelled_at > KILL_AFTER_S:
+            signal_tree(self._process)  # it did not stop when asked: end the whole tree now
+            self._killed = True
+        if not exited or (self._cancelled_at is not None and not self._stdout_closed):
+            return self._status  # after Cancel, "done" only once nothing of the tree can write any more
         self._read_lines()
-        self._process.stdout.close()
+        self._close_pipes()
         self._status = self._final_status()
         return self._status
 
+    def _close_pipes(self) -> None:
+        for pipe in (self._process.stdin, self._process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
     def _read_lines(self) -> None:
-        while True:
+        while not self._stdout_closed:
             try:
                 chunk = os.read(self._process.stdout.fileno(), 1 << 16)
             except BlockingIOError:
                 break
             if not chunk:
+                self._stdout_closed = True
                 break
             self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
@@ -175,15 +219,18 @@ class ProcessJob:
             message = json.loads(text[len(self._mark):])
             if "progress" in message:
                 self._status = JobStatus(message["progress"], message["message"], done=False)
+            elif "committing" in message:
+                self._committing = True
             else:
                 self._final = message
 
     def _final_status(self) -> JobStatus:
         fraction = self._status.fraction
+        cancelled = self._cancelled_at is not None
         # A result line means the worker committed its outputs before Cancel reached it.
         if self._final is not None and "result" in self._final:
-            return JobStatus(1.0, _done_message(self.name, self._cancelled), done=True, result=self._final["result"])
-        if self._cancelled:
+            return JobStatus(1.0, _done_message(self.name, cancelled), done=True, result=self._final["result"])
+        if cancelled:
             return JobStatus(fraction, f"{self.name} cancelled; nothing was changed", done=True, cancelled=True)
         if self._final is not None:
             error = self._final["error"] if self._final["details"] is None else f"{self.name} failed: {self._final['error']}"

@@ -11,6 +11,7 @@ Coordinates: SimpleITK images are in LPS, Slicer volume nodes in RAS. Voxel arra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -351,7 +352,7 @@ def save_segmentation(segmentation_node, path: str) -> None:
 def load_segmentation(scene, path: str, name: str | None = None) -> slicer.vtkMRMLSegmentationNode:
     """Read a ``.seg.nrrd`` into a new segmentation node through Slicer's storage node."""
     node = slicer.vtkMRMLSegmentationNode()
-    node.SetName(name or str(path).rsplit("/", 1)[-1].split(".")[0])
+    node.SetName(name or Path(path).name.split(".")[0])  # Path: Windows paths use backslashes
     scene.AddNode(node)
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))

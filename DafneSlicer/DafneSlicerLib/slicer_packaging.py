@@ -23,7 +23,8 @@ class SlicerPackaging:
         except ImportError as exc:
             raise DependencyError("The PyTorch extension is missing: install 'PyTorch' from the Extensions Manager, "
                                   "restart Slicer and try again.") from exc
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+        # The user agreed to the whole list (torch included) in InstallLogic.ensure: one question, not two.
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                               torchVersionRequirement=version_requirement)
         return torch is not None
 

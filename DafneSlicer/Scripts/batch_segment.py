@@ -8,7 +8,9 @@ per-muscle statistics go to ``OUTPUT_DIR/statistics.csv``. The same as, outside 
 
     dafne-slicer segment INPUT_DIR/* --model thigh -o OUTPUT_DIR --stats OUTPUT_DIR/statistics.csv
 
-Exit status: 0 all segmented, 1 some inputs failed (listed), 2 unusable arguments or missing packages.
+Exit status: 0 all segmented, 1 some inputs failed (listed), 2 unusable arguments, missing packages or
+an unexpected error. Slicer stays open after ``--python-script`` unless the script exits, so the script
+always ends with ``slicer.util.exit(status)``, whatever happens.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1]  # DafneSlicer/ (dafne_logic is installed beside it)
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
+import DafneSlicerLib  # noqa: E402, F401 - first: in a source checkout it makes ../Logic importable as dafne_logic
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -79,7 +84,7 @@ def main(argv: list[str], scene=None) -> int:
         return 2
     args.output_dir.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
-    for source, target in zip(inputs, outputs):
+    for source, target in zip(inputs, outputs, strict=True):
         began = time.monotonic()
         volume = segmentation = None
         try:
@@ -94,9 +99,10 @@ def main(argv: list[str], scene=None) -> int:
             mc.save_segmentation(segmentation, str(target))
             rows += [{"case": source.name, **row} for row in muscle_statistics(image, labels, model.labels)]
             print(f"{source.name}: {target} ({time.monotonic() - began:.1f} s)")
-        except DafneError as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
             failed.append(source.name)
-            print(f"{source.name}: FAILED: {exc}", file=sys.stderr)
+            reason = str(exc) if isinstance(exc, DafneError) else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            print(f"{source.name}: FAILED: {reason}", file=sys.stderr)
         finally:  # one case at a time in memory
             for node in (segmentation, volume):
                 if node is not None:
@@ -107,7 +113,21 @@ def main(argv: list[str], scene=None) -> int:
     return 1 if failed else 0
 
 
+def run(argv: list[str], exit: Callable[[int], None], scene=None) -> None:
+    """Run :func:`main`, then always call ``exit(status)`` (Slicer's ``slicer.util.exit``): an
+    exception must not leave a ``--no-main-window`` Slicer running for ever."""
+    try:
+        status = main(argv, scene=scene)
+    except SystemExit as exc:  # argparse: --help (0) or unusable arguments (2)
+        status = exc.code if isinstance(exc.code, int) else 2
+    except BaseException:  # noqa: BLE001 - whatever happens, Slicer must exit
+        traceback.print_exc()
+        print("error: the batch stopped on an unexpected error (traceback above)", file=sys.stderr)
+        status = 2
+    exit(status)
+
+
 if __name__ == "__main__":
     import slicer
 
-    slicer.util.exit(main(sys.argv[1:]))
+    run(sys.argv[1:], slicer.util.exit)

@@ -1,4 +1,8 @@
-"""Atomic file and folder writes: a failed or interrupted run leaves no partial output behind."""
+"""Atomic file and folder writes: a failed or interrupted run leaves no partial output behind.
+
+Portable to every platform Slicer runs on: permissions are set by path (``os.chmod``), never by file
+descriptor, because Windows Python before 3.13 (Slicer 5.10 ships 3.12) has no ``os.fchmod``.
+"""
 
 from __future__ import annotations
 
@@ -17,21 +21,24 @@ def _current_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     The temporary name keeps the target's suffixes (``.nii.gz``, ``.seg.nrrd``) so writers that
     pick a format from the extension still do. On any exception the temporary file is removed and
-    ``target`` is untouched.
+    ``target`` is untouched. ``owner_only``: keep the file readable by its owner only from its
+    creation on (mode 0600 on POSIX; on Windows, where modes only toggle read-only, the file
+    inherits the access list of its folder, which in the user's application data folder is the
+    user's own).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
-    # mkstemp creates 0600 files; outputs get the permissions a plain open() would give.
-    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     tmp = Path(tmp_name)
+    if not owner_only:  # mkstemp creates 0600 files; outputs get the permissions a plain open() would give
+        os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         os.replace(tmp, target)

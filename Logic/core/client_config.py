@@ -1,6 +1,8 @@
 """The sync client's settings: server URL, token and the user's opt-in, in an owner-only file.
 
-``<user data dir>/sync.json`` (see :func:`dafne_logic.core.paths.user_data_dir`), mode 0600.
+``<user data dir>/sync.json`` (see :func:`dafne_logic.core.paths.user_data_dir`): mode 0600 on POSIX; on
+Windows the user's application data folder, whose access list admits only the user (file modes there
+only toggle read-only).
 Sync is **off** until the user opts in; a missing file means "not opted in".
 """
 
@@ -56,9 +58,8 @@ def load_config(path: Path | None = None) -> ClientConfig:
 
 
 def save_config(config: ClientConfig, path: Path | None = None) -> Path:
-    """Write the settings atomically with mode 0600 (set before the file becomes visible)."""
+    """Write the settings atomically, owner-only from the file's creation on (see :func:`atomic_path`)."""
     path = path or config_path()
-    with atomic_path(path) as tmp:
-        os.chmod(tmp, 0o600)
+    with atomic_path(path, owner_only=True) as tmp:
         tmp.write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
     return path

@@ -35,8 +35,9 @@ from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable, Side
 
 PathLike = str | os.PathLike[str]
 
-# 3D Slicer terminology contexts (Slicer's Terminologies module, TerminologyEntry tag).
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# 3D Slicer terminology contexts (Slicer's Terminologies module, TerminologyEntry tag). The muscles' codes
+# are not in Slicer's bundled lists: the Slicer module ships and loads this context (its terminology.py).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DafneSlicer muscles"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -185,7 +186,7 @@ def terminology(label: VolumeLabel) -> dict[str, Any]:
     """Slicer terminology of one volume label, as ``slicerio`` represents a ``TerminologyEntry``.
 
     Category "Anatomical Structure", the muscle's SNOMED CT code as type and the laterality as
-    type modifier, in the 3D Slicer General Anatomy context (as Slicer codes e.g. "right adrenal gland").
+    type modifier, in DafneSlicer's own context (:data:`TERMINOLOGY_CONTEXT`, shipped by the Slicer module).
     """
     return {
         "contextName": TERMINOLOGY_CONTEXT,

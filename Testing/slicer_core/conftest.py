@@ -5,14 +5,7 @@ slicer-core is in the ``test`` extra; without it these tests skip with a reason.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-MODULE_DIR = Path(__file__).resolve().parents[2] / "DafneSlicer"
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
 
 SKIP_REASON = "slicer-core is not installed (pip install slicer-core, part of the test extra)"
 

@@ -81,3 +81,45 @@ def test_batch_side_option_reaches_the_segmentation(scene, tmp_path, tiny_leg_mo
     assert sides == ["left", None]
     with pytest.raises(SystemExit):
         batch.parse_args(["--side", "middle", "in", "out"])
+
+
+@pytest.mark.parametrize("failure, status", [(RuntimeError("the GPU fell off"), 2), (KeyboardInterrupt(), 2),
+                                             (SystemExit(2), 2)])
+def test_batch_always_exits_with_a_status_even_on_unexpected_errors(scene, tmp_path, monkeypatch, capsys, failure, status):
+    """Slicer stays open after --python-script unless the script exits: ``run`` must always call exit."""
+    from DafneSlicerLib.segmentation_logic import SegmentationLogic
+
+    def broken(self, name):
+        raise failure
+
+    monkeypatch.setattr(SegmentationLogic, "load_model", broken)
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.Image([8, 8, 2], sitk.sitkFloat32), str(tmp_path / "in" / "a.nrrd"))
+    exits = []
+    _batch_module().run(["--model", "leg", str(tmp_path / "in"), str(tmp_path / "out")], exits.append, scene=scene)
+    assert exits == [status]
+    assert not (tmp_path / "out").exists()
+    assert "run(sys.argv[1:], slicer.util.exit)" in SCRIPT.read_text()  # what Slicer runs goes through run()
+
+
+def test_batch_counts_an_unexpected_error_of_one_case_as_failed_and_goes_on(scene, tmp_path, tiny_leg_model, monkeypatch,
+                                                                            capsys):
+    import dafne_logic.core.io
+
+    read_image = dafne_logic.core.io.read_image
+
+    def flaky(path):
+        if Path(path).name == "a.nrrd":
+            raise MemoryError("out of memory")
+        return read_image(path)
+
+    monkeypatch.setattr(dafne_logic.core.io, "read_image", flaky)
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        sitk.WriteImage(make_phantom("leg", shape=(1, 64, 96), seed=1)[0], str(tmp_path / "in" / f"{name}.nrrd"))
+    exits = []
+    _batch_module().run(["--model", tiny_leg_model, "--device", "cpu", str(tmp_path / "in"), str(tmp_path / "out")],
+                        exits.append, scene=scene)
+    assert exits == [1]
+    assert "a.nrrd: FAILED: MemoryError: out of memory" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.seg.nrrd", "statistics.csv"]

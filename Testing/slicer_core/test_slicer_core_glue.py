@@ -243,6 +243,18 @@ def test_seg_nrrd_save_and_reload_through_storage_node(scene, tmp_path):
         mc.load_segmentation(scene, str(tmp_path / "absent.seg.nrrd"))
 
 
+def test_seg_nrrd_save_works_without_fchmod_and_fchown(scene, tmp_path, monkeypatch):
+    """The batch script's writes on Windows, whose Python 3.12 has neither call."""
+    from fakes import as_on_windows_python_312
+
+    as_on_windows_python_312(monkeypatch)
+    image = _image(DIRECTIONS["axial"])
+    node = mc.labels_to_segmentation(scene, _labels(image), THIGH, _volume(scene, image), "seg")
+    mc.save_segmentation(node, str(tmp_path / "case.seg.nrrd"))
+    assert mc.segment_names(mc.load_segmentation(scene, str(tmp_path / "case.seg.nrrd"))) == mc.segment_names(node)
+    assert [p.name for p in tmp_path.iterdir()] == ["case.seg.nrrd"]
+
+
 def test_table_node_holds_statistics_rows(scene):
     table_node = slicer.vtkMRMLTableNode()
     scene.AddNode(table_node)

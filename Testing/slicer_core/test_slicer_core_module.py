@@ -32,6 +32,9 @@ def module(scene, monkeypatch):
         def __init__(self, parent=None):
             self.parent = parent
 
+        def delayDisplay(self, message, msec=None):  # noqa: N802 - ScriptedLoadableModuleTest's name
+            self.displayed = [*getattr(self, "displayed", []), message]
+
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
                  "ScriptedLoadableModuleWidget"):
         setattr(scripted, name, type(name, (Base,), {}))
@@ -53,11 +56,43 @@ def module(scene, monkeypatch):
         delattr(package, "parameter_node")
 
 
-def test_module_metadata(module):
+@pytest.fixture
+def app(monkeypatch):
+    """``slicer.app`` (absent from slicer-core) as far as the module class uses it: signal connections."""
+    connected = []
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(connect=lambda *args: connected.append(args),
+                                                       connected=connected), raising=False)
+    return slicer.app
+
+
+def test_module_metadata(module, app):
     parent = SimpleNamespace()
     module.DafneSlicer(parent)
     assert parent.title == "Dafne Muscle Segmentation" and parent.categories == ["Segmentation"]
     assert "Share</b> is off unless you opt in" in parent.helpText
+
+
+def test_muscle_terminology_loads_when_slicer_has_started(module, app, monkeypatch):
+    module.DafneSlicer(SimpleNamespace())
+    assert app.connected == [("startupCompleted()", module.load_muscle_terminology)]
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    monkeypatch.setattr(slicer, "modules", SimpleNamespace(terminologies=SimpleNamespace(logic=lambda: terminologies)),
+                        raising=False)
+    module.load_muscle_terminology()
+    assert terminologies.IsTerminologyContextLoaded("Segmentation category and type - DafneSlicer muscles")
+
+
+def test_reload_and_test_without_the_packages_reports_a_skip_not_a_failure(module, monkeypatch):
+    """Reload and Test calls runTest directly, outside unittest, where a SkipTest shows as a failure."""
+    monkeypatch.setattr(module, "missing_packages", lambda: ["torch>=2.4", "monai>=1.5"])
+    ran = []
+    monkeypatch.setattr(module.DafneSlicerTest, "test_segment_edit_improve_statistics", lambda self: ran.append(1))
+    test = module.DafneSlicerTest()
+    test.runTest()  # raises nothing
+    assert ran == [] and "skipped: not installed yet: torch>=2.4, monai>=1.5" in test.displayed[-1]
+    monkeypatch.setattr(module, "missing_packages", lambda: [])
+    test.runTest()
+    assert ran == [1] and module.missing_packages() == []
 
 
 def test_logic_segments_and_measures_synchronously(module, scene, tiny_leg_model):

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
 
-from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
-from DafneSlicerLib.slicer_scene import SEGMENTATION_EVENTS, SlicerScene  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the controller tests' fakes
-
 from dafne_logic.core.errors import InputError  # noqa: E402
 from dafne_logic.core.labels import LEG  # noqa: E402
+from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
+from DafneSlicerLib.slicer_scene import SEGMENTATION_EVENTS, SlicerScene  # noqa: E402
 
 
 def _volume_and_labels(scene):
@@ -101,7 +95,7 @@ def test_edits_fire_the_events_the_panel_observes(scene):
 
 
 def test_continue_with_a_saved_segmentation_and_refuse_another_volumes(scene, tmp_path):
-    from test_slicer_module_controller import FakeInstall, FakeSegmentation, FakeView
+    from fakes import FakeInstall, FakeSegmentation, FakeView
 
     from dafne_logic.core.io import write_labels
     from DafneSlicerLib.controller import DafneController

@@ -4,27 +4,21 @@ written into the segment)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
+from fakes import FakeInstall, FakeView, finish  # noqa: E402
 
+from dafne_logic.core.labels import LEG  # noqa: E402
+from dafne_logic.core.paths import user_models_dir  # noqa: E402
+from dafne_logic.phantoms.images import make_phantom  # noqa: E402
 from DafneSlicerLib import mrml_conversion as mc  # noqa: E402
 from DafneSlicerLib.controller import DafneController  # noqa: E402
 from DafneSlicerLib.segmentation_logic import SegmentationLogic  # noqa: E402
 from DafneSlicerLib.slicer_scene import SlicerScene  # noqa: E402
 from DafneSlicerLib.sync_logic import SyncLogic  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_slicer_module_controller import FakeInstall, FakeView, _finish  # noqa: E402
-
-from dafne_logic.core.labels import LEG  # noqa: E402
-from dafne_logic.core.paths import user_models_dir
-from dafne_logic.phantoms.images import make_phantom  # noqa: E402
 
 
 @pytest.mark.slow  # two worker processes, each importing torch and MONAI
@@ -41,7 +35,7 @@ def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path, tiny_leg_
                                  finetune_config={"max_epochs": 1, "min_steps_per_epoch": 1})
 
     controller.segment(volume, tiny_leg_model, "cpu")
-    _finish(controller, timeout=300)
+    finish(controller, timeout=300)
     assert not view.errors, view.errors
     node = controller.case.segmentation_node
     assert node.GetName() == "calf phantom segmentation" and node.GetScene() is scene
@@ -71,7 +65,7 @@ def test_segment_edit_improve_statistics_on_real_mrml(scene, tmp_path, tiny_leg_
     controller.mark_slices("1-2")
     assert view.summaries[-1] == "Changed slices: 1. Reviewed: 1-2."
     controller.improve()
-    _finish(controller, timeout=300)
+    finish(controller, timeout=300)
     assert not view.errors, view.errors
     assert (user_models_dir() / controller.case.model_name / "weights.safetensors").is_file()
     assert controller.case.model_name in view.models[-1][0] and view.models[-1][1] == controller.case.model_name
