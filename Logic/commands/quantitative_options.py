@@ -16,10 +16,8 @@ from dafne_logic.core.quantitative import (
     DEFAULT_ERODE_MM,
     FAT_FRACTION,
     QuantitativeMap,
+    build_maps,
     check_map_name,
-    fat_fraction_from_dixon,
-    fat_fraction_from_map,
-    parametric_map,
     read_map,
 )
 
@@ -65,12 +63,13 @@ def check(args: argparse.Namespace) -> list[tuple[str, str]]:
 def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[QuantitativeMap]:
     """The maps the options name, on ``reference``'s grid (fat fraction first); one sentence on bad input."""
     pairs = check(args)
-    maps = []
-    if args.water:
-        maps.append(fat_fraction_from_dixon(read_map(args.water, "water"), read_map(args.fat, "fat"), reference))
-    elif args.fat_fraction:
-        maps.append(fat_fraction_from_map(read_map(args.fat_fraction, "fat-fraction"), reference))
-    maps += [parametric_map(name, read_map(path, name), reference) for name, path in pairs]
+
+    def read(path: str | None, what: str) -> sitk.Image | None:
+        return None if path is None else read_map(path, what)
+
+    maps = build_maps(reference, water=read(args.water, "water"), fat=read(args.fat, "fat"),
+                      fat_fraction=read(args.fat_fraction, "fat-fraction"),
+                      others=[(name, read_map(path, name)) for name, path in pairs])
     for quantity in maps:
         log.info("%s", quantity.note)
     return maps

@@ -23,7 +23,6 @@ from dafne_logic.core.io import PathLike
 from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable
 
 DICOM_SEG_SUFFIX = ".dcm"
-_GEOMETRY_TOLERANCE_MM = 1e-3
 
 
 def _coded(code: Code):  # -> highdicom.sr.CodedConcept
@@ -33,7 +32,8 @@ def _coded(code: Code):  # -> highdicom.sr.CodedConcept
 
 
 def _read_sources(files: Sequence[str], labels: sitk.Image):  # -> list[pydicom.Dataset]
-    """The source datasets in the label image's k order; refuses a series the labels do not lie on."""
+    """The source datasets in the label image's k order (found from each image's position, whatever
+    order the files come in); refuses a series whose slices the labels do not lie on."""
     import pydicom
 
     datasets = [pydicom.dcmread(f) for f in files]
@@ -41,12 +41,15 @@ def _read_sources(files: Sequence[str], labels: sitk.Image):  # -> list[pydicom.
     if len(datasets) != size_z or any((int(ds.Rows), int(ds.Columns)) != (size_y, size_x) for ds in datasets):
         raise InputError(f"the segmentation ({size_x}×{size_y}×{size_z}) does not lie on the DICOM series "
                          f"({len(datasets)} images); a DICOM SEG needs the segmentation on its source slices.")
-    for k, ds in enumerate(datasets):
-        expected = labels.TransformIndexToPhysicalPoint((0, 0, k))
-        if not np.allclose([float(v) for v in ds.ImagePositionPatient], expected, atol=_GEOMETRY_TOLERANCE_MM):
-            raise InputError("the segmentation's slices do not match the DICOM series' slice positions; "
-                             "a DICOM SEG needs the segmentation on its source slices.")
-    return datasets
+    # Continuous index of each image's first pixel: (0, 0, k) when the labels lie on its slice.
+    index = np.array([labels.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
+                      for ds in datasets])
+    k = np.rint(index[:, 2]).astype(int)
+    on_slices = np.allclose(index[:, :2], 0.0, atol=1e-3) and np.allclose(index[:, 2], k, atol=1e-3)
+    if not on_slices or sorted(k.tolist()) != list(range(size_z)):
+        raise InputError("the segmentation's slices do not match the DICOM series' slice positions; "
+                         "a DICOM SEG needs the segmentation on its source slices.")
+    return [datasets[i] for i in np.argsort(k)]
 
 
 def write_dicom_seg(labels: sitk.Image, source_files: Sequence[str], table: LabelTable, path: PathLike, *,
@@ -54,8 +57,8 @@ def write_dicom_seg(labels: sitk.Image, source_files: Sequence[str], table: Labe
                     series_description: str = "Muscle segmentation") -> list[int]:
     """Write ``labels`` (volume labels of ``table`` on the source series' grid) as a DICOM SEG, atomically.
 
-    ``source_files`` are the series' files in the order SimpleITK read them into ``labels``' k axis
-    (:attr:`dafne_logic.core.io.DicomSeries.files`). ``automatic`` False marks a corrected result
+    ``source_files`` are the series' files, in any order (e.g. :attr:`dafne_logic.core.io.DicomSeries.files`
+    or the files of a volume Slicer loaded from DICOM). ``automatic`` False marks a corrected result
     (algorithm type SEMIAUTOMATIC). Returns the volume label values written, in segment-number order
     (segment n holds label ``values[n-1]``). Raises InputError when no muscle is present or the
     labels do not lie on the source slices.

@@ -18,6 +18,7 @@ behind :data:`DEFAULT_ERODE_MM`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.io import PathLike, read_image, same_grid
+from dafne_logic.core.io import PathLike, read_image, same_grid, validate_image
 from dafne_logic.core.labels import LabelTable
 
 NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sits far below, muscle far above
@@ -157,6 +158,35 @@ def fat_fraction_from_map(image: sitk.Image, reference: sitk.Image) -> Quantitat
 def parametric_map(name: str, image: sitk.Image, reference: sitk.Image) -> QuantitativeMap:
     """Any map (T2, T1, ADC, ...) on ``reference``'s grid, in the map's own units."""
     return QuantitativeMap(name, map_on_grid(image, reference, name), f"{name} map in its own units")
+
+
+def build_maps(reference: sitk.Image, *, water: sitk.Image | None = None, fat: sitk.Image | None = None,
+               fat_fraction: sitk.Image | None = None,
+               others: Sequence[tuple[str, sitk.Image]] = ()) -> list[QuantitativeMap]:
+    """The maps a user picked (files or Slicer volumes), validated and carried onto ``reference``'s grid.
+
+    A Dixon pair (``water`` and ``fat``) or a scanner ``fat_fraction`` map gives the fat fraction
+    (first); ``others`` are (name, map) pairs. Every image must be a usable 3D scalar volume
+    (:func:`~dafne_logic.core.io.validate_image`: no NaN, not 4D, not constant). One sentence
+    (InputError) for anything unusable.
+    """
+    if (water is None) != (fat is None):
+        raise InputError("the water and fat images go together (the two images of one Dixon scan).")
+    if water is not None and fat_fraction is not None:
+        raise InputError("give either the Dixon water and fat images or a fat-fraction map, not both.")
+    named = [("water", water), ("fat", fat), ("fat-fraction", fat_fraction), *others]
+    for what, image in named:
+        if image is not None:
+            validate_image(image, f"the {what} map")
+    taken = {FAT_FRACTION}
+    for name, _ in others:
+        taken.add(check_map_name(name, taken))
+    maps = []
+    if water is not None and fat is not None:
+        maps.append(fat_fraction_from_dixon(water, fat, reference))
+    elif fat_fraction is not None:
+        maps.append(fat_fraction_from_map(fat_fraction, reference))
+    return maps + [parametric_map(name, image, reference) for name, image in others]
 
 
 # --- erosion and per-muscle summaries -------------------------------------------------------------
