@@ -4,7 +4,9 @@ beside right), the cross-sectional area along the leg (table + plot) and DICOM S
 The numbers come from ``dafne_logic`` (:mod:`~dafne_logic.core.quantitative`,
 :mod:`~dafne_logic.core.csa`, :mod:`~dafne_logic.core.dicom_seg`); this module only converts
 between MRML nodes and those functions. Scene-only: it runs on a bare MRML scene (slicer-core);
-showing a chart in the layout needs Slicer's application and is skipped without it.
+showing a chart in the layout needs Slicer's application and is skipped without it. The
+``dafne_logic`` modules that need scipy are imported when called: Slicer loads this module before
+the user agreed to install packages.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from typing import Any
 import SimpleITK as sitk
 import slicer
 
-from dafne_logic.core.csa import cross_sectional_areas
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import LabelTable
-from dafne_logic.core.quantitative import FAT_FRACTION, QuantitativeMap, build_maps
 
 from . import mrml_conversion as mc
 
@@ -27,8 +27,11 @@ DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 
 
 def maps_from_volume_nodes(reference: sitk.Image, *, water_node=None, fat_node=None, fat_fraction_node=None,
-                           map_nodes: Sequence[tuple[str, Any]] = ()) -> list[QuantitativeMap]:
-    """The maps picked in the panel's volume selectors, on ``reference``'s grid (see ``build_maps``)."""
+                           map_nodes: Sequence[tuple[str, Any]] = ()) -> list:
+    """The maps picked in the panel's volume selectors (``QuantitativeMap`` list) on ``reference``'s grid
+    (see :func:`dafne_logic.core.quantitative.build_maps`)."""
+    from dafne_logic.core.quantitative import build_maps
+
     def image(node) -> sitk.Image | None:
         return None if node is None else mc.image_from_volume_node(node)
 
@@ -84,6 +87,8 @@ def show_fat_fraction_chart(scene, rows: list[dict[str, Any]], table: LabelTable
     ``rows`` are statistics rows with ``fat_fraction_mean`` (None or absent for a muscle without
     voxels: drawn as no bar). Returns the chart node; its table node is ``name + " table"``.
     """
+    from dafne_logic.core.quantitative import FAT_FRACTION
+
     by_value = {row["label_value"]: row.get(f"{FAT_FRACTION}_mean") for row in rows}
     if not any(value is not None for value in by_value.values()):
         raise InputError("No fat fraction was measured: pick the Dixon water and fat volumes or a fat-fraction map.")
@@ -103,6 +108,8 @@ def show_cross_sectional_areas(scene, labels: sitk.Image, table: LabelTable, nam
 
     Returns (table node of the long rows, chart node).
     """
+    from dafne_logic.core.csa import cross_sectional_areas
+
     rows = cross_sectional_areas(labels, table)
     if not rows:
         raise InputError("The segmentation holds no muscle: there is no cross-sectional area to show.")
