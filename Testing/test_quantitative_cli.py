@@ -110,3 +110,15 @@ def test_segment_adds_the_map_columns_and_refuses_maps_without_stats(dixon, tmp_
                  "--fat", str(dixon["fat"])]) == 2
     assert "--stats" in capsys.readouterr().err and not out.exists()
 
+
+
+def test_demo_fat_fraction_table_matches_the_truth(tmp_path, capsys):
+    """``make demo`` step 2: the automatic segmentation's fat fraction within the issue's targets."""
+    from dafne_server.demo import fat_fraction_demo
+
+    errors = fat_fraction_demo(tmp_path, shape=(6, 432, 432))
+    assert len(errors) == 12
+    assert np.mean(np.abs(errors)) < 1.5 and np.max(np.abs(errors)) < 5.0
+    assert "soleus" in capsys.readouterr().out
+    rows = _read(tmp_path / "leg_dixon_statistics.csv")
+    assert len(rows) == 12 and rows[0]["fat_fraction_mean"] != ""
