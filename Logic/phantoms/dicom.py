@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from dafne_logic.core.atomic import atomic_path
 from dafne_logic.core.errors import InputError
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -35,7 +36,7 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
     stored = np.round(voxels / slope).astype(np.uint16)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = image.GetSpacing()
-    study_uid = study_uid or generate_uid()
+    study = study_uid or str(generate_uid())
     series_uid, frame_uid = generate_uid(), generate_uid()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, sop_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Leg", "PHANTOM", "", "O"
-        ds.StudyInstanceUID, ds.StudyID, ds.StudyDate, ds.StudyTime = study_uid, "1", "20260101", "120000"
+        ds.StudyInstanceUID, ds.StudyID, ds.StudyDate, ds.StudyTime = study, "1", "20260101", "120000"
         ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, series_description
         ds.Modality, ds.Manufacturer = "MR", "DafneSlicer phantom"
@@ -67,6 +68,7 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "NONE", "", "2D"
         ds.PixelData = stored[k].tobytes()
         path = folder / f"slice_{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
         files.append(path)
     return files
