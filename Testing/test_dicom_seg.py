@@ -97,3 +97,16 @@ def test_dicom_seg_of_a_non_dicom_input_is_one_sentence_and_writes_nothing(tmp_p
     err = capsys.readouterr().err
     assert "not a DICOM series folder" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_dicom_seg_outputs_are_planned_only_for_dicom_folders(tmp_path):
+    from dafne_logic.commands.segment import plan_outputs
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    assert plan_outputs(folders, tmp_path / "out", ".dcm") == [tmp_path / "out" / "a.dcm", tmp_path / "out" / "b.dcm"]
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")
+    with pytest.raises(InputError, match="not a DICOM series folder"):
+        plan_outputs([folders[0], scan], tmp_path / "out", ".dcm")
