@@ -122,3 +122,19 @@ def test_demo_fat_fraction_table_matches_the_truth(tmp_path, capsys):
     assert "soleus" in capsys.readouterr().out
     rows = _read(tmp_path / "leg_dixon_statistics.csv")
     assert len(rows) == 12 and rows[0]["fat_fraction_mean"] != ""
+
+
+def test_segment_with_a_map_that_misses_the_muscles_writes_no_segmentation(dixon, tmp_path, capsys):
+    """The map overlaps the image (a corner of air) but no muscle: found after segmenting, before writing."""
+    water = sitk.ReadImage(str(dixon["water"]))
+    corner = sitk.Image(10, 10, 3, sitk.sitkFloat32) + 1.0
+    corner[0, 0, 0] = 2.0
+    corner.SetSpacing(water.GetSpacing())
+    corner.SetOrigin(water.GetOrigin())
+    sitk.WriteImage(corner, str(tmp_path / "corner.nii.gz"))
+    out = tmp_path / "out" / "seg.seg.nrrd"
+    rc = main(["segment", str(dixon["water"]), "--model", "leg", "-o", str(out), "--no-progress",
+               "--stats", str(tmp_path / "out" / "s.csv"), "--map", f"T2={tmp_path / 'corner.nii.gz'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no value on any segmented muscle" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

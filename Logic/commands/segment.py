@@ -129,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
                 labels = segment_volume(image, model, device=args.device, batch_size=args.batch_size,
                                         progress=progress, single_leg_side=args.side)
+            # Measured before the segmentation is written: a map that misses the muscles writes nothing.
+            case_rows = muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm) if args.stats else []
+            case_areas = cross_sectional_areas(labels, model.labels) if args.csa else []
             if out.name.lower().endswith(DICOM_SEG_SUFFIX):
                 write_dicom_seg(labels, choose_dicom_series(path, args.series).files, model.labels, out,
                                 algorithm_name=f"DafneSlicer {model.manifest.name}",
@@ -142,11 +145,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: failed: {exc}", file=sys.stderr)
             continue
         print(f"{path} -> {out}")
-        if args.stats:
-            rows += [{"case": case_name(path), **row}
-                     for row in muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm)]
-        if args.csa:
-            areas += [{"case": case_name(path), **row} for row in cross_sectional_areas(labels, model.labels)]
+        rows += [{"case": case_name(path), **row} for row in case_rows]
+        areas += [{"case": case_name(path), **row} for row in case_areas]
         if args.preview:
             preview = Path(args.preview) if len(inputs) == 1 else Path(args.preview) / f"{case_name(path)}.png"
             write_preview(image, labels, model.labels, preview,
