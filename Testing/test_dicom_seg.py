@@ -3,6 +3,8 @@ references, geometry, masks); refused with one sentence when there is no DICOM s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -80,7 +82,7 @@ def test_labels_off_the_source_slices_are_refused(dicom_case, tmp_path):
 
 def test_segment_writes_a_dicom_seg_of_a_dicom_series(dicom_case, tmp_path, capsys):
     series, _ = dicom_case
-    folder = series.files[0].rsplit("/", 1)[0]
+    folder = str(Path(series.files[0]).parent)
     out = tmp_path / "result.dcm"
     assert main(["segment", folder, "--model", "leg", "--output", str(out), "--no-progress"]) == 0
     seg = pydicom.dcmread(out)
