@@ -69,6 +69,9 @@ class DafneSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DafneSlicerLogic()
         self.initializeParameterNode()
         self.panel = DafneSlicerPanel(self.ui, lambda: self._parameterNode, self, self.logic.controller)
+        from DafneSlicerLib.quantitative_panel import QuantitativeSection
+
+        self.panel.map_selection = QuantitativeSection(self.layout, self.panel.controller).selection
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 

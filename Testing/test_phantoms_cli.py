@@ -20,8 +20,8 @@ def test_writes_image_labels_and_table(tmp_path, capsys):
     rc = main(["phantom", "--region", "leg", "--output", str(out), "--shape", "3", "96", "128", "--seed", "5",
                "--contrast", "water", "--legs", "both"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == [
-        "leg_phantom.nii.gz", "leg_phantom_labels.json", "leg_phantom_labels.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [  # a Dixon contrast also writes its true fat fraction
+        "leg_phantom.nii.gz", "leg_phantom_fat_fraction.csv", "leg_phantom_labels.json", "leg_phantom_labels.nii.gz"]
     assert "leg_phantom.nii.gz" in capsys.readouterr().out
     image = sitk.ReadImage(str(out / "leg_phantom.nii.gz"))
     labels, unknown = read_segmentation(out / "leg_phantom_labels.nii.gz", BUILTIN_TABLES["leg"])

@@ -62,6 +62,27 @@ class SceneAdapter(Protocol):
     def open_segment_editor(self, segmentation_node: Any, volume_node: Any) -> None: ...
     def current_slice(self, volume_node: Any) -> int: ...
     def show_statistics(self, rows: list[dict[str, Any]], name: str) -> Any: ...
+    # Quantitative MRI (quantitative_logic in Slicer): maps picked as volume nodes, charts, DICOM SEG.
+    def maps_of(self, reference: sitk.Image, selection: MapSelection) -> list[Any]: ...  # QuantitativeMap
+    def show_fat_fraction_chart(self, rows: list[dict[str, Any]], table: LabelTable, name: str) -> Any: ...
+    def show_cross_sectional_areas(self, labels: sitk.Image, table: LabelTable, name: str) -> Any: ...
+    def export_dicom_seg(self, volume_node: Any, labels: sitk.Image, table: LabelTable, path: str, model_name: str,
+                         model_version: str, corrected: bool) -> list[int]: ...
+
+
+@dataclass
+class MapSelection:
+    """Maps picked in the panel (volume nodes, None when not picked) and the edge erosion in mm."""
+
+    water: Any = None
+    fat: Any = None
+    fat_fraction: Any = None
+    others: list[tuple[str, Any]] = field(default_factory=list)  # (column name, volume node)
+    erode_mm: float | None = None  # None: dafne_logic.core.quantitative.DEFAULT_ERODE_MM
+
+    @property
+    def empty(self) -> bool:
+        return self.water is None and self.fat is None and self.fat_fraction is None and not self.others
 
 
 @dataclass
@@ -369,16 +390,46 @@ class DafneController:
 
     # --- statistics -------------------------------------------------------------------------------
 
-    def statistics(self) -> None:
+    def statistics(self, maps: MapSelection | None = None) -> None:
+        """Per-muscle statistics as a table; with maps picked, their columns and a fat-fraction chart."""
         def action():
+            from dafne_logic.core.quantitative import DEFAULT_ERODE_MM
             from dafne_logic.core.statistics import muscle_statistics
 
             case = self._require_case()
             corrected, _ = self._corrected(case)
-            case.statistics = muscle_statistics(case.image, corrected.labels, case.table)
-            self.scene.show_statistics(case.statistics, f"{self.scene.node_name(case.volume_node)} muscle statistics")
+            selection = maps or MapSelection()
+            quantities = [] if selection.empty else self.scene.maps_of(case.image, selection)
+            erode_mm = DEFAULT_ERODE_MM if selection.erode_mm is None else selection.erode_mm
+            case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities, erode_mm=erode_mm)
+            name = self.scene.node_name(case.volume_node)
+            self.scene.show_statistics(case.statistics, f"{name} muscle statistics")
             present = sum(1 for row in case.statistics if row["voxel_count"])
-            self.view.set_status(f"Statistics of {present} muscles shown in the table.")
+            if any(row.get("fat_fraction_mean") is not None for row in case.statistics):
+                self.scene.show_fat_fraction_chart(case.statistics, case.table, f"{name} fat fraction")
+                self.view.set_status(f"Statistics and fat fraction of {present} muscles shown in the table and chart.")
+            else:
+                self.view.set_status(f"Statistics of {present} muscles shown in the table.")
+        self.guarded(action)
+
+    def cross_sectional_areas(self) -> None:
+        def action():
+            case = self._require_case()
+            corrected, _ = self._corrected(case)
+            self.scene.show_cross_sectional_areas(corrected.labels, case.table,
+                                                  f"{self.scene.node_name(case.volume_node)} cross-sectional area")
+            self.view.set_status("Cross-sectional area of each muscle along the leg shown in the table and plot.")
+        self.guarded(action)
+
+    def export_dicom_seg(self, path: str) -> None:
+        def action():
+            case = self._require_case()
+            corrected, current = self._corrected(case)
+            edited = bool(case.tracker.changed_slices(current))
+            version = next((c.version for c in self.segmentation.list_models() if c.name == case.model_name), "")
+            values = self.scene.export_dicom_seg(case.volume_node, corrected.labels, case.table, path, case.model_name,
+                                                 version, edited)
+            self.view.set_status(f"DICOM SEG with {len(values)} muscles written to {path}.")
         self.guarded(action)
 
     def export_statistics(self, path: str) -> None:

@@ -55,6 +55,31 @@ class SlicerScene:
             slicer.app.applicationLogic().PropagateTableSelection()
         return table_node
 
+    def maps_of(self, reference: sitk.Image, selection) -> list:
+        from . import quantitative_logic as ql
+
+        return ql.maps_from_volume_nodes(reference, water_node=selection.water, fat_node=selection.fat,
+                                         fat_fraction_node=selection.fat_fraction, map_nodes=selection.others)
+
+    def show_fat_fraction_chart(self, rows: list[dict[str, Any]], table: LabelTable, name: str):
+        from . import quantitative_logic as ql
+
+        return ql.show_fat_fraction_chart(self.scene, rows, table, name)
+
+    def show_cross_sectional_areas(self, labels: sitk.Image, table: LabelTable, name: str):
+        from . import quantitative_logic as ql
+
+        return ql.show_cross_sectional_areas(self.scene, labels, table, name)
+
+    def export_dicom_seg(self, volume_node, labels: sitk.Image, table: LabelTable, path: str, model_name: str,
+                         model_version: str, corrected: bool) -> list[int]:
+        from . import quantitative_logic as ql
+
+        database = getattr(slicer, "dicomDatabase", None)
+        file_for_instance = database.fileForInstance if database is not None else (lambda uid: "")
+        return ql.export_dicom_seg(volume_node, labels, table, path, file_for_instance, model_name=model_name,
+                                   model_version=model_version, corrected=corrected)
+
     def open_segment_editor(self, segmentation_node, volume_node) -> None:
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.SegmentEditorWidget.editor

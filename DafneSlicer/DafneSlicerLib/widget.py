@@ -34,6 +34,7 @@ class DafneSlicerPanel:
         self._models: list[ModelChoice] = []
         self._observed_segmentation = None
         self.controller: DafneController = controller_factory(self)
+        self.map_selection = lambda: None  # the Quantitative MRI section's picks (quantitative_panel.py) once it exists
 
         self._poll_timer = qt.QTimer()
         self._poll_timer.setInterval(POLL_MS)
@@ -66,7 +67,7 @@ class DafneSlicerPanel:
         ui.unmarkSliceButton.clicked.connect(lambda: c.mark_current_slice(False))
         ui.markSlicesButton.clicked.connect(lambda: c.mark_slices(ui.slicesLineEdit.text, True))
         ui.improveButton.clicked.connect(c.improve)
-        ui.statisticsButton.clicked.connect(c.statistics)
+        ui.statisticsButton.clicked.connect(lambda: c.statistics(self.map_selection()))
         ui.exportStatisticsButton.clicked.connect(self._export_statistics)
         ui.modelComboBox.connect("currentIndexChanged(int)", self._model_changed)  # the int overload
         ui.shareCheckBox.toggled.connect(self._save_share_settings)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dafne_logic.commands import quantitative_options
+from dafne_logic.core.dicom_seg import DICOM_SEG_SUFFIX
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
 
-OUTPUT_SUFFIXES = (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES)
+OUTPUT_SUFFIXES = (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES, DICOM_SEG_SUFFIX)
 INPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
@@ -32,7 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("--model", default="thigh", help="thigh, leg, a user model name or a model folder")
     parser.add_argument("--output", "-o", required=True,
-                        help="output file (.seg.nrrd, .nii.gz, .nrrd) for one input; a folder for several")
+                        help="output file (.seg.nrrd, .nii.gz, .nrrd; .dcm: DICOM SEG of a DICOM series input) "
+                             "for one input; a folder for several")
     parser.add_argument("--format", default=SEGMENTATION_SUFFIX, choices=OUTPUT_SUFFIXES,
                         help="file type written into an output folder (default .seg.nrrd)")
     parser.add_argument("--stats", metavar="CSV", help="write per-muscle volume and intensity statistics")
@@ -45,6 +48,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "is taken from the image position, which needs the origin on the patient midline)")
     parser.add_argument("--series", help="DICOM series UID when an input folder holds several series")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    quantitative_options.register(parser)
     parser.set_defaults(func=run)
 
 
@@ -75,17 +79,33 @@ def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
         if len(set(names)) != len(names):
             raise InputError("several inputs share a file name; segment them into separate folders")
         planned = [output / f"{name}{fmt}" for name in names]
+    for source, out in zip(inputs, planned, strict=True):
+        if out.name.lower().endswith(DICOM_SEG_SUFFIX) and not source.is_dir():
+            raise InputError(f"{out} is a DICOM SEG, which references its source series: {source} is not a DICOM "
+                             "series folder; write .seg.nrrd or a label map instead.")
     protected = {p.resolve() for p in inputs} | {(p.parent / f"{case_name(p)}.json").resolve() for p in inputs}
     for out in planned:
-        written = [out] + ([label_table_path(out)] if not out.name.lower().endswith(SEGMENTATION_SUFFIX) else [])
+        written = [out] + ([label_table_path(out)] if not out.name.lower().endswith((SEGMENTATION_SUFFIX, DICOM_SEG_SUFFIX))
+                           else [])
         clash = next((w for w in written if w.resolve() in protected), None)
         if clash is not None:
             raise InputError(f"output {clash} would overwrite an input or its JSON sidecar; choose another output")
     return planned
 
 
+def check_map_options(args: argparse.Namespace, n_inputs: int) -> None:
+    """Maps belong to one scan and add columns to ``--stats``: refuse them otherwise, before any work."""
+    quantitative_options.check(args)
+    if quantitative_options.has_maps(args) and not args.stats:
+        raise InputError("--water/--fat, --fat-fraction and --map add columns to the statistics; give --stats CSV too.")
+    if quantitative_options.has_maps(args) and n_inputs > 1:
+        raise InputError("maps belong to one scan; segment with --water/--fat, --fat-fraction or --map one input at a time.")
+
+
 def run(args: argparse.Namespace) -> int:
-    from dafne_logic.core.io import read_image, write_labels
+    from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
+    from dafne_logic.core.dicom_seg import write_dicom_seg
+    from dafne_logic.core.io import choose_dicom_series, read_image, write_labels
     from dafne_logic.core.preview import write_preview
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
     from dafne_logic.inference.model_package import load_model
@@ -93,12 +113,15 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = [Path(p) for p in args.inputs]
     outputs = plan_outputs(inputs, Path(args.output), args.format)
+    check_map_options(args, len(inputs))
     model = load_model(args.model)
     rows: list[dict] = []
+    areas: list[dict] = []
     failures: list[str] = []
-    for path, out in zip(inputs, outputs):
+    for path, out in zip(inputs, outputs, strict=True):
         try:
             image = read_image(path, series_uid=args.series)
+            maps = quantitative_options.load_maps(args, image)  # before any work: bad maps write nothing
             with tqdm(total=100, desc=case_name(path), unit="%", disable=args.no_progress, leave=False) as bar:
                 def progress(fraction: float, message: str) -> None:
                     bar.set_postfix_str(message, refresh=False)
@@ -106,7 +129,15 @@ def run(args: argparse.Namespace) -> int:
 
                 labels = segment_volume(image, model, device=args.device, batch_size=args.batch_size,
                                         progress=progress, single_leg_side=args.side)
-            write_labels(labels, out, model.labels)
+            # Measured before the segmentation is written: a map that misses the muscles writes nothing.
+            case_rows = muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm) if args.stats else []
+            case_areas = cross_sectional_areas(labels, model.labels) if args.csa else []
+            if out.name.lower().endswith(DICOM_SEG_SUFFIX):
+                write_dicom_seg(labels, choose_dicom_series(path, args.series).files, model.labels, out,
+                                algorithm_name=f"DafneSlicer {model.manifest.name}",
+                                algorithm_version=str(model.manifest.version))
+            else:
+                write_labels(labels, out, model.labels)
         except DafneError as exc:
             if len(inputs) == 1:
                 raise
@@ -114,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: failed: {exc}", file=sys.stderr)
             continue
         print(f"{path} -> {out}")
-        if args.stats:
-            rows += [{"case": case_name(path), **row} for row in muscle_statistics(image, labels, model.labels)]
+        rows += [{"case": case_name(path), **row} for row in case_rows]
+        areas += [{"case": case_name(path), **row} for row in case_areas]
         if args.preview:
             preview = Path(args.preview) if len(inputs) == 1 else Path(args.preview) / f"{case_name(path)}.png"
             write_preview(image, labels, model.labels, preview,
@@ -123,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stats and rows:
         write_statistics_csv(rows, args.stats)
         print(f"statistics -> {args.stats}")
+    if args.csa and areas:
+        write_csa_csv(areas, args.csa)
+        print(f"cross-sectional areas -> {args.csa}")
     if failures:
         print(f"{len(failures)} of {len(inputs)} inputs failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

@@ -1,10 +1,13 @@
-"""``dafne-slicer stats IMAGE SEGMENTATION``: per-muscle volume and intensity statistics as CSV."""
+"""``dafne-slicer stats IMAGE SEGMENTATION``: per-muscle statistics as CSV (volume, intensity, maximal
+cross-sectional area; fat fraction and parametric maps with ``--water/--fat``, ``--fat-fraction``, ``--map``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from dafne_logic.commands import quantitative_options
+from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.io import read_image, read_segmentation, resample_labels
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
@@ -21,6 +24,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--region", choices=sorted(BUILTIN_TABLES), help="take a built-in label table")
     parser.add_argument("--csv", required=True, metavar="OUT", help="CSV file to write")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read when IMAGE holds several")
+    quantitative_options.register(parser)
     parser.set_defaults(func=run)
 
 
@@ -34,18 +38,26 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
 
 
 def run(args: argparse.Namespace) -> int:
+    quantitative_options.check(args)
     table = label_table(args.model, args.region)
     image = read_image(args.image, series_uid=args.series)
     labels, unknown = read_segmentation(args.segmentation, table)
     if unknown:
         log.warning("not in the %s label table, left out: %s", table.region, ", ".join(unknown))
-    rows = muscle_statistics(image, resample_labels(labels, image), table)
+    labels = resample_labels(labels, image)
+    maps = quantitative_options.load_maps(args, image)
+    rows = muscle_statistics(image, labels, table, maps=maps, erode_mm=args.erode_mm)
     if not any(row["voxel_count"] for row in rows):
         raise DafneError(f"{args.segmentation} has no voxel of any {table.region} muscle on the image; nothing written.")
+    areas = cross_sectional_areas(labels, table) if args.csa else []
     write_statistics_csv(rows, args.csv)
+    if args.csa:
+        write_csa_csv(areas, args.csa)
+        log.info("wrote %s", args.csa)
     for row in rows:
         if row["voxel_count"]:
-            log.info("%-34s %9.2f ml  mean %10.2f  slices %d-%d", row["name"], row["volume_ml"], row["mean"],
-                     row["first_slice"], row["last_slice"])
+            fat = row.get("fat_fraction_mean")
+            log.info("%-34s %9.2f ml  mean %10.2f  slices %d-%d%s", row["name"], row["volume_ml"], row["mean"],
+                     row["first_slice"], row["last_slice"], "" if fat is None else f"  fat {fat:5.1f} %")
     log.info("wrote %s", args.csv)
     return 0

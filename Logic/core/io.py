@@ -79,7 +79,13 @@ def _series_description(first_file: str) -> str:
     return reader.GetMetaData(_DICOM_DESCRIPTION_TAG).strip() if reader.HasMetaDataKey(_DICOM_DESCRIPTION_TAG) else ""
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+def choose_dicom_series(folder: PathLike, series_uid: str | None = None) -> DicomSeries:
+    """The series of a DICOM folder that :func:`read_image` reads: the only one, or ``series_uid``.
+
+    Raises InputError (listing the series) for a folder without series, with several and no UID,
+    or without the UID asked for.
+    """
+    folder = Path(folder)
     found = list_dicom_series(folder)
     if not found:
         raise InputError(f"{folder} is a folder without DICOM series; give a DICOM series folder or an image file.")
@@ -94,6 +100,11 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         if not matches:
             raise InputError(f"{folder} has no DICOM series {series_uid}; it holds: {listing}.")
         chosen = matches[0]
+    return chosen
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    chosen = choose_dicom_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
     image = reader.Execute()

@@ -1,29 +1,35 @@
-"""Per-muscle, per-side volume and intensity statistics of a segmentation, and their CSV output."""
+"""Per-muscle, per-side statistics of a segmentation (volume, intensity, maximal cross-sectional area,
+optionally fat fraction and parametric maps), and their CSV output."""
 
 from __future__ import annotations
 
 import csv
 import io as _io
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from dafne_logic.core.atomic import atomic_write_text
+from dafne_logic.core.csa import cross_sectional_areas, maximal_areas
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.io import same_grid
 from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.quantitative import DEFAULT_ERODE_MM, QuantitativeMap, quantitative_columns
 
 # CSV columns, in order. Slices are indices along the image's third axis (k, the axial axis of an
 # axial acquisition), counted from 0; intensities are in the image's own units.
 STAT_FIELDS = (
     "label_value", "name", "muscle", "side", "voxel_count", "volume_ml",
     "mean", "sd", "median", "p5", "p95", "first_slice", "last_slice", "n_slices",
+    "max_csa_mm2", "max_csa_position_mm",
 )
 
 
-def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) -> list[dict[str, Any]]:
+def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable, *,
+                      maps: Sequence[QuantitativeMap] = (), erode_mm: float = DEFAULT_ERODE_MM) -> list[dict[str, Any]]:
     """One row per volume label of ``table`` (right muscles, then left), present or not.
 
     ``labels`` holds volume labels on the grid of ``image`` (same size, spacing, origin, direction).
@@ -32,7 +38,12 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
     ``median``, ``p5``, ``p95`` (linear interpolation between voxel values), ``first_slice`` and
     ``last_slice`` (k index) and ``n_slices`` (number of k slices holding the label). Intensity and
     slice fields are None for an absent label, ``sd`` also for a single voxel. Label values outside
-    the table are ignored.
+    the table are ignored. ``max_csa_mm2`` is the largest anatomical cross-sectional area on an
+    axial slice and ``max_csa_position_mm`` that slice's S position (:mod:`dafne_logic.core.csa`).
+
+    ``maps`` (on the image grid, see :mod:`dafne_logic.core.quantitative`) add ``NAME_mean``,
+    ``NAME_median``, ``NAME_sd`` per map (and ``fat_fraction_voxels``), measured inside each muscle
+    eroded in-plane by ``erode_mm``.
     """
     if not same_grid(image, labels):
         raise InputError("the segmentation does not lie on the image grid (size, spacing, origin or direction differ).")
@@ -62,6 +73,8 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
         present[k] = np.bincount(slice_values.astype(np.intp), minlength=n_labels + 1) > 0
 
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    largest = maximal_areas(cross_sectional_areas(labels, table))
+    quantities = quantitative_columns(labels, list(maps), table, erode_mm)
     rows = []
     for label in table.volume_labels():
         v, n = label.value, int(counts[label.value])
@@ -70,6 +83,7 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
             "voxel_count": n, "volume_ml": n * voxel_ml,
             "mean": None, "sd": None, "median": None, "p5": None, "p95": None,
             "first_slice": None, "last_slice": None, "n_slices": 0,
+            "max_csa_mm2": None, "max_csa_position_mm": None,
         }
         if n:
             run = grouped[starts[v]:starts[v + 1]]
@@ -80,6 +94,8 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
                 median=float(median), p5=float(p5), p95=float(p95),
                 first_slice=int(slices[0]), last_slice=int(slices[-1]), n_slices=int(slices.size),
             )
+        row.update(largest.get(v, {}))
+        row.update(quantities[v])
         rows.append(row)
     return rows
 
@@ -87,11 +103,10 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable) 
 def statistics_csv(rows: list[dict[str, Any]]) -> str:
     """CSV text of :func:`muscle_statistics` rows (header + one line per row; None → empty cell).
 
-    Keys a caller added to the rows (e.g. ``case`` when several volumes share one file) come first,
-    in the order they first appear, then :data:`STAT_FIELDS`.
+    Columns in the order they first appear in the rows: keys a caller put first (e.g. ``case`` when
+    several volumes share one file), :data:`STAT_FIELDS`, then the map columns.
     """
-    extra = list(dict.fromkeys(key for row in rows for key in row if key not in STAT_FIELDS))
-    fields = extra + list(STAT_FIELDS)
+    fields = list(dict.fromkeys([*(key for row in rows for key in row), *STAT_FIELDS]))
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

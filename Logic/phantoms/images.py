@@ -12,6 +12,8 @@ the Rician noise standard deviation as a fraction of that reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -20,7 +22,7 @@ from dafne_logic.core.errors import InputError
 from dafne_logic.phantoms.anatomy import Tissue, TissueMap, phantom_tissue_map
 
 __all__ = ["CONTRASTS", "INTENSITIES", "make_phantom", "render_contrast", "to_image", "Tissue", "TissueMap",
-           "phantom_tissue_map"]
+           "phantom_tissue_map", "true_fat_fraction"]
 
 # Per-tissue intensities, indexed by Tissue value:
 # background, skin, subcutaneous fat, fascia, intermuscular fat, cortical bone, marrow, muscle, neurovascular
@@ -77,18 +79,7 @@ def render_contrast(tissues: np.ndarray, muscles: np.ndarray, contrast: str | np
         raise InputError("noise and bias must not be negative")
     if slice_thickness_mm is not None and not slice_thickness_mm > 0:
         raise InputError(f"slice thickness must be positive, not {slice_thickness_mm} mm")
-    image = table[tissues]
-    muscle = tissues == Tissue.MUSCLE
-    n_labels = int(muscles.max()) + 1
-    # Each muscle (and the unlabelled muscle, label 0) its own shade and its own degree of fat.
-    shade = (1.0 + rng.normal(0.0, _MUSCLE_VARIATION, n_labels)).astype(np.float32)
-    image[muscle] *= shade[muscles[muscle]]
-    if fat_infiltration > 0:
-        # Muscles differ in how affected they are; within one, fat runs in streaks along the fibres (z).
-        per_muscle = np.clip(fat_infiltration * rng.lognormal(-0.15, 0.55, n_labels), 0.0, 0.95).astype(np.float32)
-        marbling = _smooth_field(rng, tissues.shape, spacing, scale_mm=(25.0, 5.0, 5.0))
-        fraction = np.clip(per_muscle[muscles[muscle]] * (1.0 + 0.6 * marbling[muscle]), 0.0, 1.0)
-        image[muscle] += fraction * (table[Tissue.SUBCUTANEOUS_FAT] - image[muscle])
+    image = _clean_intensities(table, tissues, _draw_muscle_fat(tissues, muscles, rng, spacing, fat_infiltration))
     image = ndimage.gaussian_filter(image, (0.0, _PSF_SIGMA_PX, _PSF_SIGMA_PX), truncate=3.0)
     if slice_thickness_mm is not None:
         extra = max(slice_thickness_mm ** 2 - spacing[2] ** 2, 0.0) ** 0.5  # FWHM beyond the slice spacing
@@ -102,6 +93,40 @@ def render_contrast(tissues: np.ndarray, muscles: np.ndarray, contrast: str | np
         imag = rng.standard_normal(image.shape, dtype=np.float32) * sigma
         image = np.hypot(real, imag)
     return image.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class _MuscleFat:
+    """What the phantom drew for its muscle voxels: a shade per muscle and the fat replacing muscle."""
+
+    muscle: np.ndarray  # (z, y, x) bool, every muscle voxel (labelled or not)
+    shade: np.ndarray  # (n_labels,) float32, intensity factor of each volume label (0 = unlabelled muscle)
+    labels: np.ndarray  # (n_muscle_voxels,) volume label of each muscle voxel
+    fraction: np.ndarray  # (n_muscle_voxels,) float32 in 0..1, share of each muscle voxel replaced by fat
+
+
+def _draw_muscle_fat(tissues: np.ndarray, muscles: np.ndarray, rng: np.random.Generator,
+                     spacing: tuple[float, float, float], fat_infiltration: float) -> _MuscleFat:
+    """Each muscle (and the unlabelled muscle, label 0) its own shade and its own degree of fat."""
+    muscle = tissues == Tissue.MUSCLE
+    labels = muscles[muscle]
+    n_labels = int(muscles.max()) + 1
+    shade = (1.0 + rng.normal(0.0, _MUSCLE_VARIATION, n_labels)).astype(np.float32)
+    fraction = np.zeros(labels.shape, np.float32)
+    if fat_infiltration > 0:
+        # Muscles differ in how affected they are; within one, fat runs in streaks along the fibres (z).
+        per_muscle = np.clip(fat_infiltration * rng.lognormal(-0.15, 0.55, n_labels), 0.0, 0.95).astype(np.float32)
+        marbling = _smooth_field(rng, tissues.shape, spacing, scale_mm=(25.0, 5.0, 5.0))
+        fraction = np.clip(per_muscle[labels] * (1.0 + 0.6 * marbling[muscle]), 0.0, 1.0)
+    return _MuscleFat(muscle, shade, labels, fraction)
+
+
+def _clean_intensities(table: np.ndarray, tissues: np.ndarray, fat: _MuscleFat) -> np.ndarray:
+    """Per-voxel intensities (z, y, x) float32 before blur, bias and noise: muscle shaded, then mixed with fat."""
+    image = table[tissues]
+    shaded = table[Tissue.MUSCLE] * fat.shade[fat.labels]
+    image[fat.muscle] = shaded + fat.fraction * (table[Tissue.SUBCUTANEOUS_FAT] - shaded)
+    return image
 
 
 def _intensity_table(contrast: str | np.ndarray) -> np.ndarray:
@@ -127,7 +152,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing
     coarse_shape = np.ceil(np.array(shape) * steps / coarse_step).astype(int) + 2
     coarse = ndimage.gaussian_filter(rng.standard_normal(tuple(coarse_shape)), 1.5, mode="wrap")
     coarse = (coarse - coarse.mean()) / max(float(coarse.std()), 1e-6)
-    grids = [np.arange(n) * (c - 1) / max(n - 1, 1) for n, c in zip(shape, coarse_shape)]
+    grids = [np.arange(n) * (c - 1) / max(n - 1, 1) for n, c in zip(shape, coarse_shape, strict=True)]
     return _trilinear(coarse.astype(np.float32), grids)
 
 
@@ -184,8 +209,39 @@ def make_phantom(region: str = "thigh", shape: tuple[int, int, int] = (40, 432, 
     See :func:`render_contrast` for the other arguments.
     """
     anatomy = phantom_tissue_map(region, shape, spacing, seed, legs=legs, touching=touching)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x1D7E]))
+    rng = _phantom_rng(seed)
     array = render_contrast(anatomy.tissues, anatomy.muscles, contrast, rng, spacing=anatomy.spacing,
                             noise=noise, bias=bias, fat_infiltration=fat_infiltration,
                             slice_thickness_mm=slice_thickness_mm)
     return to_image(array, anatomy), to_image(anatomy.muscles, anatomy)
+
+
+def _phantom_rng(seed: int) -> np.random.Generator:
+    """The intensity generator of :func:`make_phantom`: every contrast of a seed draws the same muscles' fat."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), 0x1D7E]))
+
+
+def true_fat_fraction(region: str = "thigh", shape: tuple[int, int, int] = (40, 432, 432),
+                      spacing: tuple[float, float, float] | None = None, *, legs: str = "both",
+                      touching: bool = False, fat_infiltration: float = 0.0,
+                      seed: int = 0) -> tuple[sitk.Image, dict[int, float]]:
+    """The fat fraction (percent) that the Dixon pair of :func:`make_phantom` was drawn with.
+
+    ``make_phantom(..., contrast="water")`` and ``contrast="fat"`` with the same arguments form a
+    consistent Dixon pair: both mix each muscle voxel with the same share of fat, in the same
+    proton-density units (the water table has muscle 1 and fat 0.12, the fat table muscle 0.08
+    and fat 1, so pure muscle holds 7.4 % fat and subcutaneous fat 89 %), under the same bias
+    field. Returns the per-voxel truth 100·F/(W+F) of the noise-free, unblurred images (float32
+    image on the phantom's grid, 0 in air) and, per volume label present, the mean over its voxels.
+    """
+    anatomy = phantom_tissue_map(region, shape, spacing, seed, legs=legs, touching=touching)
+    fat = _draw_muscle_fat(anatomy.tissues, anatomy.muscles, _phantom_rng(seed), anatomy.spacing, fat_infiltration)
+    water_image = _clean_intensities(INTENSITIES["water"], anatomy.tissues, fat)
+    fat_image = _clean_intensities(INTENSITIES["fat"], anatomy.tissues, fat)
+    total = water_image + fat_image
+    percent = np.divide(100.0 * fat_image, total, out=np.zeros_like(total), where=total > 0).astype(np.float32)
+    labels = anatomy.muscles.astype(np.intp)
+    counts = np.bincount(labels.ravel(), minlength=1)
+    sums = np.bincount(labels.ravel(), weights=percent.ravel().astype(np.float64), minlength=1)
+    per_label = {int(v): float(sums[v] / counts[v]) for v in np.flatnonzero(counts) if v > 0}
+    return to_image(percent, anatomy), per_label

@@ -1,0 +1,75 @@
+"""The map options shared by ``dafne-slicer stats`` and ``dafne-slicer segment``.
+
+``--water W --fat F`` or ``--fat-fraction FF``, ``--map NAME=FILE`` (repeatable), ``--erode-mm X``
+and ``--csa OUT.csv`` (see :mod:`dafne_logic.core.quantitative` and :mod:`dafne_logic.core.csa`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import SimpleITK as sitk
+
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.quantitative import (
+    DEFAULT_ERODE_MM,
+    FAT_FRACTION,
+    QuantitativeMap,
+    build_maps,
+    check_map_name,
+    read_map,
+)
+
+log = logging.getLogger(__name__)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the map, erosion and cross-sectional-area options to a subcommand's parser."""
+    group = parser.add_argument_group("per-muscle maps (co-registered with the image)")
+    group.add_argument("--water", metavar="W", help="Dixon water image (with --fat): fat fraction 100·F/(W+F) in percent")
+    group.add_argument("--fat", metavar="F", help="Dixon fat image (with --water)")
+    group.add_argument("--fat-fraction", metavar="FF", help="scanner-made fat-fraction map (0–1 or 0–100, detected)")
+    group.add_argument("--map", action="append", default=[], metavar="NAME=FILE",
+                       help="any parametric map (T2, T1, ADC, ...): columns NAME_mean, NAME_median, NAME_sd; repeatable")
+    group.add_argument("--erode-mm", type=float, default=DEFAULT_ERODE_MM, metavar="X",
+                       help=f"leave out voxels within X mm of each muscle's outline, in-plane (default {DEFAULT_ERODE_MM:g})")
+    group.add_argument("--csa", metavar="OUT.csv", help="write the cross-sectional area of each muscle on every axial slice")
+
+
+def has_maps(args: argparse.Namespace) -> bool:
+    return bool(args.water or args.fat or args.fat_fraction or args.map)
+
+
+def check(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Refuse inconsistent options before any work; return the ``--map`` options as (name, path)."""
+    if bool(args.water) != bool(args.fat):
+        raise InputError("--water and --fat go together (the two images of one Dixon scan).")
+    if args.water and args.fat_fraction:
+        raise InputError("give either --water/--fat or --fat-fraction, not both.")
+    if args.erode_mm < 0:
+        raise InputError(f"--erode-mm must not be negative, not {args.erode_mm:g}.")
+    pairs: list[tuple[str, str]] = []
+    taken = {FAT_FRACTION}
+    for option in args.map:
+        name, sep, path = option.partition("=")
+        if not sep or not path:
+            raise InputError(f"--map {option!r} must read NAME=FILE, e.g. --map T2=t2_map.nii.gz.")
+        taken.add(check_map_name(name, taken))
+        pairs.append((name, path))
+    return pairs
+
+
+def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[QuantitativeMap]:
+    """The maps the options name, on ``reference``'s grid (fat fraction first); one sentence on bad input."""
+    pairs = check(args)
+
+    def read(path: str | None, what: str) -> sitk.Image | None:
+        return None if path is None else read_map(path, what)
+
+    maps = build_maps(reference, water=read(args.water, "water"), fat=read(args.fat, "fat"),
+                      fat_fraction=read(args.fat_fraction, "fat-fraction"),
+                      others=[(name, read_map(path, name)) for name, path in pairs])
+    for quantity in maps:
+        log.info("%s", quantity.note)
+    return maps

@@ -1,0 +1,130 @@
+"""DICOM Segmentation objects (DICOM SEG) of a muscle label map, written with highdicom.
+
+The SEG references the source series and study (same patient, study, frame of reference), holds
+one segment per muscle present, coded as Slicer and dcmqi code them: category SNOMED CT
+"Anatomical Structure", the muscle's SNOMED CT type and the laterality as type modifier, with the
+muscle's colour as recommended display colour. Frames lie on the source slices (one per source
+image holding the muscle; empty frames are left out). Read it back with
+``highdicom.seg.segread`` (see :func:`read_dicom_seg_labels`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from dafne_logic.core.atomic import atomic_path
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import PathLike
+from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable
+
+DICOM_SEG_SUFFIX = ".dcm"
+
+
+def _coded(code: Code):  # -> highdicom.sr.CodedConcept
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _read_sources(files: Sequence[str], labels: sitk.Image):  # -> list[pydicom.Dataset]
+    """The source datasets in the label image's k order (found from each image's position, whatever
+    order the files come in); refuses a series whose slices the labels do not lie on."""
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    size_x, size_y, size_z = labels.GetSize()
+    if len(datasets) != size_z or any((int(ds.Rows), int(ds.Columns)) != (size_y, size_x) for ds in datasets):
+        raise InputError(f"the segmentation ({size_x}×{size_y}×{size_z}) does not lie on the DICOM series "
+                         f"({len(datasets)} images); a DICOM SEG needs the segmentation on its source slices.")
+    # Continuous index of each image's first pixel: (0, 0, k) when the labels lie on its slice.
+    index = np.array([labels.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
+                      for ds in datasets])
+    k = np.rint(index[:, 2]).astype(int)
+    on_slices = np.allclose(index[:, :2], 0.0, atol=1e-3) and np.allclose(index[:, 2], k, atol=1e-3)
+    if not on_slices or sorted(k.tolist()) != list(range(size_z)):
+        raise InputError("the segmentation's slices do not match the DICOM series' slice positions; "
+                         "a DICOM SEG needs the segmentation on its source slices.")
+    return [datasets[i] for i in np.argsort(k)]
+
+
+def write_dicom_seg(labels: sitk.Image, source_files: Sequence[str], table: LabelTable, path: PathLike, *,
+                    algorithm_name: str = "DafneSlicer", algorithm_version: str = "", automatic: bool = True,
+                    series_description: str = "Muscle segmentation") -> list[int]:
+    """Write ``labels`` (volume labels of ``table`` on the source series' grid) as a DICOM SEG, atomically.
+
+    ``source_files`` are the series' files, in any order (e.g. :attr:`dafne_logic.core.io.DicomSeries.files`
+    or the files of a volume Slicer loaded from DICOM). ``automatic`` False marks a corrected result
+    (algorithm type SEMIAUTOMATIC). Returns the volume label values written, in segment-number order
+    (segment n holds label ``values[n-1]``). Raises InputError when no muscle is present or the
+    labels do not lie on the source slices.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute module it copies
+    voxels = sitk.GetArrayFromImage(labels)  # (k, j, i) = (frames, rows, columns)
+    by_value = {label.value: label for label in table.volume_labels()}
+    present = [int(v) for v in np.unique(voxels) if int(v) in by_value]
+    if not present:
+        raise InputError("the segmentation holds no muscle; there is nothing to write as DICOM SEG.")
+    sources = _read_sources(source_files, labels)
+    # Segment numbers must run 1..M: renumber the present labels in table order.
+    lookup = np.zeros(int(voxels.max()) + 1, np.uint16)
+    lookup[present] = np.arange(1, len(present) + 1)
+    segment_numbers = lookup[voxels]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, version=algorithm_version or "unknown", family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for number, value in enumerate(present, start=1):
+        label = by_value[value]
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label.name,
+            segmented_property_category=_coded(ANATOMICAL_STRUCTURE),
+            segmented_property_type=_coded(label.muscle.code),
+            algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if automatic
+                            else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC),
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*label.muscle.color),
+        )
+        # Laterality as the type's modifier, as Slicer and dcmqi write it ("right" + "soleus").
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _coded(label.laterality)]
+        descriptions.append(description)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=segment_numbers, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(sources),
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="DafneSlicer",
+        manufacturer_model_name=algorithm_name, software_versions=algorithm_version or "unknown",
+        device_serial_number="0", series_description=series_description,
+    )
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        seg.save_as(tmp)
+    return present
+
+
+def _series_number(sources: Sequence) -> int:
+    """One above the source series' number, so viewers list the SEG beside it."""
+    number = getattr(sources[0], "SeriesNumber", None)
+    return int(number) + 1000 if number not in (None, "") else 1000
+
+
+def read_dicom_seg_labels(path: PathLike, source_sop_instance_uids: Sequence[str],
+                          values: Sequence[int]) -> np.ndarray:
+    """A DICOM SEG back as volume labels (k, j, i) on its source images, in the order given.
+
+    ``values`` maps segment number n to volume label ``values[n-1]`` (what :func:`write_dicom_seg`
+    returned); source images without a frame come back empty.
+    """
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(path))
+    numbers = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_sop_instance_uids),
+                                                combine_segments=True, relabel=False)
+    lookup = np.concatenate([[0], np.asarray(values, np.int64)])
+    return lookup[numbers]

@@ -1,0 +1,114 @@
+"""DICOM SEG output: written with highdicom, read back with pydicom/highdicom (segments, codes,
+references, geometry, masks); refused with one sentence when there is no DICOM source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from dafne_logic.cli import main
+from dafne_logic.core.dicom_seg import read_dicom_seg_labels, write_dicom_seg
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.io import choose_dicom_series, read_image
+from dafne_logic.core.labels import LEG
+from dafne_logic.phantoms.dicom import write_dicom_series
+from dafne_logic.phantoms.images import make_phantom
+
+
+@pytest.fixture(scope="module")
+def dicom_case(tmp_path_factory):
+    """A 4-slice calf phantom as a DICOM MR series, with its exact labels on the series' grid."""
+    folder = tmp_path_factory.mktemp("dicom") / "series"
+    image, labels = make_phantom("leg", (4, 96, 128), contrast="t1", seed=2)
+    labels = sitk.Cast(labels, sitk.sitkUInt8)
+    labels[:, :, 3] = 0 * labels[:, :, 3]  # an empty slice: its frames are left out, read back empty
+    write_dicom_series(image, folder, series_number=7)
+    series = choose_dicom_series(folder)
+    labels.CopyInformation(read_image(folder))
+    return series, labels
+
+
+def test_dicom_seg_reads_back_with_segments_codes_references_and_masks(dicom_case, tmp_path):
+    series, labels = dicom_case
+    out = tmp_path / "result.dcm"
+    values = write_dicom_seg(labels, series.files[::-1], LEG, out, algorithm_version="2")  # any file order
+    present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v)
+    assert values == present and len(values) == 12
+
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    seg = pydicom.dcmread(out)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.Modality == "SEG"
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID and seg.PatientID == sources[0].PatientID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.uid
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced <= {ds.SOPInstanceUID for ds in sources}
+
+    by_name = {item.SegmentLabel: item for item in seg.SegmentSequence}
+    soleus = by_name["right soleus"]
+    assert soleus.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    assert soleus.SegmentedPropertyTypeCodeSequence[0].CodeValue == LEG.muscles[0].code.value
+    modifier = soleus.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+    assert (modifier.CodingSchemeDesignator, modifier.CodeValue) == ("SCT", "24028007")
+    left = by_name["left soleus"].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+    assert left.CodeMeaning == "Left"
+    assert soleus.SegmentAlgorithmType == "AUTOMATIC"
+
+    # Frames lie on the source slices: each frame's position is its source image's.
+    position_of = {ds.SOPInstanceUID: [float(v) for v in ds.ImagePositionPatient] for ds in sources}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx(position_of[source_uid])
+
+    back = read_dicom_seg_labels(out, [ds.SOPInstanceUID for ds in sources], values)
+    np.testing.assert_array_equal(back, sitk.GetArrayFromImage(labels))
+
+
+def test_labels_off_the_source_slices_are_refused(dicom_case, tmp_path):
+    series, labels = dicom_case
+    shifted = sitk.Image(labels)
+    shifted.SetOrigin(tuple(o + 5.0 for o in labels.GetOrigin()))
+    with pytest.raises(InputError, match="source slices"):
+        write_dicom_seg(shifted, series.files, LEG, tmp_path / "x.dcm")
+    with pytest.raises(InputError, match="source slices"):
+        write_dicom_seg(labels[:, :, :3], series.files, LEG, tmp_path / "x.dcm")
+    assert not list(tmp_path.iterdir())
+
+
+def test_segment_writes_a_dicom_seg_of_a_dicom_series(dicom_case, tmp_path, capsys):
+    series, _ = dicom_case
+    folder = str(Path(series.files[0]).parent)
+    out = tmp_path / "result.dcm"
+    assert main(["segment", folder, "--model", "leg", "--output", str(out), "--no-progress"]) == 0
+    seg = pydicom.dcmread(out)
+    assert seg.Modality == "SEG" and len(seg.SegmentSequence) >= 10
+    assert "DafneSlicer leg" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName
+
+
+def test_dicom_seg_of_a_non_dicom_input_is_one_sentence_and_writes_nothing(tmp_path, capsys):
+    image, _ = make_phantom("leg", (2, 64, 96), seed=1)
+    source = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(image, str(source))
+    out = tmp_path / "result.dcm"
+    assert main(["segment", str(source), "--model", "leg", "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not a DICOM series folder" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_dicom_seg_outputs_are_planned_only_for_dicom_folders(tmp_path):
+    from dafne_logic.commands.segment import plan_outputs
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    assert plan_outputs(folders, tmp_path / "out", ".dcm") == [tmp_path / "out" / "a.dcm", tmp_path / "out" / "b.dcm"]
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")
+    with pytest.raises(InputError, match="not a DICOM series folder"):
+        plan_outputs([folders[0], scan], tmp_path / "out", ".dcm")

@@ -1,0 +1,182 @@
+"""Fat fraction, parametric maps, edge erosion and per-muscle summaries against hand-computed numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_io_support import make_image
+
+from dafne_logic.core.errors import InputError
+from dafne_logic.core.labels import LEG
+from dafne_logic.core.quantitative import (
+    DEFAULT_ERODE_MM,
+    QuantitativeMap,
+    check_map_name,
+    dixon_fat_fraction,
+    erode_labels_in_plane,
+    fat_fraction_from_dixon,
+    fat_fraction_from_map,
+    map_on_grid,
+    parametric_map,
+    quantitative_columns,
+    summarise_by_label,
+)
+from dafne_logic.core.statistics import muscle_statistics, statistics_csv
+from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+
+RIGHT_SOLEUS, LEFT_SOLEUS = 1, 7
+
+
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
+def _block_labels(reference: sitk.Image) -> sitk.Image:
+    """Right soleus: a 9×9 square on every slice (rows/columns 2..10); left soleus: one voxel."""
+    size_x, size_y, size_z = reference.GetSize()
+    labels = np.zeros((size_z, size_y, size_x), np.uint8)
+    labels[:, 2:11, 2:11] = RIGHT_SOLEUS
+    labels[0, 13, 13] = LEFT_SOLEUS
+    return _like(labels, reference)
+
+
+def test_dixon_fat_fraction_is_percent_with_background_left_out():
+    water = np.array([[[90.0, 0.0, 50.0, 0.3]]])
+    fat = np.array([[[10.0, 100.0, 50.0, 0.2]]])
+    percent = dixon_fat_fraction(water, fat)
+    np.testing.assert_allclose(percent[0, 0, :3], [10.0, 100.0, 50.0])
+    assert np.isnan(percent[0, 0, 3])  # W+F = 0.5, under 5 % of the 99th percentile (~100): noise over noise
+
+
+def test_fat_fraction_map_scale_is_detected_and_refused_when_neither():
+    reference = make_image(shape_zyx=(2, 8, 8), spacing=(1.0, 1.0, 3.0))
+    fractions = np.random.default_rng(0).random((2, 8, 8))
+    as_fraction = fat_fraction_from_map(_like(fractions, reference), reference)
+    as_percent = fat_fraction_from_map(_like(100 * fractions, reference), reference)
+    np.testing.assert_allclose(as_fraction.values, 100 * fractions)
+    np.testing.assert_allclose(as_percent.values, 100 * fractions)
+    assert "0–1" in as_fraction.note and "0–100" in as_percent.note
+    with pytest.raises(InputError, match="rescale"):
+        fat_fraction_from_map(_like(1000 * fractions, reference), reference)
+
+
+def test_negative_dixon_images_are_refused():
+    reference = make_image(shape_zyx=(2, 8, 8))
+    water = _like(np.ones((2, 8, 8)), reference)
+    with pytest.raises(InputError, match="negative"):
+        fat_fraction_from_dixon(water, _like(-np.ones((2, 8, 8)), reference), reference)
+
+
+def test_a_map_on_another_grid_is_resampled_by_position_and_a_distant_one_refused():
+    reference = make_image(shape_zyx=(3, 10, 10), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    # A smooth map (value = x in mm) on a finer, shifted grid covering half of the reference.
+    fine = sitk.Image(12, 24, 8, sitk.sitkFloat32)
+    fine.SetSpacing((0.5, 0.5, 1.0))
+    fine.SetOrigin((reference.GetOrigin()[0] + 4.0, reference.GetOrigin()[1], reference.GetOrigin()[2]))
+    x_mm = fine.GetOrigin()[0] + 0.5 * np.arange(12)
+    fine = _like(np.broadcast_to(x_mm, (8, 24, 12)).astype(np.float32), fine)
+    values = map_on_grid(fine, reference, "T2")
+    x_ref = reference.GetOrigin()[0] + np.arange(10)
+    covered = (x_ref >= x_mm[0]) & (x_ref <= x_mm[-1])
+    np.testing.assert_allclose(values[1, 3][covered], x_ref[covered], atol=1e-5)  # linear in x: exact
+    assert np.isnan(values[1, 3][~covered]).all()  # outside the map: left out, not zero
+    far = _like(np.ones((8, 24, 12), np.float32), fine)
+    far.SetOrigin((500.0, 500.0, 500.0))
+    with pytest.raises(InputError, match="does not overlap"):
+        map_on_grid(far, reference, "T2")
+
+
+def test_in_plane_erosion_removes_the_edge_ring_per_slice_never_along_z():
+    labels = np.zeros((3, 11, 11), np.uint8)
+    labels[:, 1:10, 1:10] = 5  # 9×9 square on each of 3 slices
+    spacing = (1.0, 1.0)
+    assert (erode_labels_in_plane(labels, spacing, 0.0) == labels).all()
+    one = erode_labels_in_plane(labels, spacing, 1.0)
+    assert (one == 5).sum(axis=(1, 2)).tolist() == [49, 49, 49]  # 7×7 left on every slice, first and last too
+    two = erode_labels_in_plane(labels, (0.5, 0.5), 1.0)  # 1 mm at 0.5 mm pixels: two rings
+    assert (two == 5).sum(axis=(1, 2)).tolist() == [25, 25, 25]
+    # A square touching the volume's edge is eroded there too (outside the image is not muscle).
+    edge = np.zeros((1, 5, 5), np.uint8)
+    edge[0, :3, :3] = 2
+    assert (erode_labels_in_plane(edge, spacing, 1.0) == 2).sum() == 1
+    with pytest.raises(InputError, match="negative"):
+        erode_labels_in_plane(labels, spacing, -1.0)
+
+
+def test_summaries_skip_nan_and_count_voxels():
+    values = np.array([1.0, 2.0, 3.0, np.nan, 10.0])
+    labels = np.array([1, 1, 1, 1, 2])
+    summary = summarise_by_label(values, labels, 3)
+    assert summary[1] == {"mean": 2.0, "median": 2.0, "sd": 1.0, "voxels": 3}
+    assert summary[2] == {"mean": 10.0, "median": 10.0, "sd": None, "voxels": 1}
+    assert summary[3] == {"mean": None, "median": None, "sd": None, "voxels": 0}
+
+
+def test_statistics_gain_fat_fraction_and_map_columns_after_erosion():
+    reference = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0))
+    labels = _block_labels(reference)
+    # Fat fraction 20 % inside the soleus, 80 % on its outline ring (partial volume with fat).
+    water, fat = np.full((2, 16, 16), 80.0), np.full((2, 16, 16), 20.0)
+    ring = np.zeros((2, 16, 16), bool)
+    ring[:, 2:11, 2:11] = True
+    ring[:, 3:10, 3:10] = False
+    water[ring], fat[ring] = 20.0, 80.0
+    t2 = np.full((2, 16, 16), 35.0)
+    maps = [fat_fraction_from_dixon(_like(water, reference), _like(fat, reference), reference),
+            parametric_map("T2", _like(t2, reference), reference)]
+    rows = {row["label_value"]: row for row in muscle_statistics(reference, labels, LEG, maps=maps, erode_mm=1.0)}
+    soleus = rows[RIGHT_SOLEUS]
+    assert soleus["fat_fraction_mean"] == pytest.approx(20.0) and soleus["fat_fraction_sd"] == pytest.approx(0.0)
+    assert soleus["fat_fraction_voxels"] == 2 * 49  # 7×7 interior on both slices
+    assert soleus["T2_mean"] == pytest.approx(35.0) and soleus["T2_median"] == pytest.approx(35.0)
+    assert rows[LEFT_SOLEUS]["fat_fraction_voxels"] == 0 and rows[LEFT_SOLEUS]["fat_fraction_mean"] is None
+    # Without erosion the ring biases the mean: (49·20 + 32·80) / 81.
+    plain = {row["label_value"]: row for row in muscle_statistics(reference, labels, LEG, maps=maps, erode_mm=0.0)}
+    assert plain[RIGHT_SOLEUS]["fat_fraction_mean"] == pytest.approx((49 * 20 + 32 * 80) / 81)
+    header = statistics_csv(list(rows.values())).splitlines()[0].split(",")
+    assert header[-7:] == ["fat_fraction_mean", "fat_fraction_median", "fat_fraction_sd", "fat_fraction_voxels",
+                           "T2_mean", "T2_median", "T2_sd"]
+    assert header.index("max_csa_mm2") < header.index("fat_fraction_mean")
+
+
+def test_a_map_that_misses_every_muscle_is_refused():
+    reference = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0))
+    labels = _block_labels(reference)
+    values = np.full((2, 16, 16), np.nan)
+    with pytest.raises(InputError, match="no value on any segmented muscle"):
+        quantitative_columns(labels, [QuantitativeMap("T2", values, "")], LEG)
+
+
+@pytest.mark.parametrize("name", ["T2", "water_T2", "ADC"])
+def test_good_map_names(name):
+    assert check_map_name(name, {"fat_fraction"}) == name
+
+
+@pytest.mark.parametrize("name", ["2T", "T2 map", "T2-w", "fat_fraction", "t2", ""])
+def test_bad_or_clashing_map_names_are_refused(name):
+    with pytest.raises(InputError):
+        check_map_name(name, {"fat_fraction", "T2"})
+
+
+def test_phantom_dixon_pair_measures_its_true_fat_fraction():
+    """Water and fat phantoms of one seed: the measured per-muscle fat fraction on the exact labels
+    is the fat the phantom drew (blur, bias and noise included), within one percentage point."""
+    geometry = dict(shape=(4, 192, 224), fat_infiltration=0.3, seed=3)
+    water, labels = make_phantom("leg", contrast="water", **geometry)
+    fat, fat_labels = make_phantom("leg", contrast="fat", **geometry)
+    assert (sitk.GetArrayViewFromImage(labels) == sitk.GetArrayViewFromImage(fat_labels)).all()
+    truth_map, truth = true_fat_fraction("leg", **geometry)
+    assert truth_map.GetSize() == water.GetSize()
+    spread = np.ptp(list(truth.values()))
+    assert spread > 20  # muscles differ: a test that could pass by a constant would not
+    maps = [fat_fraction_from_dixon(water, fat, water)]
+    rows = muscle_statistics(water, labels, LEG, maps=maps, erode_mm=DEFAULT_ERODE_MM)
+    errors = [row["fat_fraction_mean"] - truth[row["label_value"]] for row in rows if row["label_value"] in truth]
+    assert len(errors) == len(truth) >= 10
+    assert np.mean(np.abs(errors)) < 1.0 and np.max(np.abs(errors)) < 3.0
+    # Without infiltration, muscle is 0.08 / (1 + 0.08) fat in these proton-density tables.
+    _, lean = true_fat_fraction("leg", shape=(4, 192, 224), seed=3)
+    assert min(lean.values()) == pytest.approx(100 * 0.08 / 1.08, abs=0.01)

@@ -1,0 +1,140 @@
+"""``dafne-slicer stats`` / ``segment`` with maps: the columns, the CSA file, and bad maps refused with one
+sentence, exit status 2 and nothing written."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dafne_logic.cli import main
+
+GEOMETRY = dict(shape=(3, 96, 128), fat_infiltration=0.3, seed=4)
+
+
+@pytest.fixture(scope="module")
+def dixon(tmp_path_factory):
+    """A calf Dixon pair written by ``dafne-slicer phantom`` (water, fat, labels, truth)."""
+    root = tmp_path_factory.mktemp("dixon")
+    for contrast in ("water", "fat"):
+        assert main(["phantom", "--region", "leg", "--output", str(root / contrast), "--contrast", contrast,
+                     "--shape", *map(str, GEOMETRY["shape"]), "--seed", "4", "--fat-infiltration", "0.3"]) == 0
+    return {"water": root / "water" / "leg_phantom.nii.gz", "fat": root / "fat" / "leg_phantom.nii.gz",
+            "labels": root / "water" / "leg_phantom_labels.nii.gz",
+            "truth": root / "water" / "leg_phantom_fat_fraction.csv", "root": root}
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_phantom_writes_the_same_truth_for_water_and_fat(dixon):
+    truth = _read(dixon["truth"])
+    assert truth == _read(dixon["root"] / "fat" / "leg_phantom_fat_fraction.csv")
+    assert len(truth) >= 10 and {"label_value", "name", "fat_fraction_true"} == set(truth[0])
+
+
+def test_stats_with_dixon_maps_and_csa(dixon, tmp_path):
+    out, csa = tmp_path / "stats.csv", tmp_path / "csa.csv"
+    assert main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out),
+                 "--water", str(dixon["water"]), "--fat", str(dixon["fat"]), "--map", f"T2={dixon['water']}",
+                 "--erode-mm", "0", "--csa", str(csa)]) == 0
+    rows = {row["name"]: row for row in _read(out)}
+    truth = {row["name"]: float(row["fat_fraction_true"]) for row in _read(dixon["truth"])}
+    errors = [float(rows[name]["fat_fraction_mean"]) - value for name, value in truth.items()]
+    assert np.max(np.abs(errors)) < 4.0  # exact labels, no erosion, blurred and noisy images
+    for column in ("fat_fraction_median", "fat_fraction_sd", "fat_fraction_voxels", "T2_mean", "T2_median", "T2_sd",
+                   "max_csa_mm2", "max_csa_position_mm"):
+        assert rows["right soleus"][column] != ""
+    areas = _read(csa)
+    soleus = [row for row in areas if row["name"] == "right soleus"]
+    assert len(soleus) == 3 and max(float(r["area_mm2"]) for r in soleus) == pytest.approx(
+        float(rows["right soleus"]["max_csa_mm2"]))
+
+
+def _write_like(array, reference_path, path, **geometry):
+    reference = sitk.ReadImage(str(reference_path))
+    image = sitk.GetImageFromArray(array)
+    if array.shape == sitk.GetArrayViewFromImage(reference).shape:
+        image.CopyInformation(reference)
+    for key, value in geometry.items():
+        getattr(image, f"Set{key}")(value)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _bad_maps(dixon, tmp_path):
+    water = sitk.GetArrayFromImage(sitk.ReadImage(str(dixon["water"])))
+    nan = water.copy()
+    nan[0, 0, 0] = np.nan
+    return {
+        "elsewhere": ["--map", f"T2={_write_like(np.ones((3, 40, 40), np.float32), dixon['water'], tmp_path / 'far.nii.gz', Origin=(900.0, 900.0, 900.0))}"],  # noqa: E501
+        "negative": ["--water", str(_write_like(water - 1.0, dixon["water"], tmp_path / "neg.nii.gz")), "--fat", str(dixon["fat"])],
+        "nan": ["--fat-fraction", str(_write_like(nan, dixon["water"], tmp_path / "nan.mha"))],
+        "4d": ["--map", f"T2={_write_like(np.ones((2, 3, 96, 128), np.float32), dixon['water'], tmp_path / 'four.nii.gz')}"],
+        "water alone": ["--water", str(dixon["water"])],
+        "bad map option": ["--map", "T2"],
+        "bad map name": ["--map", f"fat_fraction={dixon['water']}"],
+        "not a fat fraction": ["--fat-fraction", str(_write_like(water * 5000, dixon["water"], tmp_path / "big.nii.gz"))],
+        "missing": ["--map", f"T2={tmp_path / 'absent.nii.gz'}"],
+    }
+
+
+@pytest.mark.parametrize("kind", ["elsewhere", "negative", "nan", "4d", "water alone", "bad map option", "bad map name",
+                                  "not a fat fraction", "missing"])
+def test_bad_maps_are_one_sentence_exit_2_nothing_written(dixon, tmp_path, capsys, kind):
+    flags = _bad_maps(dixon, tmp_path)[kind]
+    out, csa = tmp_path / "out" / "stats.csv", tmp_path / "out" / "csa.csv"
+    rc = main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out),
+               "--csa", str(csa), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_adds_the_map_columns_and_refuses_maps_without_stats(dixon, tmp_path, capsys):
+    stats, csa = tmp_path / "s.csv", tmp_path / "csa.csv"
+    assert main(["segment", str(dixon["water"]), "--model", "leg", "-o", str(tmp_path / "seg.seg.nrrd"), "--no-progress",
+                 "--stats", str(stats), "--water", str(dixon["water"]), "--fat", str(dixon["fat"]), "--csa", str(csa)]) == 0
+    rows = _read(stats)
+    assert rows[0]["case"] == "leg_phantom" and "fat_fraction_mean" in rows[0]
+    assert sum(1 for row in rows if row["fat_fraction_mean"]) >= 10
+    assert _read(csa)[0]["case"] == "leg_phantom"
+    capsys.readouterr()
+    out = tmp_path / "none.seg.nrrd"
+    assert main(["segment", str(dixon["water"]), "--model", "leg", "-o", str(out), "--water", str(dixon["water"]),
+                 "--fat", str(dixon["fat"])]) == 2
+    assert "--stats" in capsys.readouterr().err and not out.exists()
+
+
+
+def test_demo_fat_fraction_table_matches_the_truth(tmp_path, capsys):
+    """``make demo`` step 2: the automatic segmentation's fat fraction within the issue's targets."""
+    from dafne_server.demo import fat_fraction_demo
+
+    errors = fat_fraction_demo(tmp_path, shape=(6, 432, 432))
+    assert len(errors) == 12
+    assert np.mean(np.abs(errors)) < 1.5 and np.max(np.abs(errors)) < 5.0
+    assert "soleus" in capsys.readouterr().out
+    rows = _read(tmp_path / "leg_dixon_statistics.csv")
+    assert len(rows) == 12 and rows[0]["fat_fraction_mean"] != ""
+
+
+def test_segment_with_a_map_that_misses_the_muscles_writes_no_segmentation(dixon, tmp_path, capsys):
+    """The map overlaps the image (a corner of air) but no muscle: found after segmenting, before writing."""
+    water = sitk.ReadImage(str(dixon["water"]))
+    corner = sitk.Image(10, 10, 3, sitk.sitkFloat32) + 1.0
+    corner[0, 0, 0] = 2.0
+    corner.SetSpacing(water.GetSpacing())
+    corner.SetOrigin(water.GetOrigin())
+    sitk.WriteImage(corner, str(tmp_path / "corner.nii.gz"))
+    out = tmp_path / "out" / "seg.seg.nrrd"
+    rc = main(["segment", str(dixon["water"]), "--model", "leg", "-o", str(out), "--no-progress",
+               "--stats", str(tmp_path / "out" / "s.csv"), "--map", f"T2={tmp_path / 'corner.nii.gz'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no value on any segmented muscle" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
