@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import SimpleITK as sitk
-from test_slicer_module_controller import FakeScene, Node, _controller, _finish, _volume
+from fakes import FakeScene, Node, finish, make_controller, make_volume
 
 from dafne_logic.core.quantitative import build_maps
 from DafneSlicerLib.controller import MapSelection
@@ -40,10 +40,10 @@ class QuantitativeScene(FakeScene):
 
 
 def _segmented():
-    controller, parts = _controller(scene=QuantitativeScene())
-    volume = _volume()
+    controller, parts = make_controller(scene=QuantitativeScene())
+    volume = make_volume()
     controller.segment(volume, "leg", "cpu")
-    _finish(controller)
+    finish(controller)
     return controller, parts, volume
 
 
