@@ -40,6 +40,14 @@ class ServerSettings:
     def blob_dir(self) -> Path:
         return Path(self.data_dir) / "blobs"
 
+    @property
+    def validation_id(self) -> str:
+        """Names the validation cases: scores cached with a version are reused only for the same cases."""
+        if self.validation in ("none", "phantom"):
+            shape = "x".join(map(str, self.validation_shape))
+            return "none" if self.validation == "none" else f"phantom:{self.validation_cases}:{shape}"
+        return f"folder:{Path(self.validation).resolve()}"
+
     def default_merge_settings(self) -> MergeSettings:
         return MergeSettings.from_json(self.merge)
 

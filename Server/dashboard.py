@@ -46,7 +46,7 @@ def index(request: Request, storage: Storage = Depends(get_storage)):
         for fam in session.scalars(select(Family).order_by(Family.name)):
             versions = list(session.scalars(select(Version).where(Version.family == fam.name)
                                             .order_by(Version.number.desc())))
-            counts = {s: 0 for s in ("buffered", "merged", "rejected")}
+            counts = {s: 0 for s in ("buffered", "merged", "overridden", "rejected")}
             for status in session.scalars(select(UpdateRow.status).where(UpdateRow.family == fam.name)):
                 counts[status] = counts.get(status, 0) + 1
             runs = list(session.scalars(select(MergeRun).where(MergeRun.family == fam.name)
