@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from .config import SETTINGS_ENV, ServerSettings
+from .private_files import make_private_file, private_dir, tighten_tree
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,18 @@ def log_config() -> dict:
     return config
 
 
+def secure_data_folder(settings: ServerSettings) -> None:
+    """Create the data folder owner-only, and the SQLite database before SQLite does (its -wal and
+    -shm files take the database file's mode); tighten what older versions left readable."""
+    private_dir(settings.data_dir)
+    if not settings.database_url:
+        make_private_file(settings.url.removeprefix("sqlite:///"))
+    tighten_tree(settings.data_dir)
+
+
 def prepare(settings: ServerSettings) -> Storage:
-    """Create the data folder and bring the schema up to date."""
+    """Create the data folder (owner-only) and bring the schema up to date."""
+    secure_data_folder(settings)
     storage = Storage(settings)
     storage.migrate()
     storage.blobs.sweep_temporaries()
