@@ -1,16 +1,27 @@
-"""Server settings: one dataclass, passed to API processes and the merge worker as JSON."""
+"""Server settings: one dataclass, passed to API processes and the merge worker as JSON.
+
+The settings every merge worker of a server must agree on (:data:`SHARED_FIELDS`: the validation
+cases, whose scores are cached with the versions, the lease TTL and the delta size limit) are
+stored in the data folder (:data:`SHARED_FILE`) by ``init`` and ``run``; a standalone
+``dafne-server worker`` reads them from there, so it judges candidates as its server would.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dafne_logic.core.errors import InputError
+
 from .merging import MergeSettings
+from .private_files import write_durable
 
 SETTINGS_ENV = "DAFNE_SERVER_SETTINGS"  # JSON; how `server run` hands settings to uvicorn workers
+SHARED_FILE = "settings.json"  # in the data folder
+SHARED_FIELDS = ("validation", "validation_cases", "validation_shape", "lease_ttl_s", "max_delta_bytes")
 
 
 @dataclass(frozen=True)
@@ -66,3 +77,33 @@ class ServerSettings:
         if not text:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; start the server with `dafne-server run`")
         return cls.from_json(text)
+
+
+def shared_settings_path(settings: ServerSettings) -> Path:
+    return Path(settings.data_dir) / SHARED_FILE
+
+
+def load_shared(settings: ServerSettings) -> ServerSettings:
+    """``settings`` with the :data:`SHARED_FIELDS` stored in its data folder (unchanged if none are)."""
+    path = shared_settings_path(settings)
+    if not path.is_file():
+        return settings
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        values = {k: stored[k] for k in SHARED_FIELDS if k in stored}
+        if "validation_shape" in values:
+            values["validation_shape"] = tuple(values["validation_shape"])
+        return replace(settings, **values)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path} does not hold the server's settings ({exc}); run `dafne-server init` again") from exc
+
+
+def store_shared(settings: ServerSettings) -> None:
+    """Write the :data:`SHARED_FIELDS` of ``settings`` to its data folder (atomic, durable, owner-only).
+
+    A validation folder is stored as an absolute path, so workers started elsewhere find it.
+    """
+    values = {k: getattr(settings, k) for k in SHARED_FIELDS}
+    if values["validation"] not in ("phantom", "none"):
+        values["validation"] = str(Path(values["validation"]).resolve())
+    write_durable(shared_settings_path(settings), json.dumps(values, indent=1).encode("utf-8"))
