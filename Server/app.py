@@ -6,6 +6,7 @@ uvicorn worker process calls (settings arrive as JSON in ``DAFNE_SERVER_SETTINGS
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -16,6 +17,7 @@ from dafne_logic.core.errors import DafneError
 
 from . import dashboard
 from .config import ServerSettings
+from .heartbeat import merge_worker_health
 from .routers import admin, models, updates
 from .storage import Storage
 
@@ -66,9 +68,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
     for router in (models.router, updates.router, admin.router, dashboard.router):
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
-        return {"status": "ok"}
+    started = time.time()
+
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "no live merge worker, or a stuck one"}})
+    def healthz() -> JSONResponse:
+        """200 while the API and a merge worker are well (or the worker is still starting), else 503."""
+        worker = merge_worker_health(settings, started)
+        healthy = worker["state"] in ("ok", "starting")
+        return JSONResponse({"status": "ok" if healthy else "degraded", "merge_worker": worker},
+                            200 if healthy else 503)
 
     @app.exception_handler(DafneError)
     async def _dafne_error(_request, exc: DafneError) -> JSONResponse:

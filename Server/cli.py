@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
     p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--worker-missing-after", type=float, default=15.0,
+                   help="seconds without a merge worker's heartbeat before /healthz reports it missing")
+    p.add_argument("--worker-stuck-after", type=float, default=1800.0,
+                   help="seconds a merge worker may spend on one step (a merge) before it is replaced")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
     p.add_argument("--merge-hold", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
@@ -143,7 +147,10 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = _shared_settings(args, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                                 uploads_per_hour=args.uploads_per_hour,
                                 refused_uploads_per_hour=args.refused_uploads_per_hour,
-                                poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold)
+                                poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold,
+                                worker_missing_after_s=args.worker_missing_after,
+                                worker_heartbeat_s=min(2.0, args.worker_missing_after / 4),
+                                worker_stuck_after_s=args.worker_stuck_after)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise DafneError("--ssl-certfile and --ssl-keyfile go together")
     serve(settings, args.host, args.port, args.workers, merge_worker=not args.no_merge_worker,

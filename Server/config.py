@@ -42,6 +42,13 @@ class ServerSettings:
     validation_shape: tuple[int, int, int] = (12, 96, 128)  # phantom (z, y, x) voxels
     merge: dict[str, Any] = field(default_factory=dict)  # default MergeSettings overrides for new families
     merge_hold_s: float = 0.0  # fault-injection tests only: hold the lease this long before publishing
+    worker_heartbeat_s: float = 2.0  # how often a merge worker reports (see heartbeat.py)
+    worker_missing_after_s: float = 15.0  # no report for this long: the worker is missing
+    worker_stuck_after_s: float = 1800.0  # no progress (a merge, the start-up scoring) for this long: stuck
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this
+    body_timeout_s: float = 30.0  # ... and its body within this, plus 1 s per body_min_rate bytes
+    body_min_rate: int = 50_000  # bytes/s a slow but honest uploader is granted on top
+    max_connections: int = 200  # per API process; beyond this uvicorn answers 503
 
     @property
     def url(self) -> str:

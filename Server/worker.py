@@ -24,11 +24,13 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from sqlalchemy import func, or_, select, update
 
@@ -38,6 +40,7 @@ from dafne_logic.learning.delta import decode_delta
 
 from .config import ServerSettings
 from .db import Family, MergeLease, MergeRun, UpdateRow, Version, audit, now
+from .heartbeat import Heartbeat
 from .merging import (
     Decision,
     MergeResult,
@@ -396,12 +399,15 @@ def default_scorer_factory(settings: ServerSettings) -> ScorerFactory:
     return factory
 
 
-def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[MergeOutcome]:
-    """Merge every family that has work and whose lease this worker can claim."""
+def run_once(storage: Storage, holder: str, scorers: ScorerFactory,
+             report: Callable[[str], None] = lambda state: None) -> list[MergeOutcome]:
+    """Merge every family that has work and whose lease this worker can claim; ``report`` hears
+    each step (``merging <family>``) for the heartbeat."""
     outcomes = []
     for family in families_with_work(storage):
         if not claim_lease(storage, family, holder):
             continue
+        report(f"merging {family}")
         try:
             with storage.read() as session:
                 region = session.get(Family, family).region
@@ -414,30 +420,66 @@ def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[Merg
     return outcomes
 
 
-def run_worker(settings: ServerSettings, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Poll for work until ``should_stop()`` or the parent process goes away."""
+LIFELINE_GRACE_S = 5.0  # after its parent is gone, a worker may finish a step this long, then exits
+
+
+def watch_lifeline(stop: threading.Event, stream: BinaryIO) -> threading.Thread:
+    """End this process when ``stream`` (a pipe whose other end only the parent holds) reaches EOF.
+
+    The parent's death closes its end on every platform (POSIX reparenting and ``getppid`` do not
+    exist as such on Windows), as does a clean stop. ``stop`` is set at once so the main loop ends
+    after its current step; a step still running after :data:`LIFELINE_GRACE_S` (start-up scoring, a
+    merge) is cut short: a killed merge loses nothing (see the module docstring).
+    """
+    def watch() -> None:
+        while stream.read(65536):
+            pass
+        log.info("parent process gone: stopping")
+        stop.set()
+        time.sleep(LIFELINE_GRACE_S)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_worker(settings: ServerSettings, stop: threading.Event | None = None) -> None:
+    """Poll for work until ``stop`` is set, reporting every step to this worker's heartbeat."""
+    stop = stop or threading.Event()
     storage = Storage(settings)
     holder = new_holder()
     scorers = default_scorer_factory(settings)
-    parent = os.getppid()
+    heartbeat = Heartbeat(settings, holder).start()
     log.info("merge worker %s started", holder)
     try:
-        warm_up(storage, scorers)
-    except Exception:  # scoring is retried at the first merge; serving must not depend on it
-        log.exception("validation warm-up failed")
-    log.info("merge worker %s ready", holder)
-    while not should_stop() and os.getppid() == parent:
+        heartbeat.progress("scoring the active versions")
         try:
-            run_once(storage, holder, scorers)
-        except Exception:  # keep serving other families; the failed batch stays buffered
-            log.exception("merge worker iteration failed")
-            time.sleep(5 * settings.poll_interval_s)
-        time.sleep(settings.poll_interval_s)
+            warm_up(storage, scorers)
+        except Exception:  # scoring is retried at the first merge; serving must not depend on it
+            log.exception("validation warm-up failed")
+        log.info("merge worker %s ready", holder)
+        while not stop.is_set():
+            heartbeat.progress("idle")
+            try:
+                run_once(storage, holder, scorers, heartbeat.progress)
+            except Exception:  # keep serving other families; the failed batch stays buffered
+                log.exception("merge worker iteration failed")
+                stop.wait(5 * settings.poll_interval_s)
+            stop.wait(settings.poll_interval_s)
+    finally:
+        heartbeat.close()
+        storage.dispose()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dafne_server.worker [--lifeline]``: settings from ``DAFNE_SERVER_SETTINGS``;
+    with ``--lifeline`` the process ends when its standard input closes (its supervisor is gone)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s merge-worker %(message)s")
-    run_worker(ServerSettings.from_env())
+    stop = threading.Event()
+    if "--lifeline" in (sys.argv[1:] if argv is None else argv):
+        watch_lifeline(stop, sys.stdin.buffer)
+    run_worker(ServerSettings.from_env(), stop)
 
 
 if __name__ == "__main__":
