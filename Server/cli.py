@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
     p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (then 408)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body, plus 1 s per 50 kB received (then 408)")
+    p.add_argument("--max-connections", type=int, default=200,
+                   help="open connections per API process; beyond this, 503")
     p.add_argument("--worker-missing-after", type=float, default=15.0,
                    help="seconds without a merge worker's heartbeat before /healthz reports it missing")
     p.add_argument("--worker-stuck-after", type=float, default=1800.0,
@@ -150,7 +156,9 @@ def run_serve(args: argparse.Namespace) -> int:
                                 poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold,
                                 worker_missing_after_s=args.worker_missing_after,
                                 worker_heartbeat_s=min(2.0, args.worker_missing_after / 4),
-                                worker_stuck_after_s=args.worker_stuck_after)
+                                worker_stuck_after_s=args.worker_stuck_after,
+                                header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                max_connections=args.max_connections)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise DafneError("--ssl-certfile and --ssl-keyfile go together")
     serve(settings, args.host, args.port, args.workers, merge_worker=not args.no_merge_worker,

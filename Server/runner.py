@@ -20,6 +20,7 @@ import threading
 import time
 
 from .config import SETTINGS_ENV, ServerSettings
+from .deadlines import PROTOCOL as DEADLINE_PROTOCOL
 from .heartbeat import read_heartbeats, stuck_for
 from .private_files import make_private_file, private_dir, tighten_tree
 from .storage import Storage
@@ -151,6 +152,9 @@ def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merg
           log_level: str = "info", ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     """Run the API (blocking) with a supervised merge worker beside it; both stop together.
 
+    Every request must arrive within the settings' header and body deadlines (:mod:`.deadlines`);
+    beyond ``max_connections`` open connections per API process, uvicorn answers 503.
+
     With ``ssl_certfile``/``ssl_keyfile`` uvicorn serves HTTPS itself; otherwise put a TLS reverse
     proxy in front of anything but loopback.
     """
@@ -162,6 +166,7 @@ def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merg
     try:
         uvicorn.run("dafne_server.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5,
+                    http=DEADLINE_PROTOCOL, limit_concurrency=settings.max_connections,
                     ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     finally:
         if supervisor is not None:
