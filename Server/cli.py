@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send a request's body, plus 1 s per 50 kB received (then 408)")
     p.add_argument("--max-connections", type=int, default=200,
                    help="open connections per API process; beyond this, 503")
+    p.add_argument("--public-dashboard", action="store_true",
+                   help="show the dashboard at / without a login (it shows aggregates only)")
     p.add_argument("--worker-missing-after", type=float, default=15.0,
                    help="seconds without a merge worker's heartbeat before /healthz reports it missing")
     p.add_argument("--worker-stuck-after", type=float, default=1800.0,
@@ -158,7 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                 worker_heartbeat_s=min(2.0, args.worker_missing_after / 4),
                                 worker_stuck_after_s=args.worker_stuck_after,
                                 header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                                max_connections=args.max_connections)
+                                max_connections=args.max_connections, public_dashboard=args.public_dashboard)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise DafneError("--ssl-certfile and --ssl-keyfile go together")
     serve(settings, args.host, args.port, args.workers, merge_worker=not args.no_merge_worker,

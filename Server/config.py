@@ -49,6 +49,7 @@ class ServerSettings:
     body_timeout_s: float = 30.0  # ... and its body within this, plus 1 s per body_min_rate bytes
     body_min_rate: int = 50_000  # bytes/s a slow but honest uploader is granted on top
     max_connections: int = 200  # per API process; beyond this uvicorn answers 503
+    public_dashboard: bool = False  # True: the dashboard at / needs no login
 
     @property
     def url(self) -> str:

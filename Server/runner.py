@@ -23,6 +23,7 @@ from .config import SETTINGS_ENV, ServerSettings
 from .deadlines import PROTOCOL as DEADLINE_PROTOCOL
 from .heartbeat import read_heartbeats, stuck_for
 from .private_files import make_private_file, private_dir, tighten_tree
+from .sessions import ensure_session_key
 from .storage import Storage
 from .worker import LIFELINE_GRACE_S
 
@@ -66,6 +67,7 @@ def secure_data_folder(settings: ServerSettings) -> None:
 def prepare(settings: ServerSettings) -> Storage:
     """Create the data folder (owner-only) and bring the schema up to date."""
     secure_data_folder(settings)
+    ensure_session_key(settings)
     storage = Storage(settings)
     storage.migrate()
     storage.blobs.sweep_temporaries()
