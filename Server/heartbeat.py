@@ -40,6 +40,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
+        prune_heartbeats(self.settings)
         self._write()
         self._thread.start()
         return self
@@ -76,6 +77,15 @@ def read_heartbeats(settings: ServerSettings) -> list[dict[str, Any]]:
             if isinstance(record, dict) and isinstance(record.get("beat"), float | int):
                 records.append(record)
     return records
+
+
+def prune_heartbeats(settings: ServerSettings, older_than_s: float = 3600.0) -> None:
+    """Remove the files of workers that died without a clean exit (killed) over an hour ago."""
+    folder = heartbeat_dir(settings)
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                path.unlink()
 
 
 def stuck_for(record: dict[str, Any], settings: ServerSettings, at: float) -> float | None:

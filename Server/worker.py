@@ -280,11 +280,11 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
             refused: dict[str, str], started: float, scoring_s: float) -> MergeOutcome:
     """Step 4, one transaction: the new version (if the gate accepted and the base is still the
     active version), every update's fate, the run's record and the audit entry."""
-    accepted = candidate is not None and candidate.decision.accepted
-    if candidate is not None and not accepted:
+    chosen = candidate if candidate is not None and candidate.decision.accepted else None
+    if candidate is not None and chosen is None:
         refused.update({u.key: f"candidate refused: {candidate.decision.reason}" for u in candidate.batch})
-    batch = candidate.batch if accepted else []
-    overridden = candidate.result.overridden if accepted else {}
+    batch = chosen.batch if chosen is not None else []
+    overridden = chosen.result.overridden if chosen is not None else {}
     reason = candidate.decision.reason if candidate is not None else "no usable update in the buffer"
     row_ids = [r.id for r in inputs.rows]
     with storage.session.begin() as session:
@@ -301,11 +301,11 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
             log.info("merge %s: %s", family, reason)
             return MergeOutcome("abandoned", reason=reason)
         version = None
-        if batch:
-            version = storage.new_version(session, fam, inputs.base.manifest, candidate.state, inputs.active.number,
-                                          "merge", _validation(candidate.dice, storage.settings),
+        if chosen is not None:
+            version = storage.new_version(session, fam, inputs.base.manifest, chosen.state, inputs.active.number,
+                                          "merge", _validation(chosen.dice, storage.settings),
                                           {"merged_updates": [u.key for u in batch],
-                                           "merge_rule": candidate.result.rule,
+                                           "merge_rule": chosen.result.rule,
                                            "server_lr": inputs.settings.server_lr})
         for row in session.scalars(select(UpdateRow).where(UpdateRow.id.in_(row_ids))):
             if row.status != "buffered":
