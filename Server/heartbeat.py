@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerSettings
-from .private_files import private_dir
+from .private_files import FILE_MODE, private_dir
 
 
 def heartbeat_dir(settings: ServerSettings) -> Path:
@@ -52,7 +52,9 @@ class Heartbeat:
     def _write(self) -> None:
         # Not fsynced: a heartbeat lost in a power cut is simply late.
         tmp = self.path.with_name(f".{self.path.name}")
-        tmp.write_text(json.dumps({**self.record, "beat": time.time()}), encoding="utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(json.dumps({**self.record, "beat": time.time()}).encode("utf-8"))
         os.replace(tmp, self.path)
 
     def _run(self) -> None:
