@@ -76,10 +76,11 @@ def test_pull_push_merge_pull(live_server, tiny_leg, tmp_path):
     other = client_for(live_server, new_user(live_server))
     with pytest.raises(SyncError, match="404"):
         other.update_status(results[0]["id"])
-    page = requests.get(live_server.url + "/", timeout=30)
+    viewer = {"Authorization": f"Bearer {live_server.admin_token}"}  # the dashboard needs a token
+    page = requests.get(live_server.url + "/", timeout=30, headers=viewer)
     assert page.status_code == 200 and "leg" in page.text and "/plots/leg/versions.png" in page.text
     for kind in ("versions", "client-dice", "contributions", "learning-curve"):
-        png = requests.get(f"{live_server.url}/plots/leg/{kind}.png", timeout=30)
+        png = requests.get(f"{live_server.url}/plots/leg/{kind}.png", timeout=30, headers=viewer)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
