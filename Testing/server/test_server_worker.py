@@ -263,10 +263,14 @@ def _stored_delta(storage, update_id):
         return decode_delta(storage.blobs.get(row.blob_sha256), Manifest.from_json(version.manifest), 1 << 30)
 
 
-def test_k2_drops_the_attacker_claiming_100000_slices_not_the_honest_update(storage, tiny_leg):
-    set_merge(storage, buffer_size=2)
+@pytest.mark.parametrize("forced", [False, True], ids=["k2", "forced-2-of-3"])
+def test_two_updates_drop_the_attacker_claiming_100000_slices_not_the_honest_one(storage, tiny_leg, forced):
+    set_merge(storage, buffer_size=3 if forced else 2)
     honest = buffer_update(storage, tiny_leg.state_dict, 1e-3, n_slices=12, seed=1)
     attacker = buffer_update(storage, tiny_leg.state_dict, 0.05, n_slices=100_000, seed=2)
+    if forced:  # an admin's "merge now" of a buffer holding fewer than K
+        with storage.session.begin() as session:
+            session.get(MergeLease, "leg").force_requested = True
     scorer = _projection_scorer(tiny_leg.state_dict, _stored_delta(storage, attacker))
 
     outcomes = run_once(storage, "w", lambda family, region: scorer)
