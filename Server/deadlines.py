@@ -112,8 +112,9 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._waiting_for_headers()  # a keep-alive connection's next request
+        # A keep-alive connection's next request; unless a pipelined one, received already, now runs.
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._waiting_for_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

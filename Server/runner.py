@@ -83,17 +83,14 @@ def start_merge_worker(settings: ServerSettings) -> subprocess.Popen:
 
 
 def stop_merge_worker(process: subprocess.Popen, grace_s: float = LIFELINE_GRACE_S + 5.0) -> None:
-    """Close the lifeline (the worker finishes its step or is cut short), then terminate, then kill."""
+    """Close the lifeline (the worker finishes its step or is cut short); kill it if it lingers."""
     with contextlib.suppress(OSError):
         process.stdin.close()  # type: ignore[union-attr]
-    for end in (None, process.terminate, process.kill):
-        if end is not None:
-            end()
-        try:
-            process.wait(grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()  # it ignores SIGTERM (see worker.main)
+        process.wait()
 
 
 class MergeWorkerSupervisor:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -478,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s merge-worker %(message)s")
     stop = threading.Event()
     if "--lifeline" in (sys.argv[1:] if argv is None else argv):
+        # Its supervisor alone ends it (through the lifeline), not a Ctrl-C or SIGTERM sent to the
+        # whole process group while the API shuts down: that would only make the supervisor restart it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         watch_lifeline(stop, sys.stdin.buffer)
     run_worker(ServerSettings.from_env(), stop)
 
