@@ -82,6 +82,32 @@ def test_healthz_tells_starting_missing_stuck_and_ok_workers_apart(tmp_path):
     assert merge_worker_health(settings, api_started=t - 60, at=t)["state"] == "stuck"
 
 
+def test_healthz_answers_503_over_http_when_no_worker_reports(tmp_path):
+    import threading
+
+    import uvicorn
+
+    from dafne_server.app import create_app
+    from dafne_server.testing import free_port
+
+    settings = ServerSettings(data_dir=str(tmp_path / "data"), worker_missing_after_s=0.5)  # e.g. --no-merge-worker
+    prepare(settings).dispose()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, 30, "uvicorn")
+        health = f"http://127.0.0.1:{server.config.port}/healthz"
+        first = requests.get(health, timeout=10)
+        assert first.status_code == 200 and first.json()["merge_worker"]["state"] == "starting"
+        reply = _wait(lambda: (r := requests.get(health, timeout=10)).status_code == 503 and r.json(), 10, "missing")
+        assert reply["status"] == "degraded" and reply["merge_worker"]["state"] == "missing"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
 @posix_signals
 def test_merge_worker_is_restarted_when_killed_or_stuck_and_healthz_says_so(tmp_path, tiny_leg):
     server = LocalServer(tmp_path / "data", validation="none", families={"leg": tiny_leg}, merge={"buffer_size": 1},
