@@ -1,4 +1,4 @@
-"""The ASGI application: routers, request-size limit, health check, dashboard.
+"""The ASGI application: routers, request-size limit, security headers, health check, dashboard.
 
 ``create_app(settings)`` for tests and embedding; ``create_app_from_env()`` is the factory each
 uvicorn worker process calls (settings arrive as JSON in ``DAFNE_SERVER_SETTINGS``).
@@ -6,17 +6,20 @@ uvicorn worker process calls (settings arrive as JSON in ``DAFNE_SERVER_SETTINGS
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dafne_logic.core.errors import DafneError
 
-from . import dashboard
 from .config import ServerSettings
-from .routers import admin, models, updates
+from .heartbeat import merge_worker_health
+from .plots import PlotCache
+from .routers import admin, dashboard, models, updates
+from .sessions import SessionSigner
 from .storage import Storage
 
 API_VERSION = "1"
@@ -52,6 +55,37 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
+class SecurityHeaders:
+    """The usual headers on every response: no MIME sniffing, no framing (clickjacking), no
+    referrer, and HSTS when the request came over TLS (behind a TLS proxy, let the proxy send it)."""
+
+    HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+               (b"referrer-policy", b"no-referrer")]
+    FRAME_POLICY = (b"content-security-policy", b"frame-ancestors 'none'")
+    HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = [*self.HEADERS, *([self.HSTS] if scope.get("scheme") == "https" else [])]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [h for h in extra if h[0] not in present]
+                if self.FRAME_POLICY[0] not in present:  # pages with their own policy include frame-ancestors
+                    headers.append(self.FRAME_POLICY)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     storage = Storage(settings)
 
@@ -63,12 +97,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="DafneSlicer federated server", version=API_VERSION, lifespan=lifespan,
                   description="Model families and versions, validated weight-delta uploads, robust merging.")
     app.state.storage = storage
+    app.state.sessions = SessionSigner(settings)
+    app.state.plots = PlotCache()
     for router in (models.router, updates.router, admin.router, dashboard.router):
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
-        return {"status": "ok"}
+    started = time.time()
+
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "no live merge worker, or a stuck one"}})
+    def healthz() -> JSONResponse:
+        """200 while the API and a merge worker are well (or the worker is still starting), else 503."""
+        worker = merge_worker_health(settings, started)
+        healthy = worker["state"] in ("ok", "starting")
+        return JSONResponse({"status": "ok" if healthy else "degraded", "merge_worker": worker},
+                            200 if healthy else 503)
 
     @app.exception_handler(DafneError)
     async def _dafne_error(_request, exc: DafneError) -> JSONResponse:
@@ -76,6 +118,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     # Slack for multipart framing around the delta itself.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 70_000)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the size limit's included
     return app
 
 

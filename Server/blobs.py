@@ -2,7 +2,9 @@
 
 Writes are atomic (temporary file + rename), so a blob either exists complete or not at all; a
 crash mid-write leaves at most a hidden temporary file that :meth:`BlobStore.sweep_temporaries`
-removes. Writing the same bytes twice is a no-op.
+removes. Writing the same bytes twice is a no-op. They are also durable and owner-only
+(:func:`dafne_server.private_files.write_durable`): :meth:`BlobStore.put` returns only after the
+bytes and the new name are on disk, so the upload that names the blob may be acknowledged.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from dafne_logic.core.atomic import atomic_write_bytes
+from .private_files import fsync_directory, private_dir, write_durable
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -31,7 +33,11 @@ class BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
         if not target.is_file():
-            atomic_write_bytes(target, data)
+            new_shard = not target.parent.is_dir()
+            private_dir(self.root)
+            write_durable(target, data)
+            if new_shard:  # the shard folder's own name lives in the root folder
+                fsync_directory(self.root)
         return digest
 
     def get(self, sha256: str) -> bytes:

@@ -22,6 +22,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in --data-dir)")
 
 
+def _shared_options(parser: argparse.ArgumentParser) -> None:
+    """Settings every merge worker of the server must share: stored in the data folder when given."""
+    group = parser.add_argument_group("merge settings shared by every merge worker (stored in --data-dir; "
+                                      "omitted: as stored, else the default)")
+    group.add_argument("--validation",
+                       help='"phantom" (default), "none", or a folder with <family>/<case>_image.*, <case>_labels.*')
+    group.add_argument("--validation-cases", type=int, help="phantoms per family (default 2)")
+    group.add_argument("--validation-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                       help="phantom voxels (default 12 96 128)")
+    group.add_argument("--lease-ttl", type=float, help="seconds before a dead merge's lease expires (default 60)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dafne-server", description="The DafneSlicer federated server.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logging")
@@ -31,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="seed this family from --package instead of the bundled models")
     p.add_argument("--package", help="model package folder for --family")
     p.add_argument("--buffer-size", type=int, help="default K (updates per merge) for new families")
+    _shared_options(p)
     p.set_defaults(func=run_init)
 
     p = sub.add_parser("run", help="serve the API with a merge worker")
@@ -39,24 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8642)
     p.add_argument("--workers", type=int, default=1, help="uvicorn API processes")
     p.add_argument("--no-merge-worker", action="store_true", help="API only (a merge worker runs elsewhere)")
-    p.add_argument("--validation", default="phantom",
-                   help='"phantom" (default), "none", or a folder with <family>/<case>_image.*, <case>_labels.*')
-    p.add_argument("--validation-cases", type=int, default=2)
-    p.add_argument("--validation-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(12, 96, 128))
+    _shared_options(p)
     p.add_argument("--max-upload-mb", type=float, default=32.0)
     p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
-    p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a dead merge's lease expires")
     p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (then 408)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body, plus 1 s per 50 kB received (then 408)")
+    p.add_argument("--max-connections", type=int, default=200,
+                   help="open connections per API process; beyond this, 503")
+    p.add_argument("--public-dashboard", action="store_true",
+                   help="show the dashboard at / without a login (it shows aggregates only)")
+    p.add_argument("--worker-missing-after", type=float, default=15.0,
+                   help="seconds without a merge worker's heartbeat before /healthz reports it missing")
+    p.add_argument("--worker-stuck-after", type=float, default=1800.0,
+                   help="seconds a merge worker may spend on one step (a merge) before it is replaced")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
     p.add_argument("--merge-hold", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
     p.set_defaults(func=run_serve)
 
-    p = sub.add_parser("worker", help="run only a merge worker")
+    p = sub.add_parser("worker", help="run only a merge worker (with the merge settings its server stored)")
     _common(p)
-    p.add_argument("--validation", default="phantom")
     p.set_defaults(func=run_worker)
 
     p = sub.add_parser("add-user", help="add a user and print their token (shown once)")
@@ -85,6 +105,20 @@ def _settings(args: argparse.Namespace, **extra):
     return ServerSettings(data_dir=args.data_dir, database_url=args.database_url, **extra)
 
 
+def _shared_settings(args: argparse.Namespace, **extra):
+    """This data folder's settings: the stored shared ones, changed by the flags given, stored back."""
+    from dataclasses import replace
+
+    from dafne_server.config import load_shared, store_shared
+
+    given = {"validation": args.validation, "validation_cases": args.validation_cases,
+             "validation_shape": tuple(args.validation_shape) if args.validation_shape else None,
+             "lease_ttl_s": args.lease_ttl}
+    settings = replace(load_shared(_settings(args, **extra)), **{k: v for k, v in given.items() if v is not None})
+    store_shared(settings)
+    return settings
+
+
 def _storage(args: argparse.Namespace, **extra):
     from dafne_server.runner import prepare
 
@@ -93,9 +127,10 @@ def _storage(args: argparse.Namespace, **extra):
 
 def run_init(args: argparse.Namespace) -> int:
     from dafne_logic.inference.model_package import ModelPackage
+    from dafne_server.runner import prepare
 
     merge = {"buffer_size": args.buffer_size} if args.buffer_size else {}
-    storage = _storage(args, merge=merge)
+    storage = prepare(_shared_settings(args, merge=merge))
     try:
         if args.family or args.package:
             if not (args.family and args.package):
@@ -117,12 +152,15 @@ def run_init(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from dafne_server.runner import serve
 
-    settings = _settings(args, validation=args.validation, validation_cases=args.validation_cases,
-                         validation_shape=tuple(args.validation_shape),
-                         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                         uploads_per_hour=args.uploads_per_hour,
-                         refused_uploads_per_hour=args.refused_uploads_per_hour, lease_ttl_s=args.lease_ttl,
-                         poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold)
+    settings = _shared_settings(args, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                                uploads_per_hour=args.uploads_per_hour,
+                                refused_uploads_per_hour=args.refused_uploads_per_hour,
+                                poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold,
+                                worker_missing_after_s=args.worker_missing_after,
+                                worker_heartbeat_s=min(2.0, args.worker_missing_after / 4),
+                                worker_stuck_after_s=args.worker_stuck_after,
+                                header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                max_connections=args.max_connections, public_dashboard=args.public_dashboard)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise DafneError("--ssl-certfile and --ssl-keyfile go together")
     serve(settings, args.host, args.port, args.workers, merge_worker=not args.no_merge_worker,
@@ -131,9 +169,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from dafne_server.config import load_shared
     from dafne_server.worker import run_worker as worker_loop
 
-    settings = _settings(args, validation=args.validation)
+    settings = load_shared(_settings(args))
     _storage(args).dispose()
     logging.getLogger().setLevel(logging.INFO)
     worker_loop(settings)

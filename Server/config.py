@@ -1,16 +1,27 @@
-"""Server settings: one dataclass, passed to API processes and the merge worker as JSON."""
+"""Server settings: one dataclass, passed to API processes and the merge worker as JSON.
+
+The settings every merge worker of a server must agree on (:data:`SHARED_FIELDS`: the validation
+cases, whose scores are cached with the versions, the lease TTL and the delta size limit) are
+stored in the data folder (:data:`SHARED_FILE`) by ``init`` and ``run``; a standalone
+``dafne-server worker`` reads them from there, so it judges candidates as its server would.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dafne_logic.core.errors import InputError
+
 from .merging import MergeSettings
+from .private_files import write_durable
 
 SETTINGS_ENV = "DAFNE_SERVER_SETTINGS"  # JSON; how `server run` hands settings to uvicorn workers
+SHARED_FILE = "settings.json"  # in the data folder
+SHARED_FIELDS = ("validation", "validation_cases", "validation_shape", "lease_ttl_s", "max_delta_bytes")
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,14 @@ class ServerSettings:
     validation_shape: tuple[int, int, int] = (12, 96, 128)  # phantom (z, y, x) voxels
     merge: dict[str, Any] = field(default_factory=dict)  # default MergeSettings overrides for new families
     merge_hold_s: float = 0.0  # fault-injection tests only: hold the lease this long before publishing
+    worker_heartbeat_s: float = 2.0  # how often a merge worker reports (see heartbeat.py)
+    worker_missing_after_s: float = 15.0  # no report for this long: the worker is missing
+    worker_stuck_after_s: float = 1800.0  # no progress (a merge, the start-up scoring) for this long: stuck
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this
+    body_timeout_s: float = 30.0  # ... and its body within this, plus 1 s per body_min_rate bytes
+    body_min_rate: int = 50_000  # bytes/s a slow but honest uploader is granted on top
+    max_connections: int = 200  # per API process; beyond this uvicorn answers 503
+    public_dashboard: bool = False  # True: the dashboard at / needs no login
 
     @property
     def url(self) -> str:
@@ -39,6 +58,14 @@ class ServerSettings:
     @property
     def blob_dir(self) -> Path:
         return Path(self.data_dir) / "blobs"
+
+    @property
+    def validation_id(self) -> str:
+        """Names the validation cases: scores cached with a version are reused only for the same cases."""
+        if self.validation in ("none", "phantom"):
+            shape = "x".join(map(str, self.validation_shape))
+            return "none" if self.validation == "none" else f"phantom:{self.validation_cases}:{shape}"
+        return f"folder:{Path(self.validation).resolve()}"
 
     def default_merge_settings(self) -> MergeSettings:
         return MergeSettings.from_json(self.merge)
@@ -58,3 +85,33 @@ class ServerSettings:
         if not text:
             raise RuntimeError(f"{SETTINGS_ENV} is not set; start the server with `dafne-server run`")
         return cls.from_json(text)
+
+
+def shared_settings_path(settings: ServerSettings) -> Path:
+    return Path(settings.data_dir) / SHARED_FILE
+
+
+def load_shared(settings: ServerSettings) -> ServerSettings:
+    """``settings`` with the :data:`SHARED_FIELDS` stored in its data folder (unchanged if none are)."""
+    path = shared_settings_path(settings)
+    if not path.is_file():
+        return settings
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        values = {k: stored[k] for k in SHARED_FIELDS if k in stored}
+        if "validation_shape" in values:
+            values["validation_shape"] = tuple(values["validation_shape"])
+        return replace(settings, **values)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path} does not hold the server's settings ({exc}); run `dafne-server init` again") from exc
+
+
+def store_shared(settings: ServerSettings) -> None:
+    """Write the :data:`SHARED_FIELDS` of ``settings`` to its data folder (atomic, durable, owner-only).
+
+    A validation folder is stored as an absolute path, so workers started elsewhere find it.
+    """
+    values = {k: getattr(settings, k) for k in SHARED_FIELDS}
+    if values["validation"] not in ("phantom", "none"):
+        values["validation"] = str(Path(values["validation"]).resolve())
+    write_durable(shared_settings_path(settings), json.dumps(values, indent=1).encode("utf-8"))

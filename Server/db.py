@@ -139,7 +139,7 @@ class AuditEntry(Base):
 
 
 def make_engine(url: str, for_writes: bool = True) -> Engine:
-    """Engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys.
+    """Engine for ``url``; SQLite gets WAL with synchronous=FULL, a busy timeout and foreign keys.
 
     On SQLite, transactions of a ``for_writes`` engine start with ``BEGIN IMMEDIATE`` (see below);
     a read engine keeps deferred transactions, which under WAL read a snapshot without locking.
@@ -152,7 +152,9 @@ def make_engine(url: str, for_writes: bool = True) -> Engine:
             dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns (NORMAL may lose the last commits on a
+            # power cut), so an upload is acknowledged only once it is durable.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

@@ -9,14 +9,22 @@ updates to :func:`merge_updates` (FedBuff, Nguyen et al. 2022); K = 1 is FedAsyn
 Robustness, in order:
 
 1. every delta is scaled by its staleness weight ``(1 + τ)^-½``;
-2. every delta is clipped to a norm bound (a fixed bound, or the median norm of the buffer when
-   the buffer has ≥ 3 updates, so one huge update cannot dominate);
-3. with ≥ 3 updates the location is a coordinate-wise median (one vote per update) or trimmed
-   mean weighted by case counts capped at the buffer's median count; otherwise the case-weighted
-   mean.
+2. every delta is clipped to a norm bound (a fixed bound, or the buffer's lower median norm when
+   it holds ≥ 2 updates, so one huge update cannot dominate: with two, the smaller sets the bound);
+3. case counts (claimed by the client) are capped at the buffer's lower median count when it holds
+   ≥ 2 updates: with two, both count the same, so claiming 100,000 slices buys nothing;
+4. with ≥ 3 updates the location is a coordinate-wise median (one vote per update) or trimmed
+   mean weighted by the capped case counts; otherwise their weighted mean.
+
+An update whose influence these rules cut to less than half of what it claimed (norm clipped,
+case count capped, or its values left out at most coordinates) is reported in
+:attr:`MergeResult.overridden`: the server marks it *overridden*, not *merged*.
 
 :func:`accept_candidate` is the publication gate: a candidate may not lose more than ε mean Dice
-or δ on any label against the active version on the validation cases.
+or δ on any label against the active version on the validation cases. When it refuses, the
+server drops one update and tries again: with ≥ 3 updates the one farthest from the merged delta
+(:func:`worst_contributor`: a majority defines the centre), with two the one whose candidate
+scores lower on its own (:func:`lowest_scoring`: two updates are equally far from their mean).
 """
 
 from __future__ import annotations
@@ -75,6 +83,9 @@ class Update:
     n_slices: int  # corrected slices the site trained on
 
 
+OVERRIDE_SHARE = 0.5  # an update keeping less than this share of its claimed influence was overridden
+
+
 @dataclass
 class MergeResult:
     delta: Delta  # aggregated delta, to apply as ``active + server_lr · delta``
@@ -82,6 +93,7 @@ class MergeResult:
     weights: dict[str, float]  # normalised case weight per update key
     norms: dict[str, float] = field(default_factory=dict)  # norm of each update after staleness scaling
     clip_bound: float | None = None
+    overridden: dict[str, str] = field(default_factory=dict)  # update key -> how the robust rules overrode it
 
 
 def staleness_weight(staleness: int) -> float:
@@ -144,7 +156,7 @@ def trimmed_mean(deltas: Sequence[Delta], weights: torch.Tensor, trim_fraction: 
     ``t = max(1, floor(trim_fraction · n))`` and at least one value is kept.
     """
     n = len(deltas)
-    t = min(max(1, int(trim_fraction * n)), (n - 1) // 2)
+    t = _trim_count(n, trim_fraction)
     out: Delta = {}
     for k in deltas[0]:
         values, w = _sorted_with_weights(_stack(deltas, k), weights)
@@ -163,6 +175,58 @@ def check_compatible(updates: Sequence[Update]) -> None:
             raise ValueError(f"update {u.key} does not match the tensor layout of update {updates[0].key}")
 
 
+def kept_share(deltas: Sequence[Delta], rule: RobustRule, trim_fraction: float) -> torch.Tensor:
+    """Per update (n,), the fraction of coordinates at which its value entered the robust location.
+
+    Trimmed mean: values ranked outside the ``t`` lowest and ``t`` highest; median (uniform
+    weights, as :func:`merge_updates` uses it): the value at rank ``(n - 1) // 2``. An average
+    update keeps :func:`_expected_share`; one that is always the extreme keeps none.
+    """
+    n = len(deltas)
+    t = _trim_count(n, trim_fraction)
+    ranks = [(n - 1) // 2] if rule == "median" else range(t, n - t)
+    kept = torch.zeros(n)
+    total = 0
+    for k in deltas[0]:
+        order = torch.argsort(_stack(deltas, k), dim=0).reshape(n, -1)  # (rank, coordinate) -> update
+        for r in ranks:
+            kept += torch.bincount(order[r], minlength=n).float()
+        total += order.shape[1]
+    return kept / max(total, 1)
+
+
+def _trim_count(n: int, trim_fraction: float) -> int:
+    """Values trimmed per side: ``max(1, floor(trim_fraction · n))``, keeping at least one."""
+    return min(max(1, int(trim_fraction * n)), (n - 1) // 2)
+
+
+def _expected_share(n: int, rule: RobustRule, trim_fraction: float) -> float:
+    """The share of coordinates an average update keeps under ``rule``."""
+    return 1.0 / n if rule == "median" else (n - 2 * _trim_count(n, trim_fraction)) / n
+
+
+def overridden_updates(updates: Sequence[Update], claimed: torch.Tensor, counted: torch.Tensor,
+                       norms: Sequence[float], bound: float | None, shares: torch.Tensor | None,
+                       expected_share: float) -> dict[str, str]:
+    """Which updates the robust rules cut to less than :data:`OVERRIDE_SHARE` of their claim, and how.
+
+    ``claimed``/``counted``: (n,) case counts before and after the median cap; ``norms``: after
+    staleness scaling; ``shares``: :func:`kept_share` (None when the location is a plain mean).
+    """
+    out = {}
+    for i, u in enumerate(updates):
+        why = []
+        if bound is not None and norms[i] > 0 and bound / norms[i] < OVERRIDE_SHARE:
+            why.append(f"norm {norms[i]:.4g} clipped to {bound:.4g}")
+        if counted[i] < OVERRIDE_SHARE * claimed[i]:
+            why.append(f"{u.n_slices} claimed slices counted as {int(counted[i])}")
+        if shares is not None and shares[i] < OVERRIDE_SHARE * expected_share:
+            why.append(f"its values were left out at {100 * (1 - float(shares[i])):.0f}% of coordinates")
+        if why:
+            out[u.key] = "overridden by the robust merge rules: " + "; ".join(why)
+    return out
+
+
 def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeResult:
     """Aggregate buffered updates into one delta (see the module docstring for the steps).
 
@@ -171,32 +235,38 @@ def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeRe
     if not updates:
         raise ValueError("nothing to merge")
     check_compatible(updates)
+    n = len(updates)
     scaled = [{k: v.float() * staleness_weight(u.staleness) for k, v in u.delta.items()} for u in updates]
     norms = [delta_l2(d) for d in scaled]
     if settings.clip_norm is not None:
         bound: float | None = settings.clip_norm
-    elif len(updates) >= 3:
-        bound = float(torch.tensor(norms).median())
+    elif n >= 2:
+        bound = float(torch.tensor(norms).median())  # the lower median: with two, the smaller norm
     else:
         bound = None
     clipped = scaled if bound is None else [clip_delta(d, bound) for d in scaled]
-    case = torch.tensor([float(min(max(u.n_slices, 1), settings.max_case_weight)) for u in updates])
-    if len(updates) >= 3:
-        # Case counts are claimed by the client: with a robust rule none counts more than a typical site.
-        case = case.clamp(max=float(case.median()))
+    claimed = torch.tensor([float(min(max(u.n_slices, 1), settings.max_case_weight)) for u in updates])
+    # Case counts are claimed by the client: none counts more than a typical site (with two, the smaller).
+    case = claimed.clamp(max=float(claimed.median())) if n >= 2 else claimed
     weights = case / case.sum()
-    if len(updates) >= 3 and settings.robust_rule == "median":
-        rule, delta = "median", coordinate_median(clipped, torch.full((len(updates),), 1.0 / len(updates)))
-    elif len(updates) >= 3 and settings.robust_rule == "trimmed_mean":
+    shares = None
+    if n >= 3 and settings.robust_rule == "median":
+        rule, delta = "median", coordinate_median(clipped, torch.full((n,), 1.0 / n))
+    elif n >= 3 and settings.robust_rule == "trimmed_mean":
         rule, delta = "trimmed_mean", trimmed_mean(clipped, weights, settings.trim_fraction)
     else:
-        rule, delta = ("fedasync" if len(updates) == 1 else "mean"), weighted_mean(clipped, weights)
+        rule, delta = ("fedasync" if n == 1 else "mean"), weighted_mean(clipped, weights)
+    if rule in ("median", "trimmed_mean"):
+        shares = kept_share(clipped, rule, settings.trim_fraction)  # type: ignore[arg-type]
+    raw_claims = torch.tensor([float(max(u.n_slices, 1)) for u in updates])
     return MergeResult(
         delta=delta,
         rule=rule,
-        weights={u.key: float(w) for u, w in zip(updates, weights)},
-        norms={u.key: n for u, n in zip(updates, norms)},
+        weights={u.key: float(w) for u, w in zip(updates, weights, strict=True)},
+        norms={u.key: v for u, v in zip(updates, norms, strict=True)},
         clip_bound=bound,
+        overridden=overridden_updates(updates, raw_claims, case, norms, bound, shares,
+                                      _expected_share(n, rule, settings.trim_fraction)),  # type: ignore[arg-type]
     )
 
 
@@ -246,3 +316,9 @@ def accept_candidate(candidate: Mapping[str, float], active: Mapping[str, float]
         return Decision(False, f"Dice of {worst[0]} drops by {worst[1]:.4f} (more than {label_tolerance})",
                         cand_mean, act_mean)
     return Decision(True, f"mean Dice {cand_mean:.4f} (active {act_mean:.4f})", cand_mean, act_mean)
+
+
+def lowest_scoring(decisions: Mapping[str, Decision]) -> str:
+    """Key of the candidate with the lowest mean Dice (an undefined mean counts lowest)."""
+    return min(decisions, key=lambda k: -math.inf if math.isnan(decisions[k].candidate_mean)
+               else decisions[k].candidate_mean)

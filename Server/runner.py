@@ -1,21 +1,31 @@
-"""Process layout of ``dafne-server run``: uvicorn API workers plus one merge-worker process.
+"""Process layout of ``dafne-server run``: uvicorn API workers plus one supervised merge-worker process.
 
 The merge worker is a separate process (``python -m dafne_server.worker``) so merging never
-competes with request handlers for the interpreter; it exits when this process goes away. More
-merge workers (on other hosts, against the same PostgreSQL) are safe: the lease row decides.
+competes with request handlers for the interpreter. A supervisor thread restarts it when it dies
+or stops making progress; it exits when this process goes away, however that happens (its
+lifeline pipe closes). More merge workers (on other hosts, against the same PostgreSQL) are safe:
+the lease row decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 from .config import SETTINGS_ENV, ServerSettings
+from .deadlines import PROTOCOL as DEADLINE_PROTOCOL
+from .heartbeat import read_heartbeats, stuck_for
+from .private_files import make_private_file, private_dir, tighten_tree
+from .sessions import ensure_session_key
 from .storage import Storage
+from .worker import LIFELINE_GRACE_S
 
 log = logging.getLogger(__name__)
 _TOKEN_TEXT = re.compile(r"dft_[0-9]+_[A-Za-z0-9_-]+")
@@ -45,8 +55,19 @@ def log_config() -> dict:
     return config
 
 
+def secure_data_folder(settings: ServerSettings) -> None:
+    """Create the data folder owner-only, and the SQLite database before SQLite does (its -wal and
+    -shm files take the database file's mode); tighten what older versions left readable."""
+    private_dir(settings.data_dir)
+    if not settings.database_url:
+        make_private_file(settings.url.removeprefix("sqlite:///"))
+    tighten_tree(settings.data_dir)
+
+
 def prepare(settings: ServerSettings) -> Storage:
-    """Create the data folder and bring the schema up to date."""
+    """Create the data folder (owner-only) and bring the schema up to date."""
+    secure_data_folder(settings)
+    ensure_session_key(settings)
     storage = Storage(settings)
     storage.migrate()
     storage.blobs.sweep_temporaries()
@@ -54,13 +75,84 @@ def prepare(settings: ServerSettings) -> Storage:
 
 
 def start_merge_worker(settings: ServerSettings) -> subprocess.Popen:
+    """The merge worker as a child process holding a lifeline: its standard input is a pipe whose
+    other end only this process holds, so it ends when this process does, however that happens."""
     env = {**os.environ, SETTINGS_ENV: settings.to_json()}
-    return subprocess.Popen([sys.executable, "-m", "dafne_server.worker"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "dafne_server.worker", "--lifeline"], env=env,
+                            stdin=subprocess.PIPE)
+
+
+def stop_merge_worker(process: subprocess.Popen, grace_s: float = LIFELINE_GRACE_S + 5.0) -> None:
+    """Close the lifeline (the worker finishes its step or is cut short); kill it if it lingers."""
+    with contextlib.suppress(OSError):
+        process.stdin.close()  # type: ignore[union-attr]
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()  # it ignores SIGTERM (see worker.main)
+        process.wait()
+
+
+class MergeWorkerSupervisor:
+    """Keeps one merge worker running beside the API: restarts it when it exits and replaces it
+    when its heartbeat shows no progress for ``worker_stuck_after_s`` (see :mod:`.heartbeat`).
+
+    Restarts back off from 1 s to 60 s while the worker keeps dying young (a broken setup must not
+    spin); a worker that lived a minute resets the backoff.
+    """
+
+    def __init__(self, settings: ServerSettings, check_every_s: float = 1.0) -> None:
+        self.settings = settings
+        self.check_every_s = check_every_s
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="merge-worker-supervisor", daemon=True)
+
+    def start(self) -> MergeWorkerSupervisor:
+        self.process = start_merge_worker(self.settings)
+        self._thread.start()
+        return self
+
+    def _stuck(self) -> float | None:
+        at = time.time()
+        for record in read_heartbeats(self.settings):
+            if self.process is not None and record.get("pid") == self.process.pid:
+                return stuck_for(record, self.settings, at)
+        return None
+
+    def _run(self) -> None:
+        backoff, started = 1.0, time.monotonic()
+        while not self._stop.wait(self.check_every_s):
+            assert self.process is not None
+            code = self.process.poll()
+            stuck = None if code is not None else self._stuck()
+            if code is None and stuck is None:
+                continue
+            if code is None:
+                log.error("merge worker pid %s made no progress for %.0f s: replacing it", self.process.pid, stuck)
+                stop_merge_worker(self.process, grace_s=2.0)
+            else:
+                log.error("merge worker pid %s exited with %s: restarting it", self.process.pid, code)
+            backoff = 1.0 if time.monotonic() - started > 60 else min(2 * backoff, 60.0)
+            if self._stop.wait(backoff):
+                return
+            self.process, started = start_merge_worker(self.settings), time.monotonic()
+            self.restarts += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.process is not None:
+            stop_merge_worker(self.process)
 
 
 def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merge_worker: bool = True,
           log_level: str = "info", ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
-    """Run the API (blocking) with a merge worker beside it; both stop together.
+    """Run the API (blocking) with a supervised merge worker beside it; both stop together.
+
+    Every request must arrive within the settings' header and body deadlines (:mod:`.deadlines`);
+    beyond ``max_connections`` open connections per API process, uvicorn answers 503.
 
     With ``ssl_certfile``/``ssl_keyfile`` uvicorn serves HTTPS itself; otherwise put a TLS reverse
     proxy in front of anything but loopback.
@@ -69,15 +161,12 @@ def serve(settings: ServerSettings, host: str, port: int, workers: int = 1, merg
 
     prepare(settings).dispose()
     os.environ[SETTINGS_ENV] = settings.to_json()
-    worker = start_merge_worker(settings) if merge_worker else None
+    supervisor = MergeWorkerSupervisor(settings).start() if merge_worker else None
     try:
         uvicorn.run("dafne_server.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, log_config=log_config(), timeout_graceful_shutdown=5,
+                    http=DEADLINE_PROTOCOL, limit_concurrency=settings.max_connections,
                     ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if supervisor is not None:
+            supervisor.stop()

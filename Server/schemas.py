@@ -63,7 +63,7 @@ class UpdateMetadata(BaseModel):
         return value
 
 
-UpdateStatus = Literal["buffered", "merged", "rejected"]
+UpdateStatus = Literal["buffered", "merged", "overridden", "rejected"]
 
 
 class UpdateInfo(BaseModel):

@@ -6,12 +6,15 @@ SQLite the write lock serialises it, on PostgreSQL the row lock does, so exactly
 sees ``rowcount == 1``. Publication re-checks the lease inside its transaction (fencing), so a
 worker that lost its lease (paused, then expired) cannot publish.
 
-A merge: take the oldest K buffered updates (fewer when an admin forced it), apply
-:func:`dafne_server.merging.merge_updates` to the active version, score the candidate on the
-family's validation cases, publish if :func:`accept_candidate` agrees, else drop the worst
-contributor and try once more; otherwise reject the batch with the reason. Updates stay
-*buffered* until the transaction that merges or rejects them commits, so a killed worker loses
-nothing: the next one takes the same updates again.
+A merge (:func:`merge_family`) runs four named steps: :func:`read_buffer` takes the oldest K
+buffered updates (fewer when an admin forced it) and the active version; :func:`decode_updates`
+refuses stale, future-parent or unreadable ones; :func:`choose_candidate` applies
+:func:`dafne_server.merging.merge_updates` to the active version, scores the candidate on the
+family's validation cases and, if :func:`accept_candidate` refuses it, drops one update and tries
+once more; :func:`publish` records the outcome in one transaction, and publishes only if the merge's
+base is still the active version (an admin's rollback during the merge wins: the run is
+*abandoned* and its updates stay buffered). Updates stay *buffered* until that transaction
+commits, so a killed worker loses nothing: the next one takes the same updates again.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from sqlalchemy import func, or_, select, update
 
@@ -35,6 +41,7 @@ from dafne_logic.learning.delta import decode_delta
 
 from .config import ServerSettings
 from .db import Family, MergeLease, MergeRun, UpdateRow, Version, audit, now
+from .heartbeat import Heartbeat
 from .merging import (
     Decision,
     MergeResult,
@@ -42,6 +49,7 @@ from .merging import (
     Update,
     accept_candidate,
     apply_merged,
+    lowest_scoring,
     merge_updates,
     worst_contributor,
 )
@@ -58,11 +66,12 @@ class LeaseLost(RuntimeError):
 
 @dataclass
 class MergeOutcome:
-    outcome: str  # "published", "rejected" or "idle"
+    outcome: str  # "published", "rejected", "abandoned" (the base was deactivated meanwhile) or "idle"
     version: int | None = None
-    merged: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)  # merged or overridden
     rejected: list[str] = field(default_factory=list)
     reason: str = ""
+    overridden: list[str] = field(default_factory=list)
 
 
 def new_holder() -> str:
@@ -123,23 +132,28 @@ def _json_dice(dice: dict[str, float]) -> dict[str, float | None]:
     return {k: None if math.isnan(v) else v for k, v in dice.items()}
 
 
-def _validation(dice: dict[str, float]) -> dict:
+def _validation(dice: dict[str, float], settings: ServerSettings) -> dict:
+    """A version's validation record: Dice per label, their mean, and which cases gave them."""
     mean = _mean(dice)
-    return {"dice": _json_dice(dice), "mean": None if math.isnan(mean) else mean}
+    return {"dice": _json_dice(dice), "mean": None if math.isnan(mean) else mean, "cases": settings.validation_id}
 
 
 def active_score(storage: Storage, version: Version, scorer: Scorer | None,
                  package: ModelPackage | None = None) -> dict[str, float] | None:
     """Dice per label of ``version`` on the validation cases, scored once and kept with the version
-    (a cache of its score, not a change to the immutable weights); None without a scorer."""
+    (a cache of its score, not a change to the immutable weights); None without a scorer.
+
+    Every worker shares the cache, so it is used only when it was scored on the same cases
+    (``ServerSettings.validation_id``); otherwise the version is scored again and the cache replaced.
+    """
     cached = version.validation.get("dice")
-    if cached is not None:
+    if cached is not None and version.validation.get("cases") == storage.settings.validation_id:
         return {k: math.nan if v is None else v for k, v in cached.items()}
     if scorer is None:
         return None
     dice = scorer(package or storage.load_package(version))
     with storage.session.begin() as session:
-        session.get(Version, version.id).validation = _validation(dice)
+        session.get(Version, version.id).validation = _validation(dice, storage.settings)
     return dice
 
 
@@ -153,8 +167,30 @@ def warm_up(storage: Storage, scorers: ScorerFactory) -> None:
         active_score(storage, version, scorers(family, region))
 
 
-def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | None) -> MergeOutcome:
-    """One merge of ``family`` under a lease already held by ``holder`` (see the module docstring)."""
+@dataclass
+class MergeInputs:
+    """What one merge reads at its start: the settings, the base it merges onto and its buffer."""
+
+    settings: MergeSettings
+    active: Version
+    base: ModelPackage
+    rows: list[UpdateRow]
+    parents: dict[int, Version]
+
+
+@dataclass
+class Candidate:
+    """A merged model and the gate's verdict on it."""
+
+    batch: list[Update]
+    result: MergeResult
+    state: dict
+    dice: dict[str, float]
+    decision: Decision
+
+
+def read_buffer(storage: Storage, family: str) -> MergeInputs | None:
+    """Step 1: the family's settings, active version and oldest K buffered updates (None: no work)."""
     with storage.read() as session:
         fam = session.get(Family, family)
         settings = MergeSettings.from_json(fam.merge_settings)
@@ -164,90 +200,155 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
         parents = {v.number: v for v in session.scalars(select(Version).where(
             Version.family == family, Version.number.in_({r.parent_version for r in rows})))}
     if not rows:
-        return MergeOutcome("idle")
-    started = now()
-    scoring_s = 0.0
-    base = storage.load_package(active)
+        return None
+    return MergeInputs(settings, active, storage.load_package(active), rows, parents)
 
+
+def decode_updates(storage: Storage, inputs: MergeInputs) -> tuple[list[Update], dict[str, str]]:
+    """Step 2: the buffered deltas the merge may use, and the reason for each one it may not."""
     updates: list[Update] = []
     refused: dict[str, str] = {}
-    for row in rows:
-        staleness = active.number - row.parent_version
-        if staleness > settings.max_staleness or row.parent_version not in parents:
-            refused[row.id] = f"parent version {row.parent_version} is too stale for active version {active.number}"
+    active = inputs.active.number
+    for row in inputs.rows:
+        staleness = active - row.parent_version
+        if staleness < 0:  # made against a version newer than the active one: an admin rolled back
+            refused[row.id] = f"parent version {row.parent_version} is newer than the active version {active}"
+            continue
+        if staleness > inputs.settings.max_staleness or row.parent_version not in inputs.parents:
+            refused[row.id] = f"parent version {row.parent_version} is too stale for active version {active}"
             continue
         try:
-            parent_manifest = Manifest.from_json(parents[row.parent_version].manifest)
+            parent_manifest = Manifest.from_json(inputs.parents[row.parent_version].manifest)
             delta = decode_delta(storage.blobs.get(row.blob_sha256), parent_manifest, storage.settings.max_delta_bytes)
         except (OSError, DafneError) as exc:
             refused[row.id] = f"stored delta unreadable: {exc}"
             continue
-        updates.append(Update(row.id, delta, max(staleness, 0), row.n_slices))
+        updates.append(Update(row.id, delta, staleness, row.n_slices))
+    return updates, refused
 
-    active_dice = active_score(storage, active, scorer, base)
-    _heartbeat(storage, family, holder)
 
-    def attempt(batch: list[Update]) -> tuple[dict, dict[str, float], Decision, MergeResult]:
+class CandidateJudge:
+    """Step 3's tools: merge a batch onto the base, score it and ask the gate (timing the scoring)."""
+
+    def __init__(self, inputs: MergeInputs, scorer: Scorer | None, active_dice: dict[str, float] | None,
+                 heartbeat: Callable[[], None]) -> None:
+        self.inputs = inputs
+        self.scorer = scorer
+        self.active_dice = active_dice
+        self.heartbeat = heartbeat
+        self.scoring_s = 0.0
+
+    def judge(self, batch: list[Update]) -> Candidate:
+        settings = self.inputs.settings
         result = merge_updates(batch, settings)
-        state = apply_merged(base.state_dict, result.delta, settings.server_lr)
-        if scorer is None:
-            return state, {}, Decision(True, "published without validation (validation disabled)",
-                                       math.nan, math.nan), result
-        nonlocal scoring_s
+        state = apply_merged(self.inputs.base.state_dict, result.delta, settings.server_lr)
+        if self.scorer is None:
+            return Candidate(batch, result, state, {},
+                             Decision(True, "published without validation (validation disabled)", math.nan, math.nan))
         t0 = time.monotonic()
-        dice = scorer(ModelPackage(base.manifest, state))
-        scoring_s += time.monotonic() - t0
-        _heartbeat(storage, family, holder)
-        decision = accept_candidate(dice, active_dice, settings.dice_tolerance, settings.label_tolerance)
-        return state, dice, decision, result
+        dice = self.scorer(ModelPackage(self.inputs.base.manifest, state))
+        self.scoring_s += time.monotonic() - t0
+        self.heartbeat()
+        decision = accept_candidate(dice, self.active_dice or {}, settings.dice_tolerance, settings.label_tolerance)
+        return Candidate(batch, result, state, dice, decision)
 
-    state, dice, decision, rule, batch = None, {}, None, "", list(updates)
-    if batch:
-        state, dice, decision, result = attempt(batch)
-        if not decision.accepted and len(batch) >= 2:
-            worst = worst_contributor(batch, result.delta)
-            refused[worst] = f"dropped as the most divergent update after: {decision.reason}"
-            batch = [u for u in batch if u.key != worst]
-            state, dice, decision, result = attempt(batch)
-        rule = result.rule
-        if not decision.accepted:
-            refused.update({u.key: f"candidate refused: {decision.reason}" for u in batch})
-            batch = []
 
-    _hold(storage, family, holder)
+def choose_candidate(updates: list[Update], judge: CandidateJudge, refused: dict[str, str]) -> Candidate | None:
+    """Step 3: the candidate to publish, or the last refused one (None: no usable update).
+
+    A refused candidate loses one update and is tried once more: of three or more the one farthest
+    from the merged delta, of two the one whose candidate scores lower on its own (both are equally
+    far from their mean, so distance cannot tell an attacker from an honest site).
+    """
+    if not updates:
+        return None
+    candidate = judge.judge(updates)
+    if candidate.decision.accepted or len(updates) < 2:
+        return candidate
+    if len(updates) == 2:
+        alone = {u.key: judge.judge([u]) for u in updates}
+        worst = lowest_scoring({key: c.decision for key, c in alone.items()})
+        retry = next(c for key, c in alone.items() if key != worst)
+        refused[worst] = f"dropped: its candidate scored lower on its own than the other update's after: " \
+                         f"{candidate.decision.reason}"
+        return retry
+    worst = worst_contributor(updates, candidate.result.delta)
+    refused[worst] = f"dropped as the most divergent update after: {candidate.decision.reason}"
+    return judge.judge([u for u in updates if u.key != worst])
+
+
+def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, candidate: Candidate | None,
+            refused: dict[str, str], started: float, scoring_s: float) -> MergeOutcome:
+    """Step 4, one transaction: the new version (if the gate accepted and the base is still the
+    active version), every update's fate, the run's record and the audit entry."""
+    chosen = candidate if candidate is not None and candidate.decision.accepted else None
+    if candidate is not None and chosen is None:
+        refused.update({u.key: f"candidate refused: {candidate.decision.reason}" for u in candidate.batch})
+    batch = chosen.batch if chosen is not None else []
+    overridden = chosen.result.overridden if chosen is not None else {}
+    reason = candidate.decision.reason if candidate is not None else "no usable update in the buffer"
+    row_ids = [r.id for r in inputs.rows]
     with storage.session.begin() as session:
         renew_lease(session, storage, family, holder)  # fencing: publish only while holding the lease
-        fam = session.get(Family, family)
+        fam = session.get(Family, family, with_for_update=True)  # an admin's activation waits for us, or we see it
+        if fam.active_version != inputs.active.number:
+            # An admin activated another version while we merged: publishing onto the old base
+            # would undo the rollback. The updates stay buffered for a merge onto the new one.
+            reason = f"abandoned: version {fam.active_version} was activated during the merge onto {inputs.active.number}"
+            session.add(MergeRun(family=family, started_at=started, finished_at=now(), outcome="abandoned",
+                                 version=None, update_ids=row_ids, detail={"reason": reason}))
+            audit(session, "merge-worker", "merge_abandoned", family, base=inputs.active.number,
+                  active=fam.active_version)
+            log.info("merge %s: %s", family, reason)
+            return MergeOutcome("abandoned", reason=reason)
         version = None
-        if batch:
-            version = storage.new_version(session, fam, base.manifest, state, active.number, "merge",
-                                          _validation(dice),
-                                          {"merged_updates": [u.key for u in batch], "merge_rule": rule,
-                                           "server_lr": settings.server_lr})
-        for row in session.scalars(select(UpdateRow).where(UpdateRow.id.in_([r.id for r in rows]))):
+        if chosen is not None:
+            version = storage.new_version(session, fam, inputs.base.manifest, chosen.state, inputs.active.number,
+                                          "merge", _validation(chosen.dice, storage.settings),
+                                          {"merged_updates": [u.key for u in batch],
+                                           "merge_rule": chosen.result.rule,
+                                           "server_lr": inputs.settings.server_lr})
+        for row in session.scalars(select(UpdateRow).where(UpdateRow.id.in_(row_ids))):
             if row.status != "buffered":
                 continue
             if version is not None and row.id not in refused:
-                row.status, row.merged_into, row.reason = "merged", version.number, ""
+                status = "overridden" if row.id in overridden else "merged"
+                row.status, row.merged_into, row.reason = status, version.number, overridden.get(row.id, "")
             else:
                 row.status, row.reason = "rejected", refused.get(row.id, "not merged")
             row.updated_at = now()
-        reason = decision.reason if decision is not None else "no usable update in the buffer"
+        dice = candidate.dice if candidate is not None else {}
         session.add(MergeRun(family=family, started_at=started, finished_at=now(),
                              outcome="published" if version else "rejected",
-                             version=version.number if version else None, update_ids=[r.id for r in rows],
-                             detail={"reason": reason, "rule": rule, "candidate_dice": _json_dice(dice),
-                                     "rejected": refused, "seconds": round(now() - started, 3),
+                             version=version.number if version else None, update_ids=row_ids,
+                             detail={"reason": reason, "rule": candidate.result.rule if candidate else "",
+                                     "candidate_dice": _json_dice(dice), "rejected": refused,
+                                     "overridden": overridden, "seconds": round(now() - started, 3),
                                      "scoring_seconds": round(scoring_s, 3)}))
         session.get(MergeLease, family).force_requested = False
         audit(session, "merge-worker", "merge_published" if version else "merge_rejected", family,
               version=version.number if version else None, merged=[u.key for u in batch],
-              rejected=sorted(refused), reason=reason)
+              overridden=sorted(overridden), rejected=sorted(refused), reason=reason)
     outcome = MergeOutcome("published" if version else "rejected", version.number if version else None,
-                           [u.key for u in batch], sorted(refused), reason)
+                           [u.key for u in batch], sorted(refused), reason, sorted(overridden))
     log.info("merge %s: %s %s in %.1f s, %.1f s scoring (%s)", family, outcome.outcome, outcome.version or "",
              now() - started, scoring_s, reason)
     return outcome
+
+
+def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | None) -> MergeOutcome:
+    """One merge of ``family`` under a lease already held by ``holder`` (see the module docstring)."""
+    inputs = read_buffer(storage, family)
+    if inputs is None:
+        return MergeOutcome("idle")
+    started = now()
+    updates, refused = decode_updates(storage, inputs)
+    active_dice = active_score(storage, inputs.active, scorer, inputs.base)
+    _heartbeat(storage, family, holder)
+    judge = CandidateJudge(inputs, scorer, active_dice, lambda: _heartbeat(storage, family, holder))
+    candidate = choose_candidate(updates, judge, refused)
+    _hold(storage, family, holder)
+    return publish(storage, family, holder, inputs, candidate, refused, started, judge.scoring_s)
 
 
 def _hold(storage: Storage, family: str, holder: str) -> None:
@@ -299,12 +400,15 @@ def default_scorer_factory(settings: ServerSettings) -> ScorerFactory:
     return factory
 
 
-def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[MergeOutcome]:
-    """Merge every family that has work and whose lease this worker can claim."""
+def run_once(storage: Storage, holder: str, scorers: ScorerFactory,
+             report: Callable[[str], None] = lambda state: None) -> list[MergeOutcome]:
+    """Merge every family that has work and whose lease this worker can claim; ``report`` hears
+    each step (``merging <family>``) for the heartbeat."""
     outcomes = []
     for family in families_with_work(storage):
         if not claim_lease(storage, family, holder):
             continue
+        report(f"merging {family}")
         try:
             with storage.read() as session:
                 region = session.get(Family, family).region
@@ -317,30 +421,70 @@ def run_once(storage: Storage, holder: str, scorers: ScorerFactory) -> list[Merg
     return outcomes
 
 
-def run_worker(settings: ServerSettings, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Poll for work until ``should_stop()`` or the parent process goes away."""
+LIFELINE_GRACE_S = 5.0  # after its parent is gone, a worker may finish a step this long, then exits
+
+
+def watch_lifeline(stop: threading.Event, stream: BinaryIO) -> threading.Thread:
+    """End this process when ``stream`` (a pipe whose other end only the parent holds) reaches EOF.
+
+    The parent's death closes its end on every platform (POSIX reparenting and ``getppid`` do not
+    exist as such on Windows), as does a clean stop. ``stop`` is set at once so the main loop ends
+    after its current step; a step still running after :data:`LIFELINE_GRACE_S` (start-up scoring, a
+    merge) is cut short: a killed merge loses nothing (see the module docstring).
+    """
+    def watch() -> None:
+        while stream.read(65536):
+            pass
+        log.info("parent process gone: stopping")
+        stop.set()
+        time.sleep(LIFELINE_GRACE_S)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_worker(settings: ServerSettings, stop: threading.Event | None = None) -> None:
+    """Poll for work until ``stop`` is set, reporting every step to this worker's heartbeat."""
+    stop = stop or threading.Event()
     storage = Storage(settings)
     holder = new_holder()
     scorers = default_scorer_factory(settings)
-    parent = os.getppid()
+    heartbeat = Heartbeat(settings, holder).start()
     log.info("merge worker %s started", holder)
     try:
-        warm_up(storage, scorers)
-    except Exception:  # scoring is retried at the first merge; serving must not depend on it
-        log.exception("validation warm-up failed")
-    log.info("merge worker %s ready", holder)
-    while not should_stop() and os.getppid() == parent:
+        heartbeat.progress("scoring the active versions")
         try:
-            run_once(storage, holder, scorers)
-        except Exception:  # keep serving other families; the failed batch stays buffered
-            log.exception("merge worker iteration failed")
-            time.sleep(5 * settings.poll_interval_s)
-        time.sleep(settings.poll_interval_s)
+            warm_up(storage, scorers)
+        except Exception:  # scoring is retried at the first merge; serving must not depend on it
+            log.exception("validation warm-up failed")
+        log.info("merge worker %s ready", holder)
+        while not stop.is_set():
+            heartbeat.progress("idle")
+            try:
+                run_once(storage, holder, scorers, heartbeat.progress)
+            except Exception:  # keep serving other families; the failed batch stays buffered
+                log.exception("merge worker iteration failed")
+                stop.wait(5 * settings.poll_interval_s)
+            stop.wait(settings.poll_interval_s)
+    finally:
+        heartbeat.close()
+        storage.dispose()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dafne_server.worker [--lifeline]``: settings from ``DAFNE_SERVER_SETTINGS``;
+    with ``--lifeline`` the process ends when its standard input closes (its supervisor is gone)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s merge-worker %(message)s")
-    run_worker(ServerSettings.from_env())
+    stop = threading.Event()
+    if "--lifeline" in (sys.argv[1:] if argv is None else argv):
+        # Its supervisor alone ends it (through the lifeline), not a Ctrl-C or SIGTERM sent to the
+        # whole process group while the API shuts down: that would only make the supervisor restart it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        watch_lifeline(stop, sys.stdin.buffer)
+    run_worker(ServerSettings.from_env(), stop)
 
 
 if __name__ == "__main__":

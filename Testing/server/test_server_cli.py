@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import sqlalchemy as sa
 
 from dafne_logic.inference.model_package import list_models
@@ -38,3 +39,26 @@ def test_init_add_user_and_revoke(tmp_path, tiny_leg, capsys):
             assert authenticate(session, f"Bearer {issued['token']}") is None
     finally:
         storage.dispose()
+
+
+def test_standalone_worker_uses_the_merge_settings_its_server_stored(tmp_path, capsys):
+    from dafne_server.cli import _settings, build_parser
+    from dafne_server.config import SHARED_FILE, load_shared
+
+    data = str(tmp_path / "server")
+    validation = tmp_path / "cases"
+    assert server_main(["init", "--data-dir", data, "--validation", str(validation), "--validation-cases", "3",
+                        "--lease-ttl", "20"]) == 0
+    worker_args = build_parser().parse_args(["worker", "--data-dir", data])
+    settings = load_shared(_settings(worker_args))  # what `dafne-server worker` runs with
+    assert (settings.validation, settings.validation_cases, settings.lease_ttl_s) == (str(validation), 3, 20.0)
+    assert settings.validation_id == f"folder:{validation}"
+    # a later init without flags keeps them; the worker has no flags of its own to disagree with
+    assert server_main(["init", "--data-dir", data]) == 0
+    assert load_shared(_settings(worker_args)).validation_cases == 3
+    assert json.loads((tmp_path / "server" / SHARED_FILE).read_text())["lease_ttl_s"] == 20.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--data-dir", data, "--validation", "none"])
+    (tmp_path / "server" / SHARED_FILE).write_text("{not json")
+    assert server_main(["worker", "--data-dir", data]) == 2
+    assert "settings.json does not hold the server's settings" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
 from dafne_logic.cli import main as cli_main
 from dafne_logic.core.client_config import ClientConfig, config_path, load_config, save_config
@@ -179,6 +180,8 @@ def test_tls_is_verified(tmp_path, tiny_leg):
             untrusted.me()
         trusted = FederatedClient(ClientConfig(server.url, server.admin_token, opt_in=True, verify_tls=str(cert)))
         assert trusted.me()["name"] == "admin"
+        hsts = requests.get(f"{server.url}/login", verify=str(cert), timeout=30).headers
+        assert hsts["Strict-Transport-Security"].startswith("max-age=")  # only under TLS
         assert ModelPackage.load(trusted.pull("leg", models_dir=tmp_path / "models")).manifest.version == "1"
     finally:
         server.stop()

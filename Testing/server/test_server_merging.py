@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dafne_server.merging import (
+    Decision,
     MergeSettings,
     Update,
     accept_candidate,
@@ -16,6 +17,7 @@ from dafne_server.merging import (
     clip_delta,
     coordinate_median,
     delta_l2,
+    lowest_scoring,
     merge_updates,
     staleness_weight,
     trimmed_mean,
@@ -40,12 +42,42 @@ def test_single_update_is_fedasync_scaled_by_staleness():
     assert torch.allclose(result.delta["w"], torch.full((4,), 1.0))  # 2 · (1+3)^-½
 
 
-def test_two_updates_use_case_weighted_mean():
+def test_two_updates_count_the_same_and_the_smaller_norm_bounds_both():
+    # Case counts are claimed by clients: with two updates neither outweighs the other, and the
+    # larger delta is clipped to the smaller one's norm (the lower median of two).
     updates = [Update("a", _delta(1.0), 0, n_slices=30), Update("b", _delta(4.0), 0, n_slices=10)]
     result = merge_updates(updates, MergeSettings())
     assert result.rule == "mean"
-    assert torch.allclose(result.delta["w"], torch.full((4,), 0.75 * 1.0 + 0.25 * 4.0))
-    assert result.weights == {"a": pytest.approx(0.75), "b": pytest.approx(0.25)}
+    assert result.weights == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
+    assert result.clip_bound == pytest.approx(delta_l2(_delta(1.0)))
+    assert torch.allclose(result.delta["w"], torch.full((4,), 1.0))
+
+
+def test_k2_attacker_claiming_100000_slices_is_bounded_and_reported_overridden():
+    honest = Update("honest", _delta(0.01), 0, n_slices=12)
+    attacker = Update("attacker", _delta(-5.0), 0, n_slices=100_000)
+    result = merge_updates([honest, attacker], MergeSettings(buffer_size=2))
+    assert result.weights["attacker"] == pytest.approx(0.5)  # not 200/212 of the merge
+    assert delta_l2({k: v * 0.5 for k, v in attacker.delta.items()}) > 100 * delta_l2(result.delta)
+    assert set(result.overridden) == {"attacker"}
+    assert "100000 claimed slices counted as 12" in result.overridden["attacker"]
+    assert "clipped" in result.overridden["attacker"]
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_robust_location_reports_the_update_it_left_out(rule):
+    # Equal norms (no clipping) and equal counts: only the location rule can override the outlier.
+    g = torch.Generator().manual_seed(0)
+    honest = [1.0 + 0.1 * torch.randn(200, generator=g) for _ in range(4)]  # site noise per coordinate
+    updates = [Update(f"u{i}", {"w": w}, 0, 10) for i, w in enumerate([*honest, torch.full((200,), -1.0)])]
+    result = merge_updates(updates, MergeSettings(robust_rule=rule, clip_norm=1e9))
+    assert set(result.overridden) == {"u4"} and "left out at 100%" in result.overridden["u4"]
+
+
+def test_lowest_scoring_candidate_counts_undefined_dice_lowest():
+    decisions = {"a": Decision(False, "", 0.7, 0.8), "b": Decision(False, "", 0.6, 0.8)}
+    assert lowest_scoring(decisions) == "b"
+    assert lowest_scoring({**decisions, "c": Decision(False, "", math.nan, 0.8)}) == "c"
 
 
 def test_case_weight_is_capped():

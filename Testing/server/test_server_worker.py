@@ -9,9 +9,11 @@ import pytest
 import sqlalchemy as sa
 import torch
 
+from dafne_logic.inference.model_package import Manifest
 from dafne_logic.learning.delta import encode_delta, make_delta
 from dafne_server.config import ServerSettings
 from dafne_server.db import Family, MergeLease, MergeRun, UpdateRow, User, Version
+from dafne_server.merging import delta_l2
 from dafne_server.runner import prepare
 from dafne_server.validation import Case, make_scorer, score_model
 from dafne_server.worker import claim_lease, families_with_work, merge_family, run_once
@@ -163,7 +165,8 @@ def test_warm_up_scores_each_active_version_once(storage):
     assert calls == [("leg", "leg")]
     with storage.session() as session:
         version = session.scalar(sa.select(Version))
-        assert version.validation == {"dice": {"right soleus": 0.5, "left soleus": None}, "mean": 0.5}
+        assert version.validation == {"dice": {"right soleus": 0.5, "left soleus": None}, "mean": 0.5,
+                                      "cases": storage.settings.validation_id}
 
 
 def test_folder_validation_cases_pair_images_with_labels(tmp_path):
@@ -239,3 +242,102 @@ def test_two_workers_never_merge_the_same_family_at_once(storage, tiny_leg):
     with storage.session() as session:
         assert list(session.scalars(sa.select(Version.number).order_by(Version.number))) == [1, 2]
     assert sorted(s for s, _, _ in statuses(storage).values()) == ["buffered"] * 3 + ["merged"] * 3
+
+
+def _projection_scorer(seed_state, direction):
+    """Dice that falls as the weights move along ``direction`` (an attacker's delta), and only then."""
+    unit = delta_l2(direction)
+
+    def scorer(model):
+        along = sum(float(((model.state_dict[k] - seed_state[k]) * direction[k]).sum()) for k in direction) / unit
+        return {"right soleus": 0.8 - 10 * abs(along), "left soleus": 0.7}
+    return scorer
+
+
+def _stored_delta(storage, update_id):
+    from dafne_logic.learning.delta import decode_delta
+
+    with storage.session() as session:
+        row = session.get(UpdateRow, update_id)
+        version = session.scalar(sa.select(Version).where(Version.number == row.parent_version))
+        return decode_delta(storage.blobs.get(row.blob_sha256), Manifest.from_json(version.manifest), 1 << 30)
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["k2", "forced-2-of-3"])
+def test_two_updates_drop_the_attacker_claiming_100000_slices_not_the_honest_one(storage, tiny_leg, forced):
+    set_merge(storage, buffer_size=3 if forced else 2)
+    honest = buffer_update(storage, tiny_leg.state_dict, 1e-3, n_slices=12, seed=1)
+    attacker = buffer_update(storage, tiny_leg.state_dict, 0.05, n_slices=100_000, seed=2)
+    if forced:  # an admin's "merge now" of a buffer holding fewer than K
+        with storage.session.begin() as session:
+            session.get(MergeLease, "leg").force_requested = True
+    scorer = _projection_scorer(tiny_leg.state_dict, _stored_delta(storage, attacker))
+
+    outcomes = run_once(storage, "w", lambda family, region: scorer)
+    assert [(o.outcome, o.version) for o in outcomes] == [("published", 2)]
+    s = statuses(storage)
+    assert s[honest] == ("merged", 2, "")
+    assert s[attacker][0] == "rejected" and "scored lower on its own" in s[attacker][2]
+
+
+def test_updates_the_robust_rules_overrode_are_marked_overridden(storage, tiny_leg):
+    honest = [buffer_update(storage, tiny_leg.state_dict, 1e-3, n_slices=10 + i, seed=i) for i in range(2)]
+    attacker = buffer_update(storage, tiny_leg.state_dict, 0.2, n_slices=100_000, seed=5)
+    outcomes = run_once(storage, "w", lambda family, region: None)  # no gate: the robust rules alone
+    assert outcomes[0].outcome == "published" and outcomes[0].overridden == [attacker]
+    s = statuses(storage)
+    assert all(s[i] == ("merged", 2, "") for i in honest)
+    assert s[attacker][:2] == ("overridden", 2) and "clipped" in s[attacker][2] and "100000" in s[attacker][2]
+
+
+def test_rollback_during_a_merge_is_not_undone(storage, tiny_leg):
+    set_merge(storage, buffer_size=2)
+    with storage.session.begin() as session:  # version 2 is active; sites improve it
+        fam = session.get(Family, "leg")
+        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
+                            tiny_leg.state_dict, 1, "admin", {}, {})
+    for i in range(2):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2, seed=i)
+
+    def scorer_meanwhile_rolling_back(model):
+        with storage.session.begin() as session:  # the admin rolls back to 1 while the merge scores
+            fam = session.get(Family, "leg")
+            if fam.active_version == 2:
+                storage.activate(session, fam, 1, "admin")
+        return {"right soleus": 0.5}
+
+    outcomes = run_once(storage, "w", lambda family, region: scorer_meanwhile_rolling_back)
+    assert outcomes[0].outcome == "abandoned" and "version 1 was activated" in outcomes[0].reason
+    with storage.session() as session:
+        assert session.get(Family, "leg").active_version == 1
+        assert list(session.scalars(sa.select(Version.number).order_by(Version.number))) == [1, 2]
+        assert session.scalar(sa.select(MergeRun)).outcome == "abandoned"
+    assert {s for s, _, _ in statuses(storage).values()} == {"buffered"}  # nothing lost
+
+    # The next merge is onto version 1: deltas made against version 2 do not fit it.
+    outcomes = run_once(storage, "w", lambda family, region: scorer_meanwhile_rolling_back)
+    assert outcomes[0].outcome == "rejected"
+    assert all(s[0] == "rejected" and "newer than the active version 1" in s[2] for s in statuses(storage).values())
+    with storage.session() as session:
+        assert session.get(Family, "leg").active_version == 1
+
+
+def test_cached_active_score_is_reused_only_for_the_same_validation_cases(storage, tiny_leg):
+    from dafne_server.worker import active_score
+
+    calls = []
+
+    def scorer(model):
+        calls.append(1)
+        return {"right soleus": 0.5}
+
+    with storage.session.begin() as session:  # scored by a worker with other cases
+        session.scalar(sa.select(Version)).validation = {"dice": {"right soleus": 0.9}, "mean": 0.9,
+                                                        "cases": "phantom:5:8x8x8"}
+    with storage.session() as session:
+        version = session.scalar(sa.select(Version))
+    assert active_score(storage, version, scorer) == {"right soleus": 0.5} and len(calls) == 1
+    with storage.session() as session:
+        version = session.scalar(sa.select(Version))
+        assert version.validation["cases"] == storage.settings.validation_id
+    assert active_score(storage, version, scorer) == {"right soleus": 0.5} and len(calls) == 1

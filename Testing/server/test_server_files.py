@@ -1,0 +1,88 @@
+"""The data folder: owner-only on POSIX (with the Windows path taken too), durable blob writes,
+SQLite commits that survive a power cut."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from dafne_server import private_files
+from dafne_server.blobs import BlobStore
+from dafne_server.config import ServerSettings
+from dafne_server.runner import prepare
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_data_folder_database_and_blobs_are_owner_only(tmp_path, tiny_leg):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "blobs" / "ab").mkdir(parents=True)
+    old_blob = data / "blobs" / "ab" / ("ab" + "0" * 62)  # left readable by an older version
+    old_blob.write_bytes(b"x")
+    old_blob.chmod(0o644)
+    storage = prepare(ServerSettings(data_dir=str(data)))
+    try:
+        with storage.session.begin() as session:
+            version = storage.add_family(session, "leg", tiny_leg, "test")
+        blob = storage.blobs.path(version.weights_sha256)
+        for folder in (data, data / "blobs", blob.parent, old_blob.parent):
+            assert _mode(folder) == 0o700, folder
+        for file in (data / "server.db", data / "server.db-wal", blob, old_blob):
+            assert _mode(file) == 0o600, file
+    finally:
+        storage.dispose()
+
+
+def test_blob_and_its_folders_are_fsynced_before_put_returns(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(private_files.os, "fsync", recording_fsync)
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"an acknowledged delta")
+    assert store.get(digest) == b"an acknowledged delta"
+    if os.path.exists("/proc/self/fd"):  # Linux: name what was synced
+        shard = str(store.path(digest).parent)
+        assert synced[0].startswith(shard + "/.")  # the temporary file, before its rename
+        assert synced[1:] == [shard, str(store.root)]  # the new name, then the new shard's name
+    else:
+        assert len(synced) == 3
+
+
+def test_windows_path_writes_without_posix_only_calls(tmp_path, monkeypatch):
+    monkeypatch.setattr(private_files, "POSIX", False)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a POSIX-only call on the Windows path")
+
+    monkeypatch.setattr(private_files.os, "chmod", refuse)
+    real_open = os.open
+    monkeypatch.setattr(private_files.os, "open", lambda path, flags, *mode: refuse() if os.path.isdir(path)
+                        else real_open(path, flags, *mode))  # Windows cannot open a folder to fsync it
+    settings = ServerSettings(data_dir=str(tmp_path / "data"))
+    storage = prepare(settings)
+    try:
+        digest = storage.blobs.put(b"delta")
+        assert storage.blobs.get(digest) == b"delta"
+    finally:
+        storage.dispose()
+
+
+def test_sqlite_commits_are_synchronous_full(tmp_path):
+    storage = prepare(ServerSettings(data_dir=str(tmp_path / "data")))
+    try:
+        for engine in (storage.engine, storage.read_engine):
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    finally:
+        storage.dispose()
