@@ -85,6 +85,8 @@ def authenticate(session: Session, header: str | None) -> Principal | None:
     if row.expires_at is not None and row.expires_at <= now():
         return None
     user = session.get(User, row.user_id)
+    if user is None:  # the token's user row is gone: the token is as good as revoked
+        return None
     return Principal(user.id, user.name, row.scope, row.id)
 
 

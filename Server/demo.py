@@ -117,7 +117,7 @@ def federated_demo(out: Path, region: str = "leg") -> tuple[float, float]:
     with run_local_server(data_dir, merge={"buffer_size": len(SITES)}) as server:
         print(f"  server on {server.url} (data in {data_dir}); merge buffer K = {len(SITES)}")
         update_ids = []
-        before = None
+        before: float | None = None
         for i, site in enumerate(SITES):
             client = FederatedClient(ClientConfig(server.url, server.add_user(site), opt_in=True),
                                      downloads_dir=out / site / "downloads")
@@ -141,9 +141,10 @@ def federated_demo(out: Path, region: str = "leg") -> tuple[float, float]:
         client = update_ids[0][0]
         latest = ModelPackage.load(client.pull(region, "active", out / "site-a" / "models"))
         after = held_out_dice(latest)
+        assert before is not None  # SITES is not empty
         print(f"  active version now v{latest.manifest.version}; held-out Dice on the new domain: "
               f"{before:.3f} → {after:.3f}")
-    return float(before), after
+    return before, after
 
 
 def main(argv: list[str] | None = None) -> int:

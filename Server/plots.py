@@ -100,7 +100,8 @@ def render_plot(family: str, kind: str, data: tuple) -> bytes:
         ax.plot([n for n, _ in data], [m for _, m in data], "o-")
         ax.set(xlabel="version", ylabel="mean Dice (validation cases)")
     elif kind == "client-dice":
-        ax.plot([datetime.fromtimestamp(t, timezone.utc) for t, _ in data], [d for _, d in data], ".")
+        times = [datetime.fromtimestamp(t, timezone.utc) for t, _ in data]
+        ax.plot(times, [d for _, d in data], ".")  # type: ignore[arg-type]  # matplotlib plots datetimes; its stubs omit them
         ax.set(xlabel="upload time (UTC)", ylabel="client Dice (automatic vs corrected)")
         fig.autofmt_xdate()
     else:

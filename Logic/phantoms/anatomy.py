@@ -417,7 +417,7 @@ def _leg_centres(subject: Subject, slices: dict[Side, _LegSection]) -> dict[Side
     right, left = slices["right"], slices["left"]
     if subject.touching:
         # Touching: overlap by part of the thinner medial fat, so skin meets skin and fat meets fat.
-        gap = -(0.5 * min(right.fat_thickness(-1.0, 0.0), left.fat_thickness(-1.0, 0.0)) + 1.0)
+        gap = -(0.5 * float(min(right.fat_thickness(np.array(-1.0), np.array(0.0)), left.fat_thickness(np.array(-1.0), np.array(0.0)))) + 1.0)
     else:
         gap = float(_interp(subject.gap_mm, right.t))
     drift = 6.0 * (right.t - subject.t_center)  # legs converge slightly towards the hips
@@ -652,7 +652,7 @@ def phantom_tissue_map(region: str = "thigh", shape: tuple[int, int, int] = (40,
     origin = (-(n_x - 1) / 2.0 * sx, -(n_y - 1) / 2.0 * sy, float(z_positions[0]))
     x_mm = origin[0] + np.arange(n_x) * sx
     y_mm = origin[1] + np.arange(n_y) * sy
-    sides: tuple[Side, ...] = ("right", "left") if legs == "both" else (legs,)  # type: ignore[assignment]
+    sides: tuple[Side, ...] = ("right", "left") if legs == "both" else (legs,)
 
     tissues = np.zeros((n_z, n_y, n_x), np.uint8)
     muscles = np.zeros((n_z, n_y, n_x), np.uint8)

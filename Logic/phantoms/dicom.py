@@ -14,8 +14,6 @@ import SimpleITK as sitk
 from dafne_logic.core.atomic import atomic_path
 from dafne_logic.core.errors import InputError
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-
 
 def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_description: str = "phantom",
                        series_number: int = 1, study_uid: str | None = None) -> list[Path]:
@@ -27,7 +25,7 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     voxels = sitk.GetArrayFromImage(image).astype(np.float64)  # (k, j, i)
     if voxels.min() < 0:
@@ -44,12 +42,12 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
     for k in range(voxels.shape[0]):
         sop_uid = generate_uid()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+        meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = pydicom.Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Leg", "PHANTOM", "", "O"
         ds.StudyInstanceUID, ds.StudyID, ds.StudyDate, ds.StudyTime = study, "1", "20260101", "120000"
         ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
