@@ -16,8 +16,10 @@ from dafne_logic.core.errors import DafneError
 
 from . import dashboard
 from .config import ServerSettings
+from .crud import NotFound
 from .routers import admin, models, updates
 from .storage import Storage
+from .uploads import UploadSlots
 
 API_VERSION = "1"
 
@@ -63,12 +65,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="DafneSlicer federated server", version=API_VERSION, lifespan=lifespan,
                   description="Model families and versions, validated weight-delta uploads, robust merging.")
     app.state.storage = storage
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads, settings.max_concurrent_uploads_per_user)
     for router in (models.router, updates.router, admin.router, dashboard.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 404)
 
     @app.exception_handler(DafneError)
     async def _dafne_error(_request, exc: DafneError) -> JSONResponse:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
+    p.add_argument("--max-concurrent-uploads", type=int, default=8,
+                   help="uploads checked at once per API process (more wait for a 429 and retry)")
+    p.add_argument("--max-concurrent-uploads-per-user", type=int, default=2)
     p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a dead merge's lease expires")
     p.add_argument("--poll-interval", type=float, default=1.0)
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
@@ -121,7 +124,9 @@ def run_serve(args: argparse.Namespace) -> int:
                          validation_shape=tuple(args.validation_shape),
                          max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                          uploads_per_hour=args.uploads_per_hour,
-                         refused_uploads_per_hour=args.refused_uploads_per_hour, lease_ttl_s=args.lease_ttl,
+                         refused_uploads_per_hour=args.refused_uploads_per_hour,
+                         max_concurrent_uploads=args.max_concurrent_uploads,
+                         max_concurrent_uploads_per_user=args.max_concurrent_uploads_per_user, lease_ttl_s=args.lease_ttl,
                          poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise DafneError("--ssl-certfile and --ssl-keyfile go together")

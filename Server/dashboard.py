@@ -26,8 +26,7 @@ from fastapi.templating import Jinja2Templates  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from .db import Family, MergeRun, UpdateRow, Version  # noqa: E402
-from .deps import get_storage  # noqa: E402
-from .routers.models import FamilyName  # noqa: E402
+from .deps import FamilyName, get_storage  # noqa: E402
 from .storage import Storage  # noqa: E402
 
 router = APIRouter(include_in_schema=False)

@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from dafne_logic.learning.delta import weights_norm
+
 Delta = dict[str, torch.Tensor]
 RobustRule = Literal["trimmed_mean", "median", "mean"]
 
@@ -91,16 +93,9 @@ def staleness_weight(staleness: int) -> float:
     return (1.0 + staleness) ** -0.5
 
 
-def delta_l2(delta: Delta) -> float:
-    """Global L2 norm over all tensors."""
-    if not delta:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in delta.values()])))
-
-
 def clip_delta(delta: Delta, max_norm: float) -> Delta:
     """Scale ``delta`` down to L2 norm ``max_norm`` if it is larger; unchanged otherwise."""
-    norm = delta_l2(delta)
+    norm = weights_norm(delta)
     if norm <= max_norm or norm == 0.0:
         return delta
     factor = max_norm / norm
@@ -172,7 +167,7 @@ def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeRe
         raise ValueError("nothing to merge")
     check_compatible(updates)
     scaled = [{k: v.float() * staleness_weight(u.staleness) for k, v in u.delta.items()} for u in updates]
-    norms = [delta_l2(d) for d in scaled]
+    norms = [weights_norm(d) for d in scaled]
     if settings.clip_norm is not None:
         bound: float | None = settings.clip_norm
     elif len(updates) >= 3:
@@ -194,8 +189,8 @@ def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeRe
     return MergeResult(
         delta=delta,
         rule=rule,
-        weights={u.key: float(w) for u, w in zip(updates, weights)},
-        norms={u.key: n for u, n in zip(updates, norms)},
+        weights={u.key: float(w) for u, w in zip(updates, weights, strict=True)},
+        norms={u.key: n for u, n in zip(updates, norms, strict=True)},
         clip_bound=bound,
     )
 
@@ -204,7 +199,7 @@ def worst_contributor(updates: Sequence[Update], merged: Delta) -> str:
     """Key of the update farthest (L2, after staleness scaling) from the merged delta."""
     def distance(u: Update) -> float:
         w = staleness_weight(u.staleness)
-        return delta_l2({k: u.delta[k].float() * w - merged[k] for k in merged})
+        return weights_norm({k: u.delta[k].float() * w - merged[k] for k in merged})
 
     return max(updates, key=distance).key
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_VERSION = 2**31 - 1  # version numbers are 32-bit INTEGER columns
 
 
 class VersionInfo(BaseModel):
@@ -37,30 +38,6 @@ class PackageInfo(BaseModel):
     weights_url: str
     weights_sha256: str
     weights_size: int
-
-
-class UpdateMetadata(BaseModel):
-    """The JSON part of an upload: nothing in it identifies a patient."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    parent_version: str = Field(pattern=r"^[0-9]{1,9}$")
-    n_slices: int = Field(ge=1, le=100_000)
-    dice_per_label: dict[str, float] = Field(default_factory=dict, max_length=256)
-    idempotency_key: str = Field(pattern=r"^[A-Za-z0-9_.:-]{8,128}$")
-    family: str | None = Field(default=None, max_length=64)
-    client_version: str = Field(default="", max_length=64)
-    # sha256 of the parent's weights as the client has them: a version number alone cannot tell
-    # two servers' (or two releases') "version 1" apart.
-    parent_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-
-    @field_validator("dice_per_label")
-    @classmethod
-    def _dice_in_range(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, dice in value.items():
-            if len(name) > 128 or not (math.isfinite(dice) and 0.0 <= dice <= 1.0):
-                raise ValueError("Dice values must be finite, in [0, 1], with label names of at most 128 characters")
-        return value
 
 
 UpdateStatus = Literal["buffered", "merged", "rejected"]
@@ -114,7 +91,7 @@ class UserInfo(BaseModel):
 
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_VERSION)
 
 
 class MergeSettingsBody(BaseModel):

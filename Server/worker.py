@@ -33,6 +33,7 @@ from dafne_logic.core.errors import DafneError
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.learning.delta import decode_delta
 
+from . import crud
 from .config import ServerSettings
 from .db import Family, MergeLease, MergeRun, UpdateRow, Version, audit, now
 from .merging import (
@@ -163,6 +164,7 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
                                     .order_by(UpdateRow.created_at, UpdateRow.id).limit(settings.buffer_size)))
         parents = {v.number: v for v in session.scalars(select(Version).where(
             Version.family == family, Version.number.in_({r.parent_version for r in rows})))}
+        lineage = crud.ancestry(session, active, settings.max_staleness)  # version -> staleness τ
     if not rows:
         return MergeOutcome("idle")
     started = now()
@@ -172,9 +174,10 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
     updates: list[Update] = []
     refused: dict[str, str] = {}
     for row in rows:
-        staleness = active.number - row.parent_version
-        if staleness > settings.max_staleness or row.parent_version not in parents:
-            refused[row.id] = f"parent version {row.parent_version} is too stale for active version {active.number}"
+        staleness = lineage.get(row.parent_version)
+        if staleness is None or row.parent_version not in parents:  # too old, or rolled back since the upload
+            refused[row.id] = (f"parent version {row.parent_version} is too stale for, or not in the history of, "
+                               f"active version {active.number}")
             continue
         try:
             parent_manifest = Manifest.from_json(parents[row.parent_version].manifest)
@@ -182,7 +185,7 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
         except (OSError, DafneError) as exc:
             refused[row.id] = f"stored delta unreadable: {exc}"
             continue
-        updates.append(Update(row.id, delta, max(staleness, 0), row.n_slices))
+        updates.append(Update(row.id, delta, staleness, row.n_slices))
 
     active_dice = active_score(storage, active, scorer, base)
     _heartbeat(storage, family, holder)

@@ -58,14 +58,12 @@ from dafne_logic.core.slice_selection import keep_only_slices, min_muscles_requi
 from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
 from dafne_logic.inference.networks import resolve_device
 from dafne_logic.inference.segment import CancelCheck, ProgressCallback
-from dafne_logic.learning.delta import DeltaMetadata, delta_norm, encode_delta, make_delta
+from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, encode_delta, make_delta, weights_norm
 from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
 from dafne_logic.training.trainer import default_loss
 
 log = logging.getLogger(__name__)
 
-DELTA_NAME = "delta.safetensors.zz"
-DELTA_METADATA_NAME = "delta.json"
 REPORT_NAME = "finetune_report.json"
 LOCAL_MARK = ".local-"
 
@@ -522,7 +520,7 @@ def finetune_on_corrections(
         "mean_dice_before": _mean(automatic_dice),
         "mean_dice_after": _mean(after_dice),
         "delta_parent_version": base.manifest.version,
-        "delta_norm": delta_norm(delta),
+        "delta_norm": weights_norm(delta),
         "delta_megabytes": len(encode_delta(delta)) / 1e6,
         "seconds": time.monotonic() - began,
     }

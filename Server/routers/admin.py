@@ -6,8 +6,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from sqlalchemy import select
 
 from ..auth import Principal, create_user, issue_token, revoke_token
+from ..crud import family_info, get_family
 from ..db import AuditEntry, MergeLease, Token, User, audit
-from ..deps import admin_principal, get_storage
+from ..deps import FamilyName, admin_principal, get_storage
 from ..merging import MergeSettings
 from ..schemas import (
     ActivateRequest,
@@ -20,7 +21,6 @@ from ..schemas import (
     UserInfo,
 )
 from ..storage import Storage
-from .models import FamilyName, family_info, get_family
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 UserName = Path(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")

@@ -2,52 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from ..auth import Principal
-from ..db import Family, UpdateRow, Version
-from ..deps import current_principal, get_storage
+from ..crud import family_info, get_family, get_version, version_info
+from ..db import Family, Version
+from ..deps import FamilyName, VersionRef, current_principal, get_storage
 from ..schemas import FamilyInfo, PackageInfo, VersionInfo
 from ..storage import Storage
 
 router = APIRouter(prefix="/v1", tags=["models"])
-FamilyName = Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length=64)
-VersionRef = Path(pattern=r"^(active|[0-9]{1,9})$", description="a version number or `active`")
-
-
-def get_family(session: Session, name: str) -> Family:
-    family = session.get(Family, name)
-    if family is None:
-        raise HTTPException(404, f"no model family {name!r}")
-    return family
-
-
-def get_version(session: Session, family: Family, ref: str) -> Version:
-    number = family.active_version if ref == "active" else int(ref)
-    version = session.scalar(select(Version).where(Version.family == family.name, Version.number == number))
-    if version is None:
-        raise HTTPException(404, f"{family.name} has no version {ref}")
-    return version
-
-
-def version_info(version: Version, family: Family) -> VersionInfo:
-    return VersionInfo(family=version.family, number=version.number, parent=version.parent_number,
-                       source=version.source, created_at=version.created_at,
-                       weights_sha256=version.weights_sha256, weights_size=version.weights_size,
-                       validation_mean_dice=version.validation.get("mean"),
-                       active=version.number == family.active_version)
-
-
-def family_info(session: Session, family: Family) -> FamilyInfo:
-    active = get_version(session, family, "active") if family.active_version is not None else None
-    labels = [m["name"] for m in active.manifest.get("labels", {}).get("muscles", [])] if active else []
-    buffered = session.scalar(select(func.count()).select_from(UpdateRow).where(
-        UpdateRow.family == family.name, UpdateRow.status == "buffered"))
-    return FamilyInfo(name=family.name, region=family.region, active_version=family.active_version,
-                      labels=labels, buffered_updates=buffered or 0)
 
 
 @router.get("/models", response_model=list[FamilyInfo])
