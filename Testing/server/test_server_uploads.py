@@ -5,6 +5,7 @@ against a rolled-back version is refused."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import struct
@@ -151,7 +152,10 @@ def test_upload_slots_cap_uploads_per_user_and_in_total():
 def test_percent_encoded_tokens_are_redacted_from_the_access_log(live_server):
     token = new_user(live_server)
     encoded = token.replace("_", "%5F").replace("-", "%2D")
-    requests.get(f"{live_server.url}/v1/me?token={encoded}&mark={uuid.uuid4().hex}", timeout=10)
+    connection = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=10)  # requests would decode it
+    connection.request("GET", f"/v1/me?token={encoded}&mark={uuid.uuid4().hex}")
+    assert connection.getresponse().status == 401
+    connection.close()
     deadline = time.monotonic() + 10
     while "token=dft_<redacted>&mark" not in (log := live_server.log_path.read_text(errors="replace")):
         assert time.monotonic() < deadline, "the access log line never appeared"
