@@ -129,6 +129,25 @@ def test_stale_updates_are_rejected_and_forced_merge_takes_fewer_than_k(storage,
         assert not session.get(MergeLease, "leg").force_requested
 
 
+def test_an_update_buffered_against_a_version_rolled_back_since_is_not_merged(storage, tiny_leg):
+    """Uploaded against v2, then an admin re-activated v1: merging it onto v1 would apply a delta
+    made for other weights (its staleness, counted by number, would even look negative)."""
+    with storage.session.begin() as session:
+        fam = session.get(Family, "leg")
+        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
+                            tiny_leg.state_dict, 1, "merge", {}, {})
+    future = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2)
+    current = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=1, seed=4)
+    with storage.session.begin() as session:
+        storage.activate(session, session.get(Family, "leg"), 1, "admin")
+        session.get(MergeLease, "leg").force_requested = True
+    outcomes = run_once(storage, "w", lambda family, region: None)
+    assert outcomes[0].outcome == "published" and outcomes[0].version == 3
+    s = statuses(storage)
+    assert s[future][0] == "rejected" and "not in the history" in s[future][2]
+    assert s[current][:2] == ("merged", 3)
+
+
 def test_lease_held_elsewhere_means_no_merge(storage, tiny_leg):
     for i in range(3):
         buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
