@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from dafne_logic.core.numbers import nanmean
 from dafne_logic.learning.delta import weights_norm
 
 Delta = dict[str, torch.Tensor]
@@ -217,18 +218,13 @@ class Decision:
     active_mean: float
 
 
-def _finite_mean(values: Mapping[str, float]) -> float:
-    finite = [v for v in values.values() if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
 def accept_candidate(candidate: Mapping[str, float], active: Mapping[str, float],
                      dice_tolerance: float, label_tolerance: float) -> Decision:
     """Publication gate over Dice per label (NaN = label absent from a case set, ignored).
 
     Accepted when mean Dice ≥ active mean − ε and no label shared by both loses more than δ.
     """
-    cand_mean, act_mean = _finite_mean(candidate), _finite_mean(active)
+    cand_mean, act_mean = nanmean(candidate.values()), nanmean(active.values())
     if math.isnan(cand_mean):
         return Decision(False, "the candidate has no defined Dice on the validation cases", cand_mean, act_mean)
     if not math.isnan(act_mean) and cand_mean < act_mean - dice_tolerance:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, or_, select, update
 
 from dafne_logic.core.errors import DafneError
+from dafne_logic.core.numbers import nanmean, strict_json
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.learning.delta import decode_delta
 
@@ -114,19 +115,9 @@ def families_with_work(storage: Storage) -> list[str]:
         return out
 
 
-def _mean(dice: dict[str, float]) -> float:
-    values = [v for v in dice.values() if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _json_dice(dice: dict[str, float]) -> dict[str, float | None]:
-    """JSON has no NaN (PostgreSQL refuses it): an undefined Dice is stored as null."""
-    return {k: None if math.isnan(v) else v for k, v in dice.items()}
-
-
 def _validation(dice: dict[str, float]) -> dict:
-    mean = _mean(dice)
-    return {"dice": _json_dice(dice), "mean": None if math.isnan(mean) else mean}
+    """JSON has no NaN (PostgreSQL refuses it): an undefined Dice is stored as null."""
+    return strict_json({"dice": dice, "mean": nanmean(dice.values())})
 
 
 def active_score(storage: Storage, version: Version, scorer: Scorer | None,
@@ -239,7 +230,7 @@ def merge_family(storage: Storage, family: str, holder: str, scorer: Scorer | No
         session.add(MergeRun(family=family, started_at=started, finished_at=now(),
                              outcome="published" if version else "rejected",
                              version=version.number if version else None, update_ids=[r.id for r in rows],
-                             detail={"reason": reason, "rule": rule, "candidate_dice": _json_dice(dice),
+                             detail={"reason": reason, "rule": rule, "candidate_dice": strict_json(dice),
                                      "rejected": refused, "seconds": round(now() - started, 3),
                                      "scoring_seconds": round(scoring_s, 3)}))
         session.get(MergeLease, family).force_requested = False

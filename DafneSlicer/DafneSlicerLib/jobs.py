@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from dafne_logic.core.errors import Cancelled, DafneError
+from dafne_logic.core.progress import CancelCheck, ProgressCallback
 
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds DafneSlicerLib/ (and dafne_logic/ when installed)
 
-ProgressCallback = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 JobFunction = Callable[[ProgressCallback, CancelCheck], Any]
 
 

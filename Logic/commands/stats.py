@@ -6,7 +6,8 @@ import argparse
 import logging
 
 from dafne_logic.core.errors import DafneError
-from dafne_logic.core.io import read_image, read_segmentation, resample_labels
+from dafne_logic.core.grids import resample_labels
+from dafne_logic.core.io import read_image, read_segmentation
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
 

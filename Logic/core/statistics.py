@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.io import same_grid
+from dafne_logic.core.grids import same_grid
 from dafne_logic.core.labels import LabelTable
 
 # CSV columns, in order. Slices are indices along the image's third axis (k, the axial axis of an
