@@ -1,4 +1,4 @@
-"""``dafne-server``: initialise, run and administer the federated server.
+"""``dafne-server``: initialise, run and administer the federated server (see Docs/server.md).
 
 Needs the ``server`` extra (``pip install dafne-slicer[server]``). Heavy modules are imported by the
 action that needs them, so ``dafne-server --help`` stays fast.
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--validation", default="phantom")
     p.set_defaults(func=run_worker)
+
+    p = sub.add_parser("gc", help="remove blobs no version or update references (also done at every start)")
+    _common(p)
+    p.add_argument("--older-than-hours", type=float, default=1.0,
+                   help="keep younger blobs: an upload writes its blob just before committing its row")
+    p.set_defaults(func=run_gc)
 
     p = sub.add_parser("add-user", help="add a user and print their token (shown once)")
     _common(p)
@@ -142,6 +148,19 @@ def run_worker(args: argparse.Namespace) -> int:
     _storage(args).dispose()
     logging.getLogger().setLevel(logging.INFO)
     worker_loop(settings)
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from dafne_server.storage import Storage
+
+    storage = Storage(_settings(args))
+    try:
+        storage.migrate()
+        removed = storage.collect_blobs(older_than_s=args.older_than_hours * 3600)
+    finally:
+        storage.dispose()
+    print(f"{removed} unreferenced blob(s) removed")
     return 0
 
 
