@@ -49,10 +49,10 @@ def ancestry(session: Session, version: Version, max_steps: int) -> dict[int, in
     """
     line = {version.number: 0}
     for steps in range(1, max_steps + 1):
-        version = find_version(session, version.family, version.parent_number)
-        if version is None or version.number in line:
+        parent = find_version(session, version.family, version.parent_number)
+        if parent is None or parent.number in line:
             break
-        line[version.number] = steps
+        line[parent.number], version = steps, parent
     return line
 
 

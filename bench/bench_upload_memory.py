@@ -29,7 +29,7 @@ import requests
 from bench_server import deployed_package, small_delta
 from safetensors.torch import save as save_safetensors_bytes
 
-from dafne_logic.learning.delta import make_delta
+from dafne_logic.learning.delta import DeltaMetadata, make_delta
 from dafne_server.testing import LocalServer
 
 BOMB_BYTES = 60 << 20
@@ -67,7 +67,7 @@ def burst(server: LocalServer, tokens: list[str], blobs: list[bytes]) -> dict[in
     """All uploads at once, one per user; returns {HTTP status: count}."""
     def one(args: tuple[str, bytes]) -> int:
         token, blob = args
-        meta = {"parent_version": "0", "n_slices": 4, "idempotency_key": uuid.uuid4().hex}
+        meta = DeltaMetadata("leg", "0", 4, {}).to_wire(blob, idempotency_key=uuid.uuid4().hex)
         return requests.post(f"{server.url}/v1/models/leg/updates", headers={"Authorization": f"Bearer {token}"},
                              files={"delta": ("d.zz", blob)}, data={"metadata": json.dumps(meta)}, timeout=300).status_code
 

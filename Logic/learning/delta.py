@@ -285,9 +285,11 @@ class DeltaMetadata:
 
         def text_field(name: str, pattern: re.Pattern | None = None, max_chars: int = MAX_NAME_CHARS) -> str:
             value = data.get(name)
-            value = "" if value is None and name in ("family", "client_version", "parent_sha256") else value
-            check(name, isinstance(value, str) and len(value) <= max_chars
-                  and (pattern is None or not value or pattern.match(value) is not None),
+            if value is None and name in ("family", "client_version", "parent_sha256"):
+                return ""
+            if not isinstance(value, str):
+                raise ValueError(f"metadata: {name}: not a string")
+            check(name, len(value) <= max_chars and (pattern is None or not value or pattern.match(value) is not None),
                   f"not a valid value{f' (pattern {pattern.pattern})' if pattern else ''}")
             return value
 
