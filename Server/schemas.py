@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_VERSION = 2**31 - 1  # version numbers are 32-bit INTEGER columns
+from .db import MAX_INTEGER
 
 
 class VersionInfo(BaseModel):
@@ -91,7 +91,7 @@ class UserInfo(BaseModel):
 
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0, le=MAX_VERSION)
+    version: int = Field(ge=0, le=MAX_INTEGER)
 
 
 class MergeSettingsBody(BaseModel):

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from ..auth import Principal, create_user, issue_token, revoke_token
 from ..crud import family_info, get_family
-from ..db import AuditEntry, MergeLease, Token, User, audit
+from ..db import MAX_INTEGER, AuditEntry, MergeLease, Token, User, audit
 from ..deps import FamilyName, admin_principal, get_storage
 from ..merging import MergeSettings
 from ..schemas import (
@@ -72,7 +72,7 @@ def add_token(body: NewToken, name: str = UserName, who: Principal = Depends(adm
 
 
 @router.delete("/tokens/{token_id}", status_code=204, responses={404: {}})
-def revoke(token_id: int = Path(ge=1, le=10**12), who: Principal = Depends(admin_principal),
+def revoke(token_id: int = Path(ge=1, le=MAX_INTEGER), who: Principal = Depends(admin_principal),
            storage: Storage = Depends(get_storage)):
     with storage.session.begin() as session:
         if not revoke_token(session, token_id, who.name):

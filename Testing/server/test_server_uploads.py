@@ -54,6 +54,11 @@ def test_hostile_headers_and_huge_numbers_get_4xx_never_500(live_server, tiny_le
                       headers=bearer(live_server.admin_token), timeout=10)
     assert r.status_code == 422, r.text
     assert upload(live_server, token, "nosuchfamily", b"x").status_code == 404
+    huge_id = "dft_99999999999_" + "x" * 43  # a token id beyond PostgreSQL's INTEGER
+    assert requests.get(f"{live_server.url}/v1/me", headers=bearer(huge_id), timeout=10).status_code == 401
+    r = requests.delete(f"{live_server.url}/v1/admin/tokens/99999999999", headers=bearer(live_server.admin_token),
+                        timeout=10)
+    assert r.status_code == 422, r.text
     assert any(a["action"] == "update_refused" and a["detail"]["status"] == 404 for a in _audit(live_server, token))
 
 
