@@ -9,10 +9,13 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dafne_logic.core.errors import DafneError
+from dafne_logic.core.numbers import strict_json
 
 from . import dashboard
 from .config import ServerSettings
@@ -72,6 +75,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI echoes the offending input, which may be NaN or Infinity (Python's json reads
+        # them): answered as null, the refusal stays a 422 instead of failing to serialise (500).
+        return JSONResponse({"detail": strict_json(jsonable_encoder(exc.errors()))}, 422)
 
     @app.exception_handler(NotFound)
     async def _not_found(_request, exc: NotFound) -> JSONResponse:

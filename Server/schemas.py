@@ -97,13 +97,13 @@ class ActivateRequest(BaseModel):
 class MergeSettingsBody(BaseModel):
     """Partial merge settings; omitted fields keep their values."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # stored as JSON, which has no Infinity
     buffer_size: int | None = Field(default=None, ge=1, le=100)
     server_lr: float | None = Field(default=None, gt=0, le=10)
     robust_rule: Literal["trimmed_mean", "median", "mean"] | None = None
     trim_fraction: float | None = Field(default=None, ge=0, lt=0.5)
     clip_norm: float | None = Field(default=None, gt=0)
-    max_case_weight: int | None = Field(default=None, ge=1)
+    max_case_weight: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
     max_staleness: int | None = Field(default=None, ge=0, le=1000)
     dice_tolerance: float | None = Field(default=None, ge=0, le=1)
     label_tolerance: float | None = Field(default=None, ge=0, le=1)

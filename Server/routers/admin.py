@@ -127,7 +127,7 @@ def set_settings(body: MergeSettingsBody, family: str = FamilyName, who: Princip
 
 
 @router.get("/audit", response_model=list[AuditInfo])
-def audit_log(after_id: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000),
+def audit_log(after_id: int = Query(0, ge=0, le=MAX_INTEGER), limit: int = Query(100, ge=1, le=1000),
               _: Principal = Depends(admin_principal), storage: Storage = Depends(get_storage)):
     with storage.read() as session:
         rows = session.scalars(select(AuditEntry).where(AuditEntry.id > after_id).order_by(AuditEntry.id).limit(limit))

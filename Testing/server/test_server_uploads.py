@@ -53,6 +53,15 @@ def test_hostile_headers_and_huge_numbers_get_4xx_never_500(live_server, tiny_le
     r = requests.post(f"{live_server.url}/v1/admin/models/uploads/activate", json={"version": 2**40},
                       headers=bearer(live_server.admin_token), timeout=10)
     assert r.status_code == 422, r.text
+    for attempt in (
+        requests.patch(f"{live_server.url}/v1/admin/models/uploads/settings", data='{"clip_norm": Infinity}',
+                       headers={**bearer(live_server.admin_token), "Content-Type": "application/json"}, timeout=10),
+        requests.post(f"{live_server.url}/v1/admin/models/uploads/activate", data='{"version": NaN}',
+                      headers={**bearer(live_server.admin_token), "Content-Type": "application/json"}, timeout=10),
+        requests.get(f"{live_server.url}/v1/admin/audit", params={"after_id": 2**40},
+                     headers=bearer(live_server.admin_token), timeout=10),
+    ):
+        assert attempt.status_code == 422, attempt.text
     assert upload(live_server, token, "nosuchfamily", b"x").status_code == 404
     huge_id = "dft_99999999999_" + "x" * 43  # a token id beyond PostgreSQL's INTEGER
     assert requests.get(f"{live_server.url}/v1/me", headers=bearer(huge_id), timeout=10).status_code == 401
