@@ -1,4 +1,4 @@
-"""Database reads and writes the routers share (FastAPI full-stack template's ``crud`` layer).
+"""Database reads and writes of the routers (FastAPI full-stack template's ``crud`` layer).
 
 Routers call these instead of running queries inline, and never import lookups from each other.
 Missing rows raise :class:`NotFound`, which the application answers with 404.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .db import AuditEntry, Family, UpdateRow, User, Version, now
+from .db import AuditEntry, Family, MergeLease, Token, UpdateRow, User, Version, now
 from .schemas import FamilyInfo, VersionInfo
 
 REFUSED = "update_refused"  # audit action of an upload refused after being checked
@@ -56,6 +56,14 @@ def ancestry(session: Session, version: Version, max_steps: int) -> dict[int, in
     return line
 
 
+def families(session: Session) -> list[Family]:
+    return list(session.scalars(select(Family).order_by(Family.name)))
+
+
+def versions(session: Session, family: str) -> list[Version]:
+    return list(session.scalars(select(Version).where(Version.family == family).order_by(Version.number)))
+
+
 def version_info(version: Version, family: Family) -> VersionInfo:
     return VersionInfo(family=version.family, number=version.number, parent=version.parent_number,
                        source=version.source, created_at=version.created_at,
@@ -99,6 +107,32 @@ def lock_user(session: Session, user_id: int) -> None:
     out) but needs none: its writing transactions start with ``BEGIN IMMEDIATE`` (see db.py).
     """
     session.scalar(select(User.id).where(User.id == user_id).with_for_update())
+
+
+def request_merge(session: Session, family: str) -> None:
+    """Ask the merge worker to merge what ``family`` has buffered, even fewer than K updates."""
+    get_family(session, family)
+    lease = session.get(MergeLease, family)
+    assert lease is not None, "every family gets its lease row when it is created"
+    lease.force_requested = True
+
+
+# --- users and the audit log ----------------------------------------------------------------------
+
+def get_user(session: Session, name: str) -> User:
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"no user {name!r}")
+    return user
+
+
+def users_with_tokens(session: Session) -> list[tuple[User, list[Token]]]:
+    return [(user, list(session.scalars(select(Token).where(Token.user_id == user.id).order_by(Token.id))))
+            for user in session.scalars(select(User).order_by(User.name))]
+
+
+def audit_entries(session: Session, after_id: int, limit: int) -> list[AuditEntry]:
+    return list(session.scalars(select(AuditEntry).where(AuditEntry.id > after_id).order_by(AuditEntry.id).limit(limit)))
 
 
 def count_updates(session: Session, user_id: int) -> int:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import select
 
 from ..auth import Principal
-from ..crud import family_info, get_family, get_version, version_info
-from ..db import Family, Version
+from ..crud import families, family_info, get_family, get_version, version_info, versions
 from ..deps import FamilyName, VersionRef, current_principal, get_storage
 from ..schemas import FamilyInfo, PackageInfo, VersionInfo
 from ..storage import Storage
@@ -19,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["models"])
 @router.get("/models", response_model=list[FamilyInfo])
 def list_families(_: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
     with storage.read() as session:
-        return [family_info(session, f) for f in session.scalars(select(Family).order_by(Family.name))]
+        return [family_info(session, f) for f in families(session)]
 
 
 @router.get("/models/{family}", response_model=FamilyInfo, responses={404: {"description": "unknown family"}})
@@ -35,8 +33,7 @@ def list_versions(family: str = FamilyName, _: Principal = Depends(current_princ
                   storage: Storage = Depends(get_storage)):
     with storage.read() as session:
         fam = get_family(session, family)
-        rows = session.scalars(select(Version).where(Version.family == family).order_by(Version.number))
-        return [version_info(v, fam) for v in rows]
+        return [version_info(v, fam) for v in versions(session, family)]
 
 
 @router.get("/models/{family}/versions/{version}/package", response_model=PackageInfo,
