@@ -24,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, cast
 
 from sqlalchemy.exc import IntegrityError
 
@@ -36,6 +36,7 @@ from . import crud
 from .auth import Principal
 from .db import UpdateRow, Version, audit
 from .merging import MergeSettings
+from .schemas import UpdateStatus
 from .storage import Storage, known_weights
 
 HOUR_S = 3600.0
@@ -55,7 +56,7 @@ class UploadRefused(Exception):
 @dataclass(frozen=True)
 class Receipt:
     id: str
-    status: str
+    status: UpdateStatus
     duplicate: bool = False
 
 
@@ -124,7 +125,7 @@ def _replay(row: UpdateRow, family: str, meta: DeltaMetadata, delta: IO[bytes]) 
     if not _same_upload(row, family, meta, _sha256_stream(delta)):
         raise UploadRefused(409, "this idempotency key was already used for a different upload; "
                                  "a new upload needs a new key")
-    return Receipt(row.id, row.status, duplicate=True)
+    return Receipt(row.id, cast(UpdateStatus, row.status), duplicate=True)
 
 
 def _staleness(session, family: str, active: Version, parent: Version, max_staleness: int) -> int:  # noqa: ANN001

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Request, UploadFile
 from fastapi.responses import JSONResponse
 
@@ -9,14 +11,14 @@ from .. import crud, uploads
 from ..auth import Principal
 from ..db import UpdateRow
 from ..deps import FamilyName, current_principal, get_storage
-from ..schemas import Accepted, MeInfo, UpdateInfo
+from ..schemas import Accepted, MeInfo, UpdateInfo, UpdateStatus
 from ..storage import Storage
 
 router = APIRouter(prefix="/v1", tags=["updates"])
 
 
 def _info(row: UpdateRow) -> UpdateInfo:
-    return UpdateInfo(id=row.id, family=row.family, status=row.status, reason=row.reason,
+    return UpdateInfo(id=row.id, family=row.family, status=cast(UpdateStatus, row.status), reason=row.reason,
                       parent_version=row.parent_version, merged_into=row.merged_into, n_slices=row.n_slices,
                       created_at=row.created_at)
 
