@@ -10,17 +10,22 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dafne_logic.core.errors import DafneError
+from dafne_logic.core.numbers import strict_json
 
 from .config import ServerSettings
+from .crud import NotFound
 from .heartbeat import merge_worker_health
 from .plots import PlotCache
 from .routers import admin, dashboard, models, updates
 from .sessions import SessionSigner
 from .storage import Storage
+from .uploads import UploadSlots
 
 API_VERSION = "1"
 
@@ -99,6 +104,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.storage = storage
     app.state.sessions = SessionSigner(settings)
     app.state.plots = PlotCache()
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads, settings.max_concurrent_uploads_per_user)
     for router in (models.router, updates.router, admin.router, dashboard.router):
         app.include_router(router)
 
@@ -111,6 +117,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
         healthy = worker["state"] in ("ok", "starting")
         return JSONResponse({"status": "ok" if healthy else "degraded", "merge_worker": worker},
                             200 if healthy else 503)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI echoes the offending input, which may be NaN or Infinity (Python's json reads
+        # them): answered as null, the refusal stays a 422 instead of failing to serialise (500).
+        return JSONResponse({"detail": strict_json(jsonable_encoder(exc.errors()))}, 422)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 404)
 
     @app.exception_handler(DafneError)
     async def _dafne_error(_request, exc: DafneError) -> JSONResponse:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .db import Token, User, audit, now
+from .db import MAX_INTEGER, Token, User, audit, now
 
 SCOPES = ("contributor", "admin")
 _TOKEN = re.compile(r"^dft_([0-9]{1,12})_([A-Za-z0-9_-]{43})$")
@@ -75,7 +75,7 @@ def authenticate(session: Session, header: str | None) -> Principal | None:
     if not header or not header.startswith("Bearer "):
         return None
     match = _TOKEN.match(header[len("Bearer "):].strip())
-    if match is None:
+    if match is None or int(match.group(1)) > MAX_INTEGER:  # no such row; PostgreSQL would refuse the number
         return None
     row = session.get(Token, int(match.group(1)))
     expected = row.secret_sha256 if row is not None else "0" * 64
@@ -91,7 +91,7 @@ def authenticate(session: Session, header: str | None) -> Principal | None:
 
 
 def revoke_token(session: Session, token_id: int, actor: str) -> bool:
-    row = session.get(Token, token_id)
+    row = session.get(Token, token_id) if 0 < token_id <= MAX_INTEGER else None
     if row is None or row.revoked_at is not None:
         return False
     row.revoked_at = now()

@@ -55,3 +55,13 @@ class BlobStore:
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def remove_unreferenced(self, referenced: set[str], older_than_s: float) -> int:
+        """Remove blobs not in ``referenced`` and older than ``older_than_s``; returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for blob in self.root.glob("??/*"):
+            if _SHA256.match(blob.name) and blob.name not in referenced and blob.stat().st_mtime < cutoff:
+                blob.unlink(missing_ok=True)
+                removed += 1
+        return removed

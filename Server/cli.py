@@ -1,4 +1,4 @@
-"""``dafne-server``: initialise, run and administer the federated server.
+"""``dafne-server``: initialise, run and administer the federated server (see Docs/server.md).
 
 Needs the ``server`` extra (``pip install dafne-slicer[server]``). Heavy modules are imported by the
 action that needs them, so ``dafne-server --help`` stays fast.
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
+    p.add_argument("--max-concurrent-uploads", type=int, default=8,
+                   help="uploads checked at once per API process (more wait for a 429 and retry)")
+    p.add_argument("--max-concurrent-uploads-per-user", type=int, default=2)
     p.add_argument("--poll-interval", type=float, default=1.0)
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers (then 408)")
@@ -78,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run only a merge worker (with the merge settings its server stored)")
     _common(p)
     p.set_defaults(func=run_worker)
+
+    p = sub.add_parser("gc", help="remove blobs no version or update references (also done at every start)")
+    _common(p)
+    p.add_argument("--older-than-hours", type=float, default=1.0,
+                   help="keep younger blobs: an upload writes its blob just before committing its row")
+    p.set_defaults(func=run_gc)
 
     p = sub.add_parser("add-user", help="add a user and print their token (shown once)")
     _common(p)
@@ -155,6 +164,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = _shared_settings(args, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                                 uploads_per_hour=args.uploads_per_hour,
                                 refused_uploads_per_hour=args.refused_uploads_per_hour,
+                                max_concurrent_uploads=args.max_concurrent_uploads,
+                                max_concurrent_uploads_per_user=args.max_concurrent_uploads_per_user,
                                 poll_interval_s=args.poll_interval, merge_hold_s=args.merge_hold,
                                 worker_missing_after_s=args.worker_missing_after,
                                 worker_heartbeat_s=min(2.0, args.worker_missing_after / 4),
@@ -176,6 +187,19 @@ def run_worker(args: argparse.Namespace) -> int:
     _storage(args).dispose()
     logging.getLogger().setLevel(logging.INFO)
     worker_loop(settings)
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from dafne_server.storage import Storage
+
+    storage = Storage(_settings(args))
+    try:
+        storage.migrate()
+        removed = storage.collect_blobs(older_than_s=args.older_than_hours * 3600)
+    finally:
+        storage.dispose()
+    print(f"{removed} unreferenced blob(s) removed")
     return 0
 
 

@@ -35,6 +35,8 @@ class ServerSettings:
     max_relative_norm: float = 0.5  # ‖Δ‖ / ‖active weights‖ above this is refused at upload
     uploads_per_hour: int = 30  # accepted uploads per user
     refused_uploads_per_hour: int = 60  # per user; beyond this, uploads are not even checked (429)
+    max_concurrent_uploads: int = 8  # uploads checked at once per API process (each holds ~3× the model's fp16 size)
+    max_concurrent_uploads_per_user: int = 2
     lease_ttl_s: float = 60.0  # a merge lease not renewed for this long may be taken over
     poll_interval_s: float = 1.0  # merge worker: how often it looks for work
     validation: str = "phantom"  # "phantom", "none" (publish without scoring), or a folder of cases

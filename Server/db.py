@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+MAX_INTEGER = 2**31 - 1  # INTEGER columns (ids, version numbers) are 32-bit on PostgreSQL
+
 
 def now() -> float:
     return time.time()

@@ -1,11 +1,14 @@
-"""FastAPI dependencies: storage, the caller's identity, admin scope."""
+"""FastAPI dependencies: storage, the caller's identity, admin scope, and the path parameters routers share."""
 
 from __future__ import annotations
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 
 from .auth import Principal, authenticate
 from .storage import Storage
+
+FamilyName = Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length=64)
+VersionRef = Path(pattern=r"^(active|[0-9]{1,9})$", description="a version number or `active`")
 
 
 def get_storage(request: Request) -> Storage:

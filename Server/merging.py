@@ -36,6 +36,9 @@ from typing import Literal
 
 import torch
 
+from dafne_logic.core.numbers import nanmean
+from dafne_logic.learning.delta import weights_norm
+
 Delta = dict[str, torch.Tensor]
 RobustRule = Literal["trimmed_mean", "median", "mean"]
 
@@ -103,16 +106,9 @@ def staleness_weight(staleness: int) -> float:
     return (1.0 + staleness) ** -0.5
 
 
-def delta_l2(delta: Delta) -> float:
-    """Global L2 norm over all tensors."""
-    if not delta:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in delta.values()])))
-
-
 def clip_delta(delta: Delta, max_norm: float) -> Delta:
     """Scale ``delta`` down to L2 norm ``max_norm`` if it is larger; unchanged otherwise."""
-    norm = delta_l2(delta)
+    norm = weights_norm(delta)
     if norm <= max_norm or norm == 0.0:
         return delta
     factor = max_norm / norm
@@ -237,7 +233,7 @@ def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeRe
     check_compatible(updates)
     n = len(updates)
     scaled = [{k: v.float() * staleness_weight(u.staleness) for k, v in u.delta.items()} for u in updates]
-    norms = [delta_l2(d) for d in scaled]
+    norms = [weights_norm(d) for d in scaled]
     if settings.clip_norm is not None:
         bound: float | None = settings.clip_norm
     elif n >= 2:
@@ -274,7 +270,7 @@ def worst_contributor(updates: Sequence[Update], merged: Delta) -> str:
     """Key of the update farthest (L2, after staleness scaling) from the merged delta."""
     def distance(u: Update) -> float:
         w = staleness_weight(u.staleness)
-        return delta_l2({k: u.delta[k].float() * w - merged[k] for k in merged})
+        return weights_norm({k: u.delta[k].float() * w - merged[k] for k in merged})
 
     return max(updates, key=distance).key
 
@@ -292,18 +288,13 @@ class Decision:
     active_mean: float
 
 
-def _finite_mean(values: Mapping[str, float]) -> float:
-    finite = [v for v in values.values() if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
 def accept_candidate(candidate: Mapping[str, float], active: Mapping[str, float],
                      dice_tolerance: float, label_tolerance: float) -> Decision:
     """Publication gate over Dice per label (NaN = label absent from a case set, ignored).
 
     Accepted when mean Dice ≥ active mean − ε and no label shared by both loses more than δ.
     """
-    cand_mean, act_mean = _finite_mean(candidate), _finite_mean(active)
+    cand_mean, act_mean = nanmean(candidate.values()), nanmean(active.values())
     if math.isnan(cand_mean):
         return Decision(False, "the candidate has no defined Dice on the validation cases", cand_mean, act_mean)
     if not math.isnan(act_mean) and cand_mean < act_mean - dice_tolerance:

@@ -28,7 +28,13 @@ from .storage import Storage
 from .worker import LIFELINE_GRACE_S
 
 log = logging.getLogger(__name__)
-_TOKEN_TEXT = re.compile(r"dft_[0-9]+_[A-Za-z0-9_-]+")
+
+def _char(chars: str) -> str:
+    """A character of ``chars``, or any percent-encoded byte (a client may encode a URL's token)."""
+    return f"(?:[{chars}]|%[0-9A-Fa-f]{{2}})"
+
+
+_TOKEN_TEXT = re.compile(f"(?:d|%64)(?:f|%66)(?:t|%74){_char('_')}{_char('0-9')}+{_char('_')}{_char('A-Za-z0-9_-')}+")
 
 
 class RedactTokens(logging.Filter):
@@ -71,6 +77,7 @@ def prepare(settings: ServerSettings) -> Storage:
     storage = Storage(settings)
     storage.migrate()
     storage.blobs.sweep_temporaries()
+    storage.collect_blobs()
     return storage
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from .db import MAX_INTEGER
 
 
 class VersionInfo(BaseModel):
@@ -37,30 +38,6 @@ class PackageInfo(BaseModel):
     weights_url: str
     weights_sha256: str
     weights_size: int
-
-
-class UpdateMetadata(BaseModel):
-    """The JSON part of an upload: nothing in it identifies a patient."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    parent_version: str = Field(pattern=r"^[0-9]{1,9}$")
-    n_slices: int = Field(ge=1, le=100_000)
-    dice_per_label: dict[str, float] = Field(default_factory=dict, max_length=256)
-    idempotency_key: str = Field(pattern=r"^[A-Za-z0-9_.:-]{8,128}$")
-    family: str | None = Field(default=None, max_length=64)
-    client_version: str = Field(default="", max_length=64)
-    # sha256 of the parent's weights as the client has them: a version number alone cannot tell
-    # two servers' (or two releases') "version 1" apart.
-    parent_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-
-    @field_validator("dice_per_label")
-    @classmethod
-    def _dice_in_range(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, dice in value.items():
-            if len(name) > 128 or not (math.isfinite(dice) and 0.0 <= dice <= 1.0):
-                raise ValueError("Dice values must be finite, in [0, 1], with label names of at most 128 characters")
-        return value
 
 
 UpdateStatus = Literal["buffered", "merged", "overridden", "rejected"]
@@ -114,19 +91,19 @@ class UserInfo(BaseModel):
 
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_INTEGER)
 
 
 class MergeSettingsBody(BaseModel):
     """Partial merge settings; omitted fields keep their values."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # stored as JSON, which has no Infinity
     buffer_size: int | None = Field(default=None, ge=1, le=100)
     server_lr: float | None = Field(default=None, gt=0, le=10)
     robust_rule: Literal["trimmed_mean", "median", "mean"] | None = None
     trim_fraction: float | None = Field(default=None, ge=0, lt=0.5)
     clip_norm: float | None = Field(default=None, gt=0)
-    max_case_weight: int | None = Field(default=None, ge=1)
+    max_case_weight: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
     max_staleness: int | None = Field(default=None, ge=0, le=1000)
     dice_tolerance: float | None = Field(default=None, ge=0, le=1)
     label_tolerance: float | None = Field(default=None, ge=0, le=1)

@@ -19,11 +19,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dafne_logic.inference.model_package import Manifest, ModelPackage, list_models, parse_weights, weights_bytes
+from dafne_logic.learning.delta import weights_norm
 
+from . import crud
 from .blobs import BlobStore
 from .config import ServerSettings
 from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker
-from .merging import delta_l2
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -59,6 +60,13 @@ class Storage:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
+    def collect_blobs(self, older_than_s: float = 3600.0) -> int:
+        """Remove blobs no version or update references, written more than ``older_than_s`` ago
+        (younger ones may belong to an upload whose row is about to be committed); returns how many."""
+        with self.read() as session:
+            referenced = crud.referenced_blobs(session)
+        return self.blobs.remove_unreferenced(referenced, older_than_s)
+
     def dispose(self) -> None:
         self.engine.dispose()
         self.read_engine.dispose()
@@ -74,7 +82,7 @@ class Storage:
         """L2 norm of a version's weights (cached)."""
         if version.weights_sha256 not in self._norms:
             state = self.load_package(version).state_dict
-            self._norms[version.weights_sha256] = delta_l2(state)
+            self._norms[version.weights_sha256] = weights_norm(state)
         return self._norms[version.weights_sha256]
 
     def store_weights(self, manifest: Manifest, state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:

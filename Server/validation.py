@@ -7,15 +7,14 @@ process, deterministic seeds), or a folder ``<dir>/<family>/<case>_image.<ext>``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from dafne_logic.core.errors import InputError
+from dafne_logic.core.numbers import nanmean
 from dafne_logic.inference.model_package import ModelPackage
 
 Segmenter = Callable[[sitk.Image, ModelPackage], sitk.Image]
@@ -66,8 +65,7 @@ def score_model(model: ModelPackage, cases: Sequence[Case], segment: Segmenter) 
     names = list(per_case[0]) if per_case else []
     out = {}
     for name in names:
-        values = [d[name] for d in per_case if not math.isnan(d[name])]
-        out[name] = float(np.mean(values)) if values else math.nan
+        out[name] = nanmean(d[name] for d in per_case)
     return out
 
 

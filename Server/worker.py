@@ -36,9 +36,11 @@ from typing import BinaryIO
 from sqlalchemy import func, or_, select, update
 
 from dafne_logic.core.errors import DafneError
+from dafne_logic.core.numbers import nanmean, strict_json
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.learning.delta import decode_delta
 
+from . import crud
 from .config import ServerSettings
 from .db import Family, MergeLease, MergeRun, UpdateRow, Version, audit, now
 from .heartbeat import Heartbeat
@@ -122,20 +124,10 @@ def families_with_work(storage: Storage) -> list[str]:
         return out
 
 
-def _mean(dice: dict[str, float]) -> float:
-    values = [v for v in dice.values() if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _json_dice(dice: dict[str, float]) -> dict[str, float | None]:
-    """JSON has no NaN (PostgreSQL refuses it): an undefined Dice is stored as null."""
-    return {k: None if math.isnan(v) else v for k, v in dice.items()}
-
-
 def _validation(dice: dict[str, float], settings: ServerSettings) -> dict:
-    """A version's validation record: Dice per label, their mean, and which cases gave them."""
-    mean = _mean(dice)
-    return {"dice": _json_dice(dice), "mean": None if math.isnan(mean) else mean, "cases": settings.validation_id}
+    """A version's validation record: Dice per label, their mean, and which cases gave them.
+    JSON has no NaN (PostgreSQL refuses it): an undefined Dice is stored as null."""
+    return strict_json({"dice": dice, "mean": nanmean(dice.values()), "cases": settings.validation_id})
 
 
 def active_score(storage: Storage, version: Version, scorer: Scorer | None,
@@ -176,6 +168,7 @@ class MergeInputs:
     base: ModelPackage
     rows: list[UpdateRow]
     parents: dict[int, Version]
+    lineage: dict[int, int]  # version number -> staleness: the active version and its ancestors
 
 
 @dataclass
@@ -199,9 +192,10 @@ def read_buffer(storage: Storage, family: str) -> MergeInputs | None:
                                     .order_by(UpdateRow.created_at, UpdateRow.id).limit(settings.buffer_size)))
         parents = {v.number: v for v in session.scalars(select(Version).where(
             Version.family == family, Version.number.in_({r.parent_version for r in rows})))}
+        lineage = crud.ancestry(session, active, settings.max_staleness)  # version -> staleness τ
     if not rows:
         return None
-    return MergeInputs(settings, active, storage.load_package(active), rows, parents)
+    return MergeInputs(settings, active, storage.load_package(active), rows, parents, lineage)
 
 
 def decode_updates(storage: Storage, inputs: MergeInputs) -> tuple[list[Update], dict[str, str]]:
@@ -210,12 +204,10 @@ def decode_updates(storage: Storage, inputs: MergeInputs) -> tuple[list[Update],
     refused: dict[str, str] = {}
     active = inputs.active.number
     for row in inputs.rows:
-        staleness = active - row.parent_version
-        if staleness < 0:  # made against a version newer than the active one: an admin rolled back
-            refused[row.id] = f"parent version {row.parent_version} is newer than the active version {active}"
-            continue
-        if staleness > inputs.settings.max_staleness or row.parent_version not in inputs.parents:
-            refused[row.id] = f"parent version {row.parent_version} is too stale for active version {active}"
+        staleness = inputs.lineage.get(row.parent_version)
+        if staleness is None or row.parent_version not in inputs.parents:  # too old, or rolled back since the upload
+            refused[row.id] = (f"parent version {row.parent_version} is too stale for, or not in the history of, "
+                               f"active version {active}")
             continue
         try:
             parent_manifest = Manifest.from_json(inputs.parents[row.parent_version].manifest)
@@ -322,7 +314,7 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
                              outcome="published" if version else "rejected",
                              version=version.number if version else None, update_ids=row_ids,
                              detail={"reason": reason, "rule": candidate.result.rule if candidate else "",
-                                     "candidate_dice": _json_dice(dice), "rejected": refused,
+                                     "candidate_dice": strict_json(dice), "rejected": refused,
                                      "overridden": overridden, "seconds": round(now() - started, 3),
                                      "scoring_seconds": round(scoring_s, 3)}))
         session.get(MergeLease, family).force_requested = False

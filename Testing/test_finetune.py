@@ -21,16 +21,8 @@ from dafne_logic.core.preprocessing import PreprocessingParams
 from dafne_logic.core.slice_selection import min_muscles_required, parse_slice_list, select_slices
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.inference.networks import build_network, unet_architecture
-from dafne_logic.learning.delta import DeltaMetadata, apply_delta, decode_delta
-from dafne_logic.learning.finetune import (
-    DELTA_METADATA_NAME,
-    DELTA_NAME,
-    FinetuneConfig,
-    TrainingSlices,
-    augment,
-    finetune_on_corrections,
-    split_holdout,
-)
+from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, apply_delta, decode_delta
+from dafne_logic.learning.finetune import FinetuneConfig, TrainingSlices, augment, finetune_on_corrections, split_holdout
 
 FAST = FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=10)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dafne_logic.core.errors import Cancelled, DafneError
+from dafne_logic.core.progress import CancelCheck, ProgressCallback
 
 from .processes import popen_options, signal_tree
 
@@ -34,8 +35,6 @@ MODULE_DIR = Path(__file__).resolve().parents[1]  # holds DafneSlicerLib/ (and d
 CANCEL_FILE = "cancel"  # created in the work folder on Cancel: the worker's signal to stop, through any launcher
 KILL_AFTER_S = 2.0  # a worker still running this long after Cancel is killed, its whole process tree
 
-ProgressCallback = Callable[[float, str], None]
-CancelCheck = Callable[[], bool]
 JobFunction = Callable[[ProgressCallback, CancelCheck], Any]
 
 

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from dafne_logic.core.io import read_image, read_segmentation
     from dafne_logic.core.slice_selection import parse_slice_list
     from dafne_logic.inference.model_package import load_model
-    from dafne_logic.learning.finetune import DELTA_NAME, FinetuneConfig, finetune_on_corrections
+    from dafne_logic.learning.delta import DELTA_NAME
+    from dafne_logic.learning.finetune import FinetuneConfig, finetune_on_corrections
 
     slices = parse_slice_list(args.slices)
     output = Path(args.output_model)

@@ -9,7 +9,8 @@ import logging
 from dafne_logic.commands import quantitative_options
 from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
 from dafne_logic.core.errors import DafneError
-from dafne_logic.core.io import read_image, read_segmentation, resample_labels
+from dafne_logic.core.grids import resample_labels
+from dafne_logic.core.io import read_image, read_segmentation
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
 

@@ -360,24 +360,6 @@ def ijk_to_lps(image: sitk.Image) -> np.ndarray:
     return matrix
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
-    """Whether two images share size, spacing, origin and direction (within ``tolerance`` mm / cosine)."""
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
-
-
-def resample_labels(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Labels carried onto ``reference``'s grid by physical position (nearest neighbour, outside → 0).
-
-    A Slicer segmentation is often stored cropped to its segments; this puts it back on the image grid.
-    """
-    if same_grid(labels, reference):
-        return labels
-    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
-
-
 def _set_geometry(image: sitk.Image, matrix: np.ndarray) -> None:
     """Inverse of :func:`ijk_to_lps`."""
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
@@ -581,6 +563,6 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
 __all__ = [
     "ANATOMIC_CONTEXT", "DicomSeries", "LABELMAP_SUFFIXES", "SEGMENTATION_SUFFIX", "TERMINOLOGY_CONTEXT",
     "check_output_path", "ijk_to_lps", "label_table_json", "label_table_path", "list_dicom_series",
-    "match_label_name", "read_image", "read_label_names", "read_label_volume", "read_segmentation", "resample_labels", "same_grid", "terminology",
+    "match_label_name", "read_image", "read_label_names", "read_label_volume", "read_segmentation", "terminology",
     "validate_image", "write_labels",
 ]

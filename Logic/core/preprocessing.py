@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.io import same_grid
+from dafne_logic.core.grids import same_grid
 from dafne_logic.core.labels import SIDES, LabelTable, Side
 from dafne_logic.core.leg_detection import body_mask, find_legs, strided_sample
 
@@ -217,7 +217,7 @@ def prepare_volume(
 
     footprint = body.any(axis=0)
     legs = []
-    for side, region in sorted(zip(sides, regions), key=lambda pair: SIDES.index(pair[0])):
+    for side, region in sorted(zip(sides, regions, strict=True), key=lambda pair: SIDES.index(pair[0])):
         box = _leg_box(footprint & region, spacing_yx, params.margin_mm)
         rows = AxisSampling.around(box[0], box[1], spacing_yx[0], params.spacing_mm[0], params.pad_multiple)
         columns = AxisSampling.around(box[2], box[3], spacing_yx[1], params.spacing_mm[1], params.pad_multiple)

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.csa import cross_sectional_areas, maximal_areas
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.io import same_grid
+from dafne_logic.core.grids import same_grid
 from dafne_logic.core.labels import LabelTable
 from dafne_logic.core.quantitative import DEFAULT_ERODE_MM, QuantitativeMap, quantitative_columns
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from dafne_logic.core.atomic import atomic_directory
 from dafne_logic.core.errors import ModelError
 from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.numbers import strict_json
 from dafne_logic.core.paths import user_models_dir
 from dafne_logic.core.preprocessing import PreprocessingParams
 from dafne_logic.inference.networks import build_network, check_architecture
@@ -116,18 +116,6 @@ class Manifest:
                 f"{source}: network has {out_channels} outputs but the label table needs {manifest.labels.n_classes}"
             )
         return manifest
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None (JSON ``null``): strict JSON
-    readers (browsers, FastAPI responses) refuse ``NaN``, and a Dice that is not defined is null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -12,13 +12,12 @@ import torch
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import Side
 from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
+from dafne_logic.core.progress import CancelCheck, ProgressCallback
 from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.inference.networks import resolve_device
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[float, str], None]  # (fraction done in 0..1, message)
-CancelCheck = Callable[[], bool]  # True once the user asked to stop
 
 
 def predict_slices(net: torch.nn.Module, slices: np.ndarray, device: torch.device, batch_size: int = 8,

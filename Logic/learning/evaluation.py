@@ -27,7 +27,9 @@ import SimpleITK as sitk
 
 from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.errors import InputError
+from dafne_logic.core.grids import resample_labels, same_grid
 from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.numbers import nanmean
 from dafne_logic.inference.model_package import ModelPackage
 
 
@@ -40,13 +42,8 @@ def _as_array(image: sitk.Image | np.ndarray, what: str) -> np.ndarray:
 
 
 def _check_same_grid(pred: sitk.Image | np.ndarray, ref: sitk.Image | np.ndarray) -> None:
-    if isinstance(pred, sitk.Image) and isinstance(ref, sitk.Image):
-        same = (pred.GetSize() == ref.GetSize()
-                and np.allclose(pred.GetSpacing(), ref.GetSpacing(), rtol=1e-4)
-                and np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-3)
-                and np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-4))
-        if not same:
-            raise InputError("the prediction and the reference segmentation are on different image grids")
+    if isinstance(pred, sitk.Image) and isinstance(ref, sitk.Image) and not same_grid(pred, ref, tolerance=1e-3):
+        raise InputError("the prediction and the reference segmentation are on different image grids")
 
 
 def dice_counts(pred: np.ndarray, ref: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,8 +95,7 @@ def dice_per_label(pred: sitk.Image | np.ndarray, ref: sitk.Image | np.ndarray, 
 
 def mean_dice(per_label: Mapping[str, float]) -> float:
     """Mean over labels with a defined Dice (NaN entries skipped); NaN when none is defined."""
-    values = [v for v in per_label.values() if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+    return nanmean(per_label.values())
 
 
 # --- many models on many cases -------------------------------------------------------------------
@@ -124,7 +120,6 @@ def evaluate_models(models: Sequence[ModelPackage], cases: Sequence[EvaluationCa
         One row per (case, model): ``dataset``, ``model_version``, ``dice`` (mean over labels
         present in the prediction or the reference) and one column per volume-label name.
     """
-    from dafne_logic.core.io import resample_labels
     from dafne_logic.inference.segment import segment_volume
 
     rows = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from dafne_logic.core.client_config import ClientConfig, load_config
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.paths import user_data_dir, user_models_dir
 from dafne_logic.inference.model_package import MANIFEST_NAME, WEIGHTS_NAME, ModelPackage
-from dafne_logic.learning.delta import DeltaMetadata
+from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +43,6 @@ class SyncError(DafneError):
 
 class SyncDisabled(SyncError):
     """The user has not opted in to sync."""
-
-
-def _update_key(blob: bytes, metadata: dict[str, Any]) -> str:
-    """Idempotency key: the same delta with the same metadata is the same update."""
-    digest = hashlib.sha256(blob)
-    digest.update(json.dumps(metadata, sort_keys=True).encode("utf-8"))
-    return digest.hexdigest()[:40]
 
 
 class FederatedClient:
@@ -189,32 +181,19 @@ class FederatedClient:
         if not metadata.parent_version.isdigit():
             raise SyncError(f"parent version {metadata.parent_version!r} is not a server version: only "
                             "deltas of models pulled from the server (or the bundled ones) can be pushed")
-        meta = {
-            "parent_version": metadata.parent_version,
-            "n_slices": int(metadata.n_slices),
-            # labels absent from the case have no Dice (NaN): not sent
-            "dice_per_label": {k: float(v) for k, v in metadata.dice_per_label.items() if not math.isnan(v)},
-            "family": metadata.family,
-            "client_version": metadata.client_version[:64],
-        }
-        if metadata.parent_sha256:
-            meta["parent_sha256"] = metadata.parent_sha256
-        meta["idempotency_key"] = idempotency_key or _update_key(delta_blob, meta)
         response = self._request(
             "POST", f"/v1/models/{metadata.family}/updates", ok=(200, 202),
-            files={"delta": ("delta.safetensors.zz", delta_blob, "application/octet-stream")},
-            data={"metadata": json.dumps(meta)})
+            files={"delta": (DELTA_NAME, delta_blob, "application/octet-stream")},
+            data={"metadata": json.dumps(metadata.to_wire(delta_blob, idempotency_key))})
         return response.json()
 
     def push_folder(self, folder: str | Path) -> dict[str, Any]:
         """Push what ``dafne-slicer finetune`` wrote: ``delta.safetensors.zz`` + ``delta.json``."""
-        from dafne_logic.learning.finetune import DELTA_METADATA_NAME, DELTA_NAME
-
         folder = Path(folder)
         if not (folder / DELTA_NAME).is_file() or not (folder / DELTA_METADATA_NAME).is_file():
             raise SyncError(f"{folder} has no {DELTA_NAME} + {DELTA_METADATA_NAME} (the output of `finetune`)")
         data = json.loads((folder / DELTA_METADATA_NAME).read_text(encoding="utf-8"))
-        metadata = DeltaMetadata(**{k: data[k] for k in DeltaMetadata.__dataclass_fields__ if k in data})
+        metadata = DeltaMetadata.from_json(data)
         return self.push((folder / DELTA_NAME).read_bytes(), metadata)
 
 

@@ -51,22 +51,21 @@ import torch.nn.functional as F
 from dafne_logic import __version__
 from dafne_logic.core.atomic import atomic_directory
 from dafne_logic.core.errors import Cancelled, InputError
-from dafne_logic.core.io import resample_labels, same_grid
+from dafne_logic.core.grids import align_labels_to_image
 from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.numbers import nanmean
 from dafne_logic.core.preprocessing import PreparedVolume, fit_to, prepare_volume
+from dafne_logic.core.progress import CancelCheck, ProgressCallback
 from dafne_logic.core.slice_selection import keep_only_slices, min_muscles_required, select_slices
 from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
 from dafne_logic.inference.networks import resolve_device
-from dafne_logic.inference.segment import CancelCheck, ProgressCallback
 from dafne_logic.learning.contrast_resynthesis import resynthesise_contrast
-from dafne_logic.learning.delta import DeltaMetadata, delta_norm, encode_delta, make_delta
+from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, encode_delta, make_delta, weights_norm
 from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
 from dafne_logic.training.trainer import default_loss
 
 log = logging.getLogger(__name__)
 
-DELTA_NAME = "delta.safetensors.zz"
-DELTA_METADATA_NAME = "delta.json"
 REPORT_NAME = "finetune_report.json"
 LOCAL_MARK = ".local-"
 
@@ -170,39 +169,6 @@ class TrainingSlices:
 
 
 # --- inputs --------------------------------------------------------------------------------------
-
-
-def align_labels_to_image(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
-    """The labels on the image's grid: unchanged when the grids match, resampled (nearest
-    neighbour, by physical position) when they overlap, refused when they do not.
-
-    Raises:
-        InputError: not 3D, or the two volumes share no physical space.
-    """
-    if labels.GetDimension() != 3:
-        raise InputError(f"expected a 3D segmentation, got a {labels.GetDimension()}D one")
-    if same_grid(labels, image):
-        return labels
-    if not _overlaps(labels, image):
-        raise InputError("the segmentation does not overlap the image (different position or orientation); "
-                         "was it drawn on another volume?")
-    log.info("the segmentation lies on another grid than the image; resampling it (nearest neighbour)")
-    return resample_labels(labels, image)
-
-
-def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned physical bounding box (mm) of an image's voxel extent."""
-    size = np.array(image.GetSize(), dtype=float)
-    corners = [image.TransformContinuousIndexToPhysicalPoint(tuple(c))
-               for c in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T]
-    points = np.array(corners)
-    return points.min(axis=0), points.max(axis=0)
-
-
-def _overlaps(a: sitk.Image, b: sitk.Image) -> bool:
-    lo_a, hi_a = _physical_box(a)
-    lo_b, hi_b = _physical_box(b)
-    return bool(np.all(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b) > 0))
 
 
 def check_correction(labels: sitk.Image, table: LabelTable) -> None:
@@ -363,10 +329,6 @@ def agreement_dice(predicted: torch.Tensor, data: TrainingSlices, table: LabelTa
     return out
 
 
-def _mean(values: dict[str, float]) -> float:
-    return float(np.mean(list(values.values()))) if values else math.nan
-
-
 def server_ancestor(model: ModelPackage) -> tuple[ModelPackage, int]:
     """The server (or bundled) version ``model`` descends from, and how many corrected image
     slices its local fine-tunes have used since; ``(model, 0)`` when it is one itself.
@@ -505,14 +467,14 @@ def finetune_on_corrections(
         "history": history,
         "dice_before": automatic_dice,
         "dice_after": after_dice,
-        "mean_dice_before": _mean(automatic_dice),
-        "mean_dice_after": _mean(after_dice),
+        "mean_dice_before": nanmean(automatic_dice.values()),
+        "mean_dice_after": nanmean(after_dice.values()),
         "dice_held_out_before": held_before,
         "dice_held_out_after": held_after,
-        "mean_dice_held_out_before": _mean(held_before) if held_before is not None else None,
-        "mean_dice_held_out_after": _mean(held_after) if held_after is not None else None,
+        "mean_dice_held_out_before": nanmean(held_before.values()) if held_before is not None else None,
+        "mean_dice_held_out_after": nanmean(held_after.values()) if held_after is not None else None,
         "delta_parent_version": base.manifest.version,
-        "delta_norm": delta_norm(delta),
+        "delta_norm": weights_norm(delta),
         "delta_megabytes": len(encode_delta(delta)) / 1e6,
         "seconds": time.monotonic() - began,
     }

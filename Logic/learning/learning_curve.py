@@ -16,7 +16,6 @@ integer (then ``"10" > "9"``), otherwise they are ordered as strings.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import pandas as pd
 
 from dafne_logic.core.atomic import atomic_path
 from dafne_logic.core.errors import InputError
+from dafne_logic.core.numbers import strict_json
 
 REQUIRED_COLUMNS = ("dataset", "model_version", "dice")
 SCALE = 1000.0  # the reference fit models Dice x 1000 (numerically friendlier variances)
@@ -48,9 +48,7 @@ class LearningCurveFit:
     warnings: list[str]
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        # JSON has no NaN: undefined figures become null.
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+        return strict_json(asdict(self))  # JSON has no NaN: undefined figures become null
 
     def summary(self) -> str:
         lines = [

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
-from sqlalchemy import select
 
+from .. import crud
 from ..auth import Principal, create_user, issue_token, revoke_token
-from ..db import AuditEntry, MergeLease, Token, User, audit
-from ..deps import admin_principal, get_storage
+from ..crud import family_info, get_family
+from ..db import MAX_INTEGER, audit
+from ..deps import FamilyName, admin_principal, get_storage
 from ..merging import MergeSettings
 from ..schemas import (
     ActivateRequest,
@@ -20,7 +21,6 @@ from ..schemas import (
     UserInfo,
 )
 from ..storage import Storage
-from .models import FamilyName, family_info, get_family
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 UserName = Path(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -37,13 +37,10 @@ def _issued(token: str, user: str, scope: str) -> IssuedToken:
 @router.get("/users", response_model=list[UserInfo])
 def list_users(_: Principal = Depends(admin_principal), storage: Storage = Depends(get_storage)):
     with storage.read() as session:
-        out = []
-        for user in session.scalars(select(User).order_by(User.name)):
-            tokens = session.scalars(select(Token).where(Token.user_id == user.id).order_by(Token.id))
-            out.append(UserInfo(name=user.name, is_admin=user.is_admin, tokens=[
-                {"id": t.id, "scope": t.scope, "created_at": t.created_at, "expires_at": t.expires_at,
-                 "revoked": t.revoked_at is not None} for t in tokens]))
-        return out
+        return [UserInfo(name=user.name, is_admin=user.is_admin, tokens=[
+                    {"id": t.id, "scope": t.scope, "created_at": t.created_at, "expires_at": t.expires_at,
+                     "revoked": t.revoked_at is not None} for t in tokens])
+                for user, tokens in crud.users_with_tokens(session)]
 
 
 @router.post("/users", response_model=IssuedToken, status_code=201, responses={409: {}})
@@ -61,18 +58,15 @@ def add_user(body: NewUser, who: Principal = Depends(admin_principal), storage: 
 def add_token(body: NewToken, name: str = UserName, who: Principal = Depends(admin_principal),
               storage: Storage = Depends(get_storage)):
     with storage.session.begin() as session:
-        user = session.scalar(select(User).where(User.name == name))
-        if user is None:
-            raise HTTPException(404, f"no user {name!r}")
         try:
-            token = issue_token(session, user, body.scope, _days(body.expires_in_days), who.name)
+            token = issue_token(session, crud.get_user(session, name), body.scope, _days(body.expires_in_days), who.name)
         except ValueError as exc:
             raise HTTPException(409, str(exc)) from None
     return _issued(token, name, body.scope)
 
 
 @router.delete("/tokens/{token_id}", status_code=204, responses={404: {}})
-def revoke(token_id: int = Path(ge=1, le=10**12), who: Principal = Depends(admin_principal),
+def revoke(token_id: int = Path(ge=1, le=MAX_INTEGER), who: Principal = Depends(admin_principal),
            storage: Storage = Depends(get_storage)):
     with storage.session.begin() as session:
         if not revoke_token(session, token_id, who.name):
@@ -98,8 +92,7 @@ def force_merge(family: str = FamilyName, who: Principal = Depends(admin_princip
                 storage: Storage = Depends(get_storage)) -> dict:
     """Ask the merge worker to merge whatever is buffered, even fewer than K updates."""
     with storage.session.begin() as session:
-        get_family(session, family)
-        session.get(MergeLease, family).force_requested = True
+        crud.request_merge(session, family)
         audit(session, who.name, "merge_requested", family)
     return {"family": family, "requested": True}
 
@@ -127,9 +120,8 @@ def set_settings(body: MergeSettingsBody, family: str = FamilyName, who: Princip
 
 
 @router.get("/audit", response_model=list[AuditInfo])
-def audit_log(after_id: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000),
+def audit_log(after_id: int = Query(0, ge=0, le=MAX_INTEGER), limit: int = Query(100, ge=1, le=1000),
               _: Principal = Depends(admin_principal), storage: Storage = Depends(get_storage)):
     with storage.read() as session:
-        rows = session.scalars(select(AuditEntry).where(AuditEntry.id > after_id).order_by(AuditEntry.id).limit(limit))
         return [AuditInfo(id=r.id, at=r.at, actor=r.actor, action=r.action, family=r.family, detail=r.detail)
-                for r in rows]
+                for r in crud.audit_entries(session, after_id, limit)]

@@ -17,11 +17,10 @@ from sqlalchemy import select
 
 from ..auth import authenticate
 from ..db import Family, MergeRun, UpdateRow, Version, audit
-from ..deps import get_storage
+from ..deps import FamilyName, get_storage
 from ..plots import PLOTS, PlotCache, plot_data, render_plot
 from ..sessions import COOKIE, MAX_AGE_S, SessionSigner
 from ..storage import Storage
-from .models import FamilyName
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent.parent / "templates"))

@@ -60,7 +60,7 @@ def tiny_leg():
     return tiny_package("leg")
 
 
-SHARED_FAMILIES = ("leg", "inputs", "fuzz", "client")
+SHARED_FAMILIES = ("leg", "inputs", "fuzz", "client", "uploads", "rollback")
 SHARED_MERGE = {"buffer_size": 2, "dice_tolerance": 0.05, "label_tolerance": 0.5}
 
 

@@ -1,8 +1,10 @@
-"""`dafne-server init | add-user | revoke` on a fresh data folder."""
+"""`dafne-server init | add-user | revoke | gc` on a fresh data folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -62,3 +64,23 @@ def test_standalone_worker_uses_the_merge_settings_its_server_stored(tmp_path, c
     (tmp_path / "server" / SHARED_FILE).write_text("{not json")
     assert server_main(["worker", "--data-dir", data]) == 2
     assert "settings.json does not hold the server's settings" in capsys.readouterr().err
+
+
+def test_gc_removes_only_old_blobs_nothing_references(tmp_path, tiny_leg, capsys):
+    data = str(tmp_path / "server")
+    assert server_main(["init", "--data-dir", data, "--family", "leg", "--package", str(tiny_leg.save(tmp_path / "p"))]) == 0
+    storage = Storage(ServerSettings(data_dir=data))
+    try:
+        orphan, young = storage.blobs.put(b"orphan"), storage.blobs.put(b"young orphan")
+        past = time.time() - 3 * 3600
+        os.utime(storage.blobs.path(orphan), (past, past))
+        for blob in storage.blobs.root.glob("??/*"):  # the seed version's weights too: referenced, kept
+            if blob.name != young:
+                os.utime(blob, (past, past))
+        capsys.readouterr()
+        assert server_main(["gc", "--data-dir", data, "--older-than-hours", "2"]) == 0
+        assert "1 unreferenced blob(s) removed" in capsys.readouterr().out
+        assert not storage.blobs.exists(orphan) and storage.blobs.exists(young)
+        assert len(list(storage.blobs.root.glob("??/*"))) == 2  # the seed weights and the young orphan
+    finally:
+        storage.dispose()

@@ -140,8 +140,7 @@ def test_sync_cli_setup_status_and_pull(sqlite_server, capsys, tmp_path):
 def test_sync_push_sends_a_finetune_output_folder(sqlite_server, tiny_leg, tmp_path, capsys):
     import torch
 
-    from dafne_logic.learning.delta import encode_delta, make_delta
-    from dafne_logic.learning.finetune import DELTA_METADATA_NAME, DELTA_NAME
+    from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, encode_delta, make_delta
 
     child = {k: v + 1e-3 * torch.randn_like(v) for k, v in tiny_leg.state_dict.items()}
     folder = tmp_path / "finetuned"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dafne_logic.learning.delta import weights_norm
 from dafne_server.merging import (
     Decision,
     MergeSettings,
@@ -16,7 +17,6 @@ from dafne_server.merging import (
     apply_merged,
     clip_delta,
     coordinate_median,
-    delta_l2,
     lowest_scoring,
     merge_updates,
     staleness_weight,
@@ -49,7 +49,7 @@ def test_two_updates_count_the_same_and_the_smaller_norm_bounds_both():
     result = merge_updates(updates, MergeSettings())
     assert result.rule == "mean"
     assert result.weights == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
-    assert result.clip_bound == pytest.approx(delta_l2(_delta(1.0)))
+    assert result.clip_bound == pytest.approx(weights_norm(_delta(1.0)))
     assert torch.allclose(result.delta["w"], torch.full((4,), 1.0))
 
 
@@ -58,7 +58,7 @@ def test_k2_attacker_claiming_100000_slices_is_bounded_and_reported_overridden()
     attacker = Update("attacker", _delta(-5.0), 0, n_slices=100_000)
     result = merge_updates([honest, attacker], MergeSettings(buffer_size=2))
     assert result.weights["attacker"] == pytest.approx(0.5)  # not 200/212 of the merge
-    assert delta_l2({k: v * 0.5 for k, v in attacker.delta.items()}) > 100 * delta_l2(result.delta)
+    assert weights_norm({k: v * 0.5 for k, v in attacker.delta.items()}) > 100 * weights_norm(result.delta)
     assert set(result.overridden) == {"attacker"}
     assert "100000 claimed slices counted as 12" in result.overridden["attacker"]
     assert "clipped" in result.overridden["attacker"]
@@ -89,7 +89,7 @@ def test_case_weight_is_capped():
 def test_clip_delta_bounds_the_norm_and_keeps_direction():
     d = _delta(3.0)
     clipped = clip_delta(d, 1.0)
-    assert delta_l2(clipped) == pytest.approx(1.0, rel=1e-5)
+    assert weights_norm(clipped) == pytest.approx(1.0, rel=1e-5)
     assert torch.allclose(clipped["w"] / clipped["w"].norm(), d["w"] / d["w"].norm())
     assert clip_delta(d, 100.0) is d
 
@@ -111,7 +111,7 @@ def test_three_or_more_updates_use_robust_rule_and_median_clip():
     updates = [Update(str(i), _delta(v), 0, 10) for i, v in enumerate((1.0, 1.0, 1.0, 50.0))]
     result = merge_updates(updates, MergeSettings(robust_rule="median"))
     assert result.rule == "median"
-    assert result.clip_bound == pytest.approx(delta_l2(_delta(1.0)))
+    assert result.clip_bound == pytest.approx(weights_norm(_delta(1.0)))
     assert torch.allclose(result.delta["w"], torch.full((4,), 1.0))
     assert worst_contributor(updates, result.delta) == "3"
 
@@ -204,7 +204,7 @@ def test_one_poisoned_client_among_five_costs_at_most_0_005_dice():
                              staleness=site % 2, n_slices=20 + site))
     # The attacker sends a large update in the opposite direction, claiming many cases.
     poisoned = {k: -30.0 * v for k, v in honest[0].delta.items()}
-    assert delta_l2(poisoned) > 20 * max(delta_l2(u.delta) for u in honest)
+    assert weights_norm(poisoned) > 20 * max(weights_norm(u.delta) for u in honest)
     updates = honest + [Update("attacker", poisoned, staleness=0, n_slices=10_000)]
 
     for rule in ("trimmed_mean", "median"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -145,3 +146,15 @@ def test_a_version_seeded_from_a_package_file_knows_that_file_s_weights(storage,
     assert package.manifest.weights_sha256 != version.weights_sha256  # re-encoded as float32
     assert known == {version.weights_sha256, package.manifest.weights_sha256}
     assert "0" * 64 not in known
+
+
+def test_blobs_nothing_references_are_collected_once_old_enough(storage):
+    with storage.read() as session:
+        seed_weights = session.scalar(sa.select(Version.weights_sha256))
+    orphan = storage.blobs.put(b"an upload whose row was never committed")
+    assert storage.collect_blobs() == 0 and storage.blobs.exists(orphan)  # young: its row may be on the way
+    past = time.time() - 7200
+    for sha in (orphan, seed_weights):
+        os.utime(storage.blobs.path(sha), (past, past))
+    assert storage.collect_blobs() == 1
+    assert not storage.blobs.exists(orphan) and storage.blobs.exists(seed_weights)

@@ -10,10 +10,9 @@ import sqlalchemy as sa
 import torch
 
 from dafne_logic.inference.model_package import Manifest
-from dafne_logic.learning.delta import encode_delta, make_delta
+from dafne_logic.learning.delta import encode_delta, make_delta, weights_norm
 from dafne_server.config import ServerSettings
 from dafne_server.db import Family, MergeLease, MergeRun, UpdateRow, User, Version
-from dafne_server.merging import delta_l2
 from dafne_server.runner import prepare
 from dafne_server.validation import Case, make_scorer, score_model
 from dafne_server.worker import claim_lease, families_with_work, merge_family, run_once
@@ -131,6 +130,25 @@ def test_stale_updates_are_rejected_and_forced_merge_takes_fewer_than_k(storage,
         assert not session.get(MergeLease, "leg").force_requested
 
 
+def test_an_update_buffered_against_a_version_rolled_back_since_is_not_merged(storage, tiny_leg):
+    """Uploaded against v2, then an admin re-activated v1: merging it onto v1 would apply a delta
+    made for other weights (its staleness, counted by number, would even look negative)."""
+    with storage.session.begin() as session:
+        fam = session.get(Family, "leg")
+        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
+                            tiny_leg.state_dict, 1, "merge", {}, {})
+    future = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2)
+    current = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=1, seed=4)
+    with storage.session.begin() as session:
+        storage.activate(session, session.get(Family, "leg"), 1, "admin")
+        session.get(MergeLease, "leg").force_requested = True
+    outcomes = run_once(storage, "w", lambda family, region: None)
+    assert outcomes[0].outcome == "published" and outcomes[0].version == 3
+    s = statuses(storage)
+    assert s[future][0] == "rejected" and "not in the history" in s[future][2]
+    assert s[current][:2] == ("merged", 3)
+
+
 def test_lease_held_elsewhere_means_no_merge(storage, tiny_leg):
     for i in range(3):
         buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
@@ -246,7 +264,7 @@ def test_two_workers_never_merge_the_same_family_at_once(storage, tiny_leg):
 
 def _projection_scorer(seed_state, direction):
     """Dice that falls as the weights move along ``direction`` (an attacker's delta), and only then."""
-    unit = delta_l2(direction)
+    unit = weights_norm(direction)
 
     def scorer(model):
         along = sum(float(((model.state_dict[k] - seed_state[k]) * direction[k]).sum()) for k in direction) / unit

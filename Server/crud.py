@@ -1,0 +1,144 @@
+"""Database reads and writes of the routers (FastAPI full-stack template's ``crud`` layer).
+
+Routers call these instead of running queries inline, and never import lookups from each other.
+Missing rows raise :class:`NotFound`, which the application answers with 404.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .db import AuditEntry, Family, MergeLease, Token, UpdateRow, User, Version, now
+from .schemas import FamilyInfo, VersionInfo
+
+REFUSED = "update_refused"  # audit action of an upload refused after being checked
+THROTTLED = "update_throttled"  # audit action of an upload refused by a rate or concurrency limit
+
+
+class NotFound(LookupError):
+    """A family, version or update that does not exist (HTTP 404); the message says which."""
+
+
+def get_family(session: Session, name: str) -> Family:
+    family = session.get(Family, name)
+    if family is None:
+        raise NotFound(f"no model family {name!r}")
+    return family
+
+
+def find_version(session: Session, family: str, number: int | None) -> Version | None:
+    if number is None:
+        return None
+    return session.scalar(select(Version).where(Version.family == family, Version.number == number))
+
+
+def get_version(session: Session, family: Family, ref: str) -> Version:
+    """Version ``ref`` (a number, or ``"active"``) of ``family``."""
+    version = find_version(session, family.name, family.active_version if ref == "active" else int(ref))
+    if version is None:
+        raise NotFound(f"{family.name} has no version {ref}")
+    return version
+
+
+def ancestry(session: Session, version: Version, max_steps: int) -> dict[int, int]:
+    """``{version number: steps back}`` for ``version`` and its ancestors, at most ``max_steps`` back.
+
+    A delta may only be applied along this line: after a rollback, versions published after the
+    re-activated one are not in it (a delta against them would land on other weights).
+    """
+    line = {version.number: 0}
+    for steps in range(1, max_steps + 1):
+        parent = find_version(session, version.family, version.parent_number)
+        if parent is None or parent.number in line:
+            break
+        line[parent.number], version = steps, parent
+    return line
+
+
+def families(session: Session) -> list[Family]:
+    return list(session.scalars(select(Family).order_by(Family.name)))
+
+
+def versions(session: Session, family: str) -> list[Version]:
+    return list(session.scalars(select(Version).where(Version.family == family).order_by(Version.number)))
+
+
+def version_info(version: Version, family: Family) -> VersionInfo:
+    return VersionInfo(family=version.family, number=version.number, parent=version.parent_number,
+                       source=version.source, created_at=version.created_at,
+                       weights_sha256=version.weights_sha256, weights_size=version.weights_size,
+                       validation_mean_dice=version.validation.get("mean"),
+                       active=version.number == family.active_version)
+
+
+def family_info(session: Session, family: Family) -> FamilyInfo:
+    active = get_version(session, family, "active") if family.active_version is not None else None
+    labels = [m["name"] for m in active.manifest.get("labels", {}).get("muscles", [])] if active else []
+    buffered = session.scalar(select(func.count()).select_from(UpdateRow).where(
+        UpdateRow.family == family.name, UpdateRow.status == "buffered"))
+    return FamilyInfo(name=family.name, region=family.region, active_version=family.active_version,
+                      labels=labels, buffered_updates=buffered or 0)
+
+
+# --- updates --------------------------------------------------------------------------------------
+
+def refusals_since(session: Session, actor: str, seconds: float) -> int:
+    """Uploads by ``actor`` refused after checking in the last ``seconds``."""
+    return session.scalar(select(func.count()).select_from(AuditEntry).where(
+        AuditEntry.actor == actor, AuditEntry.action == REFUSED, AuditEntry.at > now() - seconds)) or 0
+
+
+def updates_since(session: Session, user_id: int, seconds: float) -> int:
+    """Uploads by ``user_id`` accepted in the last ``seconds``."""
+    return session.scalar(select(func.count()).select_from(UpdateRow).where(
+        UpdateRow.user_id == user_id, UpdateRow.created_at > now() - seconds)) or 0
+
+
+def update_by_key(session: Session, user_id: int, idempotency_key: str) -> UpdateRow | None:
+    return session.scalar(select(UpdateRow).where(UpdateRow.user_id == user_id,
+                                                  UpdateRow.idempotency_key == idempotency_key))
+
+
+def lock_user(session: Session, user_id: int) -> None:
+    """Serialise this user's writing transactions until the caller's transaction ends.
+
+    PostgreSQL: a row lock on the user. SQLite has no row locks (SQLAlchemy leaves ``FOR UPDATE``
+    out) but needs none: its writing transactions start with ``BEGIN IMMEDIATE`` (see db.py).
+    """
+    session.scalar(select(User.id).where(User.id == user_id).with_for_update())
+
+
+def request_merge(session: Session, family: str) -> None:
+    """Ask the merge worker to merge what ``family`` has buffered, even fewer than K updates."""
+    get_family(session, family)
+    lease = session.get(MergeLease, family)
+    assert lease is not None, "every family gets its lease row when it is created"
+    lease.force_requested = True
+
+
+# --- users and the audit log ----------------------------------------------------------------------
+
+def get_user(session: Session, name: str) -> User:
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise NotFound(f"no user {name!r}")
+    return user
+
+
+def users_with_tokens(session: Session) -> list[tuple[User, list[Token]]]:
+    return [(user, list(session.scalars(select(Token).where(Token.user_id == user.id).order_by(Token.id))))
+            for user in session.scalars(select(User).order_by(User.name))]
+
+
+def audit_entries(session: Session, after_id: int, limit: int) -> list[AuditEntry]:
+    return list(session.scalars(select(AuditEntry).where(AuditEntry.id > after_id).order_by(AuditEntry.id).limit(limit)))
+
+
+def count_updates(session: Session, user_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(UpdateRow).where(UpdateRow.user_id == user_id)) or 0
+
+
+def referenced_blobs(session: Session) -> set[str]:
+    """sha256 of every blob a row points at: versions' weights and updates' deltas."""
+    return set(session.scalars(select(Version.weights_sha256))) | set(session.scalars(select(UpdateRow.blob_sha256)))
