@@ -27,7 +27,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.io import PathLike, read_image, same_grid, validate_image
+from dafne_logic.core.grids import same_grid
+from dafne_logic.core.io import PathLike, read_image, validate_image
 from dafne_logic.core.labels import LabelTable
 
 NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sits far below, muscle far above
