@@ -304,7 +304,8 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
             cases.append((images[0], label_path))
     if not cases:
         raise InputError(f"no image/label pairs in {', '.join(map(str, args.pairs))}")
-    train_slices, held_slices = [], []
+    train_slices: list[list[Any]] = []
+    held_slices: list[list[Any]] = []
     for image_path, label_path in cases:
         labels, unknown = read_segmentation(label_path, table)
         if unknown:
