@@ -154,3 +154,10 @@ def test_report_reads_the_lineage_from_manifests(tmp_path, capsys):
     assert json.loads(out.read_text())["versions"] == chain
     assert main(["report", "--dice-csv", str(csv), "--models", str(tmp_path / "nothing-here")]) == 2
     assert "neither a model folder" in capsys.readouterr().err
+    # Another family's version of the same name with another parent: name the family.
+    leg.manifest.name, leg.manifest.version, leg.manifest.parent_version = "calf2", "2.local-0a", "9"
+    leg.save(models / "calf2-local")
+    assert main(["report", "--dice-csv", str(csv), "--models", str(models)]) == 2
+    assert "two parents" in capsys.readouterr().err
+    assert main(["report", "--dice-csv", str(csv), "--models", str(models), "--family", "leg", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["versions"] == chain
