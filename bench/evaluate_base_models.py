@@ -81,7 +81,7 @@ def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: se
         row = {n: math.nan if c in unlabelled else float(s) for c, (n, s) in enumerate(zip(names, scores, strict=True), start=1)}
         row["mean_dice"] = _mean_defined(list(row.values()))
         results[regime] = row
-    # The six MR-like regimes, then all seven: "random" gives every tissue an independent random
+    # The MR-like regimes, then all of them: "random" gives every tissue an independent random
     # intensity (a training device, no scanner makes it), so it is reported but kept apart.
     contrasts = [r for r in REGIMES if r != "random"]
     results["contrast regimes"] = {n: _mean_defined([results[r][n] for r in contrasts]) for n in names + ["mean_dice"]}

@@ -51,7 +51,6 @@ from dafne_logic.training.harmonisation import BONE, HOLE, HOLE_LARGEST, MUSCLE_
 
 REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "fs_poor", "in_phase", "opposed_phase", "fat_fraction",
            "random")
-DIXON_REGIMES = ("in_phase", "opposed_phase", "fat_fraction")
 
 # Mean intensities (relative) of air, fat, skin, muscle, cortex, marrow, vessels per regime; for the
 # Dixon regimes these are proton densities ρ (the signal model adds the fat fraction).
