@@ -28,7 +28,7 @@ its unlabelled interior: those pixels get an *ambiguity group* {background, miss
 the loss neither teaches "background" there nor guesses the muscle. A muscle that a source labels
 on one leg but not on the other (a missing mesh of the Visible Human maps: the male right rectus
 femoris and sartorius, the female right biceps femoris long head) is **unknown on that leg**: every
-unlabelled pixel within :data:`UNKNOWN_MARGIN_MM` of that leg's structures gets the ambiguity group
+unlabelled pixel within :data:`MISSING_MARGIN_MM` of that leg's structures gets the ambiguity group
 {background, missing muscles}, so the loss never calls the missing muscle background.
 
 Outputs are :class:`LegSlice` canvases at the model's in-plane spacing, in the orientation the
@@ -89,7 +89,8 @@ OTHER_MUSCLES = frozenset({
     "obturator internus", "obturator externus", "superior gemellus", "inferior gemellus", "quadratus femoris",
     "peroneus tertius", "fibularis tertius",
 })
-UNKNOWN_MARGIN_MM = 10.0  # how far from a leg's structures a muscle missing on that leg may lie
+MISSING_MARGIN_MM = 20.0  # how far from a leg's structures a muscle missing on that leg may lie
+PART_MARGIN_MM = 10.0  # how far from a labelled part (and the bones) the unlabelled part may lie
 
 # The thigh maps of the Multimodal-Multiethnic thigh dataset: values 1..11, both legs alike.
 THIGH11_NAMES = {
@@ -426,10 +427,10 @@ def leg_slices_from_codes(tissue_volume: np.ndarray, target_volume: np.ndarray, 
     ``side_volume`` holds 1 for the right leg, 2 for the left, 0 for neither. Slices of a leg with
     fewer than ``min_classes`` distinct targets of the table are skipped. ``ambiguous_code`` (one,
     or one per side) is the target of the leg's unlabelled interior; it also covers the unlabelled
-    pixels within :data:`UNKNOWN_MARGIN_MM` of the leg's structures on the legs in ``missing_on``
-    (a structure is missing there), and of the classes in ``incomplete`` and bones (the missing
-    part of a muscle lies beside the labelled part, as the peroneus brevis beside the longus and
-    the fibula).
+    pixels within :data:`MISSING_MARGIN_MM` of the leg's structures on the legs in ``missing_on``
+    (a structure is missing there), and within :data:`PART_MARGIN_MM` of the classes in
+    ``incomplete`` and of bones (the missing part of a muscle lies beside the labelled part, as the
+    peroneus brevis beside the longus and the fibula).
     """
     codes = ambiguous_code if isinstance(ambiguous_code, dict) else dict.fromkeys(SIDES, ambiguous_code)
     out = []
@@ -440,7 +441,7 @@ def leg_slices_from_codes(tissue_volume: np.ndarray, target_volume: np.ndarray, 
                 continue
             # Work on the leg's bounding box plus room for hole closing and unknown margins.
             rows, cols = np.nonzero(mine)
-            pad = int(np.ceil((UNKNOWN_MARGIN_MM + 8.0) / spacing_mm))
+            pad = int(np.ceil((max(MISSING_MARGIN_MM, PART_MARGIN_MM) + 8.0) / spacing_mm))
             box = (slice(max(0, rows.min() - pad), rows.max() + pad + 1),
                    slice(max(0, cols.min() - pad), cols.max() + pad + 1))
             mine = mine[box]
@@ -450,9 +451,11 @@ def leg_slices_from_codes(tissue_volume: np.ndarray, target_volume: np.ndarray, 
                 continue
             if not complete:
                 _fill_holes(tissue, target, spacing_mm, codes[side])
-            if side in missing_on or incomplete:
-                around = tissue > 0 if side in missing_on else np.isin(target, list(incomplete)) | (tissue == BONE)
-                _mark_unknown_near(tissue, target, around, UNKNOWN_MARGIN_MM / spacing_mm, codes[side])
+            if incomplete:
+                around = np.isin(target, list(incomplete)) | (tissue == BONE)
+                _mark_unknown_near(tissue, target, around, PART_MARGIN_MM / spacing_mm, codes[side])
+            if side in missing_on:
+                _mark_unknown_near(tissue, target, tissue > 0, MISSING_MARGIN_MM / spacing_mm, codes[side])
             rows, cols = np.nonzero(tissue)
             centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
             mirror = side == "left"
