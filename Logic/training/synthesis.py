@@ -362,16 +362,22 @@ def _add_other_leg(tissue: torch.Tensor, rng: torch.Generator, config: Synthesis
     device = tissue.device
     chosen = torch.rand(batch, generator=rng, device=device) < config.p_other_leg
     gap = _uniform(rng, batch, *config.other_leg_gap_mm, device) / config.spacing_mm
-    occupied = tissue[:, 0].any(1)  # (B, W0): columns holding the leg
+    placed = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    rows = torch.nonzero(chosen)[:, 0]
+    if rows.numel() == 0:
+        return tissue, placed
+    legs = tissue[rows]
     columns = torch.arange(w, device=device)
-    medial = torch.where(occupied, columns, -1).amax(1)  # (B,) last occupied column
+    medial = torch.where(legs[:, 0].any(1), columns, -1).amax(1)  # last column holding the leg
     # The mirror image's medial edge lies at w - 1 - medial; shift it to medial + 1 + gap.
-    shift = (2 * medial + 2 - w + gap.round().long()).view(-1, 1, 1, 1)
+    shift = (2 * medial + 2 - w + gap[rows].round().long()).view(-1, 1, 1, 1)
     source = columns.view(1, 1, 1, -1) - shift
-    mirrored = tissue.flip(-1).gather(3, source.clamp(0, w - 1).expand(-1, tissue.shape[1], h, -1))
-    place = chosen.view(-1, 1, 1, 1) & (source >= 0) & (source < w) & (tissue == 0) & (mirrored > 0)
-    place &= (medial >= 0).view(-1, 1, 1, 1)
-    return torch.where(place, mirrored, tissue), place[:, 0]
+    mirrored = legs.flip(-1).gather(3, source.clamp(0, w - 1).expand(-1, legs.shape[1], h, -1))
+    place = (source >= 0) & (source < w) & (legs == 0) & (mirrored > 0) & (medial >= 0).view(-1, 1, 1, 1)
+    out = tissue.clone()
+    out[rows] = torch.where(place, mirrored, legs)
+    placed[rows] = place[:, 0]
+    return out, placed
 
 
 def _outside_field_of_view(rng: torch.Generator, batch: int, size: tuple[int, int], config: SynthesisConfig,
