@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv lint test demo bench clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[server,test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Lint (ruff) and types (mypy, on dafne_logic and dafne_server) first: both are quick and must be clean.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q Testing
 
 demo: $(STAMP)

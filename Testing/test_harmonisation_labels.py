@@ -84,7 +84,7 @@ def test_flipped_array_gives_the_same_legs(tmp_path: Path):
                         origin=(79 - 79.0, 39 - 39.0, 0.0))
     other = load_label_map(flipped, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
     assert [s.side for s in other] == [s.side for s in plain]
-    for a, b in zip(plain, other):
+    for a, b in zip(plain, other, strict=True):
         assert np.array_equal(a.target, b.target)
 
 
@@ -136,6 +136,9 @@ def test_bad_label_maps_are_named(tmp_path: Path):
     with pytest.raises(InputError, match=r"label values \[3, 6, 7, 10\] are not named"):
         load_label_map(named, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
     (tmp_path / "named.json").write_text(json.dumps({str(v): f"Soleus_{'R' if v % 2 else 'L'}" for v in range(1, 12)}))
+    with pytest.raises(InputError, match="names no muscle of the thigh table"):  # a calf muscle: other muscle
+        load_label_map(named, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
+    (tmp_path / "named.json").write_text(json.dumps({str(v): f"Cortex_{'R' if v % 2 else 'L'}" for v in range(1, 12)}))
     with pytest.raises(InputError, match="not muscles of the thigh table"):
         load_label_map(named, THIGH, GroupRegistry(THIGH.n_classes), 2.0, CANVAS)
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((2, 10, 10)).astype(np.float32))
@@ -213,3 +216,83 @@ def test_real_thigh_map_gives_both_legs(shared_data: Path):
     for s in slices:  # the leg lies inside its canvas, not cut by it
         assert not s.tissue[0].any() and not s.tissue[-1].any() and not s.tissue[:, 0].any() and not s.tissue[:, -1].any()
     assert HOLE in np.unique(np.concatenate([s.tissue.ravel() for s in slices]))
+
+
+def visible_human_like(tmp_path: Path) -> Path:
+    """Two calves named the Visible Human way (side first): soleus and a ring of peroneus longus
+    (no brevis), tibialis posterior and a thigh muscle (other muscles), a fibula; the gastrocnemius
+    medialis only on the right leg (a missing mesh on the left)."""
+    volume = np.zeros((2, 60, 120), np.uint8)
+    yy, xx = np.mgrid[:60, :120]
+    for offset, side_value in ((0, 1), (60, 0)):  # right leg at small x (LPS), odd values = right
+        cx = 30 + offset
+        volume[:, 15:45, cx - 12:cx + 2] = 1 + (1 - side_value)  # soleus 1 / 2
+        volume[:, 15:45, cx + 2:cx + 8] = 3 + (1 - side_value)  # peroneus longus 3 / 4
+        volume[:, 5:12, cx - 12:cx + 8] = 5 + (1 - side_value)  # tibialis posterior 5 / 6
+        volume[:, 48:52, cx - 12:cx + 8] = 9 + (1 - side_value)  # vastus lateralis 9 / 10 (other muscle here)
+        volume[:, 20:24, cx + 10:cx + 13] = 11 + (1 - side_value)  # fibula 11 / 12
+    volume[:, 15:45, 10:18][volume[:, 15:45, 10:18] == 1] = 7  # right gastrocnemius medialis only
+    names = {1: "right soleus", 2: "left soleus", 3: "right peroneus longus", 4: "left peroneus longus",
+             5: "right tibialis posterior", 6: "left tibialis posterior", 7: "right gastrocnemius medialis",
+             9: "right vastus lateralis", 10: "left vastus lateralis", 11: "right fibula", 12: "left fibula"}
+    path = write_map(tmp_path / "VHX_legs_labels.nii.gz", volume, spacing=(1.0, 1.0, 2.0))
+    (tmp_path / "VHX_legs_labels.json").write_text(json.dumps({str(k): v for k, v in names.items()}))
+    return path
+
+
+def test_visible_human_names_parts_other_muscles_and_missing_structures(tmp_path: Path):
+    registry = GroupRegistry(LEG.n_classes)
+    slices = load_label_map(visible_human_like(tmp_path), LEG, registry, 1.0, (96, 96), min_classes=2)
+    right = next(s for s in slices if s.side == "right")
+    left = next(s for s in slices if s.side == "left")
+    peroneus, medialis = LEG.muscle_index("peroneus"), LEG.muscle_index("gastrocnemius medialis")
+    # peroneus longus is the model's peroneus; tibialis posterior and vastus lateralis are other muscle.
+    assert peroneus in right.target and peroneus in left.target
+    assert set(np.unique(right.target[right.tissue == 7]).tolist()) == {0}  # Tissue.MUSCLE, background target
+    assert (right.tissue == 7).sum() == 7 * 20 + 4 * 20 and BONE in right.tissue  # both other muscles
+    # Without a brevis the peroneus is incomplete: beside it and the fibula, background is unknown.
+    absent = {LEG.muscle_index(n) for n in ("gastrocnemius lateralis", "tibialis anterior", "extensor digitorum longus")}
+    right_group = frozenset({0, peroneus} | absent)
+    left_group = right_group | {medialis}  # and the left leg lacks the gastrocnemius medialis
+    assert set(registry.groups) == {right_group, left_group}
+    right_code = LEG.n_classes + registry.groups.index(right_group)
+    left_code = LEG.n_classes + registry.groups.index(left_group)
+    assert right_code in right.target and left_code not in right.target
+    # The missing structure may lie anywhere near the left leg: unknown all around it, never background there.
+    rows, cols = np.nonzero(left.tissue)
+    ring = left.target[rows.min() - 5, cols.min():cols.max()]  # 5 mm in front of the leg
+    assert set(ring.tolist()) == {left_code}
+    assert left.target[0, 0] == 0  # far from the leg: background
+    # On the right leg the unknown band hugs the peroneus and fibula only, not the far side of the soleus.
+    r_rows, r_cols = np.nonzero(right.tissue)
+    assert right.target[(r_rows.min() + r_rows.max()) // 2, r_cols.min() - 5] == 0
+    assert right.target[(r_rows.min() + r_rows.max()) // 2, r_cols.max() + 5] == right_code
+
+
+def test_visible_human_names_fit_the_thigh_table_too(tmp_path: Path):
+    """For the thigh model the calf muscles (peroneus longus included) are other muscle."""
+    registry = GroupRegistry(THIGH.n_classes)
+    slices = load_label_map(visible_human_like(tmp_path), THIGH, registry, 1.0, (96, 96), min_classes=1)
+    assert {s.side for s in slices} == {"right", "left"}
+    codes = set(np.unique(np.concatenate([s.target.ravel() for s in slices])).tolist())
+    assert THIGH.muscle_index("vastus lateralis") in codes and MUSCLE_BASE + 0 not in codes
+
+
+def test_real_visible_human_maps(shared_data: Path):
+    path = shared_data / "visible_human_label_maps" / "VHF_legs_labels.nii.gz"
+    registry = GroupRegistry(LEG.n_classes)
+    calves = load_label_map(path, LEG, registry, 1.0, (192, 192), min_classes=2)
+    assert {s.side for s in calves} == {"right", "left"} and len(calves) > 300
+    classes = set(np.unique(np.concatenate([s.target.ravel() for s in calves])).tolist())
+    assert set(range(1, LEG.n_classes)) <= classes  # all six calf muscles, peroneus from peroneus longus
+    assert registry.groups == [frozenset({0, LEG.muscle_index("peroneus")})]  # no brevis mesh
+    thigh_registry = GroupRegistry(THIGH.n_classes)
+    thighs = load_label_map(path, THIGH, thigh_registry, 1.25, (224, 224))
+    long_head = THIGH.muscle_index("biceps femoris long head")
+    # The female right biceps femoris long head mesh is missing: unknown on the right leg only.
+    assert thigh_registry.groups == [frozenset({0, long_head})]
+    code = THIGH.n_classes
+    assert any(code in s.target for s in thighs if s.side == "right")
+    assert not any(code in s.target for s in thighs if s.side == "left")
+    assert any(long_head in s.target for s in thighs if s.side == "left")
+    assert THIGH.muscle_index("adductor longus") in set(np.unique(np.concatenate([s.target.ravel() for s in thighs])))

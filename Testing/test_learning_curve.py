@@ -48,7 +48,7 @@ def test_generation_is_dense_rank_numeric_and_window():
     df = synthetic_dice(0.01, n_datasets=3, versions=["2", "9", "10", "11"])
     data = prepare_learning_curve(df, from_version="9", to_version="11")
     assert sorted(set(data["model_version"])) == ["10", "11", "9"]
-    gen = dict(zip(data["model_version"], data["generation"]))
+    gen = dict(zip(data["model_version"], data["generation"], strict=True))
     assert gen == {"9": 0, "10": 1, "11": 2}
     first = data[data["generation"] == 0]["relative_dice"]
     assert np.allclose(first, 0.0)
@@ -108,3 +108,56 @@ def test_report_command_end_to_end(tmp_path, capsys):
     assert main(["report", "--dice-csv", str(bad), "--json", str(tmp_path / "no.json")]) == 2
     assert "lacks the column" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+
+
+def test_local_versions_follow_their_parent_chain_not_their_hashes():
+    # The chain 3 -> 3.local-ff -> 3.local-0a -> 3.local-7c: the hashes sort the other way round.
+    chain = ["3", "3.local-ff", "3.local-0a", "3.local-7c"]
+    parents = {"3": "2", "3.local-ff": "3", "3.local-0a": "3.local-ff", "3.local-7c": "3.local-0a"}
+    df = synthetic_dice(0.02, n_datasets=6, versions=chain, noise=0.002)
+    data = prepare_learning_curve(df, parents=parents)
+    assert dict(zip(data["model_version"], data["generation"], strict=True)) == {v: g for g, v in enumerate(chain)}
+    fit = fit_learning_curve(data)
+    assert fit.versions == chain and fit.slope == pytest.approx(0.02, abs=0.005)
+    # The window is a stretch of the lineage.
+    window = prepare_learning_curve(df, from_version="3.local-ff", to_version="3.local-0a", parents=parents)
+    assert sorted(set(window["model_version"])) == ["3.local-0a", "3.local-ff"]
+
+
+def test_dataset_missing_the_windows_first_version_counts_from_its_own_baseline():
+    """A site that joined at generation 3 starts at (0, 0): its gain is not spread over generations
+    it never saw, so the fitted slope stays the true one."""
+    df = synthetic_dice(0.01, n_datasets=10, n_versions=6, noise=0.001, slope_sd=0.0005, seed=1)
+    late = df["dataset"].isin([f"case{d:02d}" for d in range(5)]) & df["model_version"].isin(["1", "2", "3"])
+    data = prepare_learning_curve(df.loc[~late])
+    joined = data[data["dataset"] == "case00"]
+    assert list(joined["generation"]) == [3, 4, 5] and list(joined["elapsed"]) == [0, 1, 2]
+    assert joined["relative_dice"].iloc[0] == 0.0
+    fit = fit_learning_curve(data)
+    assert fit.slope == pytest.approx(0.01, abs=0.001)
+
+
+def test_report_reads_the_lineage_from_manifests(tmp_path, capsys):
+    from dafne_logic.cli import main
+    from dafne_logic.inference.model_package import load_model
+
+    chain = ["2", "2.local-ff", "2.local-0a"]
+    models = tmp_path / "models"
+    leg = load_model("leg")
+    for version, parent in zip(chain[1:], chain[:-1], strict=True):
+        leg.manifest.version, leg.manifest.parent_version = version, parent
+        leg.save(models / f"leg-{version}")
+    csv = tmp_path / "dice.csv"
+    synthetic_dice(0.01, n_datasets=4, versions=chain).to_csv(csv, index=False)
+    out = tmp_path / "fit.json"
+    assert main(["report", "--dice-csv", str(csv), "--models", str(models), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["versions"] == chain
+    assert main(["report", "--dice-csv", str(csv), "--models", str(tmp_path / "nothing-here")]) == 2
+    assert "neither a model folder" in capsys.readouterr().err
+    # Another family's version of the same name with another parent: name the family.
+    leg.manifest.name, leg.manifest.version, leg.manifest.parent_version = "calf2", "2.local-0a", "9"
+    leg.save(models / "calf2-local")
+    assert main(["report", "--dice-csv", str(csv), "--models", str(models)]) == 2
+    assert "two parents" in capsys.readouterr().err
+    assert main(["report", "--dice-csv", str(csv), "--models", str(models), "--family", "leg", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["versions"] == chain

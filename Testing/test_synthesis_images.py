@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -20,6 +21,7 @@ from dafne_logic.training.synthesis import (
     SynthesisSampler,
     dice_by_class,
     gaussian_blur,
+    resolution_operator,
     synthesise,
     synthetic_validation,
 )
@@ -90,7 +92,9 @@ def test_regimes_order_fat_and_muscle_and_complete_the_body():
 def test_bank_neighbours_weights_and_sampler():
     slices = [leg(z, "a") for z in (0.0, 5.0, 20.0)] + [leg(0.0, "b")]
     bank = AnatomyBank.from_sources([slices[:3], slices[3:]], source_weights=[1.0, 3.0])
-    assert bank.neighbour.tolist() == [1, -1, -1, -1]  # 20 mm is too far for a thick-slice neighbour
+    index = torch.tensor([0, 0, 1, 2, 3])
+    found = bank.slices_at(index, torch.tensor([3.0, -3.0, -4.0, -5.0, 2.0]), torch.full((5,), 6.0))
+    assert found.tolist() == [1, -1, 0, -1, -1]  # nothing below 0 mm; 20 mm is outside the slab; b has one slice
     assert bank.weight.tolist() == pytest.approx([1 / 12, 1 / 12, 1 / 12, 3 / 4])
     sampler = SynthesisSampler(bank, SynthesisConfig(size=(48, 48)))
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
@@ -149,3 +153,136 @@ def test_slice_sampler_augments_real_crops():
     assert set(y.unique().tolist()) <= {0, 3} and (y == 3).any()
     with pytest.raises(ValueError):
         SliceSampler([(image, np.zeros_like(target))], SynthesisConfig(size=(32, 32)))
+
+
+# --- realism the synthesis adds (issue 11): each test checks that the effect happens -------------
+
+QUIET_NEW = replace(QUIET, p_leg_rotation=0.0, p_other_leg=0.0, p_fov_cut=0.0, p_empty=0.0,
+                    p_low_resolution_acquisition=0.0, partial_volume_px=(1.0, 1.0))
+
+
+def render(regime: str, config: SynthesisConfig = QUIET_NEW, seed: int = 1, slices=None):
+    tissue, target, complete = batch(slices or [leg()])
+    return synthesise(tissue, target, complete, torch.Generator().manual_seed(seed), replace(config, regimes=(regime,)))
+
+
+def ring_masks():
+    """(muscle, fat ring just outside the muscles, rim between them) masks of the 48x48 output of leg()."""
+    yy, xx = np.mgrid[:48, :48]
+    r = np.hypot(yy - 24, xx - 24)  # leg() is centred on canvas pixel 32, output pixel 24
+    return (torch.from_numpy((r > 7) & (r < 14)), torch.from_numpy((r > 17.5) & (r < 19.5)),
+            torch.from_numpy((r > 14.5) & (r < 17.5)))
+
+
+def test_leg_rotation_about_its_own_axis_reaches_35_degrees():
+    tissue, target, complete = batch([leg()] * 64)  # tibialis anterior (4) in front of the centre
+    angles = {}
+    for p in (0.0, 1.0):
+        config = replace(QUIET_NEW, p_leg_rotation=p, regimes=("t1",))
+        _, labels = synthesise(tissue, target, complete, torch.Generator().manual_seed(3), config)
+        found = []
+        for sample in labels:
+            rows, cols = torch.nonzero(sample == 4, as_tuple=True)
+            found.append(math.degrees(math.atan2(float(cols.float().mean()) - 24, 24 - float(rows.float().mean()))))
+        angles[p] = np.array(found)
+    assert np.abs(angles[0.0]).max() < 5  # QUIET: no rotation (only the ±10 % anisotropy)
+    assert np.abs(angles[1.0]).max() > 28 and np.abs(angles[1.0]).max() < 37
+    assert angles[1.0].min() < -20 and angles[1.0].max() > 20  # both directions
+
+
+def test_other_leg_touching_or_apart_is_background():
+    config = replace(QUIET_NEW, p_other_leg=1.0, size=(64, 96), fat_thickness_px=(1, 1))
+    wide = [LegSlice("s", "right", 0.0, np.pad(s.tissue, ((0, 0), (16, 16))), np.pad(s.target, ((0, 0), (16, 16))))
+            for s in [leg()]]
+    touching, labels = render("t1", replace(config, other_leg_gap_mm=(0, 0)), slices=wide)
+    apart, _ = render("t1", replace(config, other_leg_gap_mm=(12, 12)), slices=wide)
+    alone, _ = render("t1", replace(config, p_other_leg=0.0), slices=wide)
+    # The leg spans output columns ~32..63 (centre 48, radius 16); its mirror image lies medially (beyond 64).
+    medial = (slice(24, 40), slice(66, 80))
+    assert float(alone[0, 0][medial].mean()) < 0.05
+    assert float(touching[0, 0][medial].mean()) > 0.2 and not labels[0][:, 66:].any()
+    gap = (slice(24, 40), slice(65, 74))
+    assert float(apart[0, 0][gap].mean()) < float(touching[0, 0][gap].mean()) - 0.1  # air between the legs
+
+
+def test_opposed_phase_has_dark_rims_and_muscle_like_fat_in_phase_does_not():
+    muscle, fat, rim = ring_masks()
+    levels = {}
+    for regime in ("opposed_phase", "in_phase"):
+        image, _ = render(regime, replace(QUIET_NEW, fat_thickness_px=(12, 12)))
+        image = image[0, 0]
+        levels[regime] = {k: float(image[m].median()) for k, m in (("muscle", muscle), ("fat", fat))}
+        levels[regime]["rim"] = float(image[rim].quantile(0.2))  # the darkest fifth of the interface
+    op, ip = levels["opposed_phase"], levels["in_phase"]
+    assert abs(op["muscle"] - op["fat"]) < 0.15  # muscle and fat of similar brightness
+    assert op["rim"] < 0.6 * min(op["muscle"], op["fat"])  # cancellation where fat meets water
+    assert ip["rim"] > 0.8 * min(ip["muscle"], ip["fat"])  # in phase: no cancellation
+    assert ip["fat"] > ip["muscle"] + 0.1
+
+
+def test_fat_only_and_fat_fraction_images():
+    muscle, fat, _ = ring_masks()
+    fat_only, _ = render("fat", replace(QUIET_NEW, fat_thickness_px=(12, 12)))
+    assert float(fat_only[0, 0][fat].mean()) > float(fat_only[0, 0][muscle].mean()) + 0.5
+    biased = replace(QUIET_NEW, fat_thickness_px=(12, 12), bias=0.8)
+    fraction, _ = render("fat_fraction", biased)
+    plain, _ = render("fat_fraction", replace(biased, bias=0.0))
+    assert float(fraction[0, 0][fat].median()) > 0.7 and float(fraction[0, 0][muscle].median()) < 0.15
+    assert torch.allclose(fraction, plain)  # a fat-fraction map carries no bias field
+    t1_biased, _ = render("t1", biased)
+    t1_plain, _ = render("t1", replace(biased, bias=0.0))
+    assert not torch.allclose(t1_biased, t1_plain)
+
+
+def test_low_resolution_acquisition_has_partial_volume():
+    identity = resolution_operator(torch.tensor([1.0]), 12)[0]
+    assert torch.allclose(identity, torch.eye(12), atol=1e-6)
+    operator = resolution_operator(torch.tensor([3.0, 2.4]), 30)
+    assert torch.allclose(operator.sum(2), torch.ones(2, 30), atol=1e-5)  # intensities are kept
+    step = (torch.arange(30) >= 14).float()
+    blurred = operator[0] @ step
+    assert ((blurred > 0.05) & (blurred < 0.95)).sum() >= 3  # the edge spreads over a 3-pixel cell
+    muscle, fat, rim = ring_masks()
+    sharp, _ = render("t1", replace(QUIET_NEW, fat_thickness_px=(12, 12)))
+    low, _ = render("t1", replace(QUIET_NEW, fat_thickness_px=(12, 12), p_low_resolution_acquisition=1.0,
+                                  low_resolution_mm=(3.0, 3.0)))
+    edges = lambda image: float((image[0, 0, 1:] - image[0, 0, :-1]).abs().max())  # noqa: E731
+    assert edges(low) < 0.7 * edges(sharp)
+
+
+def test_thick_slices_average_the_slices_around():
+    """A slab over three 2 mm slices: where only the neighbours have muscle, muscle shows at a third."""
+    centre, neighbour = leg(split=False), leg(split=False, shift=6)
+    tissue, target, complete = batch([centre])
+    neighbours = torch.from_numpy(np.stack([neighbour.tissue, neighbour.tissue]))[None]
+    config = replace(QUIET_NEW, regimes=("water",), fat_thickness_px=(14, 14))
+    thick, _ = synthesise(tissue, target, complete, torch.Generator().manual_seed(2), config,
+                          neighbours=neighbours, neighbour_weights=torch.tensor([[1 / 3, 1 / 3]]))
+    thin, _ = synthesise(tissue, target, complete, torch.Generator().manual_seed(2), config,
+                         neighbours=neighbours, neighbour_weights=torch.zeros(1, 2))
+    only_neighbour = (slice(20, 28), slice(40, 42))  # inside the shifted ring, outside the centre ring
+    assert float(thick[0, 0][only_neighbour].mean()) > float(thin[0, 0][only_neighbour].mean()) + 0.1
+    bank = AnatomyBank.from_sources([[leg(z, "a") for z in (0.0, 2.0, 4.0)]])
+    sampler = SynthesisSampler(bank, replace(config, p_thick_slice=1.0, slice_thickness_mm=(6.0, 6.0)))
+    found = bank.slices_at(torch.tensor([1, 1]), torch.tensor([2.0, -2.0]), torch.tensor([4.0, 4.0]))
+    assert found.tolist() == [2, 0] and sampler(torch.Generator().manual_seed(0), 2)[0].shape == (2, 1, 48, 48)
+
+
+def test_dim_blurry_noisy_fat_suppressed_images():
+    muscle, fat, _ = ring_masks()
+    poor, _ = render("fs_poor")
+    clean, _ = render("stir")
+    assert float(poor[0, 0][muscle].std()) > 2 * float(clean[0, 0][muscle].std())  # noise
+    assert float(poor[0, 0][fat].mean()) < float(poor[0, 0][muscle].mean())  # fat suppressed
+
+
+def test_field_of_view_cut_and_empty_slices_have_no_labels():
+    legs = [leg()] * 8
+    cut, labels = render("t1", replace(QUIET_NEW, p_fov_cut=1.0), seed=4, slices=legs)
+    _, full = render("t1", seed=4, slices=legs)
+    lost = full.bool() & ~labels.bool()
+    assert lost.flatten(1).any(1).sum() >= 4 and not (labels.bool() & ~full.bool()).any()
+    assert float(cut[:, 0][lost].abs().max()) == 0.0  # nothing acquired beyond the edge
+    images, targets = synthesise(*batch([leg(), leg()]), torch.Generator().manual_seed(5),
+                                 replace(QUIET_NEW, p_empty=1.0, noise=(0.05, 0.05)))
+    assert not targets.any() and float(images.std()) > 0.01  # noise, no body, no label

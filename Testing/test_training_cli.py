@@ -158,3 +158,20 @@ def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path
     capsys.readouterr()
     assert main(base + ["--init", str(load_model("thigh").path), "--output", str(tmp_path / "bad")]) == 2
     assert "architecture" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_source_weights_set_each_label_maps_share(tmp_path: Path, capsys):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    calf_map(maps / "subject_a_labels.nii.gz")
+    calf_map(maps / "subject_b_labels.nii.gz", shift=3)
+    out = tmp_path / "model"
+    base = ["train", "--region", "leg", "--label-maps", str(maps), "--output", str(out)] + FAST
+    assert main(base + ["--source-weights", "subject_a=3"]) == 0
+    training = ModelPackage.load(out).manifest.provenance["training"]
+    assert training["source_weights"] == [["subject_a", 0.75], ["subject_b", 0.25]]
+    assert "--source-weights subject_a=3" in training["command"]
+    assert main(base + ["--source-weights", "nobody=2"]) == 2
+    assert "no label map's file name contains 'nobody'" in capsys.readouterr().err
+    assert main(base + ["--source-weights", "subject_a=-1"]) == 2
+    assert "positive weight" in capsys.readouterr().err

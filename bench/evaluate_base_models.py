@@ -4,8 +4,10 @@
    out (never trained on; every model is scored on the same ones); per-leg images synthesised from them with fresh seeds, one batch per
    contrast regime; Dice per label pooled over the images of each regime, and the mean over labels.
    The adductor longus is not labelled in those maps, so it has no Dice there (NaN, left out of the mean).
-   Means are given over the six MR-like regimes (T1, T2, PD, water, fat, STIR) and over all seven
-   (with "random", every tissue drawn at an independent random intensity).
+   Means are given over the MR-like regimes (every regime of ``synthesis.REGIMES`` but "random":
+   T1, T2, PD, Dixon water and fat, STIR, dim fat-suppressed, gradient-echo in-phase and
+   opposed-phase, fat fraction) and over all of them (with "random", every tissue drawn at an
+   independent random intensity).
 2. **Real calf slices** (leg models): ``calf_slices/{t1,pd}_example`` through the whole path
    (``segment_volume``: leg finding, crops, model, restore), Dice per volume label (12) against the
    manual labels. Their images are never used in training or model selection.
@@ -70,7 +72,7 @@ def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: se
     names = [m.name for m in THIGH.muscles]
     results = {}
     for k, regime in enumerate(REGIMES):
-        sampler = SynthesisSampler(bank, SynthesisConfig(size=tuple(size), regimes=(regime,)))
+        sampler = SynthesisSampler(bank, SynthesisConfig(size=(size[0], size[1]), regimes=(regime,), spacing_mm=spacing))
         generator = torch.Generator().manual_seed(EVAL_SEED + k)
         predictions, targets = [], []
         with torch.no_grad():
@@ -79,10 +81,10 @@ def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: se
                 predictions.append(network(images).argmax(1))
                 targets.append(target)
         scores = dice_by_class(torch.cat(predictions), torch.cat(targets), THIGH.n_classes)
-        row = {n: math.nan if c in unlabelled else float(s) for c, (n, s) in enumerate(zip(names, scores), start=1)}
+        row = {n: math.nan if c in unlabelled else float(s) for c, (n, s) in enumerate(zip(names, scores, strict=True), start=1)}
         row["mean_dice"] = _mean_defined(list(row.values()))
         results[regime] = row
-    # The six MR-like regimes, then all seven: "random" gives every tissue an independent random
+    # The MR-like regimes, then all of them: "random" gives every tissue an independent random
     # intensity (a training device, no scanner makes it), so it is reported but kept apart.
     contrasts = [r for r in REGIMES if r != "random"]
     results["contrast regimes"] = {n: _mean_defined([results[r][n] for r in contrasts]) for n in names + ["mean_dice"]}
@@ -91,17 +93,22 @@ def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: se
     return results
 
 
+REAL_CALF_SLICES = ("t1_example", "pd_example")
+
+
+def real_calf_slice(model: ModelPackage, data: Path, name: str, device: str = "cpu") -> dict[str, float]:
+    """Dice per volume label (and their mean) of ``model`` on the real calf slice ``name``, through
+    the whole inference path."""
+    image = read_image(data / "calf_slices" / f"{name}.nii.gz")
+    reference, unknown = read_segmentation(data / "calf_slices" / f"{name}_labels.nii.gz", LEG)
+    assert not unknown, unknown
+    row = dice_per_label(segment_volume(image, model, device=device), reference, LEG)
+    row["mean_dice"] = mean_dice(row)
+    return row
+
+
 def real_calf(model: ModelPackage, data: Path) -> dict[str, dict[str, float]]:
-    results = {}
-    for name in ("t1_example", "pd_example"):
-        image = read_image(data / "calf_slices" / f"{name}.nii.gz")
-        reference, unknown = read_segmentation(data / "calf_slices" / f"{name}_labels.nii.gz", LEG)
-        assert not unknown, unknown
-        prediction = segment_volume(image, model, device="cpu")
-        row = dice_per_label(prediction, reference, LEG)
-        row["mean_dice"] = mean_dice(row)
-        results[name] = row
-    return results
+    return {name: real_calf_slice(model, data, name) for name in REAL_CALF_SLICES}
 
 
 def phantoms(model: ModelPackage, region: str) -> dict[str, float]:
@@ -140,7 +147,7 @@ def main(argv: list[str]) -> int:
     thigh_models = [ModelPackage.load(p) for p in args.thigh]
     # Every thigh model is scored on the same held-out subjects: those any of them lists.
     holdout = {s for m in thigh_models for s in m.manifest.provenance.get("training", {}).get("holdout_subjects", [])}
-    for path, model in zip(args.thigh, thigh_models):
+    for path, model in zip(args.thigh, thigh_models, strict=True):
         began = time.process_time()
         entry = {"trained_on": model.manifest.provenance.get("trained_on")}
         if holdout:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ DATA_SOURCES = {
                         "(SegResNet predictions)",
     "lowerbody_label_maps": "MuscleMap (github.com/MuscleMap/MuscleMap), MIT: 2 whole-body label maps "
                             "(model predictions)",
+    "visible_human_label_maps": "Visible Human Male and Female lower-limb geometry, CC BY 4.0: Andreassen T.E. et al., "
+                                "Three-dimensional lower extremity musculoskeletal geometry of the Visible Human "
+                                "Female and Male, Sci Data (2022), doi:10.1038/s41597-022-01905-2 (meshes via "
+                                "github.com/ingvilddevold/muscle-growth; voxelised, re-oriented to LPS)",
     "calf_slices": "dafne-evaluation (github.com/dafne-imaging/dafne-evaluation), Apache-2.0: manual calf labels",
 }
 
@@ -61,6 +66,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--phantom-share", type=float, default=0.3, metavar="FRACTION",
                         help="fraction of training samples drawn from the phantoms (default 0.3); each label "
                              "map weighs the same in the rest")
+    source.add_argument("--source-weights", nargs="+", default=[], metavar="NAME=WEIGHT",
+                        help="weigh the label maps whose file name contains NAME by WEIGHT (default 1 each), "
+                             "e.g. VHM_legs=0.6 VHF_legs=0.6 to lower the cadaver calves' share")
     source.add_argument("--holdout-subjects", nargs="*", default=[], metavar="ID",
                         help="subjects (e.g. THIGH_003) kept out of training and used for validation")
     parser.add_argument("--output", "-o", required=True, type=Path, help="model package folder to write")
@@ -124,6 +132,26 @@ def _initial_weights(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
         "name": parent.manifest.name, "version": parent.manifest.version,
         "weights_sha256": parent.manifest.weights_sha256}
     return parent.state_dict
+
+
+def _source_weights(files: list[Path], specs: list[str]) -> list[float]:
+    """Relative weight of each label map from ``NAME=WEIGHT`` specs (first match; 1 otherwise).
+
+    Raises:
+        InputError: a spec that is not NAME=positive number, or a NAME that matches no file."""
+    rules = []
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not name or not weight > 0 or not math.isfinite(weight):
+            raise InputError(f"--source-weights {spec!r}: write NAME=WEIGHT with a positive weight")
+        if not any(name in f.name for f in files):
+            raise InputError(f"--source-weights {spec!r}: no label map's file name contains {name!r}")
+        rules.append((name, weight))
+    return [next((w for name, w in rules if name in f.name), 1.0) for f in files]
 
 
 def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -197,6 +225,7 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
     registry = GroupRegistry(table.n_classes)
     files = find_label_maps(list(args.label_maps)) if args.label_maps else []
     sources = [load_label_map(path, table, registry, spacing, canvas, defaults["min_classes"]) for path in files]
+    relative = _source_weights(files, list(args.source_weights))
     phantoms = []
     if args.phantoms:
         if table.region not in BUILTIN_TABLES:
@@ -207,23 +236,29 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
     unknown = holdout - {s[0].subject for s in sources + phantoms if s}
     if unknown:
         raise InputError(f"held-out subjects {sorted(unknown)} are in none of the label maps")
-    train, held = _split(sources, holdout)
+    train_pairs = [(s, w) for s, w in zip(sources, relative, strict=True) if s and s[0].subject not in holdout]
+    train = [s for s, _ in train_pairs]
+    held = [s for s in sources if s and s[0].subject in holdout]
     train_phantoms, held_phantoms = _split(phantoms, holdout)
     held += held_phantoms
     if not train and not train_phantoms:
         raise InputError("no usable training slices in the label maps (every case is empty, held out or "
                          "has too few muscles of the table)")
-    # Each label map weighs the same; the phantoms together take --phantom-share of the samples.
+    # Each label map weighs the same (or its --source-weights share); the phantoms together take
+    # --phantom-share of the samples.
     phantom_share = args.phantom_share if train else 1.0
-    weights = [((1 - phantom_share) if train_phantoms else 1.0) / len(train)] * len(train) if train else []
+    total = sum(w for _, w in train_pairs)
+    weights = [((1 - phantom_share) if train_phantoms else 1.0) * w / total for _, w in train_pairs]
     weights += [phantom_share / len(train_phantoms)] * len(train_phantoms) if train_phantoms else []
     train += train_phantoms
     bank = AnatomyBank.from_sources(train, source_weights=weights)
-    synth = SynthesisConfig(size=(size, size))
+    synth = SynthesisConfig(size=(size, size), spacing_mm=spacing)
     sampler = SynthesisSampler(bank, synth, device)
     validate = None
     if held:
-        unlabelled = frozenset(c for group in registry.groups if 0 in group for c in group) - {0}
+        # Muscles no held-out slice labels (the adductor longus of the 11-label maps) get no figure.
+        labelled = set(torch.cat([torch.from_numpy(s.target).unique() for source in held for s in source]).tolist())
+        unlabelled = frozenset(range(1, table.n_classes)) - labelled
         validate = synthetic_validation(AnatomyBank.from_sources(held), synth, [m.name for m in table.muscles],
                                         samples=48, device=device, unlabelled=unlabelled)
     summary = {
@@ -231,6 +266,7 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
         "label_maps": [str(p) for p in files],
         "phantom_subjects": args.phantoms,
         "phantom_share": args.phantom_share if train_phantoms else 0.0,
+        "source_weights": [[s[0].subject, round(w, 6)] for s, w in zip(train, weights, strict=True)],
         "training_subjects": sorted({s[0].subject for s in train}),
         "holdout_subjects": sorted(holdout),
         "training_slices": len(bank),
@@ -268,7 +304,8 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
             cases.append((images[0], label_path))
     if not cases:
         raise InputError(f"no image/label pairs in {', '.join(map(str, args.pairs))}")
-    train_slices, held_slices = [], []
+    train_slices: list[list[Any]] = []
+    held_slices: list[list[Any]] = []
     for image_path, label_path in cases:
         labels, unknown = read_segmentation(label_path, table)
         if unknown:
@@ -292,7 +329,7 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
                     predictions.append(network(x).argmax(1).cpu().flatten())
                     targets.append(torch.from_numpy(target.astype("int64")).flatten())
             scores = dice_by_class(torch.cat(predictions), torch.cat(targets), table.n_classes)
-            result = {m.name: float(s) for m, s in zip(table.muscles, scores)}
+            result = {m.name: float(s) for m, s in zip(table.muscles, scores, strict=True)}
             valid = scores[~torch.isnan(scores)]
             result["mean_dice"] = float(valid.mean()) if valid.numel() else float("nan")
             return result

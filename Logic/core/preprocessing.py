@@ -135,6 +135,8 @@ class PreparedVolume:
         to_input_flips: ... after which these input numpy axes are reversed.
         size, origin, spacing, direction: the input image's grid (SimpleITK conventions).
         intensity_range: the raw intensities that became 0 and 1.
+        slices_with_body: (z,) bool, canonical slices where the body mask found anything; the
+            others (beyond the end of the body, noise only) get no labels. None: every slice.
     """
 
     legs: list[LegCrop]
@@ -146,6 +148,7 @@ class PreparedVolume:
     spacing: tuple[float, float, float]
     direction: tuple[float, ...]
     intensity_range: tuple[float, float]
+    slices_with_body: np.ndarray | None = None
 
     def leg(self, side: Side) -> LegCrop:
         for leg in self.legs:
@@ -252,6 +255,7 @@ def prepare_volume(
         spacing=image.GetSpacing(),
         direction=image.GetDirection(),
         intensity_range=(low, high),
+        slices_with_body=body.any(axis=(1, 2)),
     )
 
 
@@ -290,7 +294,10 @@ class LabelAssembler:
             classes = _resample_argmax(probabilities[start : start + chunk], leg)
             z0 = first_slice + start
             target = self.canonical[z0 : z0 + classes.shape[0], y0:y1, x0:x1]
-            np.copyto(target, values[classes], where=leg.owned[None])
+            where = leg.owned[None]
+            if self.prepared.slices_with_body is not None:  # no body, no labels
+                where = where & self.prepared.slices_with_body[z0 : z0 + classes.shape[0], None, None]
+            np.copyto(target, values[classes], where=where)
 
     def image(self) -> sitk.Image:
         """The uint8 volume labels on exactly the input image's grid."""

@@ -3,21 +3,29 @@
 Input is a table of Dice scores (one row per dataset and model version, as written by
 ``dafne-slicer evaluate``). Within a window of versions:
 
-* ``generation`` is the dense rank of the version in the window, starting at 0;
-* ``relative_dice`` is the dataset's Dice minus its Dice at the first window version it has
-  (normally the window's first version), so every dataset starts at 0;
-* the linear mixed model ``relative_dice*1000 ~ 0 + generation`` has a fixed slope and a random
-  slope of ``generation`` per dataset, without intercepts (statsmodels ``mixedlm``, REML).
+* versions are ordered by **lineage** when their manifests are known (``parents``: version →
+  parent version, from the ``parent_version`` of each manifest): every ancestor comes before its
+  descendants, and a chain of local fine-tunes (``"3.local-<hash>"``) keeps its parent-child order
+  whatever its hashes; versions without a known parent are ordered naturally (``"9" < "10"``,
+  ``"3" < "3.local-…" < "4"``);
+* ``generation`` is the dense rank of the version in that order within the window, from 0;
+* ``relative_dice`` is the dataset's Dice minus its Dice at its **baseline**, the first window
+  version it has, and ``elapsed`` counts generations since that baseline. A dataset that lacks the
+  window's first version (a site that joined later) thus starts at (0, 0) like every other: the
+  model's no-intercept assumption holds for it too, and its gains are not credited to generations
+  it never saw;
+* the linear mixed model ``relative_dice*1000 ~ 0 + elapsed`` has a fixed slope and a random
+  slope of ``elapsed`` per dataset, without intercepts (statsmodels ``mixedlm``, REML).
 
 The slope is reported back in Dice units (per generation) with its standard error and the
-two-sided Wald p-value from statsmodels. Versions are integers when every one parses as an
-integer (then ``"10" > "9"``), otherwise they are ordered as strings.
+two-sided Wald p-value from statsmodels.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +70,30 @@ class LearningCurveFit:
         return "\n".join(lines)
 
 
-def version_key(versions: list[str]) -> Callable[[str], Any]:
-    """Sort key for versions: numeric when every version is an integer, else lexicographic."""
-    try:
-        for v in versions:
-            int(v)
-    except ValueError:
-        return str
-    return int
+def natural_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that compares digit runs as numbers: ``"9" < "10"``, ``"3" < "3.local-ab" < "4"``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.findall(r"\d+|\D+", version))
+
+
+def lineage_order(versions: list[str], parents: Mapping[str, str | None] | None = None) -> list[str]:
+    """``versions`` ordered so that every ancestor precedes its descendants.
+
+    Each version is keyed by its chain of ancestors (root first, following ``parents`` while the
+    parent is known; a cycle stops the walk), compared element by element with
+    :func:`natural_key`: a lineage is depth-first, a chain stays in parent-child order, and
+    versions without known parents fall back to natural order.
+    """
+    parents = parents or {}
+
+    def chain(version: str) -> tuple[tuple[tuple[int, int | str], ...], ...]:
+        path, seen = [version], {version}
+        while (parent := parents.get(path[-1])) is not None and parent not in seen:
+            path.append(parent)
+            seen.add(parent)
+        return tuple(natural_key(v) for v in reversed(path))
+
+    return sorted(set(versions), key=chain)
 
 
 def read_dice_csv(path: str | Path) -> pd.DataFrame:
@@ -90,15 +114,18 @@ def read_dice_csv(path: str | Path) -> pd.DataFrame:
 
 
 def prepare_learning_curve(df: pd.DataFrame, from_version: str | None = None,
-                           to_version: str | None = None) -> pd.DataFrame:
-    """Add ``generation`` and ``relative_dice`` to the rows inside the version window.
+                           to_version: str | None = None,
+                           parents: Mapping[str, str | None] | None = None) -> pd.DataFrame:
+    """Add ``generation``, ``elapsed`` and ``relative_dice`` to the rows inside the version window.
 
-    Rows with a missing Dice are dropped. Returns columns dataset, model_version, dice,
-    generation (int from 0), relative_dice, sorted by dataset and generation.
+    Rows with a missing Dice are dropped. ``parents`` (version → parent version, from the
+    manifests) orders versions by lineage (see :func:`lineage_order`). Returns columns dataset,
+    model_version, dice, generation (int from 0), elapsed (generations since the dataset's
+    baseline), relative_dice, sorted by dataset and generation.
 
     Raises:
-        InputError: duplicate (dataset, version) rows, or fewer than 2 versions or 2 datasets in
-            the window.
+        InputError: duplicate (dataset, version) rows, a window bound that is no version of the
+            table or its lineage, or fewer than 2 versions or 2 datasets in the window.
     """
     data = df.loc[df["dice"].notna(), list(REQUIRED_COLUMNS)].copy()
     data["dataset"] = data["dataset"].astype(str)
@@ -107,34 +134,36 @@ def prepare_learning_curve(df: pd.DataFrame, from_version: str | None = None,
     if duplicated.any():
         row = data.loc[duplicated].iloc[0]
         raise InputError(f"dataset {row['dataset']!r} has more than one Dice for version {row['model_version']!r}")
-    bounds = [v for v in (from_version, to_version) if v is not None]
-    key = version_key(list(data["model_version"]) + [str(v) for v in bounds])
-    in_window = data["model_version"].map(
-        lambda v: (from_version is None or key(v) >= key(str(from_version)))
-        and (to_version is None or key(v) <= key(str(to_version))))
-    data = data.loc[in_window]
-    versions = sorted(set(data["model_version"]), key=key)
+    bounds = [str(v) for v in (from_version, to_version) if v is not None]
+    order = lineage_order(list(data["model_version"]) + bounds, parents)
+    position = {v: i for i, v in enumerate(order)}
+    low = position[str(from_version)] if from_version is not None else 0
+    high = position[str(to_version)] if to_version is not None else len(order) - 1
+    data = data.loc[data["model_version"].map(lambda v: low <= position[v] <= high)]
+    versions = [v for v in order if v in set(data["model_version"])]
     if len(versions) < 2:
         raise InputError(f"the version window holds {len(versions)} version(s); a learning curve needs at least 2")
     rank = {v: i for i, v in enumerate(versions)}
     data["generation"] = data["model_version"].map(rank).astype(int)
     data = data.sort_values(["dataset", "generation"]).reset_index(drop=True)
-    data["relative_dice"] = data["dice"] - data.groupby("dataset")["dice"].transform("first")
+    by_dataset = data.groupby("dataset")
+    data["elapsed"] = data["generation"] - by_dataset["generation"].transform("first")
+    data["relative_dice"] = data["dice"] - by_dataset["dice"].transform("first")
     if data["dataset"].nunique() < 2:
         raise InputError("the learning curve needs Dice from at least 2 datasets")
     return data
 
 
 def fit_learning_curve(data: pd.DataFrame) -> LearningCurveFit:
-    """Fit ``relative_dice*1000 ~ 0 + generation`` with a random generation slope per dataset.
+    """Fit ``relative_dice*1000 ~ 0 + elapsed`` with a random ``elapsed`` slope per dataset.
 
     ``data`` comes from :func:`prepare_learning_curve`.
     """
     import statsmodels.formula.api as smf
 
     frame = data.assign(relative_dice_x1000=data["relative_dice"] * SCALE)
-    model = smf.mixedlm("relative_dice_x1000 ~ 0 + generation", frame, groups=frame["dataset"],
-                        re_formula="0 + generation")
+    model = smf.mixedlm("relative_dice_x1000 ~ 0 + elapsed", frame, groups=frame["dataset"],
+                        re_formula="0 + elapsed")
     # Gradient optimisers can stop on the zero-variance boundary with a meaningless SE; the
     # derivative-free Powell search does not. Keep the finite fit of highest REML likelihood.
     fits = []
@@ -145,16 +174,16 @@ def fit_learning_curve(data: pd.DataFrame) -> LearningCurveFit:
                 result = model.fit(reml=True, method=method)
             except (np.linalg.LinAlgError, ValueError):
                 continue
-        if np.isfinite(result.bse_fe["generation"]) and np.isfinite(result.llf):
+        if np.isfinite(result.bse_fe["elapsed"]) and np.isfinite(result.llf):
             fits.append((result.llf, method, result, sorted({str(w.message).splitlines()[0] for w in caught})))
     if not fits:
         raise InputError("the mixed model could not be fitted to this Dice table")
     _, _, result, messages = max(fits, key=lambda f: (f[0], f[1] == "bfgs"))
     versions = list(data.sort_values("generation")["model_version"].drop_duplicates())
     return LearningCurveFit(
-        slope=float(result.fe_params["generation"]) / SCALE,
-        standard_error=float(result.bse_fe["generation"]) / SCALE,
-        p_value=float(result.pvalues["generation"]),
+        slope=float(result.fe_params["elapsed"]) / SCALE,
+        standard_error=float(result.bse_fe["elapsed"]) / SCALE,
+        p_value=float(result.pvalues["elapsed"]),
         n_datasets=int(data["dataset"].nunique()),
         n_observations=int(len(data)),
         versions=versions,

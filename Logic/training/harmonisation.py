@@ -6,7 +6,8 @@ Training anatomy comes from label maps whose schemes differ from the model's tab
   geometry (patient right has smaller x in LPS);
 * MuscleMap whole-body maps (``{anatomy, side, value}`` JSON) — thigh muscles, adductor brevis and
   pelvic muscles that our tables lack, calf *compartments* and one gastrocnemius;
-* label maps with a JSON table beside them (ours, or ``{"1": "Soleus_R"}``).
+* label maps with a JSON table beside them (ours, ``{"1": "Soleus_R"}``, or the Visible Human
+  maps' ``{"1": "right soleus"}`` with every lower-limb muscle by name).
 
 Each source label is matched **by name** to one of:
 
@@ -14,12 +15,21 @@ Each source label is matched **by name** to one of:
 * a **coarse group** of model classes (``gastrocnemius`` = medialis + lateralis; ``anterior
   compartment`` = tibialis anterior + extensor digitorum longus): the target holds the group's code
   and :class:`PartialLabelLoss` sums the fine probabilities inside it (marginal loss);
-* other muscle (a muscle the table does not have: background for the network, muscle for synthesis);
+* a **part** of a model class (``peroneus longus`` is part of the model's peroneus): the class, and
+  while the source lacks the other part (``peroneus brevis``) its unlabelled pixels may hide it;
+* other muscle (a muscle the table does not have, named in :data:`OTHER_MUSCLES` or in another
+  built-in table — tibialis posterior, the long flexors, popliteus, plantaris, extensor hallucis
+  longus, tensor fasciae latae, pectineus, hip muscles; or any muscle of a whole-body scheme):
+  background for the network, muscle for synthesis;
 * bone.
 
 Muscles of the table that a source never labels (adductor longus in the 11-label maps) may hide in
 its unlabelled interior: those pixels get an *ambiguity group* {background, missing muscles}, so
-the loss neither teaches "background" there nor guesses the muscle.
+the loss neither teaches "background" there nor guesses the muscle. A muscle that a source labels
+on one leg but not on the other (a missing mesh of the Visible Human maps: the male right rectus
+femoris and sartorius, the female right biceps femoris long head) is **unknown on that leg**: every
+unlabelled pixel within :data:`MISSING_MARGIN_MM` of that leg's structures gets the ambiguity group
+{background, missing muscles}, so the loss never calls the missing muscle background.
 
 Outputs are :class:`LegSlice` canvases at the model's in-plane spacing, in the orientation the
 network sees (rows anterior→posterior, columns patient right→left, the left leg mirrored), holding
@@ -41,7 +51,7 @@ from scipy import ndimage
 
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.io import label_table_path, match_label_name, read_header, read_label_names, read_label_volume, split_side
-from dafne_logic.core.labels import SIDES, LabelTable, Side, normalise_name
+from dafne_logic.core.labels import BUILTIN_TABLES, SIDES, LabelTable, Side, normalise_name
 from dafne_logic.phantoms.anatomy import Tissue
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,24 @@ COARSE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 BONE_NAMES = {"tibia", "fibula", "femur", "bone", "patella"}
+
+# Parts of a model muscle that sources may label separately (normalised name -> the part's name).
+MUSCLE_PARTS: dict[str, dict[str, str]] = {
+    "peroneus": {"peroneus longus": "longus", "peroneus brevis": "brevis",
+                 "fibularis longus": "longus", "fibularis brevis": "brevis"},
+}
+
+# Lower-limb and hip muscles that no built-in table segments: muscle for synthesis, background for
+# the network (muscles of the other built-in table count too, see _other_muscle_names).
+OTHER_MUSCLES = frozenset({
+    "tibialis posterior", "flexor digitorum longus", "flexor hallucis longus", "popliteus", "plantaris",
+    "extensor hallucis longus", "tensor fasciae latae", "pectineus", "adductor brevis", "gluteus maximus",
+    "gluteus medius", "gluteus minimus", "iliacus", "psoas major", "psoas minor", "iliopsoas", "piriformis",
+    "obturator internus", "obturator externus", "superior gemellus", "inferior gemellus", "quadratus femoris",
+    "peroneus tertius", "fibularis tertius",
+})
+MISSING_MARGIN_MM = 20.0  # how far from a leg's structures a muscle missing on that leg may lie
+PART_MARGIN_MM = 10.0  # how far from a labelled part (and the bones) the unlabelled part may lie
 
 # The thigh maps of the Multimodal-Multiethnic thigh dataset: values 1..11, both legs alike.
 THIGH11_NAMES = {
@@ -175,41 +203,82 @@ def scheme_for(path: Path, values: set[int]) -> LabelScheme:
 
 @dataclass(frozen=True)
 class Mapping:
-    """Tissue code and target code of each source value, plus the table's classes the source lacks."""
+    """Tissue code and target code of each source value, plus what the source leaves unknown.
+
+    ``missing``: classes the source never labels (they may hide in its unlabelled interior);
+    ``incomplete``: classes labelled only in part (``peroneus longus`` without ``brevis``);
+    ``missing_on``: per side, classes labelled on the other leg only (a missing structure)."""
 
     tissue: dict[int, int]
     target: dict[int, int]
     side: dict[int, Side | None]
     missing: frozenset[int]
+    incomplete: frozenset[int] = frozenset()
+    missing_on: dict[Side, frozenset[int]] = field(default_factory=dict)
+
+    def unknown(self, side: Side) -> frozenset[int]:
+        """Classes that unlabelled pixels of a ``side`` leg may belong to (besides background)."""
+        return self.missing | self.incomplete | self.missing_on.get(side, frozenset())
+
+
+def _other_muscle_names(table: LabelTable) -> frozenset[str]:
+    """Muscles that are not the table's: :data:`OTHER_MUSCLES` and the other built-in tables' muscles."""
+    own = {normalise_name(m.name) for m in table.muscles}
+    builtin = {normalise_name(m.name) for t in BUILTIN_TABLES.values() for m in t.muscles}
+    parts = {part for whole, names in MUSCLE_PARTS.items() if whole not in own for part in names}
+    return frozenset((OTHER_MUSCLES | builtin | parts) - own)
+
+
+def _part_of(name: str, table: LabelTable) -> tuple[int, str, frozenset[str]] | None:
+    """(model class, this part, every part of it) when ``name`` is a part of one of the table's
+    muscles, else None."""
+    for whole, parts in MUSCLE_PARTS.items():
+        if name in parts and normalise_name(whole) in {normalise_name(m.name) for m in table.muscles}:
+            return table.muscle_index(whole), parts[name], frozenset(parts.values())
+    return None
 
 
 def harmonise(scheme: LabelScheme, table: LabelTable, registry: GroupRegistry) -> Mapping:
     """Match every label of ``scheme`` to ``table`` by name (see the module docstring).
 
     Raises:
-        InputError: a name that is neither a muscle of the table, a coarse group, a bone nor
-            (for whole-body schemes) another muscle; or a source that names no muscle of the table.
+        InputError: a name that is neither a muscle of the table, a part of one, a coarse group, a
+            bone nor another known muscle (any muscle, for whole-body schemes); or a source that
+            names no muscle of the table.
     """
     groups = {normalise_name(k): v for k, v in COARSE_GROUPS.get(table.region, {}).items()}
+    others = _other_muscle_names(table)
     tissue, target, side_of = {}, {}, {}
     covered: set[int] = set()
+    covered_on: dict[Side | None, set[int]] = {None: set(), "right": set(), "left": set()}
+    parts_seen: dict[int, set[str]] = {}
+    parts_needed: dict[int, frozenset[str]] = {}
+    whole: set[int] = set()
     unknown = []
     for value, label in scheme.labels.items():
         side_of[value] = label.side
         probe = f"{label.side or 'right'} {label.name}"
         matched = match_label_name(probe, table)
-        if matched is not None:
-            k = matched if matched <= table.n_muscles else matched - table.n_muscles
+        part = _part_of(label.name, table) if matched is None else None
+        if matched is not None or part is not None:
+            if matched is not None:
+                k = matched if matched <= table.n_muscles else matched - table.n_muscles
+                whole.add(k)
+            else:
+                k, piece, parts_needed[k] = part  # type: ignore[misc]
+                parts_seen.setdefault(k, set()).add(piece)
             tissue[value], target[value] = MUSCLE_BASE + k, k
             covered.add(k)
+            covered_on[label.side].add(k)
         elif label.name in groups:
             members = frozenset(table.muscle_index(n) for n in groups[label.name])
             code = registry.code(members)
             tissue[value], target[value] = MUSCLE_BASE + code, code
             covered |= members
+            covered_on[label.side] |= members
         elif any(word in BONE_NAMES for word in label.name.split()):
             tissue[value], target[value] = BONE, 0
-        elif scheme.whole_body:
+        elif scheme.whole_body or label.name in others:
             tissue[value], target[value] = int(Tissue.MUSCLE), 0
         else:
             unknown.append(label.name)
@@ -218,7 +287,13 @@ def harmonise(scheme: LabelScheme, table: LabelTable, registry: GroupRegistry) -
                          f"({', '.join(m.name for m in table.muscles)})")
     if not covered:
         raise InputError(f"{scheme.source}: names no muscle of the {table.region} table")
-    return Mapping(tissue, target, side_of, frozenset(range(1, table.n_classes)) - covered)
+    # Classes given as parts are complete only when every part of them is labelled.
+    incomplete = frozenset(k for k, seen in parts_seen.items() if k not in whole and seen != parts_needed[k])
+    missing_on: dict[Side, frozenset[int]] = {}
+    if covered_on["right"] or covered_on["left"]:
+        for side, other in (("right", "left"), ("left", "right")):
+            missing_on[side] = frozenset(covered_on[other] - covered_on[side] - covered_on[None])  # type: ignore[index]
+    return Mapping(tissue, target, side_of, frozenset(range(1, table.n_classes)) - covered, incomplete, missing_on)
 
 
 # --- label maps → leg slices -----------------------------------------------------------------------
@@ -331,26 +406,56 @@ def _canvas(array: np.ndarray, centre: tuple[int, int], size: tuple[int, int], m
     return out[:, ::-1].copy() if mirror else out
 
 
+def _mark_unknown_near(tissue: np.ndarray, target: np.ndarray, around: np.ndarray, margin_px: float,
+                       code: int) -> None:
+    """Give ``code`` to unlabelled pixels (no structure of the source, holes included) within
+    ``margin_px`` of ``around`` (in place): where a structure missing on this leg, or the missing
+    part of a muscle, may lie. Labelled muscles and bones are known not to be it."""
+    if not around.any():
+        return
+    near = ndimage.distance_transform_edt(~around) <= margin_px
+    target[near & np.isin(tissue, (0, HOLE, HOLE_LARGEST))] = code
+
+
 def leg_slices_from_codes(tissue_volume: np.ndarray, target_volume: np.ndarray, side_volume: np.ndarray,
                           subject: str, spacing_mm: float, z_mm: np.ndarray, canvas: tuple[int, int],
-                          ambiguous_code: int, min_classes: int, complete: bool = False) -> list[LegSlice]:
+                          ambiguous_code: int | dict[Side, int], min_classes: int, complete: bool = False,
+                          missing_on: frozenset[Side] = frozenset(),
+                          incomplete: frozenset[int] = frozenset()) -> list[LegSlice]:
     """Cut per-leg canvases from canonical (z, y, x) code volumes at the model spacing.
 
     ``side_volume`` holds 1 for the right leg, 2 for the left, 0 for neither. Slices of a leg with
-    fewer than ``min_classes`` distinct targets of the table are skipped.
+    fewer than ``min_classes`` distinct targets of the table are skipped. ``ambiguous_code`` (one,
+    or one per side) is the target of the leg's unlabelled interior; it also covers the unlabelled
+    pixels within :data:`MISSING_MARGIN_MM` of the leg's structures on the legs in ``missing_on``
+    (a structure is missing there), and within :data:`PART_MARGIN_MM` of the classes in
+    ``incomplete`` and of bones (the missing part of a muscle lies beside the labelled part, as the
+    peroneus brevis beside the longus and the fibula).
     """
+    codes = ambiguous_code if isinstance(ambiguous_code, dict) else dict.fromkeys(SIDES, ambiguous_code)
     out = []
     for z in range(tissue_volume.shape[0]):
         for side_code, side in ((1, "right"), (2, "left")):
             mine = side_volume[z] == side_code
             if not mine.any():
                 continue
-            tissue = np.where(mine, tissue_volume[z], 0).astype(np.uint8)
-            target = np.where(mine, target_volume[z], 0).astype(np.uint8)
+            # Work on the leg's bounding box plus room for hole closing and unknown margins.
+            rows, cols = np.nonzero(mine)
+            pad = int(np.ceil((max(MISSING_MARGIN_MM, PART_MARGIN_MM) + 8.0) / spacing_mm))
+            box = (slice(max(0, rows.min() - pad), rows.max() + pad + 1),
+                   slice(max(0, cols.min() - pad), cols.max() + pad + 1))
+            mine = mine[box]
+            tissue = np.where(mine, tissue_volume[z][box], 0).astype(np.uint8)
+            target = np.where(mine, target_volume[z][box], 0).astype(np.uint8)
             if np.unique(target[target > 0]).size < min_classes:
                 continue
             if not complete:
-                _fill_holes(tissue, target, spacing_mm, ambiguous_code)
+                _fill_holes(tissue, target, spacing_mm, codes[side])
+            if incomplete:
+                around = np.isin(target, list(incomplete)) | (tissue == BONE)
+                _mark_unknown_near(tissue, target, around, PART_MARGIN_MM / spacing_mm, codes[side])
+            if side in missing_on:
+                _mark_unknown_near(tissue, target, tissue > 0, MISSING_MARGIN_MM / spacing_mm, codes[side])
             rows, cols = np.nonzero(tissue)
             centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
             mirror = side == "left"
@@ -375,7 +480,10 @@ def load_label_map(path: Path, table: LabelTable, registry: GroupRegistry, spaci
         raise InputError(f"{path}: holds negative label values")
     scheme = scheme_for(path, present)
     mapping = harmonise(scheme, table, registry)
-    ambiguous = registry.code(frozenset({0}) | mapping.missing) if mapping.missing else 0
+    ambiguous: dict[Side, int] = {side: registry.code(frozenset({0}) | mapping.unknown(side))
+                                  if mapping.unknown(side) else 0 for side in SIDES}
+    # A structure missing on one leg may lie anywhere near it, not only in enclosed holes.
+    missing_on = frozenset(side for side in SIDES if mapping.missing_on.get(side))
     resampled = _resample_in_plane(image, spacing_mm)
     values = sitk.GetArrayFromImage(resampled).astype(np.int64)
     lut_size = int(values.max()) + 1
@@ -401,8 +509,11 @@ def load_label_map(path: Path, table: LabelTable, registry: GroupRegistry, spaci
             sides[sideless] = np.broadcast_to(by_column, values.shape)[sideless]
     z_mm = np.array([resampled.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(values.shape[0])])
     slices = leg_slices_from_codes(tissue_lut[values], target_lut[values], sides, subject_id(path), spacing_mm,
-                                   z_mm, canvas, ambiguous, min_classes)
-    log.info("%s: %d leg slices (%s)", path, len(slices), scheme.source)
+                                   z_mm, canvas, ambiguous, min_classes, missing_on=missing_on,
+                                   incomplete=mapping.incomplete)
+    log.info("%s: %d leg slices (%s)%s", path, len(slices), scheme.source,
+             "".join(f"; unknown on the {side} leg: {sorted(mapping.unknown(side))}" for side in SIDES
+                     if mapping.unknown(side)))
     return slices
 
 

@@ -2,21 +2,33 @@
 
 Given batches of :class:`~dafne_logic.training.harmonisation.LegSlice` canvases (a *tissue* map and a
 *target* map), :func:`synthesise` returns network inputs and targets, in torch, batched, on CPU or
-CUDA, fully determined by one ``torch.Generator``:
+CUDA, fully determined by one ``torch.Generator``; every draw is vectorised over the batch:
 
-1. **Spatial**: random affine (rotation, anisotropic scale, shear, shift) plus a smooth elastic
-   field, applied to both maps with nearest-neighbour sampling, cropped to the output size.
-2. **Tissue completion** (label maps carry muscles only): the body outline is a smoothed,
+1. **The other leg** (some images): the leg's mirror image beside its medial side, touching it or a
+   few centimetres apart, as when both legs are in the field of view (target: background).
+2. **Spatial**: random affine (rotation, anisotropic scale, shear, shift) plus a smooth elastic
+   field, applied to both maps with nearest-neighbour sampling, cropped to the output size. Some
+   images are rotated about the leg's own long axis by up to ±35° (legs lie externally rotated
+   when people lie supine, and so do the Visible Human cadaver calves).
+3. **Tissue completion** (label maps carry muscles only): the body outline is a smoothed,
    thresholded copy of the muscle compartment grown by a random, angle-varying subcutaneous fat
    thickness, with a skin rim; the largest unlabelled hole inside the compartment (usually the
    femur or tibia) becomes bone with cortex and marrow; the other holes become intermuscular fat,
    or unlabelled muscle.
-3. **Intensities** per tissue, drawn per image from a contrast regime: T1-, T2-, PD-, Dixon water-,
-   Dixon fat-, STIR-like, or uniformly random (SynthSeg); per-muscle jitter and, for some images,
-   fat infiltration of some muscles (as in neuromuscular disease) with marbled texture.
-4. **Acquisition**: partial volume with the neighbouring slice (thick slices), multiplicative bias
-   field, Gaussian blur and in-plane low resolution, Rician noise, gamma.
-5. **Normalisation** as :mod:`dafne_logic.core.preprocessing` does it: the body's 0.5–99.5 percentiles
+4. **Field of view and empty slices**: some images are cut by a straight field-of-view edge
+   (nothing, and no label, beyond it); some hold no body at all (noise only, no label), as slices
+   beyond the end of the body do.
+5. **Intensities** per tissue, drawn per image from a contrast regime: T1-, T2-, PD-, Dixon water-,
+   Dixon fat-, STIR-like, dim fat-suppressed (``fs_poor``: low signal, blur and noise), uniformly
+   random (SynthSeg), or from a two-point Dixon signal model (proton density ρ and fat fraction f
+   per tissue, f blurred by partial volume): gradient-echo **in-phase** ρ, **opposed-phase**
+   ρ·|1 − 2f| (muscle and fat of similar brightness, dark cancellation rims wherever fat meets
+   water) and **fat-fraction** maps f (no bias field). Per-muscle jitter and, for some images, fat
+   infiltration of some muscles (as in neuromuscular disease).
+6. **Acquisition**: partial volume with the slices around it (thick slices, 4–10 mm, from the
+   anatomy bank), multiplicative bias field, Gaussian blur, in-plane low resolution (one axis, or a
+   2–3.5 mm acquisition on both axes with partial volume), Rician noise, gamma.
+7. **Normalisation** as :mod:`dafne_logic.core.preprocessing` does it: the body's 0.5–99.5 percentiles
    map to 0 and 1, clipped to (-0.1, 1.1).
 
 Canvases are in the network's orientation (the left leg already mirrored), so there is no random
@@ -37,9 +49,11 @@ from dafne_logic.core.preprocessing import NORMALISED_RANGE
 from dafne_logic.phantoms.anatomy import Tissue
 from dafne_logic.training.harmonisation import BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE, LegSlice
 
-REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "random")
+REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "fs_poor", "in_phase", "opposed_phase", "fat_fraction",
+           "random")
 
-# Mean intensities (relative) of air, fat, skin, muscle, cortex, marrow, vessels per regime.
+# Mean intensities (relative) of air, fat, skin, muscle, cortex, marrow, vessels per regime; for the
+# Dixon regimes these are proton densities ρ (the signal model adds the fat fraction).
 _REGIME_MEANS = {
     "t1": (0.02, 0.90, 0.55, 0.32, 0.04, 0.85, 0.20),
     "t2": (0.02, 0.75, 0.45, 0.22, 0.03, 0.65, 0.80),
@@ -47,17 +61,33 @@ _REGIME_MEANS = {
     "water": (0.02, 0.08, 0.35, 0.60, 0.03, 0.10, 0.75),
     "fat": (0.02, 0.90, 0.45, 0.07, 0.03, 0.85, 0.05),
     "stir": (0.02, 0.06, 0.35, 0.32, 0.03, 0.08, 0.85),
+    "fs_poor": (0.02, 0.12, 0.25, 0.22, 0.03, 0.12, 0.45),
+    "in_phase": (0.02, 0.95, 0.60, 0.62, 0.03, 0.90, 0.50),
+    "opposed_phase": (0.02, 0.80, 0.60, 0.72, 0.03, 0.80, 0.50),
+    "fat_fraction": (0.02, 0.95, 0.60, 0.70, 0.03, 0.90, 0.50),
+    "random": (0.0,) * 7,
 }
+# Two-point Dixon: signal = ρ_eff · |a + b·f| per regime (a, b, ρ_eff = 1 for fat-fraction maps).
+_DIXON_SIGNAL = {"in_phase": (1.0, 0.0, 0.0), "opposed_phase": (1.0, -2.0, 0.0), "fat_fraction": (0.0, 1.0, 1.0)}
+# Fat fraction of each fixed tissue slot (background, skin, subcutaneous fat, fascia, intermuscular
+# fat, cortex, marrow, unlabelled muscle, vessels); labelled muscles are MUSCLE_FAT_FRACTION.
+_FAT_FRACTION = (0.0, 0.30, 0.92, 0.50, 0.88, 0.0, 0.85, 0.04, 0.0)
+MUSCLE_FAT_FRACTION = 0.04
 N_TISSUE_SLOTS = 80  # compact tissue indices: 0..MUSCLE_BASE-1 fixed tissues, then muscles/groups
 
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """Ranges of the random draws. Sizes in pixels of the model spacing."""
+    """Ranges of the random draws. Sizes in pixels of the model spacing unless named ``_mm``."""
 
     size: tuple[int, int] = (160, 160)  # output (H, W)
     regimes: tuple[str, ...] = REGIMES
+    spacing_mm: float = 1.0  # the model's in-plane spacing: converts the ``_mm`` ranges to pixels
     rotation_deg: float = 15.0
+    p_leg_rotation: float = 0.35  # rotation about the leg's own long axis drawn from ±leg_rotation_deg
+    leg_rotation_deg: float = 35.0
+    p_other_leg: float = 0.25  # the other leg beside the medial side
+    other_leg_gap_mm: tuple[float, float] = (0.0, 40.0)  # 0: touching
     scale: tuple[float, float] = (0.8, 1.2)  # isotropic part; anisotropy adds ±10 %
     shear: float = 0.08
     shift: float = 0.08  # fraction of the output size
@@ -66,11 +96,24 @@ class SynthesisConfig:
     p_bone: float = 0.8  # the largest hole drawn as bone
     p_infiltration: float = 0.3
     p_thick_slice: float = 0.4
+    slice_thickness_mm: tuple[float, float] = (4.0, 10.0)
+    p_fov_cut: float = 0.1
+    p_empty: float = 0.03  # no body at all: noise only, no labels
     bias: float = 0.5  # max log amplitude of the bias field
     blur_px: float = 1.2
-    p_low_resolution: float = 0.3
+    p_low_resolution: float = 0.3  # one axis 1.3-2.5 times coarser
+    p_low_resolution_acquisition: float = 0.15  # both axes at low_resolution_mm
+    low_resolution_mm: tuple[float, float] = (2.0, 3.5)
+    partial_volume_px: tuple[float, float] = (0.6, 1.4)  # blur of the fat fraction (Dixon rims)
     noise: tuple[float, float] = (0.005, 0.06)
+    poor_noise: tuple[float, float] = (0.06, 0.15)  # fs_poor images
+    poor_blur_px: tuple[float, float] = (1.5, 3.0)
     gamma_log_sd: float = 0.25
+
+    def __post_init__(self) -> None:
+        unknown = set(self.regimes) - set(_REGIME_MEANS)
+        if unknown or not self.regimes:
+            raise ValueError(f"unknown contrast regimes {sorted(unknown)}; known: {', '.join(REGIMES)}")
 
 
 def _uniform(rng: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
@@ -116,7 +159,10 @@ def _spatial_grid(rng: torch.Generator, batch: int, canvas: tuple[int, int], con
                   device: torch.device) -> torch.Tensor:
     """(B, h, w, 2) sampling grid (normalised canvas coordinates) of a random affine + elastic map."""
     h, w = config.size
-    angle = _uniform(rng, batch, -1, 1, device) * math.radians(config.rotation_deg)
+    # The canvas is centred on the leg, so a rotation about its centre turns the leg about its own axis.
+    wide = torch.rand(batch, generator=rng, device=device) < config.p_leg_rotation
+    limit = torch.where(wide, config.leg_rotation_deg, config.rotation_deg)
+    angle = _uniform(rng, batch, -1, 1, device) * torch.deg2rad(limit)
     zoom = _uniform(rng, batch, *config.scale, device)
     aniso = _uniform(rng, batch, 0.9, 1.1, device)
     sx, sy = zoom * aniso, zoom / aniso
@@ -166,79 +212,206 @@ def _complete_body(tissue: torch.Tensor, complete: torch.Tensor, rng: torch.Gene
 
 
 def _bones(tissue: torch.Tensor, rng: torch.Generator, config: SynthesisConfig) -> torch.Tensor:
-    """Cortex and marrow inside labelled bones and (with probability ``p_bone``) the largest hole."""
+    """Cortex and marrow inside labelled bones and (with probability ``p_bone``) the largest hole;
+    the cortex is 1 to 3 pixels thick, drawn per image."""
     batch = tissue.shape[0]
     device = tissue.device
     as_bone = torch.rand(batch, generator=rng, device=device) < config.p_bone
     bone = (tissue == BONE) | ((tissue == HOLE_LARGEST) & as_bone.view(-1, 1, 1))
+    cortex_px = torch.randint(1, 4, (batch,), generator=rng, device=device).view(-1, 1, 1)
+    once = _erode(bone[:, None], 1)
+    twice = _erode(once, 1)
+    thrice = _erode(twice, 1)
+    inner = torch.where(cortex_px == 1, once[:, 0], torch.where(cortex_px == 2, twice[:, 0], thrice[:, 0]))
     out = tissue.clone()
-    for b in range(batch):
-        if bone[b].any():
-            cortex_px = 1 + int(torch.randint(0, 3, (1,), generator=rng, device=device))
-            inner = _erode(bone[b][None, None], cortex_px)[0, 0]
-            out[b][bone[b]] = int(Tissue.CORTICAL_BONE)
-            out[b][inner] = int(Tissue.MARROW)
+    out[bone] = int(Tissue.CORTICAL_BONE)
+    out[inner] = int(Tissue.MARROW)
     return out
 
 
-def _tissue_means(rng: torch.Generator, batch: int, config: SynthesisConfig, device: torch.device) -> torch.Tensor:
-    """(B, N_TISSUE_SLOTS) mean intensity of every tissue code slot for each image."""
-    means = torch.zeros(batch, N_TISSUE_SLOTS, device=device)
-    regime_index = torch.randint(0, len(config.regimes), (batch,), generator=rng, device=device)
-    jitter = lambda n: _uniform(rng, n, 0.8, 1.2, device)  # noqa: E731 - a local shorthand
-    for b in range(batch):
-        regime = config.regimes[int(regime_index[b])]
-        if regime == "random":
-            means[b] = torch.rand(N_TISSUE_SLOTS, generator=rng, device=device)
-            continue
-        air, fat, skin, muscle, cortex, marrow, vessel = (
-            v * f for v, f in zip(_REGIME_MEANS[regime], jitter(7).tolist()))
-        row = means[b]
-        row[int(Tissue.BACKGROUND)] = air * 0.5
-        row[int(Tissue.SKIN)] = skin
-        row[int(Tissue.SUBCUTANEOUS_FAT)] = fat
-        row[int(Tissue.FASCIA)] = (fat + muscle) / 2
-        row[int(Tissue.INTERMUSCULAR_FAT)] = fat * float(_uniform(rng, 1, 0.8, 1.0, device))
-        row[int(Tissue.CORTICAL_BONE)] = cortex
-        row[int(Tissue.MARROW)] = marrow
-        row[int(Tissue.NEUROVASCULAR)] = vessel
-        muscles = muscle * _uniform(rng, N_TISSUE_SLOTS - MUSCLE_BASE, 0.88, 1.12, device)
-        if float(torch.rand(1, generator=rng, device=device)) < config.p_infiltration:
-            # Fat replaces part of some muscles: intensity moves towards fat's.
-            severity = torch.rand(N_TISSUE_SLOTS - MUSCLE_BASE, generator=rng, device=device) ** 2 * 0.7
-            affected = torch.rand(N_TISSUE_SLOTS - MUSCLE_BASE, generator=rng, device=device) < 0.5
-            muscles = muscles + (fat - muscles) * severity * affected
-        row[MUSCLE_BASE:] = muscles
-        row[int(Tissue.MUSCLE)] = muscle * float(_uniform(rng, 1, 0.88, 1.12, device))
-        # Unlabelled interior: mostly fat (septa, fat pads), sometimes muscle the source did not label.
-        for slot in (HOLE, HOLE_LARGEST):
-            row[slot] = fat * 0.9 if float(torch.rand(1, generator=rng, device=device)) < 0.65 else muscle
-    return means
+@dataclass(frozen=True)
+class Contrast:
+    """Per-image intensity model: signal = ρ_eff · |a + b·f| with ρ the tissue's mean (proton
+    density for the Dixon regimes) and f its fat fraction; ``a = 1, b = 0`` for every regime but
+    opposed-phase and fat-fraction images. Tensors are (B, N_TISSUE_SLOTS) or (B,)."""
+
+    rho: torch.Tensor
+    fat_fraction: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    unit_rho: torch.Tensor  # 1 for fat-fraction maps (ρ_eff = 1 in the body), else 0
+    regime: torch.Tensor  # index into config.regimes
+
+    def rows(self, index: torch.Tensor) -> Contrast:
+        """The contrasts of images ``index`` (e.g. a thick slice's for its partners)."""
+        return Contrast(*(t[index] for t in (self.rho, self.fat_fraction, self.a, self.b, self.unit_rho,
+                                             self.regime)))
 
 
-def _render(tissue: torch.Tensor, means: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """(B, 1, H, W) noiseless image: each tissue's mean with a mild multiplicative texture."""
+def _draw_contrast(rng: torch.Generator, batch: int, config: SynthesisConfig, device: torch.device) -> Contrast:
+    """One contrast per image, drawn from ``config.regimes`` (vectorised over the batch)."""
+    slots, n_muscles = N_TISSUE_SLOTS, N_TISSUE_SLOTS - MUSCLE_BASE
+    regime = torch.randint(0, len(config.regimes), (batch,), generator=rng, device=device)
+    table = torch.tensor([_REGIME_MEANS[r] for r in config.regimes], device=device)[regime]  # (B, 7)
+    air, fat, skin, muscle, cortex, marrow, vessel = (table * _uniform(rng, 7 * batch, 0.8, 1.2, device)
+                                                      .view(batch, 7)).unbind(1)
+    rho = torch.zeros(batch, slots, device=device)
+    rho[:, int(Tissue.BACKGROUND)] = air * 0.5
+    rho[:, int(Tissue.SKIN)] = skin
+    rho[:, int(Tissue.SUBCUTANEOUS_FAT)] = fat
+    rho[:, int(Tissue.FASCIA)] = (fat + muscle) / 2
+    rho[:, int(Tissue.INTERMUSCULAR_FAT)] = fat * _uniform(rng, batch, 0.8, 1.0, device)
+    rho[:, int(Tissue.CORTICAL_BONE)] = cortex
+    rho[:, int(Tissue.MARROW)] = marrow
+    rho[:, int(Tissue.NEUROVASCULAR)] = vessel
+    rho[:, int(Tissue.MUSCLE)] = muscle * _uniform(rng, batch, 0.88, 1.12, device)
+    fraction = torch.zeros(batch, slots, device=device)
+    fraction[:, :len(_FAT_FRACTION)] = torch.tensor(_FAT_FRACTION, device=device)
+    muscles = muscle[:, None] * _uniform(rng, batch * n_muscles, 0.88, 1.12, device).view(batch, n_muscles)
+    muscle_fraction = MUSCLE_FAT_FRACTION * _uniform(rng, batch * n_muscles, 0.5, 1.5, device).view(batch, n_muscles)
+    # Fat replaces part of some muscles (neuromuscular disease): intensity and fat fraction move
+    # towards fat's.
+    infiltrated = torch.rand(batch, 1, generator=rng, device=device) < config.p_infiltration
+    affected = torch.rand(batch, n_muscles, generator=rng, device=device) < 0.5
+    severity = torch.rand(batch, n_muscles, generator=rng, device=device) ** 2 * 0.7 * (infiltrated & affected)
+    rho[:, MUSCLE_BASE:] = muscles + (fat[:, None] - muscles) * severity
+    fraction[:, MUSCLE_BASE:] = muscle_fraction + (0.9 - muscle_fraction) * severity
+    # Unlabelled interior: mostly fat (septa, fat pads), sometimes muscle the source did not label.
+    hole_fat = torch.rand(batch, 2, generator=rng, device=device) < 0.65
+    rho[:, [HOLE, HOLE_LARGEST]] = torch.where(hole_fat, (fat * 0.9)[:, None], muscle[:, None])
+    fraction[:, [HOLE, HOLE_LARGEST]] = torch.where(hole_fat, 0.88, MUSCLE_FAT_FRACTION)
+    random = torch.tensor([r == "random" for r in config.regimes], device=device)[regime]
+    rho = torch.where(random[:, None], torch.rand(batch, slots, generator=rng, device=device), rho)
+    signal = torch.tensor([_DIXON_SIGNAL.get(r, (1.0, 0.0, 0.0)) for r in config.regimes], device=device)[regime]
+    return Contrast(rho, fraction, signal[:, 0], signal[:, 1], signal[:, 2], regime)
+
+
+def _render(tissue: torch.Tensor, contrast: Contrast, rng: torch.Generator, config: SynthesisConfig) -> torch.Tensor:
+    """(B, 1, H, W) noiseless image: each tissue's signal with a mild multiplicative texture.
+
+    The fat fraction is blurred first (partial volume), so opposed-phase images cancel to dark rims
+    one or two pixels wide wherever fat meets water."""
     batch, h, w = tissue.shape
-    image = torch.gather(means, 1, tissue.view(batch, -1).clamp(max=N_TISSUE_SLOTS - 1)).view(batch, 1, h, w)
+    index = tissue.view(batch, -1).clamp(max=N_TISSUE_SLOTS - 1)
+    rho = torch.gather(contrast.rho, 1, index).view(batch, 1, h, w)
+    fraction = torch.gather(contrast.fat_fraction, 1, index).view(batch, 1, h, w)
+    sigma = _uniform(rng, batch, *config.partial_volume_px, tissue.device)
+    dixon = torch.nonzero(contrast.b != 0)[:, 0]  # only these images see the fat fraction
+    if dixon.numel():
+        fraction[dixon] = gaussian_blur(fraction[dixon], sigma[dixon])
+    unit = contrast.unit_rho.view(-1, 1, 1, 1)
+    body = (tissue > 0)[:, None].float()
+    rho = rho * (1 - unit) + body * unit
+    image = rho * (contrast.a.view(-1, 1, 1, 1) + contrast.b.view(-1, 1, 1, 1) * fraction).abs()
     texture = smooth_field(rng, batch, (h, w), max(4, h // 6), tissue.device)
     amplitude = _uniform(rng, batch, 0.0, 0.12, tissue.device).view(-1, 1, 1, 1)
     return image * (1 + amplitude * texture)
 
 
+def resolution_operator(factor: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, n) matrices that acquire a row of ``n`` pixels at ``factor`` (B,) times coarser cells
+    (each cell the mean of the pixels it covers: partial volume) and interpolate it back linearly.
+
+    A factor of 1 gives the identity. Applied as ``M_rows @ image @ M_columns.T``: one batched
+    product per axis, whatever the factors."""
+    device = factor.device
+    factor = factor.clamp(min=1.0).view(-1, 1, 1)
+    cells = int(math.ceil(n / float(factor.min()))) + 1
+    x = torch.arange(n, device=device, dtype=factor.dtype).view(1, 1, -1)
+    low = torch.arange(cells, device=device, dtype=factor.dtype).view(1, -1, 1) * factor
+    overlap = (torch.minimum(x + 1, low + factor) - torch.maximum(x, low)).clamp(min=0)  # (B, cells, n)
+    acquire = overlap / overlap.sum(2, keepdim=True).clamp(min=1e-6)
+    last = torch.ceil(n / factor.view(-1, 1)) - 1  # (B, 1) index of the last cell inside the row
+    u = ((x.view(1, -1) + 0.5) / factor.view(-1, 1) - 0.5).clamp(min=0)  # (B, n) position in cells
+    i0 = torch.minimum(torch.floor(u), last)
+    i1 = torch.minimum(i0 + 1, last)
+    t = (u - i0).clamp(0, 1)
+    interpolate = torch.zeros(factor.shape[0], n, cells, device=device, dtype=factor.dtype)
+    interpolate.scatter_add_(2, i0.long()[..., None], (1 - t)[..., None])
+    interpolate.scatter_add_(2, i1.long()[..., None], t[..., None])
+    return interpolate @ acquire
+
+
+def _low_resolution(image: torch.Tensor, rng: torch.Generator, config: SynthesisConfig) -> torch.Tensor:
+    """In-plane low resolution with partial volume: some images one axis 1.3-2.5 times coarser,
+    some acquired at ``low_resolution_mm`` on both axes."""
+    batch, _, h, w = image.shape
+    device = image.device
+    mode = torch.rand(batch, generator=rng, device=device)
+    one_axis = mode < config.p_low_resolution
+    both = (mode >= config.p_low_resolution) & (mode < config.p_low_resolution + config.p_low_resolution_acquisition)
+    coarse = _uniform(rng, batch, 1.3, 2.5, device)
+    rows_axis = torch.rand(batch, generator=rng, device=device) < 0.5
+    acquired = _uniform(rng, batch, *config.low_resolution_mm, device) / config.spacing_mm
+    ones = torch.ones(batch, device=device)
+    factor_rows = torch.where(both, acquired, torch.where(one_axis & rows_axis, coarse, ones))
+    factor_cols = torch.where(both, acquired, torch.where(one_axis & ~rows_axis, coarse, ones))
+    if not bool((one_axis | both).any()):
+        return image
+    rows, cols = resolution_operator(factor_rows, h), resolution_operator(factor_cols, w)
+    return (rows[:, None] @ image @ cols.transpose(1, 2)[:, None])
+
+
+def _add_other_leg(tissue: torch.Tensor, rng: torch.Generator, config: SynthesisConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place the leg's mirror image beside its medial side (larger columns) for some images.
+
+    ``tissue`` (B, K, H0, W0): the slice and its thick-slice partners, shifted alike. The gap from
+    the leg's medial edge is drawn from ``other_leg_gap_mm`` (0: touching). Returns the new codes
+    and the (B, H0, W0) mask of the other leg's pixels in the slice itself (target: background)."""
+    batch, _, h, w = tissue.shape
+    device = tissue.device
+    chosen = torch.rand(batch, generator=rng, device=device) < config.p_other_leg
+    gap = _uniform(rng, batch, *config.other_leg_gap_mm, device) / config.spacing_mm
+    placed = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    rows = torch.nonzero(chosen)[:, 0]
+    if rows.numel() == 0:
+        return tissue, placed
+    legs = tissue[rows]
+    columns = torch.arange(w, device=device)
+    medial = torch.where(legs[:, 0].any(1), columns, -1).amax(1)  # last column holding the leg
+    # The mirror image's medial edge lies at w - 1 - medial; shift it to medial + 1 + gap.
+    shift = (2 * medial + 2 - w + gap[rows].round().long()).view(-1, 1, 1, 1)
+    source = columns.view(1, 1, 1, -1) - shift
+    mirrored = legs.flip(-1).gather(3, source.clamp(0, w - 1).expand(-1, legs.shape[1], h, -1))
+    place = (source >= 0) & (source < w) & (legs == 0) & (mirrored > 0) & (medial >= 0).view(-1, 1, 1, 1)
+    out = tissue.clone()
+    out[rows] = torch.where(place, mirrored, legs)
+    placed[rows] = place[:, 0]
+    return out, placed
+
+
+def _outside_field_of_view(rng: torch.Generator, batch: int, size: tuple[int, int], config: SynthesisConfig,
+                           device: torch.device) -> torch.Tensor:
+    """(B, h, w) bool: pixels beyond a field-of-view edge (one image side, 5-35 % of the image cut
+    away) for a ``p_fov_cut`` share of images; nothing elsewhere."""
+    h, w = size
+    chosen = torch.rand(batch, generator=rng, device=device) < config.p_fov_cut
+    side = torch.randint(0, 4, (batch,), generator=rng, device=device).view(-1, 1, 1)
+    depth = _uniform(rng, batch, 0.05, 0.35, device).view(-1, 1, 1)
+    yy = (torch.arange(h, device=device).view(1, -1, 1) + 0.5) / h
+    xx = (torch.arange(w, device=device).view(1, 1, -1) + 0.5) / w
+    cut = torch.where(side == 0, yy < depth, torch.where(side == 1, yy > 1 - depth,
+                                                          torch.where(side == 2, xx < depth, xx > 1 - depth)))
+    return cut & chosen.view(-1, 1, 1)
+
+
 def _normalise(image: torch.Tensor, body: torch.Tensor, percentiles: tuple[float, float]) -> torch.Tensor:
-    """Body percentiles to 0 and 1, clipped, as preprocessing does at inference."""
-    out = torch.empty_like(image)
-    for b in range(image.shape[0]):
-        values = image[b, 0][body[b]] if body[b].any() else image[b, 0].flatten()
-        values = values[:: max(1, values.numel() // 4096)]  # a strided sample, as preprocessing takes
-        q = torch.quantile(values.float(), torch.tensor([percentiles[0] / 100, percentiles[1] / 100],
-                                                        device=image.device))
-        out[b] = (image[b] - q[0]) / torch.clamp(q[1] - q[0], min=1e-6)
-    return out.clamp(*NORMALISED_RANGE)
+    """Body percentiles to 0 and 1, clipped, as preprocessing does at inference (the whole image
+    where there is no body)."""
+    batch = image.shape[0]
+    stride = max(1, image[0].numel() // 4096)  # a strided sample, as preprocessing takes
+    flat = image.flatten(1)[:, ::stride].float()
+    mask = body.flatten(1)[:, ::stride]
+    inside = mask | ~mask.any(1, keepdim=True)
+    q = torch.nanquantile(torch.where(inside, flat, float("nan")),
+                          torch.tensor([percentiles[0] / 100, percentiles[1] / 100], device=image.device), dim=1)
+    low, high = q[0].view(batch, 1, 1, 1), q[1].view(batch, 1, 1, 1)
+    return ((image - low) / torch.clamp(high - low, min=1e-6)).clamp(*NORMALISED_RANGE)
 
 
 def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tensor, rng: torch.Generator,
-               config: SynthesisConfig, neighbour: torch.Tensor | None = None,
+               config: SynthesisConfig, neighbours: torch.Tensor | None = None,
+               neighbour_weights: torch.Tensor | None = None,
                percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[torch.Tensor, torch.Tensor]:
     """Random images for a batch of anatomy canvases.
 
@@ -247,8 +420,9 @@ def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tenso
         target: (B, H0, W0) uint8 target codes (model classes and group codes).
         complete: (B,) bool, anatomy that already has skin and fat.
         rng: generator on the tensors' device; the only source of randomness.
-        neighbour: optional (B, H0, W0) tissue codes of the adjacent slice (all zeros where there
-            is none), mixed in to mimic thick slices.
+        neighbours: optional (B, K, H0, W0) tissue codes of slices around each one (all zeros where
+            there is none), averaged in with ``neighbour_weights`` (B, K) to mimic thick slices
+            (partial volume across z); the slice itself keeps ``1 - sum(weights)``.
 
     Returns:
         images (B, 1, h, w) float32 normalised like preprocessing, targets (B, h, w) int64.
@@ -256,47 +430,65 @@ def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tenso
     device = tissue.device
     batch = tissue.shape[0]
     h, w = config.size
-    grid = _spatial_grid(rng, batch, tuple(tissue.shape[1:]), config, device)
-    stacked = [tissue, target] + ([neighbour] if neighbour is not None else [])
-    packed = torch.stack(stacked, 1).float()
+    k = 0 if neighbours is None else neighbours.shape[1]
+    if k and (neighbour_weights is None or neighbour_weights.shape != (batch, k)):
+        raise ValueError(f"{k} neighbours per slice need (B, {k}) neighbour weights")
+    stack = tissue[:, None] if neighbours is None else torch.cat([tissue[:, None], neighbours.to(tissue.dtype)], 1)
+    stack, other_leg = _add_other_leg(stack.long(), rng, config)
+    target = torch.where(other_leg, 0, target.long())
+    grid = _spatial_grid(rng, batch, (tissue.shape[1], tissue.shape[2]), config, device)
+    packed = torch.cat([stack, target[:, None]], 1).float()
     warped = F.grid_sample(packed, grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
-    tissues = warped[:, 0]
-    targets = warped[:, 1]
-    has_neighbour = torch.zeros(batch, dtype=torch.bool, device=device)
-    if neighbour is not None:
-        has_neighbour = warped[:, 2].flatten(1).any(1)
-        tissues = torch.cat([tissues, warped[:, 2]])
-        complete = torch.cat([complete, complete])
-    tissues = _complete_body(tissues, complete.to(device), rng, config)
+    # Only the partners that weigh something are rendered: (image b, partner j) is row j * B + b.
+    weights = torch.zeros(batch, k, device=device) if neighbour_weights is None else neighbour_weights.to(device).float()
+    used = torch.nonzero(weights.T.reshape(-1) > 0)[:, 0]
+    owner = torch.cat([torch.arange(batch, device=device), used % batch])
+    tissues = torch.cat([warped[:, 0], warped[:, 1:k + 1].transpose(0, 1).reshape(k * batch, h, w)[used]])
+    targets = warped[:, k + 1]
+    # Field-of-view cuts and empty slices: no tissue, no label.
+    beyond_fov = _outside_field_of_view(rng, batch, (h, w), config, device)
+    empty = torch.rand(batch, generator=rng, device=device) < config.p_empty
+    gone = beyond_fov | empty.view(-1, 1, 1)
+    tissues = tissues.masked_fill(gone[owner], 0)
+    targets = targets.masked_fill(gone, 0)
+    tissues = _complete_body(tissues, complete.to(device)[owner], rng, config)
     tissues = _bones(tissues, rng, config)
-    means = _tissue_means(rng, batch, config, device)
-    if neighbour is not None:
-        means = torch.cat([means, means])
-    rendered = _render(tissues, means, rng)
+    contrast = _draw_contrast(rng, batch, config, device)
+    rendered = _render(tissues, contrast.rows(owner), rng, config)
     image = rendered[:batch]
     body = tissues[:batch] > 0
-    if neighbour is not None:
-        weight = _uniform(rng, batch, 0.0, 0.45, device)
-        weight = weight * (torch.rand(batch, generator=rng, device=device) < config.p_thick_slice) * has_neighbour
-        image = image * (1 - weight.view(-1, 1, 1, 1)) + rendered[batch:] * weight.view(-1, 1, 1, 1)
-    bias = smooth_field(rng, batch, (h, w), 4, device) * _uniform(rng, batch, 0, config.bias, device).view(-1, 1, 1, 1)
+    if used.numel():
+        partners = torch.zeros(k * batch, 1, h, w, device=device)
+        partners[used] = rendered[batch:]
+        mix = weights.T.reshape(k, batch, 1, 1, 1)
+        image = image * (1 - mix.sum(0)) + (partners.view(k, batch, 1, h, w) * mix).sum(0)
+    poor = torch.tensor([r == "fs_poor" for r in config.regimes], device=device)[contrast.regime]
+    fat_fraction_map = contrast.unit_rho > 0  # quantitative maps carry no bias field
+    amplitude = _uniform(rng, batch, 0, config.bias, device) * ~fat_fraction_map
+    bias = smooth_field(rng, batch, (h, w), 4, device) * amplitude.view(-1, 1, 1, 1)
     image = image * torch.exp(bias)
-    image = gaussian_blur(image, _uniform(rng, batch, 0, config.blur_px, device))
-    for b in range(batch):
-        if float(torch.rand(1, generator=rng, device=device)) < config.p_low_resolution:
-            factor = float(_uniform(rng, 1, 1.3, 2.5, device))
-            axis_rows = bool(torch.rand(1, generator=rng, device=device) < 0.5)
-            low = (max(8, int(h / factor)), w) if axis_rows else (h, max(8, int(w / factor)))
-            image[b:b + 1] = F.interpolate(F.interpolate(image[b:b + 1], size=low, mode="area"),
-                                           size=(h, w), mode="bilinear", align_corners=False)
+    sigma_blur = torch.where(poor, _uniform(rng, batch, *config.poor_blur_px, device),
+                             _uniform(rng, batch, 0, config.blur_px, device))
+    image = gaussian_blur(image, sigma_blur)
+    image = _low_resolution(image, rng, config)
     peak = image.flatten(1).amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-    sigma = _uniform(rng, batch, *config.noise, device).view(-1, 1, 1, 1) * peak
+    peak = torch.where(empty.view(-1, 1, 1, 1), _uniform(rng, batch, 0.02, 0.5, device).view(-1, 1, 1, 1), peak)
+    noise = torch.where(poor, _uniform(rng, batch, *config.poor_noise, device),
+                        _uniform(rng, batch, *config.noise, device))
+    sigma = noise.view(-1, 1, 1, 1) * peak
     real = image + sigma * torch.randn(image.shape, generator=rng, device=device)
     imaginary = sigma * torch.randn(image.shape, generator=rng, device=device)
     image = torch.sqrt(real ** 2 + imaginary ** 2)  # Rician magnitude noise
     gamma = torch.exp(config.gamma_log_sd * torch.randn(batch, generator=rng, device=device)).view(-1, 1, 1, 1)
     image = (image / image.flatten(1).amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)) ** gamma
-    return _normalise(image, body, percentiles).float(), targets
+    image = _normalise(image, body, percentiles)
+    # A slice beyond the body is normalised with the volume's body range at inference, so its noise
+    # stays dim: scale the empty images' normalised noise down by a random factor.
+    dim = torch.where(empty, _uniform(rng, batch, 0.05, 0.6, device), torch.ones(batch, device=device))
+    image = torch.where(empty.view(-1, 1, 1, 1), image * dim.view(-1, 1, 1, 1), image)
+    # Beyond the field of view nothing was acquired: preprocessing fills crops there with air.
+    image = image.masked_fill(beyond_fov[:, None], 0.0)
+    return image.float(), targets
 
 
 @dataclass
@@ -306,49 +498,40 @@ class AnatomyBank:
     Attributes:
         tissue, target: (S, H0, W0) uint8.
         complete: (S,) bool.
-        neighbour: (S,) int64 index of the adjacent slice of the same leg (-1 when none).
-        weight: (S,) float64 sampling weight (each source file weighs the same in total).
+        z_mm: (S,) float64 slice position along the leg.
+        leg: (S,) int64 one id per leg of each source (subject and side).
+        weight: (S,) float64 sampling weight (each source weighs its ``source_weights`` share in total).
         subjects: subject id of each slice.
     """
 
     tissue: torch.Tensor
     target: torch.Tensor
     complete: torch.Tensor
-    neighbour: torch.Tensor
+    z_mm: torch.Tensor
+    leg: torch.Tensor
     weight: torch.Tensor
     subjects: list[str]
 
     @classmethod
-    def from_sources(cls, sources: list[list[LegSlice]], max_neighbour_mm: float = 6.0,
-                     source_weights: list[float] | None = None) -> AnatomyBank:
+    def from_sources(cls, sources: list[list[LegSlice]], source_weights: list[float] | None = None) -> AnatomyBank:
         """Stack the slices of several sources (each the output of one label map)."""
         weights = list(source_weights) if source_weights is not None else [1.0] * len(sources)
         if len(weights) != len(sources):
             raise ValueError("one weight per source, please")
-        kept = [(s, w) for s, w in zip(sources, weights) if s]
+        kept = [(s, w) for s, w in zip(sources, weights, strict=True) if s]
         sources, weights = [s for s, _ in kept], [w for _, w in kept]
         if not sources:
             raise ValueError("no anatomy slices to train on")
         slices = [s for source in sources for s in source]
-        neighbour = np.full(len(slices), -1, dtype=np.int64)
-        weight = np.zeros(len(slices))
-        start = 0
-        for k, source in enumerate(sources):
-            by_leg: dict[tuple[str, str], list[int]] = {}
-            for i, s in enumerate(source):
-                by_leg.setdefault((s.subject, s.side), []).append(start + i)
-            for indices in by_leg.values():
-                indices.sort(key=lambda i: slices[i].z_mm)
-                for a, b in zip(indices, indices[1:]):
-                    if abs(slices[a].z_mm - slices[b].z_mm) <= max_neighbour_mm:
-                        neighbour[a] = b
-            weight[start:start + len(source)] = weights[k] / len(source)
-            start += len(source)
+        legs: dict[tuple[int, str, str], int] = {}
+        leg = [legs.setdefault((k, s.subject, s.side), len(legs)) for k, source in enumerate(sources) for s in source]
+        weight = np.concatenate([np.full(len(source), w / len(source)) for source, w in zip(sources, weights, strict=True)])
         return cls(
             tissue=torch.from_numpy(np.stack([s.tissue for s in slices])),
             target=torch.from_numpy(np.stack([s.target for s in slices])),
             complete=torch.tensor([s.complete for s in slices]),
-            neighbour=torch.from_numpy(neighbour),
+            z_mm=torch.tensor([s.z_mm for s in slices], dtype=torch.float64),
+            leg=torch.tensor(leg, dtype=torch.int64),
             weight=torch.from_numpy(weight / weight.sum()),
             subjects=[s.subject for s in slices],
         )
@@ -356,12 +539,31 @@ class AnatomyBank:
     def __len__(self) -> int:
         return self.tissue.shape[0]
 
+    def slices_at(self, index: torch.Tensor, offset_mm: torch.Tensor, within_mm: torch.Tensor) -> torch.Tensor:
+        """(B,) index of the slice of the same leg nearest to ``z_mm[index] + offset_mm`` (never the
+        slice itself), or -1 where none lies within ``within_mm`` of the slice. Vectorised: one
+        sorted search over (leg, z) keys."""
+        key = self.leg.double() * 1e6 + self.z_mm
+        order = torch.argsort(key)
+        ordered = key[order]
+        query = key[index] + offset_mm.double()
+        position = torch.searchsorted(ordered, query)
+        candidates = torch.stack([position - 1, position]).clamp(0, len(self) - 1)  # (2, B)
+        found = order[candidates]
+        distance = (ordered[candidates] - query).abs()
+        distance[(found == index) | (self.leg[found] != self.leg[index])] = float("inf")
+        best = found.gather(0, distance.argmin(0, keepdim=True))[0]
+        usable = torch.isfinite(distance.min(0).values) & (
+            (self.z_mm[best] - self.z_mm[index]).abs() <= within_mm.double())
+        return torch.where(usable, best, -1)
+
 
 class SynthesisSampler:
     """``sampler(generator, batch) -> (images, targets)`` for :func:`dafne_logic.training.trainer.train_model`.
 
-    Draws slices by weight with the (CPU) ``generator``, then seeds a generator on ``device`` from
-    it, so a run is reproducible and resumable on either device."""
+    Draws slices by weight with the (CPU) ``generator``, for thick-slice images also the slices a
+    third of the thickness above and below (each weighs a third of the slab), then seeds a
+    generator on ``device`` from it, so a run is reproducible and resumable on either device."""
 
     def __init__(self, bank: AnatomyBank, config: SynthesisConfig, device: str | torch.device = "cpu",
                  percentiles: tuple[float, float] = (0.5, 99.5)):
@@ -375,13 +577,20 @@ class SynthesisSampler:
 
     def __call__(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.multinomial(self.bank.weight, batch, replacement=True, generator=generator)
+        thick = torch.rand(batch, generator=generator) < self.config.p_thick_slice
+        low, high = self.config.slice_thickness_mm
+        thickness = low + (high - low) * torch.rand(batch, generator=generator)
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
         rng = torch.Generator(self.device).manual_seed(seed)
-        nb = self.bank.neighbour[index].to(self.device)
-        neighbour = self._tissue[nb.clamp(min=0)] * (nb >= 0).view(-1, 1, 1)
+        within = thickness / 2 + 1.0
+        partners = torch.stack([self.bank.slices_at(index, thickness / 3, within),
+                                self.bank.slices_at(index, -thickness / 3, within)], 1)  # (B, 2)
+        valid = (partners >= 0) & thick[:, None]
+        partners, valid = partners.to(self.device), valid.to(self.device)
+        neighbours = self._tissue[partners.clamp(min=0)] * valid[..., None, None]
         index = index.to(self.device)
         return synthesise(self._tissue[index], self._target[index], self._complete[index], rng, self.config,
-                          neighbour=neighbour, percentiles=self.percentiles)
+                          neighbours=neighbours, neighbour_weights=valid.float() / 3, percentiles=self.percentiles)
 
 
 def dice_by_class(prediction: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -420,7 +629,7 @@ def synthetic_validation(bank: AnatomyBank, config: SynthesisConfig, class_names
                 predictions.append(network(images.to(next(network.parameters()).device)).argmax(1).cpu())
         scores = dice_by_class(torch.cat(predictions), torch.cat([t.cpu() for _, t in batches]), n_classes)
         scores[[c - 1 for c in sorted(unlabelled)]] = float("nan")
-        result = {name: float(s) for name, s in zip(class_names, scores)}
+        result = {name: float(s) for name, s in zip(class_names, scores, strict=True)}
         valid = scores[~torch.isnan(scores)]
         result["mean_dice"] = float(valid.mean()) if valid.numel() else float("nan")
         return result
