@@ -292,7 +292,7 @@ def harmonise(scheme: LabelScheme, table: LabelTable, registry: GroupRegistry) -
     missing_on: dict[Side, frozenset[int]] = {}
     if covered_on["right"] or covered_on["left"]:
         for side, other in (("right", "left"), ("left", "right")):
-            missing_on[side] = frozenset(covered_on[other] - covered_on[side] - covered_on[None])  # type: ignore[index]
+            missing_on[side] = frozenset(covered_on[other] - covered_on[side] - covered_on[None])
     return Mapping(tissue, target, side_of, frozenset(range(1, table.n_classes)) - covered, incomplete, missing_on)
 
 
