@@ -103,10 +103,14 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable, 
 def statistics_csv(rows: list[dict[str, Any]]) -> str:
     """CSV text of :func:`muscle_statistics` rows (header + one line per row; None → empty cell).
 
-    Columns in the order they first appear in the rows: keys a caller put first (e.g. ``case`` when
-    several volumes share one file), :data:`STAT_FIELDS`, then the map columns.
+    Columns: keys a caller put before the statistics in a row (e.g. ``case`` when several volumes
+    share one file), then :data:`STAT_FIELDS` in their order, then the other keys (the map columns)
+    in the order they first appear.
     """
-    fields = list(dict.fromkeys([*(key for row in rows for key in row), *STAT_FIELDS]))
+    stats = set(STAT_FIELDS)
+    leading = [next((i for i, key in enumerate(row) if key in stats), len(row)) for row in rows]
+    first = [key for row, n in zip(rows, leading, strict=True) for key in list(row)[:n]]
+    fields = list(dict.fromkeys([*first, *STAT_FIELDS, *(key for row in rows for key in row)]))
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

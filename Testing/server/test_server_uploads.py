@@ -125,13 +125,11 @@ def test_a_delta_against_a_rolled_back_version_is_refused(live_server, tiny_leg)
 @pytest.fixture(params=["sqlite", "postgresql"])
 def limits_server(request, tmp_path, tiny_leg):
     """A server with a low hourly limit and room for many concurrent uploads per user."""
-    from conftest import SHARED_MERGE
-
     from dafne_server.testing import LocalServer
 
     url = "" if request.param == "sqlite" else request.getfixturevalue("postgres_schema_factory")()
     server = LocalServer(tmp_path / "server", database_url=url, families={"leg": tiny_leg},
-                         merge={**SHARED_MERGE, "buffer_size": 50}, validation="none",
+                         merge={"buffer_size": 50, "dice_tolerance": 0.05, "label_tolerance": 0.5}, validation="none",
                          run_args=["--uploads-per-hour", "3", "--max-concurrent-uploads", "32",
                                    "--max-concurrent-uploads-per-user", "32"]).start()
     yield server
