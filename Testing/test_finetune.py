@@ -22,7 +22,9 @@ from dafne_logic.core.slice_selection import min_muscles_required, parse_slice_l
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.inference.networks import build_network, unet_architecture
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, apply_delta, decode_delta
-from dafne_logic.learning.finetune import FinetuneConfig, TrainingSlices, augment, finetune_on_corrections, split_holdout
+from dafne_logic.learning.finetune import FinetuneConfig, finetune_on_corrections
+from dafne_logic.learning.finetune_loop import augment
+from dafne_logic.learning.finetune_slices import TrainingSlices, split_holdout
 
 FAST = FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=10)
 

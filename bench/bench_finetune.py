@@ -73,7 +73,8 @@ def main() -> int:
 
     from dafne_logic.core.preprocessing import prepare_volume
     from dafne_logic.inference.networks import count_parameters
-    from dafne_logic.learning.finetune import collect_training_slices, finetune_on_corrections
+    from dafne_logic.learning.finetune import finetune_on_corrections
+    from dafne_logic.learning.finetune_slices import collect_training_slices
     from dafne_logic.phantoms.images import make_phantom
 
     model, source = parent_model(args.model)

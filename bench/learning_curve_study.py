@@ -34,7 +34,9 @@ from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.preprocessing import prepare_volume
 from dafne_logic.inference.model_package import ModelPackage, load_model
 from dafne_logic.learning.evaluation import mean_dice, write_dice_csv
-from dafne_logic.learning.finetune import TrainingSlices, agreement_dice, collect_training_slices, finetune_on_corrections, predict_classes
+from dafne_logic.learning.finetune import finetune_on_corrections
+from dafne_logic.learning.finetune_loop import agreement_dice, predict_classes
+from dafne_logic.learning.finetune_slices import TrainingSlices, collect_training_slices
 from dafne_logic.learning.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve
 from dafne_logic.phantoms.images import CONTRASTS, INTENSITIES, Tissue, phantom_tissue_map, render_contrast, to_image
 

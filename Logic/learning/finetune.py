@@ -13,7 +13,8 @@ Steps of :func:`finetune_on_corrections`:
 4. Training: Adam on Dice + cross-entropy (the trainer's loss), small random affine and intensity
    augmentation, and two guards against forgetting: a FedProx proximal term
    ``mu/2 * ||w - w_parent||^2`` and replay (each batch also rehearses phantom slices of the
-   model's region in every phantom contrast, see :func:`phantom_replay`).
+   model's region in every phantom contrast, see
+   :func:`dafne_logic.learning.finetune_slices.phantom_replay`).
    One slice in five is held out (when there are at least five); training stops when its loss
    has not improved for ``patience`` epochs, and the best weights are kept. Without a held-out
    part it stops on a plateau of the training loss. Every random choice comes from ``seed``.
@@ -36,33 +37,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from dafne_logic import __version__
 from dafne_logic.core.atomic import atomic_directory
 from dafne_logic.core.errors import Cancelled, InputError
-from dafne_logic.core.grids import align_labels_to_image
-from dafne_logic.core.labels import LabelTable
 from dafne_logic.core.numbers import nanmean
-from dafne_logic.core.preprocessing import PreparedVolume, fit_to, prepare_volume
 from dafne_logic.core.progress import CancelCheck, ProgressCallback
-from dafne_logic.core.slice_selection import keep_only_slices, min_muscles_required, select_slices
 from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
 from dafne_logic.inference.networks import resolve_device
-from dafne_logic.learning.contrast_resynthesis import resynthesise_contrast
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, encode_delta, make_delta, weights_norm
-from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
-from dafne_logic.training.trainer import default_loss
+from dafne_logic.learning.finetune_loop import agreement_dice, predict_classes, train_on_slices
+from dafne_logic.learning.finetune_slices import TrainingSlices, corrected_training_slices, phantom_replay, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -144,189 +137,6 @@ class FinetuneResult:
             (tmp / REPORT_NAME).write_text(json.dumps(self.report, indent=2) + "\n", "utf-8")
         self.model.path = output_dir
         return output_dir
-
-
-@dataclass
-class TrainingSlices:
-    """The corrected leg-slices, padded to one size.
-
-    Attributes:
-        images: (n, 1, H, W) float32 normalised crops (left legs mirrored).
-        targets: (n, H, W) int64 model classes.
-        sources: (side, crop slice index) of each sample.
-    """
-
-    images: torch.Tensor
-    targets: torch.Tensor
-    sources: list[tuple[str, int]]
-
-    def subset(self, indices: Sequence[int]) -> TrainingSlices:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return TrainingSlices(self.images[idx], self.targets[idx], [self.sources[i] for i in indices])
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-
-# --- inputs --------------------------------------------------------------------------------------
-
-
-def check_correction(labels: sitk.Image, table: LabelTable) -> None:
-    """Refuse an empty correction or label values outside the model's table.
-
-    Raises:
-        InputError: all zero, or values outside 0..2N.
-    """
-    values = np.unique(sitk.GetArrayViewFromImage(labels))
-    top = 2 * table.n_muscles
-    foreign = [int(v) for v in values if v < 0 or v > top]
-    if foreign:
-        raise InputError(f"the segmentation holds label values {foreign[:5]} that are not in the model's "
-                         f"{table.region} table (1..{top})")
-    if not (values > 0).any():
-        raise InputError("the segmentation is empty: there is no correction to learn from")
-
-
-def collect_training_slices(prepared: PreparedVolume, table: LabelTable, min_muscles: int | None) -> TrainingSlices:
-    """Every selected leg-slice of a prepared volume, padded (background) to a common size.
-
-    Raises:
-        InputError: no slice qualifies.
-    """
-    images, targets, sources = [], [], []
-    for leg in prepared.legs:
-        assert leg.target is not None
-        for z in select_slices(leg.target, table.n_muscles, min_muscles):
-            images.append(leg.image[z])
-            targets.append(leg.target[z])
-            sources.append((leg.side, z))
-    if not sources:
-        need = min_muscles or min_muscles_required(table.n_muscles)
-        raise InputError(f"no usable slices: no slice of either leg has at least {need} of the "
-                         f"{table.n_muscles} {table.region} muscles drawn")
-    height = max(a.shape[0] for a in images)
-    width = max(a.shape[1] for a in images)
-
-    def pad(array: np.ndarray) -> np.ndarray:
-        return np.pad(array, ((0, height - array.shape[0]), (0, width - array.shape[1])))
-
-    return TrainingSlices(
-        images=torch.from_numpy(np.stack([pad(a) for a in images]).astype(np.float32))[:, None],
-        targets=torch.from_numpy(np.stack([pad(t) for t in targets]).astype(np.int64)),
-        sources=sources,
-    )
-
-
-def split_holdout(n: int, config: FinetuneConfig) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices): every ``holdout_every``-th sample when there are enough."""
-    if n < config.min_holdout_samples:
-        return list(range(n)), []
-    held = set(range(config.holdout_every // 2, n, config.holdout_every))
-    return [i for i in range(n) if i not in held], sorted(held)
-
-
-def phantom_replay(model: ModelPackage, config: FinetuneConfig, seed: int, shape: tuple[int, int]) -> TrainingSlices | None:
-    """A replay pool: leg-slices of procedural phantoms of the model's region, each anatomy rendered
-    in every phantom contrast (the domain the bundled models start from), cropped or padded to
-    ``shape`` (H, W).
-
-    Rehearsing them while fine-tuning keeps the model good on the contrasts the correction does
-    not show. Returns None for a region without phantoms (a user-defined label table).
-    """
-    from dafne_logic.core.labels import BUILTIN_TABLES
-    from dafne_logic.phantoms.images import CONTRASTS, phantom_tissue_map, render_contrast, to_image
-
-    table = model.labels
-    if table.region not in BUILTIN_TABLES or BUILTIN_TABLES[table.region].muscles != table.muscles:
-        return None
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x2E91A7]))
-    images, targets = [], []
-    for _ in range(config.replay_cases):
-        anatomy = phantom_tissue_map(table.region, (config.replay_slices, 432, 432), None, int(rng.integers(1 << 30)))
-        labels = to_image(anatomy.muscles, anatomy)
-        for contrast in CONTRASTS:
-            array = render_contrast(anatomy.tissues, anatomy.muscles, contrast, rng, spacing=anatomy.spacing,
-                                    noise=float(rng.uniform(0.0, 0.06)), bias=float(rng.uniform(0.0, 0.3)))
-            for leg in prepare_volume(to_image(array, anatomy), model.manifest.preprocessing, labels, table).legs:
-                assert leg.target is not None
-                images.append(fit_to(leg.image, *shape))
-                targets.append(fit_to(leg.target, *shape))
-    return TrainingSlices(torch.from_numpy(np.concatenate(images))[:, None],
-                          torch.from_numpy(np.concatenate(targets).astype(np.int64)),
-                          [("replay", i) for i in range(sum(len(a) for a in images))])
-
-
-# --- augmentation and training -------------------------------------------------------------------
-
-
-def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
-            config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random small rotation, zoom, shift (same for image and labels) and intensity gain/offset/noise.
-
-    Args:
-        images: (B, 1, H, W) float32; targets: (B, H, W) int64.
-
-    Returns:
-        Augmented copies of the same shapes; labels are resampled with nearest neighbour.
-    """
-    b, _, h, w = images.shape
-
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator) * 2.0 - 1.0
-
-    angle = uniform(b) * math.radians(config.rotate_deg)
-    zoom = 1.0 + uniform(b) * config.scale
-    shift = uniform(b, 2) * 2.0 * config.translate
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    # A rotation in pixel space, written in affine_grid's normalised coordinates (x by W/2, y by H/2).
-    theta = torch.stack([
-        torch.stack([cos, -sin * h / w, shift[:, 0]], dim=1),
-        torch.stack([sin * w / h, cos, shift[:, 1]], dim=1),
-    ], dim=1)
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    out_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out_targets = F.grid_sample(targets[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                                align_corners=False)[:, 0].round().long()
-    gain = 1.0 + uniform(b, 1, 1, 1) * config.intensity_scale
-    offset = uniform(b, 1, 1, 1) * config.intensity_shift
-    noise = torch.randn(out_images.shape, generator=generator) * config.noise_std
-    return out_images * gain + offset + noise, out_targets
-
-
-def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``0.5 * sum ||w - w_parent||^2`` over the trainable parameters."""
-    squares = [((p - anchor[name]) ** 2).sum() for name, p in model.named_parameters()]
-    return 0.5 * torch.stack(squares).sum()
-
-
-@torch.no_grad()
-def predict_classes(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(n, 1, H, W) → (n, H, W) int64 argmax classes of a network in eval mode."""
-    net.eval()
-    return torch.cat([net(images[i:i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)])
-
-
-@torch.no_grad()
-def held_out_loss(net: torch.nn.Module, data: TrainingSlices, loss_fn: Callable, batch_size: int) -> float:
-    """The loss over all held-out slices at once (Dice pooled over them), network in eval mode."""
-    net.eval()
-    logits = torch.cat([net(data.images[i:i + batch_size]) for i in range(0, len(data), batch_size)])
-    return float(loss_fn(logits, data.targets))
-
-
-def agreement_dice(predicted: torch.Tensor, data: TrainingSlices, table: LabelTable) -> dict[str, float]:
-    """Dice per volume label (``"right soleus"``) between predicted and target classes of the
-    selected leg-slices, pooled over slices; labels absent from both are left out."""
-    out: dict[str, float] = {}
-    for side in ("right", "left"):
-        idx = [i for i, (s, _) in enumerate(data.sources) if s == side]
-        if not idx:
-            continue
-        dice = dice_from_counts(*dice_counts(predicted[idx].numpy(), data.targets[idx].numpy(), table.n_muscles))
-        for i, muscle in enumerate(table.muscles, start=1):
-            if not math.isnan(dice[i]):
-                out[f"{side} {muscle.name}"] = round(float(dice[i]), 6)
-    return out
 
 
 def server_ancestor(model: ModelPackage) -> tuple[ModelPackage, int]:
@@ -418,7 +228,7 @@ def finetune_on_corrections(
         predicted_before = predict_classes(net, data.images, config.batch_size)
         automatic_dice = agreement_dice(predicted_before, data, table)
         net.to(device)
-        history, stop_reason, best_state = _train(net, model.state_dict, table.n_classes, train, held, replay,
+        history, stop_reason, best_state = train_on_slices(net, model.state_dict, table.n_classes, train, held, replay,
                                                   generator, config, device, report_progress, check_cancel, began)
     net.load_state_dict(best_state)
     net.to("cpu")
@@ -483,29 +293,6 @@ def finetune_on_corrections(
     return FinetuneResult(child, delta, metadata, report)
 
 
-def corrected_training_slices(model: ModelPackage, image: sitk.Image, corrected: sitk.Image,
-                              slices: str | Sequence[int], min_muscles: int | None) -> TrainingSlices:
-    """The leg-slices to learn from: the correction checked against ``model``'s table, aligned to
-    ``image``, restricted to the user's slices (a list of k indices) or chosen automatically
-    (``"auto"``: per leg, slices with at least ``min_muscles`` muscles drawn), then cropped per leg.
-
-    Raises:
-        InputError: no overlap, label values outside the table, empty correction, no usable slices.
-    """
-    table = model.labels
-    labels = align_labels_to_image(corrected, image)
-    check_correction(labels, table)
-    if isinstance(slices, str):
-        if slices != "auto":
-            raise InputError(f"slices must be 'auto' or a list of slice indices, not {slices!r}")
-    else:
-        labels = keep_only_slices(labels, list(slices))
-        check_correction(labels, table)
-        min_muscles = 1 if min_muscles is None else min_muscles
-    prepared = prepare_volume(image, model.manifest.preprocessing, labels, table)
-    return collect_training_slices(prepared, table, min_muscles)
-
-
 def _replay_pool(replay: str | TrainingSlices | None, model: ModelPackage, config: FinetuneConfig, seed: int,
                  shape: tuple[int, ...], report_progress: ProgressCallback) -> TrainingSlices | None:
     """The rehearsal pool ``finetune_on_corrections``'s ``replay`` argument names (crops of ``shape``)."""
@@ -535,82 +322,3 @@ def _child_package(model: ModelPackage, child_state: dict[str, torch.Tensor], tr
             "n_slices": n_slices_since_base}},
     }
     return ModelPackage(manifest, child_state)
-
-
-def _train(net: torch.nn.Module, parent_state: dict[str, torch.Tensor], n_classes: int, train: TrainingSlices,
-           held: TrainingSlices | None, replay: TrainingSlices | None, generator: torch.Generator, config: FinetuneConfig,
-           device: torch.device, report_progress: ProgressCallback, check_cancel: Callable[[], None],
-           began: float) -> tuple[list[dict[str, float | None]], str, dict[str, torch.Tensor]]:
-    """The fine-tuning loop; returns (per-epoch history, stop reason, kept weights on CPU).
-
-    With a held-out set the weights of its lowest loss are kept (epoch 0 = the parent); without
-    one the latest weights are kept and a training-loss gain under ``plateau_tolerance`` counts
-    as no progress.
-    """
-    loss_fn = default_loss(n_classes)
-    anchor = {name: parent_state[name].to(device) for name, _ in net.named_parameters()}
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    steps_per_epoch = max(config.min_steps_per_epoch, math.ceil(len(train) / config.batch_size))
-    total_steps = min(config.max_steps, steps_per_epoch * config.max_epochs)
-    if held is not None:
-        held = TrainingSlices(held.images.to(device), held.targets.to(device), held.sources)
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
-
-    best = held_out_loss(net, held, loss_fn, config.batch_size) if held is not None else math.inf
-    history: list[dict[str, float | None]] = [
-        {"epoch": 0, "train_loss": None, "held_out_loss": best if held is not None else None}]
-    kept, stale = snapshot(), 0
-    stop_reason = f"reached {config.max_epochs} epochs"
-    order: list[int] = []
-    step = 0
-    for epoch in range(1, config.max_epochs + 1):
-        net.train()
-        losses = []
-        for _ in range(min(steps_per_epoch, total_steps - step)):
-            check_cancel()
-            while len(order) < config.batch_size:  # reshuffle each pass; tiny sets repeat within a batch
-                order += torch.randperm(len(train), generator=generator).tolist()
-            batch, order = order[:config.batch_size], order[config.batch_size:]
-            images, targets = train.images[batch], train.targets[batch]
-            images = resynthesise_contrast(images, targets, n_classes - 1, generator, config.resynthesis_probability)
-            if replay is not None and config.replay_per_batch > 0:
-                pick = torch.randint(len(replay), (config.replay_per_batch,), generator=generator)
-                images = torch.cat([images, replay.images[pick]])
-                targets = torch.cat([targets, replay.targets[pick]])
-            images, targets = augment(images, targets, generator, config)
-            data_loss = loss_fn(net(images.to(device)), targets.to(device))
-            loss = data_loss + config.prox_mu * proximal_term(net, anchor) if config.prox_mu > 0 else data_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(data_loss.detach()))
-            step += 1
-            report_progress(0.05 + 0.9 * step / total_steps, f"epoch {epoch}, step {step}: loss {losses[-1]:.3f}")
-        train_loss = float(np.mean(losses))
-        if held is not None:
-            current = held_out_loss(net, held, loss_fn, config.batch_size)
-            improved = current < best
-        else:
-            current = train_loss
-            improved = current < best * (1.0 - config.plateau_tolerance)
-        history.append({"epoch": epoch, "train_loss": train_loss,
-                        "held_out_loss": current if held is not None else None})
-        if improved:
-            best, stale = current, 0
-        else:
-            stale += 1
-        if improved or held is None:
-            kept = snapshot()
-        if stale >= config.patience:
-            stop_reason = (f"held-out loss did not improve for {config.patience} epochs" if held is not None
-                           else f"training loss plateaued for {config.patience} epochs")
-            break
-        if step >= total_steps:
-            stop_reason = f"reached {total_steps} steps"
-            break
-        if config.max_seconds is not None and time.monotonic() - began > config.max_seconds:
-            stop_reason = f"time budget of {config.max_seconds:.0f} s reached"
-            break
-    return history, stop_reason, kept
