@@ -200,6 +200,7 @@ def test_edits_and_reviewed_slices_drive_improve():
     assert view.dice[-1] == [{"muscle": "right soleus", "dice_automatic": 0.8, "dice_improved": 0.9}]
     assert view.models[-1] == (["leg"], "leg-1.local-abc")  # the improved version is selected
     assert "0.800 -> 0.900" in view.statuses[-1] and not view.errors
+    assert "held out" not in view.statuses[-1]  # the fake improvement held no slice out
     assert case.model_name == "leg-1.local-abc"
 
 
@@ -492,6 +493,18 @@ def test_background_job_result_progress_and_cancel():
     job.cancel()
     status = job.wait(5)
     assert status.cancelled and status.result is None and status.fraction == pytest.approx(0.3)
+
+
+def test_improve_reports_the_held_out_slices_apart(monkeypatch):
+    controller, parts, volume = segmented()
+    held = Improvement("leg-1.local-abc", Path("/models/leg-1.local-abc"), "1.local-abc", "1", 6,
+                       {"right soleus": 0.8}, {"right soleus": 0.95}, 2, 0.81, 0.86)
+    monkeypatch.setattr(parts["learning"], "save", lambda result: held)
+    controller.mark_slices("0-4")
+    controller.improve()
+    finish(controller)
+    status = parts["view"].statuses[-1]
+    assert "0.800 -> 0.950" in status and "On the 2 corrected leg-slices held out of training: 0.810 -> 0.860." in status
 
 
 def test_dice_rows_skip_labels_absent_from_both():

@@ -383,8 +383,12 @@ class DafneController:
             self.view.show_dice(rows)
             before = np.mean([r["dice_automatic"] for r in rows]) if rows else float("nan")
             after = np.mean([r["dice_improved"] for r in rows]) if rows else float("nan")
-            self.view.set_status(f"Improved model '{improvement.model_name}' saved and selected; mean Dice on the "
-                                 f"{improvement.n_slices} corrected slices {before:.3f} -> {after:.3f}.")
+            status = (f"Improved model '{improvement.model_name}' saved and selected; mean Dice on the "
+                      f"{improvement.n_slices} corrected slices {before:.3f} -> {after:.3f}.")
+            if improvement.held_out_before is not None and improvement.held_out_after is not None:
+                status += (f" On the {improvement.n_held_out} corrected leg-slices held out of training: "
+                           f"{improvement.held_out_before:.3f} -> {improvement.held_out_after:.3f}.")
+            self.view.set_status(status)
 
         self._run("Improving", request, done)
 

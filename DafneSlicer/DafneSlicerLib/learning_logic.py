@@ -28,6 +28,11 @@ class Improvement:
     n_slices: int
     dice_before: dict[str, float]  # automatic vs corrected, per volume label, on the trained slices
     dice_after: dict[str, float]  # fine-tuned model vs corrected, same slices
+    # Mean Dice on the corrected leg-slices held out of training (they only steered early stopping):
+    # the honest figure; None when too few slices were corrected to hold any out.
+    n_held_out: int = 0
+    held_out_before: float | None = None
+    held_out_after: float | None = None
 
 
 class LearningLogic:
@@ -54,7 +59,8 @@ class LearningLogic:
         path = result.save(user_models_dir() / name)
         report: dict[str, Any] = result.report
         return Improvement(name, path, manifest.version, manifest.parent_version or "", int(report["n_slices"]),
-                           dict(report["dice_before"]), dict(report["dice_after"]))
+                           dict(report["dice_before"]), dict(report["dice_after"]), int(report.get("n_held_out", 0)),
+                           report.get("mean_dice_held_out_before"), report.get("mean_dice_held_out_after"))
 
 
 def dice_rows(improvement: Improvement) -> list[dict[str, object]]:
