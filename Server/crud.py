@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .db import AuditEntry, Family, MergeLease, Token, UpdateRow, User, Version, now
+from .db import AuditEntry, Family, MergeLease, MergeRun, Token, UpdateRow, User, Version, now
 from .schemas import FamilyInfo, VersionInfo
 
 REFUSED = "update_refused"  # audit action of an upload refused after being checked
@@ -142,3 +142,16 @@ def count_updates(session: Session, user_id: int) -> int:
 def referenced_blobs(session: Session) -> set[str]:
     """sha256 of every blob a row points at: versions' weights and updates' deltas."""
     return set(session.scalars(select(Version.weights_sha256))) | set(session.scalars(select(UpdateRow.blob_sha256)))
+
+
+def update_status_counts(session: Session, family: str) -> dict[str, int]:
+    """How many of ``family``'s updates are in each status (statuses without one are absent)."""
+    rows = session.execute(select(UpdateRow.status, func.count()).where(UpdateRow.family == family)
+                           .group_by(UpdateRow.status))
+    return {status: int(n) for status, n in rows}
+
+
+def recent_merge_runs(session: Session, family: str, limit: int = 10) -> list[MergeRun]:
+    """``family``'s latest merge runs, newest first."""
+    return list(session.scalars(select(MergeRun).where(MergeRun.family == family)
+                                .order_by(MergeRun.id.desc()).limit(limit)))

@@ -13,10 +13,10 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
+from .. import crud
 from ..auth import authenticate
-from ..db import Family, MergeRun, UpdateRow, Version, audit
+from ..db import audit
 from ..deps import FamilyName, get_storage
 from ..plots import PLOTS, PlotCache, plot_data, render_plot
 from ..sessions import COOKIE, MAX_AGE_S, SessionSigner
@@ -83,14 +83,10 @@ def index(request: Request, allowed: bool = Depends(may_view), storage: Storage 
         return RedirectResponse("/login", status_code=303)
     with storage.read() as session:
         families = []
-        for fam in session.scalars(select(Family).order_by(Family.name)):
-            versions = list(session.scalars(select(Version).where(Version.family == fam.name)
-                                            .order_by(Version.number.desc())))
-            counts = dict.fromkeys(STATUSES, 0)
-            for status in session.scalars(select(UpdateRow.status).where(UpdateRow.family == fam.name)):
-                counts[status] = counts.get(status, 0) + 1
-            runs = list(session.scalars(select(MergeRun).where(MergeRun.family == fam.name)
-                                        .order_by(MergeRun.id.desc()).limit(10)))
+        for fam in crud.families(session):
+            versions = crud.versions(session, fam.name)[::-1]  # newest first
+            counts = {**dict.fromkeys(STATUSES, 0), **crud.update_status_counts(session, fam.name)}
+            runs = crud.recent_merge_runs(session, fam.name)
             families.append({
                 "name": fam.name, "region": fam.region, "active": fam.active_version, "counts": counts,
                 "versions": [{"number": v.number, "parent": v.parent_number, "source": v.source,
@@ -110,8 +106,7 @@ def plot(request: Request, kind: str, family: str = FamilyName, allowed: bool = 
     if kind not in PLOTS:
         raise HTTPException(404, "unknown plot")
     with storage.read() as session:
-        if session.get(Family, family) is None:
-            raise HTTPException(404, f"no model family {family!r}")
+        crud.get_family(session, family)  # 404 for an unknown family
         data = plot_data(session, family, kind)
     cache: PlotCache = request.app.state.plots
     png = cache.get(family, kind, data, lambda: render_plot(family, kind, data))
