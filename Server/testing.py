@@ -108,26 +108,36 @@ class LocalServer:
         self.kill()
         raise RuntimeError(f"server did not answer within {timeout_s} s; see {self.log_path}")
 
-    def _signal_group(self, sig: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
+    def _signal_group(self, kill: bool) -> None:
+        """End the server's process group: at once (``kill``) or politely. Windows has no process
+        groups to signal: the API process is ended, and its merge worker follows through its
+        lifeline (it exits when its parent's pipe closes)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        if os.name == "nt":
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL the API and merge worker at once (a crash)."""
-        self._signal_group(signal.SIGKILL)
+        self._signal_group(kill=True)
         if self.process is not None:
             self.process.wait()
             time.sleep(0.2)  # let the orphaned merge worker notice, or die with the group
 
     def stop(self) -> None:
-        self._signal_group(signal.SIGTERM)
+        self._signal_group(kill=False)
         if self.process is not None:
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
-            self._signal_group(signal.SIGKILL)  # a straggling merge worker of the same group
+            self._signal_group(kill=True)  # a straggling merge worker of the same group
 
 
 @contextlib.contextmanager
