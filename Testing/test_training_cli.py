@@ -36,11 +36,17 @@ def calf_map(path: Path, shift: int = 0) -> Path:
     return path
 
 
-def test_train_from_label_maps_resume_and_holdout(tmp_path: Path, capsys):
+def two_calf_maps(tmp_path: Path) -> Path:
+    """A folder of two subjects' calf label maps (subject_a, and subject_b shifted by 3 voxels)."""
     maps = tmp_path / "maps"
     maps.mkdir()
     calf_map(maps / "subject_a_labels.nii.gz")
     calf_map(maps / "subject_b_labels.nii.gz", shift=3)
+    return maps
+
+
+def test_train_from_label_maps_resume_and_holdout(tmp_path: Path, capsys):
+    maps = two_calf_maps(tmp_path)
     out = tmp_path / "model"
     args = ["train", "--region", "leg", "--label-maps", str(maps), "--holdout-subjects", "subject_b",
             "--output", str(out)] + FAST
@@ -161,10 +167,7 @@ def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path
 
 
 def test_source_weights_set_each_label_maps_share(tmp_path: Path, capsys):
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    calf_map(maps / "subject_a_labels.nii.gz")
-    calf_map(maps / "subject_b_labels.nii.gz", shift=3)
+    maps = two_calf_maps(tmp_path)
     out = tmp_path / "model"
     base = ["train", "--region", "leg", "--label-maps", str(maps), "--output", str(out)] + FAST
     assert main(base + ["--source-weights", "subject_a=3"]) == 0

@@ -57,6 +57,14 @@ def distance_scorer(seed_state):
     return scorer
 
 
+def publish_version_2(storage, weights, source: str) -> None:
+    """Publish version 2 of the "leg" family (parent 1, the seeded manifest) and make it active."""
+    with storage.session.begin() as session:
+        fam = session.get(Family, "leg")
+        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
+                            weights, 1, source, {}, {})
+
+
 def set_merge(storage, **changes) -> None:
     with storage.session.begin() as session:
         fam = session.get(Family, "leg")
@@ -112,10 +120,7 @@ def test_candidate_still_worse_after_retry_rejects_the_batch(storage, tiny_leg):
 
 def test_stale_updates_are_rejected_and_forced_merge_takes_fewer_than_k(storage, tiny_leg):
     set_merge(storage, max_staleness=0)
-    with storage.session.begin() as session:
-        fam = session.get(Family, "leg")
-        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
-                            tiny_leg.state_dict, 1, "admin", {}, {})
+    publish_version_2(storage, tiny_leg.state_dict, "admin")
     stale = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=1)
     fresh = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2, seed=3)
     assert families_with_work(storage) == []
@@ -133,10 +138,7 @@ def test_stale_updates_are_rejected_and_forced_merge_takes_fewer_than_k(storage,
 def test_an_update_buffered_against_a_version_rolled_back_since_is_not_merged(storage, tiny_leg):
     """Uploaded against v2, then an admin re-activated v1: merging it onto v1 would apply a delta
     made for other weights (its staleness, counted by number, would even look negative)."""
-    with storage.session.begin() as session:
-        fam = session.get(Family, "leg")
-        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
-                            tiny_leg.state_dict, 1, "merge", {}, {})
+    publish_version_2(storage, tiny_leg.state_dict, "merge")
     future = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2)
     current = buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=1, seed=4)
     with storage.session.begin() as session:
@@ -310,10 +312,7 @@ def test_updates_the_robust_rules_overrode_are_marked_overridden(storage, tiny_l
 
 def test_rollback_during_a_merge_is_not_undone(storage, tiny_leg):
     set_merge(storage, buffer_size=2)
-    with storage.session.begin() as session:  # version 2 is active; sites improve it
-        fam = session.get(Family, "leg")
-        storage.new_version(session, fam, storage.load_package(session.scalar(sa.select(Version))).manifest,
-                            tiny_leg.state_dict, 1, "admin", {}, {})
+    publish_version_2(storage, tiny_leg.state_dict, "admin")  # version 2 is active; sites improve it
     for i in range(2):
         buffer_update(storage, tiny_leg.state_dict, 1e-3, parent=2, seed=i)
 
