@@ -286,3 +286,34 @@ def test_field_of_view_cut_and_empty_slices_have_no_labels():
     images, targets = synthesise(*batch([leg(), leg()]), torch.Generator().manual_seed(5),
                                  replace(QUIET_NEW, p_empty=1.0, noise=(0.05, 0.05)))
     assert not targets.any() and float(images.std()) > 0.01  # noise, no body, no label
+
+
+def test_fat_infiltration_is_patchy_and_reaches_mostly_fat_muscles():
+    """Infiltrated muscles (fat-fraction images, where a pixel's value is its fat fraction) range up to
+    mostly fat, and within one muscle the fat varies from patch to patch unless patchiness is off."""
+    tissue, target, complete = batch([leg()] * 48)
+    muscle, fat, _ = ring_masks()
+    air = torch.from_numpy(np.hypot(*np.mgrid[-24:24, -24:24]) > 23)
+    halves = (muscle & torch.from_numpy(np.mgrid[:48, :48][0] >= 26), muscle & torch.from_numpy(np.mgrid[:48, :48][0] < 22))
+
+    def relative_fat(config: SynthesisConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Per muscle of every image: median fat relative to the fat ring, and its interquartile range."""
+        images, _ = synthesise(tissue, target, complete, torch.Generator().manual_seed(3), replace(config, regimes=("fat_fraction",)))
+        medians, spreads = [], []
+        for image in images[:, 0]:
+            zero, full = float(image[air].median()), float(image[fat].median())
+            for half in halves:
+                values = (image[half] - zero) / (full - zero)
+                medians.append(float(values.median()))
+                spreads.append(float(values.quantile(0.75) - values.quantile(0.25)))
+        return np.array(medians), np.array(spreads)
+
+    infiltrated = replace(QUIET_NEW, p_infiltration=1.0, fat_thickness_px=(12, 12))
+    medians, spreads = relative_fat(infiltrated)
+    assert medians.max() > 0.7  # some muscles mostly fat (severity up to 0.9; it stopped at 0.7)
+    assert (medians < 0.15).sum() >= 10  # half the muscles are spared
+    _, smooth_spreads = relative_fat(replace(infiltrated, infiltration_patchiness=0.0))
+    moderate = (medians > 0.25) & (medians < 0.7)
+    assert moderate.sum() >= 5
+    assert np.median(spreads[moderate]) > 2 * np.median(smooth_spreads[moderate]) and np.median(spreads[moderate]) > 0.15
+    assert relative_fat(replace(infiltrated, p_infiltration=0.0))[0].max() < 0.15

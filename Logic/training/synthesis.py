@@ -95,6 +95,12 @@ class SynthesisConfig:
     fat_thickness_px: tuple[float, float] = (3.0, 30.0)
     p_bone: float = 0.8  # the largest hole drawn as bone
     p_infiltration: float = 0.3
+    # Severity (share of a muscle replaced by fat) reaches infiltration_max; within a muscle it varies
+    # by ±infiltration_patchiness (relative) on infiltration_patch_px features: fat infiltration in
+    # neuromuscular disease is patchy ("moth-eaten"), and the worst muscles are mostly fat.
+    infiltration_max: float = 0.9
+    infiltration_patchiness: float = 0.6
+    infiltration_patch_px: float = 6.0
     p_thick_slice: float = 0.4
     slice_thickness_mm: tuple[float, float] = (4.0, 10.0)
     p_fov_cut: float = 0.1
@@ -241,11 +247,13 @@ class Contrast:
     b: torch.Tensor
     unit_rho: torch.Tensor  # 1 for fat-fraction maps (ρ_eff = 1 in the body), else 0
     regime: torch.Tensor  # index into config.regimes
+    severity: torch.Tensor  # (B, N_TISSUE_SLOTS) mean share of each muscle replaced by fat (0 elsewhere)
+    fat_rho: torch.Tensor  # (B,) ρ of fat, what infiltrated muscle moves towards
 
     def rows(self, index: torch.Tensor) -> Contrast:
         """The contrasts of images ``index`` (e.g. a thick slice's for its partners)."""
         return Contrast(*(t[index] for t in (self.rho, self.fat_fraction, self.a, self.b, self.unit_rho,
-                                             self.regime)))
+                                             self.regime, self.severity, self.fat_rho)))
 
 
 def _draw_contrast(rng: torch.Generator, batch: int, config: SynthesisConfig, device: torch.device) -> Contrast:
@@ -269,13 +277,15 @@ def _draw_contrast(rng: torch.Generator, batch: int, config: SynthesisConfig, de
     fraction[:, :len(_FAT_FRACTION)] = torch.tensor(_FAT_FRACTION, device=device)
     muscles = muscle[:, None] * _uniform(rng, batch * n_muscles, 0.88, 1.12, device).view(batch, n_muscles)
     muscle_fraction = MUSCLE_FAT_FRACTION * _uniform(rng, batch * n_muscles, 0.5, 1.5, device).view(batch, n_muscles)
-    # Fat replaces part of some muscles (neuromuscular disease): intensity and fat fraction move
-    # towards fat's.
+    rho[:, MUSCLE_BASE:] = muscles
+    fraction[:, MUSCLE_BASE:] = muscle_fraction
+    # Fat replaces part of some muscles (neuromuscular disease); _render moves each pixel's intensity
+    # and fat fraction towards fat's by the muscle's severity, patchily.
     infiltrated = torch.rand(batch, 1, generator=rng, device=device) < config.p_infiltration
     affected = torch.rand(batch, n_muscles, generator=rng, device=device) < 0.5
-    severity = torch.rand(batch, n_muscles, generator=rng, device=device) ** 2 * 0.7 * (infiltrated & affected)
-    rho[:, MUSCLE_BASE:] = muscles + (fat[:, None] - muscles) * severity
-    fraction[:, MUSCLE_BASE:] = muscle_fraction + (0.9 - muscle_fraction) * severity
+    severity = torch.zeros(batch, slots, device=device)
+    severity[:, MUSCLE_BASE:] = (torch.rand(batch, n_muscles, generator=rng, device=device) ** 1.5
+                                 * config.infiltration_max * (infiltrated & affected))
     # Unlabelled interior: mostly fat (septa, fat pads), sometimes muscle the source did not label.
     hole_fat = torch.rand(batch, 2, generator=rng, device=device) < 0.65
     rho[:, [HOLE, HOLE_LARGEST]] = torch.where(hole_fat, (fat * 0.9)[:, None], muscle[:, None])
@@ -283,7 +293,23 @@ def _draw_contrast(rng: torch.Generator, batch: int, config: SynthesisConfig, de
     random = torch.tensor([r == "random" for r in config.regimes], device=device)[regime]
     rho = torch.where(random[:, None], torch.rand(batch, slots, generator=rng, device=device), rho)
     signal = torch.tensor([_DIXON_SIGNAL.get(r, (1.0, 0.0, 0.0)) for r in config.regimes], device=device)[regime]
-    return Contrast(rho, fraction, signal[:, 0], signal[:, 1], signal[:, 2], regime)
+    return Contrast(rho, fraction, signal[:, 0], signal[:, 1], signal[:, 2], regime, severity,
+                    rho[:, int(Tissue.SUBCUTANEOUS_FAT)].clone())
+
+
+def _infiltrate(rho: torch.Tensor, fraction: torch.Tensor, index: torch.Tensor, contrast: Contrast,
+                rng: torch.Generator, config: SynthesisConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fat infiltration of muscle pixels: ρ and fat fraction (each (B, 1, H, W)) move towards fat's
+    by the pixel's severity, the muscle's mean severity modulated by a smooth random field with
+    features about ``config.infiltration_patch_px`` across. ``index``: (B, H·W) tissue slots."""
+    batch, _, h, w = rho.shape
+    mean = torch.gather(contrast.severity, 1, index).view(batch, 1, h, w)
+    grid = max(4, round(max(h, w) / config.infiltration_patch_px))
+    patches = smooth_field(rng, batch, (h, w), grid, rho.device)
+    severity = (mean * (1 + config.infiltration_patchiness * patches)).clamp(0.0, 1.0)
+    rho = rho + (contrast.fat_rho.view(-1, 1, 1, 1) - rho) * severity
+    fraction = fraction + (0.9 - fraction) * severity
+    return rho, fraction
 
 
 def _render(tissue: torch.Tensor, contrast: Contrast, rng: torch.Generator, config: SynthesisConfig) -> torch.Tensor:
@@ -295,6 +321,10 @@ def _render(tissue: torch.Tensor, contrast: Contrast, rng: torch.Generator, conf
     index = tissue.view(batch, -1).clamp(max=N_TISSUE_SLOTS - 1)
     rho = torch.gather(contrast.rho, 1, index).view(batch, 1, h, w)
     fraction = torch.gather(contrast.fat_fraction, 1, index).view(batch, 1, h, w)
+    infiltrated = torch.nonzero(contrast.severity.amax(1) > 0)[:, 0]
+    if infiltrated.numel():
+        rho[infiltrated], fraction[infiltrated] = _infiltrate(
+            rho[infiltrated], fraction[infiltrated], index[infiltrated], contrast.rows(infiltrated), rng, config)
     sigma = _uniform(rng, batch, *config.partial_volume_px, tissue.device)
     dixon = torch.nonzero(contrast.b != 0)[:, 0]  # only these images see the fat fraction
     if dixon.numel():
