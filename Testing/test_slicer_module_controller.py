@@ -5,6 +5,7 @@ fakes of ``fakes.py``; jobs run on real threads, statistics and CSV export use t
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import math
 import threading
 from pathlib import Path
@@ -437,12 +438,36 @@ def test_install_declined_or_offline():
         _install(offline).ensure()
 
 
-def test_monai_is_held_below_1_6_only_for_old_torch():
-    from DafneSlicerLib.install_logic import fit_to_torch
+def test_monai_and_highdicom_are_held_below_what_slicers_torch_and_pydicom_cannot_run():
+    from DafneSlicerLib.install_logic import fit_to_installed
 
-    assert str(fit_to_torch(Requirement("monai>=1.5"), "2.6.0+cu124")) == "monai<1.6,>=1.5"
-    assert str(fit_to_torch(Requirement("monai>=1.5"), "2.9.1")) == "monai>=1.5"
-    assert str(fit_to_torch(Requirement("scipy>=1.10"), "2.4.0")) == "scipy>=1.10"
+    def installed(**versions):
+        def version_of(name):
+            if name not in versions:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return versions[name]
+        return version_of
+
+    assert str(fit_to_installed(Requirement("monai>=1.5"), installed(torch="2.6.0+cu124"))) == "monai<1.6,>=1.5"
+    assert str(fit_to_installed(Requirement("monai>=1.5"), installed(torch="2.9.1"))) == "monai>=1.5"
+    assert str(fit_to_installed(Requirement("scipy>=1.10"), installed(torch="2.4.0"))) == "scipy>=1.10"
+    # Slicer 5.10 ships pydicom 2.4.4: highdicom 0.23+ needs pydicom 3.
+    assert str(fit_to_installed(Requirement("highdicom>=0.22"), installed(pydicom="2.4.4"))) == "highdicom<0.23,>=0.22"
+    assert str(fit_to_installed(Requirement("highdicom>=0.22"), installed(pydicom="3.0.1"))) == "highdicom>=0.22"
+    assert str(fit_to_installed(Requirement("highdicom>=0.22"), installed())) == "highdicom>=0.22"
+
+
+def test_first_install_on_slicer_5_10_keeps_its_pydicom():
+    """What pip is asked for in a Slicer with torch 2.6 and pydicom 2.4.4 and nothing else of ours."""
+    packaging = FakePackaging(torch=True, installed={"torch": "2.6.0", "pydicom": "2.4.4", "numpy": "2.0.0"})
+    install = InstallLogic(packaging, read_requirements(), version_of=packaging.version_of)
+    try:
+        install.ensure()
+    except DependencyError:
+        pass  # the fake installs every package as version 1.5.2, too old for some requirements
+    (requested,) = [call[1] for call in packaging.calls if call[0] == "pip"]
+    assert "highdicom<0.23,>=0.22" in requested and "monai<1.6,>=1.5" in requested
+    assert not [r for r in requested if r.split("<")[0].split(">")[0] in ("pydicom", "torch", "numpy")]
 
 
 def test_requirements_file_and_version_checks():

@@ -38,18 +38,36 @@ class SlicerPackaging(Protocol):
     def pip_install(self, requirements: list[Requirement], skip: tuple[str, ...]) -> None: ...
 
 
-def fit_to_torch(requirement: Requirement, torch_version: str | None) -> Requirement:
-    """``requirement``, held below versions that need a newer torch than the one installed.
+# (package, what it needs, its first version that needs more than Slicer may have): pip would
+# otherwise pick the newest release and break the import, or replace a package Slicer ships.
+# - MONAI 1.6 needs torch >= 2.8, which Linux Slicer cannot install (its torch wheels stop at 2.6).
+# - highdicom 0.23 and later need pydicom >= 3.0.1; Slicer 5.10 ships pydicom 2.4.4 (Slicer issue
+#   8796: pydicom 3 comes after 5.10), and highdicom 0.22 is the last release for pydicom 2.
+_HELD_BELOW = (("monai", "torch", "2.8", "1.6"), ("highdicom", "pydicom", "3.0.1", "0.23"))
 
-    MONAI 1.6 needs torch >= 2.8, which Linux Slicer cannot install (its torch wheels stop at 2.6);
-    pip would otherwise pick MONAI 1.6 and break the import.
-    """
+
+def _older_than(version: str | None, bound: str) -> bool:
     try:
-        old_torch = torch_version is not None and Version(torch_version) < Version("2.8")
+        return version is not None and Version(version) < Version(bound)
     except InvalidVersion:
-        old_torch = False
-    if requirement.name.lower() == "monai" and old_torch:
-        return Requirement(f"monai{requirement.specifier},<1.6" if requirement.specifier else "monai<1.6")
+        return False
+
+
+def fit_to_installed(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> Requirement:
+    """``requirement``, held below the versions that need a newer torch or pydicom than the installed one.
+
+    ``version_of`` gives an installed distribution's version (raising ``PackageNotFoundError`` when absent).
+    """
+    for package, needs, needed_version, first_too_new in _HELD_BELOW:
+        if requirement.name.lower() != package:
+            continue
+        try:
+            installed = version_of(needs)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if _older_than(installed, needed_version):
+            bound = f"<{first_too_new}"
+            return Requirement(f"{package}{requirement.specifier},{bound}" if requirement.specifier else f"{package}{bound}")
     return requirement
 
 
@@ -104,7 +122,7 @@ class InstallLogic:
         try:
             if not self.packaging.torch_installed() and not self.packaging.install_torch(TORCH_REQUIREMENT):
                 raise DependencyError("PyTorch was not installed; install the PyTorch extension and try again.")
-            pip_missing = [fit_to_torch(r, self._torch_version()) for r in self.requirements
+            pip_missing = [fit_to_installed(r, self.version_of) for r in self.requirements
                            if not is_satisfied(r, self.version_of)]
             if pip_missing:
                 self.packaging.pip_install(pip_missing, NEVER_INSTALL)
@@ -118,9 +136,3 @@ class InstallLogic:
         if still:
             raise DependencyError(f"Still missing after installation: {', '.join(still)}. Restart Slicer and retry.")
         return True
-
-    def _torch_version(self) -> str | None:
-        try:
-            return self.version_of("torch")
-        except importlib.metadata.PackageNotFoundError:
-            return None
