@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from dafne_logic.cli import main
-from dafne_logic.core.dicom_seg import read_dicom_seg_labels, write_dicom_seg
+from dafne_logic.core.dicom_seg import DicomSegUnavailable, read_dicom_seg_labels, write_dicom_seg
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.io import choose_dicom_series, read_image
 from dafne_logic.core.labels import LEG
@@ -88,6 +88,27 @@ def test_segment_writes_a_dicom_seg_of_a_dicom_series(dicom_case, tmp_path, caps
     seg = pydicom.dcmread(out)
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) >= 10
     assert "DafneSlicer leg" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName
+
+
+def test_without_highdicom_a_dicom_seg_is_one_sentence_and_nothing_is_written(dicom_case, tmp_path, capsys, monkeypatch):
+    """Slicer 5.10 (pydicom 2, numpy 2) can run no highdicom release: the export says why, writes nothing."""
+    import sys
+
+    series, labels = dicom_case
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom -> ImportError
+    import dafne_logic.inference.segment
+
+    def no_segmentation(*args, **kwargs):
+        raise AssertionError("the command should refuse before segmenting")
+    monkeypatch.setattr(dafne_logic.inference.segment, "segment_volume", no_segmentation)
+    with pytest.raises(DicomSegUnavailable, match="needs pydicom 3 .* Save the segmentation as .seg.nrrd"):
+        write_dicom_seg(labels, series.files, LEG, tmp_path / "x.dcm")
+    folder = str(Path(series.files[0]).parent)
+    out = tmp_path / "result.dcm"
+    assert main(["segment", folder, "--model", "leg", "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "DICOM SEG output needs the highdicom package" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_dicom_seg_of_a_non_dicom_input_is_one_sentence_and_writes_nothing(tmp_path, capsys):

@@ -32,7 +32,14 @@ from packaging.requirements import Requirement
 
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import LEG
-from DafneSlicerLib.install_logic import NEVER_INSTALL, DependencyError, InstallLogic, is_satisfied, read_requirements
+from DafneSlicerLib.install_logic import (
+    NEVER_INSTALL,
+    DependencyError,
+    InstallLogic,
+    is_satisfied,
+    read_requirements,
+    unusable_here,
+)
 from DafneSlicerLib.jobs import BackgroundJob
 from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows
 from DafneSlicerLib.review import ReviewTracker, format_slices
@@ -457,17 +464,23 @@ def test_monai_and_highdicom_are_held_below_what_slicers_torch_and_pydicom_canno
     assert str(fit_to_installed(Requirement("highdicom>=0.22"), installed())) == "highdicom>=0.22"
 
 
-def test_first_install_on_slicer_5_10_keeps_its_pydicom():
-    """What pip is asked for in a Slicer with torch 2.6 and pydicom 2.4.4 and nothing else of ours."""
-    packaging = FakePackaging(torch=True, installed={"torch": "2.6.0", "pydicom": "2.4.4", "numpy": "2.0.0"})
+@pytest.mark.parametrize("numpy, highdicom", [("2.3.4", None), ("1.26.4", "highdicom<0.23,>=0.22")])
+def test_first_install_beside_slicers_pydicom_2(numpy, highdicom):
+    """What pip is asked for in a Slicer with torch 2.6 and pydicom 2.4.4 (Slicer 5.10): never pydicom;
+    highdicom 0.22 with numpy 1, and no highdicom at all with numpy 2 (no release runs there)."""
+    packaging = FakePackaging(torch=True, installed={"torch": "2.6.0", "pydicom": "2.4.4", "numpy": numpy})
     install = InstallLogic(packaging, read_requirements(), version_of=packaging.version_of)
+    listed = install.missing()
     try:
         install.ensure()
     except DependencyError:
         pass  # the fake installs every package as version 1.5.2, too old for some requirements
     (requested,) = [call[1] for call in packaging.calls if call[0] == "pip"]
-    assert "highdicom<0.23,>=0.22" in requested and "monai<1.6,>=1.5" in requested
+    assert "monai<1.6,>=1.5" in requested
+    assert [r for r in requested if r.startswith("highdicom")] == ([highdicom] if highdicom else [])
     assert not [r for r in requested if r.split("<")[0].split(">")[0] in ("pydicom", "torch", "numpy")]
+    assert ("highdicom>=0.22" in listed) == (highdicom is not None)
+    assert (unusable_here(Requirement("highdicom>=0.22"), packaging.version_of) is None) == (highdicom is not None)
 
 
 def test_requirements_file_and_version_checks():

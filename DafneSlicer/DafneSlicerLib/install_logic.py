@@ -42,7 +42,8 @@ class SlicerPackaging(Protocol):
 # otherwise pick the newest release and break the import, or replace a package Slicer ships.
 # - MONAI 1.6 needs torch >= 2.8, which Linux Slicer cannot install (its torch wheels stop at 2.6).
 # - highdicom 0.23 and later need pydicom >= 3.0.1; Slicer 5.10 ships pydicom 2.4.4 (Slicer issue
-#   8796: pydicom 3 comes after 5.10), and highdicom 0.22 is the last release for pydicom 2.
+#   8796: pydicom 3 comes after 5.10), and highdicom 0.22 is the last release for pydicom 2 (it runs
+#   with numpy 1 only: see unusable_here).
 _HELD_BELOW = (("monai", "torch", "2.8", "1.6"), ("highdicom", "pydicom", "3.0.1", "0.23"))
 
 
@@ -53,19 +54,35 @@ def _older_than(version: str | None, bound: str) -> bool:
         return False
 
 
+def _installed(version_of: Callable[[str], str], name: str) -> str | None:
+    try:
+        return version_of(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def unusable_here(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> str | None:
+    """Why no release of ``requirement`` can run beside the packages Slicer ships (then it is not
+    installed, and the feature that needs it says so when used), or None.
+
+    highdicom: 0.23 and later need pydicom 3, and 0.22 (the last for pydicom 2) uses ``numpy.float_``,
+    which numpy 2 removed; Slicer 5.10 has pydicom 2.4.4, and numpy 2 (Python 3.12).
+    """
+    if requirement.name.lower() == "highdicom":
+        pydicom, numpy = _installed(version_of, "pydicom"), _installed(version_of, "numpy")
+        if _older_than(pydicom, "3.0.1") and numpy is not None and not _older_than(numpy, "2"):
+            return (f"highdicom (DICOM SEG export) cannot run with pydicom {pydicom} and numpy {numpy}; "
+                    "Slicer 5.11 and later have pydicom 3.")
+    return None
+
+
 def fit_to_installed(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> Requirement:
     """``requirement``, held below the versions that need a newer torch or pydicom than the installed one.
 
     ``version_of`` gives an installed distribution's version (raising ``PackageNotFoundError`` when absent).
     """
     for package, needs, needed_version, first_too_new in _HELD_BELOW:
-        if requirement.name.lower() != package:
-            continue
-        try:
-            installed = version_of(needs)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if _older_than(installed, needed_version):
+        if requirement.name.lower() == package and _older_than(_installed(version_of, needs), needed_version):
             bound = f"<{first_too_new}"
             return Requirement(f"{package}{requirement.specifier},{bound}" if requirement.specifier else f"{package}{bound}")
     return requirement
@@ -102,7 +119,12 @@ class InstallLogic:
     def missing(self) -> list[str]:
         """Human-readable list of what is missing ("torch>=2.4", "monai>=1.5", ...)."""
         missing = [] if self.packaging.torch_installed() else [f"torch{TORCH_REQUIREMENT}"]
-        return missing + [str(r) for r in self.requirements if not is_satisfied(r, self.version_of)]
+        return missing + [str(r) for r in self._missing_requirements()]
+
+    def _missing_requirements(self) -> list[Requirement]:
+        """Requirements not yet satisfied, less those that cannot run beside Slicer's own packages."""
+        return [r for r in self.requirements
+                if not is_satisfied(r, self.version_of) and unusable_here(r, self.version_of) is None]
 
     def ensure(self) -> bool:
         """Make every dependency importable; False if the user declined (nothing changed).
@@ -122,8 +144,7 @@ class InstallLogic:
         try:
             if not self.packaging.torch_installed() and not self.packaging.install_torch(TORCH_REQUIREMENT):
                 raise DependencyError("PyTorch was not installed; install the PyTorch extension and try again.")
-            pip_missing = [fit_to_installed(r, self.version_of) for r in self.requirements
-                           if not is_satisfied(r, self.version_of)]
+            pip_missing = [fit_to_installed(r, self.version_of) for r in self._missing_requirements()]
             if pip_missing:
                 self.packaging.pip_install(pip_missing, NEVER_INSTALL)
         except DependencyError:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dafne_logic.commands import quantitative_options
-from dafne_logic.core.dicom_seg import DICOM_SEG_SUFFIX
+from dafne_logic.core.dicom_seg import DICOM_SEG_SUFFIX, require_dicom_seg_support
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
 
@@ -83,6 +83,8 @@ def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
         if out.name.lower().endswith(DICOM_SEG_SUFFIX) and not source.is_dir():
             raise InputError(f"{out} is a DICOM SEG, which references its source series: {source} is not a DICOM "
                              "series folder; write .seg.nrrd or a label map instead.")
+    if any(out.name.lower().endswith(DICOM_SEG_SUFFIX) for out in planned):
+        require_dicom_seg_support()  # before segmenting, not after
     protected = {p.resolve() for p in inputs} | {(p.parent / f"{case_name(p)}.json").resolve() for p in inputs}
     for out in planned:
         written = [out] + ([label_table_path(out)] if not out.name.lower().endswith((SEGMENTATION_SUFFIX, DICOM_SEG_SUFFIX))

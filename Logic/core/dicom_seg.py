@@ -18,16 +18,36 @@ import numpy as np
 import SimpleITK as sitk
 
 from dafne_logic.core.atomic import atomic_path
-from dafne_logic.core.errors import InputError
+from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.io import PathLike
 from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable
 
 DICOM_SEG_SUFFIX = ".dcm"
 
 
-def _coded(code: Code):  # -> highdicom.sr.CodedConcept
-    import highdicom as hd
+class DicomSegUnavailable(DafneError):
+    """highdicom cannot be imported here (e.g. Slicer 5.10: pydicom 2 and numpy 2, which no highdicom runs on)."""
 
+
+def _highdicom():  # -> the highdicom module
+    """highdicom, or a sentence saying why DICOM SEG output is not available in this Python."""
+    try:
+        import highdicom
+    except ImportError as exc:
+        raise DicomSegUnavailable(
+            "DICOM SEG output needs the highdicom package, which needs pydicom 3 (Slicer 5.11 or later; "
+            f"outside Slicer: pip install highdicom). It could not be loaded here ({exc}). "
+            "Save the segmentation as .seg.nrrd instead.") from exc
+    return highdicom
+
+
+def require_dicom_seg_support() -> None:
+    """Raise :class:`DicomSegUnavailable` when DICOM SEG cannot be written here (checked before long work)."""
+    _highdicom()
+
+
+def _coded(code: Code):  # -> highdicom.sr.CodedConcept
+    hd = _highdicom()
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
@@ -63,7 +83,7 @@ def write_dicom_seg(labels: sitk.Image, source_files: Sequence[str], table: Labe
     (segment n holds label ``values[n-1]``). Raises InputError when no muscle is present or the
     labels do not lie on the source slices.
     """
-    import highdicom as hd
+    hd = _highdicom()
     from pydicom.sr.codedict import codes
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute module it copies
@@ -79,9 +99,13 @@ def write_dicom_seg(labels: sitk.Image, source_files: Sequence[str], table: Labe
     segment_numbers = lookup[voxels]
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version or "unknown", family=codes.cid7162.ArtificialIntelligence)
+    # Display colours need highdicom >= 0.23 (pydicom 3); Slicer 5.10's pydicom 2 gets highdicom 0.22,
+    # whose segments then carry no recommended colour (optional: viewers pick their own).
+    with_colour = hasattr(hd.color.CIELabColor, "from_rgb")
     descriptions = []
     for number, value in enumerate(present, start=1):
         label = by_value[value]
+        colour = {"display_color": hd.color.CIELabColor.from_rgb(*label.muscle.color)} if with_colour else {}
         description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=label.name,
             segmented_property_category=_coded(ANATOMICAL_STRUCTURE),
@@ -89,7 +113,7 @@ def write_dicom_seg(labels: sitk.Image, source_files: Sequence[str], table: Labe
             algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if automatic
                             else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC),
             algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor.from_rgb(*label.muscle.color),
+            **colour,
         )
         # Laterality as the type's modifier, as Slicer and dcmqi write it ("right" + "soleus").
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
@@ -121,7 +145,7 @@ def read_dicom_seg_labels(path: PathLike, source_sop_instance_uids: Sequence[str
     ``values`` maps segment number n to volume label ``values[n-1]`` (what :func:`write_dicom_seg`
     returned); source images without a frame come back empty.
     """
-    import highdicom as hd
+    hd = _highdicom()
 
     seg = hd.seg.segread(str(path))
     numbers = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_sop_instance_uids),

@@ -27,6 +27,11 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+    # A standard DICOM file (preamble, meta header): pydicom 3 names it enforce_file_format, pydicom 2
+    # (what Slicer 5.10 ships) write_like_original=False.
+    pydicom_3 = int(pydicom.__version__.split(".")[0]) >= 3
+    file_format = {"enforce_file_format": True} if pydicom_3 else {"write_like_original": False}
+
     voxels = sitk.GetArrayFromImage(image).astype(np.float64)  # (k, j, i)
     if voxels.min() < 0:
         raise InputError("write_dicom_series stores unsigned intensities; the image has negative values.")
@@ -67,6 +72,6 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, *, series_descript
         ds.PixelData = stored[k].tobytes()
         path = folder / f"slice_{k:04d}.dcm"
         with atomic_path(path) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+            ds.save_as(tmp, **file_format)
         files.append(path)
     return files
