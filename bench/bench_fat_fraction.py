@@ -14,6 +14,7 @@ Rule for the default erosion (fixed before running): the smallest erosion whose 
 error on the automatic segmentations (water image) lies within 0.1 point of the best one.
 
 Usage: python bench/bench_fat_fraction.py [--subjects 3] [--slices 16] [--thigh-model M] [--leg-model M]
+       [--regions thigh leg]
        [--out bench/results/fat_fraction.json]
 """
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--thigh-model", default="thigh", help="thigh model: a bundled name or a package folder")
     parser.add_argument("--leg-model", default="leg", help="calf model: a bundled name or a package folder")
+    parser.add_argument("--regions", nargs="+", default=["thigh", "leg"], choices=["thigh", "leg"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fat_fraction.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -67,8 +69,11 @@ def main() -> None:
     missed = {"automatic (water)": 0, "automatic (in-phase)": 0}
     n_muscles = 0
     cases = []
-    for region, model_name in {"thigh": args.thigh_model, "leg": args.leg_model}.items():
+    models = {"thigh": args.thigh_model, "leg": args.leg_model}
+    used: dict[str, str] = {}
+    for region, model_name in ((r, models[r]) for r in args.regions):
         model = load_model(model_name)
+        used[region] = f"{model_name} (version {model.manifest.version})"
         for subject in range(args.subjects):
             infiltration = INFILTRATIONS[subject % len(INFILTRATIONS)]
             geometry = dict(shape=(args.slices, 432, 432), fat_infiltration=infiltration, seed=100 + subject)
@@ -129,7 +134,7 @@ def main() -> None:
     print(f"{time.perf_counter() - start:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cases": cases, "errors": summary, "by_infiltration": by_level, "missed": missed,
+    out.write_text(json.dumps({"models": used, "cases": cases, "errors": summary, "by_infiltration": by_level, "missed": missed,
                                "default_erode_mm": default,
                                "slices": args.slices}, indent=1) + "\n")
     print(f"wrote {out}")
