@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--regions", nargs="+", default=["thigh", "leg"], choices=["thigh", "leg"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fat_fraction.json"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # OMP_NUM_THREADS=1 beside a training run
     import SimpleITK as sitk
 
     from dafne_logic.inference.model_package import load_model
