@@ -87,6 +87,16 @@ def test_statistics_without_maps_draw_no_chart_and_a_lone_water_volume_is_one_se
     assert "go together" in parts["view"].errors[-1] and len(parts["scene"].tables) == tables
 
 
+def test_dicom_seg_export_is_refused_up_front_where_highdicom_cannot_load(monkeypatch):
+    import sys
+
+    controller, parts, _ = _segmented()
+    assert controller.can_export_dicom_seg() is True and not parts["view"].errors
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # as in Slicer 5.10: pydicom 2 with numpy 2
+    assert controller.can_export_dicom_seg() is False
+    assert "needs pydicom 3" in parts["view"].errors[-1] and ".seg.nrrd" in parts["view"].errors[-1]
+
+
 def test_cross_sectional_areas_and_dicom_seg_export_use_the_current_segmentation(tmp_path):
     controller, parts, _ = _segmented()
     controller.cross_sectional_areas()

@@ -112,3 +112,6 @@ def test_section_buttons_reach_the_controller(gui, section_module, tmp_path):  #
     gui.dialogs.save_path = str(tmp_path / "seg.dcm")
     buttons["Export DICOM SEG..."].clicked.emit()
     assert calls == ["csa", str(tmp_path / "seg.dcm")]
+    panel.controller.can_export_dicom_seg = lambda: False  # e.g. Slicer 5.10: no dialog, no export
+    buttons["Export DICOM SEG..."].clicked.emit()
+    assert calls == ["csa", str(tmp_path / "seg.dcm")]

@@ -425,6 +425,13 @@ class DafneController:
             self.view.set_status("Cross-sectional area of each muscle along the leg shown in the table and plot.")
         self.guarded(action)
 
+    def can_export_dicom_seg(self) -> bool:
+        """Whether DICOM SEG can be written in this Slicer; if not, the reason is shown (asked before
+        the file dialog, so nobody picks a file for an export that cannot run)."""
+        from dafne_logic.core.dicom_seg import require_dicom_seg_support
+
+        return self.guarded(lambda: require_dicom_seg_support() or True) is True
+
     def export_dicom_seg(self, path: str) -> None:
         def action():
             case = self._require_case()

@@ -84,6 +84,8 @@ class QuantitativeSection:
                             others=[(name, other)] if other is not None else [], erode_mm=erode)
 
     def _export_dicom_seg(self) -> None:
+        if not self.controller.can_export_dicom_seg():
+            return
         path = qt.QFileDialog.getSaveFileName(None, "Export DICOM SEG", "segmentation.dcm", "DICOM files (*.dcm)")
         if path:
             self.controller.export_dicom_seg(path)
