@@ -480,7 +480,7 @@ def test_first_install_beside_slicers_pydicom_2(numpy, highdicom):
     assert [r for r in requested if r.startswith("highdicom")] == ([highdicom] if highdicom else [])
     assert not [r for r in requested if r.split("<")[0].split(">")[0] in ("pydicom", "torch", "numpy")]
     assert ("highdicom>=0.22" in listed) == (highdicom is not None)
-    assert (unusable_here(Requirement("highdicom>=0.22"), packaging.version_of) is None) == (highdicom is not None)
+    assert (not unusable_here(Requirement("highdicom>=0.22"), packaging.version_of)) == (highdicom is not None)
 
 
 def test_requirements_file_and_version_checks():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from dafne_logic.core.errors import DafneError
@@ -61,19 +62,17 @@ def _installed(version_of: Callable[[str], str], name: str) -> str | None:
         return None
 
 
-def unusable_here(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> str | None:
-    """Why no release of ``requirement`` can run beside the packages Slicer ships (then it is not
-    installed, and the feature that needs it says so when used), or None.
+def unusable_here(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> bool:
+    """Whether no release of ``requirement`` can run beside the packages Slicer ships; it is then not
+    installed, and the feature that needs it says why when used (DICOM SEG: ``dicom_seg._highdicom``).
 
     highdicom: 0.23 and later need pydicom 3, and 0.22 (the last for pydicom 2) uses ``numpy.float_``,
     which numpy 2 removed; Slicer 5.10 has pydicom 2.4.4, and numpy 2 (Python 3.12).
     """
-    if requirement.name.lower() == "highdicom":
-        pydicom, numpy = _installed(version_of, "pydicom"), _installed(version_of, "numpy")
-        if _older_than(pydicom, "3.0.1") and numpy is not None and not _older_than(numpy, "2"):
-            return (f"highdicom (DICOM SEG export) cannot run with pydicom {pydicom} and numpy {numpy}; "
-                    "Slicer 5.11 and later have pydicom 3.")
-    return None
+    if requirement.name.lower() != "highdicom":
+        return False
+    numpy = _installed(version_of, "numpy")
+    return _older_than(_installed(version_of, "pydicom"), "3.0.1") and numpy is not None and not _older_than(numpy, "2")
 
 
 def fit_to_installed(requirement: Requirement, version_of: Callable[[str], str] = importlib.metadata.version) -> Requirement:
@@ -83,8 +82,9 @@ def fit_to_installed(requirement: Requirement, version_of: Callable[[str], str] 
     """
     for package, needs, needed_version, first_too_new in _HELD_BELOW:
         if requirement.name.lower() == package and _older_than(_installed(version_of, needs), needed_version):
-            bound = f"<{first_too_new}"
-            return Requirement(f"{package}{requirement.specifier},{bound}" if requirement.specifier else f"{package}{bound}")
+            held = Requirement(str(requirement))  # a copy: extras and markers stay
+            held.specifier &= SpecifierSet(f"<{first_too_new}")
+            return held
     return requirement
 
 
@@ -101,11 +101,8 @@ def is_satisfied(requirement: Requirement, version_of: Callable[[str], str] = im
     """
     if requirement.marker is not None and not requirement.marker.evaluate():
         return True
-    try:
-        installed = version_of(requirement.name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return requirement.specifier.contains(installed, prereleases=True)
+    installed = _installed(version_of, requirement.name)
+    return installed is not None and requirement.specifier.contains(installed, prereleases=True)
 
 
 @dataclass
@@ -124,7 +121,7 @@ class InstallLogic:
     def _missing_requirements(self) -> list[Requirement]:
         """Requirements not yet satisfied, less those that cannot run beside Slicer's own packages."""
         return [r for r in self.requirements
-                if not is_satisfied(r, self.version_of) and unusable_here(r, self.version_of) is None]
+                if not is_satisfied(r, self.version_of) and not unusable_here(r, self.version_of)]
 
     def ensure(self) -> bool:
         """Make every dependency importable; False if the user declined (nothing changed).
