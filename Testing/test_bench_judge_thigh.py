@@ -1,0 +1,65 @@
+"""bench/judge_thigh_candidate.py: each condition of the thigh shipping rule can fail the candidate."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_judge():
+    spec = importlib.util.spec_from_file_location("judge_thigh_candidate", REPO / "bench" / "judge_thigh_candidate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+JUDGE = load_judge()
+MUSCLES = ("vastus lateralis", "gracilis", "adductor longus")
+
+
+def _model(dice: float, phantoms: float) -> dict:
+    regime = {"vastus lateralis": dice, "gracilis": dice, "adductor longus": float("nan"), "mean_dice": dice}
+    held = {r: dict(regime) for r in JUDGE.REGIMES}
+    held["all regimes"] = dict(regime)
+    return {"held_out_thigh_synthetic": held, "phantoms": {"mean_dice": phantoms}}
+
+
+def _ff(mean: float, worst: float) -> dict:
+    return {"errors": {"automatic (water)": {"2": {"mean_abs": mean, "max_abs": worst}}}}
+
+
+def _verdict(candidate: dict, ff_candidate: dict | None = None) -> tuple[bool, str]:
+    evaluation = {"shipped": _model(0.85, 0.935), "candidate": candidate}
+    ships, lines = JUDGE.judge(evaluation, _ff(2.0, 15.0), ff_candidate or _ff(2.0, 15.0), "shipped", "candidate")
+    return ships, "\n".join(lines)
+
+
+def test_a_candidate_better_everywhere_ships_and_the_target_is_only_reported():
+    ships, text = _verdict(_model(0.87, 0.935))
+    assert ships and "VERDICT: SHIP" in text
+    assert "below in" in text  # 0.87 < 0.90: reported, not a condition
+
+
+@pytest.mark.parametrize("change, failing", [
+    (lambda c: c["phantoms"].update(mean_dice=0.929), "phantoms"),
+    (lambda c: c["held_out_thigh_synthetic"]["fs_poor"].update(mean_dice=0.83), "worst regime"),
+    (lambda c: c["held_out_thigh_synthetic"]["all regimes"].update(gracilis=0.82), "worst muscle"),
+    (lambda c: c["held_out_thigh_synthetic"]["all regimes"].update(mean_dice=0.849), "all-regime mean"),
+])
+def test_each_dice_condition_fails_the_candidate(change, failing):
+    candidate = copy.deepcopy(_model(0.87, 0.935))
+    change(candidate)
+    ships, text = _verdict(candidate)
+    assert not ships
+    assert [line for line in text.splitlines() if line.startswith(failing)][0].endswith("FAIL")
+
+
+def test_a_worse_fat_fraction_error_fails_the_candidate_mean_or_worst():
+    assert not _verdict(_model(0.87, 0.935), _ff(2.1, 15.0))[0]
+    assert not _verdict(_model(0.87, 0.935), _ff(1.9, 15.5))[0]
+    assert _verdict(_model(0.87, 0.935), _ff(1.9, 14.0))[0]

@@ -1,0 +1,87 @@
+"""Apply the thigh shipping rule of Docs/training.md to saved figures and print the verdict.
+
+The rule (written before any candidate's figures existed): on the held-out thigh subjects'
+synthetic images of one ``evaluate_base_models.py`` run, the candidate's mean over all regimes is
+at least the shipped model's; no regime is lower by more than 0.01; no muscle (all regimes) drops
+by more than 0.02; phantom mean Dice is at least the shipped model's minus 0.005; and the automatic
+fat-fraction error of ``bench_fat_fraction.py`` (water image, 2 mm erosion, thigh cases) does not
+rise, mean or worst. Whether the target (≥ 0.90 in every regime) is met is reported, not judged.
+
+Usage: python bench/judge_thigh_candidate.py EVALUATE.json FF_SHIPPED.json FF_CANDIDATE.json
+       [--shipped KEY] [--candidate KEY] [--out VERDICT.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "fs_poor", "in_phase", "opposed_phase", "fat_fraction", "random")
+FF_EROSION = "2"
+
+
+def _muscle_means(held_out: dict) -> dict[str, float]:
+    """Per-muscle Dice over all regimes (muscles absent from the held-out subjects, NaN, skipped)."""
+    return {m: v for m, v in held_out["all regimes"].items() if m != "mean_dice" and not math.isnan(v)}
+
+
+def judge(evaluation: dict, ff_shipped: dict, ff_candidate: dict, shipped: str, candidate: str) -> tuple[bool, list[str]]:
+    """(ships, report lines) for ``candidate`` against ``shipped`` (keys of ``evaluation``)."""
+    old, new = evaluation[shipped], evaluation[candidate]
+    lines, ok = [], []
+    h_old, h_new = old["held_out_thigh_synthetic"], new["held_out_thigh_synthetic"]
+    a_old, a_new = h_old["all regimes"]["mean_dice"], h_new["all regimes"]["mean_dice"]
+    ok.append(a_new >= a_old)
+    lines.append(f"all-regime mean: shipped {a_old:.4f} candidate {a_new:.4f} -> {'OK' if ok[-1] else 'FAIL'}")
+    diffs = {r: h_new[r]["mean_dice"] - h_old[r]["mean_dice"] for r in REGIMES}
+    for regime in REGIMES:
+        lines.append(f"   {regime:14s} shipped {h_old[regime]['mean_dice']:.4f} candidate {h_new[regime]['mean_dice']:.4f} "
+                     f"diff {diffs[regime]:+.4f}")
+    worst = min(diffs, key=diffs.get)
+    ok.append(diffs[worst] >= -0.01)
+    lines.append(f"worst regime diff {diffs[worst]:+.4f} ({worst}) -> {'OK' if ok[-1] else 'FAIL'}")
+    m_old, m_new = _muscle_means(h_old), _muscle_means(h_new)
+    muscle_diffs = {m: m_new[m] - m_old[m] for m in m_old if m in m_new}
+    weakest = min(muscle_diffs, key=muscle_diffs.get)
+    ok.append(muscle_diffs[weakest] >= -0.02)
+    lines.append(f"worst muscle diff {muscle_diffs[weakest]:+.4f} ({weakest}) -> {'OK' if ok[-1] else 'FAIL'}")
+    p_old, p_new = old["phantoms"]["mean_dice"], new["phantoms"]["mean_dice"]
+    ok.append(p_new >= p_old - 0.005)
+    lines.append(f"phantoms: shipped {p_old:.4f} candidate {p_new:.4f} (allowed >= {p_old - 0.005:.4f}) -> "
+                 f"{'OK' if ok[-1] else 'FAIL'}")
+    f_old = ff_shipped["errors"]["automatic (water)"][FF_EROSION]
+    f_new = ff_candidate["errors"]["automatic (water)"][FF_EROSION]
+    ok.append(f_new["mean_abs"] <= f_old["mean_abs"] and f_new["max_abs"] <= f_old["max_abs"])
+    lines.append(f"fat fraction, water image, 2 mm: shipped mean {f_old['mean_abs']:.2f} worst {f_old['max_abs']:.2f}; "
+                 f"candidate mean {f_new['mean_abs']:.2f} worst {f_new['max_abs']:.2f} -> {'OK' if ok[-1] else 'FAIL'}")
+    below = [r for r in REGIMES if h_new[r]["mean_dice"] < 0.90]
+    lines.append(f"target >= 0.90 in every regime (reported, not a condition): "
+                 f"{'met' if not below else 'below in ' + ', '.join(below)}")
+    ships = all(ok)
+    lines.append(f"VERDICT: {'SHIP' if ships else 'DO NOT SHIP'} ({sum(ok)} of {len(ok)} conditions hold)")
+    return ships, lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evaluation", type=Path)
+    parser.add_argument("ff_shipped", type=Path)
+    parser.add_argument("ff_candidate", type=Path)
+    parser.add_argument("--shipped", default="Logic/bundled_models/thigh")
+    parser.add_argument("--candidate", help="key of the candidate in EVALUATE.json (default: the other one)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    evaluation = json.loads(args.evaluation.read_text())
+    candidate = args.candidate or next(k for k in evaluation if k != args.shipped)
+    _, lines = judge(evaluation, json.loads(args.ff_shipped.read_text()), json.loads(args.ff_candidate.read_text()),
+                     args.shipped, candidate)
+    text = "\n".join([f"shipped {args.shipped}, candidate {candidate}"] + lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
