@@ -19,12 +19,13 @@ def load_judge():
 
 
 JUDGE = load_judge()
-MUSCLES = ("vastus lateralis", "gracilis", "adductor longus")
+REGIMES = ("t1", "water", "fs_poor", "random")
 
 
 def _model(dice: float, phantoms: float) -> dict:
     regime = {"vastus lateralis": dice, "gracilis": dice, "adductor longus": float("nan"), "mean_dice": dice}
-    held = {r: dict(regime) for r in JUDGE.REGIMES}
+    held = {r: dict(regime) for r in REGIMES}
+    held["subjects"] = ["THIGH_003"]  # not a regime: a list
     held["all regimes"] = dict(regime)
     return {"held_out_thigh_synthetic": held, "phantoms": {"mean_dice": phantoms}}
 

@@ -18,11 +18,16 @@ import json
 import math
 from pathlib import Path
 
-REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "fs_poor", "in_phase", "opposed_phase", "fat_fraction", "random")
+AGGREGATES = ("contrast regimes", "all regimes")  # rows of evaluate_base_models.py that average the regimes
 FF_EROSION = "2"
 
 
-def _muscle_means(held_out: dict) -> dict[str, float]:
+def _regimes(held_out: dict) -> list[str]:
+    """The regimes an ``evaluate_base_models.py`` run scored, in its order (its per-regime rows)."""
+    return [name for name, row in held_out.items() if isinstance(row, dict) and name not in AGGREGATES]
+
+
+def _muscles_over_all_regimes(held_out: dict) -> dict[str, float]:
     """Per-muscle Dice over all regimes (muscles absent from the held-out subjects, NaN, skipped)."""
     return {m: v for m, v in held_out["all regimes"].items() if m != "mean_dice" and not math.isnan(v)}
 
@@ -35,14 +40,17 @@ def judge(evaluation: dict, ff_shipped: dict, ff_candidate: dict, shipped: str, 
     a_old, a_new = h_old["all regimes"]["mean_dice"], h_new["all regimes"]["mean_dice"]
     ok.append(a_new >= a_old)
     lines.append(f"all-regime mean: shipped {a_old:.4f} candidate {a_new:.4f} -> {'OK' if ok[-1] else 'FAIL'}")
-    diffs = {r: h_new[r]["mean_dice"] - h_old[r]["mean_dice"] for r in REGIMES}
-    for regime in REGIMES:
+    regimes = _regimes(h_old)
+    if _regimes(h_new) != regimes:
+        raise ValueError(f"the two models were scored on different regimes: {regimes} and {_regimes(h_new)}")
+    diffs = {r: h_new[r]["mean_dice"] - h_old[r]["mean_dice"] for r in regimes}
+    for regime in regimes:
         lines.append(f"   {regime:14s} shipped {h_old[regime]['mean_dice']:.4f} candidate {h_new[regime]['mean_dice']:.4f} "
                      f"diff {diffs[regime]:+.4f}")
     worst = min(diffs, key=diffs.get)
     ok.append(diffs[worst] >= -0.01)
     lines.append(f"worst regime diff {diffs[worst]:+.4f} ({worst}) -> {'OK' if ok[-1] else 'FAIL'}")
-    m_old, m_new = _muscle_means(h_old), _muscle_means(h_new)
+    m_old, m_new = _muscles_over_all_regimes(h_old), _muscles_over_all_regimes(h_new)
     muscle_diffs = {m: m_new[m] - m_old[m] for m in m_old if m in m_new}
     weakest = min(muscle_diffs, key=muscle_diffs.get)
     ok.append(muscle_diffs[weakest] >= -0.02)
@@ -56,7 +64,7 @@ def judge(evaluation: dict, ff_shipped: dict, ff_candidate: dict, shipped: str, 
     ok.append(f_new["mean_abs"] <= f_old["mean_abs"] and f_new["max_abs"] <= f_old["max_abs"])
     lines.append(f"fat fraction, water image, 2 mm: shipped mean {f_old['mean_abs']:.2f} worst {f_old['max_abs']:.2f}; "
                  f"candidate mean {f_new['mean_abs']:.2f} worst {f_new['max_abs']:.2f} -> {'OK' if ok[-1] else 'FAIL'}")
-    below = [r for r in REGIMES if h_new[r]["mean_dice"] < 0.90]
+    below = [r for r in regimes if h_new[r]["mean_dice"] < 0.90]
     lines.append(f"target >= 0.90 in every regime (reported, not a condition): "
                  f"{'met' if not below else 'below in ' + ', '.join(below)}")
     ships = all(ok)
