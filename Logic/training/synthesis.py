@@ -94,7 +94,10 @@ class SynthesisConfig:
     elastic_px: float = 4.0  # max displacement of the smooth elastic field
     fat_thickness_px: tuple[float, float] = (3.0, 30.0)
     p_bone: float = 0.8  # the largest hole drawn as bone
-    p_infiltration: float = 0.3
+    p_infiltration: float = 0.4
+    # Share of an infiltrated image's muscles that are affected, drawn per image: in advanced disease
+    # nearly every muscle is, early on a few (a fixed half never showed a leg fatty throughout).
+    infiltration_affected: tuple[float, float] = (0.3, 1.0)
     # Severity (share of a muscle replaced by fat) reaches infiltration_max; within a muscle it varies
     # by ±infiltration_patchiness (relative) on infiltration_patch_px features: fat infiltration in
     # neuromuscular disease is patchy ("moth-eaten"), and the worst muscles are mostly fat.
@@ -282,7 +285,8 @@ def _draw_contrast(rng: torch.Generator, batch: int, config: SynthesisConfig, de
     # Fat replaces part of some muscles (neuromuscular disease); _render moves each pixel's intensity
     # and fat fraction towards fat's by the muscle's severity, patchily.
     infiltrated = torch.rand(batch, 1, generator=rng, device=device) < config.p_infiltration
-    affected = torch.rand(batch, n_muscles, generator=rng, device=device) < 0.5
+    affected_share = _uniform(rng, batch, *config.infiltration_affected, device)
+    affected = torch.rand(batch, n_muscles, generator=rng, device=device) < affected_share[:, None]
     severity = torch.zeros(batch, slots, device=device)
     severity[:, MUSCLE_BASE:] = (torch.rand(batch, n_muscles, generator=rng, device=device) ** 1.5
                                  * config.infiltration_max * (infiltrated & affected))
