@@ -12,7 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from dafne_logic.cli import main
+from dafne_logic.commands.train import PHANTOM_SOURCE, data_sources, merge_sources
 from dafne_logic.inference.model_package import ModelPackage
+from dafne_logic.training.synthesis import SynthesisConfig
 
 FAST = ["--steps", "4", "--batch-size", "2", "--size", "64", "--checkpoint-every", "2", "--val-every", "2",
         "--no-progress"]
@@ -161,6 +163,15 @@ def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path
     assert origin == {"name": "leg", "version": parent.manifest.version,
                       "weights_sha256": parent.manifest.weights_sha256}
     assert "--init" in warm.manifest.provenance["training"]["command"]
+    # What the parent learnt from stays credited; a model from scratch names only its own sources.
+    names = [source["name"] for source in warm.manifest.provenance["training"]["data_sources"]]
+    parent_names = [source["name"] for source in parent.manifest.provenance["training"]["data_sources"]]
+    assert names[0] == PHANTOM_SOURCE["name"] and set(parent_names) <= set(names) and len(set(names)) == len(names)
+    assert cold.manifest.provenance["training"]["data_sources"] == [PHANTOM_SOURCE]
+    # The whole synthesis is recorded, so the recipe is known after the defaults change.
+    synthesis = cold.manifest.provenance["training"]["synthesis"]
+    assert synthesis["infiltration_affected"] == list(SynthesisConfig().infiltration_affected)
+    assert synthesis["size"] == [64, 64] and synthesis["p_infiltration"] == SynthesisConfig().p_infiltration
     capsys.readouterr()
     assert main(base + ["--init", str(load_model("thigh").path), "--output", str(tmp_path / "bad")]) == 2
     assert "architecture" in capsys.readouterr().err and not (tmp_path / "bad").exists()
@@ -178,3 +189,14 @@ def test_source_weights_set_each_label_maps_share(tmp_path: Path, capsys):
     assert "no label map's file name contains 'nobody'" in capsys.readouterr().err
     assert main(base + ["--source-weights", "subject_a=-1"]) == 2
     assert "positive weight" in capsys.readouterr().err
+
+
+def test_data_sources_are_named_from_the_shared_folders_used():
+    """Each shared-data folder in the label-map paths brings its credit and licence; phantoms when used."""
+    files = [Path("../shared/data/visible_human_label_maps/VHM_legs_labels.nii.gz"),
+             Path("../shared/data/calf_slices/t1_example_labels.nii.gz"), Path("elsewhere/mine_labels.nii.gz")]
+    sources = data_sources(files, phantoms=True)
+    assert [s["licence"] for s in sources] == ["Apache-2.0", "CC BY 4.0", "Apache-2.0 (generated)"]
+    assert "Visible Human" in sources[1]["name"] and sources[-1] == PHANTOM_SOURCE
+    assert data_sources(files[2:], phantoms=False) == []
+    assert merge_sources(sources[:1], sources) == sources  # each source once, first seen first

@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
+from dafne_logic.core.numbers import strict_json
 from dafne_logic.core.preprocessing import PreprocessingParams
 from dafne_logic.inference.model_package import Manifest
 from dafne_logic.inference.networks import unet_architecture
@@ -39,18 +41,47 @@ REGION_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 GENERIC_DEFAULTS = {"spacing": 1.0, "canvas": 224, "size": 176, "min_classes": 1}
 
-DATA_SOURCES = {
-    "thigh_label_maps": "Multimodal-Multiethnic-Thigh-Muscle-MRI-analysis (github.com/Hirriririir/"
-                        "Multimodal-Multiethnic-Thigh-Muscle-MRI-analysis), Apache-2.0: 30 bilateral thigh label maps "
-                        "(SegResNet predictions)",
-    "lowerbody_label_maps": "MuscleMap (github.com/MuscleMap/MuscleMap), MIT: 2 whole-body label maps "
-                            "(model predictions)",
-    "visible_human_label_maps": "Visible Human Male and Female lower-limb geometry, CC BY 4.0: Andreassen T.E. et al., "
-                                "Three-dimensional lower extremity musculoskeletal geometry of the Visible Human "
-                                "Female and Male, Sci Data (2022), doi:10.1038/s41597-022-01905-2 (meshes via "
-                                "github.com/ingvilddevold/muscle-growth; voxelised, re-oriented to LPS)",
-    "calf_slices": "dafne-evaluation (github.com/dafne-imaging/dafne-evaluation), Apache-2.0: manual calf labels",
+# The data behind a model, named with its licence as the model cards credit it: one entry per
+# shared-data folder (matched in the label-map paths), written to provenance.training.data_sources.
+DATA_SOURCES: dict[str, dict[str, str]] = {
+    "calf_slices": {
+        "name": "dafne-evaluation calf slices",
+        "url": "https://github.com/dafne-imaging/dafne-evaluation",
+        "licence": "Apache-2.0",
+        "used": "manual calf label maps as anatomy; their images are never used for training"},
+    "thigh_label_maps": {
+        "name": "Multimodal-Multiethnic-Thigh-Muscle-MRI-analysis thigh label maps",
+        "url": "https://github.com/Hirriririir/Multimodal-Multiethnic-Thigh-Muscle-MRI-analysis",
+        "licence": "Apache-2.0",
+        "used": "anatomy (label maps, SegResNet predictions); no images"},
+    "lowerbody_label_maps": {
+        "name": "MuscleMap lower-body label maps",
+        "url": "https://github.com/MuscleMap/MuscleMap",
+        "licence": "MIT",
+        "used": "anatomy (label maps, model predictions); coarse calf labels through the partial-label loss"},
+    "visible_human_label_maps": {
+        "name": "Visible Human Male and Female lower-limb geometry (Andreassen et al., Sci Data 2022, "
+                "doi:10.1038/s41597-022-01905-2)",
+        "url": "https://doi.org/10.56902/COB.vh.2022.0",
+        "licence": "CC BY 4.0",
+        "used": "anatomy (label maps voxelised from the surface meshes; re-oriented to LPS); no images"},
 }
+PHANTOM_SOURCE = {"name": "dafne_logic.phantoms", "licence": "Apache-2.0 (generated)", "used": "anatomy"}
+
+
+def data_sources(files: list[Path], phantoms: bool) -> list[dict[str, str]]:
+    """The :data:`DATA_SOURCES` entries whose folder names one of ``files``, plus the phantoms if used."""
+    used = [dict(entry) for key, entry in DATA_SOURCES.items() if any(key in str(path) for path in files)]
+    return used + ([dict(PHANTOM_SOURCE)] if phantoms else [])
+
+
+def merge_sources(*lists: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Several source lists as one, each source (by name) once, in first-seen order."""
+    merged: dict[str, dict[str, str]] = {}
+    for entries in lists:
+        for entry in entries:
+            merged.setdefault(entry["name"], entry)
+    return list(merged.values())
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -128,9 +159,14 @@ def _initial_weights(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
                          f"here {manifest.architecture}")
     if [m.name for m in parent.labels.muscles] != [m.name for m in manifest.labels.muscles]:
         raise InputError(f"{path}: its labels differ from the {manifest.labels.region} label table trained here")
-    manifest.provenance["training"]["initialised_from"] = {
+    training = manifest.provenance["training"]
+    training["initialised_from"] = {
         "name": parent.manifest.name, "version": parent.manifest.version,
         "weights_sha256": parent.manifest.weights_sha256}
+    # The parent's weights carry what it learnt from: its sources stay credited.
+    inherited = parent.manifest.provenance.get("training", {}).get("data_sources")
+    if isinstance(inherited, list):
+        training["data_sources"] = merge_sources(training.get("data_sources", []), inherited)
     return parent.state_dict
 
 
@@ -271,8 +307,8 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
         "holdout_subjects": sorted(holdout),
         "training_slices": len(bank),
         "partial_label_groups": [sorted(g) for g in registry.groups],
-        "synthesis": {"size": list(synth.size), "regimes": list(synth.regimes)},
-        "data_sources": {k: v for k, v in DATA_SOURCES.items() if any(k in str(p) for p in files)},
+        "synthesis": strict_json(asdict(synth)),  # every range, so a recipe is known after defaults change
+        "data_sources": data_sources(files, bool(train_phantoms)),
     }
     log.info("training on %d leg slices of %d sources; groups %s", len(bank), len(train), registry.groups)
     return sampler, validate, PartialLabelLoss(table.n_classes, registry.groups), summary
