@@ -16,7 +16,11 @@
 Usage::
 
     python bench/evaluate_base_models.py --thigh MODEL_DIR... --leg MODEL_DIR... [--data ../shared/data]
-        [--per-regime 48] [--json OUT.json (default bench/results/evaluate_base_models.json)]
+        [--per-regime 48] [--synthesis KEY=VALUE ...] [--json OUT.json (default bench/results/evaluate_base_models.json)]
+
+``--synthesis KEY=VALUE`` (JSON values, e.g. ``p_infiltration=0.3 infiltration_affected=[0.5,0.5]``)
+changes a ``SynthesisConfig`` range of the held-out images: how a comparison fares on an earlier
+version of the synthesis. The overrides are saved with the figures.
 
 Several models per region are scored in the same run (e.g. the phantom-trained bundled model and a
 new one), so their figures compare like with like.
@@ -30,6 +34,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +61,24 @@ def _mean_defined(values: list[float]) -> float:
     return float(np.mean(defined)) if defined else math.nan
 
 
-def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: set[str]) -> dict[str, dict[str, float]]:
+def synthesis_overrides(settings: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` settings (JSON values; lists become tuples) checked against :class:`SynthesisConfig`."""
+    fields = set(SynthesisConfig.__dataclass_fields__)
+    changes: dict[str, Any] = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in fields or key in {"size", "regimes", "spacing_mm"}:
+            raise SystemExit(f"--synthesis {setting}: not a SynthesisConfig range one can set here")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--synthesis {setting}: the value is not JSON ({error.msg})") from None
+        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return changes
+
+
+def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: set[str],
+                   overrides: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Per-regime Dice on images synthesised from held-out thigh subjects.
 
     Muscles the label maps never label (adductor longus in the 11-label scheme) have no Dice (NaN):
@@ -72,7 +94,8 @@ def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: se
     names = [m.name for m in THIGH.muscles]
     results = {}
     for k, regime in enumerate(REGIMES):
-        sampler = SynthesisSampler(bank, SynthesisConfig(size=(size[0], size[1]), regimes=(regime,), spacing_mm=spacing))
+        config = SynthesisConfig(size=(size[0], size[1]), regimes=(regime,), spacing_mm=spacing, **(overrides or {}))
+        sampler = SynthesisSampler(bank, config)
         generator = torch.Generator().manual_seed(EVAL_SEED + k)
         predictions, targets = [], []
         with torch.no_grad():
@@ -141,7 +164,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-regime", type=int, default=48, help="synthetic held-out images per contrast regime")
     parser.add_argument("--json", type=Path, default=RESULTS / "evaluate_base_models.json",
                         help="write all figures here (default: bench/results/evaluate_base_models.json)")
+    parser.add_argument("--synthesis", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="SynthesisConfig ranges of the held-out images (JSON values); default: today's synthesis")
     args = parser.parse_args(argv)
+    overrides = synthesis_overrides(args.synthesis)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     report: dict[str, dict] = {}
     thigh_models = [ModelPackage.load(p) for p in args.thigh]
@@ -151,7 +177,9 @@ def main(argv: list[str]) -> int:
         began = time.process_time()
         entry = {"trained_on": model.manifest.provenance.get("trained_on")}
         if holdout:
-            entry["held_out_thigh_synthetic"] = held_out_thigh(model, args.data, args.per_regime, holdout)
+            entry["held_out_thigh_synthetic"] = held_out_thigh(model, args.data, args.per_regime, holdout, overrides)
+            if overrides:
+                entry["synthesis_overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
             _print_table(f"{path}: held-out thigh subjects, synthetic images (Dice per label)",
                          {k: v for k, v in entry["held_out_thigh_synthetic"].items() if isinstance(v, dict)})
         entry["phantoms"] = phantoms(model, "thigh")
