@@ -13,6 +13,7 @@ from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import Side
 from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
 from dafne_logic.core.progress import CancelCheck, ProgressCallback
+from dafne_logic.inference.confidence import ConfidenceTally
 from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.inference.networks import resolve_device
 
@@ -64,6 +65,22 @@ def segment_volume(image: sitk.Image, model: ModelPackage, device: str = "auto",
         (see :mod:`dafne_logic.core.labels`). Memory: one uint8 canonical volume plus one batch of
         probabilities, whatever the number of slices.
     """
+    labels, _ = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=False)
+    return labels
+
+
+def segment_with_confidence(image: sitk.Image, model: ModelPackage, device: str = "auto", batch_size: int = 8,
+                            progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
+                            single_leg_side: Side | None = None) -> tuple[sitk.Image, dict[int, float]]:
+    """:func:`segment_volume` plus each predicted muscle's confidence (volume label value → mean
+    top-two probability margin, 0..1; :mod:`dafne_logic.inference.confidence`)."""
+    labels, tally = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=True)
+    return labels, tally.per_label() if tally is not None else {}
+
+
+def _segment(image: sitk.Image, model: ModelPackage, device: str, batch_size: int,
+             progress: ProgressCallback | None, cancel: CancelCheck | None, single_leg_side: Side | None,
+             confidence: bool) -> tuple[sitk.Image, ConfidenceTally | None]:
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
@@ -72,14 +89,17 @@ def segment_volume(image: sitk.Image, model: ModelPackage, device: str = "auto",
     prepared = prepare_volume(image, model.manifest.preprocessing, single_leg_side=single_leg_side)
     net = model.network(dev)
     assembler = LabelAssembler(prepared, model.labels)
+    tally = ConfidenceTally(model.labels, prepared.slices_with_body) if confidence else None
     total = sum(leg.image.shape[0] for leg in prepared.legs)
     done = 0
     for leg in prepared.legs:
         for first, probabilities in predict_slices(net, leg.image, dev, batch_size, cancel):
             assembler.add(leg.side, first, probabilities)
+            if tally is not None:
+                tally.add(leg.side, first, probabilities)
             done += probabilities.shape[0]
             report(0.05 + 0.9 * done / total, f"segmenting {leg.side} leg ({done}/{total} slices)")
         log.debug("%s leg: %s slices of %s", leg.side, leg.image.shape[0], leg.image.shape[1:])
     labels = assembler.image()
     report(1.0, "done")
-    return labels
+    return labels, tally

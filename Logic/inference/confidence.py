@@ -1,0 +1,64 @@
+"""How sure the network was of each muscle: a per-muscle quality flag for quantitative work.
+
+The confidence of a muscle is the mean, over the pixels the network gave to it (its own grid, slices
+with a body), of the margin between the winning class's softmax probability and the runner-up's:
+1 where it had no doubt, near 0 where two classes were equally likely. A muscle that swapped
+territory with a neighbour, or that is mostly fat and hard to tell from fat, has many doubtful
+pixels, so its confidence is low; its fat fraction and volume are then the numbers to check first
+(see ``Docs/quantitative.md`` for how well it flags them on phantoms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dafne_logic.core.labels import LabelTable, Side
+
+# Below this confidence a muscle is marked for review in the statistics. Chosen on development
+# phantom Dixon pairs (seeds 200-205, never the benchmark's 100-102): see Docs/quantitative.md.
+REVIEW_BELOW = 0.85
+
+
+class ConfidenceTally:
+    """Sums of the top-two probability margin per volume label, fed one batch at a time.
+
+    Memory: two floats per volume label, whatever the volume.
+    """
+
+    def __init__(self, table: LabelTable, slices_with_body: np.ndarray | None):
+        self.table = table
+        self.slices_with_body = slices_with_body
+        n = 2 * table.n_muscles + 1
+        self.sums = np.zeros(n, np.float64)
+        self.counts = np.zeros(n, np.int64)
+
+    def add(self, side: Side, first_slice: int, probabilities: np.ndarray) -> None:
+        """One leg's (k, C, H, W) softmax probabilities for crop slices ``first_slice ..``."""
+        if self.slices_with_body is not None:
+            keep = self.slices_with_body[first_slice:first_slice + probabilities.shape[0]]
+            probabilities = probabilities[keep]
+        if probabilities.shape[0] == 0:
+            return
+        top_two = np.partition(probabilities, -2, axis=1)[:, -2:]  # (k, 2, H, W), unordered pair
+        margin = np.abs(top_two[:, 1] - top_two[:, 0]).ravel()
+        classes = probabilities.argmax(axis=1).ravel()
+        values = np.array([0] + [self.table.value_of(i, side) for i in range(1, self.table.n_classes)], np.intp)
+        labels = values[classes]
+        self.sums += np.bincount(labels, weights=margin, minlength=self.sums.size)
+        self.counts += np.bincount(labels, minlength=self.counts.size)
+
+    def per_label(self) -> dict[int, float]:
+        """Mean margin (0..1) per volume label the network predicted anywhere (background left out)."""
+        return {v: float(self.sums[v] / self.counts[v]) for v in range(1, self.sums.size) if self.counts[v]}
+
+
+def add_confidence_columns(rows: list[dict[str, Any]], confidence: Mapping[int, float]) -> None:
+    """Add ``confidence`` (0..1) and ``review`` (True below :data:`REVIEW_BELOW`) to statistics rows
+    (:func:`dafne_logic.core.statistics.muscle_statistics`), in place; both None for an absent muscle."""
+    for row in rows:
+        value = confidence.get(row["label_value"]) if row.get("voxel_count") else None
+        row["confidence"] = value
+        row["review"] = None if value is None else value < REVIEW_BELOW
