@@ -144,7 +144,7 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
         leg_side = single_leg_side(side)
         model = self.segmentation.load_model(model_name)
         image = self.scene.image_of(volume_node)
-        labels = self.segmentation.segment(image, model, device, lambda f, m: None, lambda: False, leg_side)
+        labels, _ = self.segmentation.segment(image, model, device, lambda f, m: None, lambda: False, leg_side)
         return self.scene.show_labels(labels, model.labels, volume_node, f"{volume_node.GetName()} segmentation",
                                       segmentation_node)
 

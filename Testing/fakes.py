@@ -120,6 +120,8 @@ class FakeModel:
 class FakeSegmentation:
     def __init__(self):
         self.calls, self.sides, self.block, self.fail = [], [], None, None
+        # What a network would say of the two soleus muscles automatic_labels() draws: sure of both.
+        self.confidence = {LEG.value_of(1, "right"): 0.95, LEG.value_of(1, "left"): 0.93}
 
     def list_models(self):
         return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(label.name for label in LEG.volume_labels()))]
@@ -141,7 +143,7 @@ class FakeSegmentation:
             raise Cancelled("segmentation cancelled; nothing was written")
         labels = sitk.GetImageFromArray(automatic_labels())
         labels.CopyInformation(image)
-        return labels
+        return labels, dict(self.confidence)
 
 
 class FakeLearning(LearningLogic):

@@ -290,6 +290,31 @@ def test_statistics_table_and_csv_export(tmp_path):
     assert len(written) == 12 and written[0]["name"] == "right soleus"
 
 
+def test_muscles_the_model_was_unsure_of_are_named_and_marked_for_review(tmp_path):
+    """The network's confidence comes back from the worker: the status names the unsure muscles and
+    the statistics table marks them; a case adopted from a saved segmentation has no such columns."""
+    controller, parts = make_controller()
+    parts["segmentation"].confidence[LEG.value_of(1, "left")] = 0.6
+    volume = make_volume()
+    controller.segment(volume, "leg", "cpu")
+    finish(controller)
+    assert "The model was unsure of left soleus: check it first." in parts["view"].statuses[-1]
+    controller.statistics()
+    rows = {row["name"]: row for row in parts["scene"].tables[-1][1]}
+    assert (rows["left soleus"]["review"], rows["left soleus"]["confidence"]) == (True, 0.6)
+    assert (rows["right soleus"]["review"], rows["right soleus"]["confidence"]) == (False, 0.95)
+    assert rows["right tibialis anterior"]["review"] is None  # not segmented: nothing to judge
+    controller.export_statistics(str(tmp_path / "stats.csv"))
+    with open(tmp_path / "stats.csv", newline="") as f:
+        written = {row["name"]: row for row in csv.DictReader(f)}
+    assert written["left soleus"]["review"] == "True" and written["left soleus"]["confidence"] == "0.6"
+    sure, sure_parts, _ = segmented()
+    assert "unsure" not in sure_parts["view"].statuses[-1]
+    controller.adopt(volume, controller.case.segmentation_node, "leg")
+    controller.statistics()
+    assert all("review" not in row for row in parts["scene"].tables[-1][1])
+
+
 # --- share ---------------------------------------------------------------------------------------
 
 

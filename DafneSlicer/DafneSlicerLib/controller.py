@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.labels import LabelTable
+from dafne_logic.inference.confidence import add_confidence_columns, unsure_muscles
 
 from . import worker
 from .install_logic import InstallLogic
@@ -97,7 +98,17 @@ class Case:
     tracker: ReviewTracker
     improvements: list[Improvement] = field(default_factory=list)
     statistics: list[dict[str, Any]] = field(default_factory=list)
+    confidence: dict[int, float] = field(default_factory=dict)  # the automatic segmentation's, per volume label
     contributed: set[str] = field(default_factory=set)  # versions already sent
+
+
+def unsure_muscles_sentence(confidence: dict[int, float], table: LabelTable) -> str:
+    """'The model was unsure of ...: check them first. ' (empty when it was sure of every muscle)."""
+    names = unsure_muscles(confidence, table)
+    if not names:
+        return ""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"The model was unsure of {shown}: check {'it' if len(names) == 1 else 'them'} first. "
 
 
 class DafneController:
@@ -246,10 +257,13 @@ class DafneController:
             node = self.scene.show_labels(labels, model.labels, volume_node, f"{volume_name} segmentation",
                                           self._replaceable_segmentation(volume_node))
             automatic = sitk.GetArrayFromImage(labels)
-            self.case = Case(volume_node, node, model_name, model.labels, image, ReviewTracker(automatic))
+            confidence = worker.confidence_of(result)
+            self.case = Case(volume_node, node, model_name, model.labels, image, ReviewTracker(automatic),
+                             confidence=confidence)
             found = len(set(np.unique(automatic).tolist()) - {0})
             self.view.set_status(f"Segmented '{volume_name}' with {model_name} {model.manifest.version}: {found} of "
                                  f"{2 * model.labels.n_muscles} muscles found in {time.monotonic() - self._job_began:.0f} s. "
+                                 f"{unsure_muscles_sentence(confidence, model.labels)}"
                                  "Correct it in the Segment Editor, then click Improve.")
             self.view.set_review_summary(self.case.tracker.summary(automatic))
 
@@ -406,6 +420,8 @@ class DafneController:
             quantities = [] if selection.empty else self.scene.maps_of(case.image, selection)
             erode_mm = DEFAULT_ERODE_MM if selection.erode_mm is None else selection.erode_mm
             case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities, erode_mm=erode_mm)
+            if case.confidence:  # a case adopted from a saved segmentation has no network output to judge
+                add_confidence_columns(case.statistics, case.confidence)
             name = self.scene.node_name(case.volume_node)
             self.scene.show_statistics(case.statistics, f"{name} muscle statistics")
             present = sum(1 for row in case.statistics if row["voxel_count"])

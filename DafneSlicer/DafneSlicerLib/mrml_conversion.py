@@ -368,18 +368,20 @@ def load_segmentation(scene, path: str, name: str | None = None) -> slicer.vtkMR
 def fill_table_node(table_node: slicer.vtkMRMLTableNode, rows: list[dict[str, object]]) -> None:
     """Replace a table node's content with ``rows`` (one dict per row).
 
-    A column holding any string is text; other columns are numbers, with None (e.g. the intensity
-    of an absent muscle) shown as NaN.
+    A column holding any string or yes/no value (e.g. ``review``) is text, "yes"/"no" for the
+    latter; other columns are numbers, with None (e.g. the intensity of an absent muscle) shown as NaN.
     """
     table = vtk.vtkTable()
     columns = list(rows[0]) if rows else []
     for column in columns:
-        is_text = any(isinstance(row[column], str) for row in rows)
+        is_text = any(isinstance(row[column], (str, bool)) for row in rows)
         array = vtk.vtkStringArray() if is_text else vtk.vtkDoubleArray()
         array.SetName(column)
         for row in rows:
             value = row[column]
-            if is_text:
+            if isinstance(value, bool):
+                array.InsertNextValue("yes" if value else "no")
+            elif is_text:
                 array.InsertNextValue("" if value is None else str(value))
             else:
                 array.InsertNextValue(float("nan") if value is None else float(value))

@@ -60,14 +60,16 @@ class SegmentationLogic:
 
         return load_model(name)
 
-    def segment(self, image: sitk.Image, model: ModelPackage, device: str,
-                progress: ProgressCallback, cancel: CancelCheck, single_leg_side: str | None = None) -> sitk.Image:
-        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid.
+    def segment(self, image: sitk.Image, model: ModelPackage, device: str, progress: ProgressCallback,
+                cancel: CancelCheck, single_leg_side: str | None = None) -> tuple[sitk.Image, dict[int, float]]:
+        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid, and the
+        network's confidence in each muscle it found (volume label → 0..1,
+        :mod:`dafne_logic.inference.confidence`).
 
         ``single_leg_side`` ("right", "left" or None: from the leg's position) names the side of the
         only leg in the field of view; ignored when both legs are found.
         """
-        from dafne_logic.inference.segment import segment_volume
+        from dafne_logic.inference.segment import segment_with_confidence
 
-        return segment_volume(image, model, device=device, progress=progress, cancel=cancel,
-                              single_leg_side=single_leg_side)
+        return segment_with_confidence(image, model, device=device, progress=progress, cancel=cancel,
+                                       single_leg_side=single_leg_side)

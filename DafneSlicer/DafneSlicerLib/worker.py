@@ -136,6 +136,11 @@ def labels_of(result: dict[str, Any]) -> sitk.Image:
     return sitk.ReadImage(result["labels"])
 
 
+def confidence_of(result: dict[str, Any]) -> dict[int, float]:
+    """The segmentation's per-muscle confidence (volume label → 0..1); empty if none came back."""
+    return {int(k): float(v) for k, v in (result.get("confidence") or {}).items()}
+
+
 def improvement_of(result: dict[str, Any]) -> Improvement:
     data = dict(result["improvement"])
     data["path"] = Path(data["path"])
@@ -158,10 +163,10 @@ def run_request(request: dict[str, Any], progress: ProgressCallback, cancel: Can
     if task == "segment":
         segmentation = segmentation or SegmentationLogic()
         model = segmentation.load_model(request["model"])
-        labels = segmentation.segment(sitk.ReadImage(str(work_dir / "image.nrrd")), model, request["device"],
-                                      progress, cancel, single_leg_side=request.get("single_leg_side"))
+        labels, confidence = segmentation.segment(sitk.ReadImage(str(work_dir / "image.nrrd")), model, request["device"],
+                                                  progress, cancel, single_leg_side=request.get("single_leg_side"))
         sitk.WriteImage(labels, str(work_dir / "labels.nrrd"), useCompression=True)
-        return {"labels": str(work_dir / "labels.nrrd")}
+        return {"labels": str(work_dir / "labels.nrrd"), "confidence": {str(k): v for k, v in confidence.items()}}
     if task == "finetune":
         if learning is None:
             from dafne_logic.learning.finetune import FinetuneConfig

@@ -56,6 +56,7 @@ def main(argv: list[str], scene=None) -> int:
     from dafne_logic.core.errors import DafneError
     from dafne_logic.core.io import read_image
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
+    from dafne_logic.inference.confidence import add_confidence_columns
     from DafneSlicerLib import mrml_conversion as mc
     from DafneSlicerLib.install_logic import InstallLogic, read_requirements
     from DafneSlicerLib.segmentation_logic import SegmentationLogic, single_leg_side
@@ -93,11 +94,13 @@ def main(argv: list[str], scene=None) -> int:
             volume.SetName(target.name.split(".")[0])
             scene.AddNode(volume)
             mc.update_volume_node_from_image(volume, image)
-            labels = segmentation_logic.segment(image, model, args.device, lambda f, m: None, lambda: False,
-                                                single_leg_side=single_leg_side(args.side))
+            labels, confidence = segmentation_logic.segment(image, model, args.device, lambda f, m: None, lambda: False,
+                                                            single_leg_side=single_leg_side(args.side))
             segmentation = mc.labels_to_segmentation(scene, labels, model.labels, volume, volume.GetName())
             mc.save_segmentation(segmentation, str(target))
-            rows += [{"case": source.name, **row} for row in muscle_statistics(image, labels, model.labels)]
+            case_rows = muscle_statistics(image, labels, model.labels)
+            add_confidence_columns(case_rows, confidence)  # review = True: the model was unsure of that muscle
+            rows += [{"case": source.name, **row} for row in case_rows]
             print(f"{source.name}: {target} ({time.monotonic() - began:.1f} s)")
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
             failed.append(source.name)

@@ -62,3 +62,9 @@ def add_confidence_columns(rows: list[dict[str, Any]], confidence: Mapping[int, 
         value = confidence.get(row["label_value"]) if row.get("voxel_count") else None
         row["confidence"] = value
         row["review"] = None if value is None else value < REVIEW_BELOW
+
+
+def unsure_muscles(confidence: Mapping[int, float], table: LabelTable) -> list[str]:
+    """Names of the muscles below :data:`REVIEW_BELOW`, least sure first."""
+    names = {label.value: label.name for label in table.volume_labels()}
+    return [names[v] for v, c in sorted(confidence.items(), key=lambda item: item[1]) if c < REVIEW_BELOW and v in names]

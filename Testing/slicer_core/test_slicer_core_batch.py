@@ -46,6 +46,8 @@ def test_batch_writes_segmentations_and_statistics_and_lists_failures(scene, tmp
     with open(outputs / "statistics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["case"] for r in rows] == ["case1.nrrd"] * 12 + ["case2.nrrd"] * 12
+    found = [r for r in rows if int(r["voxel_count"])]
+    assert found and all(0 < float(r["confidence"]) <= 1 and r["review"] in ("True", "False") for r in found)
     assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # one case at a time
 
 

@@ -258,13 +258,15 @@ def test_seg_nrrd_save_works_without_fchmod_and_fchown(scene, tmp_path, monkeypa
 def test_table_node_holds_statistics_rows(scene):
     table_node = slicer.vtkMRMLTableNode()
     scene.AddNode(table_node)
-    rows = [{"muscle": "right sartorius", "volume_ml": 12.5, "mean": 101.0},
-            {"muscle": "left gracilis", "volume_ml": 3.25, "mean": 99.5}]
+    rows = [{"muscle": "right sartorius", "volume_ml": 12.5, "mean": 101.0, "review": True},
+            {"muscle": "left gracilis", "volume_ml": 3.25, "mean": 99.5, "review": False},
+            {"muscle": "left soleus", "volume_ml": 0.0, "mean": None, "review": None}]
     mc.fill_table_node(table_node, rows)
-    assert table_node.GetNumberOfColumns() == 3 and table_node.GetNumberOfRows() == 2
-    assert [table_node.GetColumnName(i) for i in range(3)] == ["muscle", "volume_ml", "mean"]
+    assert table_node.GetNumberOfColumns() == 4 and table_node.GetNumberOfRows() == 3
+    assert [table_node.GetColumnName(i) for i in range(4)] == ["muscle", "volume_ml", "mean", "review"]
     assert table_node.GetCellText(1, 0) == "left gracilis"
     assert float(table_node.GetCellText(0, 1)) == pytest.approx(12.5)
+    assert [table_node.GetCellText(r, 3) for r in range(3)] == ["yes", "no", ""]
     mc.fill_table_node(table_node, [])
     assert table_node.GetNumberOfColumns() == 0
 
