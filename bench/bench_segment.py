@@ -5,6 +5,8 @@ Segments a bilateral 432×432×40-slice phantom thigh with the bundled thigh mod
 interleaved, times a reference network of the size Dafne uses (MONAI 2D U-Net, 32–512 channels,
 ~6.5 M parameters) on the very same leg crops (forward passes only). Target: whole path ≤ 0.5× the
 reference time on 2 CPU cores; peak memory of the whole path (own process, max RSS) under 2 GB.
+Also timed: the whole path with each muscle's confidence (``segment_with_confidence``, what
+``segment --stats`` and the Slicer module run), as a ratio to the plain path.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def compare(threads: int, device: str, repeats: int = 3) -> dict[str, float]:
     from dafne_logic.core.preprocessing import prepare_volume
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.networks import DAFNE_REFERENCE_UNET_KWARGS, build_network, count_parameters, unet_architecture
-    from dafne_logic.inference.segment import predict_slices, segment_volume
+    from dafne_logic.inference.segment import predict_slices, segment_volume, segment_with_confidence
     from dafne_logic.phantoms.images import make_phantom
 
     torch.set_num_threads(threads)
@@ -52,6 +54,7 @@ def compare(threads: int, device: str, repeats: int = 3) -> dict[str, float]:
                 pass
 
     runs = {"whole path": lambda: segment_volume(image, model, device=device),
+            "whole path with confidence": lambda: segment_with_confidence(image, model, device=device),
             "our network, forward only": lambda: forward_only(ours),
             "reference network, forward only": lambda: forward_only(reference)}
     for run in runs.values():  # warm-up: allocator, oneDNN kernels
@@ -77,6 +80,7 @@ def main() -> None:
             print(f"[{device}, {threads} threads] {name}: {seconds:.2f} s (best of 3)")
         ratio = best["whole path"] / best["reference network, forward only"]
         print(f"[{device}] ratio whole path / reference = {ratio:.2f} (target ≤ 0.5): {'OK' if ratio <= 0.5 else 'MISSED'}")
+        print(f"[{device}] ratio with confidence / whole path = {best['whole path with confidence'] / best['whole path']:.2f}")
         out = subprocess.run([sys.executable, "-c", CHILD, str(threads), device], capture_output=True, text=True, check=True)
         whole = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[{device}] peak memory of the whole path (own process, max RSS): {whole['maxrss_mb']:.0f} MB "
