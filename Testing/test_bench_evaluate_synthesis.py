@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from bench_scripts import load_bench_script
 
 from dafne_logic.training.synthesis import SynthesisConfig
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate_base_models", REPO / "bench" / "evaluate_base_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EVALUATE = load_evaluate()
+EVALUATE = load_bench_script("evaluate_base_models")
 
 
 def test_overrides_are_json_values_that_the_synthesis_takes():

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_judge():
-    spec = importlib.util.spec_from_file_location("judge_thigh_candidate", REPO / "bench" / "judge_thigh_candidate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-JUDGE = load_judge()
+JUDGE = load_bench_script("judge_thigh_candidate")
 REGIMES = ("t1", "water", "fs_poor", "random")
 
 

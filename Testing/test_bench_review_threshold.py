@@ -3,15 +3,10 @@ without flagging more than 30 % of the muscles."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from bench_scripts import load_bench_script
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("choose_review_threshold", REPO / "bench" / "choose_review_threshold.py")
-CHOOSE = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(CHOOSE)
+CHOOSE = load_bench_script("choose_review_threshold")
 
 
 def test_the_rule_stops_at_the_share_of_muscles_it_may_flag():

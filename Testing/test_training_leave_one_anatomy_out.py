@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_scripts import load_bench_script
 
 
 def load_bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("leave_one_anatomy_out", REPO / "bench" / "leave_one_anatomy_out.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return module
+    return load_bench_script("leave_one_anatomy_out")
 
 
 def test_each_real_slice_is_trained_without_its_own_label_map(tmp_path: Path):
