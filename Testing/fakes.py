@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from dafne_logic.core.errors import Cancelled, InputError, ModelError
 from dafne_logic.core.labels import LEG
+from dafne_logic.inference.confidence import Confidence
 from DafneSlicerLib.controller import DafneController
 from DafneSlicerLib.jobs import BackgroundJob
 from DafneSlicerLib.learning_logic import Improvement, LearningLogic
@@ -122,6 +123,7 @@ class FakeSegmentation:
         self.calls, self.sides, self.block, self.fail = [], [], None, None
         # What a network would say of the two soleus muscles automatic_labels() draws: sure of both.
         self.confidence = {LEG.value_of(1, "right"): 0.95, LEG.value_of(1, "left"): 0.93}
+        self.slice_confidence = {k: 0.9 for k in range(SHAPE[0])}
 
     def list_models(self):
         return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(label.name for label in LEG.volume_labels()))]
@@ -143,7 +145,7 @@ class FakeSegmentation:
             raise Cancelled("segmentation cancelled; nothing was written")
         labels = sitk.GetImageFromArray(automatic_labels())
         labels.CopyInformation(image)
-        return labels, dict(self.confidence)
+        return labels, Confidence(dict(self.confidence), dict(self.slice_confidence))
 
 
 class FakeLearning(LearningLogic):

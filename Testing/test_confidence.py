@@ -12,7 +12,13 @@ import SimpleITK as sitk
 
 from dafne_logic.cli import main
 from dafne_logic.core.labels import LEG
-from dafne_logic.inference.confidence import REVIEW_BELOW, ConfidenceTally, add_confidence_columns
+from dafne_logic.inference.confidence import (
+    REVIEW_BELOW,
+    Confidence,
+    ConfidenceTally,
+    add_confidence_columns,
+    slices_on_input,
+)
 from dafne_logic.inference.model_package import load_model
 from dafne_logic.inference.segment import segment_volume, segment_with_confidence
 from dafne_logic.phantoms.images import make_phantom
@@ -35,6 +41,28 @@ def test_tally_averages_the_top_two_margin_per_volume_label_and_skips_slices_wit
     assert scores[3] == pytest.approx(0.85)
     assert scores[3 + LEG.n_muscles] == pytest.approx(0.5)  # mean of 0.2 and 0.8, right→left value mapped
     assert set(scores) == {3, 3 + LEG.n_muscles}  # background and unpredicted muscles: no entry
+    # Per slice, over both legs' muscle pixels: slice 0 holds 0.85 (right) and 0.2 (left), 4 pixels each.
+    assert tally.per_canonical_slice() == pytest.approx({0: 0.525, 1: 0.8})
+
+
+def test_canonical_slices_become_the_input_slices_when_the_input_is_axial():
+    values = {0: 0.5, 3: 0.9}
+    assert slices_on_input(values, (0, 1, 2), (False, False, False), 10) == values
+    assert slices_on_input(values, (0, 1, 2), (True, False, False), 10) == {9: 0.5, 6: 0.9}  # feet-first slice order
+    assert slices_on_input(values, (1, 0, 2), (False, False, False), 10) == {}  # k is not the axial axis
+    assert Confidence(per_slice={4: 0.9, 7: 0.5, 2: 0.6, 5: 0.95}).least_sure_slices(2) == [2, 7]
+
+
+def test_the_least_sure_slice_is_the_one_the_image_spoils():
+    """Strong noise on one slice of a phantom: that slice is where the network is least sure."""
+    image, _ = make_phantom("leg", shape=(5, 432, 432), seed=9012)
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    voxels[3] += np.random.default_rng(0).normal(0.0, 0.6 * float(voxels.std()), voxels[3].shape).astype(np.float32)
+    spoiled = sitk.GetImageFromArray(np.clip(voxels, 0, None))
+    spoiled.CopyInformation(image)
+    _, confidence = segment_with_confidence(spoiled, load_model("leg"), device="cpu")
+    assert sorted(confidence.per_slice) == [0, 1, 2, 3, 4]
+    assert confidence.least_sure_slices(1) == [3]
 
 
 def test_review_column_marks_low_confidence_and_leaves_absent_muscles_empty():
@@ -52,10 +80,11 @@ def test_same_labels_as_segment_volume_and_lower_confidence_on_a_degraded_image(
     assert np.array_equal(sitk.GetArrayViewFromImage(labels),
                           sitk.GetArrayViewFromImage(segment_volume(clean, model, device="cpu")))
     present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) - {0}
+    confidence = confidence.per_label
     assert present <= set(confidence) and all(0.0 < v <= 1.0 for v in confidence.values())
     # Heavily fat-infiltrated muscle is harder to tell from fat: the network is less sure of it.
     fatty, _ = make_phantom("leg", shape=(3, 432, 432), seed=9010, contrast="water", fat_infiltration=0.6)
-    _, degraded = segment_with_confidence(fatty, model, device="cpu")
+    degraded = segment_with_confidence(fatty, model, device="cpu")[1].per_label
     shared = present & set(degraded)
     assert np.mean([degraded[v] for v in shared]) < np.mean([confidence[v] for v in shared]) - 0.04
     assert min(degraded.values()) < REVIEW_BELOW < min(confidence.values())

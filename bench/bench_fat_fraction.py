@@ -101,7 +101,7 @@ def main() -> None:
                              "automatic (in-phase)": segment_volume(in_phase, model, device="cpu")}
             for name, labels in segmentations.items():
                 errors = errors_per_erosion(water, fat, labels, truth, model.labels,
-                                            confidence if name == "automatic (water)" else None, with_confidence)
+                                            confidence.per_label if name == "automatic (water)" else None, with_confidence)
                 if name in missed:
                     missed[name] += len(truth) - len(errors[0.0])
                 for erode, values in errors.items():

@@ -61,7 +61,7 @@ def main() -> None:
             _, truth = true_fat_fraction(region, **geometry)
             labels, confidence = segment_with_confidence(water, model, device="cpu")
             rows = muscle_statistics(water, labels, model.labels, maps=[fat_fraction_from_dixon(water, fat, water)], erode_mm=2)
-            muscles += [{"region": region, "seed": seed, "name": row["name"], "confidence": confidence.get(row["label_value"], 0.0),
+            muscles += [{"region": region, "seed": seed, "name": row["name"], "confidence": confidence.per_label.get(row["label_value"], 0.0),
                          "abs_error": abs(row["fat_fraction_mean"] - truth[row["label_value"]])}
                         for row in rows if row["label_value"] in truth and row["fat_fraction_mean"] is not None]
     errors = np.array([m["abs_error"] for m in muscles])

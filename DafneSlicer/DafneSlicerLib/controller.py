@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.labels import LabelTable
-from dafne_logic.inference.confidence import add_confidence_columns, unsure_muscles
+from dafne_logic.inference.confidence import Confidence, add_confidence_columns, unsure_muscles
 
 from . import worker
 from .install_logic import InstallLogic
@@ -98,7 +98,7 @@ class Case:
     tracker: ReviewTracker
     improvements: list[Improvement] = field(default_factory=list)
     statistics: list[dict[str, Any]] = field(default_factory=list)
-    confidence: dict[int, float] = field(default_factory=dict)  # the automatic segmentation's, per volume label
+    confidence: Confidence = field(default_factory=Confidence)  # the automatic segmentation's, per muscle and slice
     contributed: set[str] = field(default_factory=set)  # versions already sent
 
 
@@ -109,6 +109,14 @@ def unsure_muscles_sentence(confidence: dict[int, float], table: LabelTable) -> 
         return ""
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return f"The model was unsure of {shown}: check {'it' if len(names) == 1 else 'them'} first. "
+
+
+def least_sure_slices_sentence(confidence: Confidence, count: int = 3) -> str:
+    """'It was least sure on slices 12-13, 30: start correcting there. ' (empty without slice figures)."""
+    slices = confidence.least_sure_slices(count)
+    if len(confidence.per_slice) <= count:  # a few slices only: nothing to choose between
+        return ""
+    return f"It was least sure on slices {format_slices(slices)}: start correcting there. "
 
 
 class DafneController:
@@ -263,7 +271,8 @@ class DafneController:
             found = len(set(np.unique(automatic).tolist()) - {0})
             self.view.set_status(f"Segmented '{volume_name}' with {model_name} {model.manifest.version}: {found} of "
                                  f"{2 * model.labels.n_muscles} muscles found in {time.monotonic() - self._job_began:.0f} s. "
-                                 f"{unsure_muscles_sentence(confidence, model.labels)}"
+                                 f"{unsure_muscles_sentence(confidence.per_label, model.labels)}"
+                                 f"{least_sure_slices_sentence(confidence)}"
                                  "Correct it in the Segment Editor, then click Improve.")
             self.view.set_review_summary(self.case.tracker.summary(automatic))
 
@@ -420,8 +429,8 @@ class DafneController:
             quantities = [] if selection.empty else self.scene.maps_of(case.image, selection)
             erode_mm = DEFAULT_ERODE_MM if selection.erode_mm is None else selection.erode_mm
             case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities, erode_mm=erode_mm)
-            if case.confidence:  # a case adopted from a saved segmentation has no network output to judge
-                add_confidence_columns(case.statistics, case.confidence)
+            if case.confidence.per_label:  # a case adopted from a saved segmentation has no network output to judge
+                add_confidence_columns(case.statistics, case.confidence.per_label)
             name = self.scene.node_name(case.volume_node)
             self.scene.show_statistics(case.statistics, f"{name} muscle statistics")
             present = sum(1 for row in case.statistics if row["voxel_count"])

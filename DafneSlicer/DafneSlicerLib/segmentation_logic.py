@@ -16,6 +16,7 @@ from dafne_logic.core.errors import InputError
 from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
+    from dafne_logic.inference.confidence import Confidence
     from dafne_logic.inference.model_package import ModelPackage
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,10 +62,9 @@ class SegmentationLogic:
         return load_model(name)
 
     def segment(self, image: sitk.Image, model: ModelPackage, device: str, progress: ProgressCallback,
-                cancel: CancelCheck, single_leg_side: str | None = None) -> tuple[sitk.Image, dict[int, float]]:
-        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid, and the
-        network's confidence in each muscle it found (volume label → 0..1,
-        :mod:`dafne_logic.inference.confidence`).
+                cancel: CancelCheck, single_leg_side: str | None = None) -> tuple[sitk.Image, Confidence]:
+        """Volume labels (uint8, right muscles 1..N, left N+1..2N) on ``image``'s grid, and how sure
+        the network was of each muscle and each slice (:mod:`dafne_logic.inference.confidence`).
 
         ``single_leg_side`` ("right", "left" or None: from the leg's position) names the side of the
         only leg in the field of view; ignored when both legs are found.

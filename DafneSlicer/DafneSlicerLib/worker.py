@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 import SimpleITK as sitk
 
 from dafne_logic.core.errors import DafneError
+from dafne_logic.inference.confidence import Confidence
 
 from .jobs import CANCEL_FILE, CancelCheck, ProgressCallback
 from .learning_logic import Improvement, LearningLogic
@@ -136,9 +137,12 @@ def labels_of(result: dict[str, Any]) -> sitk.Image:
     return sitk.ReadImage(result["labels"])
 
 
-def confidence_of(result: dict[str, Any]) -> dict[int, float]:
-    """The segmentation's per-muscle confidence (volume label → 0..1); empty if none came back."""
-    return {int(k): float(v) for k, v in (result.get("confidence") or {}).items()}
+def confidence_of(result: dict[str, Any]) -> Confidence:
+    """How sure the segmentation was of each muscle and slice (empty if nothing came back)."""
+    def numbers(key: str) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (result.get(key) or {}).items()}
+
+    return Confidence(numbers("confidence"), numbers("slice_confidence"))
 
 
 def improvement_of(result: dict[str, Any]) -> Improvement:
@@ -166,7 +170,9 @@ def run_request(request: dict[str, Any], progress: ProgressCallback, cancel: Can
         labels, confidence = segmentation.segment(sitk.ReadImage(str(work_dir / "image.nrrd")), model, request["device"],
                                                   progress, cancel, single_leg_side=request.get("single_leg_side"))
         sitk.WriteImage(labels, str(work_dir / "labels.nrrd"), useCompression=True)
-        return {"labels": str(work_dir / "labels.nrrd"), "confidence": {str(k): v for k, v in confidence.items()}}
+        return {"labels": str(work_dir / "labels.nrrd"),
+                "confidence": {str(k): v for k, v in confidence.per_label.items()},
+                "slice_confidence": {str(k): v for k, v in confidence.per_slice.items()}}
     if task == "finetune":
         if learning is None:
             from dafne_logic.learning.finetune import FinetuneConfig

@@ -99,7 +99,7 @@ def main(argv: list[str], scene=None) -> int:
             segmentation = mc.labels_to_segmentation(scene, labels, model.labels, volume, volume.GetName())
             mc.save_segmentation(segmentation, str(target))
             case_rows = muscle_statistics(image, labels, model.labels)
-            add_confidence_columns(case_rows, confidence)  # review = True: the model was unsure of that muscle
+            add_confidence_columns(case_rows, confidence.per_label)  # review = True: the model was unsure of it
             rows += [{"case": source.name, **row} for row in case_rows]
             print(f"{source.name}: {target} ({time.monotonic() - began:.1f} s)")
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others

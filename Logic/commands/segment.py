@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from dafne_logic.core.io import choose_dicom_series, read_image, write_labels
     from dafne_logic.core.preview import write_preview
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
-    from dafne_logic.inference.confidence import add_confidence_columns
+    from dafne_logic.inference.confidence import Confidence, add_confidence_columns
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume, segment_with_confidence
 
@@ -133,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
                 options = dict(device=args.device, batch_size=args.batch_size, progress=progress, single_leg_side=args.side)
                 # The confidence costs a little time per batch: only the statistics report it.
                 labels, confidence = (segment_with_confidence(image, model, **options) if args.stats
-                                      else (segment_volume(image, model, **options), {}))
+                                      else (segment_volume(image, model, **options), Confidence()))
             # Measured before the segmentation is written: a map that misses the muscles writes nothing.
             case_rows = muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm) if args.stats else []
-            add_confidence_columns(case_rows, confidence)
+            add_confidence_columns(case_rows, confidence.per_label)
             case_areas = cross_sectional_areas(labels, model.labels) if args.csa else []
             if out.name.lower().endswith(DICOM_SEG_SUFFIX):
                 write_dicom_seg(labels, choose_dicom_series(path, args.series).files, model.labels, out,

@@ -5,12 +5,15 @@ with a body), of the margin between the winning class's softmax probability and 
 1 where it had no doubt, near 0 where two classes were equally likely. A muscle that swapped
 territory with a neighbour, or that is mostly fat and hard to tell from fat, has many doubtful
 pixels, so its confidence is low; its fat fraction and volume are then the numbers to check first
-(see ``Docs/quantitative.md`` for how well it flags them on phantoms).
+(see ``Docs/quantitative.md`` for how well it flags them on phantoms). The same margin averaged
+over each slice's muscle pixels points at the slices worth correcting first.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,10 +25,30 @@ from dafne_logic.core.labels import LabelTable, Side
 REVIEW_BELOW = 0.85
 
 
-class ConfidenceTally:
-    """Sums of the top-two probability margin per volume label, fed one batch at a time.
+@dataclass
+class Confidence:
+    """What :func:`dafne_logic.inference.segment.segment_with_confidence` says of its own output.
 
-    Memory: two floats per volume label, whatever the volume.
+    Attributes:
+        per_label: volume label value → mean margin (0..1) over the muscle's pixels.
+        per_slice: input slice index k (numpy axis 0 of the input, counted from 0) → mean margin over
+            that slice's muscle pixels; empty when the model's axial slices are not the input's
+            k slices (a sagittal or coronal acquisition).
+    """
+
+    per_label: dict[int, float] = field(default_factory=dict)
+    per_slice: dict[int, float] = field(default_factory=dict)
+
+    def least_sure_slices(self, count: int = 3) -> list[int]:
+        """The ``count`` slices of lowest confidence, in slice order."""
+        return sorted(sorted(self.per_slice, key=self.per_slice.__getitem__)[:count])
+
+
+class ConfidenceTally:
+    """Sums of the top-two probability margin per volume label and per canonical (axial) slice,
+    fed one batch at a time.
+
+    Memory: two numbers per volume label and per slice, whatever the volume.
     """
 
     def __init__(self, table: LabelTable, slices_with_body: np.ndarray | None):
@@ -34,28 +57,49 @@ class ConfidenceTally:
         n = 2 * table.n_muscles + 1
         self.sums = np.zeros(n, np.float64)
         self.counts = np.zeros(n, np.int64)
+        self.slice_sums: defaultdict[int, float] = defaultdict(float)  # canonical z → margin sum over muscle pixels
+        self.slice_counts: defaultdict[int, int] = defaultdict(int)
 
     def add(self, side: Side, first_slice: int, probabilities: np.ndarray) -> None:
         """One leg's (k, C, H, W) softmax probabilities for crop slices ``first_slice ..``."""
+        z = np.arange(first_slice, first_slice + probabilities.shape[0])
         if self.slices_with_body is not None:
             keep = self.slices_with_body[first_slice:first_slice + probabilities.shape[0]]
-            probabilities = probabilities[keep]
+            probabilities, z = probabilities[keep], z[keep]
         if probabilities.shape[0] == 0:
             return
         import torch  # here, not at the top: the Slicer panel imports this module before torch is installed
 
         # torch's top-k: about half the time of numpy's partition + argmax over the class axis.
         values, indices = torch.from_numpy(np.ascontiguousarray(probabilities)).topk(2, dim=1)
-        margin = (values[:, 0] - values[:, 1]).numpy().ravel()
-        classes = indices[:, 0].numpy().ravel()
-        values = np.array([0] + [self.table.value_of(i, side) for i in range(1, self.table.n_classes)], np.intp)
-        labels = values[classes]
-        self.sums += np.bincount(labels, weights=margin, minlength=self.sums.size)
+        margin = (values[:, 0] - values[:, 1]).numpy()  # (k, H, W)
+        classes = indices[:, 0].numpy()
+        muscle = classes > 0
+        for index, total, count in zip(z.tolist(), (margin * muscle).sum(axis=(1, 2)).tolist(),
+                                       muscle.sum(axis=(1, 2)).tolist(), strict=True):
+            self.slice_sums[index] += total
+            self.slice_counts[index] += count
+        volume_values = np.array([0] + [self.table.value_of(i, side) for i in range(1, self.table.n_classes)], np.intp)
+        labels = volume_values[classes.ravel()]
+        self.sums += np.bincount(labels, weights=margin.ravel(), minlength=self.sums.size)
         self.counts += np.bincount(labels, minlength=self.counts.size)
 
     def per_label(self) -> dict[int, float]:
         """Mean margin (0..1) per volume label the network predicted anywhere (background left out)."""
         return {v: float(self.sums[v] / self.counts[v]) for v in range(1, self.sums.size) if self.counts[v]}
+
+    def per_canonical_slice(self) -> dict[int, float]:
+        """Mean margin (0..1) over the muscle pixels of each canonical slice that has any."""
+        return {z: self.slice_sums[z] / n for z, n in sorted(self.slice_counts.items()) if n}
+
+
+def slices_on_input(per_canonical_slice: Mapping[int, float], to_input_axes: tuple[int, int, int],
+                    to_input_flips: tuple[bool, bool, bool], n_slices: int) -> dict[int, float]:
+    """Canonical (axial) slice z → the input's slice k, when the input's k axis is the axial one
+    (``PreparedVolume.to_input_axes``/``to_input_flips``; ``n_slices`` axial slices); else empty."""
+    if to_input_axes[0] != 0:
+        return {}
+    return {(n_slices - 1 - z) if to_input_flips[0] else z: value for z, value in per_canonical_slice.items()}
 
 
 def add_confidence_columns(rows: list[dict[str, Any]], confidence: Mapping[int, float]) -> None:

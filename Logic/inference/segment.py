@@ -11,9 +11,9 @@ import torch
 
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import Side
-from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
+from dafne_logic.core.preprocessing import LabelAssembler, PreparedVolume, prepare_volume
 from dafne_logic.core.progress import CancelCheck, ProgressCallback
-from dafne_logic.inference.confidence import ConfidenceTally
+from dafne_logic.inference.confidence import Confidence, ConfidenceTally, slices_on_input
 from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.inference.networks import resolve_device
 
@@ -65,22 +65,26 @@ def segment_volume(image: sitk.Image, model: ModelPackage, device: str = "auto",
         (see :mod:`dafne_logic.core.labels`). Memory: one uint8 canonical volume plus one batch of
         probabilities, whatever the number of slices.
     """
-    labels, _ = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=False)
+    labels, _, _ = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=False)
     return labels
 
 
 def segment_with_confidence(image: sitk.Image, model: ModelPackage, device: str = "auto", batch_size: int = 8,
                             progress: ProgressCallback | None = None, cancel: CancelCheck | None = None,
-                            single_leg_side: Side | None = None) -> tuple[sitk.Image, dict[int, float]]:
-    """:func:`segment_volume` plus each predicted muscle's confidence (volume label value → mean
-    top-two probability margin, 0..1; :mod:`dafne_logic.inference.confidence`)."""
-    labels, tally = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=True)
-    return labels, tally.per_label() if tally is not None else {}
+                            single_leg_side: Side | None = None) -> tuple[sitk.Image, Confidence]:
+    """:func:`segment_volume` plus how sure the network was of each predicted muscle and each slice
+    (mean top-two probability margin, 0..1; :mod:`dafne_logic.inference.confidence`)."""
+    labels, tally, prepared = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=True)
+    if tally is None:
+        return labels, Confidence()
+    per_slice = slices_on_input(tally.per_canonical_slice(), prepared.to_input_axes, prepared.to_input_flips,
+                                prepared.canonical_shape[0])
+    return labels, Confidence(tally.per_label(), per_slice)
 
 
 def _segment(image: sitk.Image, model: ModelPackage, device: str, batch_size: int,
              progress: ProgressCallback | None, cancel: CancelCheck | None, single_leg_side: Side | None,
-             confidence: bool) -> tuple[sitk.Image, ConfidenceTally | None]:
+             confidence: bool) -> tuple[sitk.Image, ConfidenceTally | None, PreparedVolume]:
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
@@ -102,4 +106,4 @@ def _segment(image: sitk.Image, model: ModelPackage, device: str, batch_size: in
         log.debug("%s leg: %s slices of %s", leg.side, leg.image.shape[0], leg.image.shape[1:])
     labels = assembler.image()
     report(1.0, "done")
-    return labels, tally
+    return labels, tally, prepared
