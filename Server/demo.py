@@ -27,8 +27,9 @@ import SimpleITK as sitk
 from dafne_logic.core.io import write_labels
 from dafne_logic.core.preview import write_preview
 from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
+from dafne_logic.inference.confidence import add_confidence_columns
 from dafne_logic.inference.model_package import load_model
-from dafne_logic.inference.segment import segment_volume
+from dafne_logic.inference.segment import segment_volume, segment_with_confidence
 from dafne_logic.learning.evaluation import dice_per_label, mean_dice
 from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
 
@@ -41,15 +42,21 @@ def segment_demo(out: Path, region: str = "thigh", seed: int = 2024) -> float:
     print(f"model: {model.manifest.name} v{model.manifest.version} "
           f"(trained on {model.manifest.provenance.get('trained_on', 'unknown')})")
     started = time.perf_counter()
-    labels = segment_volume(image, model, progress=lambda f, m: print(f"\r  {100 * f:5.1f}% {m:<48}", end="", flush=True))
+    labels, confidence = segment_with_confidence(
+        image, model, progress=lambda f, m: print(f"\r  {100 * f:5.1f}% {m:<48}", end="", flush=True))
     print(f"\n  segmented {image.GetSize()} in {time.perf_counter() - started:.1f} s")
     write_labels(labels, out / f"{region}_phantom.seg.nrrd", model.labels)
-    write_statistics_csv(muscle_statistics(image, labels, model.labels), out / f"{region}_statistics.csv")
+    rows = muscle_statistics(image, labels, model.labels)
+    add_confidence_columns(rows, confidence.per_label)
+    write_statistics_csv(rows, out / f"{region}_statistics.csv")
     write_preview(image, labels, model.labels, out / f"{region}_preview.png", title=f"{region} phantom, seed {seed}")
     scores = dice_per_label(labels, truth, model.labels)
+    values = {label.name: label.value for label in model.labels.volume_labels()}
     for name, dice in scores.items():
-        print(f"  {name:<36} Dice {dice:.3f}")
-    print(f"  mean Dice {mean_dice(scores):.3f}")
+        sure = confidence.per_label.get(values[name])
+        print(f"  {name:<36} Dice {dice:.3f}   model's confidence {'-' if sure is None else f'{sure:.2f}'}")
+    print(f"  mean Dice {mean_dice(scores):.3f}; the model was least sure on slices "
+          f"{', '.join(map(str, confidence.least_sure_slices(3)))} (where a user would start correcting)")
     return mean_dice(scores)
 
 
