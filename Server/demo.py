@@ -2,7 +2,8 @@
 
 1. Segments a phantom thigh with the bundled model and writes, under ``demo-out/``, the phantom,
    its segmentation as a Slicer ``.seg.nrrd``, per-muscle statistics and a preview PNG, and prints
-   the Dice against the phantom's exact labels.
+   the Dice against the phantom's exact labels beside the model's confidence in each muscle, and
+   the slices it was least sure on.
 2. Fat fraction per muscle from a Dixon scan: a phantom calf's water and fat images (the same
    subject, fat infiltration drawn per muscle), segmented automatically on the water image; the
    table of measured against true fat fraction, right beside left, and ``leg_dixon_statistics.csv``.
