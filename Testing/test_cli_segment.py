@@ -38,6 +38,8 @@ def test_segment_writes_named_segmentation_stats_and_preview(calf_volume: Path, 
     assert stats[0].startswith("case,label_value,name")
     assert len(stats) == 1 + 12
     assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    least = result.stdout.split("least sure on slices ")[1].split()  # 4 slices: the 3 to start correcting
+    assert len(least) == 3 and {int(k.rstrip(",")) for k in least} <= {0, 1, 2, 3}
 
 
 def test_several_inputs_go_to_a_folder(calf_volume: Path, tmp_path: Path):

@@ -90,7 +90,7 @@ def test_same_labels_as_segment_volume_and_lower_confidence_on_a_degraded_image(
     assert min(degraded.values()) < REVIEW_BELOW < min(confidence.values())
 
 
-def test_segment_stats_report_confidence_and_review(tmp_path: Path):
+def test_segment_stats_report_confidence_and_review(tmp_path: Path, capsys):
     image, _ = make_phantom("leg", shape=(3, 432, 432), seed=9011)
     path = tmp_path / "calf.nii.gz"
     sitk.WriteImage(image, str(path))
@@ -102,3 +102,7 @@ def test_segment_stats_report_confidence_and_review(tmp_path: Path):
     assert present and all(0.0 < float(row["confidence"]) <= 1.0 for row in present)
     assert all(row["review"] == str(float(row["confidence"]) < REVIEW_BELOW) for row in present)
     assert all(row["confidence"] == "" and row["review"] == "" for row in rows if not int(row["voxel_count"]))
+    printed = capsys.readouterr().out
+    flagged = [row["name"] for row in present if row["review"] == "True"]
+    assert all(name in printed for name in flagged) and ("unsure of" in printed) == bool(flagged)
+    assert "least sure on slices" not in printed  # 3 slices: nothing to choose between

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from dafne_logic.core.io import choose_dicom_series, read_image, write_labels
     from dafne_logic.core.preview import write_preview
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
-    from dafne_logic.inference.confidence import Confidence, add_confidence_columns
+    from dafne_logic.inference.confidence import Confidence, add_confidence_columns, unsure_muscles
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume, segment_with_confidence
 
@@ -151,6 +151,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: failed: {exc}", file=sys.stderr)
             continue
         print(f"{path} -> {out}")
+        unsure = unsure_muscles(confidence.per_label, model.labels)
+        if unsure:
+            print(f"  the model was unsure of {', '.join(unsure)} (review = True in the statistics): check them first")
+        if len(confidence.per_slice) > 3:
+            print(f"  it was least sure on slices {', '.join(map(str, confidence.least_sure_slices(3)))}")
         rows += [{"case": case_name(path), **row} for row in case_rows]
         areas += [{"case": case_name(path), **row} for row in case_areas]
         if args.preview:
