@@ -38,7 +38,7 @@ def test_segment_writes_named_segmentation_stats_and_preview(calf_volume: Path, 
     assert stats[0].startswith("case,label_value,name")
     assert len(stats) == 1 + 12
     assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    least = result.stdout.split("least sure on slices ")[1].split()  # 4 slices: the 3 to start correcting
+    least = result.stdout.split("least sure on slices ")[1].splitlines()[0].split()  # 4 slices: 3 to start with
     assert len(least) == 3 and {int(k.rstrip(",")) for k in least} <= {0, 1, 2, 3}
 
 
