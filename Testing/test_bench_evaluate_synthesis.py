@@ -22,6 +22,8 @@ def test_overrides_are_json_values_that_the_synthesis_takes():
     ("no_such_range=1", "not a SynthesisConfig range"),
     ("regimes=[\"t1\"]", "not a SynthesisConfig range"),  # the evaluation sets the regime itself
     ("p_infiltration=0,3", "not JSON"),
+    ("infiltration_affected=0.5", "infiltration_affected must be"),  # a share range, not a number
+    ("infiltration_affected=[0.8,0.2]", "infiltration_affected must be"),
 ])
 def test_bad_overrides_are_refused_with_the_setting_named(setting: str, message: str):
     with pytest.raises(SystemExit, match=message) as refused:

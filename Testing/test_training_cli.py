@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from dafne_logic.cli import main
-from dafne_logic.commands.train import PHANTOM_SOURCE, data_sources, merge_sources
+from dafne_logic.commands.train import DATA_SOURCES, PHANTOM_SOURCE, data_sources, merge_sources, source_list
 from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.training.synthesis import SynthesisConfig
 
@@ -200,3 +200,7 @@ def test_data_sources_are_named_from_the_shared_folders_used():
     assert "Visible Human" in sources[1]["name"] and sources[-1] == PHANTOM_SOURCE
     assert data_sources(files[2:], phantoms=False) == []
     assert merge_sources(sources[:1], sources) == sources  # each source once, first seen first
+    # A parent manifest written before the list (folder -> text) still passes its credit on.
+    old = source_list({"calf_slices": "dafne-evaluation ...", "my_maps": "our own label maps"})
+    assert old[0] == DATA_SOURCES["calf_slices"] and old[1] == {"name": "my_maps", "used": "our own label maps"}
+    assert source_list([{"licence": "MIT"}, "junk", {"name": "x"}]) == [{"name": "x"}] and source_list(None) == []

@@ -53,7 +53,9 @@ def errors_per_erosion(water, fat, labels, truth: dict[int, float], table,
         result[erode] = [row["fat_fraction_mean"] - truth[row["label_value"]] for row in rows]
         if confidence is not None and flagged is not None:
             flagged.setdefault(erode, []).extend(
-                (row["fat_fraction_mean"] - truth[row["label_value"]], confidence[row["label_value"]]) for row in rows)
+                # A muscle without a score (none so far) counts as one to review.
+                (row["fat_fraction_mean"] - truth[row["label_value"]], confidence.get(row["label_value"], 0.0))
+                for row in rows)
     return result
 
 

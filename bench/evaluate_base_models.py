@@ -74,6 +74,10 @@ def synthesis_overrides(settings: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError as error:
             raise SystemExit(f"--synthesis {setting}: the value is not JSON ({error.msg})") from None
         changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    try:
+        SynthesisConfig(**changes)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--synthesis {' '.join(settings)}: {error}") from None
     return changes
 
 

@@ -75,6 +75,18 @@ def data_sources(files: list[Path], phantoms: bool) -> list[dict[str, str]]:
     return used + ([dict(PHANTOM_SOURCE)] if phantoms else [])
 
 
+def source_list(recorded: Any) -> list[dict[str, str]]:
+    """A manifest's recorded sources as entries: today's list, or the folder → text dict that
+    manifests before the list held (known folders become their :data:`DATA_SOURCES` entry)."""
+    if isinstance(recorded, dict):
+        return [dict(DATA_SOURCES[key]) if key in DATA_SOURCES else {"name": str(key), "used": str(text)}
+                for key, text in recorded.items()]
+    if isinstance(recorded, list):
+        return [{k: str(v) for k, v in entry.items()} for entry in recorded
+                if isinstance(entry, dict) and entry.get("name")]
+    return []
+
+
 def merge_sources(*lists: list[dict[str, str]]) -> list[dict[str, str]]:
     """Several source lists as one, each source (by name) once, in first-seen order."""
     merged: dict[str, dict[str, str]] = {}
@@ -164,9 +176,8 @@ def _initial_weights(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
         "name": parent.manifest.name, "version": parent.manifest.version,
         "weights_sha256": parent.manifest.weights_sha256}
     # The parent's weights carry what it learnt from: its sources stay credited.
-    inherited = parent.manifest.provenance.get("training", {}).get("data_sources")
-    if isinstance(inherited, list):
-        training["data_sources"] = merge_sources(training.get("data_sources", []), inherited)
+    inherited = source_list(parent.manifest.provenance.get("training", {}).get("data_sources"))
+    training["data_sources"] = merge_sources(training.get("data_sources", []), inherited)
     return parent.state_dict
 
 

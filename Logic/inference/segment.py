@@ -79,7 +79,10 @@ def segment_with_confidence(image: sitk.Image, model: ModelPackage, device: str 
         return labels, Confidence()
     per_slice = slices_on_input(tally.per_canonical_slice(), prepared.to_input_axes, prepared.to_input_flips,
                                 prepared.canonical_shape[0])
-    return labels, Confidence(tally.per_label(), per_slice)
+    # The tally sees whole crops; the label map keeps each leg's own pixels: score only what it holds.
+    present = set(np.flatnonzero(np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=1)).tolist())
+    per_label = {v: c for v, c in tally.per_label().items() if v in present}
+    return labels, Confidence(per_label, per_slice)
 
 
 def _segment(image: sitk.Image, model: ModelPackage, device: str, batch_size: int,

@@ -123,6 +123,9 @@ class SynthesisConfig:
         unknown = set(self.regimes) - set(_REGIME_MEANS)
         if unknown or not self.regimes:
             raise ValueError(f"unknown contrast regimes {sorted(unknown)}; known: {', '.join(REGIMES)}")
+        share = self.infiltration_affected
+        if not (isinstance(share, tuple) and len(share) == 2 and 0.0 <= share[0] <= share[1] <= 1.0):
+            raise ValueError(f"infiltration_affected must be a (low, high) share with 0 <= low <= high <= 1, not {share!r}")
 
 
 def _uniform(rng: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
