@@ -56,8 +56,9 @@ def segment_demo(out: Path, region: str = "thigh", seed: int = 2024) -> float:
     for name, dice in scores.items():
         sure = confidence.per_label.get(values[name])
         print(f"  {name:<36} Dice {dice:.3f}   model's confidence {'-' if sure is None else f'{sure:.2f}'}")
-    print(f"  mean Dice {mean_dice(scores):.3f}; the model was least sure on slices "
-          f"{', '.join(map(str, confidence.least_sure_slices(3)))} (where a user would start correcting)")
+    least_sure = confidence.least_sure_slices(3)
+    print(f"  mean Dice {mean_dice(scores):.3f}" + (f"; the model was least sure on slices {', '.join(map(str, least_sure))} "
+                                                   "(where a user would start correcting)" if least_sure else ""))
     return mean_dice(scores)
 
 

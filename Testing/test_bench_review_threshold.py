@@ -19,6 +19,7 @@ def test_the_rule_stops_at_the_share_of_muscles_it_may_flag():
     assert row[0.8]["large_flagged"] == 2 and row[0.8]["flagged_share"] == 0.2
     assert row[0.9]["large_flagged"] == 3 and row[0.9]["flagged_share"] == 0.4
     assert row[0.8]["unflagged_max_abs"] == 6.0
+    assert (row[0.8]["flagged"], row[0.8]["large"], row[0.8]["flagged_mean_abs"]) == (2, 3, 8.0)
 
 
 def test_no_threshold_flags_anything_when_every_muscle_is_sure():

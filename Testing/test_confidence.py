@@ -51,6 +51,7 @@ def test_canonical_slices_become_the_input_slices_when_the_input_is_axial():
     assert slices_on_input(values, (0, 1, 2), (True, False, False), 10) == {9: 0.5, 6: 0.9}  # feet-first slice order
     assert slices_on_input(values, (1, 0, 2), (False, False, False), 10) == {}  # k is not the axial axis
     assert Confidence(per_slice={4: 0.9, 7: 0.5, 2: 0.6, 5: 0.95}).least_sure_slices(2) == [2, 7]
+    assert Confidence(per_slice={0: 0.9, 1: 0.5, 2: 0.6}).least_sure_slices(3) == []  # nothing to choose between
 
 
 def test_the_least_sure_slice_is_the_one_the_image_spoils():

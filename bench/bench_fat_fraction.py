@@ -37,26 +37,16 @@ EROSIONS_MM = (0.0, 1.0, 2.0, 3.0)
 INFILTRATIONS = (0.2, 0.35, 0.5)
 
 
-def errors_per_erosion(water, fat, labels, truth: dict[int, float], table,
-                       confidence: dict[int, float] | None = None,
-                       flagged: dict[float, list[tuple[float, float]]] | None = None) -> dict[float, list[float]]:
-    """Signed error (measured − true, points) per muscle present in both, for every erosion; with
-    ``confidence`` (label → confidence), (error, confidence) pairs are appended to ``flagged`` too."""
+def errors_per_erosion(water, fat, labels, truth: dict[int, float], table) -> dict[float, dict[int, float]]:
+    """Signed error (measured − true, points) per muscle present in both (label → error), for every erosion."""
     from dafne_logic.core.quantitative import fat_fraction_from_dixon
     from dafne_logic.core.statistics import muscle_statistics
 
     maps = [fat_fraction_from_dixon(water, fat, water)]
-    result = {}
-    for erode in EROSIONS_MM:
-        rows = [row for row in muscle_statistics(water, labels, table, maps=maps, erode_mm=erode)
-                if row["label_value"] in truth and row["fat_fraction_mean"] is not None]
-        result[erode] = [row["fat_fraction_mean"] - truth[row["label_value"]] for row in rows]
-        if confidence is not None and flagged is not None:
-            flagged.setdefault(erode, []).extend(
-                # A muscle without a score (none so far) counts as one to review.
-                (row["fat_fraction_mean"] - truth[row["label_value"]], confidence.get(row["label_value"], 0.0))
-                for row in rows)
-    return result
+    return {erode: {row["label_value"]: row["fat_fraction_mean"] - truth[row["label_value"]]
+                    for row in muscle_statistics(water, labels, table, maps=maps, erode_mm=erode)
+                    if row["label_value"] in truth and row["fat_fraction_mean"] is not None}
+            for erode in EROSIONS_MM}
 
 
 def main() -> None:
@@ -70,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))  # OMP_NUM_THREADS=1 beside a training run
     import SimpleITK as sitk
+    from choose_review_threshold import flag_summary  # bench/ is on the path: this script's folder
 
     from dafne_logic.inference.confidence import REVIEW_BELOW
     from dafne_logic.inference.model_package import load_model
@@ -102,11 +93,14 @@ def main() -> None:
                              "automatic (water)": auto_water,
                              "automatic (in-phase)": segment_volume(in_phase, model, device="cpu")}
             for name, labels in segmentations.items():
-                errors = errors_per_erosion(water, fat, labels, truth, model.labels,
-                                            confidence.per_label if name == "automatic (water)" else None, with_confidence)
+                errors = errors_per_erosion(water, fat, labels, truth, model.labels)
                 if name in missed:
                     missed[name] += len(truth) - len(errors[0.0])
-                for erode, values in errors.items():
+                for erode, by_label in errors.items():
+                    values = list(by_label.values())
+                    if name == "automatic (water)":  # a muscle without a score (none so far) counts as one to review
+                        with_confidence.setdefault(erode, []).extend(
+                            (error, confidence.per_label.get(label, 0.0)) for label, error in by_label.items())
                     collected[name].setdefault(erode, []).extend(values)
                     by_infiltration.setdefault((name, infiltration), {}).setdefault(erode, []).extend(values)
                 a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact)
@@ -146,16 +140,10 @@ def main() -> None:
               f"Dice {np.mean(dice[(name, infiltration)]):.3f}")
     print(f"\nmuscles the automatic segmentation missed entirely: {missed}")
     pairs = np.array(with_confidence[default])
-    errors, flags = np.abs(pairs[:, 0]), pairs[:, 1] < REVIEW_BELOW
-    large = errors > 5
-    review = {"review_below": REVIEW_BELOW, "muscles": int(errors.size), "flagged": int(flags.sum()),
-              "errors_over_5": int(large.sum()), "errors_over_5_flagged": int((large & flags).sum()),
-              "unflagged_mean_abs": float(errors[~flags].mean()) if (~flags).any() else None,
-              "unflagged_max_abs": float(errors[~flags].max()) if (~flags).any() else None,
-              "flagged_mean_abs": float(errors[flags].mean()) if flags.any() else None}
+    review = flag_summary(np.abs(pairs[:, 0]), pairs[:, 1], REVIEW_BELOW)
     print(f"review flag (automatic, water image, {default:g} mm; confidence < {REVIEW_BELOW}): "
-          f"{review['flagged']} of {review['muscles']} muscles flagged; errors over 5 points: {review['errors_over_5']}, "
-          f"{review['errors_over_5_flagged']} of them flagged; unflagged muscles: mean {review['unflagged_mean_abs'] or float('nan'):.2f}, "
+          f"{review['flagged']} of {review['muscles']} muscles flagged; errors over 5 points: {review['large']}, "
+          f"{review['large_flagged']} of them flagged; unflagged muscles: mean {review['unflagged_mean_abs'] or float('nan'):.2f}, "
           f"worst {review['unflagged_max_abs'] or float('nan'):.2f} points")
     print(f"default erosion by the rule: {default:g} mm (automatic, water image: mean {chosen['mean_abs']:.2f}, "
           f"worst {chosen['max_abs']:.2f} points; targets 1.5 and 5: "

@@ -25,15 +25,24 @@ MAX_FLAGGED_SHARE = 0.30
 LARGE_ERROR = 5.0
 
 
+def flag_summary(errors: np.ndarray, confidence: np.ndarray, threshold: float) -> dict:
+    """What flagging the muscles below ``threshold`` catches: per-muscle |errors| (points) and confidences."""
+    flagged, large = confidence < threshold, errors > LARGE_ERROR
+
+    def mean_or_none(values: np.ndarray) -> float | None:
+        return float(values.mean()) if values.size else None
+
+    return {"threshold": threshold, "muscles": int(errors.size), "flagged": int(flagged.sum()),
+            "flagged_share": float(flagged.mean()), "large": int(large.sum()), "large_flagged": int((large & flagged).sum()),
+            "flagged_mean_abs": mean_or_none(errors[flagged]), "unflagged_mean_abs": mean_or_none(errors[~flagged]),
+            "unflagged_max_abs": float(errors[~flagged].max()) if (~flagged).any() else None}
+
+
 def choose(errors: np.ndarray, confidence: np.ndarray) -> tuple[float | None, list[dict]]:
     """(chosen threshold or None, one summary per threshold) for per-muscle |errors| and confidences."""
-    large = errors > LARGE_ERROR
     table, best, caught = [], None, -1
     for threshold in THRESHOLDS:
-        flagged = confidence < threshold
-        row = {"threshold": threshold, "flagged_share": float(flagged.mean()), "large_flagged": int((large & flagged).sum()),
-               "unflagged_mean_abs": float(errors[~flagged].mean()) if (~flagged).any() else None,
-               "unflagged_max_abs": float(errors[~flagged].max()) if (~flagged).any() else None}
+        row = flag_summary(errors, confidence, threshold)
         table.append(row)
         if row["flagged_share"] <= MAX_FLAGGED_SHARE and row["large_flagged"] > caught:
             best, caught = threshold, row["large_flagged"]

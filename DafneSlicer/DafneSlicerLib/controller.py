@@ -114,9 +114,7 @@ def unsure_muscles_sentence(confidence: dict[int, float], table: LabelTable) -> 
 def least_sure_slices_sentence(confidence: Confidence, count: int = 3) -> str:
     """'It was least sure on slices 12-13, 30: start correcting there. ' (empty without slice figures)."""
     slices = confidence.least_sure_slices(count)
-    if len(confidence.per_slice) <= count:  # a few slices only: nothing to choose between
-        return ""
-    return f"It was least sure on slices {format_slices(slices)}: start correcting there. "
+    return f"It was least sure on slices {format_slices(slices)}: start correcting there. " if slices else ""
 
 
 class DafneController:

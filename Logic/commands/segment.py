@@ -154,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
         unsure = unsure_muscles(confidence.per_label, model.labels)
         if unsure:
             print(f"  the model was unsure of {', '.join(unsure)} (review = True in the statistics): check them first")
-        if len(confidence.per_slice) > 3:
-            print(f"  it was least sure on slices {', '.join(map(str, confidence.least_sure_slices(3)))}")
+        least_sure = confidence.least_sure_slices(3)
+        if least_sure:
+            print(f"  it was least sure on slices {', '.join(map(str, least_sure))}")
         rows += [{"case": case_name(path), **row} for row in case_rows]
         areas += [{"case": case_name(path), **row} for row in case_areas]
         if args.preview:

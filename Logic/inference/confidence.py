@@ -40,7 +40,10 @@ class Confidence:
     per_slice: dict[int, float] = field(default_factory=dict)
 
     def least_sure_slices(self, count: int = 3) -> list[int]:
-        """The ``count`` slices of lowest confidence, in slice order."""
+        """The ``count`` slices of lowest confidence, in slice order; none when there are no more
+        than ``count`` slices (nothing to choose between)."""
+        if len(self.per_slice) <= count:
+            return []
         return sorted(sorted(self.per_slice, key=self.per_slice.__getitem__)[:count])
 
 
