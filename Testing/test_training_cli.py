@@ -76,6 +76,19 @@ def test_train_with_phantoms_only(tmp_path: Path):
     assert ModelPackage.load(out).manifest.provenance["trained_on"].endswith("phantoms")
 
 
+def test_synthesis_ranges_can_be_changed_and_are_recorded(tmp_path: Path):
+    """``--synthesis``: the sampler draws with the changed ranges, which the manifest and its command keep."""
+    out = tmp_path / "ph"
+    assert main(["train", "--region", "leg", "--phantoms", "1", "--output", str(out), "--steps", "2",
+                 "--batch-size", "2", "--size", "64", "--no-progress",
+                 "--synthesis", "p_infiltration=0.7", "infiltration_affected=[0.5,1.0]"]) == 0
+    training = ModelPackage.load(out).manifest.provenance["training"]
+    assert training["synthesis"]["p_infiltration"] == 0.7
+    assert training["synthesis"]["infiltration_affected"] == [0.5, 1.0]
+    assert training["synthesis"]["p_bone"] == SynthesisConfig().p_bone  # the rest as today
+    assert "--synthesis p_infiltration=0.7 'infiltration_affected=[0.5,1.0]'" in training["command"]
+
+
 @pytest.mark.parametrize("problem, message", [
     ("empty_folder", "no label maps found"),
     ("unknown_holdout", "held-out subjects ['nobody'] are in none"),
@@ -85,6 +98,7 @@ def test_train_with_phantoms_only(tmp_path: Path):
     ("empty_file", "a_labels.nii.gz is an empty file"),
     ("corrupt_file", "a_labels.nrrd could not be read as a label map"),
     ("mismatched_table", "are not muscles of the leg table"),
+    ("bad_synthesis", "--synthesis p_infiltration=lots: the value is not JSON"),
 ])
 def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str, message: str):
     maps = tmp_path / "maps"
@@ -95,6 +109,9 @@ def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str
     elif problem == "unknown_holdout":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--holdout-subjects", "nobody"]
+    elif problem == "bad_synthesis":
+        calf_map(maps / "a_labels.nii.gz")
+        args = base + ["--region", "leg", "--label-maps", str(maps), "--synthesis", "p_infiltration=lots"]
     elif problem == "no_source":
         args = base + ["--region", "leg"]
     elif problem == "no_table":
@@ -142,6 +159,9 @@ def test_train_on_real_pairs(tmp_path: Path):
     assert main(["train", "--label-table", str(table), "--pairs", str(pairs), "--output", str(out)] + FAST) == 0
     package = ModelPackage.load(out)
     assert package.manifest.provenance["trained_on"] == "real image/label pairs"
+    training = package.manifest.provenance["training"]
+    assert training["synthesis"]["rotation_deg"] == SynthesisConfig().rotation_deg  # the augmentation used
+    assert training["data_sources"] == [{"name": "image/label pairs", "used": str(pairs)}]
     assert package.manifest.labels.n_classes == LEG.n_classes
 
 

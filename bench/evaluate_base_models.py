@@ -47,7 +47,14 @@ from dafne_logic.inference.segment import segment_volume
 from dafne_logic.learning.evaluation import dice_per_label, mean_dice
 from dafne_logic.phantoms.images import make_phantom
 from dafne_logic.training.harmonisation import GroupRegistry, find_label_maps, load_label_map, subject_id
-from dafne_logic.training.synthesis import REGIMES, AnatomyBank, SynthesisConfig, SynthesisSampler, dice_by_class
+from dafne_logic.training.synthesis import (
+    REGIMES,
+    AnatomyBank,
+    SynthesisConfig,
+    SynthesisSampler,
+    dice_by_class,
+    synthesis_overrides,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,26 +66,6 @@ PHANTOM_CONTRASTS = ("t1", "t2", "water", "fat", "pd", "stir")
 def _mean_defined(values: list[float]) -> float:
     defined = [v for v in values if not math.isnan(v)]
     return float(np.mean(defined)) if defined else math.nan
-
-
-def synthesis_overrides(settings: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` settings (JSON values; lists become tuples) checked against :class:`SynthesisConfig`."""
-    fields = set(SynthesisConfig.__dataclass_fields__)
-    changes: dict[str, Any] = {}
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        if key not in fields or key in {"size", "regimes", "spacing_mm"}:
-            raise SystemExit(f"--synthesis {setting}: not a SynthesisConfig range one can set here")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"--synthesis {setting}: the value is not JSON ({error.msg})") from None
-        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
-    try:
-        SynthesisConfig(**changes)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"--synthesis {' '.join(settings)}: {error}") from None
-    return changes
 
 
 def held_out_thigh(model: ModelPackage, data: Path, per_regime: int, holdout: set[str],
@@ -171,7 +158,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--synthesis", nargs="+", default=[], metavar="KEY=VALUE",
                         help="SynthesisConfig ranges of the held-out images (JSON values); default: today's synthesis")
     args = parser.parse_args(argv)
-    overrides = synthesis_overrides(args.synthesis)
+    try:
+        overrides = synthesis_overrides(args.synthesis)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     torch.set_num_threads(min(2, torch.get_num_threads()))
     report: dict[str, dict] = {}
     thigh_models = [ModelPackage.load(p) for p in args.thigh]

@@ -131,6 +131,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--val-every", type=int, default=500)
     train.add_argument("--spacing", type=float, help="model in-plane spacing in mm (region default)")
     train.add_argument("--size", type=int, help="training crop side in pixels (region default)")
+    train.add_argument("--synthesis", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="change a range of the image synthesis (SynthesisConfig; JSON values), e.g. "
+                            "p_infiltration=0.5 'infiltration_affected=[0.5,1.0]'; recorded in the manifest")
     train.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -222,11 +225,17 @@ def run(args: argparse.Namespace) -> int:
     device = "cpu" if device == "auto" else device
     params = PreprocessingParams(spacing_mm=(spacing, spacing))
     holdout = set(args.holdout_subjects)
+    from dafne_logic.training.synthesis import synthesis_overrides
+
+    try:  # before any data is read: a typo costs nothing
+        changes = synthesis_overrides(list(args.synthesis))
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
     if args.pairs:
-        sampler, validate, loss_fn, summary = _pairs_setup(args, table, params, size, holdout, device)
+        sampler, validate, loss_fn, summary = _pairs_setup(args, table, params, size, holdout, device, changes)
     else:
-        sampler, validate, loss_fn, summary = _label_map_setup(args, table, spacing, size, defaults, holdout, device)
+        sampler, validate, loss_fn, summary = _label_map_setup(args, table, spacing, size, defaults, holdout, device, changes)
 
     manifest = Manifest(
         name=args.name or args.output.name,
@@ -264,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float, size: int,
-                     defaults: dict[str, Any], holdout: set[str], device: str):
+                     defaults: dict[str, Any], holdout: set[str], device: str, changes: dict[str, Any]):
     from dafne_logic.training.harmonisation import GroupRegistry, PartialLabelLoss, find_label_maps, load_label_map, phantom_leg_slices
     from dafne_logic.training.synthesis import AnatomyBank, SynthesisConfig, SynthesisSampler, synthetic_validation
 
@@ -299,7 +308,7 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
     weights += [phantom_share / len(train_phantoms)] * len(train_phantoms) if train_phantoms else []
     train += train_phantoms
     bank = AnatomyBank.from_sources(train, source_weights=weights)
-    synth = SynthesisConfig(size=(size, size), spacing_mm=spacing)
+    synth = SynthesisConfig(size=(size, size), spacing_mm=spacing, **changes)
     sampler = SynthesisSampler(bank, synth, device)
     validate = None
     if held:
@@ -326,7 +335,7 @@ def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float
 
 
 def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: PreprocessingParams, size: int,
-                 holdout: set[str], device: str):
+                 holdout: set[str], device: str, changes: dict[str, Any]):
     from dafne_logic.core.io import read_image, read_segmentation
     from dafne_logic.core.preprocessing import prepare_volume
     from dafne_logic.training.harmonisation import subject_id
@@ -362,7 +371,7 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
         (held_slices if subject_id(image_path) in holdout else train_slices).append(crops)
     if not train_slices:
         raise InputError("every pair is held out; nothing left to train on")
-    synth = SynthesisConfig(size=(size, size))
+    synth = SynthesisConfig(size=(size, size), **changes)
     sampler = SliceSampler([c for case in train_slices for c in case], synth, device)
     validate = None
     if held_slices:
@@ -382,5 +391,7 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
             return result
 
     summary = {"trained_on": "real image/label pairs", "pairs": [str(c[1]) for c in cases],
-               "holdout_subjects": sorted(holdout)}
+               "holdout_subjects": sorted(holdout),
+               "synthesis": strict_json(asdict(synth)),  # the augmentation ranges the real slices went through
+               "data_sources": [{"name": "image/label pairs", "used": ", ".join(str(f) for f in args.pairs)}]}
     return sampler, validate, None, summary

@@ -37,6 +37,7 @@ left/right flip here: mirroring happened when the left leg was cut (see harmonis
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,35 @@ class SynthesisConfig:
         share = self.infiltration_affected
         if not (isinstance(share, tuple) and len(share) == 2 and 0.0 <= share[0] <= share[1] <= 1.0):
             raise ValueError(f"infiltration_affected must be a (low, high) share with 0 <= low <= high <= 1, not {share!r}")
+
+
+# Set by the recipe or the caller, never by a KEY=VALUE override: the crop, the model's grid, the regimes.
+_NOT_OVERRIDABLE = frozenset({"size", "spacing_mm", "regimes"})
+
+
+def synthesis_overrides(settings: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` settings (JSON values; lists become tuples) checked against :class:`SynthesisConfig`,
+    e.g. ``["p_infiltration=0.3", "infiltration_affected=[0.5,0.5]"]`` -> ``{"p_infiltration": 0.3, ...}``.
+
+    Raises:
+        ValueError: a key that is no settable range, a value that is not JSON, or a combination the
+            synthesis refuses; the message names the setting.
+    """
+    changes: dict[str, object] = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in SynthesisConfig.__dataclass_fields__ or key in _NOT_OVERRIDABLE:
+            raise ValueError(f"--synthesis {setting}: not a SynthesisConfig range one can set here")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--synthesis {setting}: the value is not JSON ({error.msg})") from None
+        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    try:
+        SynthesisConfig(**changes)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--synthesis {' '.join(settings)}: {error}") from None
+    return changes
 
 
 def _uniform(rng: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:

@@ -1,31 +1,29 @@
-"""bench/evaluate_base_models.py --synthesis: the held-out images can be drawn by an earlier synthesis."""
+"""``--synthesis KEY=VALUE`` (train, evaluate_base_models): ranges of the image synthesis changed by name."""
 
 from __future__ import annotations
 
 import pytest
-from bench_scripts import load_bench_script
 
-from dafne_logic.training.synthesis import SynthesisConfig
-
-EVALUATE = load_bench_script("evaluate_base_models")
+from dafne_logic.training.synthesis import SynthesisConfig, synthesis_overrides
 
 
 def test_overrides_are_json_values_that_the_synthesis_takes():
-    changes = EVALUATE.synthesis_overrides(["p_infiltration=0.3", "infiltration_affected=[0.5, 0.5]"])
+    changes = synthesis_overrides(["p_infiltration=0.3", "infiltration_affected=[0.5, 0.5]"])
     assert changes == {"p_infiltration": 0.3, "infiltration_affected": (0.5, 0.5)}
     config = SynthesisConfig(**changes)
     assert config.infiltration_affected == (0.5, 0.5) and config.p_infiltration == 0.3
-    assert EVALUATE.synthesis_overrides([]) == {}
+    assert synthesis_overrides([]) == {}
 
 
 @pytest.mark.parametrize("setting, message", [
     ("no_such_range=1", "not a SynthesisConfig range"),
-    ("regimes=[\"t1\"]", "not a SynthesisConfig range"),  # the evaluation sets the regime itself
+    ("regimes=[\"t1\"]", "not a SynthesisConfig range"),  # the caller sets the regimes itself
+    ("size=[64,64]", "not a SynthesisConfig range"),  # the recipe's crop
     ("p_infiltration=0,3", "not JSON"),
     ("infiltration_affected=0.5", "infiltration_affected must be"),  # a share range, not a number
     ("infiltration_affected=[0.8,0.2]", "infiltration_affected must be"),
 ])
 def test_bad_overrides_are_refused_with_the_setting_named(setting: str, message: str):
-    with pytest.raises(SystemExit, match=message) as refused:
-        EVALUATE.synthesis_overrides([setting])
+    with pytest.raises(ValueError, match=message) as refused:
+        synthesis_overrides([setting])
     assert setting in str(refused.value)
