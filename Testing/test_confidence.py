@@ -45,6 +45,20 @@ def test_tally_averages_the_top_two_margin_per_volume_label_and_skips_slices_wit
     assert tally.per_canonical_slice() == pytest.approx({0: 0.525, 1: 0.8})
 
 
+def test_tally_scores_only_the_crop_pixels_that_reach_the_label_map():
+    """A crop also shows the other leg and a margin; pixels outside ``owned`` count for nothing."""
+    owned = np.array([[True, False], [True, False]])
+    probabilities = np.concatenate([_probabilities(3, 0.9, 0.05, (1, 2, 1)),  # column 0: margin 0.85
+                                    _probabilities(3, 0.5, 0.4, (1, 2, 1))], axis=3)  # column 1: margin 0.1
+    tally = ConfidenceTally(LEG, slices_with_body=None, owned={"right": owned})
+    tally.add("right", 0, probabilities)
+    tally.add("left", 0, probabilities)  # no mask for this side: every pixel
+    scores = tally.per_label()
+    assert scores[3] == pytest.approx(0.85)
+    assert scores[3 + LEG.n_muscles] == pytest.approx(0.475)
+    assert tally.per_canonical_slice() == pytest.approx({0: (2 * 0.85 + 2 * 0.85 + 2 * 0.1) / 6})
+
+
 def test_canonical_slices_become_the_input_slices_when_the_input_is_axial():
     values = {0: 0.5, 3: 0.9}
     assert slices_on_input(values, (0, 1, 2), (False, False, False), 10) == values

@@ -8,6 +8,8 @@ grid (flipped, permuted, oblique) gives the same physical object, so results com
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -275,6 +277,22 @@ def test_touching_legs_are_split():
         assert leg.image.shape[2] * PARAMS.spacing_mm[1] < 130  # one leg and its margin, not both
     restored = onehot_round_trip(image, labels)
     assert np.array_equal(sitk.GetArrayFromImage(restored), sitk.GetArrayFromImage(labels))
+
+
+def test_each_crop_knows_which_of_its_pixels_reach_the_label_map():
+    """``owned_on_crop``: touching legs at the model's spacing (one crop pixel per canonical pixel):
+    exactly the pixels the leg owns, mirrored with the left crop; at half the resolution, a quarter."""
+    image, _ = phantom(grid((220, 150, 4), (1.0, 1.0, 4.0)), legs=TOUCHING)
+    prepared = prepare_volume(image, PARAMS)
+    for leg in prepared.legs:
+        mask = leg.owned_on_crop()
+        assert mask.shape == leg.image.shape[1:]
+        assert mask.sum() == leg.owned.sum() and 0 < mask.sum() < mask.size  # the other leg's side is not this leg's
+        unmirrored = dataclasses.replace(leg, mirrored=not leg.mirrored).owned_on_crop()
+        assert np.array_equal(mask, unmirrored[:, ::-1])
+    coarse = prepare_volume(image, PreprocessingParams(spacing_mm=(2.0, 2.0), pad_multiple=16, margin_mm=10.0))
+    for leg in coarse.legs:
+        assert leg.owned_on_crop().sum() == pytest.approx(leg.owned.sum() / 4, rel=0.05)
 
 
 def test_single_slice_volume():

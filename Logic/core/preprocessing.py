@@ -123,6 +123,21 @@ class LegCrop:
     owned: np.ndarray
     mirrored: bool
 
+    def owned_on_crop(self) -> np.ndarray:
+        """(H, W) bool on the crop's own grid (mirrored as the crop is): the crop pixels whose nearest
+        canonical pixel belongs to this leg (in ``box`` and ``owned``); the rest (the other leg,
+        the margin around the box) never reaches the label map."""
+        y0, y1, x0, x1 = self.box
+        y = np.rint(self.rows.start + np.arange(self.rows.size) * self.rows.step).astype(np.intp)
+        x = np.rint(self.columns.start + np.arange(self.columns.size) * self.columns.step).astype(np.intp)
+        if self.mirrored:
+            x = x[::-1]
+        inside_y, inside_x = (y >= y0) & (y < y1), (x >= x0) & (x < x1)
+        mask = np.zeros((y.size, x.size), bool)
+        rows, columns = np.flatnonzero(inside_y), np.flatnonzero(inside_x)
+        mask[np.ix_(rows, columns)] = self.owned[np.ix_(y[rows] - y0, x[columns] - x0)]
+        return mask
+
 
 @dataclass
 class PreparedVolume:

@@ -54,9 +54,13 @@ class ConfidenceTally:
     Memory: two numbers per volume label and per slice, whatever the volume.
     """
 
-    def __init__(self, table: LabelTable, slices_with_body: np.ndarray | None):
+    def __init__(self, table: LabelTable, slices_with_body: np.ndarray | None,
+                 owned: Mapping[Side, np.ndarray] | None = None):
+        """``owned``: per side, the (H, W) crop pixels that reach the label map
+        (:meth:`dafne_logic.core.preprocessing.LegCrop.owned_on_crop`); every pixel when absent."""
         self.table = table
         self.slices_with_body = slices_with_body
+        self.owned = dict(owned or {})
         n = 2 * table.n_muscles + 1
         self.sums = np.zeros(n, np.float64)
         self.counts = np.zeros(n, np.int64)
@@ -77,9 +81,13 @@ class ConfidenceTally:
         values, indices = torch.from_numpy(np.ascontiguousarray(probabilities)).topk(2, dim=1)
         margin = (values[:, 0] - values[:, 1]).numpy()  # (k, H, W)
         classes = indices[:, 0].numpy()
+        owned = self.owned.get(side)
+        if owned is not None:  # pixels of the other leg or beyond the box: scored where they land, or not at all
+            margin, classes = margin[:, owned], classes[:, owned]  # (k, n_owned)
         muscle = classes > 0
-        for index, total, count in zip(z.tolist(), (margin * muscle).sum(axis=(1, 2)).tolist(),
-                                       muscle.sum(axis=(1, 2)).tolist(), strict=True):
+        rest = tuple(range(1, margin.ndim))
+        for index, total, count in zip(z.tolist(), (margin * muscle).sum(axis=rest).tolist(),
+                                       muscle.sum(axis=rest).tolist(), strict=True):
             self.slice_sums[index] += total
             self.slice_counts[index] += count
         volume_values = np.array([0] + [self.table.value_of(i, side) for i in range(1, self.table.n_classes)], np.intp)

@@ -79,7 +79,7 @@ def segment_with_confidence(image: sitk.Image, model: ModelPackage, device: str 
         return labels, Confidence()
     per_slice = slices_on_input(tally.per_canonical_slice(), prepared.to_input_axes, prepared.to_input_flips,
                                 prepared.canonical_shape[0])
-    # The tally sees whole crops; the label map keeps each leg's own pixels: score only what it holds.
+    # A muscle the tally saw on owned crop pixels can still vanish in the resampling: score only what the map holds.
     present = set(np.flatnonzero(np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=1)).tolist())
     per_label = {v: c for v, c in tally.per_label().items() if v in present}
     return labels, Confidence(per_label, per_slice)
@@ -96,7 +96,8 @@ def _segment(image: sitk.Image, model: ModelPackage, device: str, batch_size: in
     prepared = prepare_volume(image, model.manifest.preprocessing, single_leg_side=single_leg_side)
     net = model.network(dev)
     assembler = LabelAssembler(prepared, model.labels)
-    tally = ConfidenceTally(model.labels, prepared.slices_with_body) if confidence else None
+    tally = (ConfidenceTally(model.labels, prepared.slices_with_body, {leg.side: leg.owned_on_crop() for leg in prepared.legs})
+             if confidence else None)
     total = sum(leg.image.shape[0] for leg in prepared.legs)
     done = 0
     for leg in prepared.legs:
