@@ -20,8 +20,9 @@ RESULTS = HERE / "results"
 
 def _commit() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                           capture_output=True, text=True).stdout.strip()
+    # Saved results are what a run changes: only changes elsewhere make the figures' code uncertain.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                            ":(top,exclude)bench/results"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     return (done.stdout.strip() or "unknown") + (" (uncommitted changes)" if dirty else "")
 
 

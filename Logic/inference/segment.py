@@ -75,8 +75,7 @@ def segment_with_confidence(image: sitk.Image, model: ModelPackage, device: str 
     """:func:`segment_volume` plus how sure the network was of each predicted muscle and each slice
     (mean top-two probability margin, 0..1; :mod:`dafne_logic.inference.confidence`)."""
     labels, tally, prepared = _segment(image, model, device, batch_size, progress, cancel, single_leg_side, confidence=True)
-    if tally is None:
-        return labels, Confidence()
+    assert tally is not None  # confidence=True always tallies; this narrows the type
     per_slice = slices_on_input(tally.per_canonical_slice(), prepared.to_input_axes, prepared.to_input_flips,
                                 prepared.canonical_shape[0])
     # A muscle the tally saw on owned crop pixels can still vanish in the resampling: score only what the map holds.
