@@ -50,13 +50,15 @@ def test_tally_scores_only_the_crop_pixels_that_reach_the_label_map():
     owned = np.array([[True, False], [True, False]])
     probabilities = np.concatenate([_probabilities(3, 0.9, 0.05, (1, 2, 1)),  # column 0: margin 0.85
                                     _probabilities(3, 0.5, 0.4, (1, 2, 1))], axis=3)  # column 1: margin 0.1
-    tally = ConfidenceTally(LEG, slices_with_body=None, owned={"right": owned})
+    tally = ConfidenceTally(LEG, slices_with_body=None, crop_masks={"right": owned})
     tally.add("right", 0, probabilities)
     tally.add("left", 0, probabilities)  # no mask for this side: every pixel
     scores = tally.per_label()
     assert scores[3] == pytest.approx(0.85)
     assert scores[3 + LEG.n_muscles] == pytest.approx(0.475)
     assert tally.per_canonical_slice() == pytest.approx({0: (2 * 0.85 + 2 * 0.85 + 2 * 0.1) / 6})
+    with pytest.raises(ValueError, match="owned_on_crop"):  # a box-shaped mask is the wrong one
+        ConfidenceTally(LEG, None, crop_masks={"right": np.ones((3, 3), bool)}).add("right", 0, probabilities)
 
 
 def test_canonical_slices_become_the_input_slices_when_the_input_is_axial():

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from dafne_logic.cli import main
-from dafne_logic.commands.train import DATA_SOURCES, PHANTOM_SOURCE, data_sources, merge_sources, source_list
+from dafne_logic.commands.train import DATA_SOURCES, PHANTOM_SOURCE, data_sources, merge_sources, pair_sources, source_list
 from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.training.synthesis import SynthesisConfig
 
@@ -81,7 +81,7 @@ def test_synthesis_ranges_can_be_changed_and_are_recorded(tmp_path: Path):
     out = tmp_path / "ph"
     assert main(["train", "--region", "leg", "--phantoms", "1", "--output", str(out), "--steps", "2",
                  "--batch-size", "2", "--size", "64", "--no-progress",
-                 "--synthesis", "p_infiltration=0.7", "infiltration_affected=[0.5,1.0]"]) == 0
+                 "--synthesis", "p_infiltration=0.7", "--synthesis", "infiltration_affected=[0.5,1.0]"]) == 0
     training = ModelPackage.load(out).manifest.provenance["training"]
     assert training["synthesis"]["p_infiltration"] == 0.7
     assert training["synthesis"]["infiltration_affected"] == [0.5, 1.0]
@@ -161,7 +161,7 @@ def test_train_on_real_pairs(tmp_path: Path):
     assert package.manifest.provenance["trained_on"] == "real image/label pairs"
     training = package.manifest.provenance["training"]
     assert training["synthesis"]["rotation_deg"] == SynthesisConfig().rotation_deg  # the augmentation used
-    assert training["data_sources"] == [{"name": "image/label pairs", "used": str(pairs)}]
+    assert training["data_sources"] == [{"name": f"image/label pairs in {pairs}", "used": "real images and their label maps"}]
     assert package.manifest.labels.n_classes == LEG.n_classes
 
 
@@ -209,6 +209,13 @@ def test_source_weights_set_each_label_maps_share(tmp_path: Path, capsys):
     assert "no label map's file name contains 'nobody'" in capsys.readouterr().err
     assert main(base + ["--source-weights", "subject_a=-1"]) == 2
     assert "positive weight" in capsys.readouterr().err
+
+
+def test_pairs_from_a_shared_folder_credit_it_and_say_its_images_were_used():
+    sources = pair_sources([Path("../shared/data/calf_slices"), Path("mine")])
+    assert [s["name"] for s in sources] == ["image/label pairs in ../shared/data/calf_slices", "image/label pairs in mine",
+                                            DATA_SOURCES["calf_slices"]["name"]]
+    assert sources[2]["licence"] == "Apache-2.0" and "images" in sources[2]["used"]
 
 
 def test_data_sources_are_named_from_the_shared_folders_used():

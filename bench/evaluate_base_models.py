@@ -155,7 +155,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-regime", type=int, default=48, help="synthetic held-out images per contrast regime")
     parser.add_argument("--json", type=Path, default=RESULTS / "evaluate_base_models.json",
                         help="write all figures here (default: bench/results/evaluate_base_models.json)")
-    parser.add_argument("--synthesis", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--synthesis", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="SynthesisConfig ranges of the held-out images (JSON values); default: today's synthesis")
     args = parser.parse_args(argv)
     try:

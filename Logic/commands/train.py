@@ -75,6 +75,14 @@ def data_sources(files: list[Path], phantoms: bool) -> list[dict[str, str]]:
     return used + ([dict(PHANTOM_SOURCE)] if phantoms else [])
 
 
+def pair_sources(folders: list[Path]) -> list[dict[str, str]]:
+    """The sources of a ``--pairs`` run: each folder by its path, and the :data:`DATA_SOURCES` entry
+    (licence, address) of a shared-data folder among them, saying that its images were used."""
+    named = [{"name": f"image/label pairs in {folder}", "used": "real images and their label maps"} for folder in folders]
+    known = [{**entry, "used": "real images and their label maps as training pairs"} for entry in data_sources(folders, False)]
+    return named + known
+
+
 def source_list(recorded: Any) -> list[dict[str, str]]:
     """A manifest's recorded sources as entries: today's list, or the folder → text dict that
     manifests before the list held (known folders become their :data:`DATA_SOURCES` entry)."""
@@ -131,7 +139,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--val-every", type=int, default=500)
     train.add_argument("--spacing", type=float, help="model in-plane spacing in mm (region default)")
     train.add_argument("--size", type=int, help="training crop side in pixels (region default)")
-    train.add_argument("--synthesis", nargs="+", default=[], metavar="KEY=VALUE",
+    train.add_argument("--synthesis", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="change a range of the image synthesis (SynthesisConfig; JSON values), e.g. "
                             "p_infiltration=0.5 'infiltration_affected=[0.5,1.0]'; recorded in the manifest")
     train.add_argument("--no-progress", action="store_true")
@@ -393,5 +401,5 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
     summary = {"trained_on": "real image/label pairs", "pairs": [str(c[1]) for c in cases],
                "holdout_subjects": sorted(holdout),
                "synthesis": strict_json(asdict(synth)),  # the augmentation ranges the real slices went through
-               "data_sources": [{"name": "image/label pairs", "used": ", ".join(str(f) for f in args.pairs)}]}
+               "data_sources": pair_sources(list(args.pairs))}
     return sampler, validate, None, summary

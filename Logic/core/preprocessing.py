@@ -128,8 +128,8 @@ class LegCrop:
         canonical pixel belongs to this leg (in ``box`` and ``owned``); the rest (the other leg,
         the margin around the box) never reaches the label map."""
         y0, y1, x0, x1 = self.box
-        y = np.rint(self.rows.start + np.arange(self.rows.size) * self.rows.step).astype(np.intp)
-        x = np.rint(self.columns.start + np.arange(self.columns.size) * self.columns.step).astype(np.intp)
+        y = np.floor(self.rows.start + np.arange(self.rows.size) * self.rows.step + 0.5).astype(np.intp)
+        x = np.floor(self.columns.start + np.arange(self.columns.size) * self.columns.step + 0.5).astype(np.intp)
         if self.mirrored:
             x = x[::-1]
         inside_y, inside_x = (y >= y0) & (y < y1), (x >= x0) & (x < x1)

@@ -55,12 +55,12 @@ class ConfidenceTally:
     """
 
     def __init__(self, table: LabelTable, slices_with_body: np.ndarray | None,
-                 owned: Mapping[Side, np.ndarray] | None = None):
-        """``owned``: per side, the (H, W) crop pixels that reach the label map
+                 crop_masks: Mapping[Side, np.ndarray] | None = None):
+        """``crop_masks``: per side, the (H, W) bool crop pixels that reach the label map
         (:meth:`dafne_logic.core.preprocessing.LegCrop.owned_on_crop`); every pixel when absent."""
         self.table = table
         self.slices_with_body = slices_with_body
-        self.owned = dict(owned or {})
+        self.crop_masks = dict(crop_masks or {})
         n = 2 * table.n_muscles + 1
         self.sums = np.zeros(n, np.float64)
         self.counts = np.zeros(n, np.int64)
@@ -81,8 +81,11 @@ class ConfidenceTally:
         values, indices = torch.from_numpy(np.ascontiguousarray(probabilities)).topk(2, dim=1)
         margin = (values[:, 0] - values[:, 1]).numpy()  # (k, H, W)
         classes = indices[:, 0].numpy()
-        owned = self.owned.get(side)
+        owned = self.crop_masks.get(side)
         if owned is not None:  # pixels of the other leg or beyond the box: scored where they land, or not at all
+            if owned.shape != margin.shape[1:]:
+                raise ValueError(f"the {side} crop mask is {owned.shape}, its probabilities {margin.shape[1:]}: "
+                                 "give LegCrop.owned_on_crop(), not the box's owned")
             margin, classes = margin[:, owned], classes[:, owned]  # (k, n_owned)
         muscle = classes > 0
         rest = tuple(range(1, margin.ndim))

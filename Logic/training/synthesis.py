@@ -37,10 +37,12 @@ left/right flip here: mirroring happened when the left leg was cut (see harmonis
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,29 +135,62 @@ class SynthesisConfig:
 _NOT_OVERRIDABLE = frozenset({"size", "spacing_mm", "regimes"})
 
 
-def synthesis_overrides(settings: list[str]) -> dict[str, object]:
+def synthesis_overrides(settings: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` settings (JSON values; lists become tuples) checked against :class:`SynthesisConfig`,
     e.g. ``["p_infiltration=0.3", "infiltration_affected=[0.5,0.5]"]`` -> ``{"p_infiltration": 0.3, ...}``.
 
+    Each value must have the shape of the range's default: a finite number >= 0 for a number (0..1
+    for a probability ``p_*``), a ``[low, high]`` pair of such numbers for a pair (every range here
+    is a size, a magnitude or a share); a key given twice keeps the last value.
+
     Raises:
-        ValueError: a key that is no settable range, a value that is not JSON, or a combination the
+        ValueError: a setting without ``=``, a key that is no settable range (the nearest names are
+            suggested), a value that is not JSON or not of the range's shape, or a combination the
             synthesis refuses; the message names the setting.
     """
-    changes: dict[str, object] = {}
+    settable = sorted(set(SynthesisConfig.__dataclass_fields__) - _NOT_OVERRIDABLE)
+    defaults = SynthesisConfig()
+    changes: dict[str, Any] = {}
     for setting in settings:
-        key, _, value = setting.partition("=")
-        if key not in SynthesisConfig.__dataclass_fields__ or key in _NOT_OVERRIDABLE:
-            raise ValueError(f"--synthesis {setting}: not a SynthesisConfig range one can set here")
+        key, equals, value = setting.partition("=")
+        if not equals:
+            raise ValueError(f"--synthesis {setting}: write KEY=VALUE, e.g. p_infiltration=0.5")
+        if key not in settable:
+            near = difflib.get_close_matches(key, settable, n=3)
+            hint = f"; did you mean {' or '.join(near)}?" if near else f"; one of {', '.join(settable)}"
+            raise ValueError(f"--synthesis {setting}: not a SynthesisConfig range one can set here{hint}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as error:
             raise ValueError(f"--synthesis {setting}: the value is not JSON ({error.msg})") from None
-        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+        problem = _shape_problem(key, parsed, getattr(defaults, key))
+        if problem:
+            raise ValueError(f"--synthesis {setting}: {problem}")
+        changes[key] = tuple(float(v) for v in parsed) if isinstance(parsed, list) else float(parsed)
     try:
-        SynthesisConfig(**changes)  # type: ignore[arg-type]
+        SynthesisConfig(**changes)
     except (TypeError, ValueError) as error:
         raise ValueError(f"--synthesis {' '.join(settings)}: {error}") from None
     return changes
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _shape_problem(key: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot replace the range ``key`` whose default is ``default``; None when it can."""
+    if isinstance(default, tuple):
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)):
+            return f"{key} is a [low, high] pair of numbers >= 0, like {list(default)}"
+        if value[0] > value[1]:
+            return f"{key} needs low <= high"
+        return None
+    if not _is_number(value):
+        return f"{key} is a finite number >= 0, like {default}"
+    if key.startswith("p_") and not 0.0 <= value <= 1.0:
+        return f"{key} is a probability, between 0 and 1"
+    return None
 
 
 def _uniform(rng: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
