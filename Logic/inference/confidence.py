@@ -77,10 +77,13 @@ class ConfidenceTally:
             return
         import torch  # here, not at the top: the Slicer panel imports this module before torch is installed
 
-        # torch's top-k: about half the time of numpy's partition + argmax over the class axis.
-        values, indices = torch.from_numpy(np.ascontiguousarray(probabilities)).topk(2, dim=1)
-        margin = (values[:, 0] - values[:, 1]).numpy()  # (k, H, W)
-        classes = indices[:, 0].numpy()
+        # The winner by max, the runner-up by max over a copy with the winner knocked out: about a
+        # third of the time of torch's top-k over the class axis (and a tie still gives margin 0).
+        tensor = torch.from_numpy(np.ascontiguousarray(probabilities))
+        best, winner = tensor.max(dim=1)  # (k, H, W)
+        runner_up = tensor.scatter(1, winner[:, None], -1.0).amax(dim=1)
+        margin = (best - runner_up).numpy()
+        classes = winner.numpy()
         owned = self.crop_masks.get(side)
         if owned is not None:  # pixels of the other leg or beyond the box: scored where they land, or not at all
             if owned.shape != margin.shape[1:]:
