@@ -81,8 +81,11 @@ def test_synthesis_ranges_can_be_changed_and_are_recorded(tmp_path: Path):
     out = tmp_path / "ph"
     assert main(["train", "--region", "leg", "--phantoms", "1", "--output", str(out), "--steps", "2",
                  "--batch-size", "2", "--size", "64", "--no-progress",
-                 "--synthesis", "p_infiltration=0.7", "--synthesis", "infiltration_affected=[0.5,1.0]"]) == 0
+                 "--synthesis", "p_infiltration=0.7", "--synthesis", "infiltration_affected=[0.5,1.0]",
+                 "--time-limit", "5"]) == 0
     training = ModelPackage.load(out).manifest.provenance["training"]
+    assert 0 < training["config"]["time_limit_s"] < 300  # 5 minutes less the time the data took to read
+    assert "--time-limit 5.0" in training["command"] and training["steps_done"] == 2  # --steps still caps it
     assert training["synthesis"]["p_infiltration"] == 0.7
     assert training["synthesis"]["infiltration_affected"] == [0.5, 1.0]
     assert training["synthesis"]["p_bone"] == SynthesisConfig().p_bone  # the rest as today
@@ -99,6 +102,7 @@ def test_synthesis_ranges_can_be_changed_and_are_recorded(tmp_path: Path):
     ("corrupt_file", "a_labels.nrrd could not be read as a label map"),
     ("mismatched_table", "are not muscles of the leg table"),
     ("bad_synthesis", "--synthesis p_infiltration=lots: the value is not JSON"),
+    ("bad_time_limit", "--time-limit must be a positive number of minutes"),
 ])
 def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str, message: str):
     maps = tmp_path / "maps"
@@ -109,6 +113,9 @@ def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str
     elif problem == "unknown_holdout":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--holdout-subjects", "nobody"]
+    elif problem == "bad_time_limit":
+        calf_map(maps / "a_labels.nii.gz")
+        args = base + ["--region", "leg", "--label-maps", str(maps), "--time-limit", "0"]
     elif problem == "bad_synthesis":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--synthesis", "p_infiltration=lots"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import Code, LabelTable, Muscle
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.inference.networks import unet_architecture
-from dafne_logic.training.trainer import TrainConfig, learning_rate, train_model
+from dafne_logic.training.trainer import TrainConfig, learning_rate, steps_within, train_model
 
 TABLE = LabelTable("toy", (Muscle("disc", (255, 0, 0), Code("SCT", "1", "disc")),
                            Muscle("square", (0, 255, 0), Code("SCT", "2", "square"))))
@@ -164,3 +165,40 @@ def test_init_state_and_learning_rate_schedule(tmp_path: Path):
     assert learning_rate(cfg, 10) == pytest.approx(1.0)
     assert learning_rate(cfg, 100) == pytest.approx(0.1)
     assert learning_rate(TrainConfig(steps=100, lr=1.0, warmup_steps=0, schedule="poly"), 100) == 0.0
+
+
+def test_steps_within_a_time_limit():
+    """The reserve (10 %) stays free; never beyond the ceiling, never below the steps done."""
+    assert steps_within(100.0, 10.0, done=50, seconds_per_step=0.1, ceiling=10_000) == 50 + 800
+    assert steps_within(100.0, 10.0, done=50, seconds_per_step=0.1, ceiling=300) == 300
+    assert steps_within(100.0, 95.0, done=50, seconds_per_step=0.1, ceiling=10_000) == 50  # spent: stop now
+
+
+def test_a_time_limit_fits_the_schedule_and_ends_the_run_with_a_final_validation(tmp_path: Path):
+    """Steps slow down after the schedule was fitted (as when another job takes the device): the
+    run still ends within its limit, at a step that gets the final validation and log row, and the
+    manifest records the steps done and the limit."""
+    steps_seen: list[tuple[int, int]] = []
+
+    def slowing_batch(generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(steps_seen) > 20:
+            time.sleep(0.2)
+        return toy_batch(generator, batch)
+
+    package = train_model(manifest(), slowing_batch, config(steps=100_000, warmup_steps=10, time_limit_s=1.5),
+                          tmp_path / "model", progress=lambda done, total, info: steps_seen.append((done, total)),
+                          validate=toy_dice)
+    training = package.manifest.provenance["training"]
+    done = training["steps_done"]
+    assert 10 <= done < 100  # at 0.2 s a step after step 20, at most a few more fit in 1.5 s
+    assert steps_seen[-1] == (done, done)
+    assert done < steps_seen[10][1] < 100_000  # fitted at the end of the warm-up; the slow-down then cut it short
+    assert training["config"]["time_limit_s"] == 1.5 and training["config"]["steps"] == done
+    assert training["final_validation"] is not None
+    rows = list(csv.DictReader((tmp_path / "model.training" / "train_log.csv").open()))
+    assert int(rows[-1]["step"]) == done and rows[-1]["mean_dice"] != ""
+
+
+def test_a_time_limit_must_be_positive():
+    with pytest.raises(InputError, match="time limit"):
+        config(time_limit_s=0.0)

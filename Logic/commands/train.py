@@ -18,7 +18,8 @@ import argparse
 import logging
 import math
 import shlex
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--synthesis", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="change a range of the image synthesis (SynthesisConfig; JSON values), e.g. "
                             "p_infiltration=0.5 'infiltration_affected=[0.5,1.0]'; recorded in the manifest")
+    train.add_argument("--time-limit", type=float, metavar="MINUTES",
+                       help="end within this wall time: the schedule is fitted to it once the step time is "
+                            "measured (at most --steps); the steps done are recorded in the manifest")
     train.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -221,12 +225,15 @@ def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]]
 def run(args: argparse.Namespace) -> int:
     from dafne_logic.training.trainer import TrainConfig, default_work_dir, train_model
 
+    began = time.monotonic()
     table = _table(args)
     if not args.label_maps and not args.pairs and not args.phantoms:
         raise InputError("nothing to learn from: give --label-maps, --pairs or --phantoms")
     defaults = REGION_DEFAULTS.get(table.region, GENERIC_DEFAULTS)
     spacing = args.spacing or defaults["spacing"]
     size = args.size or defaults["size"]
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise InputError(f"--time-limit must be a positive number of minutes, not {args.time_limit}")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device, checkpoint_every=args.checkpoint_every, val_every=args.val_every)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
@@ -262,11 +269,16 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(done: int, total: int, info: dict[str, float]) -> None:
         if bar is not None:
-            bar.n = done
+            bar.n, bar.total = done, total  # a time limit may shorten the run
             bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
             bar.refresh()
 
     init_state = _initial_weights(args.init, manifest) if args.init else None
+    if args.time_limit is not None:  # the limit counts from the command's start: reading the data is part of it
+        left = args.time_limit * 60.0 - (time.monotonic() - began)
+        if left <= 0:
+            raise InputError(f"reading the training data took longer than --time-limit {args.time_limit:g} minutes")
+        config = replace(config, time_limit_s=left)
     try:
         package = train_model(manifest, sampler, config, args.output, progress=progress, validate=validate,
                               resume=args.resume, init_state=init_state, loss_fn=loss_fn, work_dir=args.work_dir)

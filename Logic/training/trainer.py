@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     val_every: int = 0  # 0: validate only at the end (when a validate callable is given)
     log_every: int = 10
+    # Wall-clock budget in seconds: the schedule is fitted to it once the step time is measured (at
+    # the end of the warm-up), and the run ends early if it still runs out. None: ``steps`` decide.
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -92,6 +95,8 @@ class TrainConfig:
             raise InputError(f"unknown learning-rate schedule {self.schedule!r} (cosine or poly)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise InputError(f"EMA decay must lie in (0, 1), got {self.ema_decay}")
+        if self.time_limit_s is not None and not (math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
+            raise InputError(f"the time limit must be a positive number of seconds, got {self.time_limit_s}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,8 +110,23 @@ class TrainConfig:
 def _math_settings(config: TrainConfig) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint. The number of steps may change
     (the schedule then anneals over the new total), as may the device and the bookkeeping intervals."""
-    free = {"steps", "device", "checkpoint_every", "val_every", "log_every"}
+    free = {"steps", "device", "checkpoint_every", "val_every", "log_every", "time_limit_s"}
     return {k: v for k, v in config.to_json().items() if k not in free}
+
+
+# Share of a time limit kept free for validation, checkpoints and saving the package.
+TIME_RESERVE = 0.1
+# Steps left out of the step-time measurement: the first ones pay for allocator and kernel warm-up.
+UNTIMED_STEPS = 5
+
+
+def steps_within(limit_s: float, elapsed_s: float, done: int, seconds_per_step: float, ceiling: int) -> int:
+    """Total steps of a run that has done ``done`` steps in ``elapsed_s`` seconds, when the rest go at
+    ``seconds_per_step`` and everything must end within ``limit_s`` less :data:`TIME_RESERVE`;
+    never more than ``ceiling`` and never fewer than ``done`` (nothing left: stop now)."""
+    left = limit_s * (1.0 - TIME_RESERVE) - elapsed_s
+    more = int(left / seconds_per_step) if left > 0 and seconds_per_step > 0 else 0
+    return max(done, min(ceiling, done + more))
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -361,7 +381,12 @@ def train_model(
     began = time.monotonic()
     running: list[float] = []
     metrics: dict[str, float] | None = None
-    for step in range(start, config.steps):
+    # With a time limit, the schedule's length is fitted once the step time is known: at the end of
+    # the warm-up, before the decay starts, so the learning rate still anneals smoothly to its floor.
+    fit_at = max(start + config.warmup_steps, start + UNTIMED_STEPS + 5) if config.time_limit_s else None
+    timed_from = began
+    step = start
+    while step < config.steps:
         if cancel is not None and cancel():
             run.save_checkpoint(work_dir, step, config)
             raise Cancelled(f"training cancelled at step {step}; resume from {work_dir}")
@@ -370,6 +395,9 @@ def train_model(
         _check_batch(images, targets, config.batch_size)
         running.append(run.optimisation_step(images, targets, loss_fn, lr, step, config))
         done = step + 1
+        if done == start + UNTIMED_STEPS:
+            timed_from = time.monotonic()
+        config = _fit_to_time_limit(config, done, start, time.monotonic() - began, fit_at, timed_from)
         if progress is not None:
             progress(done, config.steps, {"loss": running[-1], "lr": lr})
         validating = validate is not None and (
@@ -384,11 +412,30 @@ def train_model(
             running = []
         if config.checkpoint_every > 0 and done % config.checkpoint_every == 0 and done < config.steps:
             run.save_checkpoint(work_dir, done, config)
+        step = done
 
     if start >= config.steps and validate is not None:
         metrics = run_validation()
     run.save_checkpoint(work_dir, config.steps, config)
     return _save_package(manifest, run, config, metrics, output_dir)
+
+
+def _fit_to_time_limit(config: TrainConfig, done: int, start: int, elapsed_s: float, fit_at: int | None,
+                       timed_from: float) -> TrainConfig:
+    """``config`` with its steps fitted to its time limit: once, at step ``fit_at``, from the time the
+    steps since ``timed_from`` took; and at any step once the limit (less half the reserve) is spent,
+    ending the run at this step (which then gets the final validation and log row)."""
+    if config.time_limit_s is None:
+        return config
+    if done == fit_at:
+        per_step = (time.monotonic() - timed_from) / max(1, done - start - UNTIMED_STEPS)
+        total = steps_within(config.time_limit_s, elapsed_s, done, per_step, config.steps)
+        log.info("time limit %.0f s: %.3f s a step, %d steps of %d fit", config.time_limit_s, per_step, total, config.steps)
+        return replace(config, steps=total)
+    if done < config.steps and elapsed_s > config.time_limit_s * (1.0 - TIME_RESERVE / 2):
+        log.warning("time limit %.0f s reached at step %d of %d: stopping here", config.time_limit_s, done, config.steps)
+        return replace(config, steps=done)
+    return config
 
 
 @dataclass
