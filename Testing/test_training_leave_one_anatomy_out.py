@@ -21,10 +21,14 @@ def test_each_real_slice_is_trained_without_its_own_label_map(tmp_path: Path):
         assert f"{held_out}_labels.nii.gz" not in sources and f"{other}_labels.nii.gz" in sources
         assert "visible_human_label_maps" in sources and "test_dseg_a.nii.gz" in sources
     args = argparse.Namespace(data=tmp_path, steps=7, batch_size=4, lr=0.002, seed=0, device="cpu", phantoms=9,
-                              phantom_share=0.3, source_weights=["VHM_legs=0.6", "nothing_like_it=2"])
+                              phantom_share=0.3, source_weights=["VHM_legs=0.6", "nothing_like_it=2"], time_limit=None)
     command = bench.train_command(args, "t1_example", tmp_path / "out")
     assert command[:3] == ["train", "--region", "leg"] and "--init" not in command  # from random weights
     assert str(tmp_path / "calf_slices" / "t1_example_labels.nii.gz") not in command
     assert command[command.index("--steps") + 1] == "7" and "phantom_1008" in command
     # Weights for the label maps that are there (inside the folder too), none for absent ones.
     assert command[command.index("--source-weights"):] == ["--source-weights", "VHM_legs=0.6"]
+    assert "--time-limit" not in command
+    args.time_limit = 6.5  # minutes per held-out slice, forwarded to the training
+    timed = bench.train_command(args, "t1_example", tmp_path / "out")
+    assert timed[timed.index("--time-limit") + 1] == "6.5"

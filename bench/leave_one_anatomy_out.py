@@ -12,6 +12,7 @@ Usage::
 
     python bench/leave_one_anatomy_out.py --steps 20000 --batch-size 32 --device cuda     # GPU, full
     python bench/leave_one_anatomy_out.py --steps 3000                                     # CPU, reduced
+    python bench/leave_one_anatomy_out.py --steps 20000 --time-limit 7 --device cuda      # as many steps as fit
     python bench/leave_one_anatomy_out.py --steps 5 --results /tmp/loao --work-dir /tmp/loao-work  # smoke test
 
 Writes ``RESULTS/leave_one_anatomy_out[_TAG].json`` (per held-out slice: Dice per label and mean,
@@ -67,6 +68,7 @@ def train_command(args: argparse.Namespace, held_out: str, output: Path) -> list
                "--lr", str(args.lr), "--seed", str(args.seed), "--device", args.device,
                "--checkpoint-every", str(max(1, min(1000, args.steps))), "--val-every", str(max(1, min(1000, args.steps))),
                "--no-progress"]
+    command += ["--time-limit", str(args.time_limit)] if args.time_limit else []
     return command + (["--source-weights", *weights] if weights else [])
 
 
@@ -85,6 +87,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results", help="folder for JSON and CSV")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--work-dir", type=Path, help="where the models are trained (default: a temporary folder)")
+    parser.add_argument("--time-limit", type=float, metavar="MINUTES",
+                        help="per held-out slice: end each training within this wall time (at most --steps)")
     args = parser.parse_args(argv)
     if not (args.data / "calf_slices").is_dir():
         print(f"{args.data / 'calf_slices'} is absent (see ../shared/data/README.md)", file=sys.stderr)
@@ -111,12 +115,14 @@ def main(argv: list[str]) -> int:
         dice = real_calf_slice(model, args.data, name, device="cuda" if args.device.startswith("cuda") else "cpu")
         training = model.manifest.provenance["training"]
         report["slices"][name] = {  # type: ignore[index]
-            "dice": dice, "mean_dice": dice["mean_dice"], "steps": args.steps, "device": training.get("device"),
+            "dice": dice, "mean_dice": dice["mean_dice"], "steps": training.get("steps_done", args.steps),
+            "device": training.get("device"),
             "training_seconds": round(seconds, 1), "label_maps": training.get("label_maps"),
             "train_command": "dafne-slicer " + shlex.join(command),
             "phantom_validation": (training.get("final_validation") or {}).get("mean_dice")}
         rows += [{"slice": name, "label": label, "dice": f"{value:.4f}"} for label, value in dice.items()]
-        print(f"{name}: mean Dice {dice['mean_dice']:.3f} on anatomy never seen ({args.steps} steps, {seconds:.0f} s)")
+        print(f"{name}: mean Dice {dice['mean_dice']:.3f} on anatomy never seen "
+              f"({training.get('steps_done', args.steps)} steps, {seconds:.0f} s)")
     stem = "leave_one_anatomy_out" + (f"_{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / f"{stem}.json", json.dumps(strict_json(report), indent=1) + "\n")
