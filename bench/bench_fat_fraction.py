@@ -74,6 +74,7 @@ def main() -> None:
     missed = {"automatic (water)": 0, "automatic (in-phase)": 0}
     n_muscles = 0
     with_confidence: dict[float, list[tuple[float, float]]] = {}  # erosion -> (error, confidence), automatic (water)
+    worst: dict[float, list[dict]] = {}  # erosion -> each muscle of the automatic (water) segmentation, for the worst list
     cases = []
     models = {"thigh": args.thigh_model, "leg": args.leg_model}
     used: dict[str, str] = {}
@@ -104,8 +105,14 @@ def main() -> None:
                     collected[name].setdefault(erode, []).extend(values)
                     by_infiltration.setdefault((name, infiltration), {}).setdefault(erode, []).extend(values)
                 a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact)
-                dice.setdefault((name, infiltration), []).extend(
-                    2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in truth)
+                label_dice = {v: float(2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v))) for v in truth}
+                dice.setdefault((name, infiltration), []).extend(label_dice.values())
+                if name == "automatic (water)":
+                    names = {label.value: label.name for label in model.labels.volume_labels()}
+                    for erode, by_label in errors.items():
+                        worst.setdefault(erode, []).extend(
+                            {"region": region, "seed": 100 + subject, "muscle": names[v], "true": round(truth[v], 2),
+                             "error": round(error, 2), "dice": round(label_dice[v], 3)} for v, error in by_label.items())
             present = np.unique(sitk.GetArrayViewFromImage(exact))
             cases.append({"region": region, "seed": 100 + subject, "fat_infiltration": infiltration,
                           "muscles": int((present > 0).sum()),
@@ -138,6 +145,11 @@ def main() -> None:
                                                             "mean_dice": float(np.mean(dice[(name, infiltration)]))}
         print(f"  infiltration {infiltration:<5g} {name:24s} mean {errors.mean():5.2f} max {errors.max():5.2f}  "
               f"Dice {np.mean(dice[(name, infiltration)]):.3f}")
+    largest = sorted(worst[default], key=lambda row: -abs(row["error"]))[:5]
+    print(f"\nlargest errors, automatic (water), {default:g} mm (points; the muscle's Dice against the exact labels):")
+    for row in largest:
+        print(f"  {row['region']} seed {row['seed']} {row['muscle']:32s} true {row['true']:5.1f}  error {row['error']:+6.2f}  "
+              f"Dice {row['dice']:.3f}")
     print(f"\nmuscles the automatic segmentation missed entirely: {missed}")
     pairs = np.array(with_confidence[default])
     review = flag_summary(np.abs(pairs[:, 0]), pairs[:, 1], REVIEW_BELOW)
@@ -152,7 +164,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"models": used, "cases": cases, "errors": summary, "by_infiltration": by_level, "missed": missed,
-                               "review_flag": review, "default_erode_mm": default,
+                               "review_flag": review, "default_erode_mm": default, "largest_errors": largest,
                                "slices": args.slices}, indent=1) + "\n")
     print(f"wrote {out}")
 
