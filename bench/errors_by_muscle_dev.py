@@ -55,7 +55,7 @@ def main() -> None:
         for row in muscle_statistics(water, labels, model.labels, maps=maps, erode_mm=ERODE_MM):
             if row["label_value"] in truth and row["fat_fraction_mean"] is not None:
                 error.setdefault(muscle_of[row["label_value"]], []).append(abs(row["fat_fraction_mean"] - truth[row["label_value"]]))
-    print(f"{model.manifest.name} version {model.manifest.version}, {args.region} phantom Dixon pairs of seeds "
+    print(f"{args.model or args.region} ({model.manifest.name} version {model.manifest.version}), {args.region} phantom Dixon pairs of seeds "
           f"{DEV_CASES[0][0]}–{DEV_CASES[-1][0]} (development), water image, {ERODE_MM:g} mm; worst Dice first:")
     table = {}
     for muscle in sorted(dice, key=lambda m: np.mean(dice[m])):
@@ -65,9 +65,12 @@ def main() -> None:
         row = table[muscle]
         print(f"  {muscle:28s} Dice {row['mean_dice']:.3f} (lowest {row['min_dice']:.3f})   fat-fraction error "
               f"{row['ff_mean_abs']:5.2f} mean, {row['ff_max_abs']:5.1f} worst")
+    every = np.concatenate([np.asarray(v) for v in error.values()])
+    print(f"  all {every.size} muscles: fat-fraction error {every.mean():.2f} mean, {every.max():.1f} worst")
     out = Path(args.out or Path(__file__).parent / "results" / f"errors_by_muscle_dev_{args.region}.json")
-    out.write_text(json.dumps({"model": f"{model.manifest.name} {model.manifest.version}", "cases": DEV_CASES,
-                               "erode_mm": ERODE_MM, "muscles": table}, indent=1) + "\n")
+    out.write_text(json.dumps({"model": args.model or args.region, "version": model.manifest.version, "cases": DEV_CASES,
+                               "erode_mm": ERODE_MM, "muscles": table,
+                               "all": {"ff_mean_abs": float(every.mean()), "ff_max_abs": float(every.max()), "n": int(every.size)}}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
