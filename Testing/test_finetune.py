@@ -23,7 +23,7 @@ from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.inference.networks import build_network, unet_architecture
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, apply_delta, decode_delta
 from dafne_logic.learning.finetune import FinetuneConfig, finetune_on_corrections
-from dafne_logic.learning.finetune_loop import augment
+from dafne_logic.learning.finetune_loop import augment, is_unet_decoder
 from dafne_logic.learning.finetune_slices import TrainingSlices, split_holdout
 
 FAST = FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=10)
@@ -173,6 +173,23 @@ def test_proximal_term_keeps_weights_closer_to_the_parent():
     free = finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(lr=1e-2, prox_mu=0.0, max_epochs=2))
     held = finetune_on_corrections(tiny_model(), image, labels, config=FinetuneConfig(lr=1e-2, prox_mu=5.0, max_epochs=2))
     assert held.report["delta_norm"] < 0.8 * free.report["delta_norm"]
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_bottleneck():
+    """``trainable="decoder"``: the up-sampling path moves, every other weight stays the parent's."""
+    image, labels = two_legs(n_slices=3)
+    parent = tiny_model()
+    result = finetune_on_corrections(parent, image, labels, config=FinetuneConfig(lr=1e-2, max_epochs=2, trainable="decoder"))
+    # The child is stored in fp16: a weight that did not move equals the parent's, rounded to fp16.
+    moved = {name for name, weight in result.model.state_dict.items()
+             if not torch.equal(weight.float(), parent.state_dict[name].half().float())}
+    learnable = {name for name, _ in parent.network("cpu").named_parameters()}
+    decoder = {name for name in learnable if is_unet_decoder(name)}
+    assert decoder and moved & learnable and (moved & learnable) <= decoder  # only decoder parameters moved
+    assert "model.0.conv.unit0.conv.weight" in learnable - decoder  # the first down layer is frozen
+    assert "model.2.1.conv.unit0.conv.weight" in decoder  # the last up layer learns
+    with pytest.raises(InputError, match="trainable must be one of"):
+        FinetuneConfig(trainable="encoder")
 
 
 def test_replay_pools_are_rehearsed():

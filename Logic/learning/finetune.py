@@ -60,6 +60,7 @@ from dafne_logic.learning.finetune_slices import TrainingSlices, corrected_train
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "finetune_report.json"
+TRAINABLE = ("all", "decoder")
 LOCAL_MARK = ".local-"
 
 
@@ -88,6 +89,7 @@ class FinetuneConfig:
     noise_std: float = 0.02  # Gaussian noise, normalised units
     resynthesis_probability: float = 0.0  # chance a corrected slice is re-painted in a random contrast, per step
     max_seconds: float | None = None  # optional wall-clock budget (makes results time-dependent)
+    trainable: str = "all"  # "all" or "decoder": only the U-Net's up-sampling path learns (unet2d only)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -95,6 +97,8 @@ class FinetuneConfig:
             raise InputError("fine-tuning needs lr > 0, batch size >= 1, max epochs and steps >= 1 and mu >= 0")
         if not 0.0 <= self.resynthesis_probability <= 1.0:
             raise InputError("the resynthesis probability must lie in 0..1")
+        if self.trainable not in TRAINABLE:
+            raise InputError(f"trainable must be one of {', '.join(TRAINABLE)}, not {self.trainable!r}")
 
 
 @dataclass
@@ -221,6 +225,8 @@ def finetune_on_corrections(
     check_cancel()
 
     device = resolve_device(config.device)
+    if config.trainable == "decoder" and model.manifest.architecture.get("name") != "unet2d":
+        raise InputError(f"decoder-only fine-tuning needs a unet2d model, not {model.manifest.architecture.get('name')}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)

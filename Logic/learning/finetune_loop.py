@@ -27,6 +27,18 @@ if TYPE_CHECKING:  # the settings type only: finetune imports this module
     from dafne_logic.learning.finetune import FinetuneConfig
 
 
+def is_unet_decoder(name: str) -> bool:
+    """Whether parameter ``name`` of a MONAI ``UNet`` lies on its up-sampling path.
+
+    MONAI nests each level as ``Sequential(down, SkipConnection(inner level), up)``: a parameter
+    belongs to the innermost ``model.K`` / ``submodule.K`` that holds it, and K = 2 is an up layer
+    (0 a down layer, 1 the skip connection around the deeper levels and the bottleneck).
+    """
+    tokens = name.split(".")
+    indices = [tokens[i + 1] for i in range(len(tokens) - 1) if tokens[i] in ("model", "submodule") and tokens[i + 1].isdigit()]
+    return bool(indices) and indices[-1] == "2"
+
+
 def augment(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
             config: FinetuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Random small rotation, zoom, shift (same for image and labels) and intensity gain/offset/noise.
@@ -109,7 +121,10 @@ def train_on_slices(net: torch.nn.Module, parent_state: dict[str, torch.Tensor],
     """
     loss_fn = default_loss(n_classes)
     anchor = {name: parent_state[name].to(device) for name, _ in net.named_parameters()}
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    learning = [p for name, p in net.named_parameters() if config.trainable == "all" or is_unet_decoder(name)]
+    for parameter in net.parameters():
+        parameter.requires_grad_(any(parameter is p for p in learning))
+    optimizer = torch.optim.Adam(learning, lr=config.lr)
     steps_per_epoch = max(config.min_steps_per_epoch, math.ceil(len(train) / config.batch_size))
     total_steps = min(config.max_steps, steps_per_epoch * config.max_epochs)
     if held is not None:
