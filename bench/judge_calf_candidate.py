@@ -1,0 +1,104 @@
+"""Apply the calf shipping rule of Docs/training.md to saved figures and print the verdict.
+
+The rule (written before any candidate's figures existed; "Calf (leg) version 3"):
+1. leave-one-anatomy-out mean Dice on each real slice at least the current recipe's (T1 0.759,
+   PD 0.794): figures on anatomy never seen rise or hold;
+2. zero-shot mean Dice on each real slice (``evaluate_base_models.py``, anatomy seen by both) at
+   least the shipped model's from the same run minus 0.005, and no label of either slice lower by
+   more than 0.05;
+3. phantom mean Dice (same run) at least the shipped model's minus 0.005;
+4. the same network: the candidate's architecture equals the shipped one's and its weights file
+   is at most 20 MB (so ``bench_segment.py``'s time is the shipped model's).
+Whether the issue's target (leave-one-anatomy-out ≥ 0.85 on both slices) is met is reported, not judged.
+
+Usage: python bench/judge_calf_candidate.py EVALUATE.json LOAO.json [LOAO.json ...]
+       [--shipped Logic/bundled_models/leg] [--candidate KEY] [--candidate-package DIR] [--out VERDICT.txt]
+(several LOAO files, e.g. one per fold, are merged by slice.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CURRENT_RECIPE_LOAO = {"t1_example": 0.759, "pd_example": 0.794}  # version 2's recipe, Docs/training.md
+TARGET_LOAO = 0.85
+MAX_WEIGHTS_MB = 20.0
+
+
+def merged_loao(reports: list[dict]) -> dict[str, float]:
+    """Slice name → leave-one-anatomy-out mean Dice, from one or more ``leave_one_anatomy_out.py`` JSON files."""
+    merged: dict[str, float] = {}
+    for report in reports:
+        for name, entry in report["slices"].items():
+            if name in merged:
+                raise ValueError(f"{name} is scored in more than one leave-one-anatomy-out file")
+            merged[name] = entry["mean_dice"]
+    return merged
+
+
+def judge(evaluation: dict, loao: dict[str, float], shipped: str, candidate: str,
+          same_network: tuple[bool, str]) -> tuple[bool, list[str]]:
+    """(ships, report lines) for ``candidate`` against ``shipped`` (keys of ``evaluation``)."""
+    lines, ok = [], []
+    missing = sorted(set(CURRENT_RECIPE_LOAO) - set(loao))
+    if missing:
+        raise ValueError(f"no leave-one-anatomy-out figure for {', '.join(missing)}")
+    for name, floor in CURRENT_RECIPE_LOAO.items():
+        ok.append(loao[name] >= floor)
+        lines.append(f"1. leave-one-anatomy-out {name}: {loao[name]:.4f} (current recipe {floor:.3f}) -> "
+                     f"{'OK' if ok[-1] else 'FAIL'}")
+    old, new = evaluation[shipped]["real_calf"], evaluation[candidate]["real_calf"]
+    for name in CURRENT_RECIPE_LOAO:
+        ok.append(new[name]["mean_dice"] >= old[name]["mean_dice"] - 0.005)
+        diffs = {label: new[name][label] - old[name][label] for label in old[name] if label != "mean_dice"}
+        worst = min(diffs, key=diffs.get)
+        ok.append(diffs[worst] >= -0.05)
+        lines.append(f"2. zero-shot {name}: shipped {old[name]['mean_dice']:.4f} candidate {new[name]['mean_dice']:.4f} -> "
+                     f"{'OK' if ok[-2] else 'FAIL'}; worst label {diffs[worst]:+.4f} ({worst}) -> {'OK' if ok[-1] else 'FAIL'}")
+    p_old, p_new = evaluation[shipped]["phantoms"]["mean_dice"], evaluation[candidate]["phantoms"]["mean_dice"]
+    ok.append(p_new >= p_old - 0.005)
+    lines.append(f"3. phantoms: shipped {p_old:.4f} candidate {p_new:.4f} (allowed >= {p_old - 0.005:.4f}) -> "
+                 f"{'OK' if ok[-1] else 'FAIL'}")
+    ok.append(same_network[0])
+    lines.append(f"4. same network: {same_network[1]} -> {'OK' if ok[-1] else 'FAIL'}")
+    below = [name for name, value in loao.items() if value < TARGET_LOAO]
+    lines.append(f"target: leave-one-anatomy-out >= {TARGET_LOAO} on both slices (reported, not a condition): "
+                 f"{'met' if not below else 'below on ' + ', '.join(below)}")
+    ships = all(ok)
+    lines.append(f"VERDICT: {'SHIP' if ships else 'DO NOT SHIP'} ({sum(ok)} of {len(ok)} checks hold)")
+    return ships, lines
+
+
+def compare_networks(shipped: Path, candidate: Path) -> tuple[bool, str]:
+    """(same network, why) from two package folders' manifests and weights files."""
+    old = json.loads((shipped / "manifest.json").read_text())["architecture"]
+    new = json.loads((candidate / "manifest.json").read_text())["architecture"]
+    megabytes = sum(f.stat().st_size for f in candidate.glob("*.safetensors")) / 1e6
+    same = old == new and megabytes <= MAX_WEIGHTS_MB
+    return same, f"architecture {'equal' if old == new else 'differs'}, weights {megabytes:.1f} MB (at most {MAX_WEIGHTS_MB:g})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evaluation", type=Path)
+    parser.add_argument("loao", type=Path, nargs="+")
+    parser.add_argument("--shipped", default="Logic/bundled_models/leg")
+    parser.add_argument("--candidate", help="key of the candidate in EVALUATE.json (default: the other one)")
+    parser.add_argument("--candidate-package", type=Path, help="the candidate's folder (default: its key)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    evaluation = json.loads(args.evaluation.read_text())
+    candidate = args.candidate or next(k for k in evaluation if k != args.shipped)
+    loao = merged_loao([json.loads(path.read_text()) for path in args.loao])
+    network = compare_networks(Path(args.shipped), args.candidate_package or Path(candidate))
+    _, lines = judge(evaluation, loao, args.shipped, candidate, network)
+    text = "\n".join([f"shipped {args.shipped}, candidate {candidate}"] + lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
