@@ -22,6 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
+from judge_thigh_candidate import write_verdict  # bench/ is on the path: this script's folder
+
 CURRENT_RECIPE_LOAO = {"t1_example": 0.759, "pd_example": 0.794}  # version 2's recipe, Docs/training.md
 TARGET_LOAO = 0.85
 MAX_WEIGHTS_MB = 20.0
@@ -94,10 +96,7 @@ def main() -> None:
     loao = merged_loao([json.loads(path.read_text()) for path in args.loao])
     network = compare_networks(Path(args.shipped), args.candidate_package or Path(candidate))
     _, lines = judge(evaluation, loao, args.shipped, candidate, network)
-    text = "\n".join([f"shipped {args.shipped}, candidate {candidate}"] + lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
+    write_verdict(args.shipped, candidate, lines, args.out)
 
 
 if __name__ == "__main__":

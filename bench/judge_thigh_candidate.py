@@ -85,10 +85,15 @@ def main() -> None:
     candidate = args.candidate or next(k for k in evaluation if k != args.shipped)
     _, lines = judge(evaluation, json.loads(args.ff_shipped.read_text()), json.loads(args.ff_candidate.read_text()),
                      args.shipped, candidate)
-    text = "\n".join([f"shipped {args.shipped}, candidate {candidate}"] + lines) + "\n"
+    write_verdict(args.shipped, candidate, lines, args.out)
+
+
+def write_verdict(shipped: str, candidate: str, lines: list[str], out: Path | None) -> None:
+    """Print a judge's report lines under a header naming both models, and save them when ``out`` is given."""
+    text = "\n".join([f"shipped {shipped}, candidate {candidate}"] + lines) + "\n"
     print(text, end="")
-    if args.out:
-        args.out.write_text(text)
+    if out:
+        out.write_text(text)
 
 
 if __name__ == "__main__":
