@@ -14,7 +14,7 @@ from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import Code, LabelTable, Muscle
 from dafne_logic.inference.model_package import Manifest, ModelPackage
 from dafne_logic.inference.networks import unet_architecture
-from dafne_logic.training.trainer import TrainConfig, learning_rate, steps_within, train_model
+from dafne_logic.training.trainer import TrainConfig, _TimeBudget, learning_rate, steps_within, train_model
 
 TABLE = LabelTable("toy", (Muscle("disc", (255, 0, 0), Code("SCT", "1", "disc")),
                            Muscle("square", (0, 255, 0), Code("SCT", "2", "square"))))
@@ -172,6 +172,20 @@ def test_steps_within_a_time_limit():
     assert steps_within(100.0, 10.0, done=50, seconds_per_step=0.1, ceiling=10_000) == 50 + 800
     assert steps_within(100.0, 10.0, done=50, seconds_per_step=0.1, ceiling=300) == 300
     assert steps_within(100.0, 95.0, done=50, seconds_per_step=0.1, ceiling=10_000) == 50  # spent: stop now
+
+
+def test_the_time_budget_refits_to_the_recent_step_time_and_stops_at_the_limit():
+    """Clock given by hand: fitted at the end of the warm-up (0.1 s a step), refitted 100 steps later
+    when steps take 0.2 s (another job now shares the device), stopped once 95 % of the limit is spent."""
+    budget = _TimeBudget.start(config(steps=10_000, warmup_steps=10, time_limit_s=100.0), start=0, began=0.0)
+    current = config(steps=10_000, warmup_steps=10, time_limit_s=100.0)
+    assert budget.fit(current, 5, 0.5) is current  # the measurement starts after the first 5 steps
+    current = budget.fit(current, 10, 1.0)
+    assert current.steps == 10 + int((90.0 - 1.0) / 0.1)  # 900: 10 % of the limit kept in reserve
+    assert budget.fit(current, 50, 5.0) is current  # no fit between two fits
+    current = budget.fit(current, 110, 21.0)
+    assert current.steps == 110 + int((90.0 - 21.0) / 0.2)  # 455
+    assert budget.fit(current, 200, 96.0).steps == 200  # past 95 % of the limit: this step is the last
 
 
 def test_a_time_limit_fits_the_schedule_and_ends_the_run_with_a_final_validation(tmp_path: Path):

@@ -144,8 +144,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                        help="change a range of the image synthesis (SynthesisConfig; JSON values), e.g. "
                             "p_infiltration=0.5 'infiltration_affected=[0.5,1.0]'; recorded in the manifest")
     train.add_argument("--time-limit", type=float, metavar="MINUTES",
-                       help="end within this wall time: the schedule is fitted to it once the step time is "
-                            "measured (at most --steps); the steps done are recorded in the manifest")
+                       help="end within this wall time (counted from the command's start): the schedule is fitted "
+                            "to it from the measured step time (at most --steps); the steps done are recorded "
+                            "in the manifest")
     train.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 

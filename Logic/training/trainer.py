@@ -84,8 +84,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     val_every: int = 0  # 0: validate only at the end (when a validate callable is given)
     log_every: int = 10
-    # Wall-clock budget in seconds: the schedule is fitted to it once the step time is measured (at
-    # the end of the warm-up), and the run ends early if it still runs out. None: ``steps`` decide.
+    # Wall-clock budget in seconds: the schedule is fitted to it from the measured step time (at the
+    # end of the warm-up, then every REFIT_EVERY steps), and the run ends early if it still runs out.
+    # None: ``steps`` decide.
     time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -118,6 +119,8 @@ def _math_settings(config: TrainConfig) -> dict[str, Any]:
 TIME_RESERVE = 0.1
 # Steps left out of the step-time measurement: the first ones pay for allocator and kernel warm-up.
 UNTIMED_STEPS = 5
+# Steps between two fits of a time-limited schedule after the first (end of the warm-up).
+REFIT_EVERY = 100
 
 
 def steps_within(limit_s: float, elapsed_s: float, done: int, seconds_per_step: float, ceiling: int) -> int:
@@ -381,10 +384,7 @@ def train_model(
     began = time.monotonic()
     running: list[float] = []
     metrics: dict[str, float] | None = None
-    # With a time limit, the schedule's length is fitted once the step time is known: at the end of
-    # the warm-up, before the decay starts, so the learning rate still anneals smoothly to its floor.
-    fit_at = max(start + config.warmup_steps, start + UNTIMED_STEPS + 5) if config.time_limit_s else None
-    timed_from = began
+    budget = _TimeBudget.start(config, start, began) if config.time_limit_s else None
     step = start
     while step < config.steps:
         if cancel is not None and cancel():
@@ -395,9 +395,8 @@ def train_model(
         _check_batch(images, targets, config.batch_size)
         running.append(run.optimisation_step(images, targets, loss_fn, lr, step, config))
         done = step + 1
-        if done == start + UNTIMED_STEPS:
-            timed_from = time.monotonic()
-        config = _fit_to_time_limit(config, done, start, time.monotonic() - began, fit_at, timed_from)
+        if budget is not None:
+            config = budget.fit(config, done, time.monotonic())
         if progress is not None:
             progress(done, config.steps, {"loss": running[-1], "lr": lr})
         validating = validate is not None and (
@@ -420,22 +419,46 @@ def train_model(
     return _save_package(manifest, run, config, metrics, output_dir)
 
 
-def _fit_to_time_limit(config: TrainConfig, done: int, start: int, elapsed_s: float, fit_at: int | None,
-                       timed_from: float) -> TrainConfig:
-    """``config`` with its steps fitted to its time limit: once, at step ``fit_at``, from the time the
-    steps since ``timed_from`` took; and at any step once the limit (less half the reserve) is spent,
-    ending the run at this step (which then gets the final validation and log row)."""
-    if config.time_limit_s is None:
+@dataclass
+class _TimeBudget:
+    """Fits a run's length to ``TrainConfig.time_limit_s`` from the measured step time.
+
+    The first fit comes at the end of the warm-up, before the decay starts; later fits, every
+    :data:`REFIT_EVERY` steps, use the recent steps' time, so a device that other jobs start or stop
+    sharing is followed (the cosine then anneals over the new total). Once the limit less half the
+    reserve is spent, the run ends at that step, which then gets the final validation and log row.
+    """
+
+    limit_s: float
+    ceiling: int  # the steps asked for: never more
+    began: float  # time.monotonic() at the run's first step
+    next_fit: int  # step of the next fit
+    window_step: int  # the step time is measured from this step ...
+    window_time: float | None  # ... at this time (None: not yet reached)
+
+    @classmethod
+    def start(cls, config: TrainConfig, start: int, began: float) -> _TimeBudget:
+        assert config.time_limit_s is not None
+        return cls(config.time_limit_s, config.steps, began,
+                   next_fit=start + max(config.warmup_steps, UNTIMED_STEPS + 5), window_step=start + UNTIMED_STEPS,
+                   window_time=None)
+
+    def fit(self, config: TrainConfig, done: int, now: float) -> TrainConfig:
+        """``config`` after step ``done`` at time ``now``: its steps refitted when a fit is due."""
+        elapsed = now - self.began
+        if done == self.window_step and self.window_time is None:
+            self.window_time = now
+        if done == self.next_fit and self.window_time is not None:
+            per_step = (now - self.window_time) / max(1, done - self.window_step)
+            total = steps_within(self.limit_s, elapsed, done, per_step, self.ceiling)
+            if total != config.steps:
+                log.info("time limit %.0f s: %.3f s a step, %d steps of %d fit", self.limit_s, per_step, total, self.ceiling)
+            self.window_step, self.window_time, self.next_fit = done, now, done + REFIT_EVERY
+            return replace(config, steps=total)
+        if done < config.steps and elapsed > self.limit_s * (1.0 - TIME_RESERVE / 2):
+            log.warning("time limit %.0f s reached at step %d of %d: stopping here", self.limit_s, done, config.steps)
+            return replace(config, steps=done)
         return config
-    if done == fit_at:
-        per_step = (time.monotonic() - timed_from) / max(1, done - start - UNTIMED_STEPS)
-        total = steps_within(config.time_limit_s, elapsed_s, done, per_step, config.steps)
-        log.info("time limit %.0f s: %.3f s a step, %d steps of %d fit", config.time_limit_s, per_step, total, config.steps)
-        return replace(config, steps=total)
-    if done < config.steps and elapsed_s > config.time_limit_s * (1.0 - TIME_RESERVE / 2):
-        log.warning("time limit %.0f s reached at step %d of %d: stopping here", config.time_limit_s, done, config.steps)
-        return replace(config, steps=done)
-    return config
 
 
 @dataclass

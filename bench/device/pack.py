@@ -39,6 +39,11 @@ def repack_lzma(wheel: Path) -> None:
     packed.replace(wheel)
 
 
+def _make_writable(folder: Path) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def tree_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
@@ -57,9 +62,12 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"{args.data}: {', '.join(missing)} absent (see ../shared/data/README.md)", file=sys.stderr)
         return 2
-    shutil.rmtree(args.pack, ignore_errors=True)
-    for name in DATA_FOLDERS:
-        shutil.copytree(args.data / name, args.pack / "data" / name)
+    if args.pack.exists():
+        _make_writable(args.pack)
+        shutil.rmtree(args.pack)
+    for name in DATA_FOLDERS:  # copies of read-only data stay writable, so the next pack can replace them
+        shutil.copytree(args.data / name, args.pack / "data" / name, copy_function=shutil.copyfile)
+    _make_writable(args.pack)
     wheels = args.pack / "wheels"
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",

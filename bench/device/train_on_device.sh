@@ -17,9 +17,12 @@ set -uo pipefail
 minutes=${1:-7}
 device=${DAFNE_DEVICE:-cuda}
 pack=.device-pack
-out=${OUT:-/tmp/dafne-device-out}
+out=$(realpath -m "${OUT:-/tmp/dafne-device-out}")
 work=/tmp/dafne-device-work
+rm -rf "$work"  # a warm machine keeps /tmp: never pack an earlier call's results
 mkdir -p "$out" "$work" /tmp/dafne-pkg
+# Each run is killed a minute after its limit, so that the archives below are always written.
+kill_after=$(python3 -c "import sys; print(int(float(sys.argv[1]) * 60) + 60)" "$minutes")
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dafne-site \
     "$pack"/wheels/*.whl || { echo "installing the carried wheels failed" >&2; exit 1; }
 ln -sfn "$PWD/Logic" /tmp/dafne-pkg/dafne_logic  # the package without installing it
@@ -27,13 +30,10 @@ export PYTHONPATH=/tmp/dafne-pkg:/tmp/dafne-site PYTHONUNBUFFERED=1 OMP_NUM_THRE
 data=$pack/data
 schedule=(--steps 20000 --batch-size 32 --device "$device" --checkpoint-every 1000 --val-every 1000 --no-progress
           --time-limit "$minutes")
-{ date -u; python3 --version; python3 -c "import torch, monai, SimpleITK; print('torch', torch.__version__,
-  'monai', monai.__version__, 'SimpleITK', SimpleITK.Version_VersionString(), 'cuda', torch.cuda.is_available())";
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; } > "$out/device.txt" 2>&1
 
 timed() {  # NAME COMMAND...: run in the background, output and duration in $work/NAME.log
   local name=$1; shift
-  ( start=$SECONDS; "$@" > "$work/$name.log" 2>&1; status=$?
+  ( start=$SECONDS; timeout -k 10 "$kill_after" "$@" > "$work/$name.log" 2>&1; status=$?
     echo "exit status $status after $((SECONDS - start)) s" >> "$work/$name.log" ) &
 }
 timed thigh python3 -m dafne_logic.cli train --region thigh --label-maps "$data/thigh_label_maps" \
@@ -50,7 +50,10 @@ for slice in t1 pd; do
         --tag "leg-v3-gpu-$slice" --results "$work/loao-$slice-results" --work-dir "$work/loao-$slice-work"
 done
 wait
-tail -n 1 "$work"/*.log >> "$out/device.txt"
+{ date -u; python3 --version; python3 -c "import torch, monai, SimpleITK; print('torch', torch.__version__,
+  'monai', monai.__version__, 'SimpleITK', SimpleITK.Version_VersionString(), 'cuda', torch.cuda.is_available())";
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; tail -n 1 "$work"/*.log; } \
+  > "$out/device.txt" 2>&1
 cd "$work" || exit 1
 for name in thigh leg; do
     tar czf "$out/$name.tgz" "$name" "$name.log" "$name.training/train_log.csv" "$name.training/validation.json"
