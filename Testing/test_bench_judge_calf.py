@@ -26,7 +26,9 @@ def test_the_saved_calf_version_3_trial_is_refused_for_the_reasons_recorded():
     assert not ships
     verdicts = {line.split(":")[0]: line.endswith("OK") for line in lines if line[0].isdigit()}
     assert verdicts["1. leave-one-anatomy-out t1_example"] and verdicts["1. leave-one-anatomy-out pd_example"]
-    assert not verdicts["2. zero-shot t1_example"] and not verdicts["3. phantoms"]
+    assert not verdicts["2. zero-shot t1_example"] and not verdicts["2. zero-shot t1_example, worst label"]
+    assert not verdicts["2. zero-shot pd_example"] and verdicts["2. zero-shot pd_example, worst label"]  # -0.0054 mean
+    assert not verdicts["3. phantoms"] and verdicts["4. same network"]
     assert any("left extensor digitorum longus" in line and "-0.3432" in line for line in lines)
     assert "below on t1_example" in lines[-2]  # target 0.85: T1 0.764, PD 0.851
 
@@ -40,6 +42,9 @@ def test_a_candidate_equal_to_the_shipped_model_ships_and_each_check_can_refuse_
     assert not JUDGE.judge(evaluation, loao, "shipped", "candidate", (False, "architecture differs"))[0]
     worse = copy.deepcopy(evaluation)
     worse["candidate"]["real_calf"]["pd_example"]["left peroneus"] -= 0.06  # one label: mean barely moves
+    assert not JUDGE.judge(worse, loao, "shipped", "candidate", (True, "equal"))[0]
+    worse = copy.deepcopy(evaluation)
+    worse["candidate"]["real_calf"]["t1_example"]["mean_dice"] -= 0.006  # the mean alone, every label held
     assert not JUDGE.judge(worse, loao, "shipped", "candidate", (True, "equal"))[0]
     worse = copy.deepcopy(evaluation)
     worse["candidate"]["phantoms"]["mean_dice"] -= 0.006
@@ -59,4 +64,6 @@ def test_the_network_check_reads_the_manifests_and_weights(tmp_path: Path):
     manifest = json.loads((shipped / "manifest.json").read_text())
     manifest["architecture"]["kwargs"]["channels"] = [32, 64, 128, 256, 512]
     (other / "manifest.json").write_text(json.dumps(manifest))
-    assert JUDGE.compare_networks(shipped, other) == (False, "architecture differs, weights 0.0 MB (at most 20)")
+    assert JUDGE.compare_networks(shipped, other) == (False, f"no weights file in {other}")
+    (other / "weights.safetensors").write_bytes((shipped / "weights.safetensors").read_bytes())
+    assert JUDGE.compare_networks(shipped, other) == (False, "architecture differs, weights 3.3 MB (at most 20)")

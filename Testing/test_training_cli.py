@@ -103,6 +103,7 @@ def test_synthesis_ranges_can_be_changed_and_are_recorded(tmp_path: Path):
     ("mismatched_table", "are not muscles of the leg table"),
     ("bad_synthesis", "--synthesis p_infiltration=lots: the value is not JSON"),
     ("bad_time_limit", "--time-limit must be a positive number of minutes"),
+    ("resumed_time_limit", "--time-limit cannot be combined with --resume"),
 ])
 def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str, message: str):
     maps = tmp_path / "maps"
@@ -116,6 +117,9 @@ def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str
     elif problem == "bad_time_limit":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--time-limit", "0"]
+    elif problem == "resumed_time_limit":
+        calf_map(maps / "a_labels.nii.gz")
+        args = base + ["--region", "leg", "--label-maps", str(maps), "--time-limit", "5", "--resume"]
     elif problem == "bad_synthesis":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--synthesis", "p_infiltration=lots"]

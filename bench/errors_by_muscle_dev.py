@@ -59,9 +59,10 @@ def main() -> None:
           f"{DEV_CASES[0][0]}–{DEV_CASES[-1][0]} (development), water image, {ERODE_MM:g} mm; worst Dice first:")
     table = {}
     for muscle in sorted(dice, key=lambda m: np.mean(dice[m])):
+        errors = error.get(muscle) or [float("nan")]  # a muscle missed everywhere has no fat fraction
         table[muscle] = {"mean_dice": float(np.mean(dice[muscle])), "min_dice": float(np.min(dice[muscle])),
-                         "ff_mean_abs": float(np.mean(error[muscle])), "ff_max_abs": float(np.max(error[muscle])),
-                         "n": len(dice[muscle])}
+                         "ff_mean_abs": float(np.mean(errors)), "ff_max_abs": float(np.max(errors)),
+                         "n": len(dice[muscle]), "n_ff": len(error.get(muscle, []))}
         row = table[muscle]
         print(f"  {muscle:28s} Dice {row['mean_dice']:.3f} (lowest {row['min_dice']:.3f})   fat-fraction error "
               f"{row['ff_mean_abs']:5.2f} mean, {row['ff_max_abs']:5.1f} worst")

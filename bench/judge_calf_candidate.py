@@ -58,7 +58,8 @@ def judge(evaluation: dict, loao: dict[str, float], shipped: str, candidate: str
         worst = min(diffs, key=diffs.get)
         ok.append(diffs[worst] >= -0.05)
         lines.append(f"2. zero-shot {name}: shipped {old[name]['mean_dice']:.4f} candidate {new[name]['mean_dice']:.4f} -> "
-                     f"{'OK' if ok[-2] else 'FAIL'}; worst label {diffs[worst]:+.4f} ({worst}) -> {'OK' if ok[-1] else 'FAIL'}")
+                     f"{'OK' if ok[-2] else 'FAIL'}")
+        lines.append(f"2. zero-shot {name}, worst label: {diffs[worst]:+.4f} ({worst}) -> {'OK' if ok[-1] else 'FAIL'}")
     p_old, p_new = evaluation[shipped]["phantoms"]["mean_dice"], evaluation[candidate]["phantoms"]["mean_dice"]
     ok.append(p_new >= p_old - 0.005)
     lines.append(f"3. phantoms: shipped {p_old:.4f} candidate {p_new:.4f} (allowed >= {p_old - 0.005:.4f}) -> "
@@ -77,7 +78,10 @@ def compare_networks(shipped: Path, candidate: Path) -> tuple[bool, str]:
     """(same network, why) from two package folders' manifests and weights files."""
     old = json.loads((shipped / "manifest.json").read_text())["architecture"]
     new = json.loads((candidate / "manifest.json").read_text())["architecture"]
-    megabytes = sum(f.stat().st_size for f in candidate.glob("*.safetensors")) / 1e6
+    weights = candidate / "weights.safetensors"
+    if not weights.is_file():
+        return False, f"no weights file in {candidate}"
+    megabytes = weights.stat().st_size / 1e6
     same = old == new and megabytes <= MAX_WEIGHTS_MB
     return same, f"architecture {'equal' if old == new else 'differs'}, weights {megabytes:.1f} MB (at most {MAX_WEIGHTS_MB:g})"
 

@@ -235,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or defaults["size"]
     if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
         raise InputError(f"--time-limit must be a positive number of minutes, not {args.time_limit}")
+    if args.time_limit is not None and args.resume:
+        raise InputError("--time-limit cannot be combined with --resume: give the total number of steps with --steps")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device, checkpoint_every=args.checkpoint_every, val_every=args.val_every)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device

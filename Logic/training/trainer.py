@@ -84,9 +84,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     val_every: int = 0  # 0: validate only at the end (when a validate callable is given)
     log_every: int = 10
-    # Wall-clock budget in seconds: the schedule is fitted to it from the measured step time (at the
-    # end of the warm-up, then every REFIT_EVERY steps), and the run ends early if it still runs out.
-    # None: ``steps`` decide.
+    # Wall-clock budget in seconds, set-up included: the schedule's length is fitted to it once from
+    # the measured step time (see _TimeBudget), and the run ends early if it still runs out. None:
+    # ``steps`` decide. Not with resume.
     time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -119,8 +119,8 @@ def _math_settings(config: TrainConfig) -> dict[str, Any]:
 TIME_RESERVE = 0.1
 # Steps left out of the step-time measurement: the first ones pay for allocator and kernel warm-up.
 UNTIMED_STEPS = 5
-# Steps between two fits of a time-limited schedule after the first (end of the warm-up).
-REFIT_EVERY = 100
+# A time-limited schedule is fitted once this share of the limit has passed (and the warm-up is over).
+FIT_AFTER_SHARE = 0.1
 
 
 def steps_within(limit_s: float, elapsed_s: float, done: int, seconds_per_step: float, ceiling: int) -> int:
@@ -368,6 +368,9 @@ def train_model(
     Returns:
         The saved package (weights as fp32 tensors on CPU, fp16 on disk).
     """
+    began = time.monotonic()  # a time limit counts the set-up (network, device, checkpoint) too
+    if config.time_limit_s is not None and resume:
+        raise InputError("a time limit cannot be combined with resuming: give the total number of steps instead")
     output_dir = Path(output_dir)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(output_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -381,10 +384,10 @@ def train_model(
         with torch.no_grad():
             return validate(_evaluation_network(manifest, run.averaged_weights(), run.device))
 
-    began = time.monotonic()
     running: list[float] = []
     metrics: dict[str, float] | None = None
     budget = _TimeBudget.start(config, start, began) if config.time_limit_s else None
+    steps_asked = config.steps
     step = start
     while step < config.steps:
         if cancel is not None and cancel():
@@ -399,6 +402,7 @@ def train_model(
             config = budget.fit(config, done, time.monotonic())
         if progress is not None:
             progress(done, config.steps, {"loss": running[-1], "lr": lr})
+        paused = time.monotonic()
         validating = validate is not None and (
             done == config.steps or (config.val_every > 0 and done % config.val_every == 0))
         if validating:
@@ -411,49 +415,54 @@ def train_model(
             running = []
         if config.checkpoint_every > 0 and done % config.checkpoint_every == 0 and done < config.steps:
             run.save_checkpoint(work_dir, done, config)
+        if budget is not None:  # validation and checkpoints are not step time
+            budget.paused_s += time.monotonic() - paused
         step = done
 
     if start >= config.steps and validate is not None:
         metrics = run_validation()
     run.save_checkpoint(work_dir, config.steps, config)
-    return _save_package(manifest, run, config, metrics, output_dir)
+    return _save_package(manifest, run, config, metrics, output_dir, steps_asked if budget is not None else None)
 
 
 @dataclass
 class _TimeBudget:
     """Fits a run's length to ``TrainConfig.time_limit_s`` from the measured step time.
 
-    The first fit comes at the end of the warm-up, before the decay starts; later fits, every
-    :data:`REFIT_EVERY` steps, use the recent steps' time, so a device that other jobs start or stop
-    sharing is followed (the cosine then anneals over the new total). Once the limit less half the
-    reserve is spent, the run ends at that step, which then gets the final validation and log row.
+    The total is fitted once, when the warm-up is over and :data:`FIT_AFTER_SHARE` of the limit has
+    passed: late enough to see the device as it will be shared (runs started together reach their
+    steps at different times), early enough that the cosine, still flat there, barely jumps. The
+    step time leaves out validation and checkpoints (``paused_s``); the reserve pays for them. Once
+    the limit less half the reserve is spent, the run ends at that step, which then gets the final
+    validation and log row; a device that got faster only ends the run a little early.
     """
 
     limit_s: float
     ceiling: int  # the steps asked for: never more
-    began: float  # time.monotonic() at the run's first step
-    next_fit: int  # step of the next fit
+    began: float  # time.monotonic() when train_model started
+    fit_after: int  # the first step the fit may come at
     window_step: int  # the step time is measured from this step ...
-    window_time: float | None  # ... at this time (None: not yet reached)
+    window_time: float | None = None  # ... at this time (None: not yet reached)
+    paused_s: float = 0.0  # validation and checkpoint time since then
+    fitted: bool = False
 
     @classmethod
     def start(cls, config: TrainConfig, start: int, began: float) -> _TimeBudget:
         assert config.time_limit_s is not None
-        return cls(config.time_limit_s, config.steps, began,
-                   next_fit=start + max(config.warmup_steps, UNTIMED_STEPS + 5), window_step=start + UNTIMED_STEPS,
-                   window_time=None)
+        return cls(config.time_limit_s, config.steps, began, fit_after=max(config.warmup_steps, start + UNTIMED_STEPS + 5),
+                   window_step=start + UNTIMED_STEPS)
 
     def fit(self, config: TrainConfig, done: int, now: float) -> TrainConfig:
-        """``config`` after step ``done`` at time ``now``: its steps refitted when a fit is due."""
+        """``config`` after step ``done`` at time ``now``: fitted when due, cut when the time is spent."""
         elapsed = now - self.began
-        if done == self.window_step and self.window_time is None:
-            self.window_time = now
-        if done == self.next_fit and self.window_time is not None:
-            per_step = (now - self.window_time) / max(1, done - self.window_step)
+        if done == self.window_step:
+            self.window_time, self.paused_s = now, 0.0
+        if (not self.fitted and self.window_time is not None and done >= self.fit_after
+                and elapsed >= FIT_AFTER_SHARE * self.limit_s):
+            self.fitted = True
+            per_step = (now - self.window_time - self.paused_s) / max(1, done - self.window_step)
             total = steps_within(self.limit_s, elapsed, done, per_step, self.ceiling)
-            if total != config.steps:
-                log.info("time limit %.0f s: %.3f s a step, %d steps of %d fit", self.limit_s, per_step, total, self.ceiling)
-            self.window_step, self.window_time, self.next_fit = done, now, done + REFIT_EVERY
+            log.info("time limit %.0f s: %.3f s a step, %d steps of %d fit", self.limit_s, per_step, total, self.ceiling)
             return replace(config, steps=total)
         if done < config.steps and elapsed > self.limit_s * (1.0 - TIME_RESERVE / 2):
             log.warning("time limit %.0f s reached at step %d of %d: stopping here", self.limit_s, done, config.steps)
@@ -550,14 +559,16 @@ def _resume_checkpoint(work_dir: Path, run: _TrainingRun, config: TrainConfig) -
 
 
 def _save_package(manifest: Manifest, run: _TrainingRun, config: TrainConfig, metrics: dict[str, float] | None,
-                  output_dir: Path) -> ModelPackage:
-    """Record the run in ``manifest.provenance["training"]`` and save the averaged weights at ``output_dir``."""
+                  output_dir: Path, steps_asked: int | None = None) -> ModelPackage:
+    """Record the run in ``manifest.provenance["training"]`` and save the averaged weights at ``output_dir``
+    (``steps_asked``: the most steps a time-limited run was allowed; its config holds the steps it ran)."""
     manifest.provenance = {
         **manifest.provenance,
         "training": {
             **manifest.provenance.get("training", {}),
             "config": config.to_json(),
             "steps_done": config.steps,
+            **({"steps_asked": steps_asked} if steps_asked is not None else {}),
             "weights": "exponential moving average" if run.ema is not None else "last step",
             "device": str(run.device),
             "final_validation": metrics,
