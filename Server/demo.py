@@ -32,7 +32,7 @@ from dafne_logic.inference.confidence import add_confidence_columns
 from dafne_logic.inference.model_package import load_model
 from dafne_logic.inference.segment import segment_volume, segment_with_confidence
 from dafne_logic.learning.evaluation import dice_per_label, mean_dice
-from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+from dafne_logic.phantoms.images import make_dixon_phantom, make_phantom
 
 
 def segment_demo(out: Path, region: str = "thigh", seed: int = 2024) -> float:
@@ -68,10 +68,8 @@ def fat_fraction_demo(out: Path, region: str = "leg", seed: int = 31,
     the truth; returns the errors (measured − true, percentage points) of the muscles found."""
     from dafne_logic.core.quantitative import DEFAULT_ERODE_MM, fat_fraction_from_dixon
 
-    geometry = dict(shape=shape, fat_infiltration=0.2, seed=seed)
-    water, _ = make_phantom(region, contrast="water", **geometry)
-    fat, _ = make_phantom(region, contrast="fat", **geometry)
-    _, truth = true_fat_fraction(region, **geometry)
+    pair = make_dixon_phantom(region, shape=shape, fat_infiltration=0.2, seed=seed)
+    water, fat, truth = pair.water, pair.fat, pair.true_fat_fraction
     model = load_model(region)
     labels = segment_volume(water, model)
     rows = muscle_statistics(water, labels, model.labels, maps=[fat_fraction_from_dixon(water, fat, water)],

@@ -23,7 +23,7 @@ from dafne_logic.core.quantitative import (
     summarise_by_label,
 )
 from dafne_logic.core.statistics import muscle_statistics, statistics_csv
-from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+from dafne_logic.phantoms.images import make_dixon_phantom, make_phantom, true_fat_fraction
 
 RIGHT_SOLEUS, LEFT_SOLEUS = 1, 7
 
@@ -180,3 +180,15 @@ def test_phantom_dixon_pair_measures_its_true_fat_fraction():
     # Without infiltration, muscle is 0.08 / (1 + 0.08) fat in these proton-density tables.
     _, lean = true_fat_fraction("leg", shape=(4, 192, 224), seed=3)
     assert min(lean.values()) == pytest.approx(100 * 0.08 / 1.08, abs=0.01)
+
+
+def test_dixon_phantom_is_the_two_contrasts_and_the_truth_of_one_seed():
+    """``make_dixon_phantom`` builds the anatomy once and gives exactly the arrays the three calls give."""
+    geometry = dict(shape=(3, 192, 224), fat_infiltration=0.3, seed=4)
+    pair = make_dixon_phantom("thigh", **geometry)
+    water, labels = make_phantom("thigh", contrast="water", **geometry)
+    fat, _ = make_phantom("thigh", contrast="fat", **geometry)
+    for made, expected in ((pair.water, water), (pair.fat, fat), (pair.labels, labels)):
+        assert np.array_equal(sitk.GetArrayViewFromImage(made), sitk.GetArrayViewFromImage(expected))
+        assert made.GetOrigin() == expected.GetOrigin() and made.GetSpacing() == expected.GetSpacing()
+    assert pair.true_fat_fraction == true_fat_fraction("thigh", **geometry)[1]

@@ -178,7 +178,7 @@ def test_the_time_budget_fits_once_from_the_step_time_and_stops_at_the_limit():
     """Clock given by hand: no fit before 10 % of the limit has passed; the fit leaves validation
     time out of the step time; a slower device later ends the run at 95 % of the limit."""
     current = config(steps=10_000, warmup_steps=10, time_limit_s=100.0)
-    budget = _TimeBudget.start(current, start=0, began=0.0)
+    budget = _TimeBudget.start(current, began=0.0)
     assert budget.fit(current, 5, 0.5) is current  # the measurement starts after the first 5 steps
     assert budget.fit(current, 10, 1.0) is current  # warm-up over, but only 1 % of the limit spent
     budget.paused_s += 4.0  # a validation

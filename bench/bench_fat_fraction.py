@@ -65,7 +65,7 @@ def main() -> None:
     from dafne_logic.inference.confidence import REVIEW_BELOW
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume, segment_with_confidence
-    from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+    from dafne_logic.phantoms.images import make_dixon_phantom
 
     start = time.perf_counter()
     collected: dict[str, dict[float, list[float]]] = {"exact labels": {}, "automatic (water)": {}, "automatic (in-phase)": {}}
@@ -83,10 +83,9 @@ def main() -> None:
         used[region] = f"{model_name} (version {model.manifest.version})"
         for subject in range(args.subjects):
             infiltration = INFILTRATIONS[subject % len(INFILTRATIONS)]
-            geometry = dict(shape=(args.slices, 432, 432), fat_infiltration=infiltration, seed=100 + subject)
-            water, exact = make_phantom(region, contrast="water", **geometry)
-            fat, _ = make_phantom(region, contrast="fat", **geometry)
-            _, truth = true_fat_fraction(region, **geometry)
+            pair = make_dixon_phantom(region, shape=(args.slices, 432, 432), fat_infiltration=infiltration,
+                                      seed=100 + subject)
+            water, fat, exact, truth = pair.water, pair.fat, pair.labels, pair.true_fat_fraction
             n_muscles += len(truth)
             in_phase = water + fat
             auto_water, confidence = segment_with_confidence(water, model, device="cpu")

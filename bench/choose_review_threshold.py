@@ -58,16 +58,14 @@ def main() -> None:
     from dafne_logic.core.statistics import muscle_statistics
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_with_confidence
-    from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+    from dafne_logic.phantoms.images import make_dixon_phantom
 
     muscles = []
     for region in ("thigh", "leg"):
         model = load_model(region)
         for seed, infiltration in DEV_CASES:
-            geometry = dict(shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
-            water, _ = make_phantom(region, contrast="water", **geometry)
-            fat, _ = make_phantom(region, contrast="fat", **geometry)
-            _, truth = true_fat_fraction(region, **geometry)
+            pair = make_dixon_phantom(region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+            water, fat, truth = pair.water, pair.fat, pair.true_fat_fraction
             labels, confidence = segment_with_confidence(water, model, device="cpu")
             rows = muscle_statistics(water, labels, model.labels, maps=[fat_fraction_from_dixon(water, fat, water)], erode_mm=2)
             muscles += [{"region": region, "seed": seed, "name": row["name"], "confidence": confidence.per_label.get(row["label_value"], 0.0),

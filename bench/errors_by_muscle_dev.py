@@ -36,17 +36,15 @@ def main() -> None:
     from dafne_logic.core.statistics import muscle_statistics
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume
-    from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+    from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.model or args.region)
     muscle_of = {label.value: label.name.split(" ", 1)[1] for label in model.labels.volume_labels()}  # side dropped
     dice: dict[str, list[float]] = {}
     error: dict[str, list[float]] = {}
     for seed, infiltration in DEV_CASES:
-        geometry = dict(shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
-        water, exact = make_phantom(args.region, contrast="water", **geometry)
-        fat, _ = make_phantom(args.region, contrast="fat", **geometry)
-        _, truth = true_fat_fraction(args.region, **geometry)
+        pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+        water, fat, exact, truth = pair.water, pair.fat, pair.labels, pair.true_fat_fraction
         labels = segment_volume(water, model, device="cpu")
         a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact)
         for v in truth:

@@ -35,7 +35,7 @@ def main() -> None:
     from dafne_logic.core.statistics import muscle_statistics
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import predict_slices
-    from dafne_logic.phantoms.images import make_phantom, true_fat_fraction
+    from dafne_logic.phantoms.images import make_dixon_phantom
 
     errors: dict[str, list[float]] = {}
 
@@ -48,10 +48,8 @@ def main() -> None:
         device = torch.device("cpu")
         net = model.network(device)
         for seed, infiltration in DEV_CASES:
-            geometry = dict(shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
-            water, exact = make_phantom(region, contrast="water", **geometry)
-            fat, _ = make_phantom(region, contrast="fat", **geometry)
-            _, truth = true_fat_fraction(region, **geometry)
+            pair = make_dixon_phantom(region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+            water, fat, exact, truth = pair.water, pair.fat, pair.labels, pair.true_fat_fraction
             maps = [fat_fraction_from_dixon(water, fat, water)]
             prepared = prepare_volume(water, model.manifest.preprocessing)
             assemblers = {margin: LabelAssembler(prepared, model.labels) for margin in (0.0, *MARGINS)}

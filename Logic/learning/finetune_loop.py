@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import LabelTable
 from dafne_logic.core.progress import ProgressCallback
 from dafne_logic.learning.contrast_resynthesis import resynthesise_contrast
@@ -122,11 +121,11 @@ def train_on_slices(net: torch.nn.Module, parent_state: dict[str, torch.Tensor],
     """
     loss_fn = default_loss(n_classes)
     anchor = {name: parent_state[name].to(device) for name, _ in net.named_parameters()}
-    learning = [p for name, p in net.named_parameters() if config.trainable == "all" or is_unet_decoder(name)]
-    if not learning:
-        raise InputError(f"no parameter of this network is trainable with trainable={config.trainable!r}")
-    for parameter in net.parameters():
-        parameter.requires_grad_(any(parameter is p for p in learning))
+    learning = []  # the parameters that learn; the others are frozen (finetune_on_corrections checked the network)
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(config.trainable == "all" or is_unet_decoder(name))
+        if parameter.requires_grad:
+            learning.append(parameter)
     optimizer = torch.optim.Adam(learning, lr=config.lr)
     steps_per_epoch = max(config.min_steps_per_epoch, math.ceil(len(train) / config.batch_size))
     total_steps = min(config.max_steps, steps_per_epoch * config.max_epochs)

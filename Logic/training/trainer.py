@@ -386,7 +386,7 @@ def train_model(
 
     running: list[float] = []
     metrics: dict[str, float] | None = None
-    budget = _TimeBudget.start(config, start, began) if config.time_limit_s else None
+    budget = _TimeBudget.start(config, began) if config.time_limit_s else None  # never resumed: from step 0
     steps_asked = config.steps
     step = start
     while step < config.steps:
@@ -447,10 +447,11 @@ class _TimeBudget:
     fitted: bool = False
 
     @classmethod
-    def start(cls, config: TrainConfig, start: int, began: float) -> _TimeBudget:
+    def start(cls, config: TrainConfig, began: float) -> _TimeBudget:
+        """The budget of a run from step 0 (a time limit is never resumed)."""
         assert config.time_limit_s is not None
-        return cls(config.time_limit_s, config.steps, began, fit_after=max(config.warmup_steps, start + UNTIMED_STEPS + 5),
-                   window_step=start + UNTIMED_STEPS)
+        return cls(config.time_limit_s, config.steps, began, fit_after=max(config.warmup_steps, UNTIMED_STEPS + 5),
+                   window_step=UNTIMED_STEPS)
 
     def fit(self, config: TrainConfig, done: int, now: float) -> TrainConfig:
         """``config`` after step ``done`` at time ``now``: fitted when due, cut when the time is spent."""
