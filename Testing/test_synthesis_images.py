@@ -14,17 +14,9 @@ from dafne_logic.core.preprocessing import NORMALISED_RANGE
 from dafne_logic.inference.model_package import Manifest
 from dafne_logic.inference.networks import unet_architecture
 from dafne_logic.training.harmonisation import HOLE_LARGEST, MUSCLE_BASE, LegSlice, PartialLabelLoss
-from dafne_logic.training.synthesis import (
-    AnatomyBank,
-    SliceSampler,
-    SynthesisConfig,
-    SynthesisSampler,
-    dice_by_class,
-    gaussian_blur,
-    resolution_operator,
-    synthesise,
-    synthetic_validation,
-)
+from dafne_logic.training.samplers import AnatomyBank, SliceSampler, SynthesisSampler
+from dafne_logic.training.synthesis import SynthesisConfig, gaussian_blur, resolution_operator, synthesise
+from dafne_logic.training.synthetic_validation import dice_by_class, synthetic_validation
 from dafne_logic.training.trainer import TrainConfig, train_model
 
 QUIET = SynthesisConfig(size=(48, 48), rotation_deg=0, scale=(1, 1), shear=0, shift=0, elastic_px=0, bias=0,

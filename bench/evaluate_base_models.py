@@ -47,14 +47,9 @@ from dafne_logic.inference.segment import segment_volume
 from dafne_logic.learning.evaluation import dice_per_label, mean_dice
 from dafne_logic.phantoms.images import make_phantom
 from dafne_logic.training.harmonisation import GroupRegistry, find_label_maps, load_label_map, subject_id
-from dafne_logic.training.synthesis import (
-    REGIMES,
-    AnatomyBank,
-    SynthesisConfig,
-    SynthesisSampler,
-    dice_by_class,
-    synthesis_overrides,
-)
+from dafne_logic.training.samplers import AnatomyBank, SynthesisSampler
+from dafne_logic.training.synthesis import REGIMES, SynthesisConfig, synthesis_overrides
+from dafne_logic.training.synthetic_validation import dice_by_class
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -298,7 +298,9 @@ def run(args: argparse.Namespace) -> int:
 def _label_map_setup(args: argparse.Namespace, table: LabelTable, spacing: float, size: int,
                      defaults: dict[str, Any], holdout: set[str], device: str, changes: dict[str, Any]):
     from dafne_logic.training.harmonisation import GroupRegistry, PartialLabelLoss, find_label_maps, load_label_map, phantom_leg_slices
-    from dafne_logic.training.synthesis import AnatomyBank, SynthesisConfig, SynthesisSampler, synthetic_validation
+    from dafne_logic.training.samplers import AnatomyBank, SynthesisSampler
+    from dafne_logic.training.synthesis import SynthesisConfig
+    from dafne_logic.training.synthetic_validation import synthetic_validation
 
     canvas = (defaults["canvas"], defaults["canvas"])
     registry = GroupRegistry(table.n_classes)
@@ -362,7 +364,9 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
     from dafne_logic.core.io import read_image, read_segmentation
     from dafne_logic.core.preprocessing import prepare_volume
     from dafne_logic.training.harmonisation import subject_id
-    from dafne_logic.training.synthesis import SliceSampler, SynthesisConfig, dice_by_class
+    from dafne_logic.training.samplers import SliceSampler
+    from dafne_logic.training.synthesis import SynthesisConfig
+    from dafne_logic.training.synthetic_validation import dice_by_class
 
     cases = []
     for folder in args.pairs:

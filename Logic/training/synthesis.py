@@ -32,7 +32,8 @@ CUDA, fully determined by one ``torch.Generator``; every draw is vectorised over
    map to 0 and 1, clipped to (-0.1, 1.1).
 
 Canvases are in the network's orientation (the left leg already mirrored), so there is no random
-left/right flip here: mirroring happened when the left leg was cut (see harmonisation).
+left/right flip here: mirroring happened when the left leg was cut (see harmonisation). Which
+slices are drawn, and batches of real crops, are :mod:`dafne_logic.training.samplers`' job.
 """
 
 from __future__ import annotations
@@ -40,17 +41,15 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dafne_logic.core.preprocessing import NORMALISED_RANGE
 from dafne_logic.phantoms.anatomy import Tissue
-from dafne_logic.training.harmonisation import BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE, LegSlice
+from dafne_logic.training.harmonisation import BONE, HOLE, HOLE_LARGEST, MUSCLE_BASE
 
 REGIMES = ("t1", "t2", "pd", "water", "fat", "stir", "fs_poor", "in_phase", "opposed_phase", "fat_fraction",
            "random")
@@ -193,7 +192,8 @@ def _shape_problem(key: str, value: Any, default: Any) -> str | None:
     return None
 
 
-def _uniform(rng: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+def uniform_draws(rng: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+    """(n,) independent draws from U(low, high) on ``device``."""
     return low + (high - low) * torch.rand(n, generator=rng, device=device)
 
 
@@ -232,19 +232,19 @@ def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return ~_dilate(~mask, radius)
 
 
-def _spatial_grid(rng: torch.Generator, batch: int, canvas: tuple[int, int], config: SynthesisConfig,
+def spatial_grid(rng: torch.Generator, batch: int, canvas: tuple[int, int], config: SynthesisConfig,
                   device: torch.device) -> torch.Tensor:
     """(B, h, w, 2) sampling grid (normalised canvas coordinates) of a random affine + elastic map."""
     h, w = config.size
     # The canvas is centred on the leg, so a rotation about its centre turns the leg about its own axis.
     wide = torch.rand(batch, generator=rng, device=device) < config.p_leg_rotation
     limit = torch.where(wide, config.leg_rotation_deg, config.rotation_deg)
-    angle = _uniform(rng, batch, -1, 1, device) * torch.deg2rad(limit)
-    zoom = _uniform(rng, batch, *config.scale, device)
-    aniso = _uniform(rng, batch, 0.9, 1.1, device)
+    angle = uniform_draws(rng, batch, -1, 1, device) * torch.deg2rad(limit)
+    zoom = uniform_draws(rng, batch, *config.scale, device)
+    aniso = uniform_draws(rng, batch, 0.9, 1.1, device)
     sx, sy = zoom * aniso, zoom / aniso
-    shear = _uniform(rng, batch, -config.shear, config.shear, device)
-    shift = _uniform(rng, 2 * batch, -config.shift, config.shift, device).view(batch, 2) * 2
+    shear = uniform_draws(rng, batch, -config.shear, config.shear, device)
+    shift = uniform_draws(rng, 2 * batch, -config.shift, config.shift, device).view(batch, 2) * 2
     cos, sin = torch.cos(angle), torch.sin(angle)
     # Output pixel (normalised over h, w) -> canvas normalised coordinates; the output covers the
     # central h x w pixels of the canvas at scale 1 (zoom > 1 shows the anatomy larger).
@@ -256,7 +256,7 @@ def _spatial_grid(rng: torch.Generator, batch: int, canvas: tuple[int, int], con
     theta[:, 1, 1] = cos / sy * fy
     theta[:, :, 2] = shift * torch.tensor([fx, fy], device=device)
     grid = F.affine_grid(theta, [batch, 1, h, w], align_corners=False)
-    amplitude = _uniform(rng, batch, 0, config.elastic_px, device).view(batch, 1, 1, 1)
+    amplitude = uniform_draws(rng, batch, 0, config.elastic_px, device).view(batch, 1, 1, 1)
     field = smooth_field(rng, batch, (h, w), 5, device, channels=2) * amplitude
     scale = torch.tensor([2.0 / canvas[1], 2.0 / canvas[0]], device=device)
     return grid + field.permute(0, 2, 3, 1) * scale
@@ -270,7 +270,7 @@ def _complete_body(tissue: torch.Tensor, complete: torch.Tensor, rng: torch.Gene
     batch, h, w = tissue.shape
     device = tissue.device
     compartment = (tissue > 0).float()[:, None]
-    thickness = _uniform(rng, batch, *config.fat_thickness_px, device)
+    thickness = uniform_draws(rng, batch, *config.fat_thickness_px, device)
     wobble = smooth_field(rng, batch, (h // 2, w // 2), 4, device)
     small = F.avg_pool2d(compartment, 2)
     # Blur then threshold at 0.07: the outline moves out by about 1.5 sigma (half-size pixels),
@@ -332,28 +332,28 @@ def _draw_contrast(rng: torch.Generator, batch: int, config: SynthesisConfig, de
     slots, n_muscles = N_TISSUE_SLOTS, N_TISSUE_SLOTS - MUSCLE_BASE
     regime = torch.randint(0, len(config.regimes), (batch,), generator=rng, device=device)
     table = torch.tensor([_REGIME_MEANS[r] for r in config.regimes], device=device)[regime]  # (B, 7)
-    air, fat, skin, muscle, cortex, marrow, vessel = (table * _uniform(rng, 7 * batch, 0.8, 1.2, device)
+    air, fat, skin, muscle, cortex, marrow, vessel = (table * uniform_draws(rng, 7 * batch, 0.8, 1.2, device)
                                                       .view(batch, 7)).unbind(1)
     rho = torch.zeros(batch, slots, device=device)
     rho[:, int(Tissue.BACKGROUND)] = air * 0.5
     rho[:, int(Tissue.SKIN)] = skin
     rho[:, int(Tissue.SUBCUTANEOUS_FAT)] = fat
     rho[:, int(Tissue.FASCIA)] = (fat + muscle) / 2
-    rho[:, int(Tissue.INTERMUSCULAR_FAT)] = fat * _uniform(rng, batch, 0.8, 1.0, device)
+    rho[:, int(Tissue.INTERMUSCULAR_FAT)] = fat * uniform_draws(rng, batch, 0.8, 1.0, device)
     rho[:, int(Tissue.CORTICAL_BONE)] = cortex
     rho[:, int(Tissue.MARROW)] = marrow
     rho[:, int(Tissue.NEUROVASCULAR)] = vessel
-    rho[:, int(Tissue.MUSCLE)] = muscle * _uniform(rng, batch, 0.88, 1.12, device)
+    rho[:, int(Tissue.MUSCLE)] = muscle * uniform_draws(rng, batch, 0.88, 1.12, device)
     fraction = torch.zeros(batch, slots, device=device)
     fraction[:, :len(_FAT_FRACTION)] = torch.tensor(_FAT_FRACTION, device=device)
-    muscles = muscle[:, None] * _uniform(rng, batch * n_muscles, 0.88, 1.12, device).view(batch, n_muscles)
-    muscle_fraction = MUSCLE_FAT_FRACTION * _uniform(rng, batch * n_muscles, 0.5, 1.5, device).view(batch, n_muscles)
+    muscles = muscle[:, None] * uniform_draws(rng, batch * n_muscles, 0.88, 1.12, device).view(batch, n_muscles)
+    muscle_fraction = MUSCLE_FAT_FRACTION * uniform_draws(rng, batch * n_muscles, 0.5, 1.5, device).view(batch, n_muscles)
     rho[:, MUSCLE_BASE:] = muscles
     fraction[:, MUSCLE_BASE:] = muscle_fraction
     # Fat replaces part of some muscles (neuromuscular disease); _render moves each pixel's intensity
     # and fat fraction towards fat's by the muscle's severity, patchily.
     infiltrated = torch.rand(batch, 1, generator=rng, device=device) < config.p_infiltration
-    affected_share = _uniform(rng, batch, *config.infiltration_affected, device)
+    affected_share = uniform_draws(rng, batch, *config.infiltration_affected, device)
     affected = torch.rand(batch, n_muscles, generator=rng, device=device) < affected_share[:, None]
     severity = torch.zeros(batch, slots, device=device)
     severity[:, MUSCLE_BASE:] = (torch.rand(batch, n_muscles, generator=rng, device=device) ** 1.5
@@ -397,7 +397,7 @@ def _render(tissue: torch.Tensor, contrast: Contrast, rng: torch.Generator, conf
     if infiltrated.numel():
         rho[infiltrated], fraction[infiltrated] = _infiltrate(
             rho[infiltrated], fraction[infiltrated], index[infiltrated], contrast.rows(infiltrated), rng, config)
-    sigma = _uniform(rng, batch, *config.partial_volume_px, tissue.device)
+    sigma = uniform_draws(rng, batch, *config.partial_volume_px, tissue.device)
     dixon = torch.nonzero(contrast.b != 0)[:, 0]  # only these images see the fat fraction
     if dixon.numel():
         fraction[dixon] = gaussian_blur(fraction[dixon], sigma[dixon])
@@ -406,7 +406,7 @@ def _render(tissue: torch.Tensor, contrast: Contrast, rng: torch.Generator, conf
     rho = rho * (1 - unit) + body * unit
     image = rho * (contrast.a.view(-1, 1, 1, 1) + contrast.b.view(-1, 1, 1, 1) * fraction).abs()
     texture = smooth_field(rng, batch, (h, w), max(4, h // 6), tissue.device)
-    amplitude = _uniform(rng, batch, 0.0, 0.12, tissue.device).view(-1, 1, 1, 1)
+    amplitude = uniform_draws(rng, batch, 0.0, 0.12, tissue.device).view(-1, 1, 1, 1)
     return image * (1 + amplitude * texture)
 
 
@@ -442,9 +442,9 @@ def _low_resolution(image: torch.Tensor, rng: torch.Generator, config: Synthesis
     mode = torch.rand(batch, generator=rng, device=device)
     one_axis = mode < config.p_low_resolution
     both = (mode >= config.p_low_resolution) & (mode < config.p_low_resolution + config.p_low_resolution_acquisition)
-    coarse = _uniform(rng, batch, 1.3, 2.5, device)
+    coarse = uniform_draws(rng, batch, 1.3, 2.5, device)
     rows_axis = torch.rand(batch, generator=rng, device=device) < 0.5
-    acquired = _uniform(rng, batch, *config.low_resolution_mm, device) / config.spacing_mm
+    acquired = uniform_draws(rng, batch, *config.low_resolution_mm, device) / config.spacing_mm
     ones = torch.ones(batch, device=device)
     factor_rows = torch.where(both, acquired, torch.where(one_axis & rows_axis, coarse, ones))
     factor_cols = torch.where(both, acquired, torch.where(one_axis & ~rows_axis, coarse, ones))
@@ -463,7 +463,7 @@ def _add_other_leg(tissue: torch.Tensor, rng: torch.Generator, config: Synthesis
     batch, _, h, w = tissue.shape
     device = tissue.device
     chosen = torch.rand(batch, generator=rng, device=device) < config.p_other_leg
-    gap = _uniform(rng, batch, *config.other_leg_gap_mm, device) / config.spacing_mm
+    gap = uniform_draws(rng, batch, *config.other_leg_gap_mm, device) / config.spacing_mm
     placed = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
     rows = torch.nonzero(chosen)[:, 0]
     if rows.numel() == 0:
@@ -489,7 +489,7 @@ def _outside_field_of_view(rng: torch.Generator, batch: int, size: tuple[int, in
     h, w = size
     chosen = torch.rand(batch, generator=rng, device=device) < config.p_fov_cut
     side = torch.randint(0, 4, (batch,), generator=rng, device=device).view(-1, 1, 1)
-    depth = _uniform(rng, batch, 0.05, 0.35, device).view(-1, 1, 1)
+    depth = uniform_draws(rng, batch, 0.05, 0.35, device).view(-1, 1, 1)
     yy = (torch.arange(h, device=device).view(1, -1, 1) + 0.5) / h
     xx = (torch.arange(w, device=device).view(1, 1, -1) + 0.5) / w
     cut = torch.where(side == 0, yy < depth, torch.where(side == 1, yy > 1 - depth,
@@ -538,7 +538,7 @@ def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tenso
     stack = tissue[:, None] if neighbours is None else torch.cat([tissue[:, None], neighbours.to(tissue.dtype)], 1)
     stack, other_leg = _add_other_leg(stack.long(), rng, config)
     target = torch.where(other_leg, 0, target.long())
-    grid = _spatial_grid(rng, batch, (tissue.shape[1], tissue.shape[2]), config, device)
+    grid = spatial_grid(rng, batch, (tissue.shape[1], tissue.shape[2]), config, device)
     packed = torch.cat([stack, target[:, None]], 1).float()
     warped = F.grid_sample(packed, grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
     # Only the partners that weigh something are rendered: (image b, partner j) is row j * B + b.
@@ -566,17 +566,17 @@ def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tenso
         image = image * (1 - mix.sum(0)) + (partners.view(k, batch, 1, h, w) * mix).sum(0)
     poor = torch.tensor([r == "fs_poor" for r in config.regimes], device=device)[contrast.regime]
     fat_fraction_map = contrast.unit_rho > 0  # quantitative maps carry no bias field
-    amplitude = _uniform(rng, batch, 0, config.bias, device) * ~fat_fraction_map
+    amplitude = uniform_draws(rng, batch, 0, config.bias, device) * ~fat_fraction_map
     bias = smooth_field(rng, batch, (h, w), 4, device) * amplitude.view(-1, 1, 1, 1)
     image = image * torch.exp(bias)
-    sigma_blur = torch.where(poor, _uniform(rng, batch, *config.poor_blur_px, device),
-                             _uniform(rng, batch, 0, config.blur_px, device))
+    sigma_blur = torch.where(poor, uniform_draws(rng, batch, *config.poor_blur_px, device),
+                             uniform_draws(rng, batch, 0, config.blur_px, device))
     image = gaussian_blur(image, sigma_blur)
     image = _low_resolution(image, rng, config)
     peak = image.flatten(1).amax(1).clamp(min=1e-6).view(-1, 1, 1, 1)
-    peak = torch.where(empty.view(-1, 1, 1, 1), _uniform(rng, batch, 0.02, 0.5, device).view(-1, 1, 1, 1), peak)
-    noise = torch.where(poor, _uniform(rng, batch, *config.poor_noise, device),
-                        _uniform(rng, batch, *config.noise, device))
+    peak = torch.where(empty.view(-1, 1, 1, 1), uniform_draws(rng, batch, 0.02, 0.5, device).view(-1, 1, 1, 1), peak)
+    noise = torch.where(poor, uniform_draws(rng, batch, *config.poor_noise, device),
+                        uniform_draws(rng, batch, *config.noise, device))
     sigma = noise.view(-1, 1, 1, 1) * peak
     real = image + sigma * torch.randn(image.shape, generator=rng, device=device)
     imaginary = sigma * torch.randn(image.shape, generator=rng, device=device)
@@ -586,203 +586,8 @@ def synthesise(tissue: torch.Tensor, target: torch.Tensor, complete: torch.Tenso
     image = _normalise(image, body, percentiles)
     # A slice beyond the body is normalised with the volume's body range at inference, so its noise
     # stays dim: scale the empty images' normalised noise down by a random factor.
-    dim = torch.where(empty, _uniform(rng, batch, 0.05, 0.6, device), torch.ones(batch, device=device))
+    dim = torch.where(empty, uniform_draws(rng, batch, 0.05, 0.6, device), torch.ones(batch, device=device))
     image = torch.where(empty.view(-1, 1, 1, 1), image * dim.view(-1, 1, 1, 1), image)
     # Beyond the field of view nothing was acquired: preprocessing fills crops there with air.
     image = image.masked_fill(beyond_fov[:, None], 0.0)
     return image.float(), targets
-
-
-@dataclass
-class AnatomyBank:
-    """All training anatomy as stacked canvases, plus how to draw from it.
-
-    Attributes:
-        tissue, target: (S, H0, W0) uint8.
-        complete: (S,) bool.
-        z_mm: (S,) float64 slice position along the leg.
-        leg: (S,) int64 one id per leg of each source (subject and side).
-        weight: (S,) float64 sampling weight (each source weighs its ``source_weights`` share in total).
-        subjects: subject id of each slice.
-    """
-
-    tissue: torch.Tensor
-    target: torch.Tensor
-    complete: torch.Tensor
-    z_mm: torch.Tensor
-    leg: torch.Tensor
-    weight: torch.Tensor
-    subjects: list[str]
-
-    @classmethod
-    def from_sources(cls, sources: list[list[LegSlice]], source_weights: list[float] | None = None) -> AnatomyBank:
-        """Stack the slices of several sources (each the output of one label map)."""
-        weights = list(source_weights) if source_weights is not None else [1.0] * len(sources)
-        if len(weights) != len(sources):
-            raise ValueError("one weight per source, please")
-        kept = [(s, w) for s, w in zip(sources, weights, strict=True) if s]
-        sources, weights = [s for s, _ in kept], [w for _, w in kept]
-        if not sources:
-            raise ValueError("no anatomy slices to train on")
-        slices = [s for source in sources for s in source]
-        legs: dict[tuple[int, str, str], int] = {}
-        leg = [legs.setdefault((k, s.subject, s.side), len(legs)) for k, source in enumerate(sources) for s in source]
-        weight = np.concatenate([np.full(len(source), w / len(source)) for source, w in zip(sources, weights, strict=True)])
-        return cls(
-            tissue=torch.from_numpy(np.stack([s.tissue for s in slices])),
-            target=torch.from_numpy(np.stack([s.target for s in slices])),
-            complete=torch.tensor([s.complete for s in slices]),
-            z_mm=torch.tensor([s.z_mm for s in slices], dtype=torch.float64),
-            leg=torch.tensor(leg, dtype=torch.int64),
-            weight=torch.from_numpy(weight / weight.sum()),
-            subjects=[s.subject for s in slices],
-        )
-
-    def __len__(self) -> int:
-        return self.tissue.shape[0]
-
-    def slices_at(self, index: torch.Tensor, offset_mm: torch.Tensor, within_mm: torch.Tensor) -> torch.Tensor:
-        """(B,) index of the slice of the same leg nearest to ``z_mm[index] + offset_mm`` (never the
-        slice itself), or -1 where none lies within ``within_mm`` of the slice. Vectorised: one
-        sorted search over (leg, z) keys."""
-        key = self.leg.double() * 1e6 + self.z_mm
-        order = torch.argsort(key)
-        ordered = key[order]
-        query = key[index] + offset_mm.double()
-        position = torch.searchsorted(ordered, query)
-        candidates = torch.stack([position - 1, position]).clamp(0, len(self) - 1)  # (2, B)
-        found = order[candidates]
-        distance = (ordered[candidates] - query).abs()
-        distance[(found == index) | (self.leg[found] != self.leg[index])] = float("inf")
-        best = found.gather(0, distance.argmin(0, keepdim=True))[0]
-        usable = torch.isfinite(distance.min(0).values) & (
-            (self.z_mm[best] - self.z_mm[index]).abs() <= within_mm.double())
-        return torch.where(usable, best, -1)
-
-
-class SynthesisSampler:
-    """``sampler(generator, batch) -> (images, targets)`` for :func:`dafne_logic.training.trainer.train_model`.
-
-    Draws slices by weight with the (CPU) ``generator``, for thick-slice images also the slices a
-    third of the thickness above and below (each weighs a third of the slab), then seeds a
-    generator on ``device`` from it, so a run is reproducible and resumable on either device."""
-
-    def __init__(self, bank: AnatomyBank, config: SynthesisConfig, device: str | torch.device = "cpu",
-                 percentiles: tuple[float, float] = (0.5, 99.5)):
-        self.bank = bank
-        self.config = config
-        self.device = torch.device(device)
-        self.percentiles = percentiles
-        self._tissue = bank.tissue.to(self.device)
-        self._target = bank.target.to(self.device)
-        self._complete = bank.complete.to(self.device)
-
-    def __call__(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.multinomial(self.bank.weight, batch, replacement=True, generator=generator)
-        thick = torch.rand(batch, generator=generator) < self.config.p_thick_slice
-        low, high = self.config.slice_thickness_mm
-        thickness = low + (high - low) * torch.rand(batch, generator=generator)
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-        rng = torch.Generator(self.device).manual_seed(seed)
-        within = thickness / 2 + 1.0
-        partners = torch.stack([self.bank.slices_at(index, thickness / 3, within),
-                                self.bank.slices_at(index, -thickness / 3, within)], 1)  # (B, 2)
-        valid = (partners >= 0) & thick[:, None]
-        partners, valid = partners.to(self.device), valid.to(self.device)
-        neighbours = self._tissue[partners.clamp(min=0)] * valid[..., None, None]
-        index = index.to(self.device)
-        return synthesise(self._tissue[index], self._target[index], self._complete[index], rng, self.config,
-                          neighbours=neighbours, neighbour_weights=valid.float() / 3, percentiles=self.percentiles)
-
-
-def dice_by_class(prediction: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(n_classes - 1,) Dice of classes 1..N between predicted classes and targets, pooled over the
-    batch; pixels whose target is a group code (>= n_classes) are ignored; NaN where a class is in
-    neither."""
-    known = target < n_classes
-    scores = torch.full((n_classes - 1,), float("nan"))
-    for c in range(1, n_classes):
-        p, t = (prediction == c) & known, target == c
-        total = int(p.sum() + t.sum())
-        if total:
-            scores[c - 1] = 2 * float((p & t).sum()) / total
-    return scores
-
-
-def synthetic_validation(bank: AnatomyBank, config: SynthesisConfig, class_names: list[str], samples: int = 32,
-                         seed: int = 12345, regimes: tuple[str, ...] | None = None, batch_size: int = 8,
-                         device: str | torch.device = "cpu",
-                         percentiles: tuple[float, float] = (0.5, 99.5),
-                         unlabelled: frozenset[int] = frozenset()) -> Callable[[torch.nn.Module], dict[str, float]]:
-    """A ``validate(network) -> {name: Dice, "mean_dice": ...}`` callable on images synthesised from
-    ``bank`` with a fixed seed (the same images at every call). ``class_names`` are the muscles;
-    classes in ``unlabelled`` (muscles the sources never label) get NaN and stay out of the mean."""
-    from dataclasses import replace
-
-    n_classes = len(class_names) + 1
-    sampler = SynthesisSampler(bank, replace(config, regimes=regimes or config.regimes), device, percentiles)
-    generator = torch.Generator().manual_seed(seed)
-    batches = [sampler(generator, batch_size) for _ in range(max(1, samples // batch_size))]
-
-    def validate(network: torch.nn.Module) -> dict[str, float]:
-        predictions = []
-        with torch.no_grad():
-            for images, _ in batches:
-                predictions.append(network(images.to(next(network.parameters()).device)).argmax(1).cpu())
-        scores = dice_by_class(torch.cat(predictions), torch.cat([t.cpu() for _, t in batches]), n_classes)
-        scores[[c - 1 for c in sorted(unlabelled)]] = float("nan")
-        result = {name: float(s) for name, s in zip(class_names, scores, strict=True)}
-        valid = scores[~torch.isnan(scores)]
-        result["mean_dice"] = float(valid.mean()) if valid.numel() else float("nan")
-        return result
-
-    return validate
-
-
-class SliceSampler:
-    """Augmented slices of real, preprocessed image/label crops (the ``--pairs`` path).
-
-    Same spatial draws as synthesis (affine + elastic), then a bias field, gamma and Rician noise
-    on the real intensities. Slices without any labelled muscle are not drawn."""
-
-    def __init__(self, crops: list[tuple[np.ndarray, np.ndarray]], config: SynthesisConfig,
-                 device: str | torch.device = "cpu"):
-        slices = [(image[k], target[k]) for image, target in crops for k in range(image.shape[0]) if target[k].any()]
-        if not slices:
-            raise ValueError("no labelled slices to train on")
-        height = max(s[0].shape[0] for s in slices)
-        width = max(s[0].shape[1] for s in slices)
-        self.canvas = (height, width)
-        images = torch.full((len(slices), height, width), float(NORMALISED_RANGE[0]))
-        targets = torch.zeros((len(slices), height, width), dtype=torch.uint8)
-        for k, (image, target) in enumerate(slices):
-            y, x = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
-            images[k, y:y + image.shape[0], x:x + image.shape[1]] = torch.from_numpy(image)
-            targets[k, y:y + image.shape[0], x:x + image.shape[1]] = torch.from_numpy(target)
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.targets = targets.to(self.device)
-        self.config = config
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __call__(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(0, len(self), (batch,), generator=generator)
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-        rng = torch.Generator(self.device).manual_seed(seed)
-        index = index.to(self.device)
-        grid = _spatial_grid(rng, batch, self.canvas, self.config, self.device)
-        image = F.grid_sample(self.images[index][:, None], grid, mode="bilinear", padding_mode="border",
-                              align_corners=False)
-        target = F.grid_sample(self.targets[index][:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                               align_corners=False)[:, 0].long()
-        h, w = self.config.size
-        bias = smooth_field(rng, batch, (h, w), 4, self.device) * _uniform(rng, batch, 0, self.config.bias / 2,
-                                                                           self.device).view(-1, 1, 1, 1)
-        image = image.clamp(0, 1) * torch.exp(bias)
-        gamma = torch.exp(self.config.gamma_log_sd * torch.randn(batch, generator=rng, device=self.device))
-        image = image.clamp(min=0) ** gamma.view(-1, 1, 1, 1)
-        sigma = _uniform(rng, batch, 0, self.config.noise[1] / 2, self.device).view(-1, 1, 1, 1)
-        image = image + sigma * torch.randn(image.shape, generator=rng, device=self.device)
-        return image.clamp(*NORMALISED_RANGE).float(), target
