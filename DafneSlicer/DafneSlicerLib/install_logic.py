@@ -1,7 +1,7 @@
 """Python packages the module needs inside Slicer, installed on first use after the user agreed.
 
 Torch comes through the PyTorch extension (``PyTorchUtils``), which picks the build matching the
-GPU driver; the other packages through ``slicer.pydeps.pip_ensure`` (Slicer >= 5.11) or, on older
+GPU driver; the other packages through ``slicer.packaging.pip_ensure`` (Slicer >= 5.12) or, on older
 Slicer, a confirmed ``slicer.util.pip_install``. Slicer's own numpy, vtk, SimpleITK, pydicom and
 requests are never installed or replaced. Nothing is installed at import time.
 """

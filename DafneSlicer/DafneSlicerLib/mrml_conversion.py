@@ -290,6 +290,12 @@ def _export_by_value(scene, segmentation_node, volume_node, chosen: dict[int, tu
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()
     scene.AddNode(labelmap)
     try:
+        # Without a display node on a user colour table, Slicer would add a new colour table to the
+        # scene at every export (ExportSegmentsToLabelmapNode); this one goes with the label map.
+        display = slicer.vtkMRMLLabelMapVolumeDisplayNode()
+        scene.AddNode(display)
+        display.SetAndObserveColorNodeID(colors.GetID())
+        labelmap.SetAndObserveDisplayNodeID(display.GetID())
         segment_ids = vtk.vtkStringArray()
         for segment_id, _ in chosen.values():
             segment_ids.InsertNextValue(segment_id)
@@ -411,15 +417,35 @@ def show_in_views(segmentation_node) -> None:
     segmentation_node.CreateClosedSurfaceRepresentation()
 
 
-def slice_index_at(volume_node, ras: tuple[float, float, float]) -> int:
-    """k index (third voxel axis) of the volume slice through a RAS point, e.g. a slice view's centre.
+def slice_index_at(volume_node, ras: tuple[float, float, float],
+                   normal: tuple[float, float, float] | None = None) -> int:
+    """k index (third voxel axis) of the volume slice through a world RAS point, e.g. a slice view's centre.
+
+    Args:
+        ras: the point in world coordinates (mm); a volume under a parent transform is looked up in
+            its own frame.
+        normal: the viewed plane's normal in world coordinates, when the point comes from a slice
+            view: the plane must be one of the volume's k slices (within about 2.5 degrees).
 
     Raises:
-        InputError: the point lies outside the volume's slices.
+        InputError: the point lies outside the volume's slices, or the view is not along them.
     """
+    world_to_local = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volume_node.GetParentTransformNode(), world_to_local)
+    local = world_to_local.TransformPoint(ras)
     ras_to_ijk = vtk.vtkMatrix4x4()
     volume_node.GetRASToIJKMatrix(ras_to_ijk)
-    k = int(round(ras_to_ijk.MultiplyPoint((*ras, 1.0))[2]))
+    if normal is not None:
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(ijk_to_ras)
+        k_axis = np.array([ijk_to_ras.GetElement(row, 2) for row in range(3)])
+        plane = np.array(world_to_local.TransformVectorAtPoint(ras, normal))
+        cosine = abs(float(k_axis @ plane)) / (np.linalg.norm(k_axis) * np.linalg.norm(plane))
+        if cosine < 0.999:
+            raise InputError(f"The Red view does not show slices of volume '{volume_node.GetName()}' "
+                             f"(it is {np.degrees(np.arccos(min(cosine, 1.0))):.0f} degrees off): "
+                             "reset it to the volume's slice orientation and try again.")
+    k = int(round(ras_to_ijk.MultiplyPoint((*local, 1.0))[2]))
     n_slices = volume_node.GetImageData().GetDimensions()[2]
     if not 0 <= k < n_slices:
         raise InputError(f"The slice shown lies outside volume '{volume_node.GetName()}' (slice {k}, it has {n_slices}).")

@@ -41,10 +41,9 @@ def maps_from_volume_nodes(reference: sitk.Image, *, water_node=None, fat_node=N
 
 def _node(scene, class_name: str, name: str):
     """The node of ``class_name`` called ``name``, created if the scene has none (recomputing replaces content)."""
-    nodes = scene.GetNodesByClassByName(class_name, name)
-    if nodes.GetNumberOfItems():
-        return nodes.GetItemAsObject(0)
-    return scene.AddNewNodeByClass(class_name, name)
+    # GetFirstNode, not GetNodesByClassByName: that one hands over a collection the caller must free.
+    node = scene.GetFirstNode(name, class_name)
+    return node if node is not None else scene.AddNewNodeByClass(class_name, name)
 
 
 def _chart(scene, name: str, table_node, series: Sequence[tuple[str, str, str, tuple[float, float, float]]],

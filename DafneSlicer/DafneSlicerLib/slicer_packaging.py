@@ -30,11 +30,11 @@ class SlicerPackaging:
 
     def pip_install(self, requirements: list[Requirement], skip: tuple[str, ...]) -> None:
         try:
-            import slicer.pydeps as pydeps  # Slicer >= 5.11
+            from slicer.packaging import pip_ensure  # Slicer >= 5.12: walks dependencies, skips Slicer's own
         except ImportError:
-            pydeps = None
-        if pydeps is not None:
-            pydeps.pip_ensure(requirements, skip_packages=list(skip), prompt_install=False, requester="DafneSlicer")
+            pip_ensure = None
+        if pip_ensure is not None:
+            pip_ensure(requirements, skip_packages=list(skip), prompt_install=False, requester="DafneSlicer")
             return
         # Older Slicer: no dependency walking, so install without dependencies; the packages listed in
         # requirements.txt need nothing beyond numpy, torch and each other, which are present or listed.

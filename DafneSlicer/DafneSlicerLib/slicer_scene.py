@@ -43,14 +43,17 @@ class SlicerScene:
         return mc.segmentation_to_labels(self.scene, segmentation_node, volume_node, table)
 
     def show_statistics(self, rows: list[dict[str, Any]], name: str):
-        nodes = self.scene.GetNodesByClassByName("vtkMRMLTableNode", name)
-        table_node = nodes.GetItemAsObject(0) if nodes.GetNumberOfItems() else None
+        # GetFirstNode, not GetNodesByClassByName: that one hands over a collection the caller must free.
+        table_node = self.scene.GetFirstNode(name, "vtkMRMLTableNode")
         if table_node is None:
             table_node = slicer.vtkMRMLTableNode()
             table_node.SetName(name)
             self.scene.AddNode(table_node)
         mc.fill_table_node(table_node, rows)
         if hasattr(slicer, "app"):  # a running Slicer: show the table below the views
+            layout = slicer.app.layoutManager()
+            if layout is not None and layout.tableViewCount == 0:  # e.g. Conventional: nowhere to show it
+                layout.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table_node.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
         return table_node
@@ -90,4 +93,5 @@ class SlicerScene:
         slice_node = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         slice_to_ras = slice_node.GetSliceToRAS()
         centre = tuple(slice_to_ras.GetElement(row, 3) for row in range(3))
-        return mc.slice_index_at(volume_node, centre)
+        normal = tuple(slice_to_ras.GetElement(row, 2) for row in range(3))
+        return mc.slice_index_at(volume_node, centre, normal)

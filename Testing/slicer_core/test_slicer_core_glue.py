@@ -196,6 +196,25 @@ def test_corrected_segmentation_exports_by_name_after_edits(scene, orientation):
     np.testing.assert_allclose(corrected.labels.GetOrigin(), image.GetOrigin(), atol=1e-9)
 
 
+def test_reading_a_segmentation_back_leaves_no_nodes_behind(scene):
+    # The read-back runs after every edit (review, Improve, Statistics): each helper node it adds,
+    # a colour table Slicer makes for a label map without a display node included, must go again.
+    image = _image(np.eye(3))
+    volume = _volume(scene, image)
+    node = mc.labels_to_segmentation(scene, _labels(image), THIGH, volume, "seg")
+
+    def nodes() -> set[str]:  # the scene's one subject hierarchy node may appear on first use: not ours
+        every = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+        return {n.GetID() for n in every if not n.IsA("vtkMRMLSubjectHierarchyNode")}
+
+    before = nodes()
+    for _ in range(3):
+        corrected = mc.segmentation_to_labels(scene, node, volume, THIGH)
+
+    assert nodes() == before
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(corrected.labels), sitk.GetArrayFromImage(_labels(image)))
+
+
 def test_duplicate_muscle_names_and_foreign_volumes_are_refused(scene):
     image = _image(np.eye(3))
     volume = _volume(scene, image)

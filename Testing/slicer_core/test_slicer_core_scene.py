@@ -7,6 +7,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import SimpleITK as sitk  # noqa: E402
+import vtk  # noqa: E402
 
 from dafne_logic.core.errors import InputError  # noqa: E402
 from dafne_logic.core.labels import LEG  # noqa: E402
@@ -68,6 +69,20 @@ def test_slice_index_of_a_ras_point(scene):
     assert mc.slice_index_at(volume, (0.0, 0.0, 101.0)) == 0
     with pytest.raises(InputError, match="outside volume 'calf'"):
         mc.slice_index_at(volume, (0.0, 0.0, 200.0))
+
+
+def test_slice_index_follows_the_parent_transform_and_refuses_other_views(scene):
+    volume, _, _ = _volume_and_labels(scene)
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(2, 3, 50.0)  # the volume moved 50 mm up: its slice 3 is now at world z = 165
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+
+    assert mc.slice_index_at(volume, (0.0, 0.0, 165.0), normal=(0.0, 0.0, 1.0)) == 3
+    assert mc.slice_index_at(volume, (0.0, 0.0, 165.0), normal=(0.0, 0.01, -1.0)) == 3  # within tolerance
+    with pytest.raises(InputError, match="does not show slices of volume 'calf'"):
+        mc.slice_index_at(volume, (0.0, 0.0, 165.0), normal=(1.0, 0.0, 0.0))  # a sagittal view
 
 
 def test_edits_fire_the_events_the_panel_observes(scene):
