@@ -62,6 +62,9 @@ class DafneSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.setup(self)
         from DafneSlicerLib.widget import DafneSlicerPanel
 
+        # A module added after start-up (Additional module paths, Reload) never saw startupCompleted().
+        load_muscle_terminology()
+
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/DafneSlicer.ui"))
         self.layout.addWidget(ui_widget)
         self.ui = slicer.util.childWidgetVariables(ui_widget)

@@ -60,7 +60,10 @@ def terminology_json() -> str:
 
 def load_terminology(terminologies_logic: Any, path: Path = TERMINOLOGY_FILE) -> str:
     """Load the muscles' context into Slicer's Terminologies module logic
-    (``slicer.modules.terminologies.logic()``); returns the context name Slicer registered."""
+    (``slicer.modules.terminologies.logic()``) unless it is there already (start-up and the first
+    opening of the module both ask); returns the context name."""
+    if path == TERMINOLOGY_FILE and terminologies_logic.IsTerminologyContextLoaded(TERMINOLOGY_CONTEXT):
+        return TERMINOLOGY_CONTEXT
     return terminologies_logic.LoadTerminologyFromFile(str(path))
 
 

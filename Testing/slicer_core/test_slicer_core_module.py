@@ -80,6 +80,10 @@ def test_muscle_terminology_loads_when_slicer_has_started(module, app, monkeypat
                         raising=False)
     module.load_muscle_terminology()
     assert terminologies.IsTerminologyContextLoaded("Segmentation category and type - DafneSlicer muscles")
+    loads = []
+    monkeypatch.setattr(terminologies, "LoadTerminologyFromFile", lambda path: loads.append(path), raising=False)
+    module.load_muscle_terminology()  # again, as the widget's setup does: loaded once is enough
+    assert loads == []
 
 
 def test_reload_and_test_without_the_packages_reports_a_skip_not_a_failure(module, monkeypatch):

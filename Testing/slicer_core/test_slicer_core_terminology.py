@@ -52,6 +52,9 @@ def test_every_segment_terminology_resolves_in_the_shipped_context():
 
 def test_load_passes_the_shipped_file_to_slicer():
     class Recording:
+        def IsTerminologyContextLoaded(self, name):  # noqa: N802 - Slicer's name
+            return False
+
         def LoadTerminologyFromFile(self, path):  # noqa: N802 - Slicer's name
             self.path = path
             return "name"
