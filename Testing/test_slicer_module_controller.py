@@ -465,6 +465,40 @@ def test_first_install_asks_once_the_pytorch_extension_does_not_ask_again(monkey
     assert torch_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.4"}]
 
 
+@pytest.mark.parametrize("has_pip_ensure", [True, False])
+def test_packages_install_through_pip_ensure_where_slicer_has_it(monkeypatch, has_pip_ensure):
+    """Slicer >= 5.12 has slicer.packaging.pip_ensure (dependencies walked, Slicer's own skipped);
+    5.10 has only slicer.util.pip_install, so the packages go without their dependencies."""
+    import importlib
+    import sys
+    from types import ModuleType
+
+    from packaging.requirements import Requirement
+
+    calls = []
+    slicer_module = ModuleType("slicer")
+    slicer_module.util = SimpleNamespace(pip_install=lambda args: calls.append(("pip_install", args)))
+    monkeypatch.setitem(sys.modules, "slicer", slicer_module)
+    if has_pip_ensure:
+        packaging_module = ModuleType("slicer.packaging")
+        packaging_module.pip_ensure = lambda requirements, **kwargs: calls.append(("pip_ensure", requirements, kwargs))
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging_module)
+        slicer_module.packaging = packaging_module
+    else:
+        monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+    monkeypatch.delitem(sys.modules, "DafneSlicerLib.slicer_packaging", raising=False)
+    slicer_packaging = importlib.import_module("DafneSlicerLib.slicer_packaging")
+    requirements = [Requirement("monai>=1.5"), Requirement("tqdm>=4.60")]
+
+    slicer_packaging.SlicerPackaging().pip_install(requirements, ("numpy", "torch"))
+
+    if has_pip_ensure:
+        assert calls == [("pip_ensure", requirements, {"skip_packages": ["numpy", "torch"], "prompt_install": False,
+                                                       "requester": "DafneSlicer"})]
+    else:
+        assert calls == [("pip_install", ["--no-deps", "monai>=1.5", "tqdm>=4.60"])]
+
+
 def test_install_declined_or_offline():
     packaging = FakePackaging(agree=False)
     assert _install(packaging).ensure() is False and [c[0] for c in packaging.calls] == ["confirm"]

@@ -292,10 +292,9 @@ def _export_by_value(scene, segmentation_node, volume_node, chosen: dict[int, tu
     try:
         # Without a display node on a user colour table, Slicer would add a new colour table to the
         # scene at every export (ExportSegmentsToLabelmapNode); this one goes with the label map.
-        display = slicer.vtkMRMLLabelMapVolumeDisplayNode()
-        scene.AddNode(display)
+        display = scene.AddNode(slicer.vtkMRMLLabelMapVolumeDisplayNode())
+        labelmap.SetAndObserveDisplayNodeID(display.GetID())  # first: the clean-up finds it through the label map
         display.SetAndObserveColorNodeID(colors.GetID())
-        labelmap.SetAndObserveDisplayNodeID(display.GetID())
         segment_ids = vtk.vtkStringArray()
         for segment_id, _ in chosen.values():
             segment_ids.InsertNextValue(segment_id)
@@ -439,10 +438,10 @@ def slice_index_at(volume_node, ras: tuple[float, float, float],
         ijk_to_ras = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(ijk_to_ras)
         k_axis = np.array([ijk_to_ras.GetElement(row, 2) for row in range(3)])
-        plane = np.array(world_to_local.TransformVectorAtPoint(ras, normal))
+        plane = np.array(world_to_local.TransformNormalAtPoint(ras, normal))  # normals: inverse transpose
         cosine = abs(float(k_axis @ plane)) / (np.linalg.norm(k_axis) * np.linalg.norm(plane))
         if cosine < 0.999:
-            raise InputError(f"The Red view does not show slices of volume '{volume_node.GetName()}' "
+            raise InputError(f"The view does not show slices of volume '{volume_node.GetName()}' "
                              f"(it is {np.degrees(np.arccos(min(cosine, 1.0))):.0f} degrees off): "
                              "reset it to the volume's slice orientation and try again.")
     k = int(round(ras_to_ijk.MultiplyPoint((*local, 1.0))[2]))

@@ -52,7 +52,10 @@ class SlicerScene:
         mc.fill_table_node(table_node, rows)
         if hasattr(slicer, "app"):  # a running Slicer: show the table below the views
             layout = slicer.app.layoutManager()
-            if layout is not None and layout.tableViewCount == 0:  # e.g. Conventional: nowhere to show it
+            # tableViewCount counts table views ever made; only one mapped in the current layout shows it.
+            shown = layout is not None and any(layout.tableWidget(i).mrmlTableViewNode().IsMappedInLayout()
+                                               for i in range(layout.tableViewCount))
+            if layout is not None and not shown:  # e.g. Conventional: nowhere to show the table
                 layout.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table_node.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()

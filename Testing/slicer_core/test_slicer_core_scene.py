@@ -84,6 +84,14 @@ def test_slice_index_follows_the_parent_transform_and_refuses_other_views(scene)
     with pytest.raises(InputError, match="does not show slices of volume 'calf'"):
         mc.slice_index_at(volume, (0.0, 0.0, 165.0), normal=(1.0, 0.0, 0.0))  # a sagittal view
 
+    # A sheared parent (z' = z + 0.5 y) tilts the volume's slices: only a view along them is accepted.
+    shear = vtk.vtkMatrix4x4()
+    shear.SetElement(2, 1, 0.5)
+    transform.SetMatrixTransformToParent(shear)
+    assert mc.slice_index_at(volume, (0.0, 0.0, 115.0), normal=(0.0, -0.5, 1.0)) == 3
+    with pytest.raises(InputError, match="does not show slices"):
+        mc.slice_index_at(volume, (0.0, 0.0, 115.0), normal=(0.0, 0.0, 1.0))
+
 
 def test_edits_fire_the_events_the_panel_observes(scene):
     volume, labels, array = _volume_and_labels(scene)
