@@ -170,15 +170,10 @@ def labels_to_segmentation(scene: slicer.vtkMRMLScene, labels: sitk.Image, table
     # voxels without resampling and the segments move with the volume.
     transform_id = volume_node.GetTransformNodeID()
     colors = color_table_node(scene, table, f"{name} colours")
-    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
-    scene.AddNode(labelmap)
+    labelmap = _temporary_labelmap(scene, colors)
     try:
         update_volume_node_from_image(labelmap, sitk.Cast(labels, sitk.sitkUInt8))
         labelmap.SetAndObserveTransformNodeID(transform_id)
-        display = slicer.vtkMRMLLabelMapVolumeDisplayNode()
-        scene.AddNode(display)
-        display.SetAndObserveColorNodeID(colors.GetID())
-        labelmap.SetAndObserveDisplayNodeID(display.GetID())
         if segmentation_node is None:
             segmentation_node = slicer.vtkMRMLSegmentationNode()
             scene.AddNode(segmentation_node)
@@ -192,6 +187,18 @@ def labels_to_segmentation(scene: slicer.vtkMRMLScene, labels: sitk.Image, table
         _remove_temporary_nodes(scene, labelmap, colors)
     _complete_segments(segmentation_node, table)
     return segmentation_node
+
+
+def _temporary_labelmap(scene, colors):
+    """A helper label map node in ``scene`` whose display node uses ``colors`` (a user table), so
+    Slicer's import and export read label names from it and add no colour table of their own
+    (``ExportSegmentsToLabelmapNode`` makes one for a label map without such a display node).
+    :func:`_remove_temporary_nodes` takes both away again."""
+    labelmap = scene.AddNode(slicer.vtkMRMLLabelMapVolumeNode())
+    display = scene.AddNode(slicer.vtkMRMLLabelMapVolumeDisplayNode())
+    labelmap.SetAndObserveDisplayNodeID(display.GetID())  # first: the clean-up finds it through the label map
+    display.SetAndObserveColorNodeID(colors.GetID())
+    return labelmap
 
 
 def _remove_temporary_nodes(scene, labelmap, colors) -> None:
@@ -287,14 +294,8 @@ def _export_by_value(scene, segmentation_node, volume_node, chosen: dict[int, tu
     for value, (_, segment_name) in chosen.items():
         colors.SetColor(value, segment_name, 1.0, 1.0, 1.0, 1.0)
     scene.AddNode(colors)
-    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
-    scene.AddNode(labelmap)
+    labelmap = _temporary_labelmap(scene, colors)
     try:
-        # Without a display node on a user colour table, Slicer would add a new colour table to the
-        # scene at every export (ExportSegmentsToLabelmapNode); this one goes with the label map.
-        display = scene.AddNode(slicer.vtkMRMLLabelMapVolumeDisplayNode())
-        labelmap.SetAndObserveDisplayNodeID(display.GetID())  # first: the clean-up finds it through the label map
-        display.SetAndObserveColorNodeID(colors.GetID())
         segment_ids = vtk.vtkStringArray()
         for segment_id, _ in chosen.values():
             segment_ids.InsertNextValue(segment_id)
