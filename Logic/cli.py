@@ -78,7 +78,8 @@ def run_parsed(args: argparse.Namespace, label: str) -> int:
     except OSError as exc:  # unwritable output folder, full disk, missing file
         if args.verbose:
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
+        # os.replace(temporary, target) names both: the user knows the target, not our temporary file.
+        where = f" ({exc.filename2 or exc.filename})" if exc.filename else ""
         print(f"{label}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -138,3 +138,24 @@ def test_unwritable_output_is_one_sentence(calf_volume: Path, tmp_path: Path):
     result = cli("segment", str(calf_volume), "--model", "leg", "--output", str(tmp_path / "afile" / "o.seg.nrrd"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "afile" in result.stderr
+
+
+@pytest.mark.parametrize("clash", ["stats is csa", "stats is the input", "stats is the label table", "csa is a folder"])
+def test_outputs_that_clash_are_refused_before_anything_is_written(calf_volume: Path, tmp_path: Path, clash: str):
+    """One file per output, never an input, never a folder: checked before segmenting, so nothing is written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    scan = work / "scan.nii.gz"
+    scan.write_bytes(calf_volume.read_bytes())
+    stats, csa = work / "s.csv", work / "csa.csv"
+    output = work / "scan_labels.nii.gz"
+    stats, csa, expected = {"stats is csa": (stats, stats, "both name"),
+                            "stats is the input": (scan, csa, "inputs"),
+                            "stats is the label table": (work / "scan_labels.json", csa, "both name"),
+                            "csa is a folder": (stats, tmp_path, "is a folder")}[clash]
+    before = sorted(p.name for p in work.iterdir())
+    result = cli("segment", str(scan), "--model", "leg", "--output", str(output), "--stats", str(stats),
+                 "--csa", str(csa), "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in work.iterdir()) == before and scan.read_bytes() == calf_volume.read_bytes()

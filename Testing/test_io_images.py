@@ -133,7 +133,10 @@ BAD_INPUTS = {
     "4d": (_bad_4d, "volume.nii.gz", "4 dimensions"),
     "vector": (_bad_vector, "volume.nrrd", "components"),
     "constant": (_bad_constant, "volume.nii.gz", "constant"),
-    "nan": (_bad_value(np.nan), "volume.nrrd", "NaN"),  # (the NIfTI writer turns NaN into 0)
+    "nan": (_bad_value(np.nan), "volume.nrrd", "NaN"),
+    # SimpleITK's NIfTI reader turns NaN and Inf into 0: the file's stored values are checked instead.
+    "nan nifti": (_bad_value(np.nan), "volume.nii.gz", "NaN"),
+    "inf nifti": (_bad_value(-np.inf), "volume.nii", "infinite"),
     "inf": (_bad_value(np.inf), "volume.mha", "infinite"),
     "empty file": (_bad_empty_file, "volume.nii.gz", "could not be read"),
     "text file": (_bad_text, "volume.nii.gz", "could not be read"),

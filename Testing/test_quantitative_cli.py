@@ -74,6 +74,7 @@ def _bad_maps(dixon, tmp_path):
         "elsewhere": ["--map", f"T2={_write_like(np.ones((3, 40, 40), np.float32), dixon['water'], tmp_path / 'far.nii.gz', Origin=(900.0, 900.0, 900.0))}"],  # noqa: E501
         "negative": ["--water", str(_write_like(water - 1.0, dixon["water"], tmp_path / "neg.nii.gz")), "--fat", str(dixon["fat"])],
         "nan": ["--fat-fraction", str(_write_like(nan, dixon["water"], tmp_path / "nan.mha"))],
+        "nan nifti": ["--map", f"T2={_write_like(nan, dixon['water'], tmp_path / 'nan.nii.gz')}"],  # read as 0 by SimpleITK
         "4d": ["--map", f"T2={_write_like(np.ones((2, 3, 96, 128), np.float32), dixon['water'], tmp_path / 'four.nii.gz')}"],
         "water alone": ["--water", str(dixon["water"])],
         "bad map option": ["--map", "T2"],
@@ -83,7 +84,7 @@ def _bad_maps(dixon, tmp_path):
     }
 
 
-@pytest.mark.parametrize("kind", ["elsewhere", "negative", "nan", "4d", "water alone", "bad map option", "bad map name",
+@pytest.mark.parametrize("kind", ["elsewhere", "negative", "nan", "nan nifti", "4d", "water alone", "bad map option", "bad map name",
                                   "not a fat fraction", "missing"])
 def test_bad_maps_are_one_sentence_exit_2_nothing_written(dixon, tmp_path, capsys, kind):
     flags = _bad_maps(dixon, tmp_path)[kind]
@@ -138,3 +139,47 @@ def test_segment_with_a_map_that_misses_the_muscles_writes_no_segmentation(dixon
     err = capsys.readouterr().err
     assert rc == 2 and "no value on any segmented muscle" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("clash", ["csv is csa", "csv is the image", "csv is a map", "csa is a folder"])
+def test_stats_outputs_that_clash_are_one_sentence_and_nothing_is_written(dixon, tmp_path, capsys, clash):
+    image = tmp_path / "water.nii.gz"
+    image.write_bytes(dixon["water"].read_bytes())
+    out, csa = {"csv is csa": (tmp_path / "s.csv", tmp_path / "s.csv"),
+                "csv is the image": (image, tmp_path / "csa.csv"),
+                "csv is a map": (dixon["fat"], tmp_path / "csa.csv"),
+                "csa is a folder": (tmp_path / "s.csv", dixon["root"])}[clash]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    fat_before = dixon["fat"].read_bytes()
+    rc = main(["stats", str(image), str(dixon["labels"]), "--region", "leg", "--csv", str(out), "--csa", str(csa),
+               "--water", str(image), "--fat", str(dixon["fat"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and dixon["fat"].read_bytes() == fat_before
+
+
+def test_a_failed_write_names_the_users_file_not_the_temporary_one(dixon, tmp_path, capsys, monkeypatch):
+    from dafne_logic.commands import stats
+
+    def replace_fails(*args):  # what os.replace(temporary, target) raises onto a target it cannot replace
+        raise IsADirectoryError(21, "Is a directory", str(tmp_path / ".s-x.tmp"), None, str(tmp_path / "s.csv"))
+
+    monkeypatch.setattr(stats, "write_statistics_csv", replace_fails)
+    rc = main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "s.csv" in err and ".s-x.tmp" not in err
+
+
+def test_muscles_eroded_away_are_named_in_a_warning(dixon, tmp_path, caplog):
+    out = tmp_path / "s.csv"
+    with caplog.at_level("WARNING"):
+        assert main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out),
+                     "--water", str(dixon["water"]), "--fat", str(dixon["fat"]), "--erode-mm", "50"]) == 0
+    rows = _read(out)
+    emptied = [row["name"] for row in rows if row["voxel_count"] != "0" and row["fat_fraction_mean"] == ""]
+    assert emptied and all(name in caplog.text for name in emptied) and "50 mm erosion" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out),
+                     "--water", str(dixon["water"]), "--fat", str(dixon["fat"]), "--erode-mm", "0"]) == 0
+    assert "no value left" not in caplog.text

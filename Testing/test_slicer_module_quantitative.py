@@ -20,7 +20,7 @@ class QuantitativeScene(FakeScene):
         super().__init__()
         self.charts, self.areas, self.exports = [], [], []
 
-    def maps_of(self, reference, selection):
+    def maps_of(self, reference, volume_node, selection):
         def image(node):
             return None if node is None else node.image
 

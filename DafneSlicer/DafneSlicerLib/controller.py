@@ -64,7 +64,7 @@ class SceneAdapter(Protocol):
     def current_slice(self, volume_node: Any) -> int: ...
     def show_statistics(self, rows: list[dict[str, Any]], name: str) -> Any: ...
     # Quantitative MRI (quantitative_logic in Slicer): maps picked as volume nodes, charts, DICOM SEG.
-    def maps_of(self, reference: sitk.Image, selection: MapSelection) -> list[Any]: ...  # QuantitativeMap
+    def maps_of(self, reference: sitk.Image, volume_node: Any, selection: MapSelection) -> list[Any]: ...  # QuantitativeMap
     def show_fat_fraction_chart(self, rows: list[dict[str, Any]], table: LabelTable, name: str) -> Any: ...
     def show_cross_sectional_areas(self, labels: sitk.Image, table: LabelTable, name: str) -> Any: ...
     def export_dicom_seg(self, volume_node: Any, labels: sitk.Image, table: LabelTable, path: str, model_name: str,
@@ -424,7 +424,7 @@ class DafneController:
             case = self._require_case()
             corrected, _ = self._corrected(case)
             selection = maps or MapSelection()
-            quantities = [] if selection.empty else self.scene.maps_of(case.image, selection)
+            quantities = [] if selection.empty else self.scene.maps_of(case.image, case.volume_node, selection)
             erode_mm = DEFAULT_ERODE_MM if selection.erode_mm is None else selection.erode_mm
             case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities, erode_mm=erode_mm)
             if case.confidence.per_label:  # a case adopted from a saved segmentation has no network output to judge

@@ -26,17 +26,46 @@ from . import mrml_conversion as mc
 DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 
 
-def maps_from_volume_nodes(reference: sitk.Image, *, water_node=None, fat_node=None, fat_fraction_node=None,
-                           map_nodes: Sequence[tuple[str, Any]] = ()) -> list:
+def maps_from_volume_nodes(reference: sitk.Image, *, reference_node=None, water_node=None, fat_node=None,
+                           fat_fraction_node=None, map_nodes: Sequence[tuple[str, Any]] = ()) -> list:
     """The maps picked in the panel's volume selectors (``QuantitativeMap`` list) on ``reference``'s grid
-    (see :func:`dafne_logic.core.quantitative.build_maps`)."""
+    (see :func:`dafne_logic.core.quantitative.build_maps`).
+
+    ``reference`` is ``reference_node``'s voxels in its local frame (parent transform not applied), and
+    so are the maps': a map under another parent transform than ``reference_node`` is refused.
+    """
     from dafne_logic.core.quantitative import build_maps
+
+    picked = [water_node, fat_node, fat_fraction_node, *(node for _, node in map_nodes)]
+    check_same_transform(reference_node, [node for node in picked if node is not None])
 
     def image(node) -> sitk.Image | None:
         return None if node is None else mc.image_from_volume_node(node)
 
     return build_maps(reference, water=image(water_node), fat=image(fat_node), fat_fraction=image(fat_fraction_node),
                       others=[(name, mc.image_from_volume_node(node)) for name, node in map_nodes])
+
+
+def check_same_transform(reference_node, map_nodes: Sequence[Any]) -> None:
+    """Raise :class:`InputError` unless every map node sits under ``reference_node``'s parent transform.
+
+    Maps and image are compared voxel by voxel in their local (scanner) frames, as the segmentation
+    is: a map aligned to the image by a transform of its own would be measured where it was acquired,
+    not where it is shown.
+    """
+    if reference_node is None:
+        return
+    expected = reference_node.GetTransformNodeID()
+    for node in map_nodes:
+        if node.GetTransformNodeID() != expected:
+            raise InputError(f"Volume '{node.GetName()}' is under {_transform_name(node)} and '{reference_node.GetName()}' "
+                             f"under {_transform_name(reference_node)}: harden the transforms (Data module, right-click, "
+                             "Harden transform) or put both under the same one.")
+
+
+def _transform_name(node) -> str:
+    transform = node.GetParentTransformNode()
+    return "no transform" if transform is None else f"transform '{transform.GetName()}'"
 
 
 def _node(scene, class_name: str, name: str):

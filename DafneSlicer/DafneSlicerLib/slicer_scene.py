@@ -61,10 +61,10 @@ class SlicerScene:
             slicer.app.applicationLogic().PropagateTableSelection()
         return table_node
 
-    def maps_of(self, reference: sitk.Image, selection) -> list:
+    def maps_of(self, reference: sitk.Image, volume_node, selection) -> list:
         from . import quantitative_logic as ql
 
-        return ql.maps_from_volume_nodes(reference, water_node=selection.water, fat_node=selection.fat,
+        return ql.maps_from_volume_nodes(reference, reference_node=volume_node, water_node=selection.water, fat_node=selection.fat,
                                          fat_fraction_node=selection.fat_fraction, map_nodes=selection.others)
 
     def show_fat_fraction_chart(self, rows: list[dict[str, Any]], table: LabelTable, name: str):

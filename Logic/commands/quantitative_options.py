@@ -60,6 +60,11 @@ def check(args: argparse.Namespace) -> list[tuple[str, str]]:
     return pairs
 
 
+def map_files(args: argparse.Namespace) -> list[str]:
+    """Every map file the options name (inputs that no output may replace)."""
+    return [p for p in (args.water, args.fat, args.fat_fraction) if p] + [path for _, path in check(args)]
+
+
 def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[QuantitativeMap]:
     """The maps the options name, on ``reference``'s grid (fat fraction first); one sentence on bad input."""
     pairs = check(args)
@@ -73,3 +78,20 @@ def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[Quantitat
     for quantity in maps:
         log.info("%s", quantity.note)
     return maps
+
+
+def warn_about_empty_cells(rows: list[dict], maps: list[QuantitativeMap], erode_mm: float) -> list[str]:
+    """Log, per map, the segmented muscles it gave no value for (eroded away, or outside the map's cover).
+
+    Their cells in the CSV are empty; the log says why, so a thin muscle or a short map is not taken
+    for a bug. Returns the warnings (one line per map that has such muscles).
+    """
+    warnings = []
+    for quantity in maps:
+        empty = [row["name"] for row in rows if row["voxel_count"] and row.get(f"{quantity.name}_mean") is None]
+        if empty:
+            warnings.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm "
+                            "erosion, or outside the map); their cells are empty")
+            log.warning("%s", warnings[-1])
+    return warnings
+

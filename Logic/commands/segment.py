@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dafne_logic.commands import quantitative_options
+from dafne_logic.commands.output_paths import check_outputs
 from dafne_logic.core.dicom_seg import DICOM_SEG_SUFFIX, require_dicom_seg_support
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
@@ -86,13 +87,17 @@ def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
     if any(out.name.lower().endswith(DICOM_SEG_SUFFIX) for out in planned):
         require_dicom_seg_support()  # before segmenting, not after
     protected = {p.resolve() for p in inputs} | {(p.parent / f"{case_name(p)}.json").resolve() for p in inputs}
-    for out in planned:
-        written = [out] + ([label_table_path(out)] if not out.name.lower().endswith((SEGMENTATION_SUFFIX, DICOM_SEG_SUFFIX))
-                           else [])
-        clash = next((w for w in written if w.resolve() in protected), None)
-        if clash is not None:
-            raise InputError(f"output {clash} would overwrite an input or its JSON sidecar; choose another output")
+    clash = next((w for _, w in written_files(planned) if w.resolve() in protected), None)
+    if clash is not None:
+        raise InputError(f"output {clash} would overwrite an input or its JSON sidecar; choose another output")
     return planned
+
+
+def written_files(outputs: list[Path]) -> list[tuple[str, Path]]:
+    """("--output", file) for each segmentation and each label map's JSON label table beside it."""
+    files = [("--output", out) for out in outputs]
+    return files + [("--output", label_table_path(out)) for out in outputs
+                    if not out.name.lower().endswith((SEGMENTATION_SUFFIX, DICOM_SEG_SUFFIX))]
 
 
 def check_map_options(args: argparse.Namespace, n_inputs: int) -> None:
@@ -117,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     outputs = plan_outputs(inputs, Path(args.output), args.format)
     check_map_options(args, len(inputs))
+    check_outputs([*written_files(outputs), ("--stats", args.stats), ("--csa", args.csa),
+                   ("--preview", args.preview if len(inputs) == 1 else None)],  # with several inputs: a folder
+                  [*inputs, *quantitative_options.map_files(args)])
     model = load_model(args.model)
     rows: list[dict] = []
     areas: list[dict] = []
@@ -136,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                                       else (segment_volume(image, model, **options), Confidence()))
             # Measured before the segmentation is written: a map that misses the muscles writes nothing.
             case_rows = muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm) if args.stats else []
+            quantitative_options.warn_about_empty_cells(case_rows, maps, args.erode_mm)
             add_confidence_columns(case_rows, confidence.per_label)
             case_areas = cross_sectional_areas(labels, model.labels) if args.csa else []
             if out.name.lower().endswith(DICOM_SEG_SUFFIX):

@@ -7,10 +7,11 @@ import argparse
 import logging
 
 from dafne_logic.commands import quantitative_options
+from dafne_logic.commands.output_paths import check_outputs
 from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.grids import resample_labels
-from dafne_logic.core.io import read_image, read_segmentation
+from dafne_logic.core.io import label_table_path, read_image, read_segmentation
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
 
@@ -40,6 +41,8 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
 
 def run(args: argparse.Namespace) -> int:
     quantitative_options.check(args)
+    check_outputs([("--csv", args.csv), ("--csa", args.csa)],
+                  [args.image, args.segmentation, label_table_path(args.segmentation), *quantitative_options.map_files(args)])
     table = label_table(args.model, args.region)
     image = read_image(args.image, series_uid=args.series)
     labels, unknown = read_segmentation(args.segmentation, table)
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     labels = resample_labels(labels, image)
     maps = quantitative_options.load_maps(args, image)
     rows = muscle_statistics(image, labels, table, maps=maps, erode_mm=args.erode_mm)
+    quantitative_options.warn_about_empty_cells(rows, maps, args.erode_mm)
     if not any(row["voxel_count"] for row in rows):
         raise DafneError(f"{args.segmentation} has no voxel of any {table.region} muscle on the image; nothing written.")
     areas = cross_sectional_areas(labels, table) if args.csa else []

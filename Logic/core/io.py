@@ -134,8 +134,29 @@ def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
                          f"{_first_line(exc)}.") from exc
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
+    if not path.is_dir() and sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "NiftiImageIO":
+        _refuse_non_finite_nifti(path)
     validate_image(image, str(path))
     return image
+
+
+def _refuse_non_finite_nifti(path: Path) -> None:
+    """Raise :class:`InputError` if a NIfTI file stores NaN or infinite voxel values.
+
+    SimpleITK's NIfTI reader (2.5) turns them into 0 (ITK issue #6683), so :func:`validate_image`
+    cannot see them: a failed T2 fit's NaN would enter the per-muscle means as 0. The stored values
+    are read again with nibabel, only for floating-point files (the only ones that can hold them).
+    """
+    import nibabel  # the NIfTI reference reader; only this check needs it
+    from nibabel.spatialimages import SpatialImage
+
+    stored = nibabel.load(str(path))
+    if not isinstance(stored, SpatialImage) or stored.get_data_dtype().kind not in "fc":
+        return
+    voxels = np.asanyarray(stored.dataobj)
+    if not np.isfinite(voxels).all():
+        kind = "NaN" if np.isnan(voxels).any() else "infinite"
+        raise InputError(f"{path} contains {kind} voxel values; fix or mask them before segmenting.")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -78,6 +78,20 @@ def test_a_missing_fat_volume_or_no_fat_fraction_is_one_sentence(scene):
         ql.show_fat_fraction_chart(scene, rows, LEG, "chart")
 
 
+def test_a_map_under_another_transform_than_the_image_is_refused(scene):
+    """Maps are compared with the image in their local frames: a map moved by a transform of its own is refused."""
+    water, _ = make_phantom("leg", contrast="water", **GEOMETRY)
+    fat, _ = make_phantom("leg", contrast="fat", **GEOMETRY)
+    water_node, fat_node = _volume(scene, water, "water"), _volume(scene, fat, "fat")
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    fat_node.SetAndObserveTransformNodeID(shift.GetID())
+    with pytest.raises(InputError, match="'fat' is under transform 'registration' and 'water' under no transform"):
+        ql.maps_from_volume_nodes(water, reference_node=water_node, water_node=water_node, fat_node=fat_node)
+    water_node.SetAndObserveTransformNodeID(shift.GetID())  # both under the same transform: measured as they lie
+    maps = ql.maps_from_volume_nodes(water, reference_node=water_node, water_node=water_node, fat_node=fat_node)
+    assert [m.name for m in maps] == ["fat_fraction"]
+
+
 def test_cross_sectional_area_table_and_plot(scene):
     _, labels = make_phantom("leg", **GEOMETRY)
     long_table, chart = ql.show_cross_sectional_areas(scene, labels, LEG, "calf CSA")

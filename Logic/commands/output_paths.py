@@ -1,0 +1,46 @@
+"""Output files of a command, checked before any work, so a bad combination writes nothing.
+
+A command that writes several files (``stats --csv --csa``; ``segment -o --stats --csa --preview``)
+must not write two of them to one path (the later would silently replace the earlier), replace one
+of its own inputs, or find a folder where it is to write a file after the first files are written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from dafne_logic.core.errors import InputError
+
+PathLike = str | os.PathLike[str]
+
+
+def _key(path: PathLike) -> str:
+    """One spelling per file: absolute, links resolved, case folded where the file system folds it."""
+    return os.path.normcase(str(Path(path).resolve()))
+
+
+def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterable[PathLike | None]) -> None:
+    """Raise :class:`InputError` (one sentence) unless every output is its own file and no input.
+
+    Args:
+        outputs: (option, path) per file to be written, e.g. ``("--csv", "stats.csv")``; None is skipped.
+            An option may appear several times (``-o`` with several inputs).
+        inputs: every file or folder the command reads (images, segmentations, maps); None is skipped.
+    """
+    read = {_key(p) for p in inputs if p is not None}
+    seen: dict[str, str] = {}
+    for option, path in outputs:
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise InputError(f"{option} {path} is a folder; give a file name.")
+        key = _key(path)
+        if key in read:
+            raise InputError(f"{option} {path} is one of this command's inputs; choose another file.")
+        if key in seen and seen[key] != option:
+            raise InputError(f"{seen[key]} and {option} both name {path}; give each output its own file.")
+        if key in seen:
+            raise InputError(f"{option} would write {path} twice; give each output its own file.")
+        seen[key] = option
