@@ -78,8 +78,7 @@ def run_parsed(args: argparse.Namespace, label: str) -> int:
     except OSError as exc:  # unwritable output folder, full disk, missing file
         if args.verbose:
             raise
-        # os.replace(temporary, target) names both: the user knows the target, not our temporary file.
-        where = f" ({exc.filename2 or exc.filename})" if exc.filename else ""
+        where = f" ({exc.filename})" if exc.filename else ""  # atomic writes name their target, not the temporary file
         print(f"{label}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

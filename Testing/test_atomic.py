@@ -68,3 +68,22 @@ def test_settings_csv_and_segmentation_writes_work_without_fchmod_and_fchown(tmp
     labels = sitk.GetImageFromArray(np.full((2, 3, 4), LEG.value_of(1, "right"), np.uint8))
     write_labels(labels, tmp_path / "case.seg.nrrd", LEG)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.seg.nrrd", "stats.csv", "sync.json"]
+
+
+def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path: Path):
+    """os.replace(temporary, target) onto a folder: the error names the file the user asked for."""
+    target = tmp_path / "stats.csv"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError) as error:
+        atomic_write_text(target, "a,b\n")
+    assert error.value.filename == str(target) and not error.value.filename2
+    assert isinstance(error.value, (IsADirectoryError, PermissionError, FileExistsError))  # errno kept (POSIX, Windows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.csv"]
+
+
+def test_errors_about_other_files_keep_their_names(tmp_path: Path):
+    with pytest.raises(FileNotFoundError) as error:
+        with atomic_path(tmp_path / "out.csv"):
+            (tmp_path / "absent").read_text()
+    assert error.value.filename == str(tmp_path / "absent")

@@ -140,7 +140,8 @@ def test_unwritable_output_is_one_sentence(calf_volume: Path, tmp_path: Path):
     assert "Traceback" not in result.stderr and "afile" in result.stderr
 
 
-@pytest.mark.parametrize("clash", ["stats is csa", "stats is the input", "stats is the label table", "csa is a folder"])
+@pytest.mark.parametrize("clash", ["stats is csa", "stats is the input", "stats is the label table", "csa is a folder",
+                                   "csa is the input's sidecar"])
 def test_outputs_that_clash_are_refused_before_anything_is_written(calf_volume: Path, tmp_path: Path, clash: str):
     """One file per output, never an input, never a folder: checked before segmenting, so nothing is written."""
     work = tmp_path / "work"
@@ -152,7 +153,8 @@ def test_outputs_that_clash_are_refused_before_anything_is_written(calf_volume: 
     stats, csa, expected = {"stats is csa": (stats, stats, "both name"),
                             "stats is the input": (scan, csa, "inputs"),
                             "stats is the label table": (work / "scan_labels.json", csa, "both name"),
-                            "csa is a folder": (stats, tmp_path, "is a folder")}[clash]
+                            "csa is a folder": (stats, tmp_path, "is a folder"),
+                            "csa is the input's sidecar": (stats, work / "scan.json", "inputs")}[clash]
     before = sorted(p.name for p in work.iterdir())
     result = cli("segment", str(scan), "--model", "leg", "--output", str(output), "--stats", str(stats),
                  "--csa", str(csa), "--no-progress")

@@ -170,3 +170,19 @@ def test_oblique_helper_is_really_oblique():
     direction = np.array(oblique_direction()).reshape(3, 3)
     assert not np.allclose(direction, np.eye(3))
     np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-12)
+
+
+def test_a_nifti_that_nibabel_cannot_check_is_read_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The NaN check re-reads NIfTI files with nibabel; where it cannot, SimpleITK's image still counts."""
+    import nibabel
+
+    path = tmp_path / "volume.nii.gz"
+    _bad_value(1.0)(path)  # a finite float volume
+
+    def unreadable(*args, **kwargs):
+        raise nibabel.filebasedimages.ImageFileError("not what nibabel expects")
+
+    monkeypatch.setattr(nibabel, "load", unreadable)
+    with caplog.at_level("WARNING"):
+        image = read_image(path)
+    assert image.GetSize() == (6, 5, 3) and "could not check" in caplog.text

@@ -21,6 +21,7 @@ class QuantitativeScene(FakeScene):
         self.charts, self.areas, self.exports = [], [], []
 
     def maps_of(self, reference, volume_node, selection):
+        assert volume_node is not None and volume_node.image is reference  # the transform check needs the image's node
         def image(node):
             return None if node is None else node.image
 

@@ -21,6 +21,14 @@ def _key(path: PathLike) -> str:
     return os.path.normcase(str(Path(path).resolve()))
 
 
+def _same_existing_file(path: Path, others: list[Path]) -> bool:
+    """Whether ``path`` exists and is one of ``others`` under another spelling (hard link; a
+    case-insensitive disk, as macOS's usually are, where ``normcase`` folds nothing)."""
+    if not path.is_file():
+        return False
+    return any(other.exists() and os.path.samefile(path, other) for other in others)
+
+
 def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterable[PathLike | None]) -> None:
     """Raise :class:`InputError` (one sentence) unless every output is its own file and no input.
 
@@ -29,7 +37,8 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
             An option may appear several times (``-o`` with several inputs).
         inputs: every file or folder the command reads (images, segmentations, maps); None is skipped.
     """
-    read = {_key(p) for p in inputs if p is not None}
+    read = [Path(p) for p in inputs if p is not None]
+    read_keys = {_key(p) for p in read}
     seen: dict[str, str] = {}
     for option, path in outputs:
         if path is None:
@@ -37,7 +46,7 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
         if Path(path).is_dir():
             raise InputError(f"{option} {path} is a folder; give a file name.")
         key = _key(path)
-        if key in read:
+        if key in read_keys or _same_existing_file(Path(path), read):
             raise InputError(f"{option} {path} is one of this command's inputs; choose another file.")
         if key in seen and seen[key] != option:
             raise InputError(f"{seen[key]} and {option} both name {path}; give each output its own file.")

@@ -91,7 +91,7 @@ def warn_about_empty_cells(rows: list[dict], maps: list[QuantitativeMap], erode_
         empty = [row["name"] for row in rows if row["voxel_count"] and row.get(f"{quantity.name}_mean") is None]
         if empty:
             warnings.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm "
-                            "erosion, or outside the map); their cells are empty")
+                            "erosion, outside the map, or under the fat fraction's noise floor); their cells are empty")
             log.warning("%s", warnings[-1])
     return warnings
 

@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     check_map_options(args, len(inputs))
     check_outputs([*written_files(outputs), ("--stats", args.stats), ("--csa", args.csa),
                    ("--preview", args.preview if len(inputs) == 1 else None)],  # with several inputs: a folder
-                  [*inputs, *quantitative_options.map_files(args)])
+                  [*inputs, *(p.parent / f"{case_name(p)}.json" for p in inputs),  # BIDS/dcm2niix sidecars
+                   *quantitative_options.map_files(args)])
     model = load_model(args.model)
     rows: list[dict] = []
     areas: list[dict] = []

@@ -34,17 +34,33 @@ def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Ite
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
+    with _naming(target):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     if not owner_only:  # mkstemp creates 0600 files; outputs get the permissions a plain open() would give
         os.chmod(tmp, 0o666 & ~_current_umask())
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with _naming(target, tmp):  # a full disk while writing, a folder in the way when renaming
+            yield tmp
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _naming(target: Path, temporary: Path | None = None) -> Iterator[None]:
+    """Re-raise an OSError about our temporary file (``temporary``; None: any) as one about ``target``.
+
+    The user named ``target`` and never saw the temporary name; errors about other files pass as they are.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if temporary is not None and str(temporary) not in (exc.filename, exc.filename2):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc  # errno picks the subclass (IsADirectoryError …)
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
@@ -64,17 +80,19 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    with _naming(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o777 & ~_current_umask())  # mkdtemp makes 0700 folders
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _naming(target):  # the renames only: errors in the caller's writes name the caller's files
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+                os.replace(target, old / "x")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

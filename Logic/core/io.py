@@ -20,6 +20,7 @@ layers and segment order do not matter.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable, Side, VolumeLabel, normalise_name
 
 PathLike = str | os.PathLike[str]
+log = logging.getLogger(__name__)
 
 # 3D Slicer terminology contexts (Slicer's Terminologies module, TerminologyEntry tag). The muscles' codes
 # are not in Slicer's bundled lists: the Slicer module ships and loads this context (its terminology.py).
@@ -134,9 +136,9 @@ def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
                          f"{_first_line(exc)}.") from exc
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
+    validate_image(image, str(path))
     if not path.is_dir() and sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "NiftiImageIO":
         _refuse_non_finite_nifti(path)
-    validate_image(image, str(path))
     return image
 
 
@@ -150,13 +152,19 @@ def _refuse_non_finite_nifti(path: Path) -> None:
     import nibabel  # the NIfTI reference reader; only this check needs it
     from nibabel.spatialimages import SpatialImage
 
-    stored = nibabel.load(str(path))
-    if not isinstance(stored, SpatialImage) or stored.get_data_dtype().kind not in "fc":
+    try:
+        stored = nibabel.load(str(path))
+        if not isinstance(stored, SpatialImage) or stored.get_data_dtype().kind not in "fc":
+            return
+        proxy = stored.dataobj
+        # As stored (float32 stays float32): a scaling slope would make a float64 copy, and cannot create NaN.
+        voxels = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+    except Exception as exc:  # noqa: BLE001 - SimpleITK read the file: an unchecked file is not refused
+        log.warning("%s: could not check its stored values for NaN (%s)", path, exc)
         return
-    voxels = np.asanyarray(stored.dataobj)
     if not np.isfinite(voxels).all():
         kind = "NaN" if np.isnan(voxels).any() else "infinite"
-        raise InputError(f"{path} contains {kind} voxel values; fix or mask them before segmenting.")
+        raise InputError(f"{path} contains {kind} voxel values; fix or mask them first.")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -205,7 +213,7 @@ def validate_image(image: sitk.Image, name: str) -> None:
         finite = np.isfinite(voxels)
         if not finite.all():
             kind = "NaN" if np.isnan(voxels).any() else "infinite"
-            raise InputError(f"{name} contains {kind} voxel values; fix or mask them before segmenting.")
+            raise InputError(f"{name} contains {kind} voxel values; fix or mask them first.")
     low, high = voxels.min(), voxels.max()
     if low == high:
         raise InputError(f"{name} is constant (every voxel is {low}); it holds no image.")

@@ -1,0 +1,36 @@
+"""The output check shared by ``stats`` and ``segment``: one file per output, never an input, never a folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dafne_logic.commands.output_paths import check_outputs
+from dafne_logic.core.errors import InputError
+
+
+def test_distinct_new_files_pass_and_none_is_skipped(tmp_path: Path):
+    (tmp_path / "scan.nii.gz").write_bytes(b"x")
+    check_outputs([("--csv", tmp_path / "s.csv"), ("--csa", tmp_path / "a.csv"), ("--preview", None)],
+                  [tmp_path / "scan.nii.gz", None])
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "hard link"])
+def test_an_input_under_any_spelling_is_refused(tmp_path: Path, spelling: str):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"x")
+    if spelling == "hard link":
+        os.link(scan, tmp_path / "other.nii.gz")
+    output = {"same": scan, "dotted": tmp_path / "sub" / ".." / "scan.nii.gz", "hard link": tmp_path / "other.nii.gz"}[spelling]
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(InputError, match="one of this command's inputs"):
+        check_outputs([("--csv", output)], [scan])
+
+
+def test_two_options_on_one_file_and_a_folder_are_refused(tmp_path: Path):
+    with pytest.raises(InputError, match="--csv and --csa both name"):
+        check_outputs([("--csv", tmp_path / "s.csv"), ("--csa", tmp_path / "s.csv")], [])
+    with pytest.raises(InputError, match="is a folder"):
+        check_outputs([("--csa", tmp_path)], [])
