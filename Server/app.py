@@ -6,6 +6,7 @@ uvicorn worker process calls (settings arrive as JSON in ``DAFNE_SERVER_SETTINGS
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -30,29 +31,39 @@ from .uploads import UploadSlots
 API_VERSION = "1"
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` before they are read: 413, or 411 without a length.
+# The one route whose body is large: a weight-delta upload (multipart). Every other body is a small form or JSON.
+UPLOAD_ROUTE = re.compile(r"^/v1/models/[^/]+/updates/?$")
+SMALL_BODY_BYTES = 64 * 1024
 
-    The declared Content-Length is enforced by the HTTP server (h11/httptools), so checking it here
-    bounds what any handler or the multipart parser can receive.
+
+class BodySizeLimit:
+    """Refuse request bodies over their route's limit before they are read: 413, or 411 without a length.
+
+    Uploads (:data:`UPLOAD_ROUTE`) may carry ``max_bytes``; every other body :data:`SMALL_BODY_BYTES`,
+    because FastAPI reads and parses a body before the login check runs: a client without a token
+    must not make the server hold an upload's worth of memory on a JSON or form route. The declared
+    Content-Length is enforced by the HTTP server (h11/httptools), so checking it here bounds what
+    any handler or the multipart parser can receive.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, small_bytes: int = SMALL_BODY_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.small_bytes = min(small_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
+            limit = self.max_bytes if UPLOAD_ROUTE.match(scope["path"]) else self.small_bytes
             problem = None
             if length is None:
                 if headers.get(b"transfer-encoding"):
                     problem = (411, "a Content-Length header is required")
             elif not length.isdigit():
                 problem = (400, "malformed Content-Length header")
-            elif int(length) > self.max_bytes:
-                problem = (413, f"request body larger than {self.max_bytes} bytes")
+            elif int(length) > limit:
+                problem = (413, f"request body larger than {limit} bytes")
             if problem is not None:
                 await JSONResponse({"detail": problem[1]}, problem[0], headers={"Connection": "close"})(
                     scope, receive, send)

@@ -10,6 +10,7 @@ bytes and the new name are on disk, so the upload that names the blob may be ack
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ class BlobStore:
             write_durable(target, data)
             if new_shard:  # the shard folder's own name lives in the root folder
                 fsync_directory(self.root)
+        else:  # a blob orphaned long ago and stored again: fresh, so gc's age grace keeps it while its row commits
+            os.utime(target)
         return digest
 
     def get(self, sha256: str) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -22,16 +23,36 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in --data-dir)")
 
 
+def _number(low: float, high: float = math.inf, low_open: bool = True, integer: bool = False):
+    """An argparse type: a finite number in (low, high] (or [low, high]), else one sentence, exit 2."""
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if integer else ' number'}") from None
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or value > high:
+            bounds = f"{'above' if low_open else 'at least'} {low:g}" + ("" if high == math.inf else f" and at most {high:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {bounds}")
+        return value
+    return parse
+
+
+POSITIVE = _number(0.0)
+NON_NEGATIVE = _number(0.0, low_open=False)
+POSITIVE_INT = _number(0.0, integer=True)
+
+
 def _shared_options(parser: argparse.ArgumentParser) -> None:
     """Settings every merge worker of the server must share: stored in the data folder when given."""
     group = parser.add_argument_group("merge settings shared by every merge worker (stored in --data-dir; "
                                       "omitted: as stored, else the default)")
     group.add_argument("--validation",
                        help='"phantom" (default), "none", or a folder with <family>/<case>_image.*, <case>_labels.*')
-    group.add_argument("--validation-cases", type=int, help="phantoms per family (default 2)")
-    group.add_argument("--validation-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+    group.add_argument("--validation-cases", type=POSITIVE_INT, help="phantoms per family (default 2)")
+    group.add_argument("--validation-shape", type=POSITIVE_INT, nargs=3, metavar=("Z", "Y", "X"),
                        help="phantom voxels (default 12 96 128)")
-    group.add_argument("--lease-ttl", type=float, help="seconds before a dead merge's lease expires (default 60)")
+    group.add_argument("--lease-ttl", type=POSITIVE, help="seconds before a dead merge's lease expires (default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--family", help="seed this family from --package instead of the bundled models")
     p.add_argument("--package", help="model package folder for --family")
-    p.add_argument("--buffer-size", type=int, help="default K (updates per merge) for new families")
+    p.add_argument("--buffer-size", type=POSITIVE_INT, help="default K (updates per merge) for new families")
     _shared_options(p)
     p.set_defaults(func=run_init)
 
@@ -53,29 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="uvicorn API processes")
     p.add_argument("--no-merge-worker", action="store_true", help="API only (a merge worker runs elsewhere)")
     _shared_options(p)
-    p.add_argument("--max-upload-mb", type=float, default=32.0)
+    p.add_argument("--max-upload-mb", type=POSITIVE, default=32.0)
     p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
     p.add_argument("--max-concurrent-uploads", type=int, default=8,
                    help="uploads checked at once per API process (more wait for a 429 and retry)")
     p.add_argument("--max-concurrent-uploads-per-user", type=int, default=2)
-    p.add_argument("--poll-interval", type=float, default=1.0)
-    p.add_argument("--header-timeout", type=float, default=10.0,
+    p.add_argument("--poll-interval", type=POSITIVE, default=1.0)
+    p.add_argument("--header-timeout", type=POSITIVE, default=10.0,
                    help="seconds a client has to send a request's headers (then 408)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
+    p.add_argument("--body-timeout", type=POSITIVE, default=30.0,
                    help="seconds a client has to send a request's body, plus 1 s per 50 kB received (then 408)")
     p.add_argument("--max-connections", type=int, default=200,
                    help="open connections per API process; beyond this, 503")
     p.add_argument("--public-dashboard", action="store_true",
                    help="show the dashboard at / without a login (it shows aggregates only)")
-    p.add_argument("--worker-missing-after", type=float, default=15.0,
+    p.add_argument("--worker-missing-after", type=POSITIVE, default=15.0,
                    help="seconds without a merge worker's heartbeat before /healthz reports it missing")
-    p.add_argument("--worker-stuck-after", type=float, default=1800.0,
+    p.add_argument("--worker-stuck-after", type=POSITIVE, default=1800.0,
                    help="seconds a merge worker may spend on one step (a merge) before it is replaced")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
-    p.add_argument("--merge-hold", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
+    p.add_argument("--merge-hold", type=NON_NEGATIVE, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
     p.set_defaults(func=run_serve)
 
     p = sub.add_parser("worker", help="run only a merge worker (with the merge settings its server stored)")
@@ -84,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove blobs no version or update references (also done at every start)")
     _common(p)
-    p.add_argument("--older-than-hours", type=float, default=1.0,
+    p.add_argument("--older-than-hours", type=NON_NEGATIVE, default=1.0,
                    help="keep younger blobs: an upload writes its blob just before committing its row")
     p.set_defaults(func=run_gc)
 
@@ -92,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name")
     p.add_argument("--admin", action="store_true")
-    p.add_argument("--expires-days", type=float)
+    p.add_argument("--expires-days", type=_number(0.0, 3650.0), help="token lifetime (default: no expiry)")
     p.set_defaults(func=run_add_user)
 
     p = sub.add_parser("revoke", help="revoke a token by its id (the number after dft_)")

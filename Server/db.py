@@ -23,7 +23,10 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from dafne_logic.core.errors import DafneError
 
 MAX_INTEGER = 2**31 - 1  # INTEGER columns (ids, version numbers) are 32-bit on PostgreSQL
 
@@ -147,7 +150,7 @@ def make_engine(url: str, for_writes: bool = True) -> Engine:
     a read engine keeps deferred transactions, which under WAL read a snapshot without locking.
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = _create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API connection
@@ -167,7 +170,15 @@ def make_engine(url: str, for_writes: bool = True) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if for_writes else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return _create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _create_engine(url: str, **options: Any) -> Engine:
+    """``create_engine``, with a URL it cannot use (``--database-url``) refused in one sentence."""
+    try:
+        return create_engine(url, **options)
+    except (ArgumentError, NoSuchModuleError) as exc:  # the URL itself may hold a password: not echoed
+        raise DafneError(f"the database URL is not one SQLAlchemy can use: {str(exc).splitlines()[0]}") from exc
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

@@ -123,6 +123,7 @@ def test_metadata_round_trips_over_the_wire_and_bad_fields_are_named():
     assert key == wire["idempotency_key"] and parsed.parent_sha256 == "a" * 64 and parsed.n_slices == 5
     for change, field in [({"n_slices": 0}, "n_slices"), ({"n_slices": True}, "n_slices"),
                           ({"dice_per_label": {"x": 7.0}}, "Dice"), ({"idempotency_key": "short"}, "idempotency_key"),
+                          ({"dice_per_label": {"x": 10 ** 400}}, "Dice"),  # float() of it overflows: a 422, not a 500
                           ({"extra": 1}, "extra"), ({"parent_sha256": "no"}, "parent_sha256"),
                           ({"parent_version": "1.local-ab"}, "parent_version")]:
         with pytest.raises(ValueError, match=field):

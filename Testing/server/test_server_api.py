@@ -153,6 +153,14 @@ def test_bad_uploads_get_4xx_with_a_reason_and_nothing_is_stored(live_server, ti
     r = requests.post(f"{live_server.url}/v1/models/inputs/updates", headers=bearer(token), timeout=10,
                       data=iter([b"x" * 1000]))  # chunked, no length
     assert r.status_code == 411
+    # Every other route takes small bodies only: FastAPI reads a body before the login check, so a
+    # client without a token must not make the server hold an upload's worth on a JSON or form route.
+    for path in ("/v1/admin/users", "/login"):
+        r = requests.post(f"{live_server.url}{path}", timeout=10, data=b"{" + b" " * (100 << 10) + b"}",
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "65536" in r.json()["detail"], (path, r.status_code)
+    r = requests.post(f"{live_server.url}/v1/admin/users", timeout=10, json={"name": "x" * 1000})
+    assert r.status_code == 401  # a small body still reaches the login check
     after = requests.get(f"{live_server.url}/v1/models/inputs", headers=bearer(token), timeout=10).json()
     assert after["buffered_updates"] == before["buffered_updates"]
     assert requests.get(f"{live_server.url}/healthz", timeout=10).json()["status"] == "ok"

@@ -84,3 +84,22 @@ def test_gc_removes_only_old_blobs_nothing_references(tmp_path, tiny_leg, capsys
         assert len(list(storage.blobs.root.glob("??/*"))) == 2  # the seed weights and the young orphan
     finally:
         storage.dispose()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["add-user", "bob", "--expires-days", "nan"], "finite number above 0"),  # was stored as NULL: a token that never expires
+    (["add-user", "bob", "--expires-days", "-1"], "finite number above 0"),
+    (["run", "--max-upload-mb", "inf"], "finite number above 0"),
+    (["init", "--validation-shape", "0", "0", "0"], "above 0"),
+    (["gc", "--database-url", "foo://x"], "not one SQLAlchemy can use"),
+    (["gc", "--database-url", "not a url"], "not one SQLAlchemy can use"),
+])
+def test_bad_numbers_and_database_urls_are_refused_with_exit_2(tmp_path, capsys, argv, message):
+    data = tmp_path / "server"
+    try:
+        rc = server_main([argv[0], "--data-dir", str(data), *argv[1:]])
+    except SystemExit as exit_:  # argparse's own refusal: usage line and the reason
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (data / "settings.json").exists()

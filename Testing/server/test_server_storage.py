@@ -158,3 +158,14 @@ def test_blobs_nothing_references_are_collected_once_old_enough(storage):
         os.utime(storage.blobs.path(sha), (past, past))
     assert storage.collect_blobs() == 1
     assert not storage.blobs.exists(orphan) and storage.blobs.exists(seed_weights)
+
+
+def test_a_blob_stored_again_is_young_again_so_gc_keeps_it(tmp_path):
+    """A retried upload may reuse a blob orphaned long ago: gc's age grace must cover it until its row commits."""
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"delta")
+    long_ago = time.time() - 7200
+    os.utime(store.path(digest), (long_ago, long_ago))
+    assert store.put(b"delta") == digest
+    assert store.remove_unreferenced(set(), older_than_s=3600) == 0 and store.path(digest).is_file()
+    assert store.remove_unreferenced(set(), older_than_s=0) == 1
