@@ -159,15 +159,16 @@ def run_init(args: argparse.Namespace) -> int:
     from dafne_logic.inference.model_package import ModelPackage
     from dafne_server.runner import prepare
 
+    if bool(args.family) != bool(args.package):
+        raise DafneError("--family and --package go together")
+    package = ModelPackage.load(args.package) if args.package else None  # a bad package stores no settings
     merge = {"buffer_size": args.buffer_size} if args.buffer_size else {}
     storage = prepare(_shared_settings(args, merge=merge))
     try:
-        if args.family or args.package:
-            if not (args.family and args.package):
-                raise DafneError("--family and --package go together")
+        if package is not None:
             with storage.session.begin() as session:
                 try:
-                    storage.add_family(session, args.family, ModelPackage.load(args.package), "cli")
+                    storage.add_family(session, args.family, package, "cli")
                 except ValueError as exc:
                     raise DafneError(str(exc)) from exc
             added = [args.family]

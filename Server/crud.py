@@ -83,10 +83,10 @@ def family_info(session: Session, family: Family) -> FamilyInfo:
 
 # --- updates --------------------------------------------------------------------------------------
 
-def refusals_since(session: Session, actor: str, seconds: float) -> int:
-    """Uploads by ``actor`` refused after checking in the last ``seconds``."""
+def refusals_since(session: Session, actor: str, seconds: float, action: str = REFUSED) -> int:
+    """Uploads by ``actor`` refused after checking (or, ``action=THROTTLED``, throttled) in the last ``seconds``."""
     return session.scalar(select(func.count()).select_from(AuditEntry).where(
-        AuditEntry.actor == actor, AuditEntry.action == REFUSED, AuditEntry.at > now() - seconds)) or 0
+        AuditEntry.actor == actor, AuditEntry.action == action, AuditEntry.at > now() - seconds)) or 0
 
 
 def updates_since(session: Session, user_id: int, seconds: float) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import threading
 import uuid
 from collections import Counter
@@ -39,7 +40,10 @@ from .merging import MergeSettings
 from .schemas import UpdateStatus
 from .storage import Storage, known_weights
 
+log = logging.getLogger(__name__)
+
 HOUR_S = 3600.0
+THROTTLED_AUDITS_PER_MINUTE = 10  # per user: enough to see a client that ignores 429s
 _HASH_CHUNK = 1 << 20
 
 
@@ -101,7 +105,18 @@ def check_refusal_budget(storage: Storage, who: Principal) -> None:
 
 def record_refusal(storage: Storage, who: Principal, family: str, status: int, reason: str, throttled: bool) -> None:
     """Audit a refusal; throttled ones are kept apart so that they do not count towards the
-    refused-upload limit (an honest client retrying under load must not lock itself out)."""
+    refused-upload limit (an honest client retrying under load must not lock itself out).
+
+    Throttled refusals cost the client nothing, so a client ignoring 429s could grow the append-only
+    audit log (and commit) at its request rate: at most :data:`THROTTLED_AUDITS_PER_MINUTE` a minute
+    per user are audited, the rest only logged.
+    """
+    if throttled:
+        with storage.read() as session:
+            if crud.refusals_since(session, who.name, 60.0, crud.THROTTLED) >= THROTTLED_AUDITS_PER_MINUTE:
+                log.info("upload by %s throttled (%s); not audited: %d this minute already", who.name, status,
+                         THROTTLED_AUDITS_PER_MINUTE)
+                return
     with storage.session.begin() as session:
         audit(session, who.name, crud.THROTTLED if throttled else crud.REFUSED, family, status=status,
               reason=reason[:300])

@@ -93,6 +93,8 @@ def test_gc_removes_only_old_blobs_nothing_references(tmp_path, tiny_leg, capsys
     (["init", "--validation-shape", "0", "0", "0"], "above 0"),
     (["gc", "--database-url", "foo://x"], "not one SQLAlchemy can use"),
     (["gc", "--database-url", "not a url"], "not one SQLAlchemy can use"),
+    (["init", "--validation-cases", "5", "--family", "x", "--package", "/nonexistent"], "nonexistent"),
+    (["init", "--validation-cases", "5", "--family", "x"], "go together"),
 ])
 def test_bad_numbers_and_database_urls_are_refused_with_exit_2(tmp_path, capsys, argv, message):
     data = tmp_path / "server"

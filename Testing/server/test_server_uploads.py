@@ -19,7 +19,7 @@ import requests
 from test_server_api import bearer, new_user, noisy_delta, upload
 
 from dafne_logic.learning.delta import encode_delta
-from dafne_server.uploads import UploadRefused, UploadSlots
+from dafne_server.uploads import THROTTLED_AUDITS_PER_MINUTE, UploadRefused, UploadSlots
 
 
 def _audit(server, actor_token: str) -> list[dict]:
@@ -144,6 +144,15 @@ def test_the_hourly_limit_holds_under_concurrent_uploads(limits_server, tiny_leg
     assert statuses == [202] * 3 + [429] * 9, statuses
     throttled = [a for a in _audit(limits_server, token) if a["action"] == "update_throttled"]
     assert len(throttled) == 9  # audited, but not counted towards the refused-upload limit
+
+
+def test_a_client_ignoring_429s_cannot_grow_the_audit_log_at_its_request_rate(limits_server, tiny_leg):
+    token = new_user(limits_server)
+    statuses = [upload(limits_server, token, "leg", encode_delta(noisy_delta(tiny_leg.state_dict, seed=200 + i))).status_code
+                for i in range(18)]
+    assert statuses == [202] * 3 + [429] * 15
+    throttled = [a for a in _audit(limits_server, token) if a["action"] == "update_throttled"]
+    assert len(throttled) == THROTTLED_AUDITS_PER_MINUTE  # the other 5 only logged
 
 
 def test_upload_slots_cap_uploads_per_user_and_in_total():
