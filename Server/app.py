@@ -55,7 +55,11 @@ class BodySizeLimit:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
-            limit = self.max_bytes if UPLOAD_ROUTE.match(scope["path"]) else self.small_bytes
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):  # behind a proxy prefix, uvicorn puts it in the path too
+                path = path[len(root):]
+            limit = self.max_bytes if UPLOAD_ROUTE.match(path) else self.small_bytes
             problem = None
             if length is None:
                 if headers.get(b"transfer-encoding"):

@@ -33,14 +33,17 @@ class BlobStore:
         """Store ``data``; return its sha256 (hex)."""
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
-        if not target.is_file():
-            new_shard = not target.parent.is_dir()
-            private_dir(self.root)
-            write_durable(target, data)
-            if new_shard:  # the shard folder's own name lives in the root folder
-                fsync_directory(self.root)
-        else:  # a blob orphaned long ago and stored again: fresh, so gc's age grace keeps it while its row commits
-            os.utime(target)
+        if target.is_file():
+            try:  # a blob orphaned long ago and stored again: fresh, so gc's age grace keeps it while its row commits
+                os.utime(target)
+                return digest
+            except FileNotFoundError:  # gc removed it just now: write it again
+                pass
+        new_shard = not target.parent.is_dir()
+        private_dir(self.root)
+        write_durable(target, data)
+        if new_shard:  # the shard folder's own name lives in the root folder
+            fsync_directory(self.root)
         return digest
 
     def get(self, sha256: str) -> bytes:

@@ -31,7 +31,7 @@ def _number(low: float, high: float = math.inf, low_open: bool = True, integer: 
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if integer else ' number'}") from None
         below = value <= low if low_open else value < low
-        if not math.isfinite(value) or below or value > high:
+        if (not integer and not math.isfinite(value)) or below or value > high:  # isfinite overflows on huge ints
             bounds = f"{'above' if low_open else 'at least'} {low:g}" + ("" if high == math.inf else f" and at most {high:g}")
             raise argparse.ArgumentTypeError(f"{text} must be a finite number {bounds}")
         return value
@@ -40,7 +40,7 @@ def _number(low: float, high: float = math.inf, low_open: bool = True, integer: 
 
 POSITIVE = _number(0.0)
 NON_NEGATIVE = _number(0.0, low_open=False)
-POSITIVE_INT = _number(0.0, integer=True)
+POSITIVE_INT = _number(0.0, 1e9, integer=True)
 
 
 def _shared_options(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="uvicorn API processes")
     p.add_argument("--no-merge-worker", action="store_true", help="API only (a merge worker runs elsewhere)")
     _shared_options(p)
-    p.add_argument("--max-upload-mb", type=POSITIVE, default=32.0)
+    p.add_argument("--max-upload-mb", type=_number(0.0, 4096.0), default=32.0)
     p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
     p.add_argument("--refused-uploads-per-hour", type=int, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")

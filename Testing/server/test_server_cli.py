@@ -90,6 +90,8 @@ def test_gc_removes_only_old_blobs_nothing_references(tmp_path, tiny_leg, capsys
     (["add-user", "bob", "--expires-days", "nan"], "finite number above 0"),  # was stored as NULL: a token that never expires
     (["add-user", "bob", "--expires-days", "-1"], "finite number above 0"),
     (["run", "--max-upload-mb", "inf"], "finite number above 0"),
+    (["run", "--max-upload-mb", "1e308"], "at most 4096"),
+    (["init", "--buffer-size", "1" + "0" * 400], "at most 1e+09"),  # no OverflowError from isfinite
     (["init", "--validation-shape", "0", "0", "0"], "above 0"),
     (["gc", "--database-url", "foo://x"], "not one SQLAlchemy can use"),
     (["gc", "--database-url", "not a url"], "not one SQLAlchemy can use"),

@@ -169,3 +169,15 @@ def test_a_blob_stored_again_is_young_again_so_gc_keeps_it(tmp_path):
     assert store.put(b"delta") == digest
     assert store.remove_unreferenced(set(), older_than_s=3600) == 0 and store.path(digest).is_file()
     assert store.remove_unreferenced(set(), older_than_s=0) == 1
+
+
+def test_a_blob_removed_by_gc_while_stored_again_is_written_again(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"delta")
+
+    def gc_was_faster(path, *args):
+        os.unlink(path)  # gc unlinks between the existence check and the touch
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(os, "utime", gc_was_faster)
+    assert store.put(b"delta") == digest and store.get(digest) == b"delta"
