@@ -41,6 +41,7 @@ def _number(low: float, high: float = math.inf, low_open: bool = True, integer: 
 POSITIVE = _number(0.0)
 NON_NEGATIVE = _number(0.0, low_open=False)
 POSITIVE_INT = _number(0.0, 1e9, integer=True)
+NON_NEGATIVE_INT = _number(0.0, 1e9, low_open=False, integer=True)
 
 
 def _shared_options(parser: argparse.ArgumentParser) -> None:
@@ -71,22 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8642)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn API processes")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1, help="uvicorn API processes")
     p.add_argument("--no-merge-worker", action="store_true", help="API only (a merge worker runs elsewhere)")
     _shared_options(p)
     p.add_argument("--max-upload-mb", type=_number(0.0, 4096.0), default=32.0)
-    p.add_argument("--uploads-per-hour", type=int, default=30, help="accepted uploads per user and hour")
-    p.add_argument("--refused-uploads-per-hour", type=int, default=60,
+    p.add_argument("--uploads-per-hour", type=NON_NEGATIVE_INT, default=30, help="accepted uploads per user and hour")
+    p.add_argument("--refused-uploads-per-hour", type=NON_NEGATIVE_INT, default=60,
                    help="refused uploads per user and hour before further uploads are not checked")
-    p.add_argument("--max-concurrent-uploads", type=int, default=8,
+    p.add_argument("--max-concurrent-uploads", type=POSITIVE_INT, default=8,
                    help="uploads checked at once per API process (more wait for a 429 and retry)")
-    p.add_argument("--max-concurrent-uploads-per-user", type=int, default=2)
+    p.add_argument("--max-concurrent-uploads-per-user", type=POSITIVE_INT, default=2)
     p.add_argument("--poll-interval", type=POSITIVE, default=1.0)
     p.add_argument("--header-timeout", type=POSITIVE, default=10.0,
                    help="seconds a client has to send a request's headers (then 408)")
     p.add_argument("--body-timeout", type=POSITIVE, default=30.0,
                    help="seconds a client has to send a request's body, plus 1 s per 50 kB received (then 408)")
-    p.add_argument("--max-connections", type=int, default=200,
+    p.add_argument("--max-connections", type=POSITIVE_INT, default=200,
                    help="open connections per API process; beyond this, 503")
     p.add_argument("--public-dashboard", action="store_true",
                    help="show the dashboard at / without a login (it shows aggregates only)")

@@ -91,6 +91,8 @@ def test_gc_removes_only_old_blobs_nothing_references(tmp_path, tiny_leg, capsys
     (["add-user", "bob", "--expires-days", "-1"], "finite number above 0"),
     (["run", "--max-upload-mb", "inf"], "finite number above 0"),
     (["run", "--max-upload-mb", "1e308"], "at most 4096"),
+    (["run", "--max-connections", "0"], "above 0"),
+    (["run", "--uploads-per-hour", "-1"], "at least 0"),
     (["init", "--buffer-size", "1" + "0" * 400], "at most 1e+09"),  # no OverflowError from isfinite
     (["init", "--validation-shape", "0", "0", "0"], "above 0"),
     (["gc", "--database-url", "foo://x"], "not one SQLAlchemy can use"),
