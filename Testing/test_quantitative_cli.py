@@ -173,3 +173,22 @@ def test_muscles_eroded_away_are_named_in_a_warning(dixon, tmp_path, caplog):
         assert main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out),
                      "--water", str(dixon["water"]), "--fat", str(dixon["fat"]), "--erode-mm", "0"]) == 0
     assert "no value left" not in caplog.text
+
+
+def test_a_t2_map_with_nan_background_is_refused_unless_nan_means_missing(dixon, tmp_path, capsys):
+    """Fitting tools mark failed fits and background NaN; --nan-as-missing leaves those voxels out."""
+    water = sitk.GetArrayFromImage(sitk.ReadImage(str(dixon["water"])))
+    t2 = np.full(water.shape, 40.0, np.float32)
+    t2[:, :, : water.shape[2] // 2] = np.nan  # the right half of the field of view has no fit
+    t2[0, 0, -1] = np.inf
+    t2[0, -1, -1] = 41.0  # background corner: a map, not a constant
+    path = _write_like(t2, dixon["water"], tmp_path / "t2.nii.gz")
+    out = tmp_path / "s.csv"
+    args = ["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out), "--map", f"T2={path}"]
+    assert main(args) == 2 and "NaN" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--nan-as-missing"]) == 0
+    rows = [row for row in _read(out) if row["voxel_count"] != "0"]
+    measured = [row for row in rows if row["T2_mean"] != ""]
+    assert measured and len(measured) < len(rows)  # muscles in the NaN half have no value, the others do
+    assert all(float(row["T2_mean"]) == pytest.approx(40.0) and float(row["T2_sd"]) == pytest.approx(0.0, abs=1e-9)
+               for row in measured)  # a NaN read as 0 would pull these below 40

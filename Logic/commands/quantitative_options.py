@@ -32,6 +32,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fat-fraction", metavar="FF", help="scanner-made fat-fraction map (0–1 or 0–100, detected)")
     group.add_argument("--map", action="append", default=[], metavar="NAME=FILE",
                        help="any parametric map (T2, T1, ADC, ...): columns NAME_mean, NAME_median, NAME_sd; repeatable")
+    group.add_argument("--nan-as-missing", action="store_true",
+                       help="NaN or infinite voxels in the maps mean 'no value here' (failed fits, masked "
+                            "background) and are left out; by default such maps are refused")
     group.add_argument("--erode-mm", type=float, default=DEFAULT_ERODE_MM, metavar="X",
                        help=f"leave out voxels within X mm of each muscle's outline, in-plane (default {DEFAULT_ERODE_MM:g})")
     group.add_argument("--csa", metavar="OUT.csv", help="write the cross-sectional area of each muscle on every axial slice")
@@ -70,11 +73,12 @@ def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[Quantitat
     pairs = check(args)
 
     def read(path: str | None, what: str) -> sitk.Image | None:
-        return None if path is None else read_map(path, what)
+        return None if path is None else read_map(path, what, args.nan_as_missing)
 
     maps = build_maps(reference, water=read(args.water, "water"), fat=read(args.fat, "fat"),
                       fat_fraction=read(args.fat_fraction, "fat-fraction"),
-                      others=[(name, read_map(path, name)) for name, path in pairs])
+                      others=[(name, read_map(path, name, args.nan_as_missing)) for name, path in pairs],
+                      missing_as_nan=args.nan_as_missing)
     for quantity in maps:
         log.info("%s", quantity.note)
     return maps

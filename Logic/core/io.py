@@ -115,13 +115,14 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
     return image
 
 
-def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
+def read_image(path: PathLike, series_uid: str | None = None, missing_as_nan: bool = False) -> sitk.Image:
     """Read a validated 3D scalar MR volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder).
 
     The image keeps the file's pixel type and full geometry (LPS origin, spacing in mm, direction).
     A 4D file whose fourth axis has length 1 is read as its 3D volume. ``series_uid`` picks one
     series of a DICOM folder that holds several. Raises :class:`InputError` for anything that is
-    not a usable volume (see :func:`validate_image`).
+    not a usable volume (see :func:`validate_image`). ``missing_as_nan``: NaN and infinite voxels
+    are kept as NaN ("no value here", as parametric maps mark failed fits) instead of refused.
     """
     path = Path(path)
     if not path.exists():
@@ -136,14 +137,15 @@ def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
                          f"{_first_line(exc)}.") from exc
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
-    validate_image(image, str(path))
+    validate_image(image, str(path), missing_as_nan)
     if not path.is_dir() and sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "NiftiImageIO":
-        _refuse_non_finite_nifti(path)
+        image = _non_finite_nifti(path, image, missing_as_nan)
     return image
 
 
-def _refuse_non_finite_nifti(path: Path) -> None:
-    """Raise :class:`InputError` if a NIfTI file stores NaN or infinite voxel values.
+def _non_finite_nifti(path: Path, image: sitk.Image, missing_as_nan: bool) -> sitk.Image:
+    """``image`` (read from the NIfTI file ``path``), refused if the file stores NaN or infinite values,
+    or with those voxels set back to NaN when ``missing_as_nan``.
 
     SimpleITK's NIfTI reader (2.5) turns them into 0 (ITK issue #6683), so :func:`validate_image`
     cannot see them: a failed T2 fit's NaN would enter the per-muscle means as 0. The stored values
@@ -155,16 +157,28 @@ def _refuse_non_finite_nifti(path: Path) -> None:
     try:
         stored = nibabel.load(str(path))
         if not isinstance(stored, SpatialImage) or stored.get_data_dtype().kind not in "fc":
-            return
+            return image
         proxy = stored.dataobj
         # As stored (float32 stays float32): a scaling slope would make a float64 copy, and cannot create NaN.
         voxels = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
     except Exception as exc:  # noqa: BLE001 - SimpleITK read the file: an unchecked file is not refused
         log.warning("%s: could not check its stored values for NaN (%s)", path, exc)
-        return
-    if not np.isfinite(voxels).all():
+        return image
+    finite = np.isfinite(voxels)
+    if finite.all():
+        return image
+    if not missing_as_nan:
         kind = "NaN" if np.isnan(voxels).any() else "infinite"
         raise InputError(f"{path} contains {kind} voxel values; fix or mask them first.")
+    # nibabel's array is (x, y, z[, 1]) of the same stored voxels as SimpleITK's (z, y, x).
+    missing = ~finite.reshape(finite.shape[:3]).transpose(2, 1, 0)
+    array = sitk.GetArrayFromImage(image)
+    if array.shape != missing.shape or not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{path} stores NaN or infinite values in a layout that could not be matched; mask them first.")
+    array[missing] = np.nan
+    restored = sitk.GetImageFromArray(array)
+    restored.CopyInformation(image)
+    return restored
 
 
 def _first_line(exc: BaseException) -> str:
@@ -192,11 +206,11 @@ def read_header(path: PathLike, kind: str = "an image") -> sitk.ImageFileReader:
     return reader
 
 
-def validate_image(image: sitk.Image, name: str) -> None:
+def validate_image(image: sitk.Image, name: str, missing_as_nan: bool = False) -> None:
     """Raise :class:`InputError` (one sentence naming ``name``) unless ``image`` is a usable volume.
 
     Usable: three dimensions (a single slice stored as a 3D volume is fine), one scalar component,
-    at least one voxel, finite values, not constant.
+    at least one voxel, finite values (or, ``missing_as_nan``, at least one finite value), not constant.
     """
     dimension = image.GetDimension()
     if dimension == 2:
@@ -211,9 +225,12 @@ def validate_image(image: sitk.Image, name: str) -> None:
     voxels = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(voxels.dtype, np.floating):
         finite = np.isfinite(voxels)
-        if not finite.all():
+        if not finite.all() and not missing_as_nan:
             kind = "NaN" if np.isnan(voxels).any() else "infinite"
             raise InputError(f"{name} contains {kind} voxel values; fix or mask them first.")
+        if not finite.any():
+            raise InputError(f"{name} holds no finite value.")
+        voxels = voxels[finite] if not finite.all() else voxels
     low, high = voxels.min(), voxels.max()
     if low == high:
         raise InputError(f"{name} is constant (every voxel is {low}); it holds no image.")

@@ -52,10 +52,12 @@ class QuantitativeMap:
 # --- reading maps ---------------------------------------------------------------------------------
 
 
-def read_map(path: PathLike, what: str) -> sitk.Image:
-    """A validated 3D scalar map (see :func:`dafne_logic.core.io.read_image`); ``what`` names it in errors."""
+def read_map(path: PathLike, what: str, missing_as_nan: bool = False) -> sitk.Image:
+    """A validated 3D scalar map (see :func:`dafne_logic.core.io.read_image`); ``what`` names it in errors.
+
+    ``missing_as_nan``: NaN and infinite voxels mean "no value here" (left out of every summary)."""
     try:
-        return read_image(path)
+        return read_image(path, missing_as_nan=missing_as_nan)
     except InputError as exc:
         raise InputError(f"{what} map: {exc}") from exc
 
@@ -77,13 +79,16 @@ def map_on_grid(image: sitk.Image, reference: sitk.Image, what: str) -> np.ndarr
     physical extent does not overlap the reference at all is refused with one sentence.
     """
     if same_grid(image, reference):
-        return sitk.GetArrayFromImage(image).astype(np.float64)
-    if not _boxes_overlap(image, reference):
+        values = sitk.GetArrayFromImage(image).astype(np.float64)
+    elif not _boxes_overlap(image, reference):
         raise InputError(f"the {what} map does not overlap the image (its physical extent lies elsewhere); "
                          "give a map registered to this scan.")
-    moved = sitk.Resample(sitk.Cast(image, sitk.sitkFloat64), reference, sitk.Transform(), sitk.sitkLinear,
-                          float("nan"), sitk.sitkFloat64)
-    return sitk.GetArrayFromImage(moved)
+    else:
+        moved = sitk.Resample(sitk.Cast(image, sitk.sitkFloat64), reference, sitk.Transform(), sitk.sitkLinear,
+                              float("nan"), sitk.sitkFloat64)
+        values = sitk.GetArrayFromImage(moved)
+    values[~np.isfinite(values)] = np.nan  # a map read with missing values (--nan-as-missing): Inf is missing too
+    return values
 
 
 def _corners(image: sitk.Image) -> np.ndarray:
@@ -100,7 +105,7 @@ def _boxes_overlap(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def _check_non_negative(image: sitk.Image, what: str) -> None:
-    low = float(sitk.GetArrayViewFromImage(image).min())
+    low = float(np.nanmin(sitk.GetArrayViewFromImage(image)))
     if low < 0:
         raise InputError(f"the {what} image has negative values (down to {low:g}); Dixon water and fat images "
                          "must be magnitude images.")
@@ -116,7 +121,7 @@ def dixon_fat_fraction(water: np.ndarray, fat: np.ndarray,
     Voxels where W+F is below ``noise_floor_fraction`` × the 99th percentile of W+F are NaN.
     """
     total = water.astype(np.float64) + fat
-    floor = noise_floor_fraction * float(np.percentile(total, 99))
+    floor = noise_floor_fraction * float(np.nanpercentile(total, 99))  # NaN: a voxel without a value
     return np.divide(100.0 * fat, total, out=np.full(total.shape, np.nan), where=total > floor)
 
 
@@ -145,7 +150,7 @@ def fat_fraction_from_map(image: sitk.Image, reference: sitk.Image) -> Quantitat
     150 percent (0–100). Anything larger is refused: it is not a fat-fraction map in either scale.
     """
     voxels = sitk.GetArrayViewFromImage(image)
-    top = float(np.percentile(voxels, 99.5))
+    top = float(np.nanpercentile(voxels, 99.5))
     if top <= 1.5:
         scale, note = 100.0, "fat-fraction map read as fractions 0–1 (99.5th percentile {:.3g}), shown in percent"
     elif top <= 150.0:
@@ -163,13 +168,14 @@ def parametric_map(name: str, image: sitk.Image, reference: sitk.Image) -> Quant
 
 def build_maps(reference: sitk.Image, *, water: sitk.Image | None = None, fat: sitk.Image | None = None,
                fat_fraction: sitk.Image | None = None,
-               others: Sequence[tuple[str, sitk.Image]] = ()) -> list[QuantitativeMap]:
+               others: Sequence[tuple[str, sitk.Image]] = (), missing_as_nan: bool = False) -> list[QuantitativeMap]:
     """The maps a user picked (files or Slicer volumes), validated and carried onto ``reference``'s grid.
 
     A Dixon pair (``water`` and ``fat``) or a scanner ``fat_fraction`` map gives the fat fraction
     (first); ``others`` are (name, map) pairs. Every image must be a usable 3D scalar volume
-    (:func:`~dafne_logic.core.io.validate_image`: no NaN, not 4D, not constant). One sentence
-    (InputError) for anything unusable.
+    (:func:`~dafne_logic.core.io.validate_image`: no NaN, not 4D, not constant; ``missing_as_nan``:
+    NaN and infinite voxels allowed, as voxels without a value). One sentence (InputError) for
+    anything unusable.
     """
     if (water is None) != (fat is None):
         raise InputError("the water and fat images go together (the two images of one Dixon scan).")
@@ -178,7 +184,7 @@ def build_maps(reference: sitk.Image, *, water: sitk.Image | None = None, fat: s
     named = [("water", water), ("fat", fat), ("fat-fraction", fat_fraction), *others]
     for what, image in named:
         if image is not None:
-            validate_image(image, f"the {what} map")
+            validate_image(image, f"the {what} map", missing_as_nan)
     taken = {FAT_FRACTION}
     for name, _ in others:
         taken.add(check_map_name(name, taken))
