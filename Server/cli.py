@@ -159,9 +159,15 @@ def _storage(args: argparse.Namespace, **extra):
 def run_init(args: argparse.Namespace) -> int:
     from dafne_logic.inference.model_package import ModelPackage
     from dafne_server.runner import prepare
+    from dafne_server.storage import check_family_name
 
     if bool(args.family) != bool(args.package):
         raise DafneError("--family and --package go together")
+    if args.family:
+        try:
+            check_family_name(args.family)  # before the shared settings are stored
+        except ValueError as exc:
+            raise DafneError(str(exc)) from exc
     package = ModelPackage.load(args.package) if args.package else None  # a bad package stores no settings
     merge = {"buffer_size": args.buffer_size} if args.buffer_size else {}
     storage = prepare(_shared_settings(args, merge=merge))

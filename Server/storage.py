@@ -31,6 +31,12 @@ FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SERVER_WEIGHTS_DTYPE = torch.float32  # merged versions accumulate small deltas; fp16 would round them away
 
 
+def check_family_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can name a model family (URL path segment, folder name)."""
+    if not FAMILY_NAME.match(name):
+        raise ValueError("family names are lower-case letters, digits, _ or -, at most 64")
+
+
 def known_weights(version: Version) -> set[str]:
     """The sha256s a site may name as a version's weights: the server's float32 blob, and for a
     seeded version the file it was seeded from (e.g. the bundled fp16 package)."""
@@ -119,8 +125,7 @@ class Storage:
 
     def add_family(self, session: Session, name: str, package: ModelPackage, actor: str) -> Version:
         """Create family ``name`` seeded with ``package`` (the caller commits)."""
-        if not FAMILY_NAME.match(name):
-            raise ValueError("family names are lower-case letters, digits, _ or -, at most 64")
+        check_family_name(name)
         if session.get(Family, name) is not None:
             raise ValueError(f"family {name!r} already exists")
         family = Family(name=name, region=package.manifest.region,

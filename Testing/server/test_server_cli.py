@@ -99,6 +99,7 @@ def test_gc_removes_only_old_blobs_nothing_references(tmp_path, tiny_leg, capsys
     (["gc", "--database-url", "not a url"], "not one SQLAlchemy can use"),
     (["init", "--validation-cases", "5", "--family", "x", "--package", "/nonexistent"], "nonexistent"),
     (["init", "--validation-cases", "5", "--family", "x"], "go together"),
+    (["init", "--validation-cases", "5", "--family", "Bad Name", "--package", "."], "family names"),
 ])
 def test_bad_numbers_and_database_urls_are_refused_with_exit_2(tmp_path, capsys, argv, message):
     data = tmp_path / "server"
