@@ -47,7 +47,7 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
             raise InputError(f"{option} {path} is a folder; give a file name.")
         key = _key(path)
         if key in read_keys or _same_existing_file(Path(path), read):
-            raise InputError(f"{option} {path} is one of this command's inputs; choose another file.")
+            raise InputError(f"{option} {path} would overwrite one of this command's inputs; choose another file.")
         if key in seen and seen[key] != option:
             raise InputError(f"{seen[key]} and {option} both name {path}; give each output its own file.")
         if key in seen:

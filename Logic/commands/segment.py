@@ -65,8 +65,8 @@ def case_name(path: Path) -> str:
 def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
     """Output path for each input; raises InputError before anything is computed.
 
-    Refuses names that would overwrite an input, or the JSON sidecar next to an input (BIDS and
-    dcm2niix keep acquisition metadata there).
+    Refuses a file where a folder is needed and DICOM SEG without a DICOM source; outputs that would
+    overwrite an input or its JSON sidecar are refused by :func:`check_outputs` in :func:`run`.
     """
     if len(inputs) == 1 and output.name.lower().endswith(OUTPUT_SUFFIXES):
         planned = [output]
@@ -86,10 +86,6 @@ def plan_outputs(inputs: list[Path], output: Path, fmt: str) -> list[Path]:
                              "series folder; write .seg.nrrd or a label map instead.")
     if any(out.name.lower().endswith(DICOM_SEG_SUFFIX) for out in planned):
         require_dicom_seg_support()  # before segmenting, not after
-    protected = {p.resolve() for p in inputs} | {(p.parent / f"{case_name(p)}.json").resolve() for p in inputs}
-    clash = next((w for _, w in written_files(planned) if w.resolve() in protected), None)
-    if clash is not None:
-        raise InputError(f"output {clash} would overwrite an input or its JSON sidecar; choose another output")
     return planned
 
 
@@ -124,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     check_map_options(args, len(inputs))
     check_outputs([*written_files(outputs), ("--stats", args.stats), ("--csa", args.csa),
                    ("--preview", args.preview if len(inputs) == 1 else None)],  # with several inputs: a folder
-                  [*inputs, *(p.parent / f"{case_name(p)}.json" for p in inputs),  # BIDS/dcm2niix sidecars
+                  [*inputs, *(p.parent / f"{case_name(p)}.json" for p in inputs),  # BIDS/dcm2niix keep metadata there
                    *quantitative_options.map_files(args)])
     model = load_model(args.model)
     rows: list[dict] = []
