@@ -19,13 +19,13 @@ def _model(dice: float, phantoms: float) -> dict:
     return {"held_out_thigh_synthetic": held, "phantoms": {"mean_dice": phantoms}}
 
 
-def _ff(mean: float, worst: float) -> dict:
-    return {"errors": {"automatic (water)": {"2": {"mean_abs": mean, "max_abs": worst}}}}
+def _ff(mean: float, worst: float, over_5: int = 4) -> dict:
+    return {"errors": {"automatic (water)": {"2": {"mean_abs": mean, "max_abs": worst}}}, "review_flag": {"large": over_5}}
 
 
-def _verdict(candidate: dict, ff_candidate: dict | None = None) -> tuple[bool, str]:
+def _verdict(candidate: dict, ff_candidate: dict | None = None, ff_rule: str = "no-rise") -> tuple[bool, str]:
     evaluation = {"shipped": _model(0.85, 0.935), "candidate": candidate}
-    ships, lines = JUDGE.judge(evaluation, _ff(2.0, 15.0), ff_candidate or _ff(2.0, 15.0), "shipped", "candidate")
+    ships, lines = JUDGE.judge(evaluation, _ff(2.0, 15.0), ff_candidate or _ff(2.0, 15.0), "shipped", "candidate", ff_rule)
     return ships, "\n".join(lines)
 
 
@@ -53,3 +53,14 @@ def test_a_worse_fat_fraction_error_fails_the_candidate_mean_or_worst():
     assert not _verdict(_model(0.87, 0.935), _ff(2.1, 15.0))[0]
     assert not _verdict(_model(0.87, 0.935), _ff(1.9, 15.5))[0]
     assert _verdict(_model(0.87, 0.935), _ff(1.9, 14.0))[0]
+
+
+def test_the_over_5_rule_judges_the_count_over_the_target_and_bounds_the_worst():
+    better = _model(0.87, 0.935)
+    assert _verdict(better, _ff(1.9, 16.5), "over-5")[0]  # worst +1.5, within the 2-point tolerance
+    assert not _verdict(better, _ff(1.9, 17.5), "over-5")[0]  # worst +2.5
+    assert not _verdict(better, _ff(1.9, 14.0, over_5=5), "over-5")[0]  # one more muscle over 5 points
+    assert not _verdict(better, _ff(2.1, 14.0, over_5=3), "over-5")[0]  # mean rose
+    assert not _verdict(better, _ff(1.9, 16.5))[0]  # the default rule still refuses any rise of the worst
+    with pytest.raises(ValueError, match="unknown fat-fraction rule"):
+        _verdict(better, _ff(1.9, 14.0), "lenient")
