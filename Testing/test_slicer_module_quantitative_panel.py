@@ -53,7 +53,8 @@ def section_module(gui, monkeypatch):  # noqa: F811 - the imported fixture
         return forms[-1]
 
     for name, factory in {"QFormLayout": form_layout, "QHBoxLayout": FakeLayout, "QLineEdit": lambda: FakeWidget("edit"),
-                          "QDoubleSpinBox": lambda: FakeWidget("spin"), "QPushButton": FakeButton}.items():
+                          "QDoubleSpinBox": lambda: FakeWidget("spin"), "QPushButton": FakeButton,
+                          "QCheckBox": FakeButton}.items():
         monkeypatch.setattr(qt, name, factory, raising=False)
     ctk = ModuleType("ctk")
     ctk.ctkCollapsibleButton = lambda: FakeWidget("section")
@@ -84,13 +85,15 @@ def test_picks_become_the_map_selection_the_statistics_button_passes(gui, sectio
     section = section_module.QuantitativeSection(layout, panel.controller)
     empty = section.selection()
     assert empty.empty and empty.erode_mm is None  # "default" erosion
+    assert empty.nan_as_missing is False  # NaN maps are refused unless the user says what NaN means
     water, fat, t2 = object(), object(), object()
     section.water.node, section.fat.node, section.map.node = water, fat, t2
     section.map_name.text = " T2 "
     section.erode.value = 1.5
+    section.nan_as_missing.checked = True
     picked = section.selection()
     assert (picked.water, picked.fat, picked.fat_fraction) == (water, fat, None)
-    assert picked.others == [("T2", t2)] and picked.erode_mm == 1.5
+    assert picked.others == [("T2", t2)] and picked.erode_mm == 1.5 and picked.nan_as_missing is True
 
     seen = []
     panel.controller.statistics = lambda maps=None: seen.append(maps)

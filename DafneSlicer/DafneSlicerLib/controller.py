@@ -80,6 +80,8 @@ class MapSelection:
     fat_fraction: Any = None
     others: list[tuple[str, Any]] = field(default_factory=list)  # (column name, volume node)
     erode_mm: float | None = None  # None: dafne_logic.core.quantitative.DEFAULT_ERODE_MM
+    # NaN and infinite map voxels (failed fits, background) are left out instead of refused (CLI --nan-as-missing).
+    nan_as_missing: bool = False
 
     @property
     def empty(self) -> bool:

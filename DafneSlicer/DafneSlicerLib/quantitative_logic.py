@@ -27,9 +27,11 @@ DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 
 
 def maps_from_volume_nodes(reference: sitk.Image, *, reference_node=None, water_node=None, fat_node=None,
-                           fat_fraction_node=None, map_nodes: Sequence[tuple[str, Any]] = ()) -> list:
+                           fat_fraction_node=None, map_nodes: Sequence[tuple[str, Any]] = (),
+                           missing_as_nan: bool = False) -> list:
     """The maps picked in the panel's volume selectors (``QuantitativeMap`` list) on ``reference``'s grid
-    (see :func:`dafne_logic.core.quantitative.build_maps`).
+    (see :func:`dafne_logic.core.quantitative.build_maps`; ``missing_as_nan``: NaN and infinite voxels
+    are left out of every summary instead of refused).
 
     ``reference`` is ``reference_node``'s voxels in its local frame (parent transform not applied), and
     so are the maps': a map under another parent transform than ``reference_node`` is refused.
@@ -43,7 +45,8 @@ def maps_from_volume_nodes(reference: sitk.Image, *, reference_node=None, water_
         return None if node is None else mc.image_from_volume_node(node)
 
     return build_maps(reference, water=image(water_node), fat=image(fat_node), fat_fraction=image(fat_fraction_node),
-                      others=[(name, mc.image_from_volume_node(node)) for name, node in map_nodes])
+                      others=[(name, mc.image_from_volume_node(node)) for name, node in map_nodes],
+                      missing_as_nan=missing_as_nan)
 
 
 def check_same_transform(reference_node, map_nodes: Sequence[Any]) -> None:

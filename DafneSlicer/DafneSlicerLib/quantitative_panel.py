@@ -1,6 +1,6 @@
 """The panel's *Quantitative MRI* section, built in code beside the .ui: map selectors (Dixon water and
-fat, a fat-fraction map, one more parametric map), the edge erosion, and the cross-sectional-area and
-DICOM SEG export buttons. The *Statistics* button of the panel reads :meth:`QuantitativeSection.selection`.
+fat, a fat-fraction map, one more parametric map), the edge erosion, whether NaN map voxels are left
+out, and the cross-sectional-area and DICOM SEG export buttons. The *Statistics* button of the panel reads :meth:`QuantitativeSection.selection`.
 
 Qt plumbing only; the actions are the controller's (``statistics(maps)``, ``cross_sectional_areas``,
 ``export_dicom_seg``), tested with fakes and with slicer-core.
@@ -49,6 +49,10 @@ class QuantitativeSection:
         self.erode.toolTip = ("Leave out voxels this close to each muscle's outline (in-plane), so fascia and fat at the "
                               "edge do not bias the values. See Docs/quantitative.md.")
         form.addRow("Edge erosion:", self.erode)
+        self.nan_as_missing = qt.QCheckBox("Leave out NaN voxels of the maps")
+        self.nan_as_missing.toolTip = ("Fitting tools write NaN for failed fits and background: leave those voxels out of "
+                                       "every summary. Unchecked, a map holding NaN or infinite values is refused.")
+        form.addRow("", self.nan_as_missing)
         buttons = qt.QHBoxLayout()
         csa = qt.QPushButton("Cross-sectional areas")
         csa.toolTip = "Area of each muscle on every axial slice along the leg: a table and a plot."
@@ -81,7 +85,8 @@ class QuantitativeSection:
         erode = None if self.erode.value <= _DEFAULT_EROSION_VALUE else float(self.erode.value)
         return MapSelection(water=self.water.currentNode(), fat=self.fat.currentNode(),
                             fat_fraction=self.fat_fraction.currentNode(),
-                            others=[(name, other)] if other is not None else [], erode_mm=erode)
+                            others=[(name, other)] if other is not None else [], erode_mm=erode,
+                            nan_as_missing=bool(self.nan_as_missing.checked))
 
     def _export_dicom_seg(self) -> None:
         if not self.controller.can_export_dicom_seg():

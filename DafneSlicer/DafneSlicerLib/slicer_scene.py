@@ -65,7 +65,8 @@ class SlicerScene:
         from . import quantitative_logic as ql
 
         return ql.maps_from_volume_nodes(reference, reference_node=volume_node, water_node=selection.water, fat_node=selection.fat,
-                                         fat_fraction_node=selection.fat_fraction, map_nodes=selection.others)
+                                         fat_fraction_node=selection.fat_fraction, map_nodes=selection.others,
+                                         missing_as_nan=selection.nan_as_missing)
 
     def show_fat_fraction_chart(self, rows: list[dict[str, Any]], table: LabelTable, name: str):
         from . import quantitative_logic as ql

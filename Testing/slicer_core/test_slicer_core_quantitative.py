@@ -92,6 +92,29 @@ def test_a_map_under_another_transform_than_the_image_is_refused(scene):
     assert [m.name for m in maps] == ["fat_fraction"]
 
 
+def test_a_t2_volume_with_nan_background_is_refused_unless_the_panel_says_nan_means_missing(scene):
+    """The panel's "Leave out NaN voxels" reaches the maps through SlicerScene.maps_of on real volume nodes."""
+    from DafneSlicerLib.controller import MapSelection
+    from DafneSlicerLib.slicer_scene import SlicerScene
+
+    water, labels = make_phantom("leg", contrast="water", **GEOMETRY)
+    t2 = np.full(sitk.GetArrayViewFromImage(water).shape, np.nan)
+    values = sitk.GetArrayViewFromImage(labels)
+    t2[values > 0] = 30.0 + values[values > 0]  # a fitted T2 (ms) per muscle, NaN (no fit) everywhere else
+    t2_image = sitk.GetImageFromArray(t2)
+    t2_image.CopyInformation(water)
+    water_node, t2_node = _volume(scene, water, "water"), _volume(scene, t2_image, "T2 fit")
+    reference = mc.image_from_volume_node(water_node)
+    labels.CopyInformation(reference)
+    adapter = SlicerScene(scene)
+    with pytest.raises(InputError, match="T2.*NaN"):
+        adapter.maps_of(reference, water_node, MapSelection(others=[("T2", t2_node)]))
+    maps = adapter.maps_of(reference, water_node, MapSelection(others=[("T2", t2_node)], nan_as_missing=True))
+    rows = muscle_statistics(reference, labels, LEG, maps=maps, erode_mm=0.0)
+    assert all(row["T2_mean"] == pytest.approx(30.0 + row["label_value"]) and row["T2_sd"] == pytest.approx(0.0)
+               for row in rows)
+
+
 def test_cross_sectional_area_table_and_plot(scene):
     _, labels = make_phantom("leg", **GEOMETRY)
     long_table, chart = ql.show_cross_sectional_areas(scene, labels, LEG, "calf CSA")
