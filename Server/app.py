@@ -14,13 +14,16 @@ from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.numbers import strict_json
 
+from .auth import authenticate
 from .config import ServerSettings
 from .crud import NotFound
+from .deps import UNAUTHENTICATED
 from .heartbeat import merge_worker_health
 from .plots import PlotCache
 from .routers import admin, dashboard, models, updates
@@ -34,6 +37,12 @@ API_VERSION = "1"
 # The one route whose body is large: a weight-delta upload (multipart). Every other body is a small form or JSON.
 UPLOAD_ROUTE = re.compile(r"^/v1/models/[^/]+/updates/?$")
 SMALL_BODY_BYTES = 64 * 1024
+
+
+def _route_path(scope: Scope) -> str:
+    """The request's path within the app: behind a proxy prefix, uvicorn puts ``root_path`` in the path too."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class BodySizeLimit:
@@ -55,11 +64,7 @@ class BodySizeLimit:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):  # behind a proxy prefix, uvicorn puts it in the path too
-                path = path[len(root):]
-            limit = self.max_bytes if UPLOAD_ROUTE.match(path) else self.small_bytes
+            limit = self.max_bytes if UPLOAD_ROUTE.match(_route_path(scope)) else self.small_bytes
             problem = None
             if length is None:
                 if headers.get(b"transfer-encoding"):
@@ -71,6 +76,33 @@ class BodySizeLimit:
             if problem is not None:
                 await JSONResponse({"detail": problem[1]}, problem[0], headers={"Connection": "close"})(
                     scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class UploadsNeedALogin:
+    """Refuse an upload without a live bearer token (401) before its body is read.
+
+    FastAPI receives and parses a multipart body, spooling the delta to a temporary file, before it
+    solves the route's dependencies, login included: without this check a client with no token
+    could make the server receive and store up to ``--max-upload-mb`` per request. The route still
+    checks the token itself (``current_principal``); this only refuses earlier.
+    """
+
+    def __init__(self, app: ASGIApp, storage: Storage) -> None:
+        self.app = app
+        self.storage = storage
+
+    def _logged_in(self, header: str | None) -> bool:
+        with self.storage.read() as session:
+            return authenticate(session, header) is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and UPLOAD_ROUTE.match(_route_path(scope)):
+            header = dict(scope["headers"]).get(b"authorization")
+            if not await run_in_threadpool(self._logged_in, None if header is None else header.decode("latin-1")):
+                await JSONResponse({"detail": UNAUTHENTICATED}, 401,
+                                   headers={"WWW-Authenticate": "Bearer", "Connection": "close"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -147,6 +179,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _dafne_error(_request, exc: DafneError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 422)
 
+    app.add_middleware(UploadsNeedALogin, storage=storage)
     # Slack for multipart framing around the delta itself.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 70_000)
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, the size limit's included

@@ -15,13 +15,15 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+UNAUTHENTICATED = "missing, unknown, expired or revoked bearer token"
+
+
 def current_principal(request: Request, storage: Storage = Depends(get_storage)) -> Principal:
     """The caller, from ``Authorization: Bearer …`` only (never a query parameter or cookie)."""
     with storage.read() as session:
         principal = authenticate(session, request.headers.get("authorization"))
     if principal is None:
-        raise HTTPException(401, "missing, unknown, expired or revoked bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, UNAUTHENTICATED, headers={"WWW-Authenticate": "Bearer"})
     return principal
 
 

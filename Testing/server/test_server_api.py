@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import re
+import socket
 import struct
 import time
 import uuid
@@ -164,6 +165,30 @@ def test_bad_uploads_get_4xx_with_a_reason_and_nothing_is_stored(live_server, ti
     after = requests.get(f"{live_server.url}/v1/models/inputs", headers=bearer(token), timeout=10).json()
     assert after["buffered_updates"] == before["buffered_updates"]
     assert requests.get(f"{live_server.url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def _answer_to_headers_only(server, authorization: str | None) -> bytes:
+    """What the server answers to an upload's headers (Content-Length 500 kB) when no body byte follows.
+
+    A server that waits for the body before checking the token answers nothing: a timeout."""
+    host, port = re.match(r"http://([^:/]+):(\d+)", server.url).groups()
+    head = (f"POST /v1/models/inputs/updates HTTP/1.1\r\nHost: {host}\r\nContent-Length: 500000\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            + (f"Authorization: {authorization}\r\n" if authorization else "") + "\r\n")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head.encode("latin-1"))
+        try:
+            return connection.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def test_an_upload_without_a_live_token_is_refused_before_its_body_is_read(live_server):
+    """FastAPI parses a multipart body before the login check: the token is checked from the headers first."""
+    for authorization in (None, "Bearer 1.not-a-secret", "Basic abc"):
+        answer = _answer_to_headers_only(live_server, authorization)
+        assert answer.startswith(b"HTTP/1.1 401"), (authorization, answer[:80])
+        assert b"bearer token" in answer and b"www-authenticate: bearer" in answer.lower()
 
 
 def test_users_refused_too_often_are_not_checked_again_and_refusals_are_audited(live_server, tiny_leg):
