@@ -87,6 +87,11 @@ class UploadsNeedALogin:
     solves the route's dependencies, login included: without this check a client with no token
     could make the server receive and store up to ``--max-upload-mb`` per request. The route still
     checks the token itself (``current_principal``); this only refuses earlier.
+
+    The connection stays open: a client sends its whole body before it reads the answer, and
+    closing on unread bytes resets the connection (on Windows the 401 is then lost, and a client
+    would retry a "connection error"). uvicorn discards the rest of a body once its response is
+    complete, within the body deadline of :mod:`dafne_server.deadlines`.
     """
 
     def __init__(self, app: ASGIApp, storage: Storage) -> None:
@@ -101,8 +106,8 @@ class UploadsNeedALogin:
         if scope["type"] == "http" and scope["method"] == "POST" and UPLOAD_ROUTE.match(_route_path(scope)):
             header = dict(scope["headers"]).get(b"authorization")
             if not await run_in_threadpool(self._logged_in, None if header is None else header.decode("latin-1")):
-                await JSONResponse({"detail": UNAUTHENTICATED}, 401,
-                                   headers={"WWW-Authenticate": "Bearer", "Connection": "close"})(scope, receive, send)
+                await JSONResponse({"detail": UNAUTHENTICATED}, 401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -9,7 +9,10 @@ gives every request
   the previous response on a keep-alive connection), and at most :data:`MAX_HEADER_BYTES` of them;
 - ``body_timeout_s`` plus one second per ``body_min_rate`` bytes received to send its body;
 
-and answers 408 (431 for oversized headers) and closes the connection when one is missed. The
+and answers 408 (431 for oversized headers) and closes the connection when one is missed. A
+response sent before its request's body has arrived (an early 401) leaves the body deadline
+running: uvicorn discards the rest of the body, and only then does the next request's header
+deadline start. The
 limits come from the server's settings (``DAFNE_SERVER_SETTINGS``, how every uvicorn worker
 process gets them); uvicorn loads the class by name: ``http="dafne_server.deadlines:DeadlineHttpToolsProtocol"``.
 """
@@ -48,6 +51,7 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._header_phase = True
         self._header_bytes = 0
+        self._body_pending = False  # the current request's headers are in, its body not yet all
 
     # --- the deadline --------------------------------------------------------------------------
 
@@ -98,7 +102,7 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(b"431 Request Header Fields Too Large")
 
     def on_headers_complete(self) -> None:
-        self._header_phase = False
+        self._header_phase, self._body_pending = False, True
         self._arm(self.body_timeout_s)
         super().on_headers_complete()
 
@@ -107,11 +111,18 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
         self._disarm()  # the application takes what time it needs
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:  # answered early; the body is now drained
+            self._next_request()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if not self._body_pending:  # else the rest of the body comes first, under its own deadline
+            self._next_request()
+
+    def _next_request(self) -> None:
         # A keep-alive connection's next request; unless a pipelined one, received already, now runs.
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._waiting_for_headers()

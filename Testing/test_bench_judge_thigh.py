@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import sys
 
 import pytest
 from bench_scripts import load_bench_script
@@ -20,7 +22,7 @@ def _model(dice: float, phantoms: float) -> dict:
 
 
 def _ff(mean: float, worst: float, over_5: int = 4) -> dict:
-    return {"errors": {"automatic (water)": {"2": {"mean_abs": mean, "max_abs": worst}}}, "review_flag": {"large": over_5}}
+    return {"errors": {"automatic (water)": {"2": {"mean_abs": mean, "max_abs": worst, "over_5": over_5}}}}
 
 
 def _verdict(candidate: dict, ff_candidate: dict | None = None, ff_rule: str = "no-rise") -> tuple[bool, str]:
@@ -64,3 +66,25 @@ def test_the_over_5_rule_judges_the_count_over_the_target_and_bounds_the_worst()
     assert not _verdict(better, _ff(1.9, 16.5))[0]  # the default rule still refuses any rise of the worst
     with pytest.raises(ValueError, match="unknown fat-fraction rule"):
         _verdict(better, _ff(1.9, 14.0), "lenient")
+
+
+def test_the_over_5_count_is_taken_at_2_mm_even_from_files_that_only_have_the_review_flag():
+    """Older benchmark files count errors over 5 points only in the review flag, at their default erosion."""
+    older = {"errors": {"automatic (water)": {"2": {"mean_abs": 1.9, "max_abs": 14.0}}}, "review_flag": {"large": 3},
+             "default_erode_mm": 2.0}
+    assert JUDGE._over_5(older) == 3
+    assert JUDGE._over_5(_ff(1.9, 14.0, over_5=6)) == 6
+    with pytest.raises(ValueError, match="at 1.0 mm, not 2 mm"):
+        JUDGE._over_5(older | {"default_erode_mm": 1.0})
+
+
+def test_the_command_line_passes_the_rule_on(tmp_path, capsys, monkeypatch):
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text(json.dumps({"shipped": _model(0.85, 0.935), "candidate": _model(0.87, 0.935)}))
+    (tmp_path / "old.json").write_text(json.dumps(_ff(2.0, 15.0)))
+    (tmp_path / "new.json").write_text(json.dumps(_ff(1.9, 16.5)))  # worst +1.5: only the over-5 rule ships it
+    for rule, verdict in (("no-rise", "DO NOT SHIP"), ("over-5", "VERDICT: SHIP")):
+        monkeypatch.setattr(sys, "argv", ["judge", str(evaluation), str(tmp_path / "old.json"), str(tmp_path / "new.json"),
+                                          "--shipped", "shipped", "--ff-rule", rule, "--out", str(tmp_path / f"{rule}.txt")])
+        JUDGE.main()
+        assert verdict in (tmp_path / f"{rule}.txt").read_text()

@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))  # OMP_NUM_THREADS=1 beside a training run
     import SimpleITK as sitk
-    from choose_review_threshold import flag_summary  # bench/ is on the path: this script's folder
+    from choose_review_threshold import LARGE_ERROR, flag_summary  # bench/ is on the path: this script's folder
 
     from dafne_logic.inference.confidence import REVIEW_BELOW
     from dafne_logic.inference.model_package import load_model
@@ -129,7 +129,8 @@ def main() -> None:
         for erode in EROSIONS_MM:
             errors = np.abs(by_erosion[erode])
             summary[name][f"{erode:g}"] = {"mean_abs": float(errors.mean()), "max_abs": float(errors.max()),
-                                           "mean_signed": float(np.mean(by_erosion[erode])), "n": int(errors.size)}
+                                           "mean_signed": float(np.mean(by_erosion[erode])), "n": int(errors.size),
+                                           "over_5": int(np.sum(errors > LARGE_ERROR))}
             cells.append(f"mean {errors.mean():5.2f} max {errors.max():5.2f}")
         print(f"{name:24s}" + "".join(f"{c:>22s}" for c in cells))
     auto = summary["automatic (water)"]

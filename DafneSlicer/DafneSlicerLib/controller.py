@@ -73,7 +73,8 @@ class SceneAdapter(Protocol):
 
 @dataclass
 class MapSelection:
-    """Maps picked in the panel (volume nodes, None when not picked) and the edge erosion in mm."""
+    """Maps picked in the panel (volume nodes, None when not picked), the edge erosion in mm, and
+    whether NaN map voxels mean "no value" (left out) rather than an error."""
 
     water: Any = None
     fat: Any = None

@@ -51,7 +51,8 @@ class QuantitativeSection:
         form.addRow("Edge erosion:", self.erode)
         self.nan_as_missing = qt.QCheckBox("Leave out NaN voxels of the maps")
         self.nan_as_missing.toolTip = ("Fitting tools write NaN for failed fits and background: leave those voxels out of "
-                                       "every summary. Unchecked, a map holding NaN or infinite values is refused.")
+                                       "every summary. Unchecked, a map holding NaN or infinite values is refused. "
+                                       "NIfTI files loaded into Slicer may already show NaN as 0: see Docs/quantitative.md.")
         form.addRow("", self.nan_as_missing)
         buttons = qt.QHBoxLayout()
         csa = qt.QPushButton("Cross-sectional areas")

@@ -167,28 +167,50 @@ def test_bad_uploads_get_4xx_with_a_reason_and_nothing_is_stored(live_server, ti
     assert requests.get(f"{live_server.url}/healthz", timeout=10).json()["status"] == "ok"
 
 
-def _answer_to_headers_only(server, authorization: str | None) -> bytes:
-    """What the server answers to an upload's headers (Content-Length 500 kB) when no body byte follows.
-
-    A server that waits for the body before checking the token answers nothing: a timeout."""
-    host, port = re.match(r"http://([^:/]+):(\d+)", server.url).groups()
-    head = (f"POST /v1/models/inputs/updates HTTP/1.1\r\nHost: {host}\r\nContent-Length: 500000\r\n"
-            "Content-Type: multipart/form-data; boundary=x\r\n"
-            + (f"Authorization: {authorization}\r\n" if authorization else "") + "\r\n")
-    with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(head.encode("latin-1"))
-        try:
-            return connection.recv(4096)
-        except TimeoutError:
-            return b""
+def _read_response(connection: socket.socket) -> bytes:
+    """One whole HTTP response (headers and a Content-Length body) from ``connection``; b"" on a timeout."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+    except TimeoutError:
+        return data
 
 
 def test_an_upload_without_a_live_token_is_refused_before_its_body_is_read(live_server):
-    """FastAPI parses a multipart body before the login check: the token is checked from the headers first."""
+    """FastAPI parses a multipart body before the login check: the token is checked from the headers first.
+
+    The 401 comes before any body byte is sent (a server waiting for the body would answer nothing);
+    the connection stays usable once the client has sent its body anyway, as clients do before they
+    read an answer (closing on unread bytes would reset the connection and lose the 401)."""
+    host, port = re.match(r"http://([^:/]+):(\d+)", live_server.url).groups()
     for authorization in (None, "Bearer 1.not-a-secret", "Basic abc"):
-        answer = _answer_to_headers_only(live_server, authorization)
-        assert answer.startswith(b"HTTP/1.1 401"), (authorization, answer[:80])
-        assert b"bearer token" in answer and b"www-authenticate: bearer" in answer.lower()
+        head = (f"POST /v1/models/inputs/updates HTTP/1.1\r\nHost: {host}\r\nContent-Length: 500000\r\n"
+                "Content-Type: multipart/form-data; boundary=x\r\n"
+                + (f"Authorization: {authorization}\r\n" if authorization else "") + "\r\n")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(head.encode("latin-1"))
+            answer = _read_response(connection)
+            assert answer.startswith(b"HTTP/1.1 401"), (authorization, answer[:80])
+            assert b"bearer token" in answer and b"www-authenticate: bearer" in answer.lower()
+            connection.sendall(b"\0" * 500_000)  # the body the client had announced, drained and discarded
+            connection.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert _read_response(connection).startswith(b"HTTP/1.1 200"), authorization
+    # Through an ordinary client, which sends the whole body first: a clean 401, no connection error.
+    r = requests.post(f"{live_server.url}/v1/models/inputs/updates", headers=bearer("1.not-a-secret"), timeout=10,
+                      files={"delta": ("d", b"\0" * (900 << 10))}, data={"metadata": "{}"})
+    assert r.status_code == 401 and "bearer token" in r.json()["detail"]
 
 
 def test_users_refused_too_often_are_not_checked_again_and_refusals_are_audited(live_server, tiny_leg):
