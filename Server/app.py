@@ -104,7 +104,8 @@ class UploadsNeedALogin:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and UPLOAD_ROUTE.match(_route_path(scope)):
-            header = dict(scope["headers"]).get(b"authorization")
+            # The first Authorization header, as Starlette's request.headers.get gives the route's own check.
+            header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
             if not await run_in_threadpool(self._logged_in, None if header is None else header.decode("latin-1")):
                 await JSONResponse({"detail": UNAUTHENTICATED}, 401, headers={"WWW-Authenticate": "Bearer"})(
                     scope, receive, send)
