@@ -8,9 +8,9 @@ fat-fraction error of ``bench_fat_fraction.py`` (water image, 2 mm erosion, thig
 rise, mean or worst. Whether the target (≥ 0.90 in every regime) is met is reported, not judged.
 
 ``--ff-rule over-5`` (the rule of trial v9 onward, Docs/training.md) judges the fat fraction by the
-issue's target instead of by the single worst muscle: the mean does not rise, no more muscles are
-off by over 5 points at 2 mm (the benchmark's ``over_5``) rises, and the worst rises by at most
-``WORST_TOLERANCE`` points. The default, ``no-rise``, is the rule every earlier verdict used.
+issue's target instead of by the single worst muscle: the mean does not rise, the number of muscles
+off by over 5 points at 2 mm (the benchmark's ``over_5``) does not rise, and the worst rises by at
+most ``WORST_TOLERANCE`` points. The default, ``no-rise``, is the rule every earlier verdict used.
 
 Usage: python bench/judge_thigh_candidate.py EVALUATE.json FF_SHIPPED.json FF_CANDIDATE.json
        [--shipped KEY] [--candidate KEY] [--ff-rule no-rise|over-5] [--out VERDICT.txt]

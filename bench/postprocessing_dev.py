@@ -62,6 +62,7 @@ def main() -> None:
     from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import predict_slices
+    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
     from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.region)
@@ -76,6 +77,7 @@ def main() -> None:
         probabilities = {leg.side: np.concatenate([p for _, p in predict_slices(net, leg.image, device)])
                          for leg in prepared.legs}
         exact = sitk.GetArrayViewFromImage(pair.labels)
+        muscles = list(pair.true_fat_fraction)
         variants = {}
         for name, weights in SMOOTHING.items():
             assembler = LabelAssembler(prepared, model.labels)
@@ -91,10 +93,8 @@ def main() -> None:
             for erode, by_label in errors_per_erosion(pair.water, pair.fat, labels, pair.true_fat_fraction,
                                                       model.labels).items():
                 errors.setdefault(name, {}).setdefault(erode, []).extend(abs(e) for e in by_label.values())
-            found = sitk.GetArrayViewFromImage(labels)
-            dice.setdefault(name, []).extend(
-                float(2 * np.sum((found == v) & (exact == v)) / (np.sum(found == v) + np.sum(exact == v)))
-                for v in pair.true_fat_fraction)
+            per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels), exact, n_labels))
+            dice.setdefault(name, []).extend(float(per_value[v]) for v in muscles)
         print(f"{args.region} seed {seed} done", flush=True)
     summary = {name: {"mean_dice": float(np.mean(dice[name])),
                       **{f"{e:g}": {"mean_abs": float(np.mean(v)), "max_abs": float(np.max(v))} for e, v in by_erosion.items()}}
