@@ -80,6 +80,41 @@ def test_labels_off_the_source_slices_are_refused(dicom_case, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def _oblique_series_with_rounded_positions(folder: Path) -> tuple[list[str], sitk.Image]:
+    """A 6-slice oblique series of 0.5 mm pixels whose ImagePositionPatient is stored to 2 decimals (mm),
+    up to a hundredth of a pixel off its exact place; and labels on the grid SimpleITK reads from it."""
+    image, labels = make_phantom("leg", (6, 48, 64), contrast="t1", seed=3)
+    tilt = sitk.Euler3DTransform((0, 0, 0), 0.2, 0.1, 0.0)
+    image.SetSpacing((0.5, 0.5, 4.0))
+    image.SetDirection(tilt.GetMatrix())
+    files = write_dicom_series(image, folder)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [round(float(v), 2) for v in ds.ImagePositionPatient]
+        ds.save_as(f)
+    labels = sitk.Cast(labels, sitk.sitkUInt8)
+    labels.CopyInformation(read_image(folder))
+    return [str(f) for f in files], labels
+
+
+def test_an_oblique_series_with_positions_rounded_to_10_micrometres_is_written_and_reads_back(tmp_path):
+    files, labels = _oblique_series_with_rounded_positions(tmp_path / "series")
+    out = tmp_path / "result.dcm"
+    values = write_dicom_seg(labels, files, LEG, out)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    np.testing.assert_array_equal(read_dicom_seg_labels(out, uids, values), sitk.GetArrayFromImage(labels))
+
+
+def test_labels_with_the_in_plane_axes_swapped_are_refused_though_the_first_pixels_match(tmp_path):
+    files, labels = _oblique_series_with_rounded_positions(tmp_path / "series")
+    swapped = sitk.Image(labels)
+    d = np.reshape(labels.GetDirection(), (3, 3))
+    swapped.SetDirection(tuple(d[:, [1, 0, 2]].ravel()))  # same origin: every slice's first pixel is where it was
+    with pytest.raises(InputError, match="in-plane axes or pixel spacing"):
+        write_dicom_seg(swapped, files, LEG, tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()
+
+
 def test_segment_writes_a_dicom_seg_of_a_dicom_series(dicom_case, tmp_path, capsys):
     series, _ = dicom_case
     folder = str(Path(series.files[0]).parent)

@@ -63,6 +63,33 @@ def test_fat_fraction_map_scale_is_detected_and_refused_when_neither():
         fat_fraction_from_map(_like(1000 * fractions, reference), reference)
 
 
+def test_a_masked_percent_map_is_read_as_percent_though_most_of_it_is_zero():
+    """A scanner map masked to a region of interest: its 99.5th percentile over all voxels is 0,
+    which once made percent look like fractions (30 % read as 3000 %)."""
+    reference = make_image(shape_zyx=(10, 40, 40), spacing=(1.0, 1.0, 3.0))
+    masked = np.zeros((10, 40, 40))
+    masked[4:6, 10:15, 10:15] = 30.0  # 50 of 16,000 voxels: under the top 0.5 %
+    as_read = fat_fraction_from_map(_like(masked, reference), reference)
+    assert np.nanmax(as_read.values) == pytest.approx(30.0) and "0–100" in as_read.note
+
+
+def test_a_segmentation_without_muscle_is_not_blamed_on_the_map():
+    reference = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0))
+    empty = _like(np.zeros((2, 16, 16), np.uint8), reference)
+    t2 = parametric_map("T2", _like(np.full((2, 16, 16), 35.0), reference), reference)
+    columns = quantitative_columns(empty, [t2], LEG)
+    assert all(row["T2_mean"] is None for row in columns.values())
+    far_map = parametric_map("T2", _like(np.full((2, 16, 16), np.nan), reference), reference)
+    with pytest.raises(InputError, match="no value on any segmented muscle voxel"):  # muscle there, map not
+        quantitative_columns(_block_labels(reference), [far_map], LEG)
+
+
+@pytest.mark.parametrize("erode_mm", [-1.0, float("nan"), float("inf")])
+def test_erosion_must_be_a_finite_non_negative_distance(erode_mm):
+    with pytest.raises(InputError, match="non-negative number of mm"):
+        erode_labels_in_plane(np.ones((1, 4, 4), np.uint8), (1.0, 1.0), erode_mm)
+
+
 def test_negative_dixon_images_are_refused():
     reference = make_image(shape_zyx=(2, 8, 8))
     water = _like(np.ones((2, 8, 8)), reference)
@@ -102,8 +129,6 @@ def test_in_plane_erosion_removes_the_edge_ring_per_slice_never_along_z():
     edge = np.zeros((1, 5, 5), np.uint8)
     edge[0, :3, :3] = 2
     assert (erode_labels_in_plane(edge, spacing, 1.0) == 2).sum() == 1
-    with pytest.raises(InputError, match="negative"):
-        erode_labels_in_plane(labels, spacing, -1.0)
 
 
 def test_summaries_skip_nan_and_count_voxels():

@@ -81,11 +81,12 @@ def _bad_maps(dixon, tmp_path):
         "bad map name": ["--map", f"fat_fraction={dixon['water']}"],
         "not a fat fraction": ["--fat-fraction", str(_write_like(water * 5000, dixon["water"], tmp_path / "big.nii.gz"))],
         "missing": ["--map", f"T2={tmp_path / 'absent.nii.gz'}"],
+        "erosion nan": ["--erode-mm", "nan", "--water", str(dixon["water"]), "--fat", str(dixon["fat"])],
     }
 
 
 @pytest.mark.parametrize("kind", ["elsewhere", "negative", "nan", "nan nifti", "4d", "water alone", "bad map option", "bad map name",
-                                  "not a fat fraction", "missing"])
+                                  "not a fat fraction", "missing", "erosion nan"])
 def test_bad_maps_are_one_sentence_exit_2_nothing_written(dixon, tmp_path, capsys, kind):
     flags = _bad_maps(dixon, tmp_path)[kind]
     out, csa = tmp_path / "out" / "stats.csv", tmp_path / "out" / "csa.csv"
@@ -94,6 +95,16 @@ def test_bad_maps_are_one_sentence_exit_2_nothing_written(dixon, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_segmentation_without_muscle_is_named_as_the_problem_not_the_maps(dixon, tmp_path, capsys):
+    empty = _write_like(np.zeros(GEOMETRY["shape"], np.uint8), dixon["water"], tmp_path / "empty.nii.gz")
+    out = tmp_path / "out" / "stats.csv"
+    rc = main(["stats", str(dixon["water"]), str(empty), "--region", "leg", "--csv", str(out),
+               "--water", str(dixon["water"]), "--fat", str(dixon["fat"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no voxel of any leg muscle" in err and "map" not in err
     assert not (tmp_path / "out").exists()
 
 

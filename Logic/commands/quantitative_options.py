@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 import SimpleITK as sitk
 
@@ -50,8 +51,8 @@ def check(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise InputError("--water and --fat go together (the two images of one Dixon scan).")
     if args.water and args.fat_fraction:
         raise InputError("give either --water/--fat or --fat-fraction, not both.")
-    if args.erode_mm < 0:
-        raise InputError(f"--erode-mm must not be negative, not {args.erode_mm:g}.")
+    if not (math.isfinite(args.erode_mm) and args.erode_mm >= 0):  # NaN would erode every voxel away
+        raise InputError(f"--erode-mm must be a non-negative number of mm, not {args.erode_mm:g}.")
     pairs: list[tuple[str, str]] = []
     taken = {FAT_FRACTION}
     for option in args.map:

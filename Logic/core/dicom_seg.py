@@ -51,6 +51,9 @@ def _coded(code: Code):  # -> highdicom.sr.CodedConcept
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
+SLICE_TOLERANCE = 0.05  # voxels: how far a source image's position may lie from a label slice's
+
+
 def _read_sources(files: Sequence[str], labels: sitk.Image):  # -> list[pydicom.Dataset]
     """The source datasets in the label image's k order (found from each image's position, whatever
     order the files come in); refuses a series whose slices the labels do not lie on."""
@@ -65,10 +68,22 @@ def _read_sources(files: Sequence[str], labels: sitk.Image):  # -> list[pydicom.
     index = np.array([labels.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
                       for ds in datasets])
     k = np.rint(index[:, 2]).astype(int)
-    on_slices = np.allclose(index[:, :2], 0.0, atol=1e-3) and np.allclose(index[:, 2], k, atol=1e-3)
+    # A twentieth of a voxel: positions are often stored with 3 decimals (mm), which an oblique
+    # series' exact geometry misses by far more than 1e-3 voxel.
+    on_slices = np.allclose(index[:, :2], 0.0, atol=SLICE_TOLERANCE) and np.allclose(index[:, 2], k, atol=SLICE_TOLERANCE)
     if not on_slices or sorted(k.tolist()) != list(range(size_z)):
         raise InputError("the segmentation's slices do not match the DICOM series' slice positions; "
                          "a DICOM SEG needs the segmentation on its source slices.")
+    # Rows and columns run along the labels' x and y axes with their spacing (a transposed or
+    # resampled in-plane grid has the right first-pixel positions but would be written wrongly).
+    direction = np.reshape(labels.GetDirection(), (3, 3))
+    for ds in datasets:
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        spacing = np.asarray([float(v) for v in ds.PixelSpacing])  # (between rows, between columns)
+        if not (np.allclose(orientation, np.concatenate([direction[:, 0], direction[:, 1]]), atol=1e-2)
+                and np.allclose(spacing, labels.GetSpacing()[1::-1], rtol=1e-3)):
+            raise InputError("the segmentation's in-plane axes or pixel spacing differ from the DICOM series'; "
+                             "a DICOM SEG needs the segmentation on its source slices.")
     return [datasets[i] for i in np.argsort(k)]
 
 

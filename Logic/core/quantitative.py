@@ -17,6 +17,7 @@ behind :data:`DEFAULT_ERODE_MM`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,9 +149,12 @@ def fat_fraction_from_map(image: sitk.Image, reference: sitk.Image) -> Quantitat
 
     A map whose 99.5th percentile is at most 1.5 holds fractions (0–1, multiplied by 100); up to
     150 percent (0–100). Anything larger is refused: it is not a fat-fraction map in either scale.
+    The percentile is taken over the finite non-zero voxels: a map masked to the body or to a region
+    of interest is mostly exact zeros, which would make any scale look like fractions.
     """
     voxels = sitk.GetArrayViewFromImage(image)
-    top = float(np.nanpercentile(voxels, 99.5))
+    valued = voxels[np.isfinite(voxels) & (voxels != 0)]
+    top = float(np.percentile(valued, 99.5)) if valued.size else 0.0
     if top <= 1.5:
         scale, note = 100.0, "fat-fraction map read as fractions 0–1 (99.5th percentile {:.3g}), shown in percent"
     elif top <= 150.0:
@@ -207,8 +211,8 @@ def erode_labels_in_plane(labels: np.ndarray, spacing_xy: tuple[float, float], e
     a boundary voxel is one pixel from the outside, so ``erode_mm`` under one pixel keeps everything.
     The slice axis is never eroded: slices are often thick and muscles run along it.
     """
-    if erode_mm < 0:
-        raise InputError(f"--erode-mm must not be negative, not {erode_mm:g}.")
+    if not (math.isfinite(erode_mm) and erode_mm >= 0):
+        raise InputError(f"--erode-mm must be a non-negative number of mm, not {erode_mm:g}.")
     if erode_mm == 0:
         return labels
     eroded = np.zeros_like(labels)
@@ -273,7 +277,8 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
         if quantity.values.shape != label_voxels.shape:
             raise ValueError(f"{quantity.name} is {quantity.values.shape}, the labels {label_voxels.shape}")
         segmented = (label_voxels > 0) & (label_voxels <= n_labels)
-        if not np.isfinite(quantity.values[segmented]).any():
+        # No muscle at all is the caller's to say (wrong region, empty result), not the map's fault.
+        if segmented.any() and not np.isfinite(quantity.values[segmented]).any():
             raise InputError(f"the {quantity.name} map has no value on any segmented muscle voxel "
                              "(it does not overlap the muscles, or all of them lie under its noise floor).")
         for value, summary in summarise_by_label(quantity.values, eroded, n_labels).items():
