@@ -65,6 +65,7 @@ def main() -> None:
     from dafne_logic.inference.confidence import REVIEW_BELOW
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume, segment_with_confidence
+    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
     from dafne_logic.phantoms.images import make_dixon_phantom
 
     start = time.perf_counter()
@@ -103,8 +104,9 @@ def main() -> None:
                             (error, confidence.per_label.get(label, 0.0)) for label, error in by_label.items())
                     collected[name].setdefault(erode, []).extend(values)
                     by_infiltration.setdefault((name, infiltration), {}).setdefault(erode, []).extend(values)
-                a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact)
-                label_dice = {v: float(2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v))) for v in truth}
+                per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels),
+                                                          sitk.GetArrayViewFromImage(exact), 2 * model.labels.n_muscles))
+                label_dice = {v: float(per_value[v]) for v in truth}
                 dice.setdefault((name, infiltration), []).extend(label_dice.values())
                 if name == "automatic (water)":
                     names = {label.value: label.name for label in model.labels.volume_labels()}

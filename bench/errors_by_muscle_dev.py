@@ -36,6 +36,7 @@ def main() -> None:
     from dafne_logic.core.statistics import muscle_statistics
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume
+    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
     from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.model or args.region)
@@ -46,9 +47,10 @@ def main() -> None:
         pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
         water, fat, exact, truth = pair.water, pair.fat, pair.labels, pair.true_fat_fraction
         labels = segment_volume(water, model, device="cpu")
-        a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact)
+        per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact),
+                                                  2 * model.labels.n_muscles))
         for v in truth:
-            dice.setdefault(muscle_of[v], []).append(float(2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v))))
+            dice.setdefault(muscle_of[v], []).append(float(per_value[v]))
         maps = [fat_fraction_from_dixon(water, fat, water)]
         for row in muscle_statistics(water, labels, model.labels, maps=maps, erode_mm=ERODE_MM):
             if row["label_value"] in truth and row["fat_fraction_mean"] is not None:

@@ -27,10 +27,13 @@ SLICES = 24
 
 def slice_dice(auto: np.ndarray, exact: np.ndarray) -> list[float]:
     """Mean Dice over the labels of ``exact`` on each slice (z, y, x arrays)."""
+    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
+
+    n_labels = int(max(auto.max(), exact.max()))
     scores = []
     for a, b in zip(auto, exact, strict=True):
-        values = [v for v in np.unique(b) if v > 0]
-        scores.append(float(np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in values])))
+        per_value = dice_from_counts(*dice_counts(a, b, n_labels))
+        scores.append(float(np.mean([per_value[v] for v in np.unique(b) if v > 0])))
     return scores
 
 

@@ -1,0 +1,162 @@
+"""Test-time augmentation and two-contrast ensembles against the fat-fraction error (development data only).
+
+The worst per-muscle fat-fraction errors come from thin muscles (sartorius, adductor longus, gracilis)
+whose segmentation strays. Cheap inference-side remedies, tried on the phantom Dixon pairs of the
+development seeds 200–205 (never the benchmark's 100–102) with the bundled model:
+
+- **two contrasts**: the class probabilities of the water image and of the in-phase image
+  (water + fat) averaged: a Dixon scan gives both for free;
+- **shifts**: probabilities averaged over the slice and four copies shifted by 4 pixels (in-plane),
+  each shifted back;
+- **zoom and rotation**: over the slice and copies zoomed by 0.9 and 1.1 and rotated by ±10°, each
+  warped back (bilinear);
+- **gamma**: over the normalised slice raised to the powers 0.7, 1 and 1.4 (contrast jitter).
+
+Reported: mean Dice against the exact labels, and mean / worst absolute fat-fraction error (points)
+per erosion. A guide, not a benchmark: nothing is judged on it.
+
+Usage: python bench/tta_dev.py [--region thigh|leg] [--out bench/results/tta_dev_REGION.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from choose_review_threshold import DEV_CASES  # bench/ is on the path: this script's folder
+
+from dafne_logic.core.preprocessing import PreparedVolume, PreprocessingParams
+
+Predict = Callable[[np.ndarray], np.ndarray]  # (n, H, W) normalised slices -> (n, C, H, W) probabilities
+
+SHIFTS_PX = ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4))
+WARPS = ((1.0, 0.0), (0.9, 0.0), (1.1, 0.0), (1.0, 10.0), (1.0, -10.0))  # (zoom, rotation in degrees)
+GAMMAS = (1.0, 0.7, 1.4)
+
+
+def shifted(predict: Predict, slices: np.ndarray) -> np.ndarray:
+    """Mean probabilities over :data:`SHIFTS_PX` in-plane shifts, each rolled back onto the slice."""
+    total = 0.0
+    for dy, dx in SHIFTS_PX:
+        p = predict(np.roll(slices, (dy, dx), axis=(1, 2)))
+        total = total + np.roll(p, (-dy, -dx), axis=(2, 3))
+    return total / len(SHIFTS_PX)
+
+
+def _grid(theta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.nn.functional.affine_grid(theta.expand(shape[0], 2, 3), list(shape), align_corners=False)
+
+
+def warped(predict: Predict, slices: np.ndarray) -> np.ndarray:
+    """Mean probabilities over the :data:`WARPS` (zoom about the centre, rotation), each warped back.
+
+    A sample at output point u is read at A·u: the slice is zoomed by 1/zoom; the probabilities
+    are read back at A⁻¹·u. Borders take the nearest edge value (background in a leg crop).
+    """
+    x = torch.from_numpy(slices[:, None])
+    total = 0.0
+    for zoom, degrees in WARPS:
+        a = math.radians(degrees)
+        forward = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float32) / zoom
+        theta = torch.cat([forward, torch.zeros(2, 1)], 1)[None]
+        inverse = torch.cat([torch.linalg.inv(forward), torch.zeros(2, 1)], 1)[None]
+        moved = torch.nn.functional.grid_sample(x, _grid(theta, tuple(x.shape)), align_corners=False, padding_mode="border")
+        p = torch.from_numpy(predict(moved[:, 0].numpy()))
+        total = total + torch.nn.functional.grid_sample(p, _grid(inverse, tuple(p.shape)), align_corners=False,
+                                                        padding_mode="border").numpy()
+    return total / len(WARPS)
+
+
+def gamma_jittered(predict: Predict, slices: np.ndarray) -> np.ndarray:
+    """Mean probabilities over the normalised slices raised to each of :data:`GAMMAS` (on [0, 1])."""
+    return sum(predict(np.clip(slices, 0, 1) ** g if g != 1.0 else slices) for g in GAMMAS) / len(GAMMAS)
+
+
+def in_phase_crops(in_phase: sitk.Image, water: PreparedVolume, params: PreprocessingParams) -> dict[str, np.ndarray]:
+    """The in-phase image on exactly the water image's leg crops (same rows, columns, mirroring),
+    normalised by its own body percentiles, so the two contrasts' probabilities can be averaged."""
+    from dafne_logic.core import preprocessing as pre
+
+    volume = sitk.GetArrayViewFromImage(pre.canonical(in_phase))
+    spacing_yx = (in_phase.GetSpacing()[1], in_phase.GetSpacing()[0])
+    low, high, fill = pre._intensity_statistics(volume, pre.body_mask(volume, spacing_yx), params.percentiles)
+    crops = {}
+    for leg in water.legs:
+        crop = (pre._sample(volume, leg.rows, leg.columns, order=1, fill=fill, dtype=np.float32) - low) / (high - low)
+        crops[leg.side] = pre._mirror(np.clip(crop, *pre.NORMALISED_RANGE), leg.mirrored)
+    return crops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--region", default="thigh", choices=["thigh", "leg"])
+    parser.add_argument("--out", help="JSON output (default bench/results/tta_dev_REGION.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from bench_fat_fraction import EROSIONS_MM, errors_per_erosion
+
+    from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
+    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.inference.segment import predict_slices
+    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
+    from dafne_logic.phantoms.images import make_dixon_phantom
+
+    model = load_model(args.region)
+    device = torch.device("cpu")
+    net = model.network(device)
+    n_labels = 2 * model.labels.n_muscles
+
+    def predict(slices: np.ndarray) -> np.ndarray:
+        return np.concatenate([p for _, p in predict_slices(net, slices.astype(np.float32), device)])
+
+    errors: dict[str, dict[float, list[float]]] = {}
+    dice: dict[str, list[float]] = {}
+    for seed, infiltration in DEV_CASES:
+        pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+        water = prepare_volume(pair.water, model.manifest.preprocessing)
+        in_phase = in_phase_crops(sitk.Add(pair.water, pair.fat), water, model.manifest.preprocessing)
+        by_variant: dict[str, dict[str, np.ndarray]] = {}
+        for leg in water.legs:
+            base = predict(leg.image)
+            other = predict(in_phase[leg.side])
+            by_variant.setdefault("water", {})[leg.side] = base
+            by_variant.setdefault("in-phase", {})[leg.side] = other
+            by_variant.setdefault("water + in-phase", {})[leg.side] = (base + other) / 2
+            by_variant.setdefault("water, shifts", {})[leg.side] = shifted(predict, leg.image)
+            by_variant.setdefault("water, zoom/rotation", {})[leg.side] = warped(predict, leg.image)
+            by_variant.setdefault("water, gamma", {})[leg.side] = gamma_jittered(predict, leg.image)
+        exact = sitk.GetArrayViewFromImage(pair.labels)
+        muscles = list(pair.true_fat_fraction)
+        for name, probabilities in by_variant.items():
+            assembler = LabelAssembler(water, model.labels)
+            for side, p in probabilities.items():
+                assembler.add(side, 0, p)
+            labels = assembler.image()
+            for erode, by_label in errors_per_erosion(pair.water, pair.fat, labels, pair.true_fat_fraction,
+                                                      model.labels).items():
+                errors.setdefault(name, {}).setdefault(erode, []).extend(abs(e) for e in by_label.values())
+            per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels), exact, n_labels))
+            dice.setdefault(name, []).extend(float(per_value[v]) for v in muscles)
+        print(f"{args.region} seed {seed} done", flush=True)
+    summary = {name: {"mean_dice": float(np.mean(dice[name])),
+                      **{f"{e:g}": {"mean_abs": float(np.mean(v)), "max_abs": float(np.max(v))} for e, v in by_erosion.items()}}
+               for name, by_erosion in errors.items()}
+    print(f"\n{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}; "
+          "fat-fraction error mean / worst (points) per erosion:")
+    for name, row in summary.items():
+        cells = "  ".join(f"{e:g} mm {row[f'{e:g}']['mean_abs']:5.2f} / {row[f'{e:g}']['max_abs']:5.1f}" for e in EROSIONS_MM)
+        print(f"  {name:22s} Dice {row['mean_dice']:.4f}   {cells}")
+    out = Path(args.out or Path(__file__).parent / "results" / f"tta_dev_{args.region}.json")
+    out.write_text(json.dumps({"cases": DEV_CASES, "model": f"{args.region} (version {model.manifest.version})",
+                               "variants": summary}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
