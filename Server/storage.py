@@ -18,7 +18,8 @@ from alembic.config import Config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dafne_logic.inference.model_package import Manifest, ModelPackage, list_models, parse_weights, weights_bytes
+from dafne_logic.inference.manifest import Manifest, list_models
+from dafne_logic.inference.model_package import ModelPackage, parse_weights, weights_bytes
 from dafne_logic.learning.delta import weights_norm
 
 from . import crud

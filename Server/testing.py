@@ -21,7 +21,8 @@ from pathlib import Path
 
 import requests
 
-from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.model_package import ModelPackage
 
 from .auth import create_user
 from .config import ServerSettings

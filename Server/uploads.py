@@ -30,7 +30,7 @@ from typing import IO, cast
 from sqlalchemy.exc import IntegrityError
 
 from dafne_logic.core.errors import ModelError
-from dafne_logic.inference.model_package import Manifest
+from dafne_logic.inference.manifest import Manifest
 from dafne_logic.learning.delta import DeltaMetadata, decode_delta_stream, weights_norm
 
 from . import crud

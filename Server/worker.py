@@ -37,7 +37,8 @@ from sqlalchemy import func, or_, select, update
 
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.numbers import nanmean, strict_json
-from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.learning.delta import decode_delta
 
 from . import crud

@@ -19,7 +19,8 @@ from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import LEG, LabelTable
 from dafne_logic.core.preprocessing import PreprocessingParams
 from dafne_logic.core.slice_selection import min_muscles_required, parse_slice_list, select_slices
-from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.inference.networks import build_network, unet_architecture
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, apply_delta, decode_delta
 from dafne_logic.learning.finetune import FinetuneConfig, finetune_on_corrections

@@ -11,16 +11,17 @@ import torch
 
 from dafne_logic.core.errors import ModelError
 from dafne_logic.core.labels import LEG, THIGH, LabelTable
-from dafne_logic.inference.model_package import (
+from dafne_logic.inference.manifest import (
+    ALLOWED_KWARGS,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     Manifest,
-    ModelPackage,
+    check_package,
     list_models,
-    load_model,
     resolve_model_path,
 )
-from dafne_logic.inference.networks import build_network, unet_architecture
+from dafne_logic.inference.model_package import ModelPackage, load_model
+from dafne_logic.inference.networks import ARCHITECTURES, build_network, unet_architecture
 
 TINY = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
 
@@ -207,3 +208,19 @@ def test_undefined_figures_are_saved_as_strict_json_null(tmp_path: Path):
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     loaded = ModelPackage.load(tmp_path / "m").manifest.provenance["validation"]
     assert loaded == {"adductor longus": None, "soleus": 0.9, "per step": [None, 1.0]}
+
+
+def test_every_buildable_network_has_its_allowed_arguments_and_no_other():
+    assert set(ALLOWED_KWARGS) == set(ARCHITECTURES)
+
+
+def test_check_package_reads_the_manifest_and_checks_the_weights_without_loading_them(tmp_path):
+    folder = tiny_package().save(tmp_path / "tiny")
+    assert check_package(folder).labels is not None
+    (folder / WEIGHTS_NAME).write_bytes((folder / WEIGHTS_NAME).read_bytes()[:-1] + b"x")
+    with pytest.raises(ModelError, match="does not match the manifest"):
+        check_package(folder)
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(ModelError, match="missing or unreadable"):
+        check_package(folder)
+

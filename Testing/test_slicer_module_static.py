@@ -316,6 +316,24 @@ def test_qt_free_modules_import_with_torch_and_monai_missing():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_the_gui_thread_lists_and_checks_models_without_torch():
+    """What the panel does on Slicer's GUI thread (fill the model list, check the model before a job)
+    must not import torch: a cold CUDA torch import freezes Slicer for seconds. Run for real in a
+    fresh interpreter where torch, monai and safetensors cannot be imported."""
+    script = ("import sys\n"
+              "for name in ('torch', 'monai', 'safetensors'):\n"
+              "    sys.modules[name] = None\n"
+              "from DafneSlicerLib.segmentation_logic import SegmentationLogic\n"
+              "logic = SegmentationLogic()\n"
+              "names = [choice.name for choice in logic.list_models()]\n"
+              "manifest = logic.check_model('leg')\n"
+              "print(','.join(names), manifest.labels.n_muscles)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=MODULE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names, n_muscles = done.stdout.split()
+    assert {"thigh", "leg"} <= set(names.split(",")) and n_muscles == "6"
+
+
 # Packages Slicer's own Python provides (PyTorchUtils: the PyTorch extension this one depends on).
 SLICER_PROVIDED = SLICER_OWNED | {"slicer", "qt", "ctk", "vtk", "mrml", "packaging", "pytorchutils"}
 

@@ -11,7 +11,7 @@ import torch
 
 from dafne_logic.core.labels import LEG
 from dafne_logic.core.preprocessing import NORMALISED_RANGE
-from dafne_logic.inference.model_package import Manifest
+from dafne_logic.inference.manifest import Manifest
 from dafne_logic.inference.networks import unet_architecture
 from dafne_logic.training.harmonisation import HOLE_LARGEST, MUSCLE_BASE, LegSlice, PartialLabelLoss
 from dafne_logic.training.samplers import AnatomyBank, SliceSampler, SynthesisSampler

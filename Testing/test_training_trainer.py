@@ -12,7 +12,8 @@ import torch
 
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import Code, LabelTable, Muscle
-from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.inference.networks import unet_architecture
 from dafne_logic.training.trainer import TrainConfig, _TimeBudget, learning_rate, steps_within, train_model
 

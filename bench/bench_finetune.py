@@ -28,7 +28,8 @@ import torch
 def parent_model(name: str):
     from dafne_logic.core.errors import ModelError
     from dafne_logic.core.labels import THIGH
-    from dafne_logic.inference.model_package import Manifest, ModelPackage, load_model
+    from dafne_logic.inference.manifest import Manifest
+    from dafne_logic.inference.model_package import ModelPackage, load_model
     from dafne_logic.inference.networks import build_network, unet_architecture
 
     try:

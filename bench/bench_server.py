@@ -27,7 +27,8 @@ from sqlalchemy import select
 
 from dafne_logic.core.client_config import ClientConfig
 from dafne_logic.core.labels import BUILTIN_TABLES
-from dafne_logic.inference.model_package import Manifest, ModelPackage, list_models, weights_bytes
+from dafne_logic.inference.manifest import Manifest, list_models
+from dafne_logic.inference.model_package import ModelPackage, weights_bytes
 from dafne_logic.inference.networks import DEFAULT_UNET_KWARGS, build_network, unet_architecture
 from dafne_logic.learning.delta import DeltaMetadata, encode_delta, make_delta
 from dafne_logic.learning.federated_client import FederatedClient

@@ -17,6 +17,7 @@ from .jobs import CancelCheck, ProgressCallback
 
 if TYPE_CHECKING:
     from dafne_logic.inference.confidence import Confidence
+    from dafne_logic.inference.manifest import Manifest
     from dafne_logic.inference.model_package import ModelPackage
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,10 +45,10 @@ class ModelChoice:
 
 
 class SegmentationLogic:
-    """Lists models, loads one, segments an image (on whatever thread calls it)."""
+    """Lists and checks models (torch-free, for the GUI thread), loads one and segments an image (in the worker)."""
 
     def list_models(self) -> list[ModelChoice]:
-        from dafne_logic.inference.model_package import list_models
+        from dafne_logic.inference.manifest import list_models
 
         return [
             ModelChoice(entry.name, entry.manifest.name, f"{entry.name} {entry.manifest.version} ({entry.source})",
@@ -55,6 +56,13 @@ class SegmentationLogic:
                         tuple(label.name for label in entry.manifest.labels.volume_labels()))
             for entry in list_models()
         ]
+
+    def check_model(self, name: str) -> Manifest:
+        """The model's manifest (label table, version), its weights file checked against it, without
+        loading the weights: torch stays out of Slicer's GUI thread (the worker process loads them)."""
+        from dafne_logic.inference.manifest import check_package
+
+        return check_package(name)
 
     def load_model(self, name: str) -> ModelPackage:
         from dafne_logic.inference.model_package import load_model

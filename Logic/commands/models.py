@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dafne_logic.inference.model_package import list_models
+from dafne_logic.inference.manifest import list_models
 
 
 def register(parser: argparse.ArgumentParser) -> None:

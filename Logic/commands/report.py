@@ -39,7 +39,7 @@ def version_parents(folders: list[Path] | None, family: str | None = None) -> di
             (models of several families: name one with ``family``).
         ModelError: an unreadable manifest in ``folders``.
     """
-    from dafne_logic.inference.model_package import MANIFEST_NAME, list_models, read_manifest
+    from dafne_logic.inference.manifest import MANIFEST_NAME, list_models, read_manifest
 
     if folders is None:
         manifests = [entry.manifest for entry in list_models()]

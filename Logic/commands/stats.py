@@ -34,7 +34,7 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
     """The label table named by ``--region``, or the one in a model's manifest (``--model``)."""
     if region is not None:
         return BUILTIN_TABLES[region]
-    from dafne_logic.inference.model_package import read_manifest, resolve_model_path
+    from dafne_logic.inference.manifest import read_manifest, resolve_model_path
 
     return read_manifest(resolve_model_path(model)).labels
 

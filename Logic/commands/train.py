@@ -30,7 +30,7 @@ from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.numbers import strict_json
 from dafne_logic.core.preprocessing import PreprocessingParams
-from dafne_logic.inference.model_package import Manifest
+from dafne_logic.inference.manifest import Manifest
 from dafne_logic.inference.networks import unet_architecture
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dafne_logic.core.errors import InputError
+from dafne_logic.inference.manifest import check_architecture
 
 # Our deployed network (the shipped base models): small enough to fine-tune on a laptop CPU
 # (~1.6 M parameters). One residual unit per level (0.84 M) runs ~1.5x faster on 2 CPU cores
@@ -52,36 +53,7 @@ def _unet2d(in_channels: int, out_channels: int, channels: list[int], strides: l
     )
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"unet2d": _unet2d}
-# Keyword arguments a manifest may give each architecture, and the largest channel count allowed:
-# a hostile manifest must not make us allocate gigabytes before the weights are even compared.
-ALLOWED_KWARGS: dict[str, frozenset[str]] = {
-    "unet2d": frozenset({"in_channels", "out_channels", "channels", "strides", "num_res_units", "dropout"}),
-}
-MAX_CHANNELS = 1024
-MAX_LEVELS = 8
-
-
-def check_architecture(architecture: dict[str, Any]) -> None:
-    """Refuse an architecture entry that is not on the allow-list or asks for too large a network.
-
-    Raises:
-        ValueError: unknown name, unexpected keyword arguments, or channel counts out of range.
-    """
-    name = architecture.get("name")
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    kwargs = architecture.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"architecture {name!r}: kwargs must be an object")
-    unknown = sorted(set(kwargs) - ALLOWED_KWARGS[name])
-    if unknown:
-        raise ValueError(f"architecture {name!r} does not take {', '.join(unknown)}")
-    levels = kwargs.get("channels", [])
-    counts = list(levels) + [kwargs.get("in_channels", 1), kwargs.get("out_channels", 1)]
-    if len(levels) > MAX_LEVELS or not all(isinstance(c, int) and 0 < c <= MAX_CHANNELS for c in counts):
-        raise ValueError(f"architecture {name!r}: channel counts must be integers in 1..{MAX_CHANNELS}, "
-                         f"at most {MAX_LEVELS} levels")
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"unet2d": _unet2d}  # their arguments: manifest.ALLOWED_KWARGS
 
 
 def build_network(architecture: dict[str, Any]) -> nn.Module:
@@ -123,7 +95,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cpu")
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+            raise InputError(f"device {device!r} requested but CUDA is not available here; choose the CPU "
+                             "(--device cpu, or Device: cpu in Slicer)")
         if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
             raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
         return torch.device(device)

@@ -29,7 +29,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from dafne_logic.core.errors import ModelError
-from dafne_logic.inference.model_package import Manifest, check_tensor_shapes
+from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.model_package import check_tensor_shapes
 
 DELTA_NAME = "delta.safetensors.zz"  # what `finetune` writes and `sync push` uploads
 DELTA_METADATA_NAME = "delta.json"

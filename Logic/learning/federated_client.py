@@ -28,7 +28,8 @@ from dafne_logic.core.atomic import atomic_directory
 from dafne_logic.core.client_config import ClientConfig, load_config
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.paths import user_data_dir, user_models_dir
-from dafne_logic.inference.model_package import MANIFEST_NAME, WEIGHTS_NAME, ModelPackage
+from dafne_logic.inference.manifest import MANIFEST_NAME, WEIGHTS_NAME
+from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata
 
 log = logging.getLogger(__name__)

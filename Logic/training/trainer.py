@@ -37,7 +37,8 @@ from torch import nn
 from dafne_logic.core.atomic import atomic_directory, atomic_write_text
 from dafne_logic.core.errors import Cancelled, DafneError, InputError
 from dafne_logic.core.numbers import strict_json
-from dafne_logic.inference.model_package import Manifest, ModelPackage
+from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.model_package import ModelPackage
 from dafne_logic.inference.networks import build_network, resolve_device
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from dafne_logic.inference.model_package import list_models
+from dafne_logic.inference.manifest import list_models
 from dafne_server.auth import authenticate
 from dafne_server.cli import main as server_main
 from dafne_server.config import ServerSettings

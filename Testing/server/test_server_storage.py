@@ -121,7 +121,8 @@ def test_concurrent_lease_claims_have_exactly_one_winner(storage):
 
 
 def test_seed_keeps_the_package_version_number(storage, tiny_leg):
-    from dafne_logic.inference.model_package import Manifest, ModelPackage
+    from dafne_logic.inference.manifest import Manifest
+    from dafne_logic.inference.model_package import ModelPackage
 
     manifest = Manifest.from_json({**tiny_leg.manifest.to_json(), "version": "0"})
     with storage.session.begin() as session:

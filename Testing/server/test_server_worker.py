@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from dafne_logic.inference.model_package import Manifest
+from dafne_logic.inference.manifest import Manifest
 from dafne_logic.learning.delta import encode_delta, make_delta, weights_norm
 from dafne_server.config import ServerSettings
 from dafne_server.db import Family, MergeLease, MergeRun, UpdateRow, User, Version

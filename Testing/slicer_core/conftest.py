@@ -36,7 +36,8 @@ def tiny_leg_model() -> str:
     from dafne_logic.core.labels import LEG
     from dafne_logic.core.paths import user_models_dir
     from dafne_logic.core.preprocessing import PreprocessingParams
-    from dafne_logic.inference.model_package import Manifest, ModelPackage
+    from dafne_logic.inference.manifest import Manifest
+    from dafne_logic.inference.model_package import ModelPackage
     from dafne_logic.inference.networks import build_network, unet_architecture
 
     arch = unet_architecture(LEG.n_classes, {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
