@@ -91,6 +91,8 @@ class DafneSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        if self.panel is not None:  # a result must not land in the next scene, for a volume no longer there
+            self.panel.controller.scene_closing()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -155,7 +157,7 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
         """Per-muscle statistics rows of a (corrected) segmentation, also shown as a table node."""
         from dafne_logic.core.statistics import muscle_statistics
 
-        table = self.segmentation.load_model(model_name).labels
+        table = self.segmentation.check_model(model_name).labels
         corrected = self.scene.labels_of(segmentation_node, volume_node, table)
         rows = muscle_statistics(self.scene.image_of(volume_node), corrected.labels, table)
         self.scene.show_statistics(rows, f"{volume_node.GetName()} muscle statistics")
@@ -201,7 +203,7 @@ class DafneSlicerTest(ScriptedLoadableModuleTest):
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom")
         mc.update_volume_node_from_image(volume, image)
         segmentation = logic.segment(volume, "thigh", "cpu")
-        table = logic.segmentation.load_model("thigh").labels
+        table = logic.segmentation.check_model("thigh").labels
         self.assertEqual(mc.segment_names(segmentation), [label.name for label in table.volume_labels()])
 
         self.delayDisplay("Editing: paint the true right vastus lateralis on slice 2")

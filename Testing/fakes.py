@@ -115,7 +115,7 @@ def automatic_labels() -> np.ndarray:
 class FakeModel:
     def __init__(self, name="leg", version="1"):
         self.labels = LEG
-        self.manifest = SimpleNamespace(name=name, version=version, parent_version=None)
+        self.manifest = SimpleNamespace(name=name, version=version, parent_version=None, labels=LEG)
 
 
 class FakeSegmentation:
@@ -127,6 +127,9 @@ class FakeSegmentation:
 
     def list_models(self):
         return [ModelChoice("leg", "leg", "leg 1 (bundled)", "1", "bundled", tuple(label.name for label in LEG.volume_labels()))]
+
+    def check_model(self, name):
+        return self.load_model(name).manifest
 
     def load_model(self, name):
         if name == "broken":

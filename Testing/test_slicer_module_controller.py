@@ -32,6 +32,7 @@ from packaging.requirements import Requirement
 
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import LEG
+from DafneSlicerLib.controller import DafneController
 from DafneSlicerLib.install_logic import (
     NEVER_INSTALL,
     DependencyError,
@@ -99,6 +100,56 @@ def test_bad_segment_input_is_one_message_and_no_job(volume, model, message):
     assert controller.job is None and parts["scene"].shown == [] and controller.case is None
 
 
+def test_a_volume_removed_during_segmentation_gets_no_result_and_is_no_case():
+    controller, parts = make_controller()
+    volume = make_volume()
+    controller.segment(volume, "leg", "cpu")
+    volume.present = False  # the user deleted it while the job ran
+    finish(controller)
+    assert parts["scene"].shown == [] and controller.case is None and not parts["view"].errors
+    assert "was removed from the scene" in parts["view"].statuses[-1]
+
+
+def test_a_case_whose_volume_is_gone_is_no_case():
+    controller, parts, volume = segmented()
+    volume.present = False
+    controller.improve()
+    assert parts["view"].errors[-1] == "Segment a volume first." and controller.case is None
+
+
+def test_closing_the_scene_cancels_the_job_and_forgets_the_case():
+    segmentation = FakeSegmentation()
+    segmentation.block = threading.Event()
+    controller, parts = make_controller(segmentation=segmentation)
+    controller.segment(make_volume(), "leg", "auto")
+    controller.scene_closing()
+    finish(controller)
+    assert parts["scene"].shown == [] and controller.case is None and "cancelled" in parts["view"].statuses[-1]
+
+
+def test_a_job_whose_progress_cannot_be_read_ends_with_one_message_and_the_panel_idle():
+    _, parts = make_controller()
+
+    class GarbledJob:
+        cancelled = False
+
+        def poll(self):
+            raise ValueError("Expecting value: line 1 column 1 (char 0)")
+
+        def cancel(self):
+            self.cancelled = True
+
+    job = GarbledJob()
+    controller = DafneController(parts["view"], parts["scene"], parts["install"], parts["segmentation"], parts["sync"],
+                                 start_job=lambda task, request: job)
+    controller.segment(make_volume(), "leg", "cpu")
+    assert controller.job is job and parts["view"].busy == ["Segmenting"]
+    assert controller.poll() is False and controller.job is None and job.cancelled
+    assert parts["view"].errors == ["The task stopped: its progress could not be read "
+                                    "(Expecting value: line 1 column 1 (char 0))."]
+    assert parts["view"].busy[-1] is None
+
+
 def test_declined_installation_changes_nothing():
     install = FakeInstall(missing=["torch>=2.4"], agree=False)
     controller, parts = make_controller(install=install)
@@ -134,6 +185,24 @@ def test_first_segment_after_installing_fills_the_model_list_and_uses_its_select
     finish(controller)
     assert install.asked == 1 and parts["view"].models[1] == (["leg"], None)  # filled right after installing
     assert parts["scene"].shown and not parts["view"].errors and controller.case.model_name == "leg"
+
+
+def test_clicks_while_packages_install_start_no_second_install():
+    """Slicer's pip install processes Qt events while pip prints, so Install or Segment can be
+    clicked again during the download: those clicks must wait, not start a second pip."""
+    class ClickingInstall(FakeInstall):
+        def ensure(self):
+            if self._missing and self.asked == 0:
+                controller.install_dependencies()  # clicks arriving while pip runs
+                controller.segment(make_volume(), "leg", "auto")
+            return super().ensure()
+
+    install = ClickingInstall(missing=["torch>=2.4"], agree=True)
+    controller, parts = make_controller(install=install)
+    controller.segment(make_volume(), "leg", "auto")
+    finish(controller)
+    assert install.asked == 1 and len(parts["scene"].shown) == 1 and not parts["view"].errors
+    assert any("being installed" in status for status in parts["view"].statuses)
 
 
 def test_installation_on_first_use_then_segment():
@@ -661,3 +730,23 @@ def test_worker_process_cancel_terminates_it(tmp_path):
     status = job.wait(60)
     assert status.cancelled and "cancelled; nothing was changed" in status.message
     assert not (tmp_path / "labels.nrrd").exists()
+
+
+def test_the_worker_runs_under_pythonslicer_and_never_under_the_slicer_application(monkeypatch):
+    """Inside Slicer sys.executable is the application: without PythonSlicer, say so instead of
+    starting a second Slicer. Outside Slicer (scripts, tests) this interpreter runs the worker."""
+    import shutil
+    import sys
+
+    from dafne_logic.core.errors import DafneError
+    from DafneSlicerLib.jobs import worker_python
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/opt/Slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
+    assert worker_python() == "/opt/Slicer/bin/PythonSlicer"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "slicer", SimpleNamespace())  # slicer-core: no application
+    assert worker_python() == sys.executable
+    monkeypatch.setitem(sys.modules, "slicer", SimpleNamespace(app=object()))
+    with pytest.raises(DafneError, match="PythonSlicer"):
+        worker_python()
+

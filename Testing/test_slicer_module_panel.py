@@ -46,11 +46,21 @@ class FakeWidget:
     """Records what the panel sets; offers the signals and methods the panel uses."""
 
     def __init__(self, name):
-        self.name, self.text, self.enabled, self.checked, self.visible, self.collapsed = name, "", True, False, True, False
+        self.clicked, self.toggled, self.editingFinished = Signal(), Signal(), Signal()
+        self.name, self.text, self.enabled, self._checked, self.visible, self.collapsed = name, "", True, False, True, False
         self.value, self.format, self.items, self.currentIndex, self.blocked = 0, "", [], -1, False
         self.rows, self.headers = {}, []
-        self.clicked, self.toggled, self.editingFinished = Signal(), Signal(), Signal()
         self.named_signals: dict[str, Signal] = {}
+
+    @property
+    def checked(self):
+        return self._checked
+
+    @checked.setter
+    def checked(self, value):  # as Qt: a change of state emits toggled, unless signals are blocked
+        changed, self._checked = value != self._checked, value
+        if changed and not self.blocked:
+            self.toggled.emit(value)
 
     def connect(self, signature, slot):  # PythonQt's string-signature form
         self.named_signals.setdefault(signature, Signal()).connect(slot)
@@ -161,7 +171,7 @@ def gui(monkeypatch, tmp_path):
                 delattr(package, name)
 
 
-def _panel(gui, tmp_path):
+def _panel(gui, tmp_path, install=None):
     from DafneSlicerLib.controller import DafneController
     from DafneSlicerLib.jobs import BackgroundJob
     from DafneSlicerLib.sync_logic import SyncLogic
@@ -178,7 +188,8 @@ def _panel(gui, tmp_path):
         def start_job(task, request):
             return BackgroundJob(task, lambda p, c: run_request(request, p, c, parts.segmentation, parts.learning,
                                                                 parts.sync)).start()
-        return DafneController(view, parts.scene, FakeInstall(), parts.segmentation, parts.sync, start_job=start_job)
+        return DafneController(view, parts.scene, install or FakeInstall(), parts.segmentation, parts.sync,
+                               start_job=start_job)
 
     panel = gui.widget.DafneSlicerPanel(ui, lambda: parameters, parts.observer, controller_factory)
     return panel, ui, parameters, parts
@@ -250,11 +261,28 @@ def test_panel_segment_edit_mark_improve_statistics(gui, tmp_path):
     assert not gui.messages.errors
 
 
+def test_share_settings_saved_earlier_survive_the_panel_filling_its_fields(gui, tmp_path):
+    """Sharing set up earlier (the CLI, an older Slicer); the panel opens before the packages are
+    installed, so it can fill its fields only after the install. Ticking the box emits toggled in
+    Qt, whose save must not write the fields still empty."""
+    from DafneSlicerLib.sync_logic import SyncLogic
+
+    SyncLogic(tmp_path / "sync.json").save(True, "https://dafne.example.org", "token-1")
+    panel, ui, _, parts = _panel(gui, tmp_path, install=FakeInstall(missing=["torch"]))
+    assert not ui.shareCheckBox.enabled and not ui.shareCheckBox.checked
+    ui.installButton.clicked.emit()
+    saved = parts.sync.load()
+    assert (saved.opt_in, saved.server_url, saved.token) == (True, "https://dafne.example.org", "token-1")
+    assert ui.shareCheckBox.checked and ui.serverUrlLineEdit.text == "https://dafne.example.org"
+    assert ui.contributeButton.enabled
+    ui.shareCheckBox.checked = False  # the user's own click still saves
+    assert not parts.sync.load().opt_in and parts.sync.load().server_url == "https://dafne.example.org"
+
+
 def test_panel_share_settings_and_errors(gui, tmp_path):
     panel, ui, _, parts = _panel(gui, tmp_path)
     ui.serverUrlLineEdit.text = "http://dafne.example.org"
     ui.shareCheckBox.checked = True
-    ui.shareCheckBox.toggled.emit(True)
     assert gui.messages.errors == ["The server URL must start with https:// (plain http only for localhost)."]
     assert ui.contributeButton.enabled  # the box is ticked; the URL is what was refused
     ui.serverUrlLineEdit.text = "https://dafne.example.org"
@@ -265,6 +293,5 @@ def test_panel_share_settings_and_errors(gui, tmp_path):
     ui.contributeButton.clicked.emit()
     assert gui.messages.errors[-1] == "Segment a volume first."
     ui.shareCheckBox.checked = False
-    ui.shareCheckBox.toggled.emit(False)
     assert not ui.contributeButton.enabled and not parts.sync.load().opt_in
     np.testing.assert_equal(ui.statusLabel.text, "Segment a volume first.")

@@ -34,6 +34,8 @@ from .sync_logic import SyncLogic
 
 log = logging.getLogger(__name__)
 
+INSTALLING = "The required Python packages are being installed; wait for it to finish."
+
 
 class Job(Protocol):
     def poll(self) -> JobStatus: ...
@@ -143,6 +145,7 @@ class DafneController:
         self._work_dir: Path | None = None
         self._job_began = 0.0
         self.listed_model: str | None = None  # what the model selector shows as selected after refresh_models
+        self._installing = False  # install.ensure() is running (it lets clicks through, see _ensure_packages)
 
     # --- jobs -------------------------------------------------------------------------------------
 
@@ -168,7 +171,16 @@ class DafneController:
         """Called by the widget's timer: forward progress; on completion apply the result. True while running."""
         if self.job is None:
             return False
-        status = self.job.poll()
+        try:
+            status = self.job.poll()
+        except Exception as exc:  # noqa: BLE001 - a garbled progress line must end the job, not raise from the timer
+            log.exception("DafneSlicer: following the running task failed")
+            try:
+                self.job.cancel()
+            except Exception:  # noqa: BLE001 - the job is dropped either way
+                log.exception("DafneSlicer: cancelling the task failed")
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            status = JobStatus(0.0, first_line, done=True, error=f"The task stopped: its progress could not be read ({first_line}).")
         if not status.done:
             self.view.set_progress(status.fraction, status.message)
             return True
@@ -195,6 +207,11 @@ class DafneController:
             self.job.cancel()
             self.view.set_progress(self.job.poll().fraction, "cancelling...")
 
+    def scene_closing(self) -> None:
+        """The scene is about to close: its nodes go, so the running job is cancelled and the case forgotten."""
+        self.cancel()
+        self.case = None
+
     def guarded(self, action: Callable[[], Any]) -> Any:
         """Run a step; a DafneError (or any failure) becomes one message and leaves the state as it was."""
         try:
@@ -210,8 +227,11 @@ class DafneController:
         if self.busy:
             self.view.set_status("Wait for the running task to finish or cancel it.")
             return False
+        if self._installing:
+            self.view.set_status(INSTALLING)
+            return False
         installing = bool(self.install.missing())
-        if not self.install.ensure():
+        if not self._ensure_packages():
             self.view.set_status("Nothing was done: the required Python packages are not installed.")
             return False
         if installing:  # the model list needed the packages: fill it now, not after a restart or a click
@@ -236,8 +256,21 @@ class DafneController:
             self.view.set_models(choices, selected)
         self.guarded(fill)
 
+    def _ensure_packages(self) -> bool:
+        """``install.ensure()``, one at a time. Slicer's pip install pumps Qt events on every line of
+        pip's output, so during a download a second click would start a second pip into the same
+        site-packages."""
+        self._installing = True
+        try:
+            return self.install.ensure()
+        finally:
+            self._installing = False
+
     def install_dependencies(self) -> None:
-        if self.guarded(self.install.ensure):
+        if self._installing:
+            self.view.set_status(INSTALLING)
+            return
+        if self.guarded(self._ensure_packages):
             self.view.set_status("All required Python packages are installed.")
             self.refresh_models()
 
@@ -258,21 +291,25 @@ class DafneController:
             if not (list_was_empty and self.listed_model):
                 raise InputError("Select a model first.")
             model_name = self.listed_model  # the first click after installing segments with what the list shows
-        model = self.segmentation.load_model(model_name)  # checks the package before any work starts
+        manifest = self.segmentation.check_model(model_name)  # before any work starts; the worker loads the weights
         volume_name = self.scene.node_name(volume_node)
 
         def done(result: dict[str, Any]) -> None:
+            if not self.scene.node_exists(volume_node):  # deleted, or its scene closed, while the job ran
+                self.view.set_status(f"'{volume_name}' was removed from the scene while it was being segmented; "
+                                     "its segmentation was not added.")
+                return
             labels = worker.labels_of(result)
-            node = self.scene.show_labels(labels, model.labels, volume_node, f"{volume_name} segmentation",
+            node = self.scene.show_labels(labels, manifest.labels, volume_node, f"{volume_name} segmentation",
                                           self._replaceable_segmentation(volume_node))
             automatic = sitk.GetArrayFromImage(labels)
             confidence = worker.confidence_of(result)
-            self.case = Case(volume_node, node, model_name, model.labels, image, ReviewTracker(automatic),
+            self.case = Case(volume_node, node, model_name, manifest.labels, image, ReviewTracker(automatic),
                              confidence=confidence)
             found = len(set(np.unique(automatic).tolist()) - {0})
-            self.view.set_status(f"Segmented '{volume_name}' with {model_name} {model.manifest.version}: {found} of "
-                                 f"{2 * model.labels.n_muscles} muscles found in {time.monotonic() - self._job_began:.0f} s. "
-                                 f"{unsure_muscles_sentence(confidence.per_label, model.labels)}"
+            self.view.set_status(f"Segmented '{volume_name}' with {model_name} {manifest.version}: {found} of "
+                                 f"{2 * manifest.labels.n_muscles} muscles found in {time.monotonic() - self._job_began:.0f} s. "
+                                 f"{unsure_muscles_sentence(confidence.per_label, manifest.labels)}"
                                  f"{least_sure_slices_sentence(confidence)}"
                                  "Correct it in the Segment Editor, then click Improve.")
             self.view.set_review_summary(self.case.tracker.summary(automatic))
@@ -309,7 +346,7 @@ class DafneController:
                 return
             if not model_name:
                 raise InputError("Select the model the segmentation belongs to.")
-            table = self.segmentation.load_model(model_name).labels
+            table = self.segmentation.check_model(model_name).labels
             corrected = self.scene.labels_of(segmentation_node, volume_node, table)  # checks the grid
             n_labels = 2 * table.n_muscles
             if len(corrected.missing_names) == n_labels:
@@ -326,7 +363,8 @@ class DafneController:
         self.guarded(action)
 
     def _require_case(self) -> Case:
-        if self.case is None or not self.scene.node_exists(self.case.segmentation_node):
+        if (self.case is None or not self.scene.node_exists(self.case.segmentation_node)
+                or not self.scene.node_exists(self.case.volume_node)):
             self.case = None
             raise InputError("Segment a volume first.")
         return self.case

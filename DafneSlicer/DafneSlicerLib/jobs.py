@@ -107,8 +107,18 @@ def _done_message(name: str, cancel_requested: bool) -> str:
 
 
 def worker_python() -> str:
-    """Slicer's own Python launcher (right environment variables) when inside Slicer, else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable
+    """Slicer's own Python launcher (right environment variables) when inside Slicer, else this interpreter.
+
+    Slicer puts ``PythonSlicer`` on PATH, as ``slicer.util.pip_install`` relies on too. Inside Slicer
+    ``sys.executable`` is the application itself, so falling back to it would start a second Slicer.
+    """
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    if getattr(sys.modules.get("slicer"), "app", None) is not None:  # the Slicer application, not slicer-core
+        raise DafneError("Slicer's Python launcher (PythonSlicer) was not found on PATH, so the task cannot start; "
+                         "reinstall Slicer or start it from its own launcher.")
+    return sys.executable
 
 
 class ProcessJob:

@@ -141,9 +141,12 @@ class DafneSlicerPanel:
         config = None if self.controller.install.missing() else self.controller.guarded(self.controller.sync.load)
         self.ui.shareCheckBox.enabled = config is not None
         if config is not None:
-            self.ui.shareCheckBox.checked = config.opt_in
             self.ui.serverUrlLineEdit.text = config.server_url
             self.ui.tokenLineEdit.text = config.token
+            # Setting the box emits toggled, which saves the fields: showing the settings must not rewrite them.
+            was_blocked = self.ui.shareCheckBox.blockSignals(True)
+            self.ui.shareCheckBox.checked = config.opt_in
+            self.ui.shareCheckBox.blockSignals(was_blocked)
         self._enable_share_buttons(config is not None and config.opt_in)
 
     def _save_share_settings(self, *args) -> None:
