@@ -36,7 +36,8 @@ import torch
 
 from dafne_logic.cli import main as dafne_slicer
 from dafne_logic.core.atomic import atomic_write_text
-from dafne_logic.inference.model_package import ModelPackage, strict_json
+from dafne_logic.core.numbers import strict_json
+from dafne_logic.inference.model_package import ModelPackage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_base_models import REAL_CALF_SLICES, real_calf_slice  # noqa: E402
