@@ -6,9 +6,11 @@ uvicorn worker process calls (settings arrive as JSON in ``DAFNE_SERVER_SETTINGS
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
@@ -37,6 +39,13 @@ API_VERSION = "1"
 # The one route whose body is large: a weight-delta upload (multipart). Every other body is a small form or JSON.
 UPLOAD_ROUTE = re.compile(r"^/v1/models/[^/]+/updates/?$")
 SMALL_BODY_BYTES = 64 * 1024
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped (``\\uXXXX``), so any Python str, even a lone surrogate, renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def _route_path(scope: Scope) -> str:
@@ -175,7 +184,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI echoes the offending input, which may be NaN or Infinity (Python's json reads
         # them): answered as null, the refusal stays a 422 instead of failing to serialise (500).
-        return JSONResponse({"detail": strict_json(jsonable_encoder(exc.errors()))}, 422)
+        # ASCII escapes: the echoed input may hold a lone surrogate, which UTF-8 cannot encode.
+        return AsciiJSONResponse({"detail": strict_json(jsonable_encoder(exc.errors()))}, 422)
 
     @app.exception_handler(NotFound)
     async def _not_found(_request, exc: NotFound) -> JSONResponse:

@@ -125,7 +125,7 @@ class MergeRun(Base):
     family: Mapped[str] = mapped_column(ForeignKey("families.name"), index=True)
     started_at: Mapped[float] = mapped_column(Float, default=now)
     finished_at: Mapped[float] = mapped_column(Float, default=now)
-    outcome: Mapped[str] = mapped_column(String(16))  # "published" or "rejected"
+    outcome: Mapped[str] = mapped_column(String(16))  # "published", "rejected", "abandoned" or "failed"
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     update_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

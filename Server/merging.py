@@ -58,6 +58,14 @@ class MergeSettings:
     label_tolerance: float = 0.02  # δ: allowed loss on any single label
 
     def __post_init__(self) -> None:
+        # Stored settings are JSON an admin may have written null or a string into: refuse before comparing.
+        for name in ("buffer_size", "server_lr", "trim_fraction", "max_case_weight", "max_staleness",
+                     "dice_tolerance", "label_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value!r}")
+        if not (0.0 <= self.dice_tolerance <= 1.0 and 0.0 <= self.label_tolerance <= 1.0):
+            raise ValueError("dice_tolerance and label_tolerance must be in [0, 1]")
         if self.buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         if not 0.0 <= self.trim_fraction < 0.5:

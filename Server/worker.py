@@ -69,7 +69,7 @@ class LeaseLost(RuntimeError):
 
 @dataclass
 class MergeOutcome:
-    outcome: str  # "published", "rejected", "abandoned" (the base was deactivated meanwhile) or "idle"
+    outcome: str  # "published", "rejected", "abandoned" (the base was deactivated meanwhile), "failed" or "idle"
     version: int | None = None
     merged: list[str] = field(default_factory=list)  # merged or overridden
     rejected: list[str] = field(default_factory=list)
@@ -393,22 +393,72 @@ def default_scorer_factory(settings: ServerSettings) -> ScorerFactory:
     return factory
 
 
+class FailureBackoff:
+    """Families whose merge raised, and when to try each again: after ``first_s``, doubling with
+    every failure in a row up to ``cap_s``. One family's broken settings or validation folder must
+    neither stop the others nor be retried (and logged) at every poll."""
+
+    def __init__(self, first_s: float, cap_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.first_s, self.cap_s, self._clock = first_s, cap_s, clock
+        self._streak: dict[str, int] = {}
+        self._next_try: dict[str, float] = {}
+
+    def due(self, family: str) -> bool:
+        return self._clock() >= self._next_try.get(family, 0.0)
+
+    def failed(self, family: str) -> int:
+        """Note a failure; returns how many in a row."""
+        streak = self._streak.get(family, 0) + 1
+        self._streak[family] = streak
+        self._next_try[family] = self._clock() + min(self.cap_s, self.first_s * 2 ** (streak - 1))
+        return streak
+
+    def succeeded(self, family: str) -> None:
+        self._streak.pop(family, None)
+        self._next_try.pop(family, None)
+
+
+def record_failed_merge(storage: Storage, family: str, started: float, reason: str) -> None:
+    """A ``failed`` merge run with its reason (the admin dashboard lists recent runs); the updates stay buffered."""
+    with storage.session.begin() as session:
+        session.add(MergeRun(family=family, started_at=started, finished_at=now(), outcome="failed", version=None,
+                             update_ids=[], detail={"reason": reason}))
+        audit(session, "merge-worker", "merge_failed", family, reason=reason)
+
+
 def run_once(storage: Storage, holder: str, scorers: ScorerFactory,
-             report: Callable[[str], None] = lambda state: None) -> list[MergeOutcome]:
+             report: Callable[[str], None] = lambda state: None,
+             backoff: FailureBackoff | None = None) -> list[MergeOutcome]:
     """Merge every family that has work and whose lease this worker can claim; ``report`` hears
-    each step (``merging <family>``) for the heartbeat."""
+    each step (``merging <family>``) for the heartbeat.
+
+    A family whose merge raises gets a ``failed`` outcome (and, on the first failure in a row, a
+    recorded run) while the others go on; with ``backoff`` it is skipped until its retry is due.
+    """
+    backoff = backoff or FailureBackoff(0.0)
     outcomes = []
     for family in families_with_work(storage):
-        if not claim_lease(storage, family, holder):
+        if not backoff.due(family) or not claim_lease(storage, family, holder):
             continue
         report(f"merging {family}")
+        started = now()
         try:
             with storage.read() as session:
                 region = session.get(Family, family).region
             with lease_kept_alive(storage, family, holder):
                 outcomes.append(merge_family(storage, family, holder, scorers(family, region)))
+            backoff.succeeded(family)
         except LeaseLost:
             log.warning("merge of %s abandoned: lease lost", family)
+        except Exception as exc:  # noqa: BLE001 - isolate the family; its updates stay buffered
+            reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:500]
+            log.exception("merge of %s failed (its updates stay buffered)", family)
+            if backoff.failed(family) == 1:
+                try:
+                    record_failed_merge(storage, family, started, reason)
+                except Exception:  # noqa: BLE001 - the database itself may be what failed
+                    log.exception("could not record the failed merge of %s", family)
+            outcomes.append(MergeOutcome("failed", reason=reason))
         finally:
             release_lease(storage, family, holder)
     return outcomes
@@ -445,6 +495,7 @@ def run_worker(settings: ServerSettings, stop: threading.Event | None = None) ->
     holder = new_holder()
     scorers = default_scorer_factory(settings)
     heartbeat = Heartbeat(settings, holder).start()
+    backoff = FailureBackoff(first_s=5 * settings.poll_interval_s)
     log.info("merge worker %s started", holder)
     try:
         heartbeat.progress("scoring the active versions")
@@ -456,7 +507,7 @@ def run_worker(settings: ServerSettings, stop: threading.Event | None = None) ->
         while not stop.is_set():
             heartbeat.progress("idle")
             try:
-                run_once(storage, holder, scorers, heartbeat.progress)
+                run_once(storage, holder, scorers, heartbeat.progress, backoff)
             except Exception:  # keep serving other families; the failed batch stays buffered
                 log.exception("merge worker iteration failed")
                 stop.wait(5 * settings.poll_interval_s)

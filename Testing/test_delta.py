@@ -125,7 +125,12 @@ def test_metadata_round_trips_over_the_wire_and_bad_fields_are_named():
                           ({"dice_per_label": {"x": 7.0}}, "Dice"), ({"idempotency_key": "short"}, "idempotency_key"),
                           ({"dice_per_label": {"x": 10 ** 400}}, "Dice"),  # float() of it overflows: a 422, not a 500
                           ({"extra": 1}, "extra"), ({"parent_sha256": "no"}, "parent_sha256"),
-                          ({"parent_version": "1.local-ab"}, "parent_version")]:
+                          ({"parent_version": "1.local-ab"}, "parent_version"),
+                          ({"parent_version": "1\n"}, "parent_version"),  # "$" alone would let the newline through
+                          ({"idempotency_key": "abcdefgh03\n"}, "idempotency_key"),
+                          ({"client_version": "\ud800"}, "client_version"),  # the database could not store it: a 500
+                          ({"client_version": "a\u0000b"}, "client_version"),
+                          ({"dice_per_label": {"x\u0007": 0.5}}, "Dice")]:
         with pytest.raises(ValueError, match=field):
             DeltaMetadata.from_wire(json.dumps({**wire, **change}))
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -290,8 +290,11 @@ class DeltaMetadata:
                 return ""
             if not isinstance(value, str):
                 raise ValueError(f"metadata: {name}: not a string")
-            check(name, len(value) <= max_chars and (pattern is None or not value or pattern.match(value) is not None),
-                  f"not a valid value{f' (pattern {pattern.pattern})' if pattern else ''}")
+            # fullmatch: "$" alone lets a trailing newline through; isprintable: no control characters or lone
+            # surrogates, which a database refuses with an error instead of a clear 422.
+            check(name, len(value) <= max_chars and value.isprintable()
+                  and (pattern is None or not value or pattern.fullmatch(value) is not None),
+                  f"not a valid value{f' (pattern {pattern.pattern})' if pattern else ' (printable text)'}")
             return value
 
         version, key = text_field("parent_version", _SERVER_VERSION), text_field("idempotency_key", _IDEMPOTENCY_KEY, 128)
@@ -301,8 +304,9 @@ class DeltaMetadata:
               f"must be an integer from 1 to {MAX_SLICES}")
         dice = data.get("dice_per_label", {})
         check("dice_per_label", isinstance(dice, dict) and len(dice) <= MAX_LABELS, f"at most {MAX_LABELS} labels")
-        check("dice_per_label", all(len(k) <= MAX_LABEL_CHARS and _is_number(v) and 0.0 <= v <= 1.0 for k, v in dice.items()),
-              f"Dice values must be finite, in [0, 1], with label names of at most {MAX_LABEL_CHARS} characters")
+        check("dice_per_label", all(len(k) <= MAX_LABEL_CHARS and k.isprintable() and _is_number(v) and 0.0 <= v <= 1.0
+                                    for k, v in dice.items()),
+              f"Dice values must be finite, in [0, 1], with label names of at most {MAX_LABEL_CHARS} printable characters")
         metadata = cls(family=text_field("family"), parent_version=version, n_slices=n_slices,
                        dice_per_label={k: float(v) for k, v in dice.items()},
                        client_version=text_field("client_version"), parent_sha256=text_field("parent_sha256", _SHA256))

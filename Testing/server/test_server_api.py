@@ -268,6 +268,15 @@ def test_admin_rollback_settings_staleness_rate_limit_and_audit(live_server, tin
     r = requests.patch(f"{base}/settings", json={"max_staleness": 0, "buffer_size": 50}, headers=admin, timeout=10)
     assert r.status_code == 200 and r.json()["max_staleness"] == 0
     assert requests.patch(f"{base}/settings", json={"robust_rule": "max"}, headers=admin, timeout=10).status_code == 422
+    # An explicit null is not "leave as is": stored, it would make every later merge of the family raise.
+    for field in ("dice_tolerance", "label_tolerance", "buffer_size"):
+        r = requests.patch(f"{base}/settings", json={field: None}, headers=admin, timeout=10)
+        assert r.status_code == 422 and field in r.text, (field, r.status_code)
+    assert requests.get(f"{base}/settings", headers=admin, timeout=10).json()["dice_tolerance"] is not None
+    # The refusal echoes the input; a lone surrogate in it must still render (ASCII escapes), not fail with a 500.
+    r = requests.post(f"{live_server.url}/v1/admin/users", headers={**admin, "Content-Type": "application/json"},
+                      timeout=10, data='{"name": "\\ud800"}')
+    assert r.status_code == 422 and "\\ud800" in r.text
     token = new_user(live_server)
     stale = upload(live_server, token, "client", encode_delta(noisy_delta(tiny_leg.state_dict)), parent_version="1")
     assert stale.status_code == 409 and "behind" in stale.json()["detail"]

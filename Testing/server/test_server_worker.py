@@ -15,7 +15,7 @@ from dafne_server.config import ServerSettings
 from dafne_server.db import Family, MergeLease, MergeRun, UpdateRow, User, Version
 from dafne_server.runner import prepare
 from dafne_server.validation import Case, make_scorer, score_model
-from dafne_server.worker import claim_lease, families_with_work, merge_family, run_once
+from dafne_server.worker import FailureBackoff, claim_lease, families_with_work, merge_family, run_once
 
 
 @pytest.fixture
@@ -29,7 +29,8 @@ def storage(tmp_path, database_url, tiny_leg):
     st.dispose()
 
 
-def buffer_update(storage, base, scale: float, n_slices: int = 10, parent: int = 1, seed: int = 0) -> str:
+def buffer_update(storage, base, scale: float, n_slices: int = 10, parent: int = 1, seed: int = 0,
+                  family: str = "leg") -> str:
     """Store a delta ``scale · noise`` directly as a buffered update (the API's job, tested elsewhere)."""
     g = torch.Generator().manual_seed(seed)
     child = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()}
@@ -37,7 +38,7 @@ def buffer_update(storage, base, scale: float, n_slices: int = 10, parent: int =
     sha = storage.blobs.put(blob)
     with storage.session.begin() as session:
         user = session.scalar(sa.select(User).where(User.name == "site"))
-        row = UpdateRow(id=uuid.uuid4().hex, family="leg", user_id=user.id, idempotency_key=uuid.uuid4().hex,
+        row = UpdateRow(id=uuid.uuid4().hex, family=family, user_id=user.id, idempotency_key=uuid.uuid4().hex,
                         parent_version=parent, n_slices=n_slices, client_dice={}, client_version="", blob_sha256=sha,
                         blob_size=len(blob), norm=0.0, status="buffered", reason="")
         session.add(row)
@@ -149,6 +150,39 @@ def test_an_update_buffered_against_a_version_rolled_back_since_is_not_merged(st
     s = statuses(storage)
     assert s[future][0] == "rejected" and "not in the history" in s[future][2]
     assert s[current][:2] == ("merged", 3)
+
+
+def test_a_family_whose_merge_raises_does_not_stop_the_others_and_waits_before_retrying(storage, tiny_leg):
+    """E.g. a validation folder missing for one family: the other families still merge; the failing
+    one keeps its updates buffered, gets one recorded 'failed' run, and is retried on a doubling delay."""
+    with storage.session.begin() as session:
+        storage.add_family(session, "leg-site-b", tiny_leg, "test")
+    for i in range(3):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=10 + i, family="leg-site-b")
+
+    def scorers(family, region):
+        if family == "leg":
+            raise FileNotFoundError("validation/leg: no such folder")
+        return None
+
+    clock = [0.0]
+    backoff = FailureBackoff(first_s=10.0, clock=lambda: clock[0])
+    outcomes = run_once(storage, "w", scorers, backoff=backoff)
+    assert sorted(o.outcome for o in outcomes) == ["failed", "published"]
+    assert "no such folder" in next(o.reason for o in outcomes if o.outcome == "failed")
+    with storage.session() as session:
+        leg_rows = session.scalars(sa.select(UpdateRow).where(UpdateRow.family == "leg")).all()
+        assert {r.status for r in leg_rows} == {"buffered"}
+        assert [r.outcome for r in session.scalars(sa.select(MergeRun).where(MergeRun.family == "leg"))] == ["failed"]
+        assert not session.get(MergeLease, "leg").holder  # released
+    assert run_once(storage, "w", scorers, backoff=backoff) == []  # not due yet: not even tried
+    clock[0] = 10.0
+    assert [o.outcome for o in run_once(storage, "w", scorers, backoff=backoff)] == ["failed"]
+    clock[0] = 29.0
+    assert run_once(storage, "w", scorers, backoff=backoff) == []  # the second delay is 20 s
+    with storage.session() as session:  # one record per streak, not one per poll
+        assert len(session.scalars(sa.select(MergeRun).where(MergeRun.family == "leg")).all()) == 1
 
 
 def test_lease_held_elsewhere_means_no_merge(storage, tiny_leg):
