@@ -34,3 +34,12 @@ def test_two_options_on_one_file_and_a_folder_are_refused(tmp_path: Path):
         check_outputs([("--csv", tmp_path / "s.csv"), ("--csa", tmp_path / "s.csv")], [])
     with pytest.raises(InputError, match="is a folder"):
         check_outputs([("--csa", tmp_path)], [])
+
+
+def test_new_outputs_differing_only_in_letter_case_are_refused_on_every_platform(tmp_path: Path):
+    """On a case-insensitive disk (macOS, Windows) the second would replace the first; nothing exists
+    yet to compare with samefile, so the names decide."""
+    with pytest.raises(InputError, match="differ only in letter case"):
+        check_outputs([("--csv", tmp_path / "Stats.csv"), ("--csa", tmp_path / "stats.csv")], [])
+    assert not list(tmp_path.iterdir())
+    check_outputs([("--csv", tmp_path / "stats.csv"), ("--csa", tmp_path / "stats_csa.csv")], [])  # distinct names pass

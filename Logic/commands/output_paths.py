@@ -40,6 +40,9 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
     read = [Path(p) for p in inputs if p is not None]
     read_keys = {_key(p) for p in read}
     seen: dict[str, str] = {}
+    # Files not yet written cannot be compared with samefile: outputs whose names differ only in
+    # letter case are refused everywhere, as macOS's and Windows's disks usually take them for one.
+    by_folded: dict[str, tuple[str, PathLike]] = {}
     for option, path in outputs:
         if path is None:
             continue
@@ -52,4 +55,9 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
             raise InputError(f"{seen[key]} and {option} both name {path}; give each output its own file.")
         if key in seen:
             raise InputError(f"{option} would write {path} twice; give each output its own file.")
+        other = by_folded.get(key.casefold())
+        if other is not None:
+            raise InputError(f"{other[0]} {other[1]} and {option} {path} differ only in letter case, which most macOS "
+                             "and Windows disks take for one file; give each output its own name.")
         seen[key] = option
+        by_folded[key.casefold()] = (option, path)
