@@ -114,21 +114,38 @@ def render_plot(family: str, kind: str, data: tuple) -> bytes:
 class PlotCache:
     """The last PNG of every (family, plot), drawn again only when its data changed.
 
-    Drawing holds one lock: pyplot's state is global (not thread-safe), and concurrent requests
-    for the same plot then draw it once and read it from the cache after.
+    Drawing holds one lock: pyplot's state is global (not thread-safe). Requests never queue behind
+    a drawing they do not need: an up-to-date image is served at once, and while another plot is
+    being drawn a plot with an older image gets that one (the next request draws it anew). Only a
+    plot never drawn waits for the lock, then looks again, so a burst asking for it draws it once.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._draw_lock = threading.Lock()
+        self._entries_lock = threading.Lock()
         self._entries: dict[tuple[str, str], tuple[Hashable, bytes]] = {}  # families × PLOTS entries at most
         self.draws = 0
 
+    def _cached(self, key: tuple[str, str]) -> tuple[Hashable, bytes] | None:
+        with self._entries_lock:
+            return self._entries.get(key)
+
     def get(self, family: str, kind: str, data: Hashable, draw: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            hit = self._entries.get((family, kind))
-            if hit is not None and hit[0] == data:
+        key = (family, kind)
+        hit = self._cached(key)
+        if hit is not None and hit[0] == data:
+            return hit[1]
+        if not self._draw_lock.acquire(blocking=hit is None):
+            assert hit is not None
+            return hit[1]  # busy drawing: the previous image now, the new one at a later request
+        try:
+            hit = self._cached(key)
+            if hit is not None and hit[0] == data:  # drawn while this request waited
                 return hit[1]
             png = draw()
-            self.draws += 1
-            self._entries[(family, kind)] = (data, png)
+            with self._entries_lock:
+                self.draws += 1
+                self._entries[key] = (data, png)
             return png
+        finally:
+            self._draw_lock.release()

@@ -112,6 +112,30 @@ def test_concurrent_requests_for_a_plot_draw_it_once_until_its_data_changes():
     assert cache.draws == 3
 
 
+def test_requests_do_not_queue_behind_a_drawing_they_do_not_need():
+    """While one plot is drawn (matplotlib, a statsmodels fit: seconds), an up-to-date plot is served
+    at once and an outdated one gets its previous image, instead of every request waiting its turn."""
+    cache = PlotCache()
+    cache.get("leg", "versions", ("v1",), lambda: b"versions v1")
+    cache.get("leg", "client-dice", ("d1",), lambda: b"dice d1")
+    started, release = threading.Event(), threading.Event()
+
+    def slow_draw() -> bytes:
+        started.set()
+        assert release.wait(10)
+        return b"versions v2"
+
+    with ThreadPoolExecutor(1) as pool:
+        drawing = pool.submit(cache.get, "leg", "versions", ("v2",), slow_draw)
+        assert started.wait(10)
+        assert cache.get("leg", "client-dice", ("d1",), lambda: b"never") == b"dice d1"  # up to date: no wait
+        assert cache.get("leg", "client-dice", ("d2",), lambda: b"never") == b"dice d1"  # busy: the last image
+        release.set()
+        assert drawing.result(10) == b"versions v2"
+    assert cache.get("leg", "client-dice", ("d2",), lambda: b"dice d2") == b"dice d2"  # free again: drawn anew
+    assert cache.draws == 4
+
+
 @contextlib.contextmanager
 def _in_thread(app):
     """``app`` served by uvicorn on a loopback port from a thread of this process."""
