@@ -361,3 +361,23 @@ def replace_epochs(config: FinetuneConfig, epochs: int) -> FinetuneConfig:
     from dataclasses import replace
 
     return replace(config, max_epochs=epochs)
+
+
+def test_a_single_leg_scan_takes_its_side_from_the_correction_not_its_position(tmp_path):
+    """A right leg lying at positive x (origin not on the patient's midline): the position says
+    'left', which would drop every right-side label; the correction's own label values decide."""
+    image, labels = two_legs()
+    right_image, right_labels = image[:64, :, :], labels[:64, :, :]  # SimpleITK slicing keeps the geometry
+    assert right_image.TransformIndexToPhysicalPoint((32, 32, 0))[0] > 0  # where the position would say "left"
+    result = finetune_on_corrections(saved_tiny_model(tmp_path / "parent"), right_image, right_labels, config=FAST)
+    assert {side for side, _ in result.report["leg_slices"]} == {"right"}
+
+
+def test_listed_slices_of_a_sagittal_scan_are_refused_not_learnt_as_stripes(tmp_path):
+    """Slice numbers count along the image's third axis; in a sagittal scan each axial training slice
+    would keep a thin stripe of the correction and teach background everywhere else."""
+    image, labels = two_legs()
+    sagittal, sagittal_labels = sitk.PermuteAxes(image, [2, 1, 0]), sitk.PermuteAxes(labels, [2, 1, 0])  # k runs along x
+    with pytest.raises(InputError, match="axial scan"):
+        finetune_on_corrections(saved_tiny_model(tmp_path / "parent"), sagittal, sagittal_labels, slices=[30, 31],
+                                config=FAST)

@@ -147,6 +147,7 @@ def corrected_training_slices(model: ModelPackage, image: sitk.Image, corrected:
     table = model.labels
     labels = align_labels_to_image(corrected, image)
     check_correction(labels, table)
+    listed = not isinstance(slices, str)
     if isinstance(slices, str):
         if slices != "auto":
             raise InputError(f"slices must be 'auto' or a list of slice indices, not {slices!r}")
@@ -154,5 +155,22 @@ def corrected_training_slices(model: ModelPackage, image: sitk.Image, corrected:
         labels = keep_only_slices(labels, list(slices))
         check_correction(labels, table)
         min_muscles = 1 if min_muscles is None else min_muscles
-    prepared = prepare_volume(image, model.manifest.preprocessing, labels, table)
+    prepared = prepare_volume(image, model.manifest.preprocessing, labels, table,
+                              single_leg_side=drawn_side(labels, table))
+    if listed and prepared.to_input_axes[0] != 0:
+        # The list names slices along the image's third axis; the model learns from axial slices, each of
+        # which would then hold a thin stripe of corrected labels and background everywhere else.
+        raise InputError("slice numbers need an axial scan: this image's slices are sagittal or coronal, and the model "
+                         "learns from axial slices; correct whole axial slices and let them be chosen automatically "
+                         "(slices 'auto').")
     return collect_training_slices(prepared, table, min_muscles)
+
+
+def drawn_side(labels: sitk.Image, table: LabelTable) -> str | None:
+    """The side whose muscles the labels hold when they hold one side only (right values 1..N, left
+    N+1..2N), else None. A one-leg scan's side then comes from the correction itself rather than
+    from the leg's position, which needs the patient's midline at x = 0."""
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    right = bool(((values >= 1) & (values <= table.n_muscles)).any())
+    left = bool((values > table.n_muscles).any())
+    return "right" if right and not left else "left" if left and not right else None
