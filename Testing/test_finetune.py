@@ -101,8 +101,9 @@ def test_report_gives_dice_on_held_out_slices_apart_from_the_trained_ones(tmp_pa
     report = finetune_on_corrections(parent, image, labels, config=FAST).report
 
     held = [tuple(pair) for pair in report["leg_slices"]]
-    held = [held[i] for i in split_holdout(len(held), FAST)[1]]
+    held = [held[i] for i in split_holdout(held, FAST)[1]]
     assert len(held) == report["n_held_out"] == 2
+    assert {side for side, _ in held} == {"right", "left"} and len({z for _, z in held}) == 1  # one image slice, both legs
     # the held-out Dice is measured on those slices only: its labels are those drawn there
     drawn_on_held = {name for name in report["dice_before"] if name.split()[0] in {side for side, _ in held}}
     assert set(report["dice_held_out_before"]) <= drawn_on_held
@@ -381,3 +382,14 @@ def test_listed_slices_of_a_sagittal_scan_are_refused_not_learnt_as_stripes(tmp_
     with pytest.raises(InputError, match="axial scan"):
         finetune_on_corrections(saved_tiny_model(tmp_path / "parent"), sagittal, sagittal_labels, slices=[30, 31],
                                 config=FAST)
+
+
+def test_the_held_out_part_is_whole_image_slices_never_one_leg_of_a_trained_slice():
+    sources = [("right", z) for z in range(10)] + [("left", z) for z in range(10)]
+    train, held = split_holdout(sources, FAST)
+    held_slices = {sources[i][1] for i in held}
+    assert held_slices == {2, 7}  # every 5th image slice
+    assert not held_slices & {sources[i][1] for i in train}
+    assert sorted(train + held) == list(range(20))
+    assert split_holdout(sources[:4], FAST) == (list(range(4)), [])  # too few leg-slices: nothing held out
+

@@ -75,7 +75,7 @@ class FinetuneConfig:
     min_steps_per_epoch: int = 4  # a one-slice correction still gets several augmented steps
     patience: int = 2  # epochs without held-out improvement before stopping
     plateau_tolerance: float = 0.01  # relative training-loss gain that counts as progress (no held-out set)
-    holdout_every: int = 5  # every 5th selected slice is held out ...
+    holdout_every: int = 5  # every 5th selected image slice (both legs) is held out ...
     min_holdout_samples: int = 5  # ... when at least this many leg-slices were selected
     prox_mu: float = 0.01  # FedProx weight of mu/2 * ||w - w_parent||^2 (parameters summed, not averaged)
     replay_per_batch: int = 4  # synthetic original-domain slices added to each batch (when replay is on)
@@ -220,7 +220,7 @@ def finetune_on_corrections(
     report_progress(0.0, "preparing the corrected slices")
     data = corrected_training_slices(model, image, corrected, slices, min_muscles)
     replay = _replay_pool(replay, model, config, seed, tuple(data.images.shape[2:]), report_progress)
-    train_idx, held_idx = split_holdout(len(data), config)
+    train_idx, held_idx = split_holdout(data.sources, config)
     train, held = data.subset(train_idx), data.subset(held_idx) if held_idx else None
     check_cancel()
 

@@ -96,12 +96,20 @@ def collect_training_slices(prepared: PreparedVolume, table: LabelTable, min_mus
     )
 
 
-def split_holdout(n: int, config: FinetuneConfig) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices): every ``holdout_every``-th sample when there are enough."""
-    if n < config.min_holdout_samples:
-        return list(range(n)), []
-    held = set(range(config.holdout_every // 2, n, config.holdout_every))
-    return [i for i in range(n) if i not in held], sorted(held)
+def split_holdout(sources: Sequence[tuple[str, int]], config: FinetuneConfig) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) of the leg-slices ``sources`` ((side, slice) each): every
+    ``holdout_every``-th image slice is held out, both legs of it, when at least
+    ``min_holdout_samples`` leg-slices were selected. Whole image slices, so that no leg-slice is
+    judged while the other leg of the same slice (its near mirror image) is trained on."""
+    everything = list(range(len(sources)))
+    if len(sources) < config.min_holdout_samples:
+        return everything, []
+    image_slices = sorted({z for _, z in sources})
+    held_slices = set(image_slices[config.holdout_every // 2::config.holdout_every])
+    held = [i for i, (_, z) in enumerate(sources) if z in held_slices]
+    if len(held) == len(sources):
+        return everything, []
+    return [i for i in everything if i not in set(held)], held
 
 
 def phantom_replay(model: ModelPackage, config: FinetuneConfig, seed: int, shape: tuple[int, int]) -> TrainingSlices | None:
