@@ -141,7 +141,9 @@ def _shared_settings(args: argparse.Namespace, **extra):
     from dataclasses import replace
 
     from dafne_server.config import load_shared, store_shared
+    from dafne_server.runner import check_data_folder
 
+    check_data_folder(args.data_dir)  # before settings.json would make any folder look like a data folder
     given = {"validation": args.validation, "validation_cases": args.validation_cases,
              "validation_shape": tuple(args.validation_shape) if args.validation_shape else None,
              "lease_ttl_s": args.lease_ttl}

@@ -18,12 +18,15 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-from .config import SETTINGS_ENV, ServerSettings
+from dafne_logic.core.errors import DafneError
+
+from .config import SETTINGS_ENV, SHARED_FILE, ServerSettings
 from .deadlines import PROTOCOL as DEADLINE_PROTOCOL
 from .heartbeat import read_heartbeats, stuck_for
 from .private_files import make_private_file, private_dir, tighten_tree
-from .sessions import ensure_session_key
+from .sessions import KEY_FILE, ensure_session_key
 from .storage import Storage
 from .worker import LIFELINE_GRACE_S
 
@@ -61,9 +64,27 @@ def log_config() -> dict:
     return config
 
 
+# What the server keeps in its data folder (and the test harness's log): a folder holding other
+# things and none of these is not a data folder, and making everything in it owner-only would hurt.
+SERVER_ENTRIES = frozenset({"server.db", "server.db-wal", "server.db-shm", "blobs", "workers", KEY_FILE, SHARED_FILE,
+                            "server.log"})
+
+
+def check_data_folder(data_dir: str | os.PathLike[str]) -> None:
+    """Refuse a folder that already holds files but no server data (``--data-dir ~``, say)."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        return
+    entries = {entry.name for entry in folder.iterdir()}
+    if entries and not entries & SERVER_ENTRIES:
+        raise DafneError(f"--data-dir {data_dir} already holds other files ({', '.join(sorted(entries)[:3])}…) and "
+                         "no server data; give the server a folder of its own (it makes everything in it owner-only).")
+
+
 def secure_data_folder(settings: ServerSettings) -> None:
     """Create the data folder owner-only, and the SQLite database before SQLite does (its -wal and
     -shm files take the database file's mode); tighten what older versions left readable."""
+    check_data_folder(settings.data_dir)
     private_dir(settings.data_dir)
     if not settings.database_url:
         make_private_file(settings.url.removeprefix("sqlite:///"))

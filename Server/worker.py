@@ -419,10 +419,12 @@ class FailureBackoff:
 
 
 def record_failed_merge(storage: Storage, family: str, started: float, reason: str) -> None:
-    """A ``failed`` merge run with its reason (the admin dashboard lists recent runs); the updates stay buffered."""
+    """A ``failed`` merge run (the dashboard, which every contributor may read, lists recent runs: it
+    names no internals) and the error itself in the admin-only audit log; the updates stay buffered."""
     with storage.session.begin() as session:
         session.add(MergeRun(family=family, started_at=started, finished_at=now(), outcome="failed", version=None,
-                             update_ids=[], detail={"reason": reason}))
+                             update_ids=[], detail={"reason": "the merge failed; the error is in the audit log "
+                                                               "(merge_failed) and the server log"}))
         audit(session, "merge-worker", "merge_failed", family, reason=reason)
 
 

@@ -61,6 +61,7 @@ def weights(request: Request, family: str = FamilyName, version: str = VersionRe
     etag = f'"{row.weights_sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
+    # A numbered version never changes; "active" moves with every merge and rollback: ask again each time.
+    caching = "no-cache" if version == "active" else "private, max-age=31536000, immutable"
     return FileResponse(storage.blobs.path(row.weights_sha256), media_type="application/octet-stream",
-                        headers={"ETag": etag, "X-Content-SHA256": row.weights_sha256,
-                                 "Cache-Control": "private, max-age=31536000, immutable"})
+                        headers={"ETag": etag, "X-Content-SHA256": row.weights_sha256, "Cache-Control": caching})

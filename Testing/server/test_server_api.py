@@ -303,6 +303,10 @@ def test_weights_download_etag_range_and_resume(live_server, tmp_path):
     assert part.status_code == 206 and part.content == full.content[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{info['weights_size']}"
     assert requests.get(weights_url, headers={**bearer(token), "If-None-Match": etag}, timeout=10).status_code == 304
+    # A numbered version never changes; "active" moves with every merge or rollback, so no cache may keep it.
+    assert "immutable" in full.headers["cache-control"]
+    active = requests.get(weights_url.replace("/versions/1/", "/versions/active/"), headers=bearer(token), timeout=10)
+    assert active.status_code == 200 and active.headers["cache-control"] == "no-cache"
     # resume: half the file is already on disk, the client asks for the rest
     partial = user_data_dir() / "downloads" / f"{info['weights_sha256']}.part"
     partial.parent.mkdir(parents=True, exist_ok=True)

@@ -110,3 +110,16 @@ def test_bad_numbers_and_database_urls_are_refused_with_exit_2(tmp_path, capsys,
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (data / "settings.json").exists()
+
+
+def test_init_refuses_a_folder_holding_other_files_and_leaves_them_as_they_were(tmp_path, capsys):
+    """`--data-dir ~` by mistake: the server makes everything in its folder owner-only."""
+    home = tmp_path / "home"
+    home.mkdir()
+    script = home / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    os.chmod(script, 0o755)
+    assert server_main(["init", "--data-dir", str(home)]) == 2
+    assert "no server data" in capsys.readouterr().err
+    assert os.stat(script).st_mode & 0o777 == 0o755 and sorted(p.name for p in home.iterdir()) == ["run.sh"]
+
