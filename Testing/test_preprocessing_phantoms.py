@@ -94,3 +94,28 @@ def test_real_lower_body_anatomy_sides(shared_data, name):
         own = (sides == (1 if leg.side == "right" else -1)).sum()
         other = (sides == (-1 if leg.side == "right" else 1)).sum()
         assert own > 1000 and other < 0.01 * own
+
+
+@pytest.mark.parametrize("padding", ["in-plane", "empty slices"])
+def test_zero_padding_around_the_scan_keeps_the_legs_apart_and_on_their_sides(padding):
+    """A scan resampled into a larger grid, or with slices outside its field of view, holds exact
+    zeros beside its noisy air: thresholding must not take the air for body and merge the legs."""
+    image, labels = make_phantom("leg", (4, 96, 128), contrast="t1", seed=2)
+    array, truth = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
+    if padding == "in-plane":
+        pad = ((0, 0), (40, 40), (40, 40))
+        array, truth = np.pad(array, pad), np.pad(truth, pad)
+        shift = 40
+    else:
+        array, truth = np.concatenate([array[:1], np.zeros_like(array[1:])]), np.concatenate([truth[:1], 0 * truth[1:]])
+        shift = 0
+    padded = sitk.GetImageFromArray(array)
+    padded.SetSpacing(image.GetSpacing())
+    origin, spacing = image.GetOrigin(), image.GetSpacing()
+    padded.SetOrigin((origin[0] - shift * spacing[0], origin[1] - shift * spacing[1], origin[2]))
+    padded_labels = sitk.GetImageFromArray(truth.astype(np.uint8))
+    padded_labels.CopyInformation(padded)
+    prepared = prepare_volume(padded, PreprocessingParams(), padded_labels, LEG)
+    assert [leg.side for leg in prepared.legs] == ["right", "left"]
+    for leg in prepared.legs:  # each crop holds its own leg's muscles (a wrong side would zero them)
+        assert leg.target is not None and len(np.unique(leg.target)) == LEG.n_muscles + 1

@@ -20,6 +20,7 @@ from dafne_logic.core.errors import InputError
 
 SMOOTHING_MM = 2.0  # in-plane Gaussian sigma before thresholding: averages out noise, keeps leg edges
 MIN_COMPONENT_FRACTION = 0.1  # blobs smaller than this fraction of the largest are debris, not legs
+PADDING_MIN_KEPT = 0.05  # the thresholds ignore exact-minimum padding while at least this share of voxels is above it
 PROFILE_SMOOTHING_MM = 5.0  # sigma of the column profile smoothing when looking for a valley
 TOUCHING_ASPECT = 1.4  # one blob wider than this (width / depth in mm) may be two touching legs ...
 TOUCHING_VALLEY = 0.85  # ... if its column profile dips below this fraction of the lower of its two peaks
@@ -69,7 +70,14 @@ def body_mask(volume: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray
         raise InputError("the image is constant, so there is no body to segment")
     # A floor proportional to the range keeps the log finite on zero backgrounds and scale-free.
     floor = 1e-3 * span
-    logs = np.log(strided_sample(smooth).astype(np.float64) - low + floor)
+    sample = strided_sample(smooth)
+    # Zero padding (a scan resampled into a larger grid, a masked field of view) stays exactly at the
+    # minimum after smoothing; left in, Otsu splits padding from everything else and the air's noise
+    # becomes "body", merging the legs. Only the values above it are thresholded.
+    above = sample[sample > low]
+    if above.size >= PADDING_MIN_KEPT * sample.size:
+        sample = above
+    logs = np.log(sample.astype(np.float64) - low + floor)
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetNumberOfHistogramBins(256)
     otsu.Execute(sitk.GetImageFromArray(logs.reshape(1, -1)))
