@@ -78,10 +78,12 @@ def test_seg_nrrd_terminology_entry_is_slicer_tag_format(tmp_path, thigh_labels)
     assert header["space"] == "left-posterior-superior"
 
 
-@pytest.mark.parametrize("suffix", [".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("suffix", [".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha",
+                                    ".SEG.NRRD", ".NII.GZ", ".MHA"])  # the writer is chosen from the lower-case name
 def test_write_then_read_segmentation_round_trips(tmp_path, thigh_labels, suffix):
     path = tmp_path / f"labels{suffix}"
     write_labels(thigh_labels, path, THIGH)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left beside it
     labels, unknown = read_segmentation(path, THIGH)
     assert unknown == []
     assert_same_geometry(labels, thigh_labels)

@@ -24,8 +24,8 @@ def _current_umask() -> int:
 def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
-    The temporary name keeps the target's suffixes (``.nii.gz``, ``.seg.nrrd``) so writers that
-    pick a format from the extension still do. On any exception the temporary file is removed and
+    The temporary name keeps the target's suffixes (``.nii.gz``, ``.seg.nrrd``), in lower case, so
+    writers that pick a format from the extension still do (ITK knows ``.mha``, not ``.MHA``). On any exception the temporary file is removed and
     ``target`` is untouched. ``owner_only``: keep the file readable by its owner only from its
     creation on (mode 0600 on POSIX; on Windows, where modes only toggle read-only, the file
     inherits the access list of its folder, which in the user's application data folder is the
@@ -33,7 +33,7 @@ def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Ite
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
+    suffix = "".join(target.suffixes).lower() or ".tmp"
     with _naming(target):
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
     os.close(fd)

@@ -131,7 +131,7 @@ def read_image(path: PathLike, series_uid: str | None = None, missing_as_nan: bo
         if path.is_dir():
             image = _read_dicom_folder(path, series_uid)
         else:
-            image = sitk.ReadImage(str(path))
+            image = sitk.ReadImage(str(path), imageIO=image_io_for(path))
     except RuntimeError as exc:
         raise InputError(f"{path} could not be read as an image (NIfTI, NRRD, MHA or a DICOM folder): "
                          f"{_first_line(exc)}.") from exc
@@ -181,6 +181,17 @@ def _non_finite_nifti(path: Path, image: sitk.Image, missing_as_nan: bool) -> si
     return restored
 
 
+# ITK picks a MetaImage reader from a lower-case ".mha"/".mhd" only; other formats it recognises by content.
+_META_IMAGE_SUFFIXES = (".mha", ".mhd")
+
+
+def image_io_for(path: PathLike) -> str:
+    """The SimpleITK ImageIO to read ``path`` with: "" (ITK chooses) unless an upper-case MetaImage
+    extension (``SCAN.MHA``) would leave ITK without a reader."""
+    name = Path(path).name
+    return "MetaImageIO" if name.lower().endswith(_META_IMAGE_SUFFIXES) and not name.endswith(_META_IMAGE_SUFFIXES) else ""
+
+
 def _first_line(exc: BaseException) -> str:
     """SimpleITK errors span many lines of C++ context; keep the informative one."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -199,6 +210,7 @@ def read_header(path: PathLike, kind: str = "an image") -> sitk.ImageFileReader:
         raise InputError(f"{path} is an empty file.")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    reader.SetImageIO(image_io_for(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
@@ -575,7 +587,7 @@ def read_label_volume(path: PathLike) -> sitk.Image:
     """
     path = Path(path)
     try:
-        image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path), imageIO=image_io_for(path))
     except RuntimeError as exc:
         raise InputError(f"{path} could not be read as a label map: {_first_line(exc)}.") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
