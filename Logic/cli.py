@@ -82,7 +82,8 @@ def run_parsed(args: argparse.Namespace, label: str) -> int:
         print(f"{label}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{label}: interrupted; nothing was written", file=sys.stderr)
+        # Writes are atomic: the output in progress is not left half-written; those reported done stay.
+        print(f"{label}: interrupted; the output in progress was not written (any reported above were)", file=sys.stderr)
         return 130
 
 

@@ -69,10 +69,14 @@ def _bad_volume(tmp_path: Path, kind: str) -> Path:
     elif kind == "text":
         path = tmp_path / "notes.nii.gz"
         path.write_text("not an image")
+    elif kind == "spacing in metres":  # 432 pixels of 0.001 "mm": resampled to the model's grid, a few pixels
+        image, _ = make_phantom("leg", shape=(2, 96, 128), seed=1)
+        image.SetSpacing((0.001, 0.001, 0.005))
+        sitk.WriteImage(image, str(path))
     return path
 
 
-@pytest.mark.parametrize("kind", ["nan", "4d", "2d", "constant", "text"])
+@pytest.mark.parametrize("kind", ["nan", "4d", "2d", "constant", "text", "spacing in metres"])
 def test_bad_input_exits_with_one_sentence_and_writes_nothing(tmp_path: Path, kind: str):
     bad = _bad_volume(tmp_path, kind)
     out = tmp_path / "out.seg.nrrd"
@@ -161,3 +165,29 @@ def test_outputs_that_clash_are_refused_before_anything_is_written(calf_volume: 
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in work.iterdir()) == before and scan.read_bytes() == calf_volume.read_bytes()
+
+
+def test_an_unexpected_failure_of_one_input_keeps_the_others_and_the_statistics(calf_volume: Path, tmp_path: Path,
+                                                                               monkeypatch, capsys):
+    """Not every failure is a DafneError (a bug, memory): a batch still writes the other cases and the CSV."""
+    import dafne_logic.inference.segment as inference
+    from dafne_logic.cli import main
+
+    second = tmp_path / "second.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(calf_volume)), str(second))
+    real, calls = inference.segment_with_confidence, []
+
+    def flaky(image, model, **options):
+        calls.append(1)
+        if len(calls) == 2:  # the second input
+            raise ValueError("weights must be positive")
+        return real(image, model, **options)
+    monkeypatch.setattr(inference, "segment_with_confidence", flaky)
+    out, stats = tmp_path / "out", tmp_path / "s.csv"
+    assert main(["segment", str(calf_volume), str(second), "--model", "leg", "--output", str(out),
+                 "--stats", str(stats), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "second.nrrd: failed: ValueError: weights must be positive" in err and "1 of 2 inputs failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["calf.seg.nrrd"]
+    assert {line.split(",")[0] for line in stats.read_text().splitlines()[1:]} == {"calf"}
+

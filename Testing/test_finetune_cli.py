@@ -91,3 +91,7 @@ def test_evaluate_cli_checks_pairs(tmp_path, capsys):
                  "--reference", str(seg), "--csv", str(tmp_path / "d.csv")]) == 2
     assert "one reference per image" in capsys.readouterr().err
     assert not (tmp_path / "d.csv").exists()
+    reference = seg.read_bytes()
+    assert main(["evaluate", "--model", str(tmp_path / "m"), "--image", str(img), "--reference", str(seg),
+                 "--csv", str(seg)]) == 2  # --csv naming the reference: refused before any work
+    assert "overwrite one of this command's inputs" in capsys.readouterr().err and seg.read_bytes() == reference

@@ -108,6 +108,9 @@ def test_report_command_end_to_end(tmp_path, capsys):
     assert main(["report", "--dice-csv", str(bad), "--json", str(tmp_path / "no.json")]) == 2
     assert "lacks the column" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+    table = csv.read_bytes()
+    assert main(["report", "--dice-csv", str(csv), "--json", str(csv)]) == 2  # would replace its own input
+    assert "overwrite one of this command's inputs" in capsys.readouterr().err and csv.read_bytes() == table
 
 
 def test_local_versions_follow_their_parent_chain_not_their_hashes():

@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 
+from dafne_logic.commands.output_paths import check_outputs
 from dafne_logic.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,13 @@ def dataset_name(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dafne_logic.core.io import read_image, read_segmentation
+    from dafne_logic.core.io import label_table_path, read_image, read_segmentation
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.learning.evaluation import EvaluationCase, evaluate_models, write_dice_csv
 
     if len(args.image) != len(args.reference):
         raise InputError(f"{len(args.image)} images but {len(args.reference)} references; give one reference per image")
+    check_outputs([("--csv", args.csv)], [*args.image, *args.reference, *map(label_table_path, args.reference)])
     names = args.dataset or [dataset_name(p) for p in args.image]
     if len(names) != len(args.image):
         raise InputError(f"{len(names)} dataset names for {len(args.image)} images")

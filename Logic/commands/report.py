@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dafne_logic.commands.output_paths import check_outputs
 from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.errors import InputError
 from dafne_logic.learning.learning_curve import fit_learning_curve, plot_learning_curve, prepare_learning_curve, read_dice_csv
@@ -63,6 +64,7 @@ def version_parents(folders: list[Path] | None, family: str | None = None) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs([("--json", args.json), ("--plot", args.plot)], [args.dice_csv, *(args.models or [])])
     table = read_dice_csv(args.dice_csv)
     parents = version_parents(args.models, args.family)
     data = prepare_learning_curve(table, args.from_version, args.to_version, parents)

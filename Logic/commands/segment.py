@@ -9,6 +9,7 @@ still written, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from dafne_logic.commands.output_paths import check_outputs
 from dafne_logic.core.dicom_seg import DICOM_SEG_SUFFIX, require_dicom_seg_support
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.io import LABELMAP_SUFFIXES, SEGMENTATION_SUFFIX, check_output_path, label_table_path
+
+log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES, DICOM_SEG_SUFFIX)
 INPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
     from dafne_logic.core.dicom_seg import write_dicom_seg
     from dafne_logic.core.io import choose_dicom_series, read_image, write_labels
+    from dafne_logic.core.preprocessing import check_field_of_view
     from dafne_logic.core.preview import write_preview
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
     from dafne_logic.inference.confidence import Confidence, add_confidence_columns, unsure_muscles
@@ -129,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     for path, out in zip(inputs, outputs, strict=True):
         try:
             image = read_image(path, series_uid=args.series)
+            check_field_of_view(image)  # before the progress bar: a spacing error is one sentence
             maps = quantitative_options.load_maps(args, image)  # before any work: bad maps write nothing
             with tqdm(total=100, desc=case_name(path), unit="%", disable=args.no_progress, leave=False) as bar:
                 def progress(fraction: float, message: str) -> None:
@@ -150,11 +155,14 @@ def run(args: argparse.Namespace) -> int:
                                 algorithm_version=str(model.manifest.version))
             else:
                 write_labels(labels, out, model.labels)
-        except DafneError as exc:
+        except Exception as exc:  # noqa: BLE001 - one input's failure must not lose the others' results
             if len(inputs) == 1:
                 raise
-            failures.append(f"{path}: {exc}")
-            print(f"{path}: failed: {exc}", file=sys.stderr)
+            if not isinstance(exc, DafneError):  # a bug or a resource limit: its traceback goes to the log
+                log.exception("%s: unexpected failure", path)
+            reason = str(exc) if isinstance(exc, DafneError) else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            failures.append(f"{path}: {reason}")
+            print(f"{path}: failed: {reason}", file=sys.stderr)
             continue
         print(f"{path} -> {out}")
         unsure = unsure_muscles(confidence.per_label, model.labels)

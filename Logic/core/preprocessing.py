@@ -36,6 +36,7 @@ from dafne_logic.core.labels import SIDES, LabelTable, Side
 from dafne_logic.core.leg_detection import body_mask, find_legs, strided_sample
 
 CANONICAL_ORIENTATION = "LPS"
+FIELD_OF_VIEW_MM = (10.0, 3000.0)  # an axial plane outside this (each side) is no leg scan: a spacing error
 NORMALISED_RANGE = (-0.1, 1.1)  # normalised intensities are clipped a little beyond [0, 1]
 RESTORE_CHUNK_ELEMENTS = 16_000_000  # probabilities (slices × classes × plane) resampled at once on restore
 
@@ -219,6 +220,7 @@ def prepare_volume(
         raise ValueError("labels need the label table that defines their values")
     if single_leg_side is not None and single_leg_side not in SIDES:
         raise ValueError(f"single_leg_side must be one of {SIDES}, not {single_leg_side!r}")
+    check_field_of_view(image)
     oriented = canonical(image)
     # A view in the stored type (int16 for most MR): no full-volume copy; ``oriented`` outlives its use.
     volume = sitk.GetArrayViewFromImage(oriented)
@@ -272,6 +274,25 @@ def prepare_volume(
         intensity_range=(low, high),
         slices_with_body=body.any(axis=(1, 2)),
     )
+
+
+def check_field_of_view(image: sitk.Image) -> None:
+    """Refuse an image whose axial plane has a physical size no leg scan has (a spacing stored in
+    metres, or 1e6 by mistake): resampled to the model's millimetre grid it would not fit in memory,
+    or would vanish to a few pixels. Cheap: from the header only.
+
+    The axial plane is spanned by the two axes other than the one nearest the patient's S axis,
+    as ``DICOMOrient`` would put them.
+    """
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    slice_axis = int(np.argmax(np.abs(direction[2, :])))
+    plane = [a for a in range(3) if a != slice_axis]
+    size, spacing = [image.GetSize()[a] for a in plane], [image.GetSpacing()[a] for a in plane]
+    fov = [n * s for n, s in zip(size, spacing)]
+    if not all(FIELD_OF_VIEW_MM[0] <= f <= FIELD_OF_VIEW_MM[1] for f in fov):
+        raise InputError(f"the image's axial plane is {fov[0]:.3g} × {fov[1]:.3g} mm ({size[0]} × {size[1]} pixels of "
+                         f"{spacing[0]:.3g} × {spacing[1]:.3g} mm), which is no thigh or calf scan; check the voxel "
+                         "spacing in the file's header (millimetres).")
 
 
 class LabelAssembler:
