@@ -191,3 +191,28 @@ def test_an_unexpected_failure_of_one_input_keeps_the_others_and_the_statistics(
     assert sorted(p.name for p in out.iterdir()) == ["calf.seg.nrrd"]
     assert {line.split(",")[0] for line in stats.read_text().splitlines()[1:]} == {"calf"}
 
+
+def test_a_dot_input_is_named_after_its_folder_and_a_file_for_several_previews_is_refused(tmp_path: Path):
+    from dafne_logic.commands.segment import case_name
+
+    assert case_name(Path(".")) == Path.cwd().name and case_name(tmp_path / "series" / "..") == tmp_path.name
+    taken = tmp_path / "preview.png"
+    taken.write_bytes(b"x")
+    result = cli("segment", "a.nii.gz", "b.nii.gz", "--model", "leg", "--output", str(tmp_path / "out"),
+                 "--preview", str(taken))
+    assert result.returncode == 2 and "must be a folder" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_a_reference_drawn_elsewhere_instead_of_scoring_dice_0(calf_volume: Path, tmp_path: Path):
+    image = sitk.ReadImage(str(calf_volume))
+    labels = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    labels.CopyInformation(image)
+    labels[10:20, 10:20, 0] = 1
+    labels.SetOrigin(tuple(o + 5000.0 for o in image.GetOrigin()))  # 5 m away
+    far = tmp_path / "far.nii.gz"
+    sitk.WriteImage(labels, str(far))
+    result = cli("evaluate", "--model", "leg", "--image", str(calf_volume), "--reference", str(far),
+                 "--csv", str(tmp_path / "d.csv"))
+    assert result.returncode == 2 and "does not overlap the image" in result.stderr
+    assert not (tmp_path / "d.csv").exists()
+

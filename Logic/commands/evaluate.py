@@ -39,7 +39,7 @@ def dataset_name(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from dafne_logic.core.io import label_table_path, read_image, read_segmentation
     from dafne_logic.inference.model_package import load_model
-    from dafne_logic.learning.evaluation import EvaluationCase, evaluate_models, write_dice_csv
+    from dafne_logic.learning.evaluation import EvaluationCase, evaluate_models, reference_on_image, write_dice_csv
 
     if len(args.image) != len(args.reference):
         raise InputError(f"{len(args.image)} images but {len(args.reference)} references; give one reference per image")
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             log.warning("%s: labels not in the %s table are ignored: %s", reference_path, table.region,
                         ", ".join(unknown))
-        cases.append(EvaluationCase(name, read_image(image_path), reference))
+        image = read_image(image_path)
+        cases.append(EvaluationCase(name, image, reference_on_image(reference, image, name)))
     rows = evaluate_models(models, cases, device=args.device, progress=lambda message: log.info("%s", message))
     write_dice_csv(rows, args.csv)
     for row in rows:

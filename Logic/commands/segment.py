@@ -57,8 +57,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def case_name(path: Path) -> str:
-    """``scan.nii.gz`` → ``scan``; a DICOM folder keeps its name."""
-    name = path.name
+    """``scan.nii.gz`` → ``scan``; a DICOM folder keeps its name (``.`` and ``..`` their real one)."""
+    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
     for suffix in INPUT_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     outputs = plan_outputs(inputs, Path(args.output), args.format)
     check_map_options(args, len(inputs))
+    if args.preview and len(inputs) > 1 and Path(args.preview).exists() and not Path(args.preview).is_dir():
+        raise InputError(f"--preview {args.preview} must be a folder when segmenting several inputs (one picture each).")
     check_outputs([*written_files(outputs), ("--stats", args.stats), ("--csa", args.csa),
                    ("--preview", args.preview if len(inputs) == 1 else None)],  # with several inputs: a folder
                   [*inputs, *(p.parent / f"{case_name(p)}.json" for p in inputs),  # BIDS/dcm2niix keep metadata there

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from dafne_logic.core.atomic import atomic_write_text
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.grids import resample_labels, same_grid
+from dafne_logic.core.grids import align_labels_to_image, resample_labels, same_grid
 from dafne_logic.core.labels import LabelTable
 from dafne_logic.core.numbers import nanmean
 from dafne_logic.inference.model_package import ModelPackage
@@ -108,6 +108,18 @@ class EvaluationCase:
     name: str
     image: sitk.Image
     reference: sitk.Image
+
+
+def reference_on_image(reference: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
+    """``reference`` on ``image``'s grid, refused (InputError naming ``name``) when it lies elsewhere in
+    space or none of its labels lands on the image: scored as is, it would give Dice 0 to any model."""
+    try:
+        aligned = align_labels_to_image(reference, image)
+    except InputError as exc:
+        raise InputError(f"{name}: the reference {str(exc).removeprefix('the segmentation ')}") from None
+    if sitk.GetArrayViewFromImage(reference).any() and not sitk.GetArrayViewFromImage(aligned).any():
+        raise InputError(f"{name}: none of the reference's labels lies on the image; was it drawn on another volume?")
+    return aligned
 
 
 def evaluate_models(models: Sequence[ModelPackage], cases: Sequence[EvaluationCase], device: str = "auto",
