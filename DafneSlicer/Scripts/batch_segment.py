@@ -30,10 +30,13 @@ import DafneSlicerLib  # noqa: E402, F401 - first: in a source checkout it makes
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-def find_inputs(folder: Path) -> list[Path]:
-    """Image files (not segmentations) and sub-folders (DICOM series) of ``folder``, sorted by name."""
+def find_inputs(folder: Path, output_dir: Path | None = None) -> list[Path]:
+    """Image files (not segmentations) and sub-folders (DICOM series) of ``folder``, sorted by name;
+    ``output_dir``, when it lies inside ``folder``, is not an input (the next run would fail on it)."""
+    skip = output_dir.resolve() if output_dir is not None else None
     return sorted(p for p in folder.iterdir()
-                  if p.is_dir() or (p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd")))
+                  if (p.is_dir() and p.resolve() != skip)
+                  or (p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd")))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,7 +55,7 @@ def main(argv: list[str], scene=None) -> int:
     """Run the batch; ``scene`` defaults to Slicer's scene (tests pass a bare MRML scene)."""
     import slicer
 
-    from dafne_logic.commands.segment import plan_outputs
+    from dafne_logic.commands.segment import case_name
     from dafne_logic.core.errors import DafneError
     from dafne_logic.core.io import read_image
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
@@ -72,12 +75,20 @@ def main(argv: list[str], scene=None) -> int:
         print(f"error: not installed in Slicer's Python: {', '.join(missing)}; open the DafneSlicer module once "
               "and click Install dependencies", file=sys.stderr)
         return 2
-    inputs = find_inputs(args.input_dir)
+    inputs = find_inputs(args.input_dir, args.output_dir)
     if not inputs:
         print(f"error: no image files or DICOM folders in {args.input_dir}", file=sys.stderr)
         return 2
+    names = [case_name(p) for p in inputs]  # OUTPUT_DIR is a folder whatever its name (results.v1 too)
+    if len(set(names)) != len(names):
+        print("error: several inputs share a name (e.g. scan.nii and scan.nrrd); put them in separate folders",
+              file=sys.stderr)
+        return 2
+    outputs = [args.output_dir / f"{name}.seg.nrrd" for name in names]
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        print(f"error: {args.output_dir} is a file; give a folder for the results", file=sys.stderr)
+        return 2
     try:
-        outputs = plan_outputs(inputs, args.output_dir, ".seg.nrrd")
         segmentation_logic = SegmentationLogic()
         model = segmentation_logic.load_model(args.model)
     except DafneError as exc:
@@ -100,7 +111,7 @@ def main(argv: list[str], scene=None) -> int:
             mc.save_segmentation(segmentation, str(target))
             case_rows = muscle_statistics(image, labels, model.labels)
             add_confidence_columns(case_rows, confidence.per_label)  # review = True: the model was unsure of it
-            rows += [{"case": source.name, **row} for row in case_rows]
+            rows += [{"case": case_name(source), **row} for row in case_rows]  # as dafne-slicer segment names it
             print(f"{source.name}: {target} ({time.monotonic() - began:.1f} s)")
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
             failed.append(source.name)

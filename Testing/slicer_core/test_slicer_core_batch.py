@@ -45,7 +45,7 @@ def test_batch_writes_segmentations_and_statistics_and_lists_failures(scene, tmp
     assert mc.segment_names(node) == [label.name for label in LEG.volume_labels()]
     with open(outputs / "statistics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["case"] for r in rows] == ["case1.nrrd"] * 12 + ["case2.nrrd"] * 12
+    assert [r["case"] for r in rows] == ["case1"] * 12 + ["case2"] * 12  # as dafne-slicer segment names cases
     found = [r for r in rows if int(r["voxel_count"])]
     assert found and all(0 < float(r["confidence"]) <= 1 and r["review"] in ("True", "False") for r in found)
     assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # one case at a time
@@ -125,3 +125,17 @@ def test_batch_counts_an_unexpected_error_of_one_case_as_failed_and_goes_on(scen
     assert exits == [1]
     assert "a.nrrd: FAILED: MemoryError: out of memory" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.seg.nrrd", "statistics.csv"]
+
+
+def test_an_output_folder_inside_the_input_folder_and_with_a_dot_in_its_name(scene, tmp_path, tiny_leg_model):
+    """OUTPUT_DIR is always a folder (results.v1 too), and one inside INPUT_DIR is not an input the next time."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = make_phantom("leg", shape=(2, 64, 96), seed=1)
+    sitk.WriteImage(image, str(inputs / "case1.nrrd"))
+    outputs = inputs / "results.v1"
+    batch = _batch_module()
+    for _ in range(2):  # the second run finds the first run's folder beside its input
+        assert batch.main(["--model", tiny_leg_model, "--device", "cpu", str(inputs), str(outputs)], scene=scene) == 0
+    assert sorted(p.name for p in outputs.iterdir()) == ["case1.seg.nrrd", "statistics.csv"]
+
