@@ -24,7 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_FOLDERS = ("thigh_label_maps", "lowerbody_label_maps", "visible_human_label_maps", "calf_slices")
-WHEELS = ("monai", "SimpleITK")  # what the device's Python lacks; the versions are this environment's
+# What the device's Python lacks (its KINDS.md list); the versions are this environment's. nibabel:
+# read_image checks NIfTI files for NaN with it, and the leave-one-anatomy-out folds read the NIfTI calf slices.
+WHEELS = ("monai", "SimpleITK", "nibabel")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 REPACK_OVER_MB = 20.0
 CARRY_LIMIT_MB = 64 * 1.048576  # 64 MiB
