@@ -283,7 +283,7 @@ def test_panel_share_settings_and_errors(gui, tmp_path):
     panel, ui, _, parts = _panel(gui, tmp_path)
     ui.serverUrlLineEdit.text = "http://dafne.example.org"
     ui.shareCheckBox.checked = True
-    assert gui.messages.errors == ["The server URL must start with https:// (plain http only for localhost)."]
+    assert gui.messages.errors == ["The server URL must use https:// (plain http only for localhost)."]
     assert ui.contributeButton.enabled  # the box is ticked; the URL is what was refused
     ui.serverUrlLineEdit.text = "https://dafne.example.org"
     ui.tokenLineEdit.text = "token-1"

@@ -52,11 +52,15 @@ class SyncLogic:
         return load_config(self.config_path)
 
     def save(self, opted_in: bool, server_url: str, token: str) -> None:
-        from dafne_logic.core.client_config import save_config
+        from dafne_logic.core.client_config import check_server_url, save_config
+        from dafne_logic.core.errors import DafneError
 
         url = server_url.strip().rstrip("/")
-        if url and not url.startswith(("https://", "http://localhost", "http://127.0.0.1")):
-            raise ShareError("The server URL must start with https:// (plain http only for localhost).")
+        if url:
+            try:
+                url = check_server_url(url)
+            except DafneError as exc:
+                raise ShareError(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
         save_config(replace(self.load(), opt_in=bool(opted_in), server_url=url, token=token.strip()),
                     self.config_path)
 

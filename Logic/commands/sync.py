@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from dafne_logic.core.errors import DafneError
-
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sync_command", metavar="ACTION", required=True)
@@ -37,13 +35,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_setup(args: argparse.Namespace) -> int:
-    from dafne_logic.core.client_config import load_config, save_config
+    from dafne_logic.core.client_config import check_server_url, load_config, save_config
 
     config = load_config()
     if args.server:
-        if not args.server.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-            raise DafneError("the server URL must use https:// (plain http only for localhost)")
-        config.server_url = args.server
+        config.server_url = check_server_url(args.server)
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             config.token = f.read().strip()

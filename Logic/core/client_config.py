@@ -34,6 +34,33 @@ class ClientConfig:
         return f"ClientConfig(server_url={self.server_url!r}, opt_in={self.opt_in}, token={token})"
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def check_server_url(url: str) -> str:
+    """``url`` without a trailing slash, if the token may travel to it: https, or plain http to this
+    machine only. The host is parsed, not prefix-matched: ``http://localhost.evil.example`` and
+    ``http://localhost@evil.example`` are other machines.
+
+    Raises:
+        DafneError: another scheme, plain http to another host, or no host.
+    """
+    from urllib.parse import urlsplit
+
+    url = url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise DafneError(f"{url!r} is not a valid server URL") from None
+    if parts.scheme not in ("https", "http") or not host or parts.username is not None:
+        raise DafneError(f"{url!r} is not a server URL like https://dafne.example.org")
+    if parts.scheme == "http" and host not in LOOPBACK_HOSTS:
+        raise DafneError("the server URL must use https:// (plain http only for localhost)")
+    return url
+
+
 def config_path() -> Path:
     return user_data_dir() / CONFIG_NAME
 

@@ -25,7 +25,7 @@ import requests
 from filelock import FileLock
 
 from dafne_logic.core.atomic import atomic_directory
-from dafne_logic.core.client_config import ClientConfig, load_config
+from dafne_logic.core.client_config import ClientConfig, check_server_url, load_config
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.paths import user_data_dir, user_models_dir
 from dafne_logic.inference.manifest import MANIFEST_NAME, WEIGHTS_NAME
@@ -65,7 +65,10 @@ class FederatedClient:
             raise SyncDisabled("sync is off: nothing is sent until you opt in (`dafne-slicer sync setup --opt-in`)")
         if not self.config.server_url or not self.config.token:
             raise SyncError("no server URL or token configured (`dafne-slicer sync setup`)")
-        url = self.config.server_url.rstrip("/") + path
+        try:  # again here: a hand-edited sync.json must not send the token in the clear either
+            url = check_server_url(self.config.server_url) + path
+        except DafneError as exc:
+            raise SyncError(f"{exc} (`dafne-slicer sync setup --server`)") from None
         headers = {"Authorization": f"Bearer {self.config.token}", **(headers or {})}
         for attempt in range(self.retries + 1):
             try:
@@ -75,11 +78,14 @@ class FederatedClient:
                 raise SyncError(f"the TLS certificate of {self.config.server_url} is not trusted; if the server "
                                 "uses a private CA, give its certificate with `dafne-slicer sync setup --ca-bundle`"
                                 ) from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == self.retries:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                if attempt == self.retries:  # unreachable, timed out, or closed in the middle of a reply
                     raise SyncError(f"cannot reach {self.config.server_url} ({type(exc).__name__})") from None
                 self._sleep(attempt, None)
                 continue
+            except requests.RequestException as exc:  # an invalid header value (a token with a newline), ...
+                raise SyncError(f"the request to {self.config.server_url} could not be made ({type(exc).__name__})"
+                                ) from None
             if response.status_code in RETRY_STATUS and attempt < self.retries:
                 self._sleep(attempt, response.headers.get("Retry-After"))
                 continue
@@ -105,7 +111,7 @@ class FederatedClient:
         return str(detail or response.reason)
 
     def _json(self, path: str) -> Any:
-        return self._request("GET", path).json()
+        return _json_of(self._request("GET", path), path)
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -186,15 +192,18 @@ class FederatedClient:
             "POST", f"/v1/models/{metadata.family}/updates", ok=(200, 202),
             files={"delta": (DELTA_NAME, delta_blob, "application/octet-stream")},
             data={"metadata": json.dumps(metadata.to_wire(delta_blob, idempotency_key))})
-        return response.json()
+        return _json_of(response, f"/v1/models/{metadata.family}/updates")
 
     def push_folder(self, folder: str | Path) -> dict[str, Any]:
         """Push what ``dafne-slicer finetune`` wrote: ``delta.safetensors.zz`` + ``delta.json``."""
         folder = Path(folder)
         if not (folder / DELTA_NAME).is_file() or not (folder / DELTA_METADATA_NAME).is_file():
             raise SyncError(f"{folder} has no {DELTA_NAME} + {DELTA_METADATA_NAME} (the output of `finetune`)")
-        data = json.loads((folder / DELTA_METADATA_NAME).read_text(encoding="utf-8"))
-        metadata = DeltaMetadata.from_json(data)
+        try:
+            metadata = DeltaMetadata.from_json(json.loads((folder / DELTA_METADATA_NAME).read_text(encoding="utf-8")))
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # hand-edited or truncated
+            raise SyncError(f"{folder / DELTA_METADATA_NAME} is not a valid delta description ({type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0]}); fine-tune again to write it") from None
         return self.push((folder / DELTA_NAME).read_bytes(), metadata)
 
 
@@ -224,3 +233,12 @@ def push_update(config: ClientConfig, delta_blob: bytes, metadata: DeltaMetadata
 def pull_latest(config: ClientConfig, family: str, models_dir: Path | None = None) -> Path:
     """One-call pull of a family's active version; returns the package folder."""
     return FederatedClient(config).pull(family, "active", models_dir)
+
+
+def _json_of(response: requests.Response, path: str) -> Any:
+    """The JSON body of a reply, or one sentence: a proxy's or captive portal's HTML page comes with 200 too."""
+    try:
+        return response.json()
+    except ValueError:
+        raise SyncError(f"the reply to {path} is not JSON (a proxy or login page in the way?)") from None
+

@@ -1,0 +1,79 @@
+"""The federated client's transport without a server: where the token may go, and failures as one sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from dafne_logic.core.client_config import ClientConfig, check_server_url
+from dafne_logic.core.errors import DafneError
+from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME
+from dafne_logic.learning.federated_client import FederatedClient, SyncError
+
+
+@pytest.mark.parametrize("url", ["http://localhost.evil.example", "http://localhost@evil.example",
+                                 "http://127.0.0.1.nip.io", "http://dafne.example.org", "ftp://dafne.example.org",
+                                 "https://user@dafne.example.org", "https://", "https://host:port"])
+def test_the_token_never_goes_in_the_clear_or_to_a_host_hidden_behind_a_prefix(url):
+    with pytest.raises(DafneError):
+        check_server_url(url)
+
+
+@pytest.mark.parametrize("url", ["https://dafne.example.org/", "http://localhost:8642", "http://127.0.0.1:8642",
+                                 "http://[::1]:8642"])
+def test_https_anywhere_and_plain_http_to_this_machine_pass(url):
+    assert check_server_url(url) == url.rstrip("/")
+
+
+class Recorder(requests.Session):
+    """A session that records requests and answers with the given replies (or raises them)."""
+
+    def __init__(self, *replies):
+        super().__init__()
+        self.replies, self.calls = list(replies), []
+
+    def request(self, method, url, **kwargs):  # noqa: ANN001, ANN003 - requests' own signature
+        self.calls.append((method, url, kwargs.get("headers", {})))
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+def _reply(status: int, body: bytes, content_type: str = "application/json") -> requests.Response:
+    response = requests.Response()
+    response.status_code, response._content = status, body
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def _client(session, url="https://dafne.example.org") -> FederatedClient:
+    return FederatedClient(ClientConfig(url, "secret-token", opt_in=True), session=session, backoff_s=0.0)
+
+
+def test_a_hand_edited_config_pointing_plain_http_elsewhere_sends_nothing():
+    session = Recorder()
+    with pytest.raises(SyncError, match="https"):
+        _client(session, "http://localhost.evil.example").me()
+    assert session.calls == []
+
+
+def test_a_reply_cut_in_the_middle_is_retried_and_a_proxy_page_is_one_sentence():
+    session = Recorder(requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"),
+                       _reply(200, b'{"name": "site-a"}'))
+    assert _client(session).me() == {"name": "site-a"} and len(session.calls) == 2
+    with pytest.raises(SyncError, match="not JSON"):
+        _client(Recorder(_reply(200, b"<html>Log in to the guest Wi-Fi</html>", "text/html"))).me()
+    with pytest.raises(SyncError, match="could not be made"):
+        _client(Recorder(requests.exceptions.InvalidHeader("Invalid leading whitespace"))).me()
+
+
+def test_a_malformed_delta_description_is_one_sentence_naming_the_file(tmp_path):
+    (tmp_path / DELTA_NAME).write_bytes(b"x")
+    (tmp_path / DELTA_METADATA_NAME).write_text(json.dumps({"parent_version": "3"}))
+    session = Recorder()
+    with pytest.raises(SyncError, match=DELTA_METADATA_NAME):
+        _client(session).push_folder(tmp_path)
+    assert session.calls == []
