@@ -174,6 +174,10 @@ def test_train_on_real_pairs(tmp_path: Path):
     assert training["synthesis"]["rotation_deg"] == SynthesisConfig().rotation_deg  # the augmentation used
     assert training["data_sources"] == [{"name": f"image/label pairs in {pairs}", "used": "real images and their label maps"}]
     assert package.manifest.labels.n_classes == LEG.n_classes
+    # A misspelled held-out subject would be trained on while the manifest lists it as held out.
+    assert main(["train", "--label-table", str(table), "--pairs", str(pairs), "--output", str(tmp_path / "m2"),
+                 "--holdout-subjects", "case_1"] + FAST) == 2
+    assert not (tmp_path / "m2").exists()
 
 
 def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path, capsys):
@@ -220,6 +224,8 @@ def test_source_weights_set_each_label_maps_share(tmp_path: Path, capsys):
     assert "no label map's file name contains 'nobody'" in capsys.readouterr().err
     assert main(base + ["--source-weights", "subject_a=-1"]) == 2
     assert "positive weight" in capsys.readouterr().err
+    assert main(base + ["--source-weights", "subject=2", "subject_a=5"]) == 2  # the second would do nothing
+    assert "put the more specific name first" in capsys.readouterr().err and not out.with_name("model2").exists()
 
 
 def test_pairs_from_a_shared_folder_credit_it_and_say_its_images_were_used():

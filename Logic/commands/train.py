@@ -214,7 +214,12 @@ def _source_weights(files: list[Path], specs: list[str]) -> list[float]:
         if not any(name in f.name for f in files):
             raise InputError(f"--source-weights {spec!r}: no label map's file name contains {name!r}")
         rules.append((name, weight))
-    return [next((w for name, w in rules if name in f.name), 1.0) for f in files]
+    first_match = [next((i for i, (name, _) in enumerate(rules) if name in f.name), None) for f in files]
+    for i, spec in enumerate(specs):
+        if i not in first_match:  # e.g. THIGH_02=2 before THIGH_022=0: the second would silently do nothing
+            raise InputError(f"--source-weights {spec!r}: every label map it names takes an earlier spec's weight; "
+                             "put the more specific name first")
+    return [1.0 if i is None else rules[i][1] for i in first_match]
 
 
 def _split(sources: list[list[Any]], holdout: set[str]) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -387,6 +392,9 @@ def _pairs_setup(args: argparse.Namespace, table: LabelTable, params: Preprocess
             cases.append((images[0], label_path))
     if not cases:
         raise InputError(f"no image/label pairs in {', '.join(map(str, args.pairs))}")
+    unknown = holdout - {subject_id(image_path) for image_path, _ in cases}
+    if unknown:  # a misspelled subject would be trained on while the manifest says it was held out
+        raise InputError(f"held-out subjects {sorted(unknown)} are in none of the pairs")
     train_slices: list[list[Any]] = []
     held_slices: list[list[Any]] = []
     for image_path, label_path in cases:
