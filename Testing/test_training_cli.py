@@ -67,6 +67,12 @@ def test_train_from_label_maps_resume_and_holdout(tmp_path: Path, capsys):
     assert all((again.state_dict[k] == v).all() for k, v in package.state_dict.items())
     assert main(args[:-len(FAST)] + ["--lr", "0.1"] + FAST + ["--resume"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # Resuming on other data (here: subject_b no longer held out) would leave a manifest describing data
+    # its weights did not see.
+    other_data = [a for a in args if a not in ("--holdout-subjects", "subject_b")]
+    assert main(other_data + ["--resume"]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    assert all((ModelPackage.load(out).state_dict[k] == v).all() for k, v in package.state_dict.items())
 
 
 def test_train_with_phantoms_only(tmp_path: Path):

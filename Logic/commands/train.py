@@ -197,6 +197,34 @@ def _initial_weights(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     return parent.state_dict
 
 
+DATA_NAME = "data.json"  # in the work folder: what a run trains on, which a resumed run must not change
+
+
+def check_resumed_data(work_dir: Path, summary: dict[str, Any], resume: bool) -> None:
+    """Record what the run trains on (subjects, held-out subjects, source weights, synthesis,
+    slices; file names, not paths) in ``work_dir/data.json``; a resumed run must train on the
+    same, or its manifest would describe data its weights did not see (a subject "held out" that
+    the first part trained on). A work folder from before this record is resumed unchecked.
+
+    Raises:
+        InputError: ``resume`` and a recorded description that differs.
+    """
+    import json
+
+    from dafne_logic.core.atomic import atomic_write_text
+
+    described = {k: v for k, v in summary.items() if k not in ("label_maps", "pairs", "data_sources")}
+    for key in ("label_maps", "pairs"):
+        if key in summary:
+            described[f"{key}_files"] = sorted(Path(p).name for p in summary[key])
+    text = json.dumps(strict_json(described), sort_keys=True, indent=1) + "\n"
+    path = work_dir / DATA_NAME
+    if resume and path.is_file() and json.loads(path.read_text(encoding="utf-8")) != json.loads(text):
+        raise InputError(f"{work_dir}: the run being resumed trained on other data (label maps, held-out subjects, "
+                         "source weights, phantoms or synthesis ranges); resume with the same options or start a new run")
+    atomic_write_text(path, text)
+
+
 def _source_weights(files: list[Path], specs: list[str]) -> list[float]:
     """Relative weight of each label map from ``NAME=WEIGHT`` specs (first match; 1 otherwise).
 
@@ -281,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
             bar.refresh()
 
+    check_resumed_data(Path(args.work_dir) if args.work_dir else default_work_dir(args.output), summary, args.resume)
     init_state = _initial_weights(args.init, manifest) if args.init else None
     if args.time_limit is not None:  # the limit counts from the command's start: reading the data is part of it
         left = args.time_limit * 60.0 - (time.monotonic() - began)
