@@ -72,6 +72,10 @@ COARSE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "lateral compartment": ("peroneus",),
     },
 }
+# Coarse groups that also hold muscles no table segments, which are background for the network: the
+# anterior compartment's extensor hallucis longus and peroneus tertius (labelled apart, and so
+# background, in the Visible Human maps). Their pixels may be a member or background.
+GROUPS_WITH_UNSEGMENTED_MUSCLES: dict[str, frozenset[str]] = {"leg": frozenset({"anterior compartment"})}
 BONE_NAMES = {"tibia", "fibula", "femur", "bone", "patella"}
 
 # Parts of a model muscle that sources may label separately (normalised name -> the part's name).
@@ -247,6 +251,7 @@ def harmonise(scheme: LabelScheme, table: LabelTable, registry: GroupRegistry) -
             names no muscle of the table.
     """
     groups = {normalise_name(k): v for k, v in COARSE_GROUPS.get(table.region, {}).items()}
+    with_background = {normalise_name(k) for k in GROUPS_WITH_UNSEGMENTED_MUSCLES.get(table.region, frozenset())}
     others = _other_muscle_names(table)
     tissue, target, side_of = {}, {}, {}
     covered: set[int] = set()
@@ -272,7 +277,7 @@ def harmonise(scheme: LabelScheme, table: LabelTable, registry: GroupRegistry) -
             covered_on[label.side].add(k)
         elif label.name in groups:
             members = frozenset(table.muscle_index(n) for n in groups[label.name])
-            code = registry.code(members)
+            code = registry.code(members | {0} if label.name in with_background else members)
             tissue[value], target[value] = MUSCLE_BASE + code, code
             covered |= members
             covered_on[label.side] |= members
