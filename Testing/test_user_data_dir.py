@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,3 +58,30 @@ def test_nothing_moves_on_linux_or_when_overridden_or_when_the_new_place_exists(
     assert user_data_dir() == old and (old / "sync.json").exists()
     (tmp_path / "new").mkdir()
     assert move_legacy_data(old, tmp_path / "new") is False and old.exists()
+
+
+def test_a_copy_across_disks_that_fails_half_way_leaves_no_partial_folder_and_the_old_data(tmp_path, monkeypatch):
+    """Across file systems the move is a copy: one failing half-way must not leave a partial new
+    folder, which would exist and so hide the old data for good."""
+    import errno
+    import shutil
+
+    old = _old_data(tmp_path)
+    target = tmp_path / "Local" / "DafneSlicer"
+
+    def no_rename(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def copy_half(src, dst, **kwargs):
+        Path(dst).mkdir(parents=True)
+        (Path(dst) / "sync.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    monkeypatch.setattr(shutil, "copytree", copy_half)
+    assert move_legacy_data(old, target) is False
+    assert not target.exists() and not list(target.parent.iterdir()) and (old / "sync.json").read_text() == '{"opt_in": true}'
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "rename", no_rename)  # a second disk with room: the copy lands, then the old folder goes
+    assert move_legacy_data(old, target) is True
+    assert (target / "sync.json").read_text() == '{"opt_in": true}' and not old.exists()

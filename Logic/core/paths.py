@@ -53,9 +53,24 @@ def move_legacy_data(legacy: Path, target: Path) -> bool:
     """
     if legacy == target or not legacy.is_dir() or target.exists():
         return False
+    # Into a sibling first, renamed into place once complete: a copy across file systems that fails
+    # half-way must not leave a partial folder at ``target``, which would hide the old one for good.
+    staging = target.with_name(f".{target.name}.moving")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(legacy), str(target))
+        try:
+            os.rename(legacy, target)  # one file system: atomic
+        except OSError as exc:
+            if not legacy.is_dir():
+                raise FileNotFoundError(legacy) from exc  # another process moved it first
+            shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt that failed half-way
+            try:
+                shutil.copytree(legacy, staging, symlinks=True)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)  # the original is untouched
+                raise
+            os.replace(staging, target)
+            shutil.rmtree(legacy, ignore_errors=True)  # the copy is in place; a leftover original only costs space
     except FileNotFoundError:  # another process moved it first
         return False
     except OSError as exc:

@@ -144,7 +144,13 @@ class FederatedClient:
         Returns the package folder; it loads with :meth:`ModelPackage.load` (sha256 checked).
         """
         info = self._json(f"/v1/models/{family}/versions/{version}/package")
-        target = (models_dir or user_models_dir()) / f"{family}-v{info['version']}"
+        number = info.get("version") if isinstance(info, dict) else None
+        manifest = info.get("manifest") if isinstance(info, dict) else None
+        # The folder name and the package come from the server: a number, and the family and version asked for.
+        if (isinstance(number, bool) or not isinstance(number, int) or number < 1 or not isinstance(manifest, dict)
+                or manifest.get("name") != family or str(manifest.get("version")) != str(number)):
+            raise SyncError(f"the server's description of {family} version {version} is not a valid package")
+        target = (models_dir or user_models_dir()) / f"{family}-v{number}"
         part = self.downloads_dir / f"{info['weights_sha256']}.part"
         part.parent.mkdir(parents=True, exist_ok=True)
         # One download of a given file at a time, across threads and processes (Slicer + CLI).
