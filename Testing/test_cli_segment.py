@@ -110,6 +110,10 @@ def test_bad_device_or_batch_size_is_one_sentence(calf_volume: Path, tmp_path: P
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and message in result.stderr
     assert list(tmp_path.iterdir()) == []
+    # With several inputs too: one sentence and exit 2 before any work, not one failure per input.
+    result = cli("segment", str(calf_volume), str(calf_volume.with_name("x.nrrd")), "--model", "leg",
+                 "--output", str(tmp_path / "out"), *flags)
+    assert result.returncode == 2 and result.stderr.count(message) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_outputs_never_overwrite_inputs_or_their_sidecars(tmp_path: Path):

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
     from dafne_logic.inference.confidence import Confidence, add_confidence_columns, unsure_muscles
     from dafne_logic.inference.model_package import load_model
+    from dafne_logic.inference.networks import resolve_device
     from dafne_logic.inference.segment import segment_volume, segment_with_confidence
 
     inputs = [Path(p) for p in args.inputs]
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
                   [*inputs, *(p.parent / f"{case_name(p)}.json" for p in inputs),  # BIDS/dcm2niix keep metadata there
                    *quantitative_options.map_files(args)])
     model = load_model(args.model)
+    resolve_device(args.device)  # an unknown device, or CUDA where there is none: once, not once per input
     rows: list[dict] = []
     areas: list[dict] = []
     failures: list[str] = []
