@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -11,8 +12,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sync_command", metavar="ACTION", required=True)
     p = sub.add_parser("setup", help="set the server, token and opt-in (saved owner-only)")
     p.add_argument("--server", help="server URL, e.g. https://dafne.example.org")
-    p.add_argument("--token", help="your token (or set it from a file with --token-file)")
-    p.add_argument("--token-file", help="read the token from this file")
+    p.add_argument("--token", help="your token (it stays in the shell's history: --token-file - is safer)")
+    p.add_argument("--token-file", help="read the token from this file; '-' reads it from standard input "
+                                        "(a prompt that does not echo on a terminal)")
     p.add_argument("--ca-bundle", help="CA certificates (PEM) that sign the server's certificate, if private")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--opt-in", action="store_true", help="allow sending updates and fetching models")
@@ -40,7 +42,11 @@ def run_setup(args: argparse.Namespace) -> int:
     config = load_config()
     if args.server:
         config.server_url = check_server_url(args.server)
-    if args.token_file:
+    if args.token_file == "-":
+        import getpass
+
+        config.token = (getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
+    elif args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             config.token = f.read().strip()
     elif args.token:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -121,10 +122,14 @@ def test_push_refuses_local_parents_and_sends_no_nan(scripted):
     assert len(server.requests) == 2 and server.requests[0][1] == "/v1/models/leg/updates"
 
 
-def test_sync_cli_setup_status_and_pull(sqlite_server, capsys, tmp_path):
+def test_sync_cli_setup_status_and_pull(sqlite_server, capsys, tmp_path, monkeypatch):
     assert cli_main(["sync", "status"]) == 0
     assert "OFF" in capsys.readouterr().out
-    assert cli_main(["sync", "setup", "--server", sqlite_server.url, "--token", sqlite_server.admin_token]) == 0
+    assert cli_main(["sync", "setup", "--server", sqlite_server.url, "--token", "wrong"]) == 0
+    # The token from standard input (--token-file -): kept out of the shell's history and the process list.
+    monkeypatch.setattr("sys.stdin", io.StringIO(sqlite_server.admin_token + "\n"))
+    assert cli_main(["sync", "setup", "--token-file", "-"]) == 0
+    assert load_config().token == sqlite_server.admin_token
     assert not load_config().opt_in  # setting a server is not opting in
     assert cli_main(["sync", "pull", "client"]) == 2
     assert "opt in" in capsys.readouterr().err
