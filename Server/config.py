@@ -67,7 +67,7 @@ class ServerSettings:
         if self.validation in ("none", "phantom"):
             shape = "x".join(map(str, self.validation_shape))
             return "none" if self.validation == "none" else f"phantom:{self.validation_cases}:{shape}"
-        return f"folder:{Path(self.validation).resolve()}"
+        return f"folder:{Path(self.validation).resolve()}:{_folder_fingerprint(Path(self.validation))}"
 
     def default_merge_settings(self) -> MergeSettings:
         return MergeSettings.from_json(self.merge)
@@ -117,3 +117,16 @@ def store_shared(settings: ServerSettings) -> None:
     if values["validation"] not in ("phantom", "none"):
         values["validation"] = str(Path(values["validation"]).resolve())
     write_durable(shared_settings_path(settings), json.dumps(values, indent=1).encode("utf-8"))
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """A short digest of the files under ``folder`` (names, sizes, modification times): edited or
+    added validation cases are other cases, whose scores must not be compared with the cached ones."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        info = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+

@@ -51,7 +51,7 @@ class MergeSettings:
     server_lr: float = 1.0  # η: the aggregated delta is applied as ``active + η·Δ``
     robust_rule: RobustRule = "trimmed_mean"  # used when ≥ 3 updates are merged
     trim_fraction: float = 0.2  # per side; at least one value per side is trimmed
-    clip_norm: float | None = None  # fixed L2 bound; None = median norm of the buffer (≥ 3 updates)
+    clip_norm: float | None = None  # fixed L2 bound; None = lower median norm of the buffer (≥ 2 updates)
     max_case_weight: int = 200  # slices counted per update at most, so one site cannot dominate
     max_staleness: int = 5  # updates whose parent is older are rejected
     dice_tolerance: float = 0.005  # ε: allowed loss of mean Dice against the active version
@@ -192,11 +192,15 @@ def kept_share(deltas: Sequence[Delta], rule: RobustRule, trim_fraction: float) 
     kept = torch.zeros(n)
     total = 0
     for k in deltas[0]:
-        order = torch.argsort(_stack(deltas, k), dim=0).reshape(n, -1)  # (rank, coordinate) -> update
+        values = _stack(deltas, k).reshape(n, -1)
+        # Where every update has the same value (an unchanged parameter, or one that rounds alike in
+        # fp16) no update was left out, but argsort would credit the ranks to the same ones each time.
+        differ = values.amax(dim=0) > values.amin(dim=0)
+        order = torch.argsort(values[:, differ], dim=0)  # (rank, coordinate) -> update
         for r in ranks:
             kept += torch.bincount(order[r], minlength=n).float()
         total += order.shape[1]
-    return kept / max(total, 1)
+    return kept / total if total else torch.full((n,), _expected_share(n, rule, trim_fraction))
 
 
 def _trim_count(n: int, trim_fraction: float) -> int:
@@ -262,7 +266,9 @@ def merge_updates(updates: Sequence[Update], settings: MergeSettings) -> MergeRe
         rule, delta = ("fedasync" if n == 1 else "mean"), weighted_mean(clipped, weights)
     if rule in ("median", "trimmed_mean"):
         shares = kept_share(clipped, rule, settings.trim_fraction)  # type: ignore[arg-type]
-    raw_claims = torch.tensor([float(max(u.n_slices, 1)) for u in updates])
+    # Claims as sent: a cut to the typical site's count or to max_case_weight overrides them; with one
+    # update (FedAsync) the count weighs nothing, so nothing is cut.
+    raw_claims = torch.tensor([float(max(u.n_slices, 1)) for u in updates]) if n >= 2 else case
     return MergeResult(
         delta=delta,
         rule=rule,
@@ -300,9 +306,16 @@ def accept_candidate(candidate: Mapping[str, float], active: Mapping[str, float]
                      dice_tolerance: float, label_tolerance: float) -> Decision:
     """Publication gate over Dice per label (NaN = label absent from a case set, ignored).
 
-    Accepted when mean Dice ≥ active mean − ε and no label shared by both loses more than δ.
+    Accepted when the candidate's mean Dice ≥ the active version's − ε and no label loses more than δ,
+    both over the labels defined for both: a label undefined for one of them (absent from every
+    reference, predicted by one model only) would otherwise move one mean and not the other.
     """
-    cand_mean, act_mean = nanmean(candidate.values()), nanmean(active.values())
+    shared = [name for name, value in candidate.items()
+              if name in active and not math.isnan(value) and not math.isnan(active[name])]
+    if shared:
+        cand_mean, act_mean = nanmean(candidate[n] for n in shared), nanmean(active[n] for n in shared)
+    else:
+        cand_mean, act_mean = nanmean(candidate.values()), nanmean(active.values())
     if math.isnan(cand_mean):
         return Decision(False, "the candidate has no defined Dice on the validation cases", cand_mean, act_mean)
     if not math.isnan(act_mean) and cand_mean < act_mean - dice_tolerance:

@@ -7,6 +7,7 @@ process, deterministic seeds), or a folder ``<dir>/<family>/<case>_image.<ext>``
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +49,12 @@ def folder_cases(folder: str | Path) -> list[Case]:
     cases = []
     for image_path in sorted(folder.glob("*_image.*")):
         stem = image_path.name.split("_image.")[0]
-        matches = sorted(folder.glob(f"{stem}_labels.*"))
+        matches = sorted(m for m in folder.glob(f"{glob.escape(stem)}_labels.*")  # a case named ab[1] is not ab1
+                         if not m.name.endswith(".json"))  # a label table beside a label map is not one
         if not matches:
             raise InputError(f"validation case {image_path} has no {stem}_labels file beside it")
+        if len(matches) > 1:
+            raise InputError(f"validation case {stem} has several label files ({', '.join(m.name for m in matches)})")
         cases.append(Case(stem, read_image(image_path), sitk.ReadImage(str(matches[0]), sitk.sitkUInt8)))
     if not cases:
         raise InputError(f"no validation cases (<case>_image.* + <case>_labels.*) in {folder}")

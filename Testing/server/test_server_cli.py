@@ -54,7 +54,12 @@ def test_standalone_worker_uses_the_merge_settings_its_server_stored(tmp_path, c
     worker_args = build_parser().parse_args(["worker", "--data-dir", data])
     settings = load_shared(_settings(worker_args))  # what `dafne-server worker` runs with
     assert (settings.validation, settings.validation_cases, settings.lease_ttl_s) == (str(validation), 3, 20.0)
-    assert settings.validation_id == f"folder:{validation}"
+    assert settings.validation_id.startswith(f"folder:{validation}:")
+    # Edited or added cases are other cases: cached scores of the old ones must not be compared with them.
+    before = settings.validation_id
+    validation.mkdir()
+    (validation / "a_image.nii.gz").write_bytes(b"x")
+    assert load_shared(_settings(worker_args)).validation_id != before
     # a later init without flags keeps them; the worker has no flags of its own to disagree with
     assert server_main(["init", "--data-dir", data]) == 0
     assert load_shared(_settings(worker_args)).validation_cases == 3

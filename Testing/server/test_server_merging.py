@@ -139,6 +139,32 @@ def test_acceptance_gate_mean_and_per_label():
     assert not accept_candidate({"a": math.nan}, active, 0.005, 0.02).accepted
 
 
+def test_the_gate_compares_means_over_the_labels_both_models_have():
+    """A label no reference holds: the active model predicts it (Dice 0), the candidate does not (NaN).
+    Over each model's own labels the candidate's mean would rise though every shared label fell."""
+    active = {name: 0.9 for name in "abcde"} | {"f": 0.0}
+    candidate = {name: 0.885 for name in "abcde"} | {"f": math.nan}
+    decision = accept_candidate(candidate, active, 0.005, 0.02)
+    assert not decision.accepted and "mean Dice 0.8850" in decision.reason and "0.9000" in decision.reason
+
+
+def test_one_update_is_never_overridden_by_its_slice_count():
+    """FedAsync (one update): the count weighs nothing, so a claim over the cap is not cut."""
+    result = merge_updates([Update("a", _delta(1.0), staleness=0, n_slices=500)], MergeSettings(buffer_size=1))
+    assert result.overridden == {}
+
+
+def test_tied_values_leave_no_update_out():
+    """Coordinates where every update agrees (unchanged parameters) say nothing about who was left out."""
+    # Where they differ, each update is the middle value once: none is left out more than another.
+    differing = [(0.1, 0.2, 0.3), (0.2, 0.3, 0.1), (0.3, 0.1, 0.2)]
+    deltas = [{"w": torch.cat([torch.zeros(1000), torch.tensor([c[i] for c in differing])])} for i in range(3)]
+    for rule in ("median", "trimmed_mean"):
+        result = merge_updates([Update(k, d, staleness=0, n_slices=10) for k, d in zip("abc", deltas, strict=True)],
+                               MergeSettings(buffer_size=3, robust_rule=rule, clip_norm=10.0))
+        assert result.overridden == {}, (rule, result.overridden)
+
+
 def test_settings_round_trip_and_validation():
     s = MergeSettings(buffer_size=5, robust_rule="median")
     assert MergeSettings.from_json(s.to_json()) == s

@@ -235,8 +235,14 @@ def test_folder_validation_cases_pair_images_with_labels(tmp_path):
         image = sitk.GetImageFromArray(rng.random((3, 8, 8)).astype(np.float32))
         sitk.WriteImage(image, str(tmp_path / f"{name}_image.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 8, 8), np.uint8)), str(tmp_path / f"{name}_labels.nii.gz"))
+    (tmp_path / "a_labels.json").write_text("{}")  # a label table beside a label map is not a second label file
     cases = folder_cases(tmp_path)
     assert [c.name for c in cases] == ["a", "b"] and cases[0].labels.GetSize() == (8, 8, 3)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.random((3, 8, 8)).astype(np.float32)), str(tmp_path / "c[1]_image.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 8, 8), np.uint8)), str(tmp_path / "c1_labels.nii.gz"))
+    with pytest.raises(InputError, match=r"c\[1\]_labels"):  # not c1's labels, which a glob pattern would match
+        folder_cases(tmp_path)
+    (tmp_path / "c[1]_image.nii.gz").unlink()
     (tmp_path / "b_labels.nii.gz").unlink()
     with pytest.raises(InputError, match="b_labels"):
         folder_cases(tmp_path)
