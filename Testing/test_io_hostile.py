@@ -75,5 +75,5 @@ def test_label_map_with_voxel_values_above_65535_is_refused(tmp_path, value, dty
 
 
 def test_large_tables_write_uint16_through_the_shared_output_dtype(monkeypatch):
-    monkeypatch.setattr(dio, "_output_dtype", lambda table: np.uint16)
+    monkeypatch.setattr(dio, "label_dtype", lambda table: np.uint16)
     assert dio._label_array(make_labels(make_image(), LEG), LEG).dtype == np.uint16

@@ -291,6 +291,18 @@ def test_improve_without_corrections_or_case_explains_what_to_do():
     assert controller.job is None
 
 
+def test_improve_on_a_sagittal_volume_says_why_before_any_work():
+    """Fine-tuning learns from axial slices; the slices the user marked are sagittal ones."""
+    controller, parts, volume = segmented()
+    sagittal = sitk.Image(controller.case.image)
+    sagittal.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))  # k runs along patient x
+    controller.case.image = sagittal
+    controller.case.segmentation_node.labels[2, 7:9, 7:9] = LEG.value_of(2, "right")
+    controller.improve()
+    assert parts["view"].errors[-1].startswith("Improve learns from axial slices")
+    assert controller.job is None and parts["learning"].finetuned == []
+
+
 def test_bad_slice_marks_are_refused():
     controller, parts, _ = segmented()
     controller.mark_slices("3-1")

@@ -21,7 +21,7 @@ from vtk.util import numpy_support
 
 from dafne_logic.core.atomic import atomic_path
 from dafne_logic.core.errors import InputError
-from dafne_logic.core.io import match_label_name, terminology
+from dafne_logic.core.io import label_dtype, match_label_name, terminology
 from dafne_logic.core.labels import LabelTable, VolumeLabel
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -172,7 +172,8 @@ def labels_to_segmentation(scene: slicer.vtkMRMLScene, labels: sitk.Image, table
     colors = color_table_node(scene, table, f"{name} colours")
     labelmap = _temporary_labelmap(scene, colors)
     try:
-        update_volume_node_from_image(labelmap, sitk.Cast(labels, sitk.sitkUInt8))
+        pixel = sitk.sitkUInt8 if label_dtype(table) is np.uint8 else sitk.sitkUInt16  # values above 255 must not wrap
+        update_volume_node_from_image(labelmap, sitk.Cast(labels, pixel))
         labelmap.SetAndObserveTransformNodeID(transform_id)
         if segmentation_node is None:
             segmentation_node = slicer.vtkMRMLSegmentationNode()
@@ -246,7 +247,7 @@ def _complete_segments(segmentation_node, table: LabelTable) -> None:
 class CorrectedLabels:
     """A segmentation turned back into volume labels for training and Dice."""
 
-    labels: sitk.Image  # uint8 volume labels on the reference volume's grid
+    labels: sitk.Image  # volume labels (uint8; uint16 for tables over 127 muscles) on the reference volume's grid
     unknown_names: tuple[str, ...]  # segments whose names are not in the label table (left out)
     missing_names: tuple[str, ...]  # table labels without a segment (read as absent)
 
@@ -280,9 +281,9 @@ def segmentation_to_labels(scene: slicer.vtkMRMLScene, segmentation_node: slicer
                              "merge one of them.")
         else:
             chosen[value] = (segmentation.GetNthSegmentID(i), segment_name)
-    array = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+    array = np.zeros(image.GetSize()[::-1], dtype=label_dtype(table))
     if chosen:
-        array = _export_by_value(scene, segmentation_node, volume_node, chosen, 2 * table.n_muscles)
+        array = _export_by_value(scene, segmentation_node, volume_node, chosen, 2 * table.n_muscles).astype(label_dtype(table))
     labels = sitk.GetImageFromArray(array)
     labels.CopyInformation(image)
     missing = tuple(label.name for label in table.volume_labels() if label.value not in chosen)
@@ -311,18 +312,31 @@ def _export_by_value(scene, segmentation_node, volume_node, chosen: dict[int, tu
             raise InputError(f"Slicer could not export segmentation '{segmentation_node.GetName()}'.")
         dims = labelmap.GetImageData().GetDimensions()
         array = numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
-        return array.astype(np.uint8)
+        return array
     finally:
         _remove_temporary_nodes(scene, labelmap, colors)
 
 
 def check_segmentation_on_volume(segmentation_node, volume_node) -> None:
-    """Raise InputError unless every non-empty segment lies on ``volume_node``'s voxel grid (direction, spacing, phase)."""
+    """Raise InputError unless every non-empty segment lies on ``volume_node``'s voxel grid (direction, spacing, phase).
+
+    Both nodes must be under the same parent transform: the grids are compared in each node's own
+    frame, while the export resamples into world space (a segmentation moved by a transform would
+    come back shifted). A segmentation whose source is not a label map (closed surfaces) is converted
+    on the volume's grid instead of checked.
+    """
+    if (segmentation_node.GetTransformNodeID() or None) != (volume_node.GetTransformNodeID() or None):
+        raise InputError(f"Segmentation '{segmentation_node.GetName()}' and volume '{volume_node.GetName()}' are under "
+                         "different transforms; put both under the same one (or harden the transform on both).")
+    segmentation = segmentation_node.GetSegmentation()
+    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != representation:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentation.CreateRepresentation(representation, True)  # again on this grid, not an earlier default one
+        return
     volume_matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(volume_matrix)
     volume = _matrix_to_numpy(volume_matrix)
-    segmentation = segmentation_node.GetSegmentation()
-    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     for i in range(segmentation.GetNumberOfSegments()):
         oriented = segmentation.GetNthSegment(i).GetRepresentation(representation)
         if oriented is None or oriented.IsEmpty():

@@ -406,7 +406,7 @@ def _label_array(label_image: sitk.Image, table: LabelTable) -> np.ndarray:
     n_labels = 2 * table.n_muscles
     if voxels.size and (voxels.min() < 0 or voxels.max() > n_labels):
         raise InputError(f"the label image has values outside 0..{n_labels} of the {table.region} label table.")
-    return voxels.astype(_output_dtype(table))
+    return voxels.astype(label_dtype(table))
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -549,7 +549,8 @@ def _lookup(names: dict[int, str], table: LabelTable, max_value: int) -> tuple[n
     return lut, unknown
 
 
-def _output_dtype(table: LabelTable) -> type:
+def label_dtype(table: LabelTable) -> type:
+    """The pixel type of volume labels of ``table``: uint8 up to 255 values, else uint16."""
     return np.uint8 if 2 * table.n_muscles <= np.iinfo(np.uint8).max else np.uint16
 
 
@@ -564,7 +565,7 @@ def _read_slicer_segmentation(path: Path, table: LabelTable) -> tuple[sitk.Image
     if voxels is None or voxels.ndim not in (3, 4):
         raise InputError(f"{path} holds no 3D segmentation voxels.")
     layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
-    output = np.zeros(layers.shape[1:], dtype=_output_dtype(table))  # (i, j, k)
+    output = np.zeros(layers.shape[1:], dtype=label_dtype(table))  # (i, j, k)
     unknown = []
     for layer_index in range(layers.shape[0]):
         layer = layers[layer_index]
@@ -613,7 +614,7 @@ def _read_labelmap(path: Path, table: LabelTable) -> tuple[sitk.Image, list[str]
         lut = np.zeros(max(max_value, n_labels) + 1, dtype=np.uint16)
         lut[1 : n_labels + 1] = np.arange(1, n_labels + 1)
         unknown = [f"label value {v}" for v in np.unique(values[values > n_labels]).tolist()]
-    output = sitk.GetImageFromArray(lut[values].astype(_output_dtype(table)))
+    output = sitk.GetImageFromArray(lut[values].astype(label_dtype(table)))
     output.CopyInformation(image)
     return output, unknown
 

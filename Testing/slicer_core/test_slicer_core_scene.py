@@ -155,3 +155,59 @@ def test_continue_with_a_saved_segmentation_and_refuse_another_volumes(scene, tm
     assert view.errors[1:] == [] and controller.case.segmentation_node is saved
     np.testing.assert_array_equal(controller.case.tracker.automatic, array)
     assert "12 of 12 labels have a segment" in view.statuses[-1]
+
+
+def test_a_segmentation_under_another_transform_than_its_volume_is_refused_not_read_shifted(scene):
+    """The grid check compares each node in its own frame; the export resamples in world space."""
+    volume, labels, _ = _volume_and_labels(scene)
+    node = SlicerScene(scene).show_labels(labels, LEG, volume, "calf segmentation")
+    shift = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(shift)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(2, 3, 5.0)  # one slice along S
+    shift.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(shift.GetID())
+    with pytest.raises(InputError, match="different transforms"):
+        mc.segmentation_to_labels(scene, node, volume, LEG)
+    volume.SetAndObserveTransformNodeID(shift.GetID())  # both under it: fine, and read back unshifted
+    back = mc.segmentation_to_labels(scene, node, volume, LEG).labels
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(labels))
+
+
+def test_a_closed_surface_segmentation_is_read_on_the_volume_grid_every_time(scene):
+    """Drawn as surfaces (imported models, other tools): converted on the volume's grid, read twice alike."""
+    volume, labels, _ = _volume_and_labels(scene)
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    node.GetSegmentation().SetSourceRepresentationName(surface)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*(mc.ijk_to_ras_of(labels) @ [4, 4, 3, 1])[:3])
+    sphere.SetRadius(2.5)
+    sphere.SetThetaResolution(30)
+    sphere.SetPhiResolution(30)
+    sphere.Update()
+    segment = slicer.vtkSegment()
+    segment.SetName("right soleus")
+    segment.AddRepresentation(surface, sphere.GetOutput())
+    node.GetSegmentation().AddSegment(segment)
+    first = sitk.GetArrayFromImage(mc.segmentation_to_labels(scene, node, volume, LEG).labels)
+    second = sitk.GetArrayFromImage(mc.segmentation_to_labels(scene, node, volume, LEG).labels)
+    assert (first == LEG.value_of(1, "right")).sum() > 0
+    np.testing.assert_array_equal(first, second)
+
+
+def test_label_values_above_255_survive_the_scene(scene):
+    """A user table of 130 muscles: 'left muscle 130' is value 260, not 4 (uint8 wrap-around)."""
+    from dafne_logic.core.labels import LabelTable, Muscle
+
+    table = LabelTable("big", tuple(Muscle(f"muscle {i}", (i % 255, 100, 100), LEG.muscles[0].code)
+                                    for i in range(1, 131)))
+    volume, labels, _ = _volume_and_labels(scene)
+    array = np.zeros((6, 8, 10), np.uint16)
+    array[2:4, 2:4, 2:4] = table.value_of(130, "left")
+    big = sitk.GetImageFromArray(array)
+    big.CopyInformation(labels)
+    node = SlicerScene(scene).show_labels(big, table, volume, "big")
+    back = sitk.GetArrayFromImage(mc.segmentation_to_labels(scene, node, volume, table).labels)
+    assert set(np.unique(back).tolist()) == {0, 260}
