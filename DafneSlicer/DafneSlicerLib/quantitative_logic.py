@@ -85,6 +85,11 @@ def _chart(scene, name: str, table_node, series: Sequence[tuple[str, str, str, t
     For bar charts the x column is a text column of bar labels.
     """
     chart = _node(scene, "vtkMRMLPlotChartNode", name)
+    wanted = {f"{name}: {series_name}" for series_name, *_ in series}
+    for i in reversed(range(chart.GetNumberOfPlotSeriesNodes())):  # series of an earlier run no longer drawn
+        old = chart.GetNthPlotSeriesNode(i)
+        if old is not None and old.GetName() not in wanted:
+            scene.RemoveNode(old)
     chart.RemoveAllPlotSeriesNodeIDs()
     for series_name, x_column, y_column, colour in series:
         plot = _node(scene, "vtkMRMLPlotSeriesNode", f"{name}: {series_name}")

@@ -126,6 +126,13 @@ def test_cross_sectional_area_table_and_plot(scene):
     wide = _table_columns(plot.GetTableNode())
     soleus = [float(a) for a, name in zip(columns["area_mm2"], columns["name"], strict=True) if name == "right soleus"]
     assert [float(v) for v in wide["right soleus"]] == pytest.approx(soleus)
+    # Again after the right soleus was erased: its series goes from the chart and from the scene.
+    erased = sitk.Image(labels)
+    erased = sitk.ChangeLabel(erased, {LEG.value_of(1, "right"): 0})
+    _, chart = ql.show_cross_sectional_areas(scene, erased, LEG, "calf CSA")
+    assert chart.GetNumberOfPlotSeriesNodes() == 11
+    series = scene.GetNodesByClass("vtkMRMLPlotSeriesNode")
+    assert series.GetNumberOfItems() == 11
 
 
 def test_dicom_seg_export_of_a_volume_loaded_from_dicom(scene, tmp_path):
