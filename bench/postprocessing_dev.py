@@ -18,7 +18,6 @@ Usage: python bench/postprocessing_dev.py [--region thigh|leg] [--out bench/resu
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -56,28 +55,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     import SimpleITK as sitk
-    from bench_fat_fraction import EROSIONS_MM, errors_per_erosion
     from scipy import ndimage
+    from variant_scores import Dices, Errors, report_variants, score_variant
 
     from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import predict_slices
-    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
     from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.region)
     device = torch.device("cpu")
     net = model.network(device)
     n_labels = 2 * model.labels.n_muscles
-    errors: dict[str, dict[float, list[float]]] = {}
-    dice: dict[str, list[float]] = {}
+    errors: Errors = {}
+    dice: Dices = {}
     for seed, infiltration in DEV_CASES:
         pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
         prepared = prepare_volume(pair.water, model.manifest.preprocessing)
         probabilities = {leg.side: np.concatenate([p for _, p in predict_slices(net, leg.image, device)])
                          for leg in prepared.legs}
-        exact = sitk.GetArrayViewFromImage(pair.labels)
-        muscles = list(pair.true_fat_fraction)
         variants = {}
         for name, weights in SMOOTHING.items():
             assembler = LabelAssembler(prepared, model.labels)
@@ -90,24 +86,12 @@ def main() -> None:
                 cut.CopyInformation(pair.water)
                 variants[name + suffix] = cut
         for name, labels in variants.items():
-            for erode, by_label in errors_per_erosion(pair.water, pair.fat, labels, pair.true_fat_fraction,
-                                                      model.labels).items():
-                errors.setdefault(name, {}).setdefault(erode, []).extend(abs(e) for e in by_label.values())
-            per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels), exact, n_labels))
-            dice.setdefault(name, []).extend(float(per_value[v]) for v in muscles)
+            score_variant(name, labels, pair, model.labels, errors, dice)
         print(f"{args.region} seed {seed} done", flush=True)
-    summary = {name: {"mean_dice": float(np.mean(dice[name])),
-                      **{f"{e:g}": {"mean_abs": float(np.mean(v)), "max_abs": float(np.max(v))} for e, v in by_erosion.items()}}
-               for name, by_erosion in errors.items()}
-    print(f"\n{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}, water image; "
-          "fat-fraction error mean / worst (points) per erosion:")
-    for name, row in summary.items():
-        cells = "  ".join(f"{e:g} mm {row[f'{e:g}']['mean_abs']:5.2f} / {row[f'{e:g}']['max_abs']:5.1f}" for e in EROSIONS_MM)
-        print(f"  {name:26s} Dice {row['mean_dice']:.4f}   {cells}")
-    out = Path(args.out or Path(__file__).parent / "results" / f"postprocessing_dev_{args.region}.json")
-    out.write_text(json.dumps({"cases": DEV_CASES, "model": f"{args.region} (version {model.manifest.version})",
-                               "variants": summary}, indent=1) + "\n")
-    print(f"wrote {out}")
+    report_variants(errors, dice, f"{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}, water image; "
+                    "fat-fraction error mean / worst (points) per erosion:",
+                    Path(args.out or Path(__file__).parent / "results" / f"postprocessing_dev_{args.region}.json"),
+                    f"{args.region} (version {model.manifest.version})", 26)
 
 
 if __name__ == "__main__":

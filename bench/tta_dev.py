@@ -21,7 +21,6 @@ Usage: python bench/tta_dev.py [--region thigh|leg] [--out bench/results/tta_dev
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -99,24 +98,23 @@ def main() -> None:
     parser.add_argument("--out", help="JSON output (default bench/results/tta_dev_REGION.json)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    from bench_fat_fraction import EROSIONS_MM, errors_per_erosion
+
+    from variant_scores import Dices, Errors, report_variants, score_variant
 
     from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import predict_slices
-    from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
     from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.region)
     device = torch.device("cpu")
     net = model.network(device)
-    n_labels = 2 * model.labels.n_muscles
 
     def predict(slices: np.ndarray) -> np.ndarray:
         return np.concatenate([p for _, p in predict_slices(net, slices.astype(np.float32), device)])
 
-    errors: dict[str, dict[float, list[float]]] = {}
-    dice: dict[str, list[float]] = {}
+    errors: Errors = {}
+    dice: Dices = {}
     for seed, infiltration in DEV_CASES:
         pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
         water = prepare_volume(pair.water, model.manifest.preprocessing)
@@ -131,31 +129,16 @@ def main() -> None:
             by_variant.setdefault("water, shifts", {})[leg.side] = shifted(predict, leg.image)
             by_variant.setdefault("water, zoom/rotation", {})[leg.side] = warped(predict, leg.image)
             by_variant.setdefault("water, gamma", {})[leg.side] = gamma_jittered(predict, leg.image)
-        exact = sitk.GetArrayViewFromImage(pair.labels)
-        muscles = list(pair.true_fat_fraction)
         for name, probabilities in by_variant.items():
             assembler = LabelAssembler(water, model.labels)
             for side, p in probabilities.items():
                 assembler.add(side, 0, p)
-            labels = assembler.image()
-            for erode, by_label in errors_per_erosion(pair.water, pair.fat, labels, pair.true_fat_fraction,
-                                                      model.labels).items():
-                errors.setdefault(name, {}).setdefault(erode, []).extend(abs(e) for e in by_label.values())
-            per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels), exact, n_labels))
-            dice.setdefault(name, []).extend(float(per_value[v]) for v in muscles)
+            score_variant(name, assembler.image(), pair, model.labels, errors, dice)
         print(f"{args.region} seed {seed} done", flush=True)
-    summary = {name: {"mean_dice": float(np.mean(dice[name])),
-                      **{f"{e:g}": {"mean_abs": float(np.mean(v)), "max_abs": float(np.max(v))} for e, v in by_erosion.items()}}
-               for name, by_erosion in errors.items()}
-    print(f"\n{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}; "
-          "fat-fraction error mean / worst (points) per erosion:")
-    for name, row in summary.items():
-        cells = "  ".join(f"{e:g} mm {row[f'{e:g}']['mean_abs']:5.2f} / {row[f'{e:g}']['max_abs']:5.1f}" for e in EROSIONS_MM)
-        print(f"  {name:22s} Dice {row['mean_dice']:.4f}   {cells}")
-    out = Path(args.out or Path(__file__).parent / "results" / f"tta_dev_{args.region}.json")
-    out.write_text(json.dumps({"cases": DEV_CASES, "model": f"{args.region} (version {model.manifest.version})",
-                               "variants": summary}, indent=1) + "\n")
-    print(f"wrote {out}")
+    report_variants(errors, dice, f"{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}; "
+                    "fat-fraction error mean / worst (points) per erosion:",
+                    Path(args.out or Path(__file__).parent / "results" / f"tta_dev_{args.region}.json"),
+                    f"{args.region} (version {model.manifest.version})", 22)
 
 
 if __name__ == "__main__":

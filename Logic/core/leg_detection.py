@@ -20,7 +20,10 @@ from dafne_logic.core.errors import InputError
 
 SMOOTHING_MM = 2.0  # in-plane Gaussian sigma before thresholding: averages out noise, keeps leg edges
 MIN_COMPONENT_FRACTION = 0.1  # blobs smaller than this fraction of the largest are debris, not legs
-PADDING_MIN_KEPT = 0.05  # the thresholds ignore exact-minimum padding while at least this share of voxels is above it
+# The thresholds ignore exact-minimum padding when it is at least PADDING_MIN_SHARE of the voxels (a
+# scattering of minimum voxels in noisy air is no padding) and at least PADDING_MIN_KEPT is above it.
+PADDING_MIN_SHARE = 0.01
+PADDING_MIN_KEPT = 0.05
 PROFILE_SMOOTHING_MM = 5.0  # sigma of the column profile smoothing when looking for a valley
 TOUCHING_ASPECT = 1.4  # one blob wider than this (width / depth in mm) may be two touching legs ...
 TOUCHING_VALLEY = 0.85  # ... if its column profile dips below this fraction of the lower of its two peaks
@@ -75,7 +78,7 @@ def body_mask(volume: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray
     # minimum after smoothing; left in, Otsu splits padding from everything else and the air's noise
     # becomes "body", merging the legs. Only the values above it are thresholded.
     above = sample[sample > low]
-    if above.size >= PADDING_MIN_KEPT * sample.size:
+    if sample.size - above.size >= PADDING_MIN_SHARE * sample.size and above.size >= PADDING_MIN_KEPT * sample.size:
         sample = above
     logs = np.log(sample.astype(np.float64) - low + floor)
     otsu = sitk.OtsuThresholdImageFilter()
