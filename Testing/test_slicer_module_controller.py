@@ -117,16 +117,6 @@ def test_a_case_whose_volume_is_gone_is_no_case():
     assert parts["view"].errors[-1] == "Segment a volume first." and controller.case is None
 
 
-def test_closing_the_scene_cancels_the_job_and_forgets_the_case():
-    segmentation = FakeSegmentation()
-    segmentation.block = threading.Event()
-    controller, parts = make_controller(segmentation=segmentation)
-    controller.segment(make_volume(), "leg", "auto")
-    controller.scene_closing()
-    finish(controller)
-    assert parts["scene"].shown == [] and controller.case is None and "cancelled" in parts["view"].statuses[-1]
-
-
 def test_a_job_whose_progress_cannot_be_read_ends_with_one_message_and_the_panel_idle():
     _, parts = make_controller()
 
@@ -213,12 +203,13 @@ def test_installation_on_first_use_then_segment():
     assert install.asked == 1 and parts["scene"].shown
 
 
-def test_cancel_stops_the_job_and_leaves_the_scene_untouched():
+@pytest.mark.parametrize("stop", ["cancel", "scene_closing"])  # Cancel, or the scene closing under the job
+def test_cancel_stops_the_job_and_leaves_the_scene_untouched(stop):
     segmentation = FakeSegmentation()
     segmentation.block = threading.Event()
     controller, parts = make_controller(segmentation=segmentation)
     controller.segment(make_volume(), "leg", "auto")
-    controller.cancel()
+    getattr(controller, stop)()
     finish(controller)
     assert parts["scene"].shown == [] and controller.case is None and not parts["view"].errors
     assert "cancelled" in parts["view"].statuses[-1]
