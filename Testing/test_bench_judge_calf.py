@@ -55,6 +55,19 @@ def test_a_candidate_equal_to_the_shipped_model_ships_and_each_check_can_refuse_
         JUDGE.judge(evaluation, {"t1_example": 0.8}, "shipped", "candidate", (True, "equal"))
 
 
+def test_folds_trained_on_another_schedule_than_the_floor_are_not_compared_with_it():
+    """The floor (0.759 / 0.794) is 3,000 CPU steps; a GPU fold of 20,000 steps could pass by length alone."""
+    evaluation, loao = _saved()
+    report = json.loads((RESULTS / "leave_one_anatomy_out_leg-v3-cpu3000.json").read_text())
+    assert JUDGE.merged_schedules([report]) == {"t1_example": (3000, "cpu"), "pd_example": (3000, "cpu")}
+    shipped = evaluation["Logic/bundled_models/leg"]
+    same = {"shipped": shipped, "candidate": copy.deepcopy(shipped)}
+    gpu = {"t1_example": (20000, "cuda"), "pd_example": (3000, "cpu")}
+    ships, lines = JUDGE.judge(same, loao, "shipped", "candidate", (True, "equal"), gpu)
+    assert not ships and any("t1_example" in line and "not comparable" in line and line.endswith("FAIL") for line in lines)
+    assert JUDGE.judge(same, loao, "shipped", "candidate", (True, "equal"), JUDGE.merged_schedules([report]))[0]
+
+
 def test_the_network_check_reads_the_manifests_and_weights(tmp_path: Path):
     shipped = Path(__file__).resolve().parents[1] / "Logic" / "bundled_models" / "leg"
     same, why = JUDGE.compare_networks(shipped, shipped)

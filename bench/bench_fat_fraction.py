@@ -56,8 +56,14 @@ def main() -> None:
     parser.add_argument("--thigh-model", default="thigh", help="thigh model: a bundled name or a package folder")
     parser.add_argument("--leg-model", default="leg", help="calf model: a bundled name or a package folder")
     parser.add_argument("--regions", nargs="+", default=["thigh", "leg"], choices=["thigh", "leg"])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fat_fraction.json"))
+    parser.add_argument("--out", help="JSON output (default bench/results/fat_fraction.json, the shipped models' "
+                                      "benchmark: other runs must name their own file)")
     args = parser.parse_args()
+    if args.out is None:
+        if (args.subjects, args.slices, args.thigh_model, args.leg_model, sorted(args.regions)) != (3, 16, "thigh", "leg",
+                                                                                                  ["leg", "thigh"]):
+            raise SystemExit("give --out FILE: the default file holds the shipped models' benchmark only")
+        args.out = str(Path(__file__).parent / "results" / "fat_fraction.json")
     torch.set_num_threads(min(2, torch.get_num_threads()))  # OMP_NUM_THREADS=1 beside a training run
     import SimpleITK as sitk
     from choose_review_threshold import LARGE_ERROR, flag_summary  # bench/ is on the path: this script's folder

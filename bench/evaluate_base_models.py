@@ -148,11 +148,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--leg", nargs="*", default=[], type=Path, help="leg (calf) model folders")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--per-regime", type=int, default=48, help="synthetic held-out images per contrast regime")
-    parser.add_argument("--json", type=Path, default=RESULTS / "evaluate_base_models.json",
-                        help="write all figures here (default: bench/results/evaluate_base_models.json)")
+    parser.add_argument("--json", type=Path,
+                        help="write all figures here (default: bench/results/evaluate_base_models.json, which holds "
+                             "the shipped models' figures: other comparisons must name their own file)")
     parser.add_argument("--synthesis", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="SynthesisConfig ranges of the held-out images (JSON values); default: today's synthesis")
     args = parser.parse_args(argv)
+    if args.json is None:
+        shipped_only = ([str(p) for p in args.thigh] in ([], ["Logic/bundled_models/thigh"])
+                        and [str(p) for p in args.leg] in ([], ["Logic/bundled_models/leg"]) and not args.synthesis)
+        if not shipped_only:  # a candidate's figures would replace those the model cards quote
+            raise SystemExit("give --json FILE: the default file holds the shipped models' figures only")
+        args.json = RESULTS / "evaluate_base_models.json"
     try:
         overrides = synthesis_overrides(args.synthesis)
     except ValueError as error:
