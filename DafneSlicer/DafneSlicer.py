@@ -74,7 +74,9 @@ class DafneSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.panel = DafneSlicerPanel(self.ui, lambda: self._parameterNode, self, self.logic.controller)
         from DafneSlicerLib.quantitative_panel import QuantitativeSection
 
-        self.panel.map_selection = QuantitativeSection(self.layout, self.panel.controller).selection
+        quantitative = QuantitativeSection(self.layout, self.panel.controller)
+        self.panel.map_selection = quantitative.selection
+        self.panel.extra_action_buttons = quantitative.action_buttons
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 

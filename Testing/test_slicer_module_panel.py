@@ -225,10 +225,14 @@ def test_panel_passes_the_single_leg_side_parameter(gui, tmp_path):
 
 def test_panel_segment_edit_mark_improve_statistics(gui, tmp_path):
     panel, ui, parameters, parts = _panel(gui, tmp_path)
+    areas, dicom = FakeWidget("Cross-sectional areas"), FakeWidget("Export DICOM SEG...")
+    panel.extra_action_buttons = [areas, dicom]  # the Quantitative MRI section's, as DafneSlicer.py hands them over
     ui.segmentButton.clicked.emit()
     assert not ui.segmentButton.enabled and ui.cancelButton.visible and ui.progressBar.visible
+    assert not areas.enabled and not dicom.enabled and not ui.modelComboBox.enabled
     _finish_job(gui, panel)
     assert ui.segmentButton.enabled and not ui.cancelButton.visible
+    assert areas.enabled and dicom.enabled and ui.modelComboBox.enabled
     assert ui.statusLabel.text.startswith("Segmented 'calf' with leg 1")
     node = panel.controller.case.segmentation_node
     assert parameters.segmentation is node

@@ -63,6 +63,7 @@ class QuantitativeSection:
         dicom.clicked.connect(self._export_dicom_seg)
         buttons.addWidget(csa)
         buttons.addWidget(dicom)
+        self.action_buttons = [csa, dicom]  # disabled by the panel while a job runs, as its own buttons are
         form.addRow(buttons)
 
     @staticmethod

@@ -35,6 +35,7 @@ class DafneSlicerPanel:
         self._observed_segmentation = None
         self.controller: DafneController = controller_factory(self)
         self.map_selection = lambda: None  # the Quantitative MRI section's picks (quantitative_panel.py) once it exists
+        self.extra_action_buttons: list = []  # that section's buttons: idle only, like ACTION_BUTTONS
 
         self._poll_timer = qt.QTimer()
         self._poll_timer.setInterval(POLL_MS)
@@ -181,8 +182,9 @@ class DafneSlicerPanel:
         slicer.util.errorDisplay(message, windowTitle="DafneSlicer")
 
     def set_busy(self, task: str | None) -> None:
-        for name in ACTION_BUTTONS:
-            getattr(self.ui, name).enabled = task is None
+        for button in [getattr(self.ui, name) for name in ACTION_BUTTONS] + self.extra_action_buttons:
+            button.enabled = task is None
+        self.ui.modelComboBox.enabled = task is None  # the running job keeps its model; the list shows it
         self.ui.cancelButton.setVisible(task is not None)
         self.ui.progressBar.setVisible(task is not None)
         if task is not None:
