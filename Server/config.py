@@ -67,7 +67,13 @@ class ServerSettings:
         if self.validation in ("none", "phantom"):
             shape = "x".join(map(str, self.validation_shape))
             return "none" if self.validation == "none" else f"phantom:{self.validation_cases}:{shape}"
-        return f"folder:{Path(self.validation).resolve()}:{_folder_fingerprint(Path(self.validation))}"
+        # Taken once per settings object: a merge worker builds its cases once per process, so scores it
+        # records must carry the fingerprint of the files it read, not of files edited since.
+        fingerprint = self.__dict__.get("_validation_fingerprint")
+        if fingerprint is None:
+            fingerprint = _folder_fingerprint(Path(self.validation))
+            object.__setattr__(self, "_validation_fingerprint", fingerprint)  # a cache, not a setting (frozen)
+        return f"folder:{Path(self.validation).resolve()}:{fingerprint}"
 
     def default_merge_settings(self) -> MergeSettings:
         return MergeSettings.from_json(self.merge)

@@ -80,7 +80,10 @@ class MergeSettings:
 
     @classmethod
     def from_json(cls, data: Mapping) -> MergeSettings:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        """Stored settings; a ``null`` where a number belongs (which earlier versions let an admin store)
+        takes the default, so one family's bad record cannot stop the merges and uploads of all."""
+        optional = {"clip_norm"}
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and (data[k] is not None or k in optional)}
         return cls(**known)
 
 

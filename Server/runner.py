@@ -75,7 +75,9 @@ def check_data_folder(data_dir: str | os.PathLike[str]) -> None:
     folder = Path(data_dir)
     if not folder.is_dir():
         return
-    entries = {entry.name for entry in folder.iterdir()}
+    # What file systems and file managers put in any folder is not "other files".
+    entries = {entry.name for entry in folder.iterdir()
+               if not entry.name.startswith(".") and entry.name not in ("lost+found", "Thumbs.db", "desktop.ini")}
     if entries and not entries & SERVER_ENTRIES:
         raise DafneError(f"--data-dir {data_dir} already holds other files ({', '.join(sorted(entries)[:3])}…) and "
                          "no server data; give the server a folder of its own (it makes everything in it owner-only).")

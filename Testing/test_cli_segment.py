@@ -188,10 +188,16 @@ def test_an_unexpected_failure_of_one_input_keeps_the_others_and_the_statistics(
         return real(image, model, **options)
     monkeypatch.setattr(inference, "segment_with_confidence", flaky)
     out, stats = tmp_path / "out", tmp_path / "s.csv"
+    import dafne_logic.core.preview as preview
+
+    def no_picture(*args, **kwargs):
+        raise RuntimeError("matplotlib backend unavailable")
+    monkeypatch.setattr(preview, "write_preview", no_picture)  # and every preview fails: the statistics stay
     assert main(["segment", str(calf_volume), str(second), "--model", "leg", "--output", str(out),
-                 "--stats", str(stats), "--no-progress"]) == 1
+                 "--stats", str(stats), "--preview", str(tmp_path / "pictures"), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "second.nrrd: failed: ValueError: weights must be positive" in err and "1 of 2 inputs failed" in err
+    assert "second.nrrd: failed: ValueError: weights must be positive" in err and "calf.nii.gz: preview failed" in err
+    assert "2 of 2 inputs failed" in err  # the second's segmentation, the first's picture
     assert sorted(p.name for p in out.iterdir()) == ["calf.seg.nrrd"]
     assert {line.split(",")[0] for line in stats.read_text().splitlines()[1:]} == {"calf"}
 

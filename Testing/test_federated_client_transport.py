@@ -79,10 +79,12 @@ def test_a_malformed_delta_description_is_one_sentence_naming_the_file(tmp_path)
     assert session.calls == []
 
 
-@pytest.mark.parametrize("version, manifest", [("../../x", {"name": "leg", "version": "../../x"}), (True, {}),
-                                                (3, {"name": "thigh", "version": "3"}), (3, {"name": "leg", "version": "4"})])
-def test_a_pulled_package_is_named_by_a_number_the_server_cannot_turn_into_a_path(tmp_path, version, manifest):
-    reply = _reply(200, json.dumps({"version": version, "manifest": manifest, "weights_sha256": "0" * 64,
+@pytest.mark.parametrize("version, manifest, sha", [("../../x", {"name": "leg", "version": "../../x"}, "0" * 64),
+                                                     (True, {}, "0" * 64), (3, {"name": "thigh", "version": "3"}, "0" * 64),
+                                                     (3, {"name": "leg", "version": "4"}, "0" * 64),
+                                                     (3, {"name": "leg", "version": "3"}, "../../../x")])
+def test_a_pulled_package_is_named_by_a_number_the_server_cannot_turn_into_a_path(tmp_path, version, manifest, sha):
+    reply = _reply(200, json.dumps({"version": version, "manifest": manifest, "weights_sha256": sha,
                                     "weights_url": "/x", "weights_size": 1}).encode())
     with pytest.raises(SyncError, match="not a valid package"):
         _client(Recorder(reply)).pull("leg", "active", models_dir=tmp_path / "models")

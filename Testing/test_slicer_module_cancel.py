@@ -62,6 +62,24 @@ def test_process_job_cancelled_after_the_worker_reported_its_result_reports_the_
     assert "nothing was changed" not in status.message
 
 
+def test_a_garbled_progress_line_is_skipped_and_the_job_ends_with_its_result(tmp_path):
+    """A worker line the panel cannot read (a library printing our mark, a cut line) must not raise from
+    the panel's timer: it is logged and skipped; the job's end still decides."""
+    fake_python = tmp_path / "fake-python"
+    fake_python.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo 'DAFNE {"progress": 0.5'
+        echo 'DAFNE [1, 2]'
+        echo 'DAFNE {"progress": "half"}'
+        echo 'DAFNE {"progress": 0.7, "message": "segmenting"}'
+        echo 'DAFNE {"result": {"labels": "done"}}'
+        """))
+    fake_python.chmod(0o755)
+    job = ProcessJob("Segmenting", {"work_dir": str(tmp_path), "task": "segment"}, python=str(fake_python)).start()
+    status = job.wait(30)
+    assert status.done and status.error is None and status.result == {"labels": "done"}
+
+
 WORKER_SCRIPT = """
 import signal, sys, time
 from pathlib import Path

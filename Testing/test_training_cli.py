@@ -254,3 +254,18 @@ def test_data_sources_are_named_from_the_shared_folders_used():
     old = source_list({"calf_slices": "dafne-evaluation ...", "my_maps": "our own label maps"})
     assert old[0] == DATA_SOURCES["calf_slices"] and old[1] == {"name": "my_maps", "used": "our own label maps"}
     assert source_list([{"licence": "MIT"}, "junk", {"name": "x"}]) == [{"name": "x"}] and source_list(None) == []
+
+
+def test_a_new_run_removes_an_earlier_runs_checkpoint_with_its_description(tmp_path: Path):
+    """Else a new run stopped before its first checkpoint could be resumed from the earlier run's weights
+    under the new run's data description."""
+    from dafne_logic.commands.train import check_resumed_data
+    from dafne_logic.training.trainer import CHECKPOINT_DIR
+
+    work = tmp_path / "m.training"
+    (work / CHECKPOINT_DIR).mkdir(parents=True)
+    check_resumed_data(work, {"holdout_subjects": ["a"]}, resume=True)  # resuming keeps it
+    assert (work / CHECKPOINT_DIR).is_dir()
+    check_resumed_data(work, {"holdout_subjects": ["b"]}, resume=False)
+    assert not (work / CHECKPOINT_DIR).exists()
+

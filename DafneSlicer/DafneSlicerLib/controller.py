@@ -209,8 +209,11 @@ class DafneController:
 
     def scene_closing(self) -> None:
         """The scene is about to close: its nodes go, so the running job is cancelled and the case forgotten."""
-        self.cancel()
         self.case = None
+        try:
+            self.cancel()
+        except Exception:  # noqa: BLE001 - called from the scene's observer: must not raise into Slicer
+            log.exception("DafneSlicer: cancelling the running task when the scene closed failed")
 
     def guarded(self, action: Callable[[], Any]) -> Any:
         """Run a step; a DafneError (or any failure) becomes one message and leaves the state as it was."""

@@ -13,6 +13,7 @@ so the scene changes only on the GUI thread and only with a complete result.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ from dafne_logic.core.errors import Cancelled, DafneError
 from dafne_logic.core.progress import CancelCheck, ProgressCallback
 
 from .processes import popen_options, signal_tree
+
+log = logging.getLogger(__name__)
 
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds DafneSlicerLib/ (and dafne_logic/ when installed)
 
@@ -225,10 +228,17 @@ class ProcessJob:
             text = line.decode("utf-8", "replace")
             if not text.startswith(self._mark):
                 continue
-            message = json.loads(text[len(self._mark):])
-            if "progress" in message:
-                self._status = JobStatus(message["progress"], message["message"], done=False)
-            elif "committing" in message:
+            try:
+                message = json.loads(text[len(self._mark):])
+                if not isinstance(message, dict):
+                    raise ValueError("not a JSON object")
+                if "progress" in message:
+                    self._status = JobStatus(float(message["progress"]), str(message["message"]), done=False)
+                    continue
+            except (ValueError, KeyError, TypeError) as exc:  # a garbled line: the job goes on, its end decides
+                log.warning("%s: unreadable progress line from the worker (%s): %.200s", self.name, exc, text)
+                continue
+            if "committing" in message:
                 self._committing = True
             else:
                 self._final = message

@@ -80,7 +80,7 @@ def main(argv: list[str], scene=None) -> int:
         print(f"error: no image files or DICOM folders in {args.input_dir}", file=sys.stderr)
         return 2
     names = [case_name(p) for p in inputs]  # OUTPUT_DIR is a folder whatever its name (results.v1 too)
-    if len(set(names)) != len(names):
+    if len({name.casefold() for name in names}) != len(names):  # macOS and Windows disks fold case
         print("error: several inputs share a name (e.g. scan.nii and scan.nrrd); put them in separate folders",
               file=sys.stderr)
         return 2

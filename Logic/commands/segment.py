@@ -179,8 +179,14 @@ def run(args: argparse.Namespace) -> int:
         areas += [{"case": case_name(path), **row} for row in case_areas]
         if args.preview:
             preview = Path(args.preview) if len(inputs) == 1 else Path(args.preview) / f"{case_name(path)}.png"
-            write_preview(image, labels, model.labels, preview,
-                          title=f"{path.name} — {model.manifest.name} v{model.manifest.version}")
+            try:
+                write_preview(image, labels, model.labels, preview,
+                              title=f"{path.name} — {model.manifest.name} v{model.manifest.version}")
+            except Exception as exc:  # noqa: BLE001 - a picture must not cost the batch its statistics
+                if len(inputs) == 1:
+                    raise
+                failures.append(f"{path}: preview: {exc}")
+                print(f"{path}: preview failed: {exc}", file=sys.stderr)
     if args.stats and rows:
         write_statistics_csv(rows, args.stats)
         print(f"statistics -> {args.stats}")

@@ -222,6 +222,14 @@ def check_resumed_data(work_dir: Path, summary: dict[str, Any], resume: bool) ->
     if resume and path.is_file() and json.loads(path.read_text(encoding="utf-8")) != json.loads(text):
         raise InputError(f"{work_dir}: the run being resumed trained on other data (label maps, held-out subjects, "
                          "source weights, phantoms or synthesis ranges); resume with the same options or start a new run")
+    if not resume:  # a new run: an earlier run's checkpoint would otherwise be resumed under this run's description
+        import shutil
+
+        from dafne_logic.training.trainer import CHECKPOINT_DIR
+
+        if (work_dir / CHECKPOINT_DIR).exists():
+            log.warning("%s: starting a new run; the earlier run's checkpoint is removed", work_dir)
+            shutil.rmtree(work_dir / CHECKPOINT_DIR)
     atomic_write_text(path, text)
 
 

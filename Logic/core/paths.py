@@ -55,7 +55,7 @@ def move_legacy_data(legacy: Path, target: Path) -> bool:
         return False
     # Into a sibling first, renamed into place once complete: a copy across file systems that fails
     # half-way must not leave a partial folder at ``target``, which would hide the old one for good.
-    staging = target.with_name(f".{target.name}.moving")
+    staging = target.with_name(f".{target.name}.moving-{os.getpid()}")  # two processes migrating at once: one each
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -69,7 +69,11 @@ def move_legacy_data(legacy: Path, target: Path) -> bool:
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)  # the original is untouched
                 raise
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:  # the other process put its copy in place first
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             shutil.rmtree(legacy, ignore_errors=True)  # the copy is in place; a leftover original only costs space
     except FileNotFoundError:  # another process moved it first
         return False

@@ -147,8 +147,10 @@ class FederatedClient:
         number = info.get("version") if isinstance(info, dict) else None
         manifest = info.get("manifest") if isinstance(info, dict) else None
         # The folder name and the package come from the server: a number, and the family and version asked for.
+        sha = info.get("weights_sha256") if isinstance(info, dict) else None
         if (isinstance(number, bool) or not isinstance(number, int) or number < 1 or not isinstance(manifest, dict)
-                or manifest.get("name") != family or str(manifest.get("version")) != str(number)):
+                or manifest.get("name") != family or str(manifest.get("version")) != str(number)
+                or not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
             raise SyncError(f"the server's description of {family} version {version} is not a valid package")
         target = (models_dir or user_models_dir()) / f"{family}-v{number}"
         part = self.downloads_dir / f"{info['weights_sha256']}.part"

@@ -110,6 +110,9 @@ def set_settings(body: MergeSettingsBody, family: str = FamilyName, who: Princip
     with storage.session.begin() as session:
         fam = get_family(session, family)
         changes = body.model_dump(exclude_unset=True)
+        nulls = sorted(k for k, v in changes.items() if v is None and k != "clip_norm")  # clip_norm null: median norm
+        if nulls:
+            raise HTTPException(422, f"{', '.join(nulls)} must be a value, not null (omit a field to keep it)")
         try:
             merged = MergeSettings.from_json({**fam.merge_settings, **changes})
         except (TypeError, ValueError) as exc:

@@ -127,4 +127,9 @@ def test_init_refuses_a_folder_holding_other_files_and_leaves_them_as_they_were(
     assert server_main(["init", "--data-dir", str(home)]) == 2
     assert "no server data" in capsys.readouterr().err
     assert os.stat(script).st_mode & 0o777 == 0o755 and sorted(p.name for p in home.iterdir()) == ["run.sh"]
+    # What a fresh disk or a file manager leaves in any folder is not "other files".
+    volume = tmp_path / "volume"
+    (volume / "lost+found").mkdir(parents=True)
+    (volume / ".DS_Store").write_bytes(b"")
+    assert server_main(["init", "--data-dir", str(volume)]) == 0
 

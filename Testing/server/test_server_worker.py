@@ -185,6 +185,14 @@ def test_a_family_whose_merge_raises_does_not_stop_the_others_and_waits_before_r
         assert len(session.scalars(sa.select(MergeRun).where(MergeRun.family == "leg")).all()) == 1
 
 
+def test_a_null_setting_stored_by_an_earlier_version_takes_the_default_instead_of_stopping_merges(storage, tiny_leg):
+    set_merge(storage, dice_tolerance=None, buffer_size=None)  # what the old PATCH route let an admin store
+    for i in range(3):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
+    assert families_with_work(storage) == ["leg"]  # buffer_size: the default 3
+    assert [o.outcome for o in run_once(storage, "w", lambda family, region: None)] == ["published"]
+
+
 def test_lease_held_elsewhere_means_no_merge(storage, tiny_leg):
     for i in range(3):
         buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)

@@ -139,3 +139,14 @@ def test_an_output_folder_inside_the_input_folder_and_with_a_dot_in_its_name(sce
         assert batch.main(["--model", tiny_leg_model, "--device", "cpu", str(inputs), str(outputs)], scene=scene) == 0
     assert sorted(p.name for p in outputs.iterdir()) == ["case1.seg.nrrd", "statistics.csv"]
 
+
+def test_inputs_whose_names_differ_only_in_letter_case_are_refused(scene, tmp_path, tiny_leg_model, capsys):
+    """Scan.nrrd and scan.nii.gz would write one scan.seg.nrrd on a macOS or Windows disk."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = make_phantom("leg", shape=(2, 64, 96), seed=1)
+    sitk.WriteImage(image, str(inputs / "Scan.nrrd"))
+    sitk.WriteImage(image, str(inputs / "scan.nii.gz"))
+    assert _batch_module().main(["--model", tiny_leg_model, str(inputs), str(tmp_path / "out")], scene=scene) == 2
+    assert "share a name" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
