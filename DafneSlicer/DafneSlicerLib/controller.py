@@ -427,8 +427,9 @@ class DafneController:
 
     def _improve(self) -> None:
         case = self._require_case()
-        direction = np.reshape(case.image.GetDirection(), (3, 3))
-        if int(np.argmax(np.abs(direction[2, :]))) != 2:  # the volume's slices are not its axial ones
+        from dafne_logic.core.preprocessing import slice_axis  # scipy: only once the packages are installed
+
+        if slice_axis(case.image) != 2:  # the volume's slices are not its axial ones
             raise InputError("Improve learns from axial slices, and this volume's slices are sagittal or coronal: "
                              "reformat it to axial (e.g. Resample Scalar/Vector/DWI Volume), segment and correct that.")
         corrected, current = self._corrected(case)

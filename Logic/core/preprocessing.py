@@ -276,6 +276,12 @@ def prepare_volume(
     )
 
 
+def slice_axis(image: sitk.Image) -> int:
+    """The image axis (SimpleITK order: 0 i, 1 j, 2 k) nearest the patient's S axis, which
+    ``DICOMOrient`` makes the slice axis: 2 for an axial scan, 0 or 1 for a sagittal or coronal one."""
+    return int(np.argmax(np.abs(np.reshape(image.GetDirection(), (3, 3))[2, :])))
+
+
 def check_field_of_view(image: sitk.Image) -> None:
     """Refuse an image whose axial plane has a physical size no leg scan has (a spacing stored in
     metres, or 1e6 by mistake): resampled to the model's millimetre grid it would not fit in memory,
@@ -284,9 +290,7 @@ def check_field_of_view(image: sitk.Image) -> None:
     The axial plane is spanned by the two axes other than the one nearest the patient's S axis,
     as ``DICOMOrient`` would put them.
     """
-    direction = np.reshape(image.GetDirection(), (3, 3))
-    slice_axis = int(np.argmax(np.abs(direction[2, :])))
-    plane = [a for a in range(3) if a != slice_axis]
+    plane = [a for a in range(3) if a != slice_axis(image)]
     size, spacing = [image.GetSize()[a] for a in plane], [image.GetSpacing()[a] for a in plane]
     fov = [n * s for n, s in zip(size, spacing)]
     if not all(FIELD_OF_VIEW_MM[0] <= f <= FIELD_OF_VIEW_MM[1] for f in fov):
