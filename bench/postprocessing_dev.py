@@ -17,11 +17,7 @@ Usage: python bench/postprocessing_dev.py [--region thigh|leg] [--out bench/resu
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-import torch
 from choose_review_threshold import DEV_CASES  # bench/ is on the path: this script's folder
 
 SMOOTHING = {"none": None, "slices 1-2-1": (0.25, 0.5, 0.25), "slices 1-4-1": (1 / 6, 4 / 6, 1 / 6)}
@@ -49,31 +45,24 @@ def largest_components(labels: np.ndarray, n_labels: int, fill: bool) -> np.ndar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--region", default="thigh", choices=["thigh", "leg"])
-    parser.add_argument("--out", help="JSON output (default bench/results/postprocessing_dev_REGION.json)")
-    args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from variant_scores import dev_arguments
+
+    args = dev_arguments(__doc__.splitlines()[0], "postprocessing_dev")
     import SimpleITK as sitk
     from scipy import ndimage
-    from variant_scores import Dices, Errors, report_variants, score_variant
+    from variant_scores import Dices, Errors, cpu_predictor, dev_pairs, report_variants, score_variant
 
     from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
     from dafne_logic.inference.model_package import load_model
-    from dafne_logic.inference.segment import predict_slices
-    from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.region)
-    device = torch.device("cpu")
-    net = model.network(device)
+    predict = cpu_predictor(model)
     n_labels = 2 * model.labels.n_muscles
     errors: Errors = {}
     dice: Dices = {}
-    for seed, infiltration in DEV_CASES:
-        pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+    for seed, pair in dev_pairs(args.region):
         prepared = prepare_volume(pair.water, model.manifest.preprocessing)
-        probabilities = {leg.side: np.concatenate([p for _, p in predict_slices(net, leg.image, device)])
-                         for leg in prepared.legs}
+        probabilities = {leg.side: predict(leg.image) for leg in prepared.legs}
         variants = {}
         for name, weights in SMOOTHING.items():
             assembler = LabelAssembler(prepared, model.labels)
@@ -90,7 +79,7 @@ def main() -> None:
         print(f"{args.region} seed {seed} done", flush=True)
     report_variants(errors, dice, f"{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}, water image; "
                     "fat-fraction error mean / worst (points) per erosion:",
-                    Path(args.out or Path(__file__).parent / "results" / f"postprocessing_dev_{args.region}.json"),
+                    args.out,
                     f"{args.region} (version {model.manifest.version})", 26)
 
 

@@ -20,10 +20,8 @@ Usage: python bench/tta_dev.py [--region thigh|leg] [--out bench/results/tta_dev
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -93,30 +91,20 @@ def in_phase_crops(in_phase: sitk.Image, water: PreparedVolume, params: Preproce
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--region", default="thigh", choices=["thigh", "leg"])
-    parser.add_argument("--out", help="JSON output (default bench/results/tta_dev_REGION.json)")
-    args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from variant_scores import dev_arguments
 
-    from variant_scores import Dices, Errors, report_variants, score_variant
+    args = dev_arguments(__doc__.splitlines()[0], "tta_dev")
+
+    from variant_scores import Dices, Errors, cpu_predictor, dev_pairs, report_variants, score_variant
 
     from dafne_logic.core.preprocessing import LabelAssembler, prepare_volume
     from dafne_logic.inference.model_package import load_model
-    from dafne_logic.inference.segment import predict_slices
-    from dafne_logic.phantoms.images import make_dixon_phantom
 
     model = load_model(args.region)
-    device = torch.device("cpu")
-    net = model.network(device)
-
-    def predict(slices: np.ndarray) -> np.ndarray:
-        return np.concatenate([p for _, p in predict_slices(net, slices.astype(np.float32), device)])
-
+    predict = cpu_predictor(model)
     errors: Errors = {}
     dice: Dices = {}
-    for seed, infiltration in DEV_CASES:
-        pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+    for seed, pair in dev_pairs(args.region):
         water = prepare_volume(pair.water, model.manifest.preprocessing)
         in_phase = in_phase_crops(sitk.Add(pair.water, pair.fat), water, model.manifest.preprocessing)
         by_variant: dict[str, dict[str, np.ndarray]] = {}
@@ -137,7 +125,7 @@ def main() -> None:
         print(f"{args.region} seed {seed} done", flush=True)
     report_variants(errors, dice, f"{args.region}, development seeds {DEV_CASES[0][0]}–{DEV_CASES[-1][0]}; "
                     "fat-fraction error mean / worst (points) per erosion:",
-                    Path(args.out or Path(__file__).parent / "results" / f"tta_dev_{args.region}.json"),
+                    args.out,
                     f"{args.region} (version {model.manifest.version})", 22)
 
 

@@ -4,7 +4,9 @@ per-muscle fat-fraction error per erosion, then summarised, printed and saved.""
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,42 @@ import SimpleITK as sitk
 from bench_fat_fraction import EROSIONS_MM, errors_per_erosion
 from choose_review_threshold import DEV_CASES
 
+DEV_SHAPE = (16, 432, 432)  # slices, rows, columns of each development phantom Dixon pair
 Errors = dict[str, dict[float, list[float]]]  # variant -> erosion (mm) -> absolute errors (points)
 Dices = dict[str, list[float]]  # variant -> Dice per muscle
+
+
+def dev_arguments(description: str, stem: str) -> argparse.Namespace:
+    """``--region`` (thigh or leg) and ``--out`` (default ``bench/results/STEM_REGION.json``) of a study;
+    torch on at most 2 threads, as every saved result was computed."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--region", default="thigh", choices=["thigh", "leg"])
+    parser.add_argument("--out", type=Path, help=f"JSON output (default bench/results/{stem}_REGION.json)")
+    args = parser.parse_args()
+    args.out = args.out or Path(__file__).parent / "results" / f"{stem}_{args.region}.json"
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return args
+
+
+def dev_pairs(region: str) -> Iterator[tuple[int, Any]]:
+    """(seed, phantom Dixon pair) of each development case (seeds 200–205, never the benchmark's)."""
+    from dafne_logic.phantoms.images import make_dixon_phantom
+
+    for seed, infiltration in DEV_CASES:
+        yield seed, make_dixon_phantom(region, shape=DEV_SHAPE, fat_infiltration=infiltration, seed=seed)
+
+
+def cpu_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's network on the CPU as a function: (n, H, W) normalised slices -> (n, C, H, W) probabilities."""
+    import torch
+
+    from dafne_logic.inference.segment import predict_slices
+
+    device = torch.device("cpu")
+    net = model.network(device)
+    return lambda slices: np.concatenate([p for _, p in predict_slices(net, slices.astype(np.float32), device)])
 
 
 def score_variant(name: str, labels: sitk.Image, pair: Any, table: Any, errors: Errors, dice: Dices) -> None:
