@@ -63,11 +63,28 @@ class BlobStore:
         return removed
 
     def remove_unreferenced(self, referenced: set[str], older_than_s: float) -> int:
-        """Remove blobs not in ``referenced`` and older than ``older_than_s``; returns how many."""
+        """Remove blobs not in ``referenced`` and older than ``older_than_s``; returns how many.
+
+        A concurrent :meth:`put` of the same bytes only refreshes the file's time, which a plain
+        "stat, then unlink" would miss (the upload would commit a row naming a deleted blob). So a
+        candidate is first renamed aside, then its time is read again: a ``put`` that came before the
+        rename left it fresh and it goes back; one that comes after finds no file and writes it anew.
+        """
         removed = 0
         cutoff = time.time() - older_than_s
         for blob in self.root.glob("??/*"):
-            if _SHA256.match(blob.name) and blob.name not in referenced and blob.stat().st_mtime < cutoff:
-                blob.unlink(missing_ok=True)
-                removed += 1
+            if not _SHA256.match(blob.name) or blob.name in referenced:
+                continue
+            try:
+                if blob.stat().st_mtime >= cutoff:
+                    continue
+                aside = blob.with_name(f".{blob.name}.gc")  # hidden: sweep_temporaries removes one left by a crash
+                os.replace(blob, aside)
+            except FileNotFoundError:
+                continue
+            if aside.stat().st_mtime >= cutoff:  # stored again just before the rename: keep it
+                os.replace(aside, blob)
+                continue
+            aside.unlink(missing_ok=True)
+            removed += 1
         return removed

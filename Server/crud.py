@@ -14,14 +14,17 @@ from .schemas import FamilyInfo, VersionInfo
 
 REFUSED = "update_refused"  # audit action of an upload refused after being checked
 THROTTLED = "update_throttled"  # audit action of an upload refused by a rate or concurrency limit
+FAILED = "update_failed"  # audit action of an upload the server failed on (5xx): not the client's refusal
 
 
 class NotFound(LookupError):
     """A family, version or update that does not exist (HTTP 404); the message says which."""
 
 
-def get_family(session: Session, name: str) -> Family:
-    family = session.get(Family, name)
+def get_family(session: Session, name: str, for_update: bool = False) -> Family:
+    """The family ``name`` (404 when unknown); ``for_update`` locks its row until the transaction ends
+    (PostgreSQL; SQLite's write transactions are serial already), for a read-modify-write."""
+    family = session.get(Family, name, with_for_update=for_update)
     if family is None:
         raise NotFound(f"no model family {name!r}")
     return family

@@ -122,6 +122,17 @@ def record_refusal(storage: Storage, who: Principal, family: str, status: int, r
               reason=reason[:300])
 
 
+def record_failure(storage: Storage, who: Principal, family: str, status: int, exc: BaseException) -> None:
+    """Audit an upload the server failed on. Apart from refusals: a full disk or a locked database
+    must not use up an honest client's refused-upload budget (it retries 5xx). Never raises: the
+    original error is what the caller reports."""
+    try:
+        with storage.session.begin() as session:
+            audit(session, who.name, crud.FAILED, family, status=status, reason=f"unexpected {type(exc).__name__}")
+    except Exception:  # the database may be what failed
+        log.exception("could not audit the failed upload by %s to %s", who.name, family)
+
+
 def _same_upload(row: UpdateRow, family: str, meta: DeltaMetadata, blob_sha256: str) -> bool:
     return (row.family, row.parent_version, row.n_slices, row.client_dice, row.client_version, row.blob_sha256) == \
         (family, int(meta.parent_version), meta.n_slices, meta.dice_per_label, meta.client_version, blob_sha256)

@@ -211,9 +211,17 @@ def decode_updates(storage: Storage, inputs: MergeInputs) -> tuple[list[Update],
                                f"active version {active}")
             continue
         try:
+            stored = storage.blobs.get(row.blob_sha256)
+        except FileNotFoundError:  # gone for good; the owner sees no server path, the log has it
+            log.error("update %s: its delta blob %s is missing", row.id, row.blob_sha256)
+            refused[row.id] = "stored delta lost on the server; upload it again"
+            continue
+        # Any other OSError (network storage hiccup, permissions) propagates: the merge fails and is
+        # retried later with the update still buffered, instead of discarding an accepted upload.
+        try:
             parent_manifest = Manifest.from_json(inputs.parents[row.parent_version].manifest)
-            delta = decode_delta(storage.blobs.get(row.blob_sha256), parent_manifest, storage.settings.max_delta_bytes)
-        except (OSError, DafneError) as exc:
+            delta = decode_delta(stored, parent_manifest, storage.settings.max_delta_bytes)
+        except DafneError as exc:
             refused[row.id] = f"stored delta unreadable: {exc}"
             continue
         updates.append(Update(row.id, delta, staleness, row.n_slices))
@@ -318,7 +326,12 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
                                      "candidate_dice": strict_json(dice), "rejected": refused,
                                      "overridden": overridden, "seconds": round(now() - started, 3),
                                      "scoring_seconds": round(scoring_s, 3)}))
-        session.get(MergeLease, family).force_requested = False
+        # A forced merge takes at most K updates, and more may have arrived while it ran: the request
+        # stands until the buffer is empty, so none of them waits for K more.
+        left = session.scalar(select(func.count()).select_from(UpdateRow).where(
+            UpdateRow.family == family, UpdateRow.status == "buffered", UpdateRow.id.not_in(row_ids))) or 0
+        if not left:
+            session.get(MergeLease, family).force_requested = False
         audit(session, "merge-worker", "merge_published" if version else "merge_rejected", family,
               version=version.number if version else None, merged=[u.key for u in batch],
               overridden=sorted(overridden), rejected=sorted(refused), reason=reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from sqlalchemy.exc import IntegrityError
 
 from .. import crud
 from ..auth import Principal, create_user, issue_token, revoke_token
@@ -51,6 +52,8 @@ def add_user(body: NewUser, who: Principal = Depends(admin_principal), storage: 
             token = create_user(session, body.name, body.admin, who.name, _days(body.expires_in_days))
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
+    except IntegrityError:  # created by a concurrent request after our check (PostgreSQL's read committed)
+        raise HTTPException(409, f"user {body.name!r} already exists") from None
     return _issued(token, body.name, "admin" if body.admin else "contributor")
 
 
@@ -79,7 +82,7 @@ def activate(body: ActivateRequest, family: str = FamilyName, who: Principal = D
              storage: Storage = Depends(get_storage)):
     """Make an existing version active (rollback or roll forward)."""
     with storage.session.begin() as session:
-        fam = get_family(session, family)
+        fam = get_family(session, family, for_update=True)  # after a merge's publish, and audits what it replaced
         try:
             storage.activate(session, fam, body.version, who.name)
         except LookupError as exc:
@@ -108,7 +111,7 @@ def get_settings(family: str = FamilyName, _: Principal = Depends(admin_principa
 def set_settings(body: MergeSettingsBody, family: str = FamilyName, who: Principal = Depends(admin_principal),
                  storage: Storage = Depends(get_storage)):
     with storage.session.begin() as session:
-        fam = get_family(session, family)
+        fam = get_family(session, family, for_update=True)  # two admins' changes both land, not the last one only
         changes = body.model_dump(exclude_unset=True)
         nulls = sorted(k for k, v in changes.items() if v is None and k != "clip_norm")  # clip_norm null: median norm
         if nulls:

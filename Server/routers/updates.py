@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import cast
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Request, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from .. import crud, uploads
 from ..auth import Principal
@@ -14,6 +16,7 @@ from ..deps import FamilyName, current_principal, get_storage
 from ..schemas import Accepted, MeInfo, UpdateInfo, UpdateStatus
 from ..storage import Storage
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["updates"])
 
 
@@ -27,14 +30,15 @@ def _info(row: UpdateRow) -> UpdateInfo:
              responses={200: {"model": Accepted, "description": "the same upload was seen before (same idempotency key)"},
                         401: {}, 404: {}, 409: {"description": "parent version too stale or not in the active "
                                                               "version's history, or an idempotency key reused"},
-                        413: {}, 422: {}, 429: {"description": "upload rate or concurrency limit"}})
+                        413: {}, 422: {}, 429: {"description": "upload rate or concurrency limit"},
+                        503: {"description": "storage or database unavailable; retry after the Retry-After seconds"}})
 def upload_update(request: Request, family: str = FamilyName,
                   delta: UploadFile = File(..., description="zlib-compressed fp16 safetensors delta"),
                   metadata: str = Form(..., max_length=65536, description="JSON: dafne_logic.learning.delta.DeltaMetadata"),
                   who: Principal = Depends(current_principal), storage: Storage = Depends(get_storage)):
     """Check an update completely, then store it as *buffered* (202), or refuse it with a reason.
 
-    Every refusal is audited, unexpected errors included.
+    Every refusal is audited; so are the server's own failures, apart (they do not count as refusals).
     """
     try:
         uploads.check_refusal_budget(storage, who)
@@ -47,8 +51,13 @@ def upload_update(request: Request, family: str = FamilyName,
     except crud.NotFound as exc:
         uploads.record_refusal(storage, who, family, 404, str(exc), throttled=False)
         raise
+    except (OSError, OperationalError) as exc:  # storage or database unavailable: the client may retry later
+        uploads.record_failure(storage, who, family, 503, exc)
+        log.exception("upload by %s to %s failed", who.name, family)
+        raise HTTPException(503, "the server could not store the upload just now; retry later",
+                            headers={"Retry-After": "30"}) from None
     except Exception as exc:
-        uploads.record_refusal(storage, who, family, 500, f"unexpected {type(exc).__name__}", throttled=False)
+        uploads.record_failure(storage, who, family, 500, exc)
         raise
     body = Accepted(id=receipt.id, status=receipt.status, duplicate=receipt.duplicate).model_dump()
     return JSONResponse(body, 200 if receipt.duplicate else 202)

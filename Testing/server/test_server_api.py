@@ -244,8 +244,8 @@ def test_tokens_wrong_revoked_expired_and_scopes(live_server, tiny_leg):
     assert requests.get(url, headers=bearer(token), timeout=10).status_code == 401
     blob = encode_delta(noisy_delta(tiny_leg.state_dict))
     assert upload(live_server, token, "inputs", blob).status_code == 401
-    expires = time.monotonic() + 3.0
-    short = live_server.add_user(f"t{uuid.uuid4().hex[:6]}", expires_in_s=3.0)
+    short = live_server.add_user(f"t{uuid.uuid4().hex[:6]}", expires_in_s=5.0)
+    expires = time.monotonic() + 5.0  # at the latest: the token was made before add_user returned
     assert requests.get(url, headers=bearer(short), timeout=10).status_code == 200
     time.sleep(max(0.0, expires - time.monotonic()) + 0.2)
     assert requests.get(url, headers=bearer(short), timeout=10).status_code == 401
@@ -329,3 +329,33 @@ def test_tokens_never_reach_the_server_log(live_server):
         assert time.monotonic() < deadline, "the access log line never appeared"
         time.sleep(0.1)  # uvicorn writes the access line after the response
     assert token.split("_", 2)[2] not in log and not re.search(r"dft_[0-9]+_[A-Za-z0-9_-]{43}", log)
+
+
+def test_a_user_created_concurrently_is_a_conflict_not_a_server_error(tmp_path, monkeypatch):
+    """On PostgreSQL two requests for one name can both pass the existence check; the unique
+    constraint then refuses the second insert, which must read 409 as the checked case does."""
+    from test_server_dashboard import _in_thread
+
+    import dafne_server.routers.admin as admin_routes
+    from dafne_server.app import create_app
+    from dafne_server.auth import create_user
+    from dafne_server.config import ServerSettings
+    from dafne_server.db import User
+    from dafne_server.runner import prepare
+
+    settings = ServerSettings(data_dir=str(tmp_path / "data"))
+    storage = prepare(settings)
+    with storage.session.begin() as session:
+        admin = create_user(session, "root", admin=True)
+        session.add(User(name="twin"))  # the concurrent request's row
+    storage.dispose()
+
+    def check_passed_then_insert(session, name, *args):  # the other request's row lands after our check
+        session.add(User(name=name))
+        session.flush()
+
+    monkeypatch.setattr(admin_routes, "create_user", check_passed_then_insert)
+    with _in_thread(create_app(settings)) as url:
+        r = requests.post(f"{url}/v1/admin/users", json={"name": "twin"}, headers=bearer(admin), timeout=30)
+    assert r.status_code == 409 and "already exists" in r.json()["detail"], r.text
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -182,3 +183,26 @@ def test_a_blob_removed_by_gc_while_stored_again_is_written_again(tmp_path, monk
 
     monkeypatch.setattr(os, "utime", gc_was_faster)
     assert store.put(b"delta") == digest and store.get(digest) == b"delta"
+
+
+def test_a_blob_stored_again_while_gc_looks_at_it_is_kept(tmp_path, monkeypatch):
+    """gc reads an orphan's age, then an upload of the same bytes refreshes it before gc removes it:
+    the upload's row would name a deleted blob, so gc must notice and keep it."""
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"delta")
+    long_ago = time.time() - 7200
+    os.utime(store.path(digest), (long_ago, long_ago))
+    real_stat = Path.stat
+    looked = []
+
+    def upload_lands_right_after_gc_looked(self, *args, **kwargs):
+        result = real_stat(self, *args, **kwargs)
+        if self.name == digest and not looked:
+            looked.append(self)
+            assert store.put(b"delta") == digest  # the retried upload: only touches the existing file
+        return result
+
+    monkeypatch.setattr(Path, "stat", upload_lands_right_after_gc_looked)
+    assert store.remove_unreferenced(set(), older_than_s=3600) == 0
+    assert looked and store.get(digest) == b"delta"
+    assert not list(store.path(digest).parent.glob(".*"))  # nothing left aside

@@ -13,12 +13,15 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import requests
+import sqlalchemy as sa
 from test_server_api import bearer, new_user, noisy_delta, upload
 
 from dafne_logic.learning.delta import encode_delta
+from dafne_server.auth import create_user
 from dafne_server.uploads import THROTTLED_AUDITS_PER_MINUTE, UploadRefused, UploadSlots
 
 
@@ -182,3 +185,42 @@ def test_percent_encoded_tokens_are_redacted_from_the_access_log(live_server):
         assert time.monotonic() < deadline, "the access log line never appeared"
         time.sleep(0.1)
     assert token.split("_", 2)[2][:20] not in log.replace("%2D", "-")
+
+
+def test_server_failures_are_503_and_do_not_use_up_the_refused_upload_budget(tmp_path, tiny_leg, monkeypatch):
+    """A full disk answers 503 with Retry-After, audited apart from refusals: once the disk has room,
+    the same site's upload is accepted, not locked out for an hour by the server's own failures."""
+    from test_server_dashboard import _in_thread
+
+    from dafne_server.app import create_app
+    from dafne_server.blobs import BlobStore
+    from dafne_server.config import ServerSettings
+    from dafne_server.db import AuditEntry
+    from dafne_server.runner import prepare
+
+    settings = ServerSettings(data_dir=str(tmp_path / "data"), refused_uploads_per_hour=2)
+    storage = prepare(settings)
+    with storage.session.begin() as session:
+        storage.add_family(session, "leg", tiny_leg, "test")
+        token = create_user(session, "site")
+    storage.dispose()
+
+    def disk_full(self, data):
+        raise OSError(28, "No space left on device")
+
+    blob = encode_delta(noisy_delta(tiny_leg.state_dict, seed=31))
+    server = SimpleNamespace(admin_token="", url="")
+    with _in_thread(create_app(settings)) as url:
+        server.url = url
+        with monkeypatch.context() as patch:
+            patch.setattr(BlobStore, "put", disk_full)
+            for _ in range(3):
+                r = upload(server, token, "leg", blob)
+                assert r.status_code == 503 and r.headers["Retry-After"] == "30", r.text
+                assert "retry later" in r.json()["detail"]
+        assert upload(server, token, "leg", blob).status_code == 202
+    storage = prepare(settings)
+    with storage.read() as session:
+        actions = [a.action for a in session.scalars(sa.select(AuditEntry).where(AuditEntry.actor == "site"))]
+    storage.dispose()
+    assert actions.count("update_failed") == 3 and "update_refused" not in actions

@@ -406,3 +406,37 @@ def test_cached_active_score_is_reused_only_for_the_same_validation_cases(storag
         version = session.scalar(sa.select(Version))
         assert version.validation["cases"] == storage.settings.validation_id
     assert active_score(storage, version, scorer) == {"right soleus": 0.5} and len(calls) == 1
+
+
+def test_a_lost_delta_is_rejected_without_a_server_path_and_a_read_error_keeps_it_buffered(storage, tiny_leg, monkeypatch):
+    lost = buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=1)
+    kept = [buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i) for i in (2, 3)]
+    with storage.session() as session:
+        storage.blobs.path(session.get(UpdateRow, lost).blob_sha256).unlink()
+
+    def storage_hiccup(sha256):
+        raise OSError(5, "Input/output error", str(storage.blobs.path(sha256)))
+
+    with monkeypatch.context() as patch:  # e.g. network storage: the accepted uploads must not be discarded
+        patch.setattr(storage.blobs, "get", storage_hiccup)
+        assert [o.outcome for o in run_once(storage, "w", lambda family, region: None)] == ["failed"]
+    assert {statuses(storage)[i][0] for i in [lost, *kept]} == {"buffered"}
+    assert [o.outcome for o in run_once(storage, "w", lambda family, region: None,
+                                        backoff=FailureBackoff(first_s=0.0))] == ["published"]
+    status, _, reason = statuses(storage)[lost]
+    assert status == "rejected" and "lost" in reason and str(storage.blobs.root) not in reason
+    assert all(statuses(storage)[i][:2] == ("merged", 2) for i in kept)
+
+
+def test_a_forced_merge_stands_until_every_buffered_update_is_merged(storage, tiny_leg):
+    """K = 3 with 5 buffered: the forced merge takes 3, and the 2 left do not wait for a third."""
+    ids = [buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i) for i in range(5)]
+    with storage.session.begin() as session:
+        session.get(MergeLease, "leg").force_requested = True
+    assert [o.version for o in run_once(storage, "w", lambda family, region: None)] == [2]
+    assert families_with_work(storage) == ["leg"]
+    assert [o.version for o in run_once(storage, "w", lambda family, region: None)] == [3]
+    assert {statuses(storage)[i][1] for i in ids} == {2, 3}
+    with storage.session() as session:
+        assert not session.get(MergeLease, "leg").force_requested
+    assert families_with_work(storage) == []
