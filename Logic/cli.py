@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _printable_anywhere()
     # Import only the module of the subcommand being run.
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in COMMANDS else None)
@@ -60,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return run_parsed(args, f"dafne-slicer {args.command}")
+
+
+def _printable_anywhere() -> None:
+    """Print any path, whatever the console can show: on Windows, output redirected to a file is written
+    in the ANSI code page, strictly, so a folder named in Greek stopped a batch at its first case."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def run_parsed(args: argparse.Namespace, label: str) -> int:

@@ -87,3 +87,37 @@ def test_errors_about_other_files_keep_their_names(tmp_path: Path):
         with atomic_path(tmp_path / "out.csv"):
             (tmp_path / "absent").read_text()
     assert error.value.filename == str(tmp_path / "absent")
+
+
+def test_on_windows_a_file_held_open_elsewhere_is_retried_then_named(tmp_path: Path, monkeypatch):
+    """Windows refuses to rename onto a file Excel or a virus scanner holds open: a brief hold is
+    waited out; a lasting one ends in an error that names the file and says why."""
+    import dafne_logic.core.atomic as atomic
+
+    target = tmp_path / "stats.csv"
+    target.write_text("old\n", encoding="utf-8")
+    real_replace = os.replace
+    refusals = [2]
+
+    def held_open(src, dst):
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise PermissionError(13, "Access is denied", str(src), None, str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    monkeypatch.setattr(atomic.os, "replace", held_open)
+    atomic_write_text(target, "new\n")  # a scanner's brief hold: waited out
+    assert target.read_text(encoding="utf-8") == "new\n" and refusals == [0]
+
+    refusals[0] = 10 ** 6  # Excel: held until the user closes it
+    monkeypatch.setattr(atomic, "REPLACE_RETRY_S", 0.3)
+    with pytest.raises(PermissionError) as caught:
+        atomic_write_text(target, "newer\n")
+    assert caught.value.filename == str(target) and "another program" in caught.value.strerror
+    assert target.read_text(encoding="utf-8") == "new\n" and sorted(tmp_path.iterdir()) == [target]
+
+    monkeypatch.setattr(atomic, "WINDOWS", False)  # elsewhere a refusal is real at once: no waiting
+    with pytest.raises(PermissionError) as caught:
+        atomic_write_text(target, "newer\n")
+    assert "another program" not in str(caught.value)

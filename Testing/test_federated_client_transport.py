@@ -89,3 +89,28 @@ def test_a_pulled_package_is_named_by_a_number_the_server_cannot_turn_into_a_pat
     with pytest.raises(SyncError, match="not a valid package"):
         _client(Recorder(reply)).pull("leg", "active", models_dir=tmp_path / "models")
     assert not (tmp_path / "models").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_token_saved_by_a_windows_editor_works_or_is_one_sentence(tmp_path, capsys):
+    """Notepad's UTF-8 starts with a byte-order mark, PowerShell's `>` writes UTF-16: the first is read
+    as the token, the second refused in one sentence; a hand-edited token that no header can hold
+    never reaches requests (which would raise UnicodeEncodeError from deep inside)."""
+    from dafne_logic.cli import main as cli_main
+    from dafne_logic.core.client_config import load_config
+
+    with_mark = tmp_path / "token.txt"
+    with_mark.write_bytes("\ufeffdft_1_secret\r\n".encode())
+    assert cli_main(["sync", "setup", "--token-file", str(with_mark)]) == 0
+    assert load_config().token == "dft_1_secret"
+
+    utf16 = tmp_path / "token16.txt"
+    utf16.write_bytes("dft_1_other\r\n".encode("utf-16"))
+    assert cli_main(["sync", "setup", "--token-file", str(utf16)]) == 2
+    assert "UTF-8" in capsys.readouterr().err and load_config().token == "dft_1_secret"
+
+    session = Recorder()
+    client = FederatedClient(ClientConfig("https://dafne.example.org", "dft_1_s\u00e9cret", opt_in=True),
+                             session=session, backoff_s=0.0)
+    with pytest.raises(SyncError, match="copy it again"):
+        client.me()
+    assert session.calls == []

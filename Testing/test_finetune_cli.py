@@ -95,3 +95,23 @@ def test_evaluate_cli_checks_pairs(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "m"), "--image", str(img), "--reference", str(seg),
                  "--csv", str(seg)]) == 2  # --csv naming the reference: refused before any work
     assert "overwrite one of this command's inputs" in capsys.readouterr().err and seg.read_bytes() == reference
+
+
+def test_an_output_naming_the_parent_in_other_letter_case_is_refused(tmp_path, capsys, monkeypatch):
+    """On macOS's case-insensitive disk ``./mythigh`` is ``./MyThigh``, and ``resolve()`` keeps the case
+    as typed: the fine-tuned model would replace its parent. A small fake of that disk's samefile."""
+    import os
+
+    tiny_model().save(tmp_path / "MyLeg")
+    before = folder_digest(tmp_path / "MyLeg")
+    real_samefile = os.path.samefile
+
+    def case_insensitive_disk(a, b):
+        fold = [str(p).casefold() for p in (a, b)]
+        return fold[0] == fold[1] or real_samefile(a, b)
+
+    monkeypatch.setattr(os.path, "samefile", case_insensitive_disk)
+    assert main(["finetune", "--model", str(tmp_path / "MyLeg"), "--image", str(tmp_path / "img.nii.gz"),
+                 "--segmentation", str(tmp_path / "seg.nii.gz"), "--output-model", str(tmp_path / "myleg")]) == 2
+    assert "parent model's folder" in capsys.readouterr().err
+    assert folder_digest(tmp_path / "MyLeg") == before

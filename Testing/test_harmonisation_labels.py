@@ -88,14 +88,14 @@ def test_flipped_array_gives_the_same_legs(tmp_path: Path):
         assert np.array_equal(a.target, b.target)
 
 
-def musclemap_folder(tmp_path: Path) -> Path:
+def musclemap_folder(tmp_path: Path, encoding: str = "utf-8") -> Path:
     folder = tmp_path / "musclemap"
     folder.mkdir()
     entries = [{"region": "leg", "anatomy": a, "side": s, "value": v} for a, s, v in [
         ("soleus", "left", 8131), ("soleus", "right", 8132), ("gastrocnemius", "left", 8141),
         ("gastrocnemius", "right", 8142), ("tibia", "right", 8152), ("deep posterior compartment", "right", 8112),
         ("anterior compartment", "right", 8102)]]
-    (folder / "table.json").write_text(json.dumps({"labels": entries}))
+    (folder / "table.json").write_text(json.dumps({"labels": entries}), encoding=encoding)
     volume = np.zeros((1, 40, 80), np.int16)
     volume[0, 10:30, 5:15] = 8132  # right soleus: small LPS x = patient right
     volume[0, 10:30, 15:25] = 8142
@@ -110,9 +110,11 @@ def musclemap_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_musclemap_coarse_groups_bones_and_other_muscles(tmp_path: Path):
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])  # -sig: the table saved by a Windows editor
+def test_musclemap_coarse_groups_bones_and_other_muscles(tmp_path: Path, encoding: str):
     registry = GroupRegistry(LEG.n_classes)
-    slices = load_label_map(find_label_maps([musclemap_folder(tmp_path)])[0], LEG, registry, 2.0, CANVAS, min_classes=2)
+    slices = load_label_map(find_label_maps([musclemap_folder(tmp_path, encoding)])[0], LEG, registry, 2.0, CANVAS,
+                            min_classes=2)
     gastrocnemius = frozenset({LEG.muscle_index("gastrocnemius medialis"), LEG.muscle_index("gastrocnemius lateralis")})
     # The anterior compartment also holds extensor hallucis longus and peroneus tertius, background for the
     # network (the Visible Human maps label them apart): its pixels may be background too.

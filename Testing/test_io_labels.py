@@ -136,8 +136,10 @@ def test_segments_matched_by_name_not_value_order_or_layer(tmp_path, thigh_label
     assert_same_geometry(labels, thigh_labels)
 
 
-def test_label_map_with_plain_name_json_like_the_real_data(tmp_path):
-    """Values of another convention, named "Soleus_R" etc., become our volume labels."""
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
+def test_label_map_with_plain_name_json_like_the_real_data(tmp_path, encoding):
+    """Values of another convention, named "Soleus_R" etc., become our volume labels; the JSON may start
+    with the byte-order mark Windows editors write (PowerShell's ``Out-File -Encoding utf8``)."""
     reference = make_image(shape_zyx=(2, 4, 5))
     voxels = np.zeros((2, 4, 5), dtype=np.uint8)
     voxels[0, 0, :3] = 1  # Soleus_R
@@ -148,7 +150,7 @@ def test_label_map_with_plain_name_json_like_the_real_data(tmp_path):
     image.CopyInformation(reference)
     sitk.WriteImage(image, str(tmp_path / "case_labels.nii.gz"))
     (tmp_path / "case_labels.json").write_text(json.dumps(
-        {"1": "Soleus_R", "2": "Soleus_L", "9": "Extensor Longus Digitorum_R", "20": "Fat"}))
+        {"1": "Soleus_R", "2": "Soleus_L", "9": "Extensor Longus Digitorum_R", "20": "Fat"}), encoding=encoding)
     labels, unknown = read_segmentation(tmp_path / "case_labels.nii.gz", LEG)
     assert unknown == ["Fat"]
     expected = np.zeros_like(voxels)
@@ -267,3 +269,11 @@ def test_split_side_finds_the_side_word_first_or_last(name, expected):
     from dafne_logic.core.io import split_side
 
     assert split_side(name) == expected
+
+
+def test_a_label_table_saved_with_a_byte_order_mark_loads(tmp_path):
+    from dafne_logic.core.labels import LabelTable
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(THIGH.to_json()), encoding="utf-8-sig")  # what Windows editors often write
+    assert LabelTable.load(str(path)) == THIGH

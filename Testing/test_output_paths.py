@@ -43,3 +43,27 @@ def test_new_outputs_differing_only_in_letter_case_are_refused_on_every_platform
         check_outputs([("--csv", tmp_path / "Stats.csv"), ("--csa", tmp_path / "stats.csv")], [])
     assert not list(tmp_path.iterdir())
     check_outputs([("--csv", tmp_path / "stats.csv"), ("--csa", tmp_path / "stats_csa.csv")], [])  # distinct names pass
+
+
+def test_on_windows_an_output_held_open_elsewhere_is_refused_before_any_work(tmp_path: Path, monkeypatch):
+    """``segment --stats stats.csv`` with the CSV open in Excel: refused up front, not after every case."""
+    import dafne_logic.core.atomic as atomic
+
+    held = tmp_path / "stats.csv"
+    held.write_text("case\n", encoding="utf-8")
+    free = tmp_path / "free.csv"
+    free.write_text("case\n", encoding="utf-8")
+    real_open = Path.open
+
+    def excel_has_it(self, mode="r", *args, **kwargs):
+        if self == held and mode != "r":
+            raise PermissionError(13, "The process cannot access the file", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", excel_has_it)
+    check_outputs([("--stats", held)], [])  # POSIX renames over it: nothing to refuse
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    with pytest.raises(InputError, match="open in another program"):
+        check_outputs([("--stats", held)], [])
+    check_outputs([("--stats", free), ("--csa", tmp_path / "new.csv")], [])
+    assert held.read_text(encoding="utf-8") == free.read_text(encoding="utf-8") == "case\n"  # nothing written

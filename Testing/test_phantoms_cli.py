@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,14 @@ def test_bad_shape_exits_2_with_one_sentence_and_writes_nothing(tmp_path, capsys
     err = capsys.readouterr().err
     assert "shape" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_paths_the_console_cannot_show_are_printed_escaped_not_a_crash(tmp_path):
+    """Windows writes redirected output in the ANSI code page, strictly; PYTHONIOENCODING=ascii makes
+    the same console here. A folder named in Greek must not stop the command after its work is done."""
+    out = tmp_path / "μυς"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run([sys.executable, "-m", "dafne_logic.cli", "phantom", "--region", "leg", "--output",
+                             str(out), "--shape", "1", "64", "64"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\\u03bc\\u03c5\\u03c2" in result.stdout and (out / "leg_phantom.nii.gz").is_file()

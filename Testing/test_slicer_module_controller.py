@@ -477,6 +477,11 @@ def test_share_settings_default_off_owner_only_and_url_checked(tmp_path):
     sync.save(True, "", "")
     with pytest.raises(ShareError, match="server URL and your token"):
         sync._client()
+    sync.save(True, "http://localhost:8000", "\ufeffdft_1_pasted ")  # from a Windows editor: the mark goes
+    assert sync.load().token == "dft_1_pasted"
+    with pytest.raises(ShareError, match="copy it again"):
+        sync.save(True, "http://localhost:8000", "dft_1_…")  # cut short with an ellipsis
+    assert sync.load().token == "dft_1_pasted"
     assert "never leave this computer" in WHAT_IS_SENT and "Nothing is sent while the box is unticked" in WHAT_IS_SENT
 
 

@@ -224,3 +224,46 @@ def test_a_time_limit_fits_the_schedule_and_ends_the_run_with_a_final_validation
 def test_a_time_limit_must_be_positive():
     with pytest.raises(InputError, match="time limit"):
         config(time_limit_s=0.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's list of mapped files")
+def test_a_resumed_run_keeps_no_checkpoint_file_mapped(tmp_path: Path):
+    """Windows cannot replace or delete a memory-mapped file: if the optimiser kept tensors mapped from
+    the checkpoint it resumed, the run's next checkpoint would fail there. Linux shows the mappings."""
+    calls = {"n": 0}
+
+    def cancel_at_step_5() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 6
+
+    with pytest.raises(Cancelled):
+        train_model(manifest(), toy_batch, config(), tmp_path / "run", cancel=cancel_at_step_5)
+    mapped: list[str] = []
+
+    def look(done: int, total: int, info: dict) -> None:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8")
+        mapped.extend(line.split()[-1] for line in maps.splitlines() if "run.training" in line)
+
+    train_model(manifest(), toy_batch, config(), tmp_path / "run", resume=True, progress=look)
+    assert mapped == []
+
+
+def test_a_log_file_held_open_costs_a_warning_not_the_run(tmp_path: Path, monkeypatch, caplog):
+    """Watching train_log.csv in Excel on Windows makes its rewrite fail: the run goes on, every row is
+    kept, and the next rewrite has them all."""
+    import dafne_logic.training.trainer as trainer
+
+    log = trainer._TrainLog(tmp_path, None)
+    real_write = trainer.atomic_write_text
+
+    def held_open(path, text):
+        raise PermissionError(13, "in use by another program", str(path))
+
+    monkeypatch.setattr(trainer, "atomic_write_text", held_open)
+    log.add(2, 0.5, 1e-3, 1.0, {"mean_dice": 0.4})
+    assert "could not update" in caplog.text and "train_log.csv" in caplog.text
+    monkeypatch.setattr(trainer, "atomic_write_text", real_write)
+    log.add(4, 0.4, 1e-3, 2.0, {"mean_dice": 0.5})
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open(encoding="utf-8")))
+    assert [(r["step"], r["mean_dice"]) for r in rows] == [("2", "0.4000"), ("4", "0.5000")]
+    assert [e["step"] for e in json.loads((tmp_path / "validation.json").read_text(encoding="utf-8"))] == [2, 4]

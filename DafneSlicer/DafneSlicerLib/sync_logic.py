@@ -52,17 +52,17 @@ class SyncLogic:
         return load_config(self.config_path)
 
     def save(self, opted_in: bool, server_url: str, token: str) -> None:
-        from dafne_logic.core.client_config import check_server_url, save_config
+        from dafne_logic.core.client_config import check_server_url, check_token, save_config
         from dafne_logic.core.errors import DafneError
 
         url = server_url.strip().rstrip("/")
-        if url:
-            try:
+        try:
+            if url:
                 url = check_server_url(url)
-            except DafneError as exc:
-                raise ShareError(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
-        save_config(replace(self.load(), opt_in=bool(opted_in), server_url=url, token=token.strip()),
-                    self.config_path)
+            token = check_token(token)  # a byte-order mark pasted from a Windows editor goes; accents are refused
+        except DafneError as exc:
+            raise ShareError(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+        save_config(replace(self.load(), opt_in=bool(opted_in), server_url=url, token=token), self.config_path)
 
     def _client(self):
         config = self.load()

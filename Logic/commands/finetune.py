@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dafne_logic.core.io import read_image, read_segmentation
+    from dafne_logic.core.paths import same_location
     from dafne_logic.core.slice_selection import parse_slice_list
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.learning.delta import DELTA_NAME
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     slices = parse_slice_list(args.slices)
     output = Path(args.output_model)
     model = load_model(args.model)
-    if model.path is not None and output.resolve() == model.path.resolve():
+    if model.path is not None and same_location(output, model.path):
         raise InputError(f"{output} is the parent model's folder; choose another --output-model")
     image = read_image(args.image, series_uid=args.series)
     labels, unknown = read_segmentation(args.segmentation, model.labels)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from dafne_logic.core import atomic
 from dafne_logic.core.errors import InputError
 
 PathLike = str | os.PathLike[str]
@@ -61,3 +62,18 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
                              "and Windows disks take for one file; give each output its own name.")
         seen[key] = option
         by_folded[key.casefold()] = (option, path)
+        _check_not_held_open(option, Path(path))
+
+
+def _check_not_held_open(option: str, path: Path) -> None:
+    """Refuse, before any work, an existing output another program holds open: on Windows (Excel with
+    a CSV open) the final rename would fail after every case was computed. Opening it for appending
+    writes nothing and fails the same way. Elsewhere a rename replaces even a read-only file: no check."""
+    if not atomic.WINDOWS or not path.is_file():
+        return
+    try:
+        with path.open("ab"):
+            pass
+    except PermissionError:
+        raise InputError(f"{option} {path} cannot be replaced: it is read-only or open in another program "
+                         "(close it there, then try again).") from None

@@ -38,6 +38,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run_setup(args: argparse.Namespace) -> int:
     from dafne_logic.core.client_config import check_server_url, load_config, save_config
+    from dafne_logic.core.errors import DafneError
 
     config = load_config()
     if args.server:
@@ -47,8 +48,12 @@ def run_setup(args: argparse.Namespace) -> int:
 
         config.token = (getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
     elif args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            config.token = f.read().strip()
+        try:  # utf-8-sig: Windows editors may start the file with a byte-order mark
+            with open(args.token_file, encoding="utf-8-sig") as f:
+                config.token = f.read().strip()
+        except UnicodeDecodeError:
+            raise DafneError(f"{args.token_file} is not UTF-8 text (PowerShell's `>` writes UTF-16): save the token "
+                             "as UTF-8, e.g. `Set-Content token.txt TOKEN -Encoding utf8`") from None
     elif args.token:
         config.token = args.token
     if args.ca_bundle:

@@ -7,11 +7,35 @@ descriptor, because Windows Python before 3.13 (Slicer 5.10 ships 3.12) has no `
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+# Windows refuses to rename onto a file another program holds open (Excel keeps a CSV open; virus
+# scanners and cloud sync hold new files for a moment): retried for about this long, then explained.
+WINDOWS = os.name == "nt"
+REPLACE_RETRY_S = 2.0
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """``os.replace(source, target)``; on Windows, a target held open elsewhere is retried, then
+    reported as such (PermissionError naming ``target``)."""
+    deadline = time.monotonic() + REPLACE_RETRY_S
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError as exc:
+            if not WINDOWS or target.is_dir():
+                raise
+            if time.monotonic() >= deadline:
+                raise PermissionError(errno.EACCES, "in use by another program (close it there, then try again)",
+                                      str(target)) from exc
+            time.sleep(0.1)
 
 
 def _current_umask() -> int:
@@ -43,7 +67,7 @@ def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Ite
     try:
         with _naming(target, tmp):  # a full disk while writing, a folder in the way when renaming
             yield tmp
-            os.replace(tmp, target)
+            replace_file(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dafne_logic.core.atomic import atomic_path
@@ -61,6 +61,20 @@ def check_server_url(url: str) -> str:
     return url
 
 
+def check_token(token: str) -> str:
+    """``token`` without surrounding blanks or a byte-order mark (Windows editors add one), if it can
+    travel in an HTTP header: printable ASCII, no spaces. Empty means unset.
+
+    Raises:
+        DafneError: other characters (a token copied with an ellipsis, saved as UTF-16, ...).
+    """
+    token = token.strip().lstrip("\ufeff").strip()
+    if token and not all("!" <= ch <= "~" for ch in token):
+        raise DafneError("the token holds characters a token never has (spaces, accents or a text-editor "
+                         "encoding mark): copy it again exactly as it was issued, saved as plain UTF-8 text")
+    return token
+
+
 def config_path() -> Path:
     return user_data_dir() / CONFIG_NAME
 
@@ -87,6 +101,7 @@ def load_config(path: Path | None = None) -> ClientConfig:
 def save_config(config: ClientConfig, path: Path | None = None) -> Path:
     """Write the settings atomically, owner-only from the file's creation on (see :func:`atomic_path`)."""
     path = path or config_path()
+    config = replace(config, token=check_token(config.token))
     with atomic_path(path, owner_only=True) as tmp:
         tmp.write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
     return path

@@ -308,7 +308,7 @@ def read_label_names(table_path: PathLike) -> dict[int, str]:
     """
     path = Path(table_path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a table saved by a Windows editor
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not readable JSON: {exc}") from exc
     return _names_by_value(data, path)

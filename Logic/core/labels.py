@@ -134,7 +134,7 @@ class LabelTable:
 
     @classmethod
     def load(cls, path: str) -> LabelTable:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return cls.from_json(json.load(f))
 
 

@@ -98,3 +98,16 @@ def user_data_dir() -> Path:
 
 def user_models_dir() -> Path:
     return user_data_dir() / "models"
+
+
+def same_location(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file or folder: the same once resolved, or (both existing) the same
+    on disk. The second catches spellings differing in letter case on macOS's and Windows's
+    case-insensitive disks, which ``resolve()`` leaves as typed on macOS."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist: not the same
+        return False

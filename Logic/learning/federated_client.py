@@ -25,7 +25,7 @@ import requests
 from filelock import FileLock
 
 from dafne_logic.core.atomic import atomic_directory
-from dafne_logic.core.client_config import ClientConfig, check_server_url, load_config
+from dafne_logic.core.client_config import ClientConfig, check_server_url, check_token, load_config
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.paths import user_data_dir, user_models_dir
 from dafne_logic.inference.manifest import MANIFEST_NAME, WEIGHTS_NAME
@@ -69,7 +69,11 @@ class FederatedClient:
             url = check_server_url(self.config.server_url) + path
         except DafneError as exc:
             raise SyncError(f"{exc} (`dafne-slicer sync setup --server`)") from None
-        headers = {"Authorization": f"Bearer {self.config.token}", **(headers or {})}
+        try:  # and must not reach requests with a character no header may hold
+            token = check_token(self.config.token)
+        except DafneError as exc:
+            raise SyncError(f"{exc} (`dafne-slicer sync setup --token-file`)") from None
+        headers = {"Authorization": f"Bearer {token}", **(headers or {})}
         for attempt in range(self.retries + 1):
             try:
                 response = self.http.request(method, url, headers=headers, timeout=self.config.timeout_s,

@@ -50,6 +50,7 @@ from dafne_logic import __version__
 from dafne_logic.core.atomic import atomic_directory
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.numbers import nanmean
+from dafne_logic.core.paths import same_location
 from dafne_logic.core.progress import CancelCheck, ProgressCallback
 from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
 from dafne_logic.inference.networks import resolve_device
@@ -132,7 +133,7 @@ class FinetuneResult:
 
         output_dir = Path(output_dir)
         parent_path = self.report.get("parent_path")
-        if parent_path and output_dir.resolve() == Path(parent_path).resolve():
+        if parent_path and same_location(output_dir, parent_path):
             raise InputError(f"{output_dir} is the parent model's folder; choose another output folder")
         with atomic_directory(output_dir) as tmp:
             self.model.save(tmp)  # replaces tmp by the package folder

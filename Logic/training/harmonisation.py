@@ -163,7 +163,7 @@ class LegSlice:
 def _musclemap_scheme(path: Path) -> LabelScheme | None:
     """A folder-level MuscleMap table (``{"labels": [{"anatomy", "side", "value"}, ...]}``) or None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     entries = data.get("labels") if isinstance(data, dict) else None

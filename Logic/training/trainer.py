@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
@@ -232,16 +232,16 @@ def _load_checkpoint(work_dir: Path, model: nn.Module, ema: dict[str, torch.Tens
         raise InputError(f"{folder}: no checkpoint to resume from")
     try:
         state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
-        model.load_state_dict(load_safetensors_file(str(folder / "model.safetensors")), strict=True)
+        model.load_state_dict(_read_tensors(folder / "model.safetensors"), strict=True)
         if ema is not None:
             if not state.get("has_ema"):
                 raise InputError(f"{folder}: checkpoint has no weight average but the config asks for one")
-            for key, value in load_safetensors_file(str(folder / "ema.safetensors")).items():
+            for key, value in _read_tensors(folder / "ema.safetensors").items():
                 ema[key].copy_(value)
         opt_file = folder / "optimizer.safetensors"
-        opt_tensors = load_safetensors_file(str(opt_file)) if opt_file.is_file() else {}
+        opt_tensors = _read_tensors(opt_file) if opt_file.is_file() else {}
         optimizer.load_state_dict(_optimizer_state(opt_tensors, state["optimizer"]))
-        rng = load_safetensors_file(str(folder / "rng.safetensors"))
+        rng = _read_tensors(folder / "rng.safetensors")
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise InputError(f"{folder}: checkpoint unreadable or from another network ({exc})") from exc
     generator.set_state(rng["sampler"])
@@ -253,6 +253,13 @@ def _load_checkpoint(work_dir: Path, model: nn.Module, ema: dict[str, torch.Tens
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors, read into memory. Not memory-mapped (``safetensors.torch.load_file``):
+    the optimiser keeps the loaded tensors, and Windows cannot replace or delete a mapped file, so the
+    first checkpoint after ``--resume`` would fail there."""
+    return load_safetensors_bytes(path.read_bytes())
 
 
 # --- logs ----------------------------------------------------------------------------------------
@@ -281,7 +288,16 @@ class _TrainLog:
     def _write_csv(self) -> None:
         lines = [",".join(LOG_FIELDS)]
         lines += [",".join(str(row.get(k, "")) for k in LOG_FIELDS) for row in self.rows]
-        atomic_write_text(self.csv_path, "\n".join(lines) + "\n")
+        self._write(self.csv_path, "\n".join(lines) + "\n")
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        """Rewrite a log file; a failure (the CSV open in Excel on Windows) costs a warning, not the
+        run: every row is kept and the next write catches up."""
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:
+            log.warning("could not update %s (%s); trying again at the next log step", path, exc.strerror or exc)
 
     def add(self, step: int, loss: float | None, lr: float, seconds: float, metrics: dict[str, float] | None) -> None:
         row = {"step": step, "loss": "" if loss is None else f"{loss:.6f}", "lr": f"{lr:.6g}",
@@ -289,7 +305,7 @@ class _TrainLog:
         if metrics is not None:
             row["mean_dice"] = f"{metrics.get('mean_dice', float('nan')):.4f}"
             self.validation.append({"step": step, **metrics})
-            atomic_write_text(self.validation_path, json.dumps(strict_json(self.validation), indent=1) + "\n")
+            self._write(self.validation_path, json.dumps(strict_json(self.validation), indent=1) + "\n")
         self.rows.append(row)
         self._write_csv()
 
