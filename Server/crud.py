@@ -7,7 +7,7 @@ Missing rows raise :class:`NotFound`, which the application answers with 404.
 from __future__ import annotations
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from .db import AuditEntry, Family, MergeLease, MergeRun, Token, UpdateRow, User, Version, now
 from .schemas import FamilyInfo, VersionInfo
@@ -50,12 +50,17 @@ def ancestry(session: Session, version: Version, max_steps: int) -> dict[int, in
     A delta may only be applied along this line: after a rollback, versions published after the
     re-activated one are not in it (a delta against them would land on other weights).
     """
+    # One query for the family's (number, parent) pairs, walked in memory: an upload naming an old
+    # parent made one query per version, each loading a manifest.
+    parent_of = dict(session.execute(select(Version.number, Version.parent_number)
+                                     .where(Version.family == version.family)).tuples().all())
     line = {version.number: 0}
+    number = version.number
     for steps in range(1, max_steps + 1):
-        parent = find_version(session, version.family, version.parent_number)
-        if parent is None or parent.number in line:
+        parent = parent_of.get(number)
+        if parent is None or parent not in parent_of or parent in line:
             break
-        line[parent.number], version = steps, parent
+        line[parent], number = steps, parent
     return line
 
 
@@ -63,8 +68,16 @@ def families(session: Session) -> list[Family]:
     return list(session.scalars(select(Family).order_by(Family.name)))
 
 
-def versions(session: Session, family: str) -> list[Version]:
-    return list(session.scalars(select(Version).where(Version.family == family).order_by(Version.number)))
+def versions(session: Session, family: str, limit: int | None = None, before: int | None = None) -> list[Version]:
+    """The newest ``limit`` versions (all: None) numbered below ``before`` (any: None), oldest first.
+
+    Manifests (about 16 KB each) are not loaded: a family merging for months has thousands of
+    versions, and lists show numbers, sources and scores only."""
+    query = select(Version).options(defer(Version.manifest)).where(Version.family == family)
+    if before is not None:
+        query = query.where(Version.number < before)
+    newest = list(session.scalars(query.order_by(Version.number.desc()).limit(limit)))
+    return newest[::-1]
 
 
 def version_info(version: Version, family: Family) -> VersionInfo:

@@ -7,8 +7,8 @@ point leaves either no version or a complete one.
 
 from __future__ import annotations
 
-import hashlib
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +30,15 @@ from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmak
 MIGRATIONS = Path(__file__).parent / "migrations"
 FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SERVER_WEIGHTS_DTYPE = torch.float32  # merged versions accumulate small deltas; fp16 would round them away
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """A weights blob already written: what a version row and its manifest record of it."""
+
+    sha256: str
+    size: int  # bytes
+    tensors: dict[str, list[int]]  # name -> shape
 
 
 def check_family_name(name: str) -> None:
@@ -92,19 +101,18 @@ class Storage:
             self._norms[version.weights_sha256] = weights_norm(state)
         return self._norms[version.weights_sha256]
 
-    def store_weights(self, manifest: Manifest, state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
-        """Write the weights blob and fill the manifest's weight fields; returns (sha256, size)."""
+    def store_weights(self, state_dict: dict[str, torch.Tensor]) -> StoredWeights:
+        """Write the weights blob (durably: fsyncs). Call it before the transaction that names it: a
+        write transaction holding SQLite's lock, or the family row on PostgreSQL, through the fsyncs
+        would make every upload wait (and, past the busy timeout, fail)."""
         blob = weights_bytes(state_dict, SERVER_WEIGHTS_DTYPE)
-        manifest.weights_sha256 = hashlib.sha256(blob).hexdigest()
-        manifest.weights_dtype = str(SERVER_WEIGHTS_DTYPE).removeprefix("torch.")
-        manifest.tensors = {k: list(v.shape) for k, v in state_dict.items()}
-        self.blobs.put(blob)
-        return manifest.weights_sha256, len(blob)
+        return StoredWeights(self.blobs.put(blob), len(blob), {k: list(v.shape) for k, v in state_dict.items()})
 
     def new_version(self, session: Session, family: Family, base: Manifest, state_dict: dict[str, torch.Tensor],
                     parent: int | None, source: str, validation: dict, provenance: dict,
-                    number: int | None = None) -> Version:
-        """Add version ``number`` (default ``max + 1``) of ``family`` (blob written first), make it active.
+                    number: int | None = None, stored: StoredWeights | None = None) -> Version:
+        """Add version ``number`` (default ``max + 1``) of ``family``, make it active. Its weights are
+        ``stored`` (from :meth:`store_weights`), or written here first when not given.
 
         The caller commits; until then nobody sees the version.
         """
@@ -116,9 +124,12 @@ class Storage:
         manifest.parent_version = None if parent is None else str(parent)
         manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest.provenance = {**manifest.provenance, **provenance}
-        sha, size = self.store_weights(manifest, state_dict)
+        stored = stored or self.store_weights(state_dict)
+        manifest.weights_sha256 = stored.sha256
+        manifest.weights_dtype = str(SERVER_WEIGHTS_DTYPE).removeprefix("torch.")
+        manifest.tensors = stored.tensors
         row = Version(family=family.name, number=number, parent_number=parent, manifest=manifest.to_json(),
-                      weights_sha256=sha, weights_size=size, source=source, validation=validation)
+                      weights_sha256=stored.sha256, weights_size=stored.size, source=source, validation=validation)
         session.add(row)
         family.active_version = number
         session.flush()

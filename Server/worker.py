@@ -289,9 +289,13 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
     overridden = chosen.result.overridden if chosen is not None else {}
     reason = candidate.decision.reason if candidate is not None else "no usable update in the buffer"
     row_ids = [r.id for r in inputs.rows]
+    # The blob first, outside the transaction (fsyncs): an abandoned publish leaves an orphan for gc.
+    stored = storage.store_weights(chosen.state) if chosen is not None else None
     with storage.session.begin() as session:
         renew_lease(session, storage, family, holder)  # fencing: publish only while holding the lease
-        fam = session.get(Family, family, with_for_update=True)  # an admin's activation waits for us, or we see it
+        # An admin's activation waits for us, or we see it. NO KEY UPDATE (PostgreSQL): uploads'
+        # foreign-key checks on the family row do not wait for this transaction.
+        fam = session.get(Family, family, with_for_update={"key_share": True})
         if fam.active_version != inputs.active.number:
             # An admin activated another version while we merged: publishing onto the old base
             # would undo the rollback. The updates stay buffered for a merge onto the new one.
@@ -308,7 +312,7 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
                                           "merge", _validation(chosen.dice, storage.settings),
                                           {"merged_updates": [u.key for u in batch],
                                            "merge_rule": chosen.result.rule,
-                                           "server_lr": inputs.settings.server_lr})
+                                           "server_lr": inputs.settings.server_lr}, stored=stored)
         for row in session.scalars(select(UpdateRow).where(UpdateRow.id.in_(row_ids))):
             if row.status != "buffered":
                 continue

@@ -27,6 +27,7 @@ templates = Jinja2Templates(directory=str(Path(__file__).parent.parent / "templa
 # The dashboard's own pages load nothing from elsewhere (inline styles only).
 PAGE_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
 STATUSES = ("buffered", "merged", "overridden", "rejected")
+DASHBOARD_VERSIONS = 20  # the newest; the API pages through the rest (GET /v1/models/{family}/versions?before=N)
 
 
 def _date(ts: float) -> str:
@@ -84,7 +85,7 @@ def index(request: Request, allowed: bool = Depends(may_view), storage: Storage 
     with storage.read() as session:
         families = []
         for fam in crud.families(session):
-            versions = crud.versions(session, fam.name)[::-1]  # newest first
+            versions = crud.versions(session, fam.name, limit=DASHBOARD_VERSIONS)[::-1]  # newest first
             counts = {**dict.fromkeys(STATUSES, 0), **crud.update_status_counts(session, fam.name)}
             runs = crud.recent_merge_runs(session, fam.name)
             families.append({

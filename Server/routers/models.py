@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from ..auth import Principal
 from ..crud import families, family_info, get_family, get_version, version_info, versions
+from ..db import MAX_INTEGER
 from ..deps import FamilyName, VersionRef, current_principal, get_storage
 from ..schemas import FamilyInfo, PackageInfo, VersionInfo
 from ..storage import Storage
@@ -30,10 +31,15 @@ def show_family(family: str = FamilyName, _: Principal = Depends(current_princip
 @router.get("/models/{family}/versions", response_model=list[VersionInfo],
             responses={404: {"description": "unknown family"}})
 def list_versions(family: str = FamilyName, _: Principal = Depends(current_principal),
-                  storage: Storage = Depends(get_storage)):
+                  storage: Storage = Depends(get_storage),
+                  limit: int = Query(100, ge=1, le=1000, description="at most this many, the newest"),
+                  before: int | None = Query(None, ge=1, le=MAX_INTEGER,
+                                             description="only versions numbered below this (the next page)")):
+    """The newest ``limit`` versions (below ``before``), oldest first; page back with ``before`` set to
+    the first number returned."""
     with storage.read() as session:
         fam = get_family(session, family)
-        return [version_info(v, fam) for v in versions(session, family)]
+        return [version_info(v, fam) for v in versions(session, family, limit, before)]
 
 
 @router.get("/models/{family}/versions/{version}/package", response_model=PackageInfo,

@@ -264,6 +264,13 @@ def test_admin_rollback_settings_staleness_rate_limit_and_audit(live_server, tin
     assert r.status_code == 200 and r.json()["active_version"] == 1
     assert requests.post(f"{base}/activate", json={"version": 9}, headers=admin, timeout=10).status_code == 404
     assert [v["number"] for v in client.versions("client")] == [1, 2]  # rollback keeps every version
+    listing = f"{live_server.url}/v1/models/client/versions"
+    page = requests.get(listing, params={"limit": 1}, headers=admin, timeout=10).json()
+    assert [v["number"] for v in page] == [2] and not page[0]["active"]  # the newest; pages back with before=
+    assert [v["number"] for v in requests.get(listing, params={"limit": 1, "before": 2}, headers=admin,
+                                              timeout=10).json()] == [1]
+    for bad in ({"limit": 0}, {"limit": 1001}, {"before": 0}, {"before": 2 ** 40}):
+        assert requests.get(listing, params=bad, headers=admin, timeout=10).status_code == 422, bad
     assert requests.post(f"{base}/activate", json={"version": 2}, headers=admin, timeout=10).status_code == 200
     r = requests.patch(f"{base}/settings", json={"max_staleness": 0, "buffer_size": 50}, headers=admin, timeout=10)
     assert r.status_code == 200 and r.json()["max_staleness"] == 0

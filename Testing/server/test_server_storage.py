@@ -206,3 +206,25 @@ def test_a_blob_stored_again_while_gc_looks_at_it_is_kept(tmp_path, monkeypatch)
     assert store.remove_unreferenced(set(), older_than_s=3600) == 0
     assert looked and store.get(digest) == b"delta"
     assert not list(store.path(digest).parent.glob(".*"))  # nothing left aside
+
+
+def test_version_lists_page_from_the_newest_and_ancestry_follows_parents(storage, tiny_leg):
+    """A family merging for months has thousands of versions: lists page (newest first, oldest first
+    within a page) and the line of ancestors is read in one query, whatever the history's shape."""
+    from dafne_server import crud
+
+    with storage.session.begin() as session:
+        family = session.get(Family, "leg")
+        base = storage.load_package(session.scalar(sa.select(Version))).manifest
+        stored = storage.store_weights(tiny_leg.state_dict)  # one blob for all: the weights do not matter here
+        for parent in (1, 2, 3, 2):  # versions 2, 3, 4 in a line, then 5 branching from 2 (after a rollback)
+            storage.new_version(session, family, base, tiny_leg.state_dict, parent, "test", {}, {}, stored=stored)
+    with storage.read() as session:
+        assert [v.number for v in crud.versions(session, "leg")] == [1, 2, 3, 4, 5]
+        assert [v.number for v in crud.versions(session, "leg", limit=2)] == [4, 5]
+        assert [v.number for v in crud.versions(session, "leg", limit=2, before=4)] == [2, 3]
+        assert [v.number for v in crud.versions(session, "leg", limit=2, before=2)] == [1]
+        newest = {v.number: v for v in session.scalars(sa.select(Version))}
+        assert crud.ancestry(session, newest[5], 10) == {5: 0, 2: 1, 1: 2}
+        assert crud.ancestry(session, newest[4], 10) == {4: 0, 3: 1, 2: 2, 1: 3}
+        assert crud.ancestry(session, newest[4], 1) == {4: 0, 3: 1}

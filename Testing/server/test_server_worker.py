@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import uuid
 
 import pytest
@@ -440,3 +441,42 @@ def test_a_forced_merge_stands_until_every_buffered_update_is_merged(storage, ti
     with storage.session() as session:
         assert not session.get(MergeLease, "leg").force_requested
     assert families_with_work(storage) == []
+
+
+def test_publishing_writes_the_weights_before_taking_the_database_write_lock(tmp_path, tiny_leg, monkeypatch):
+    """The blob's fsyncs inside the publishing transaction held SQLite's write lock (PostgreSQL: the
+    family row) meanwhile: every upload waited, and past the busy timeout failed with a 500. SQLite
+    only: its database-wide lock can be probed from another connection."""
+    import sqlite3
+
+    storage = prepare(ServerSettings(data_dir=str(tmp_path / "data")))
+    with storage.session.begin() as session:
+        storage.add_family(session, "leg", tiny_leg, "test")
+        session.add(User(name="site"))
+    set_merge(storage, buffer_size=3)
+    database = Path(storage.settings.data_dir) / "server.db"
+    real_put = type(storage.blobs).put
+    writable_meanwhile = []
+
+    def put_while_an_upload_tries_to_write(self, data):
+        other = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # what an upload's transaction starts with
+            other.execute("ROLLBACK")
+            writable_meanwhile.append(True)
+        except sqlite3.OperationalError:  # database is locked
+            writable_meanwhile.append(False)
+        finally:
+            other.close()
+        return real_put(self, data)
+
+    for i in range(3):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
+    monkeypatch.setattr(type(storage.blobs), "put", put_while_an_upload_tries_to_write)
+    assert [o.version for o in run_once(storage, "w", lambda family, region: None)] == [2]
+    assert writable_meanwhile == [True]
+    with storage.session() as session:
+        version = session.scalar(sa.select(Version).where(Version.number == 2))
+        package = storage.load_package(version)  # the blob the row names, as its manifest describes it
+    assert package.manifest.weights_sha256 == version.weights_sha256 and storage.blobs.exists(version.weights_sha256)
+    storage.dispose()
