@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
