@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _printable_anywhere() -> None:
     """Print any path, whatever the console can show: on Windows, output redirected to a file is written
     in the ANSI code page, strictly, so a folder named in Greek stopped a batch at its first case."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
+    for stream in (sys.stdout, sys.stderr):  # only where it would raise: POSIX's surrogateescape stays
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
 
 

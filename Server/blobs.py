@@ -75,15 +75,17 @@ class BlobStore:
         for blob in self.root.glob("??/*"):
             if not _SHA256.match(blob.name) or blob.name in referenced:
                 continue
+            # Hidden (sweep_temporaries removes one left by a crash) and this process's own: two
+            # collections (run and a worker starting together) never take each other's.
+            aside = blob.with_name(f".{blob.name}.{os.getpid()}.gc")
             try:
                 if blob.stat().st_mtime >= cutoff:
                     continue
-                aside = blob.with_name(f".{blob.name}.gc")  # hidden: sweep_temporaries removes one left by a crash
                 os.replace(blob, aside)
-            except FileNotFoundError:
-                continue
-            if aside.stat().st_mtime >= cutoff:  # stored again just before the rename: keep it
-                os.replace(aside, blob)
+                if aside.stat().st_mtime >= cutoff:  # stored again just before the rename: keep it
+                    os.replace(aside, blob)
+                    continue
+            except FileNotFoundError:  # another collection or sweep took it: theirs to account for
                 continue
             aside.unlink(missing_ok=True)
             removed += 1

@@ -100,7 +100,7 @@ def family_info(session: Session, family: Family) -> FamilyInfo:
 # --- updates --------------------------------------------------------------------------------------
 
 def refusals_since(session: Session, actor: str, seconds: float, action: str = REFUSED) -> int:
-    """Uploads by ``actor`` refused after checking (or, ``action=THROTTLED``, throttled) in the last ``seconds``."""
+    """Uploads by ``actor`` refused after checking (or throttled, or failed: ``action``) in the last ``seconds``."""
     return session.scalar(select(func.count()).select_from(AuditEntry).where(
         AuditEntry.actor == actor, AuditEntry.action == action, AuditEntry.at > now() - seconds)) or 0
 

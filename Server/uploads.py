@@ -127,6 +127,11 @@ def record_failure(storage: Storage, who: Principal, family: str, status: int, e
     must not use up an honest client's refused-upload budget (it retries 5xx). Never raises: the
     original error is what the caller reports."""
     try:
+        with storage.read() as session:  # a client retrying into a failing server: capped as throttled ones
+            if crud.refusals_since(session, who.name, 60.0, crud.FAILED) >= THROTTLED_AUDITS_PER_MINUTE:
+                log.info("upload by %s failed (%s); not audited: %d this minute already", who.name, status,
+                         THROTTLED_AUDITS_PER_MINUTE)
+                return
         with storage.session.begin() as session:
             audit(session, who.name, crud.FAILED, family, status=status, reason=f"unexpected {type(exc).__name__}")
     except Exception:  # the database may be what failed

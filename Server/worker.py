@@ -20,6 +20,7 @@ commits, so a killed worker loses nothing: the next one takes the same updates a
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -60,6 +61,8 @@ from .storage import Storage
 from .validation import Scorer, folder_cases, make_scorer, phantom_cases
 
 log = logging.getLogger(__name__)
+# Read errors of a stored delta worth a retry (network file systems); others reject the update.
+TRANSIENT_READ_ERRORS = {errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.EBUSY}
 ScorerFactory = Callable[[str, str], Scorer | None]  # (family, region) -> scorer, None = no validation
 
 
@@ -212,12 +215,16 @@ def decode_updates(storage: Storage, inputs: MergeInputs) -> tuple[list[Update],
             continue
         try:
             stored = storage.blobs.get(row.blob_sha256)
-        except FileNotFoundError:  # gone for good; the owner sees no server path, the log has it
-            log.error("update %s: its delta blob %s is missing", row.id, row.blob_sha256)
-            refused[row.id] = "stored delta lost on the server; upload it again"
+        except OSError as exc:
+            # A network-storage hiccup fails the merge, retried later with the update still buffered;
+            # anything lasting (lost, unreadable) rejects it, or the family would never merge again.
+            # The owner sees no server path; the log has it.
+            if exc.errno in TRANSIENT_READ_ERRORS:
+                raise
+            log.error("update %s: its delta blob %s cannot be read: %s", row.id, row.blob_sha256, exc)
+            lost = isinstance(exc, FileNotFoundError)
+            refused[row.id] = f"stored delta {'lost' if lost else 'unreadable'} on the server; upload it again"
             continue
-        # Any other OSError (network storage hiccup, permissions) propagates: the merge fails and is
-        # retried later with the update still buffered, instead of discarding an accepted upload.
         try:
             parent_manifest = Manifest.from_json(inputs.parents[row.parent_version].manifest)
             delta = decode_delta(stored, parent_manifest, storage.settings.max_delta_bytes)
@@ -330,10 +337,12 @@ def publish(storage: Storage, family: str, holder: str, inputs: MergeInputs, can
                                      "candidate_dice": strict_json(dice), "rejected": refused,
                                      "overridden": overridden, "seconds": round(now() - started, 3),
                                      "scoring_seconds": round(scoring_s, 3)}))
-        # A forced merge takes at most K updates, and more may have arrived while it ran: the request
-        # stands until the buffer is empty, so none of them waits for K more.
+        # A forced merge takes at most K updates: the request stands while updates that were already
+        # buffered when this merge began are left, so none of them waits for K more. Later arrivals do
+        # not keep it (a steady stream would otherwise keep every merge forced, below K).
         left = session.scalar(select(func.count()).select_from(UpdateRow).where(
-            UpdateRow.family == family, UpdateRow.status == "buffered", UpdateRow.id.not_in(row_ids))) or 0
+            UpdateRow.family == family, UpdateRow.status == "buffered", UpdateRow.id.not_in(row_ids),
+            UpdateRow.created_at <= started)) or 0
         if not left:
             session.get(MergeLease, family).force_requested = False
         audit(session, "merge-worker", "merge_published" if version else "merge_rejected", family,

@@ -61,6 +61,7 @@ def test_on_windows_an_output_held_open_elsewhere_is_refused_before_any_work(tmp
         return real_open(self, mode, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", excel_has_it)
+    monkeypatch.setattr(atomic, "WINDOWS", False)
     check_outputs([("--stats", held)], [])  # POSIX renames over it: nothing to refuse
     monkeypatch.setattr(atomic, "WINDOWS", True)
     with pytest.raises(InputError, match="open in another program"):

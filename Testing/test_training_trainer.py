@@ -256,7 +256,8 @@ def test_a_log_file_held_open_costs_a_warning_not_the_run(tmp_path: Path, monkey
     log = trainer._TrainLog(tmp_path, None)
     real_write = trainer.atomic_write_text
 
-    def held_open(path, text):
+    def held_open(path, text, replace_retry_s=None):
+        assert replace_retry_s == 0  # no two-second wait on Windows at every log step
         raise PermissionError(13, "in use by another program", str(path))
 
     monkeypatch.setattr(trainer, "atomic_write_text", held_open)

@@ -59,7 +59,9 @@ class SyncLogic:
         try:
             if url:
                 url = check_server_url(url)
-            token = check_token(token)  # a byte-order mark pasted from a Windows editor goes; accents are refused
+            # A byte-order mark pasted from a Windows editor goes; accents are refused, unless sharing
+            # is being turned off (an older saved token must not stand in the way of opting out).
+            token = check_token(token) if opted_in else token.strip()
         except DafneError as exc:
             raise ShareError(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
         save_config(replace(self.load(), opt_in=bool(opted_in), server_url=url, token=token), self.config_path)

@@ -37,7 +37,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_setup(args: argparse.Namespace) -> int:
-    from dafne_logic.core.client_config import check_server_url, load_config, save_config
+    from dafne_logic.core.client_config import check_server_url, check_token, load_config, save_config
     from dafne_logic.core.errors import DafneError
 
     config = load_config()
@@ -56,6 +56,8 @@ def run_setup(args: argparse.Namespace) -> int:
                              "as UTF-8, e.g. `Set-Content token.txt TOKEN -Encoding utf8`") from None
     elif args.token:
         config.token = args.token
+    if args.token_file or args.token:  # a new token only: opting out works whatever an older one holds
+        config.token = check_token(config.token)
     if args.ca_bundle:
         config.verify_tls = str(Path(args.ca_bundle).resolve())
     if args.opt_in:

@@ -21,10 +21,10 @@ WINDOWS = os.name == "nt"
 REPLACE_RETRY_S = 2.0
 
 
-def replace_file(source: Path, target: Path) -> None:
-    """``os.replace(source, target)``; on Windows, a target held open elsewhere is retried, then
-    reported as such (PermissionError naming ``target``)."""
-    deadline = time.monotonic() + REPLACE_RETRY_S
+def replace_file(source: Path, target: Path, retry_s: float | None = None) -> None:
+    """``os.replace(source, target)``; on Windows, a target held open elsewhere is retried for
+    ``retry_s`` (default :data:`REPLACE_RETRY_S`), then reported as such (PermissionError naming ``target``)."""
+    deadline = time.monotonic() + (REPLACE_RETRY_S if retry_s is None else retry_s)
     while True:
         try:
             os.replace(source, target)
@@ -45,7 +45,8 @@ def _current_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], owner_only: bool = False,
+                replace_retry_s: float | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     The temporary name keeps the target's suffixes (``.nii.gz``, ``.seg.nrrd``), in lower case, so
@@ -67,7 +68,7 @@ def atomic_path(target: str | os.PathLike[str], owner_only: bool = False) -> Ite
     try:
         with _naming(target, tmp):  # a full disk while writing, a folder in the way when renaming
             yield tmp
-            replace_file(tmp, target)
+            replace_file(tmp, target, replace_retry_s)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -87,13 +88,14 @@ def _naming(target: Path, temporary: Path | None = None) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror, str(target)) from exc  # errno picks the subclass (IsADirectoryError …)
 
 
-def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(target) as tmp:
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, replace_retry_s: float | None = None) -> None:
+    with atomic_path(target, replace_retry_s=replace_retry_s) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(target, text.encode("utf-8"))
+def atomic_write_text(target: str | os.PathLike[str], text: str, replace_retry_s: float | None = None) -> None:
+    """``text`` as UTF-8; ``replace_retry_s``: see :func:`replace_file`."""
+    atomic_write_bytes(target, text.encode("utf-8"), replace_retry_s)
 
 
 @contextlib.contextmanager

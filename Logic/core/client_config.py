@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dafne_logic.core.atomic import atomic_path
@@ -101,7 +101,6 @@ def load_config(path: Path | None = None) -> ClientConfig:
 def save_config(config: ClientConfig, path: Path | None = None) -> Path:
     """Write the settings atomically, owner-only from the file's creation on (see :func:`atomic_path`)."""
     path = path or config_path()
-    config = replace(config, token=check_token(config.token))
     with atomic_path(path, owner_only=True) as tmp:
         tmp.write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
     return path

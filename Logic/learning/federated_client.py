@@ -125,8 +125,21 @@ class FederatedClient:
     def families(self) -> list[dict[str, Any]]:
         return self._json("/v1/models")
 
-    def versions(self, family: str) -> list[dict[str, Any]]:
-        return self._json(f"/v1/models/{family}/versions")
+    def versions(self, family: str, page: int = 1000) -> list[dict[str, Any]]:
+        """Every version of ``family``, oldest first, read newest page first (``page`` a request)."""
+        found: list[dict[str, Any]] = []
+        before: int | None = None
+        while True:
+            query = f"?limit={page}" + (f"&before={before}" if before is not None else "")
+            batch = self._json(f"/v1/models/{family}/versions{query}")
+            if not isinstance(batch, list):
+                raise SyncError(f"the server's version list of {family} is not a list")
+            # A server older than paging ignores the query and sends everything: stop at no progress.
+            batch = [v for v in batch if before is None or v["number"] < before]
+            found = batch + found
+            if len(batch) < page or not batch:
+                return found
+            before = batch[0]["number"]
 
     def update_status(self, update_id: str) -> dict[str, Any]:
         return self._json(f"/v1/updates/{update_id}")

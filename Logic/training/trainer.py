@@ -294,8 +294,8 @@ class _TrainLog:
     def _write(path: Path, text: str) -> None:
         """Rewrite a log file; a failure (the CSV open in Excel on Windows) costs a warning, not the
         run: every row is kept and the next write catches up."""
-        try:
-            atomic_write_text(path, text)
+        try:  # no waiting for a file held open: the log is rewritten every few steps
+            atomic_write_text(path, text, replace_retry_s=0.0)
         except OSError as exc:
             log.warning("could not update %s (%s); trying again at the next log step", path, exc.strerror or exc)
 

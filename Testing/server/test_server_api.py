@@ -264,6 +264,7 @@ def test_admin_rollback_settings_staleness_rate_limit_and_audit(live_server, tin
     assert r.status_code == 200 and r.json()["active_version"] == 1
     assert requests.post(f"{base}/activate", json={"version": 9}, headers=admin, timeout=10).status_code == 404
     assert [v["number"] for v in client.versions("client")] == [1, 2]  # rollback keeps every version
+    assert [v["number"] for v in client.versions("client", page=1)] == [1, 2]  # read a page at a time
     listing = f"{live_server.url}/v1/models/client/versions"
     page = requests.get(listing, params={"limit": 1}, headers=admin, timeout=10).json()
     assert [v["number"] for v in page] == [2] and not page[0]["active"]  # the newest; pages back with before=

@@ -228,3 +228,25 @@ def test_version_lists_page_from_the_newest_and_ancestry_follows_parents(storage
         assert crud.ancestry(session, newest[5], 10) == {5: 0, 2: 1, 1: 2}
         assert crud.ancestry(session, newest[4], 10) == {4: 0, 3: 1, 2: 2, 1: 3}
         assert crud.ancestry(session, newest[4], 1) == {4: 0, 3: 1}
+
+
+def test_gc_survives_another_process_taking_the_blob_it_set_aside(tmp_path, monkeypatch):
+    """The API's and a worker's collections (and sweeps) run at once on one data folder: one that
+    finds its set-aside copy gone must move on, not stop the server from starting."""
+    import dafne_server.blobs as blobs_module
+
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"orphan")
+    long_ago = time.time() - 7200
+    os.utime(store.path(digest), (long_ago, long_ago))
+    real_replace = os.replace
+
+    def another_sweep_right_after(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".gc"):
+            assert f".{os.getpid()}." in Path(dst).name  # this process's own name for it
+            os.unlink(dst)
+
+    monkeypatch.setattr(blobs_module.os, "replace", another_sweep_right_after)
+    assert store.remove_unreferenced(set(), older_than_s=3600) == 0
+    assert not store.exists(digest) and not list(store.path(digest).parent.iterdir())

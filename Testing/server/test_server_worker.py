@@ -410,23 +410,50 @@ def test_cached_active_score_is_reused_only_for_the_same_validation_cases(storag
 
 
 def test_a_lost_delta_is_rejected_without_a_server_path_and_a_read_error_keeps_it_buffered(storage, tiny_leg, monkeypatch):
+    import errno
+
     lost = buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=1)
     kept = [buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i) for i in (2, 3)]
     with storage.session() as session:
+        deltas = {row.blob_sha256 for row in session.scalars(sa.select(UpdateRow))}
         storage.blobs.path(session.get(UpdateRow, lost).blob_sha256).unlink()
+    real_get = storage.blobs.get
 
-    def storage_hiccup(sha256):
-        raise OSError(5, "Input/output error", str(storage.blobs.path(sha256)))
+    def network_storage_hiccup(sha256):  # the deltas only: the active version's weights read fine
+        if sha256 in deltas:
+            raise OSError(errno.ESTALE, "Stale file handle", str(storage.blobs.path(sha256)))
+        return real_get(sha256)
 
-    with monkeypatch.context() as patch:  # e.g. network storage: the accepted uploads must not be discarded
-        patch.setattr(storage.blobs, "get", storage_hiccup)
-        assert [o.outcome for o in run_once(storage, "w", lambda family, region: None)] == ["failed"]
+    with monkeypatch.context() as patch:  # accepted uploads must not be discarded for a passing hiccup
+        patch.setattr(storage.blobs, "get", network_storage_hiccup)
+        outcomes = run_once(storage, "w", lambda family, region: None)
+    assert [o.outcome for o in outcomes] == ["failed"] and "Stale file handle" in outcomes[0].reason
     assert {statuses(storage)[i][0] for i in [lost, *kept]} == {"buffered"}
-    assert [o.outcome for o in run_once(storage, "w", lambda family, region: None,
-                                        backoff=FailureBackoff(first_s=0.0))] == ["published"]
+    assert [o.outcome for o in run_once(storage, "w", lambda family, region: None)] == ["published"]
     status, _, reason = statuses(storage)[lost]
     assert status == "rejected" and "lost" in reason and str(storage.blobs.root) not in reason
     assert all(statuses(storage)[i][:2] == ("merged", 2) for i in kept)
+
+
+def test_an_update_whose_delta_cannot_be_read_for_good_is_rejected_and_the_family_merges(storage, tiny_leg, monkeypatch):
+    import errno
+
+    bad = buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=1)
+    good = [buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i) for i in (2, 3)]
+    with storage.session() as session:
+        unreadable = session.get(UpdateRow, bad).blob_sha256
+    real_get = storage.blobs.get
+
+    def bad_sector(sha256):
+        if sha256 == unreadable:
+            raise OSError(errno.EIO, "Input/output error", str(storage.blobs.path(sha256)))
+        return real_get(sha256)
+
+    monkeypatch.setattr(storage.blobs, "get", bad_sector)
+    assert [o.outcome for o in run_once(storage, "w", lambda family, region: None)] == ["published"]
+    status, _, reason = statuses(storage)[bad]
+    assert status == "rejected" and "unreadable" in reason and str(storage.blobs.root) not in reason
+    assert all(statuses(storage)[i][:2] == ("merged", 2) for i in good)
 
 
 def test_a_forced_merge_stands_until_every_buffered_update_is_merged(storage, tiny_leg):
@@ -480,3 +507,16 @@ def test_publishing_writes_the_weights_before_taking_the_database_write_lock(tmp
         package = storage.load_package(version)  # the blob the row names, as its manifest describes it
     assert package.manifest.weights_sha256 == version.weights_sha256 and storage.blobs.exists(version.weights_sha256)
     storage.dispose()
+
+
+def test_uploads_arriving_during_a_forced_merge_do_not_keep_it_forced(storage, tiny_leg):
+    """Otherwise a steady stream of uploads would keep every merge forced, below K (and below what
+    the robust rules need)."""
+    for i in range(3):
+        buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=i)
+    late = buffer_update(storage, tiny_leg.state_dict, 1e-3, seed=7)
+    with storage.session.begin() as session:
+        session.get(UpdateRow, late).created_at += 3600.0  # arrives while the merge runs
+        session.get(MergeLease, "leg").force_requested = True
+    assert [o.version for o in run_once(storage, "w", lambda family, region: None)] == [2]
+    assert statuses(storage)[late][0] == "buffered" and families_with_work(storage) == []  # waits for K
