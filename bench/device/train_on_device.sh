@@ -37,7 +37,7 @@ timed() {  # NAME COMMAND...: run in the background, output and duration in $wor
     echo "exit status $status after $((SECONDS - start)) s" >> "$work/$name.log" ) &
 }
 timed thigh python3 -m dafne_logic.cli train --region thigh --label-maps "$data/thigh_label_maps" \
-    "$data/lowerbody_label_maps" "$data/visible_human_label_maps" --phantoms 4 --phantom-share 0.2 \
+    "$data/lowerbody_label_maps" "$data/visible_human_label_maps" --phantoms 16 --phantom-share 0.3 \
     --holdout-subjects THIGH_003 THIGH_026 THIGH_034 THIGH_114 HV003_3 --output "$work/thigh" --name thigh \
     --init Logic/bundled_models/thigh --lr 0.0015 "${schedule[@]}"
 timed leg python3 -m dafne_logic.cli train --region leg --label-maps "$data/calf_slices/t1_example_labels.nii.gz" \
