@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -146,8 +147,9 @@ class MergeWorkerSupervisor:
 
     def _stuck(self) -> float | None:
         at = time.time()
+        host = socket.gethostname()  # containers on several hosts sharing the data folder reuse pids
         for record in read_heartbeats(self.settings):
-            if self.process is not None and record.get("pid") == self.process.pid:
+            if self.process is not None and record.get("pid") == self.process.pid and record.get("host") == host:
                 return stuck_for(record, self.settings, at)
         return None
 

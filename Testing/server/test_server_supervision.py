@@ -178,3 +178,28 @@ def test_merge_worker_exits_mid_merge_when_its_parent_dies(tmp_path, tiny_leg):
             assert session.scalar(sa.select(UpdateRow.status)) == "buffered"
     finally:
         storage.dispose()
+
+
+def test_the_supervisor_reads_only_its_own_host_s_heartbeat_of_its_worker_s_pid(tmp_path):
+    """Hosts sharing one data folder (containers) give their workers the same pid: another host's
+    slow merge must not get this host's healthy worker killed."""
+    import socket
+    from types import SimpleNamespace
+
+    from dafne_server.runner import MergeWorkerSupervisor
+
+    settings = ServerSettings(data_dir=str(tmp_path), worker_stuck_after_s=100)
+    heartbeat_dir(settings).mkdir()
+    now = time.time()
+
+    def write(name: str, host: str, progress: float) -> None:
+        (heartbeat_dir(settings) / f"{name}.json").write_text(json.dumps(
+            {"pid": 7, "host": host, "beat": now, "progress": progress, "state": "merging leg"}))
+
+    supervisor = MergeWorkerSupervisor(settings)
+    supervisor.process = SimpleNamespace(pid=7)  # never started: only its reading of heartbeats is tested
+    write("other-host", "another-container", progress=now - 5000)  # stuck, but not ours
+    write("this-host", socket.gethostname(), progress=now - 1)
+    assert supervisor._stuck() is None
+    write("this-host", socket.gethostname(), progress=now - 500)
+    assert supervisor._stuck() == pytest.approx(500, abs=5)
