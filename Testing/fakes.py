@@ -121,6 +121,7 @@ class FakeModel:
 class FakeSegmentation:
     def __init__(self):
         self.calls, self.sides, self.block, self.fail = [], [], None, None
+        self.finds_nothing = False  # what a network says of a scan without legs: no muscle anywhere
         # What a network would say of the two soleus muscles automatic_labels() draws: sure of both.
         self.confidence = {LEG.value_of(1, "right"): 0.95, LEG.value_of(1, "left"): 0.93}
         self.slice_confidence = {k: 0.9 for k in range(SHAPE[0])}
@@ -146,8 +147,10 @@ class FakeSegmentation:
             while not cancel():
                 self.block.wait(0.01)
             raise Cancelled("segmentation cancelled; nothing was written")
-        labels = sitk.GetImageFromArray(automatic_labels())
+        labels = sitk.GetImageFromArray(automatic_labels() * (not self.finds_nothing))
         labels.CopyInformation(image)
+        if self.finds_nothing:
+            return labels, Confidence({}, {})
         return labels, Confidence(dict(self.confidence), dict(self.slice_confidence))
 
 

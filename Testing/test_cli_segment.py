@@ -40,6 +40,20 @@ def test_segment_writes_named_segmentation_stats_and_preview(calf_volume: Path, 
     assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     least = result.stdout.split("least sure on slices ")[1].splitlines()[0].split()  # 4 slices: 3 to start with
     assert len(least) == 3 and {int(k.rstrip(",")) for k in least} <= {0, 1, 2, 3}
+    assert "No muscle was found" not in result.stderr
+
+
+def test_a_scan_without_muscle_is_written_empty_and_said_so(tmp_path: Path):
+    """Noise (or another body part) gives an empty segmentation: written, but not in silence."""
+    noise = np.random.default_rng(0).normal(100.0, 20.0, (4, 256, 256)).astype(np.float32)
+    image = sitk.GetImageFromArray(noise)
+    image.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(image, str(tmp_path / "noise.nii.gz"))
+    out = tmp_path / "noise.seg.nrrd"
+    result = cli("segment", str(tmp_path / "noise.nii.gz"), "--model", "thigh", "--output", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "No muscle was found" in result.stderr and "thighs" in result.stderr
+    assert not sitk.GetArrayViewFromImage(sitk.ReadImage(str(out))).any()
 
 
 def test_several_inputs_go_to_a_folder(calf_volume: Path, tmp_path: Path):

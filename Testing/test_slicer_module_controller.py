@@ -69,6 +69,16 @@ def test_segment_runs_in_background_then_shows_a_named_segmentation(tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # the job's work folder (image and labels files) is gone
 
 
+def test_a_scan_without_muscle_says_so_instead_of_asking_for_corrections():
+    controller, parts = make_controller()
+    parts["segmentation"].finds_nothing = True
+    controller.segment(make_volume(), "leg", "cpu")
+    finish(controller)
+    status = parts["view"].statuses[-1]
+    assert "No muscle was found" in status and "calves" in status and "Improve" not in status
+    assert not parts["view"].errors and controller.case is not None  # the empty segmentation is there to draw in
+
+
 def test_segmenting_again_replaces_an_untouched_segmentation_but_never_corrections():
     controller, parts, volume = segmented()
     first = controller.case.segmentation_node

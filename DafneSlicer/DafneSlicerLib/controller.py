@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dafne_logic.core.errors import DafneError, InputError
-from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.labels import LabelTable, nothing_found_hint
 from dafne_logic.inference.confidence import Confidence, add_confidence_columns, unsure_muscles
 
 from . import worker
@@ -310,11 +310,16 @@ class DafneController:
             self.case = Case(volume_node, node, model_name, manifest.labels, image, ReviewTracker(automatic),
                              confidence=confidence)
             found = len(set(np.unique(automatic).tolist()) - {0})
-            self.view.set_status(f"Segmented '{volume_name}' with {model_name} {manifest.version}: {found} of "
-                                 f"{2 * manifest.labels.n_muscles} muscles found in {time.monotonic() - self._job_began:.0f} s. "
-                                 f"{unsure_muscles_sentence(confidence.per_label, manifest.labels)}"
-                                 f"{least_sure_slices_sentence(confidence)}"
-                                 "Correct it in the Segment Editor, then click Improve.")
+            if not found:
+                self.view.set_status(f"Segmented '{volume_name}' with {model_name} {manifest.version}. "
+                                     f"{nothing_found_hint(manifest.labels.region)}")
+            else:
+                self.view.set_status(f"Segmented '{volume_name}' with {model_name} {manifest.version}: {found} of "
+                                     f"{2 * manifest.labels.n_muscles} muscles found in "
+                                     f"{time.monotonic() - self._job_began:.0f} s. "
+                                     f"{unsure_muscles_sentence(confidence.per_label, manifest.labels)}"
+                                     f"{least_sure_slices_sentence(confidence)}"
+                                     "Correct it in the Segment Editor, then click Improve.")
             self.view.set_review_summary(self.case.tracker.summary(automatic))
 
         self._run("Segmenting", lambda work_dir: worker.segment_request(work_dir, image, model_name, device, leg_side),

@@ -109,9 +109,12 @@ def check_map_options(args: argparse.Namespace, n_inputs: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
     from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
     from dafne_logic.core.dicom_seg import write_dicom_seg
     from dafne_logic.core.io import choose_dicom_series, read_image, write_labels
+    from dafne_logic.core.labels import nothing_found_hint
     from dafne_logic.core.preprocessing import check_field_of_view
     from dafne_logic.core.preview import write_preview
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
@@ -169,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: failed: {reason}", file=sys.stderr)
             continue
         print(f"{path} -> {out}")
+        if not sitk.GetArrayViewFromImage(labels).any():
+            print(f"{path}: {nothing_found_hint(model.labels.region)}", file=sys.stderr)
         unsure = unsure_muscles(confidence.per_label, model.labels)
         if unsure:
             print(f"  the model was unsure of {', '.join(unsure)} (review = True in the statistics): check them first")

@@ -138,6 +138,13 @@ class LabelTable:
             return cls.from_json(json.load(f))
 
 
+def nothing_found_hint(region: str) -> str:
+    """The sentence for a segmentation without a single muscle voxel (a scan of another body part,
+    noise, the legs out of view): the empty result is written, but must not pass unnoticed."""
+    part = {"leg": "calves", "thigh": "thighs"}.get(region, f"{region} region")
+    return f"No muscle was found, so the segmentation is empty: is this an axial MR image of the {part}, with the muscles in view?"
+
+
 def normalise_name(name: str) -> str:
     """Canonical form for matching names: lower case, words separated by single spaces."""
     return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
