@@ -1,7 +1,8 @@
 """The merge worker: runs apart from the request handlers (its own process), one merge per family.
 
 Exclusion across any number of worker processes (and API hosts) is a lease row per family,
-claimed by one atomic conditional ``UPDATE … WHERE holder IS NULL OR expires_at < now``: on
+claimed by one atomic conditional ``UPDATE … WHERE holder IS NULL OR expires_at < now`` (``now``
+by the database's clock, not the host's): on
 SQLite the write lock serialises it, on PostgreSQL the row lock does, so exactly one claimer
 sees ``rowcount == 1``. Publication re-checks the lease inside its transaction (fencing), so a
 worker that lost its lease (paused, then expired) cannot publish.
@@ -84,10 +85,22 @@ def new_holder() -> str:
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def database_time(conn_or_session) -> float:  # noqa: ANN001
+    """Seconds since the epoch by the database server's clock. Leases are written and compared by it:
+    workers on several hosts share one database, not one clock (a host a minute ahead would take
+    over every live lease)."""
+    bind = conn_or_session if hasattr(conn_or_session, "dialect") else conn_or_session.get_bind()
+    if bind.dialect.name == "postgresql":
+        expression = func.extract("epoch", func.clock_timestamp())
+    else:  # SQLite: a file on this host, read by this host's clock anyway
+        expression = (func.julianday("now") - 2440587.5) * 86400.0
+    return float(conn_or_session.scalar(select(expression)))
+
+
 def claim_lease(storage: Storage, family: str, holder: str) -> bool:
     """Take the family's merge lease if free or expired (atomic; True when this caller got it)."""
-    t = now()
     with storage.engine.begin() as conn:
+        t = database_time(conn)
         result = conn.execute(update(MergeLease).where(
             MergeLease.family == family,
             or_(MergeLease.holder.is_(None), MergeLease.holder == holder, MergeLease.expires_at < t),
@@ -98,7 +111,7 @@ def claim_lease(storage: Storage, family: str, holder: str) -> bool:
 def renew_lease(conn_or_session, storage: Storage, family: str, holder: str) -> None:  # noqa: ANN001
     result = conn_or_session.execute(update(MergeLease).where(
         MergeLease.family == family, MergeLease.holder == holder,
-    ).values(expires_at=now() + storage.settings.lease_ttl_s))
+    ).values(expires_at=database_time(conn_or_session) + storage.settings.lease_ttl_s))
     if result.rowcount != 1:
         raise LeaseLost(f"the merge lease of {family} was taken over")
 

@@ -14,7 +14,7 @@ from alembic.migration import MigrationContext
 from dafne_server.auth import authenticate, create_user, issue_token, revoke_token
 from dafne_server.blobs import BlobStore
 from dafne_server.config import ServerSettings
-from dafne_server.db import AuditEntry, Base, Family, User, Version
+from dafne_server.db import AuditEntry, Base, Family, MergeLease, User, Version
 from dafne_server.runner import prepare
 from dafne_server.worker import LeaseLost, claim_lease, release_lease, renew_lease
 
@@ -250,3 +250,17 @@ def test_gc_survives_another_process_taking_the_blob_it_set_aside(tmp_path, monk
     monkeypatch.setattr(blobs_module.os, "replace", another_sweep_right_after)
     assert store.remove_unreferenced(set(), older_than_s=3600) == 0
     assert not store.exists(digest) and not list(store.path(digest).parent.iterdir())
+
+
+def test_a_worker_whose_clock_runs_ahead_does_not_take_a_live_lease(storage, monkeypatch):
+    """Workers on several hosts share the database, not a clock: leases are written and compared by the
+    database's time, so a host ten minutes ahead cannot take over a lease its holder keeps renewing."""
+    import dafne_server.worker as worker
+
+    assert claim_lease(storage, "leg", "worker-a")
+    monkeypatch.setattr(worker, "now", lambda: time.time() + 600.0)  # the other host's clock
+    assert not claim_lease(storage, "leg", "worker-b")
+    with storage.engine.begin() as conn:
+        renew_lease(conn, storage, "leg", "worker-a")
+        expires = conn.scalar(sa.select(MergeLease.expires_at).where(MergeLease.family == "leg"))
+    assert abs(expires - (time.time() + storage.settings.lease_ttl_s)) < 5.0  # by the database's clock
