@@ -33,9 +33,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.numbers import nanmean, strict_json
@@ -90,6 +90,7 @@ def database_time(conn_or_session) -> float:  # noqa: ANN001
     workers on several hosts share one database, not one clock (a host a minute ahead would take
     over every live lease)."""
     bind = conn_or_session if hasattr(conn_or_session, "dialect") else conn_or_session.get_bind()
+    expression: ColumnElement[Any]
     if bind.dialect.name == "postgresql":
         expression = func.extract("epoch", func.clock_timestamp())
     else:  # SQLite: a file on this host, read by this host's clock anyway
