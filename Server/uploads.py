@@ -112,30 +112,33 @@ def record_refusal(storage: Storage, who: Principal, family: str, status: int, r
     per user are audited, the rest only logged.
     """
     if throttled:
-        with storage.read() as session:
-            if crud.refusals_since(session, who.name, 60.0, crud.THROTTLED) >= THROTTLED_AUDITS_PER_MINUTE:
-                log.info("upload by %s throttled (%s); not audited: %d this minute already", who.name, status,
-                         THROTTLED_AUDITS_PER_MINUTE)
-                return
-    with storage.session.begin() as session:
-        audit(session, who.name, crud.THROTTLED if throttled else crud.REFUSED, family, status=status,
-              reason=reason[:300])
+        _audit_capped(storage, who, family, crud.THROTTLED, status, reason)
+    else:
+        with storage.session.begin() as session:
+            audit(session, who.name, crud.REFUSED, family, status=status, reason=reason[:300])
 
 
 def record_failure(storage: Storage, who: Principal, family: str, status: int, exc: BaseException) -> None:
     """Audit an upload the server failed on. Apart from refusals: a full disk or a locked database
-    must not use up an honest client's refused-upload budget (it retries 5xx). Never raises: the
-    original error is what the caller reports."""
+    must not use up an honest client's refused-upload budget (it retries 5xx); capped like throttled
+    refusals, as such a client retries into a failing server. Never raises: the original error is
+    what the caller reports."""
     try:
-        with storage.read() as session:  # a client retrying into a failing server: capped as throttled ones
-            if crud.refusals_since(session, who.name, 60.0, crud.FAILED) >= THROTTLED_AUDITS_PER_MINUTE:
-                log.info("upload by %s failed (%s); not audited: %d this minute already", who.name, status,
-                         THROTTLED_AUDITS_PER_MINUTE)
-                return
-        with storage.session.begin() as session:
-            audit(session, who.name, crud.FAILED, family, status=status, reason=f"unexpected {type(exc).__name__}")
+        _audit_capped(storage, who, family, crud.FAILED, status, f"unexpected {type(exc).__name__}")
     except Exception:  # the database may be what failed
         log.exception("could not audit the failed upload by %s to %s", who.name, family)
+
+
+def _audit_capped(storage: Storage, who: Principal, family: str, action: str, status: int, reason: str) -> None:
+    """Audit ``action`` unless :data:`THROTTLED_AUDITS_PER_MINUTE` of it were audited for this user in
+    the last minute (then only logged)."""
+    with storage.read() as session:
+        if crud.refusals_since(session, who.name, 60.0, action) >= THROTTLED_AUDITS_PER_MINUTE:
+            log.info("upload by %s: %s (%s) not audited: %d this minute already", who.name, action, status,
+                     THROTTLED_AUDITS_PER_MINUTE)
+            return
+    with storage.session.begin() as session:
+        audit(session, who.name, action, family, status=status, reason=reason[:300])
 
 
 def _same_upload(row: UpdateRow, family: str, meta: DeltaMetadata, blob_sha256: str) -> bool:
