@@ -70,6 +70,11 @@ def test_dashboard_needs_a_login_that_ends_with_its_token(sqlite_server):
     login = browser.post(f"{url}/login", data={"token": token}, timeout=30, allow_redirects=False)
     cookie = login.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and token.lower() not in cookie
+    assert "secure" not in cookie  # plain http on loopback: a Secure cookie would never come back
+    # A TLS reverse proxy on this host says https in X-Forwarded-Proto; uvicorn trusts loopback's.
+    proxied = requests.post(f"{url}/login", data={"token": token}, headers={"X-Forwarded-Proto": "https"},
+                            timeout=30, allow_redirects=False)
+    assert "secure" in proxied.headers["set-cookie"].lower()
     assert "Versions" in browser.get(f"{url}/", timeout=30).text
     assert browser.get(f"{url}/plots/leg/versions.png", timeout=60).content.startswith(b"\x89PNG")
     bearer = requests.get(f"{url}/plots/leg/versions.png", headers={"Authorization": f"Bearer {token}"}, timeout=60)
