@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dafne_logic.core import atomic
 from dafne_logic.core.errors import InputError
+from dafne_logic.core.paths import same_location
 
 PathLike = str | os.PathLike[str]
 
@@ -25,9 +26,7 @@ def _key(path: PathLike) -> str:
 def _same_existing_file(path: Path, others: list[Path]) -> bool:
     """Whether ``path`` exists and is one of ``others`` under another spelling (hard link; a
     case-insensitive disk, as macOS's usually are, where ``normcase`` folds nothing)."""
-    if not path.is_file():
-        return False
-    return any(other.exists() and os.path.samefile(path, other) for other in others)
+    return path.is_file() and any(same_location(path, other) for other in others)
 
 
 def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterable[PathLike | None]) -> None:
