@@ -142,7 +142,7 @@ def test_without_highdicom_a_dicom_seg_is_one_sentence_and_nothing_is_written(di
     out = tmp_path / "result.dcm"
     assert main(["segment", folder, "--model", "leg", "--output", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "DICOM SEG output needs the highdicom package" in err and len(err.strip().splitlines()) == 1
+    assert "DICOM SEG needs the highdicom package" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
 
 
@@ -168,3 +168,57 @@ def test_dicom_seg_outputs_are_planned_only_for_dicom_folders(tmp_path):
     scan.write_bytes(b"")
     with pytest.raises(InputError, match="not a DICOM series folder"):
         plan_outputs([folders[0], scan], tmp_path / "out", ".dcm")
+
+
+def _stats_rows(args: list[str], out: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    assert main(["stats", *args, "--region", "leg", "--csv", str(out)]) == 0
+    with open(out, newline="") as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+def test_stats_measures_a_dicom_seg_like_the_label_map_it_was_written_from(dicom_case, tmp_path):
+    series, labels = dicom_case
+    folder = Path(series.files[0]).parent
+    seg_path, map_path = tmp_path / "result.dcm", tmp_path / "labels.nrrd"  # NIfTI would round the spacing
+    write_dicom_seg(labels, series.files, LEG, seg_path)
+    sitk.WriteImage(labels, str(map_path))
+    from_seg = _stats_rows([str(folder), str(seg_path)], tmp_path / "seg.csv")
+    from_map = _stats_rows([str(folder), str(map_path)], tmp_path / "map.csv")
+    assert from_seg == from_map
+    assert int(from_seg["right soleus"]["voxel_count"]) == int((sitk.GetArrayViewFromImage(labels) == 1).sum()) > 0
+
+
+def test_a_dicom_seg_whose_segments_have_other_names_is_matched_by_its_codes(dicom_case, tmp_path):
+    """Slicer or another tool may name segments "Segment_1": the SNOMED CT type and laterality still say."""
+    series, labels = dicom_case
+    folder = Path(series.files[0]).parent
+    seg_path = tmp_path / "result.dcm"
+    write_dicom_seg(labels, series.files, LEG, seg_path)
+    seg = pydicom.dcmread(seg_path)
+    for number, item in enumerate(seg.SegmentSequence, start=1):
+        item.SegmentLabel = f"Segment_{number}"
+    seg.save_as(seg_path)
+    rows = _stats_rows([str(folder), str(seg_path)], tmp_path / "seg.csv")
+    arrays = sitk.GetArrayViewFromImage(labels)
+    assert int(rows["left soleus"]["voxel_count"]) == int((arrays == 7).sum()) > 0
+    assert int(rows["right soleus"]["voxel_count"]) == int((arrays == 1).sum()) > 0
+
+
+def test_a_dicom_seg_needs_the_series_it_segments(dicom_case, tmp_path, capsys):
+    series, labels = dicom_case
+    seg_path = tmp_path / "result.dcm"
+    write_dicom_seg(labels, series.files, LEG, seg_path)
+    image_file = tmp_path / "image.nii.gz"
+    sitk.WriteImage(read_image(Path(series.files[0]).parent), str(image_file))
+    other = tmp_path / "other"
+    image, _ = make_phantom("leg", (4, 96, 128), contrast="t1", seed=2)
+    write_dicom_series(image, other, series_number=8)  # same grid, other instances
+    for case in (image_file, other):
+        out = tmp_path / "out" / "stats.csv"
+        rc = main(["stats", str(case), str(seg_path), "--region", "leg", "--csv", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert ("DICOM series folder it segments" if case == image_file else "does not segment this DICOM series") in err
+        assert not (tmp_path / "out").exists()

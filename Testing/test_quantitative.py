@@ -14,6 +14,7 @@ from dafne_logic.core.quantitative import (
     QuantitativeMap,
     check_map_name,
     dixon_fat_fraction,
+    erode_labels_axially,
     erode_labels_in_plane,
     fat_fraction_from_dixon,
     fat_fraction_from_map,
@@ -131,6 +132,33 @@ def test_in_plane_erosion_removes_the_edge_ring_per_slice_never_along_z():
     assert (erode_labels_in_plane(edge, spacing, 1.0) == 2).sum() == 1
 
 
+def _tilted(degrees: float) -> tuple[float, ...]:
+    """An LPS direction matrix turned ``degrees`` about the L axis (an oblique axial acquisition)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return (1.0, 0.0, 0.0, 0.0, c, -s, 0.0, s, c)
+
+
+@pytest.mark.parametrize("stored_as", ["LPS", "LSP", "ASL", "RAI", "PIL"])
+@pytest.mark.parametrize("tilt", [0.0, 12.0])
+def test_erosion_cuts_the_axial_cross_section_however_the_volume_is_stored(stored_as, tilt):
+    # A 9 × 7 mm (L × P) muscle running 6 slices along S, at 1 × 1 × 3 mm.
+    voxels = np.zeros((8, 11, 13), np.uint8)
+    voxels[1:7, 2:9, 2:11] = 5
+    axial = sitk.GetImageFromArray(voxels)
+    axial.SetSpacing((1.0, 1.0, 3.0))
+    axial.SetDirection(_tilted(tilt))
+    stored = sitk.DICOMOrient(axial, stored_as)  # the same voxels, another axis order and sign
+    eroded = sitk.GetImageFromArray(erode_labels_axially(stored, 1.0))
+    eroded.CopyInformation(stored)
+    back = sitk.GetArrayFromImage(sitk.DICOMOrient(eroded, "LPS"))
+    # One ring off every axial slice (7 × 5 left on all 6 of them), never a slice at the muscle's ends.
+    assert (back == 5).sum(axis=(1, 2)).tolist() == [0, 35, 35, 35, 35, 35, 35, 0]
+    assert np.array_equal(back, erode_labels_in_plane(voxels, (1.0, 1.0), 1.0))
+    # And so in the statistics: the same voxels measured, whatever the storage.
+    ones = QuantitativeMap("fat_fraction", np.ones(sitk.GetArrayViewFromImage(stored).shape), "test")
+    assert quantitative_columns(stored, [ones], LEG, erode_mm=1.0)[5]["fat_fraction_voxels"] == 6 * 35
+
+
 def test_summaries_skip_nan_and_count_voxels():
     values = np.array([1.0, 2.0, 3.0, np.nan, 10.0])
     labels = np.array([1, 1, 1, 1, 2])
@@ -217,3 +245,20 @@ def test_dixon_phantom_is_the_two_contrasts_and_the_truth_of_one_seed():
         assert np.array_equal(sitk.GetArrayViewFromImage(made), sitk.GetArrayViewFromImage(expected))
         assert made.GetOrigin() == expected.GetOrigin() and made.GetSpacing() == expected.GetSpacing()
     assert pair.true_fat_fraction == true_fat_fraction("thigh", **geometry)[1]
+
+
+def test_errors_name_the_right_image_and_the_right_reason():
+    reference = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0))
+    labels = _block_labels(reference)
+    water = _like(np.full((2, 16, 16), 80.0), reference)
+    far_fat = _like(np.full((2, 16, 16), 20.0), reference)
+    far_fat.SetOrigin((900.0, 900.0, 900.0))
+    with pytest.raises(InputError, match="fat map does not overlap the water image"):
+        fat_fraction_from_dixon(water, far_fat, reference)
+    # A parametric map has no noise floor: its values on the muscles are missing (failed fits).
+    missing = QuantitativeMap("T2", np.full((2, 16, 16), np.nan), "T2 map")
+    with pytest.raises(InputError, match=r"its values there are all missing\)") as error:
+        quantitative_columns(labels, [missing], LEG)
+    assert "noise floor" not in str(error.value)
+    with pytest.raises(InputError, match="under its noise floor"):
+        quantitative_columns(labels, [QuantitativeMap("fat_fraction", np.full((2, 16, 16), np.nan), "ff")], LEG)

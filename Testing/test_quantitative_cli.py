@@ -82,11 +82,13 @@ def _bad_maps(dixon, tmp_path):
         "not a fat fraction": ["--fat-fraction", str(_write_like(water * 5000, dixon["water"], tmp_path / "big.nii.gz"))],
         "missing": ["--map", f"T2={tmp_path / 'absent.nii.gz'}"],
         "erosion nan": ["--erode-mm", "nan", "--water", str(dixon["water"]), "--fat", str(dixon["fat"])],
+        # SimpleITK counts a complex voxel as one component; its real part alone would be measured.
+        "complex": ["--map", f"T2={_write_like((water * (1 + 1j)).astype(np.complex64), dixon['water'], tmp_path / 'c.nii.gz')}"],
     }
 
 
 @pytest.mark.parametrize("kind", ["elsewhere", "negative", "nan", "nan nifti", "4d", "water alone", "bad map option", "bad map name",
-                                  "not a fat fraction", "missing", "erosion nan"])
+                                  "not a fat fraction", "missing", "erosion nan", "complex"])
 def test_bad_maps_are_one_sentence_exit_2_nothing_written(dixon, tmp_path, capsys, kind):
     flags = _bad_maps(dixon, tmp_path)[kind]
     out, csa = tmp_path / "out" / "stats.csv", tmp_path / "out" / "csa.csv"
@@ -152,14 +154,15 @@ def test_segment_with_a_map_that_misses_the_muscles_writes_no_segmentation(dixon
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("clash", ["csv is csa", "csv is the image", "csv is a map", "csa is a folder"])
+@pytest.mark.parametrize("clash", ["csv is csa", "csv is the image", "csv is a map", "csa is a folder", "csa under a file"])
 def test_stats_outputs_that_clash_are_one_sentence_and_nothing_is_written(dixon, tmp_path, capsys, clash):
     image = tmp_path / "water.nii.gz"
     image.write_bytes(dixon["water"].read_bytes())
     out, csa = {"csv is csa": (tmp_path / "s.csv", tmp_path / "s.csv"),
                 "csv is the image": (image, tmp_path / "csa.csv"),
                 "csv is a map": (dixon["fat"], tmp_path / "csa.csv"),
-                "csa is a folder": (tmp_path / "s.csv", dixon["root"])}[clash]
+                "csa is a folder": (tmp_path / "s.csv", dixon["root"]),
+                "csa under a file": (tmp_path / "s.csv", image / "areas.csv")}[clash]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     fat_before = dixon["fat"].read_bytes()
     rc = main(["stats", str(image), str(dixon["labels"]), "--region", "leg", "--csv", str(out), "--csa", str(csa),
@@ -167,7 +170,7 @@ def test_stats_outputs_that_clash_are_one_sentence_and_nothing_is_written(dixon,
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert {"csv is csa": "both name", "csv is the image": "inputs", "csv is a map": "inputs",
-            "csa is a folder": "is a folder"}[clash] in err
+            "csa is a folder": "is a folder", "csa under a file": "is a file, not a folder"}[clash] in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and dixon["fat"].read_bytes() == fat_before
 
 
@@ -203,3 +206,23 @@ def test_a_t2_map_with_nan_background_is_refused_unless_nan_means_missing(dixon,
     assert measured and len(measured) < len(rows)  # muscles in the NaN half have no value, the others do
     assert all(float(row["T2_mean"]) == pytest.approx(40.0) and float(row["T2_sd"]) == pytest.approx(0.0, abs=1e-9)
                for row in measured)  # a NaN read as 0 would pull these below 40
+
+
+def test_a_dixon_folder_of_several_series_asks_for_the_map_alone_not_for_series(dixon, tmp_path, capsys):
+    """Dixon water and fat often come as two series of one folder; --series chooses only the image's."""
+    from dafne_logic.phantoms.dicom import write_dicom_series
+
+    study = tmp_path / "study"
+    study.mkdir()
+    for number, contrast in enumerate(("water", "fat"), start=1):
+        for path in write_dicom_series(sitk.ReadImage(str(dixon[contrast])), tmp_path / contrast, series_number=number,
+                                       series_description=contrast):
+            path.rename(study / f"{contrast}_{path.name}")
+    out = tmp_path / "out" / "stats.csv"
+    rc = main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(out),
+               "--water", str(study), "--fat", str(dixon["fat"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "water map" in err and "holds 2 DICOM series" in err and "its series alone" in err
+    assert "--series" not in err  # the advice a map cannot follow
+    assert not (tmp_path / "out").exists()

@@ -78,6 +78,18 @@ def test_statistics_with_dixon_volumes_add_fat_fraction_and_the_chart():
     assert soleus["fat_fraction_voxels"] == 5 * 2 * 2
 
 
+@pytest.mark.parametrize("stored, detected", [(0.3, "fractions 0–1"), (30.0, "percent 0–100")])
+def test_a_scanner_fat_fraction_map_is_read_on_its_detected_scale_and_the_status_says_which(stored, detected):
+    controller, parts, volume = _segmented()
+    image = sitk.Image(volume.image.GetSize(), sitk.sitkFloat32) + stored
+    image.CopyInformation(volume.image)
+    image[0, 0, 0] = stored / 3
+    controller.statistics(MapSelection(fat_fraction=Node("ff", image=image), erode_mm=0.0))
+    soleus = next(r for r in parts["scene"].tables[-1][1] if r["name"] == "right soleus")
+    assert soleus["fat_fraction_mean"] == pytest.approx(30.0)
+    assert f"read as {detected}" in parts["view"].statuses[-1]
+
+
 def test_statistics_without_maps_draw_no_chart_and_a_lone_water_volume_is_one_sentence():
     controller, parts, volume = _segmented()
     controller.statistics()

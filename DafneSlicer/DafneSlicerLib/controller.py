@@ -488,7 +488,9 @@ class DafneController:
             present = sum(1 for row in case.statistics if row["voxel_count"])
             if any(row.get("fat_fraction_mean") is not None for row in case.statistics):
                 self.scene.show_fat_fraction_chart(case.statistics, case.table, f"{name} fat fraction")
-                self.view.set_status(f"Statistics and fat fraction of {present} muscles shown in the table and chart.")
+                # A scanner map's scale (0-1 or 0-100) is detected: say which, as the command line logs it.
+                scale = f" The {quantities[0].note}." if selection.fat_fraction is not None else ""
+                self.view.set_status(f"Statistics and fat fraction of {present} muscles shown in the table and chart.{scale}")
             else:
                 self.view.set_status(f"Statistics of {present} muscles shown in the table.")
         self.guarded(action)

@@ -48,6 +48,7 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
             continue
         if Path(path).is_dir():
             raise InputError(f"{option} {path} is a folder; give a file name.")
+        _check_folder_can_exist(option, Path(path))
         key = _key(path)
         if key in read_keys or _same_existing_file(Path(path), read):
             raise InputError(f"{option} {path} would overwrite one of this command's inputs; choose another file.")
@@ -62,6 +63,16 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
         seen[key] = option
         by_folded[key.casefold()] = (option, path)
         _check_not_held_open(option, Path(path))
+
+
+def _check_folder_can_exist(option: str, path: Path) -> None:
+    """Refuse an output whose folder cannot be made because a file stands where a folder would be
+    (``--csa notes.txt/areas.csv``): found after the first outputs were written, it would leave them."""
+    for folder in path.absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{option} {path} cannot be written: {folder} is a file, not a folder.")
+            return
 
 
 def _check_not_held_open(option: str, path: Path) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+import SimpleITK as sitk
 
 from dafne_logic.commands import quantitative_options
 from dafne_logic.commands.output_paths import check_outputs
 from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
-from dafne_logic.core.errors import DafneError
+from dafne_logic.core.dicom_seg import is_dicom_seg_file, read_dicom_seg
+from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.grids import resample_labels
-from dafne_logic.core.io import label_table_path, read_image, read_segmentation
+from dafne_logic.core.io import choose_dicom_series, label_table_path, read_image, read_segmentation
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
 
@@ -20,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="MR volume (NIfTI, NRRD, MHA or a DICOM series folder)")
-    parser.add_argument("segmentation", help=".seg.nrrd, or a label map (with its JSON label table if any)")
+    parser.add_argument("segmentation", help=".seg.nrrd, a label map (with its JSON label table if any), or a "
+                        "DICOM SEG (.dcm) of the DICOM series given as IMAGE")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="take the label table of this model (thigh, leg, a user model or a folder)")
     which.add_argument("--region", choices=sorted(BUILTIN_TABLES), help="take a built-in label table")
@@ -39,13 +44,25 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
     return read_manifest(resolve_model_path(model)).labels
 
 
+def _read_labels(args: argparse.Namespace, image: sitk.Image, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+    """The segmentation as volume labels, and the names matching none: a file, or a DICOM SEG of the
+    DICOM series given as the image (what ``segment --output x.dcm`` or a PACS sends back)."""
+    if not is_dicom_seg_file(args.segmentation):
+        return read_segmentation(args.segmentation, table)
+    if not Path(args.image).is_dir():
+        raise InputError(f"{args.segmentation} is a DICOM SEG: give the DICOM series folder it segments as the "
+                         "image, not a file.")
+    files = choose_dicom_series(args.image, args.series).files
+    return read_dicom_seg(args.segmentation, image, files, table)
+
+
 def run(args: argparse.Namespace) -> int:
     quantitative_options.check(args)
     check_outputs([("--csv", args.csv), ("--csa", args.csa)],
                   [args.image, args.segmentation, label_table_path(args.segmentation), *quantitative_options.map_files(args)])
     table = label_table(args.model, args.region)
     image = read_image(args.image, series_uid=args.series)
-    labels, unknown = read_segmentation(args.segmentation, table)
+    labels, unknown = _read_labels(args, image, table)
     if unknown:
         log.warning("not in the %s label table, left out: %s", table.region, ", ".join(unknown))
     labels = resample_labels(labels, image)

@@ -29,15 +29,17 @@ class DicomSegUnavailable(DafneError):
     """highdicom cannot be imported here (e.g. Slicer 5.10: pydicom 2 and numpy 2, which no highdicom runs on)."""
 
 
-def _highdicom():  # -> the highdicom module
-    """highdicom, or a sentence saying why DICOM SEG output is not available in this Python."""
+_SAVE_INSTEAD = "Save the segmentation as .seg.nrrd instead."
+
+
+def _highdicom(advice: str = _SAVE_INSTEAD):  # -> the highdicom module
+    """highdicom, or a sentence saying why DICOM SEG is not available in this Python, ending with ``advice``."""
     try:
         import highdicom
     except ImportError as exc:
         raise DicomSegUnavailable(
-            "DICOM SEG output needs the highdicom package, which needs pydicom 3 (Slicer 5.11 or later; "
-            f"outside Slicer: pip install highdicom). It could not be loaded here ({exc}). "
-            "Save the segmentation as .seg.nrrd instead.") from exc
+            "DICOM SEG needs the highdicom package, which needs pydicom 3 (Slicer 5.11 or later; "
+            f"outside Slicer: pip install highdicom). It could not be loaded here ({exc}). {advice}") from exc
     return highdicom
 
 
@@ -151,6 +153,54 @@ def _series_number(sources: Sequence) -> int:
     """One above the source series' number, so viewers list the SEG beside it."""
     number = getattr(sources[0], "SeriesNumber", None)
     return int(number) + 1000 if number not in (None, "") else 1000
+
+
+def is_dicom_seg_file(path: PathLike) -> bool:
+    """Whether ``path`` is a file named like a DICOM SEG output (``.dcm``)."""
+    return Path(path).suffix.lower() == DICOM_SEG_SUFFIX and Path(path).is_file()
+
+
+def read_dicom_seg(path: PathLike, image: sitk.Image, source_files: Sequence[str],
+                   table: LabelTable) -> tuple[sitk.Image, list[str]]:
+    """A DICOM SEG of the series ``image`` was read from, as volume labels of ``table`` on ``image``'s grid.
+
+    Segments are matched to labels by their label ("right soleus", "Soleus_R": as
+    :func:`dafne_logic.core.io.match_label_name`), else by their SNOMED CT type and laterality
+    modifier, so a SEG written by Slicer or another tool with its own segment names is read too.
+    Returns the labels and the segments matching no label (their voxels become background).
+    Raises InputError for a file that is no DICOM SEG or does not segment this series.
+    """
+    hd = _highdicom("Read the DICOM SEG where highdicom runs, or measure a .seg.nrrd of the segmentation.")
+    from dafne_logic.core.io import match_label_name
+
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # pydicom and highdicom raise many kinds for a file that is no SEG
+        raise InputError(f"{path} could not be read as a DICOM SEG: {exc}") from exc
+    by_code = {(label.muscle.code.value, label.laterality.value): label.value for label in table.volume_labels()}
+    values, unknown = [], []
+    for segment in seg.SegmentSequence:
+        value = match_label_name(str(segment.SegmentLabel), table)
+        if value is None:
+            value = by_code.get(_type_and_laterality(segment))
+        if value is None:
+            unknown.append(str(segment.SegmentLabel))
+        values.append(value or 0)
+    sources = _read_sources(source_files, image)  # k order of the image; refuses another grid
+    try:
+        voxels = read_dicom_seg_labels(path, [str(ds.SOPInstanceUID) for ds in sources], values)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise InputError(f"{path} does not segment this DICOM series ({exc}); give the series it was made on.") from exc
+    labels = sitk.GetImageFromArray(voxels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8))
+    labels.CopyInformation(image)
+    return labels, unknown
+
+
+def _type_and_laterality(segment) -> tuple[str, str | None]:  # segment: a pydicom SegmentSequence item
+    """(SNOMED CT type code, laterality modifier code or None) of a segment description."""
+    kind = segment.SegmentedPropertyTypeCodeSequence[0]
+    modifiers = getattr(kind, "SegmentedPropertyTypeModifierCodeSequence", None) or []
+    return str(kind.CodeValue), (str(modifiers[0].CodeValue) if modifiers else None)
 
 
 def read_dicom_seg_labels(path: PathLike, source_sop_instance_uids: Sequence[str],

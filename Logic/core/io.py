@@ -81,6 +81,14 @@ def _series_description(first_file: str) -> str:
     return reader.GetMetaData(_DICOM_DESCRIPTION_TAG).strip() if reader.HasMetaDataKey(_DICOM_DESCRIPTION_TAG) else ""
 
 
+class SeveralSeriesError(InputError):
+    """A DICOM folder holds several series and none was chosen; ``listing`` names them."""
+
+    def __init__(self, folder: Path, count: int, listing: str) -> None:
+        super().__init__(f"{folder} holds {count} DICOM series: {listing}; choose one with --series UID.")
+        self.folder, self.count, self.listing = folder, count, listing
+
+
 def choose_dicom_series(folder: PathLike, series_uid: str | None = None) -> DicomSeries:
     """The series of a DICOM folder that :func:`read_image` reads: the only one, or ``series_uid``.
 
@@ -94,8 +102,7 @@ def choose_dicom_series(folder: PathLike, series_uid: str | None = None) -> Dico
     listing = "; ".join(f"{s.uid} ({s.description or 'no description'}, {len(s.files)} files)" for s in found)
     if series_uid is None:
         if len(found) > 1:
-            raise InputError(
-                f"{folder} holds {len(found)} DICOM series: {listing}; choose one with --series UID.")
+            raise SeveralSeriesError(folder, len(found), listing)
         chosen = found[0]
     else:
         matches = [s for s in found if s.uid == series_uid]
@@ -229,6 +236,9 @@ def validate_image(image: sitk.Image, name: str, missing_as_nan: bool = False) -
         raise InputError(f"{name} is a 2D image without a slice axis; save it as a 3D volume (one slice is fine).")
     if dimension != 3:
         raise InputError(f"{name} has {dimension} dimensions; give a single 3D volume (one time point or echo).")
+    # SimpleITK counts a complex voxel as one component; numpy would keep only its real part.
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{name} holds complex voxel values; give a magnitude (or real-valued) volume.")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          f"(colour, vector or complex data); give a scalar MR volume.")

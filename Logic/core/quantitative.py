@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.grids import same_grid
-from dafne_logic.core.io import PathLike, read_image, validate_image
+from dafne_logic.core.io import PathLike, SeveralSeriesError, read_image, validate_image
 from dafne_logic.core.labels import LabelTable
 
 NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sits far below, muscle far above
@@ -59,6 +59,9 @@ def read_map(path: PathLike, what: str, missing_as_nan: bool = False) -> sitk.Im
     ``missing_as_nan``: NaN and infinite voxels mean "no value here" (left out of every summary)."""
     try:
         return read_image(path, missing_as_nan=missing_as_nan)
+    except SeveralSeriesError as exc:  # --series picks the image's series, not a map's
+        raise InputError(f"{what} map: {exc.folder} holds {exc.count} DICOM series: {exc.listing}; give the map as "
+                         "a folder holding its series alone (or as a NIfTI or NRRD file).") from exc
     except InputError as exc:
         raise InputError(f"{what} map: {exc}") from exc
 
@@ -73,7 +76,7 @@ def check_map_name(name: str, taken: set[str]) -> str:
     return name
 
 
-def map_on_grid(image: sitk.Image, reference: sitk.Image, what: str) -> np.ndarray:
+def map_on_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_name: str = "image") -> np.ndarray:
     """``image``'s voxels on ``reference``'s grid, (z, y, x) float64; NaN where ``image`` has no data.
 
     Same grid: the voxels as they are. Otherwise resampled by physical position (linear); a map whose
@@ -82,7 +85,7 @@ def map_on_grid(image: sitk.Image, reference: sitk.Image, what: str) -> np.ndarr
     if same_grid(image, reference):
         values = sitk.GetArrayFromImage(image).astype(np.float64)
     elif not _boxes_overlap(image, reference):
-        raise InputError(f"the {what} map does not overlap the image (its physical extent lies elsewhere); "
+        raise InputError(f"the {what} map does not overlap the {reference_name} (its physical extent lies elsewhere); "
                          "give a map registered to this scan.")
     else:
         moved = sitk.Resample(sitk.Cast(image, sitk.sitkFloat64), reference, sitk.Transform(), sitk.sitkLinear,
@@ -134,7 +137,7 @@ def fat_fraction_from_dixon(water: sitk.Image, fat: sitk.Image, reference: sitk.
     """
     _check_non_negative(water, "water")
     _check_non_negative(fat, "fat")
-    fat_on_water = map_on_grid(fat, water, "fat")
+    fat_on_water = map_on_grid(fat, water, "fat", "water image")
     percent = dixon_fat_fraction(sitk.GetArrayFromImage(water), np.nan_to_num(fat_on_water, nan=0.0))
     percent[np.isnan(fat_on_water)] = np.nan
     ff_image = sitk.GetImageFromArray(percent)
@@ -203,13 +206,30 @@ def build_maps(reference: sitk.Image, *, water: sitk.Image | None = None, fat: s
 # --- erosion and per-muscle summaries -------------------------------------------------------------
 
 
+def erode_labels_axially(labels: sitk.Image, erode_mm: float) -> np.ndarray:
+    """:func:`erode_labels_in_plane` on the labels' axial slices, returned as (z, y, x) on their own grid.
+
+    The axial plane holds a muscle's cross-section, whatever plane the scan was acquired in: a coronal
+    or sagittal volume stores the muscle's long axis in its slices, and eroding there would cut its
+    ends and spare its anterior or posterior outline. The axes are put axial (LPS) exactly, by
+    permutation and flips, as segmentation and the cross-sectional areas do, and put back after.
+    """
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(labels.GetDirection())
+    axial = sitk.DICOMOrient(labels, "LPS")
+    spacing = axial.GetSpacing()
+    eroded = sitk.GetImageFromArray(erode_labels_in_plane(sitk.GetArrayFromImage(axial), (spacing[0], spacing[1]), erode_mm))
+    eroded.CopyInformation(axial)
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(eroded, orientation))
+
+
 def erode_labels_in_plane(labels: np.ndarray, spacing_xy: tuple[float, float], erode_mm: float) -> np.ndarray:
     """Labels (z, y, x) with each label's voxels within ``erode_mm`` of its in-plane outline set to 0.
 
     Per label and per slice, a voxel is kept when the Euclidean distance (mm, pixel centres,
     ``spacing_xy`` = (x, y) mm) from it to the nearest voxel of another value exceeds ``erode_mm``;
     a boundary voxel is one pixel from the outside, so ``erode_mm`` under one pixel keeps everything.
-    The slice axis is never eroded: slices are often thick and muscles run along it.
+    The slice axis is never eroded: on axial slices (:func:`erode_labels_axially`) muscles run along it,
+    and slices are often thick.
     """
     if not (math.isfinite(erode_mm) and erode_mm >= 0):
         raise InputError(f"--erode-mm must be a non-negative number of mm, not {erode_mm:g}.")
@@ -271,16 +291,17 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
         return columns
     label_voxels = sitk.GetArrayViewFromImage(labels)
     n_labels = 2 * table.n_muscles
-    spacing = labels.GetSpacing()
-    eroded = erode_labels_in_plane(np.asarray(label_voxels), (spacing[0], spacing[1]), erode_mm)
+    eroded = erode_labels_axially(labels, erode_mm)
     for quantity in maps:
         if quantity.values.shape != label_voxels.shape:
             raise ValueError(f"{quantity.name} is {quantity.values.shape}, the labels {label_voxels.shape}")
         segmented = (label_voxels > 0) & (label_voxels <= n_labels)
         # No muscle at all is the caller's to say (wrong region, empty result), not the map's fault.
         if segmented.any() and not np.isfinite(quantity.values[segmented]).any():
+            why = ("all of them lie under its noise floor" if quantity.name == FAT_FRACTION
+                   else "its values there are all missing")
             raise InputError(f"the {quantity.name} map has no value on any segmented muscle voxel "
-                             "(it does not overlap the muscles, or all of them lie under its noise floor).")
+                             f"(it does not overlap the muscles, or {why}).")
         for value, summary in summarise_by_label(quantity.values, eroded, n_labels).items():
             row = columns[value]
             row.update({f"{quantity.name}_{field}": summary[field] for field in SUMMARY_FIELDS})
