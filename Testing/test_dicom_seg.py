@@ -222,3 +222,93 @@ def test_a_dicom_seg_needs_the_series_it_segments(dicom_case, tmp_path, capsys):
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert ("DICOM series folder it segments" if case == image_file else "does not segment this DICOM series") in err
         assert not (tmp_path / "out").exists()
+
+
+def _seg_of(series, masks: np.ndarray, segments: list[tuple[str, str, str | None]], path: Path, *,
+            fractional: bool = False, first: int = 0) -> Path:
+    """A SEG made by highdicom directly (as another tool would): ``masks`` (frames, rows, columns,
+    segments) on the series' images ``first``.. in k order; ``segments``: (label, SNOMED type, laterality)."""
+    import highdicom as hd
+
+    sources = sorted((pydicom.dcmread(f) for f in series.files), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    descriptions = []
+    for number, (label, code, side) in enumerate(segments, start=1):
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure"),
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", label),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        if side:
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(side, "SCT", "side")]
+        descriptions.append(description)
+    kind = hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+    hd.seg.Segmentation(
+        source_images=sources[first:first + masks.shape[0]], pixel_array=masks, segmentation_type=kind,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="another tool", manufacturer_model_name="x", software_versions="1",
+        device_serial_number="0").save_as(path)
+    return path
+
+
+RIGHT, LEFT = "24028007", "7771000"
+
+
+def test_dicom_segs_of_other_tools_overlapping_fractional_partial_or_unordered_are_read(dicom_case, tmp_path, caplog):
+    from dafne_logic.core.dicom_seg import read_dicom_seg
+
+    series, labels = dicom_case
+    image = read_image(Path(series.files[0]).parent)
+    soleus, tibialis = LEG.muscles[0].code.value, LEG.muscles[3].code.value
+    masks = np.zeros((4, 96, 128, 3), np.uint8)
+    masks[:, 10:30, 10:30, 0] = 1  # right soleus
+    masks[:, 25:40, 10:30, 1] = 1  # right tibialis anterior, over the soleus' rows 25..29
+    masks[:, 0:50, 0:50, 2] = 1    # a compartment no label matches, over both
+    seg = _seg_of(series, masks, [("Segment_1", soleus, RIGHT), ("Segment_2", tibialis, RIGHT),
+                                  ("leg compartment", "0000", None)], tmp_path / "overlap.dcm")
+    read, unknown = read_dicom_seg(seg, image, series.files, LEG)
+    voxels = sitk.GetArrayViewFromImage(read)
+    assert unknown == ["leg compartment"] and "more than one muscle" in caplog.text
+    assert (voxels == 1).sum() == 4 * 15 * 20 and (voxels == 4).sum() == 4 * 15 * 20  # the later segment wins
+    # Fractional: a voxel belongs from half the maximum; only rows 1..2 referenced (a tool writing what it segments).
+    fraction = np.zeros((2, 96, 128, 1), np.float32)
+    fraction[:, 10:20, 10:20, 0] = 1.0
+    fraction[:, 20:22, 10:20, 0] = 0.4
+    seg = _seg_of(series, fraction, [("right soleus", soleus, RIGHT)], tmp_path / "fractional.dcm", fractional=True,
+                  first=1)
+    voxels = sitk.GetArrayFromImage(read_dicom_seg(seg, image, series.files, LEG)[0])
+    assert (voxels == 1).sum(axis=(1, 2)).tolist() == [0, 100, 100, 0]
+    # Segments listed out of their number order are still told apart by SegmentNumber.
+    ordered = tmp_path / "ordered.dcm"
+    write_dicom_seg(labels, series.files, LEG, ordered)
+    shuffled = pydicom.dcmread(ordered)
+    shuffled.SegmentSequence = pydicom.Sequence(list(shuffled.SegmentSequence)[::-1])
+    shuffled.save_as(tmp_path / "shuffled.dcm")
+    back = read_dicom_seg(tmp_path / "shuffled.dcm", image, series.files, LEG)[0]
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(labels))
+
+
+def test_a_code_two_muscles_share_is_not_guessed(dicom_case, tmp_path):
+    """Both gastrocnemii carry one SNOMED CT code in the table: a renamed segment of either is left out."""
+    from dafne_logic.core.dicom_seg import read_dicom_seg
+
+    series, _ = dicom_case
+    image = read_image(Path(series.files[0]).parent)
+    medialis, lateralis = LEG.muscles[1], LEG.muscles[2]
+    assert medialis.code == lateralis.code  # what makes the code ambiguous
+    masks = np.zeros((4, 96, 128, 2), np.uint8)
+    masks[:, 10:20, 10:20, 0] = 1
+    masks[:, 30:40, 10:20, 1] = 1
+    seg = _seg_of(series, masks, [("Segment_1", medialis.code.value, LEFT), ("Segment_2", lateralis.code.value, LEFT)],
+                  tmp_path / "gastrocnemii.dcm")
+    read, unknown = read_dicom_seg(seg, image, series.files, LEG)
+    assert unknown == ["Segment_1", "Segment_2"] and not sitk.GetArrayViewFromImage(read).any()
+
+
+def test_a_dicom_seg_without_a_file_extension_is_recognised(dicom_case, tmp_path):
+    series, labels = dicom_case
+    folder = Path(series.files[0]).parent
+    write_dicom_seg(labels, series.files, LEG, tmp_path / "result.dcm")
+    (tmp_path / "result.dcm").rename(tmp_path / "IM0001")  # as PACS exports name files
+    rows = _stats_rows([str(folder), str(tmp_path / "IM0001")], tmp_path / "seg.csv")
+    assert int(rows["right soleus"]["voxel_count"]) == int((sitk.GetArrayViewFromImage(labels) == 1).sum()) > 0

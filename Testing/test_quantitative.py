@@ -247,6 +247,25 @@ def test_dixon_phantom_is_the_two_contrasts_and_the_truth_of_one_seed():
     assert pair.true_fat_fraction == true_fat_fraction("thigh", **geometry)[1]
 
 
+@pytest.mark.parametrize("direction", [
+    # Halfway between axes (45° about S, then 45° about L): DICOMOrient to LPS and back to the
+    # original code does not undo itself here.
+    tuple((np.array([[1, 0, 0], [0, 0.5 ** 0.5, -(0.5 ** 0.5)], [0, 0.5 ** 0.5, 0.5 ** 0.5]])
+           @ np.array([[0.5 ** 0.5, -(0.5 ** 0.5), 0], [0.5 ** 0.5, 0.5 ** 0.5, 0], [0, 0, 1]])).ravel()),
+    (-1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0),  # left-handed (determinant -1), coronal
+])
+def test_erosion_puts_the_labels_back_on_their_own_grid_for_awkward_directions(direction):
+    voxels = np.zeros((4, 6, 6), np.uint8)
+    voxels[:, 1:5, 1:5] = 1
+    voxels[1:3, 0:2, 4:6] = 2
+    image = sitk.GetImageFromArray(voxels)
+    image.SetDirection(direction)
+    assert np.array_equal(erode_labels_axially(image, 0.0), voxels)  # no erosion: every voxel where it was
+    eroded = erode_labels_axially(image, 1.0)
+    assert eroded.shape == voxels.shape and set(np.unique(eroded)) <= {0, 1, 2}
+    assert ((eroded > 0) <= (voxels > 0)).all() and (eroded == voxels)[eroded > 0].all()  # only ever removes
+
+
 def test_errors_name_the_right_image_and_the_right_reason():
     reference = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0))
     labels = _block_labels(reference)

@@ -11,6 +11,7 @@ image holding the muscle; empty frames are left out). Read it back with
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from dafne_logic.core.io import PathLike
 from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable
 
 DICOM_SEG_SUFFIX = ".dcm"
+
+log = logging.getLogger(__name__)
 
 
 class DicomSegUnavailable(DafneError):
@@ -155,9 +158,27 @@ def _series_number(sources: Sequence) -> int:
     return int(number) + 1000 if number not in (None, "") else 1000
 
 
+_DICOM_MAGIC_OFFSET = 128  # a DICOM file: a 128-byte preamble, then "DICM"
+
+
 def is_dicom_seg_file(path: PathLike) -> bool:
-    """Whether ``path`` is a file named like a DICOM SEG output (``.dcm``)."""
-    return Path(path).suffix.lower() == DICOM_SEG_SUFFIX and Path(path).is_file()
+    """Whether ``path`` is a DICOM file (not a folder) that is a Segmentation: named ``.dcm``, or a file
+    whose header says so (PACS exports often have no extension)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == DICOM_SEG_SUFFIX:
+        return True
+    with path.open("rb") as f:
+        head = f.read(_DICOM_MAGIC_OFFSET + 4)
+    if head[_DICOM_MAGIC_OFFSET:] != b"DICM":
+        return False
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")) == "SEG"
+    except Exception:  # an unreadable DICOM file: not a SEG; the label-map reader will say what it is
+        return False
 
 
 def read_dicom_seg(path: PathLike, image: sitk.Image, source_files: Sequence[str],
@@ -166,32 +187,57 @@ def read_dicom_seg(path: PathLike, image: sitk.Image, source_files: Sequence[str
 
     Segments are matched to labels by their label ("right soleus", "Soleus_R": as
     :func:`dafne_logic.core.io.match_label_name`), else by their SNOMED CT type and laterality
-    modifier, so a SEG written by Slicer or another tool with its own segment names is read too.
+    modifier where that pair belongs to one label only (the tables give both heads of the biceps
+    femoris one code, and both gastrocnemii another), so a SEG written by Slicer or another tool
+    with its own segment names is read too. Binary or fractional (a voxel belongs to a segment from
+    half its maximum); where matched segments overlap, the later segment's label wins (as with the
+    layers of a ``.seg.nrrd``), with a warning. Source images without a frame are empty.
     Returns the labels and the segments matching no label (their voxels become background).
     Raises InputError for a file that is no DICOM SEG or does not segment this series.
     """
     hd = _highdicom("Read the DICOM SEG where highdicom runs, or measure a .seg.nrrd of the segmentation.")
-    from dafne_logic.core.io import match_label_name
+    from dafne_logic.core.io import label_dtype, match_label_name
 
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:  # pydicom and highdicom raise many kinds for a file that is no SEG
         raise InputError(f"{path} could not be read as a DICOM SEG: {exc}") from exc
-    by_code = {(label.muscle.code.value, label.laterality.value): label.value for label in table.volume_labels()}
-    values, unknown = [], []
+    codes = Counter((label.muscle.code.value, label.laterality.value) for label in table.volume_labels())
+    by_code = {(label.muscle.code.value, label.laterality.value): label.value for label in table.volume_labels()
+               if codes[(label.muscle.code.value, label.laterality.value)] == 1}
+    wanted: dict[int, int] = {}  # segment number -> volume label
+    unknown = []
     for segment in seg.SegmentSequence:
         value = match_label_name(str(segment.SegmentLabel), table)
         if value is None:
             value = by_code.get(_type_and_laterality(segment))
         if value is None:
             unknown.append(str(segment.SegmentLabel))
-        values.append(value or 0)
-    sources = _read_sources(source_files, image)  # k order of the image; refuses another grid
-    try:
-        voxels = read_dicom_seg_labels(path, [str(ds.SOPInstanceUID) for ds in sources], values)
-    except (ValueError, KeyError, AttributeError) as exc:
-        raise InputError(f"{path} does not segment this DICOM series ({exc}); give the series it was made on.") from exc
-    labels = sitk.GetImageFromArray(voxels.astype(np.uint16 if max(values, default=0) > 255 else np.uint8))
+        else:
+            wanted[int(segment.SegmentNumber)] = value
+    sources = _read_sources(source_files, image)  # in the image's k order; refuses another grid
+    referenced = {str(item.SeriesInstanceUID) for item in getattr(seg, "ReferencedSeriesSequence", [])}
+    if str(sources[0].SeriesInstanceUID) not in referenced:
+        raise InputError(f"{path} does not segment this DICOM series (it references "
+                         f"{', '.join(sorted(referenced)) or 'no series'}); give the series it was made on.")
+    voxels = np.zeros(sitk.GetArrayViewFromImage(image).shape, label_dtype(table))
+    if wanted:
+        numbers = sorted(wanted)
+        try:
+            masks = seg.get_pixels_by_source_instance(
+                [str(ds.SOPInstanceUID) for ds in sources], segment_numbers=numbers, combine_segments=False,
+                assert_missing_frames_are_empty=True)  # (k, rows, columns, segment)
+        except (ValueError, KeyError, AttributeError, IndexError, RuntimeError) as exc:
+            raise InputError(f"{path} could not be read on this DICOM series ({exc}); give the series it was made "
+                             "on, with a SEG whose frames name their source images.") from exc
+        inside = masks >= (0.5 if np.issubdtype(masks.dtype, np.floating) else 1)
+        overlapping = int((inside.sum(axis=-1) > 1).sum())
+        if overlapping:
+            log.warning("%s: %d voxels lie in more than one muscle's segment; each is given the later segment's muscle",
+                        path, overlapping)
+        for index, number in enumerate(numbers):
+            voxels[inside[..., index]] = wanted[number]
+    labels = sitk.GetImageFromArray(voxels)
     labels.CopyInformation(image)
     return labels, unknown
 

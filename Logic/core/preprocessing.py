@@ -174,9 +174,7 @@ class PreparedVolume:
 
     def to_input_array(self, canonical: np.ndarray) -> np.ndarray:
         """A (z, y, x) canonical array rearranged onto the input image's numpy axes (a view)."""
-        out = canonical.transpose(self.to_input_axes)
-        flips = tuple(axis for axis, flip in enumerate(self.to_input_flips) if flip)
-        return np.flip(out, axis=flips) if flips else out
+        return _rearranged(canonical, self.to_input_axes, self.to_input_flips)
 
     def to_input_image(self, canonical: np.ndarray) -> sitk.Image:
         """A canonical array as an image on exactly the input grid."""
@@ -191,6 +189,20 @@ def canonical(image: sitk.Image) -> sitk.Image:
     """The image reoriented to axial LPS (exact permutation and flips of the axes); itself if it is."""
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     return image if orientation == CANONICAL_ORIENTATION else sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def canonical_array_on_input(array: np.ndarray, image: sitk.Image, oriented: sitk.Image) -> np.ndarray:
+    """A (z, y, x) array on ``oriented`` (= :func:`canonical` of ``image``) put back on ``image``'s numpy
+    axes (a view). Exact whatever orientation ``DICOMOrient`` chose: reorienting ``oriented`` to
+    ``image``'s orientation code is not, where a direction lies halfway between two axes."""
+    axes, flips = _to_input_mapping(image, oriented)
+    return _rearranged(array, axes, flips)
+
+
+def _rearranged(array: np.ndarray, axes: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> np.ndarray:
+    out = array.transpose(axes)
+    flipped = tuple(axis for axis, flip in enumerate(flips) if flip)
+    return np.flip(out, axis=flipped) if flipped else out
 
 
 def prepare_volume(

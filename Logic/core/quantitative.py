@@ -31,6 +31,7 @@ from dafne_logic.core.errors import InputError
 from dafne_logic.core.grids import same_grid
 from dafne_logic.core.io import PathLike, SeveralSeriesError, read_image, validate_image
 from dafne_logic.core.labels import LabelTable
+from dafne_logic.core.preprocessing import canonical, canonical_array_on_input
 
 NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sits far below, muscle far above
 # In-plane edge erosion (mm): bench/bench_fat_fraction.py, automatic segmentations of infiltrated
@@ -212,14 +213,12 @@ def erode_labels_axially(labels: sitk.Image, erode_mm: float) -> np.ndarray:
     The axial plane holds a muscle's cross-section, whatever plane the scan was acquired in: a coronal
     or sagittal volume stores the muscle's long axis in its slices, and eroding there would cut its
     ends and spare its anterior or posterior outline. The axes are put axial (LPS) exactly, by
-    permutation and flips, as segmentation and the cross-sectional areas do, and put back after.
+    permutation and flips, as segmentation does, and put back after.
     """
-    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(labels.GetDirection())
-    axial = sitk.DICOMOrient(labels, "LPS")
+    axial = canonical(labels)
     spacing = axial.GetSpacing()
-    eroded = sitk.GetImageFromArray(erode_labels_in_plane(sitk.GetArrayFromImage(axial), (spacing[0], spacing[1]), erode_mm))
-    eroded.CopyInformation(axial)
-    return sitk.GetArrayFromImage(sitk.DICOMOrient(eroded, orientation))
+    eroded = erode_labels_in_plane(sitk.GetArrayFromImage(axial), (spacing[0], spacing[1]), erode_mm)
+    return np.ascontiguousarray(canonical_array_on_input(eroded, labels, axial))
 
 
 def erode_labels_in_plane(labels: np.ndarray, spacing_xy: tuple[float, float], erode_mm: float) -> np.ndarray:
