@@ -55,3 +55,11 @@ def test_refuses_alpha_outside_the_segment_and_other_architectures():
     other.manifest.architecture = {**other.manifest.architecture, "name": "something else"}
     with pytest.raises(ValueError, match="architectures"):
         INTERPOLATE.interpolate(base, other, 0.5)
+
+
+def test_the_alpha_study_summary_counts_errors_over_the_target_across_muscles():
+    study = load_bench_script("wise_alpha_dev")
+    row = study.summarise(0.5, {"sartorius": [0.7, 0.8], "gracilis": [0.9]}, {"sartorius": [6.0, 1.0], "gracilis": [5.5]})
+    assert row["over_5"] == 2 and row["n"] == 3 and row["ff_max_abs"] == 6.0
+    assert row["mean_dice"] == pytest.approx(0.8) and row["ff_mean_abs"] == pytest.approx(12.5 / 3)
+    assert row["muscles"]["sartorius"] == {"mean_dice": pytest.approx(0.75), "ff_max_abs": 6.0}

@@ -23,28 +23,22 @@ from choose_review_threshold import DEV_CASES  # bench/ is on the path: this scr
 ERODE_MM = 2.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--region", default="thigh", choices=["thigh", "leg"])
-    parser.add_argument("--model", help="a bundled name or a package folder (default: the region's bundled model)")
-    parser.add_argument("--out", help="JSON output (default bench/results/errors_by_muscle_dev_REGION.json)")
-    args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+def per_muscle_errors(model, region: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per muscle (sides pooled), the Dice of each development case and the absolute fat-fraction errors
+    (points, :data:`ERODE_MM` erosion) of ``model`` (a ``ModelPackage``) on ``region``'s pairs."""
     import SimpleITK as sitk
 
     from dafne_logic.core.quantitative import fat_fraction_from_dixon
     from dafne_logic.core.statistics import muscle_statistics
-    from dafne_logic.inference.model_package import load_model
     from dafne_logic.inference.segment import segment_volume
     from dafne_logic.learning.evaluation import dice_counts, dice_from_counts
     from dafne_logic.phantoms.images import make_dixon_phantom
 
-    model = load_model(args.model or args.region)
     muscle_of = {label.value: label.name.split(" ", 1)[1] for label in model.labels.volume_labels()}  # side dropped
     dice: dict[str, list[float]] = {}
     error: dict[str, list[float]] = {}
     for seed, infiltration in DEV_CASES:
-        pair = make_dixon_phantom(args.region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
+        pair = make_dixon_phantom(region, shape=(16, 432, 432), fat_infiltration=infiltration, seed=seed)
         water, fat, exact, truth = pair.water, pair.fat, pair.labels, pair.true_fat_fraction
         labels = segment_volume(water, model, device="cpu")
         per_value = dice_from_counts(*dice_counts(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(exact),
@@ -55,6 +49,20 @@ def main() -> None:
         for row in muscle_statistics(water, labels, model.labels, maps=maps, erode_mm=ERODE_MM):
             if row["label_value"] in truth and row["fat_fraction_mean"] is not None:
                 error.setdefault(muscle_of[row["label_value"]], []).append(abs(row["fat_fraction_mean"] - truth[row["label_value"]]))
+    return dice, error
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--region", default="thigh", choices=["thigh", "leg"])
+    parser.add_argument("--model", help="a bundled name or a package folder (default: the region's bundled model)")
+    parser.add_argument("--out", help="JSON output (default bench/results/errors_by_muscle_dev_REGION.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from dafne_logic.inference.model_package import load_model
+
+    model = load_model(args.model or args.region)
+    dice, error = per_muscle_errors(model, args.region)
     print(f"{args.model or args.region} ({model.manifest.name} version {model.manifest.version}), {args.region} phantom Dixon pairs of seeds "
           f"{DEV_CASES[0][0]}–{DEV_CASES[-1][0]} (development), water image, {ERODE_MM:g} mm; worst Dice first:")
     table = {}
