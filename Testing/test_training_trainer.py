@@ -185,8 +185,23 @@ def test_the_time_budget_fits_once_from_the_step_time_and_stops_at_the_limit():
     budget.paused_s += 4.0  # a validation
     current = budget.fit(current, 100, 14.0)
     assert current.steps == 100 + int((90.0 - 14.0) / ((14.0 - 0.5 - 4.0) / 95))  # 0.1 s a step: 860
-    assert budget.fit(current, 200, 50.0) is current  # fitted once
+    assert budget.fit(current, 200, 24.0) is current  # fitted once; on time (0.1 s a step): no refit
     assert budget.fit(current, 700, 96.0).steps == 700  # past 95 % of the limit: this step is the last
+
+
+def test_steps_slowing_after_the_fit_shorten_the_schedule_once_so_it_still_ends_in_time():
+    """Another run sharing the device starts after the fit: the steps since then take 0.26 s instead
+    of 0.1 s, so the fitted 860 steps would end far past the limit; refit from the new step time."""
+    current = config(steps=10_000, warmup_steps=10, time_limit_s=100.0)
+    budget = _TimeBudget.start(current, began=0.0)
+    budget.fit(current, 5, 0.5)
+    current = budget.fit(current, 100, 10.0)
+    assert current.steps == 100 + int(80.0 / (9.5 / 95))  # 900 at 0.1 s a step
+    assert budget.fit(current, 110, 12.6) is current  # too soon after the fit to judge (under 5 % of the limit)
+    budget.paused_s += 3.0  # a validation: not step time
+    current = budget.fit(current, 200, 39.0)  # (39 - 10 - 3) / 100 = 0.26 s a step
+    assert current.steps == 200 + int((90.0 - 39.0) / 0.26)  # 396: ends at 90 % of the limit, never later
+    assert budget.fit(current, 300, 80.0) is current  # refit once only; the 95 % cut still guards the end
 
 
 def test_a_time_limit_cannot_be_resumed(tmp_path: Path):

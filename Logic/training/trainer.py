@@ -122,6 +122,11 @@ TIME_RESERVE = 0.1
 UNTIMED_STEPS = 5
 # A time-limited schedule is fitted once this share of the limit has passed (and the warm-up is over).
 FIT_AFTER_SHARE = 0.1
+# ... and shortened once more, if the steps since the fit are slow enough that it would end past this
+# share of the limit (runs sharing one device start at different times), measured over at least
+# REFIT_WINDOW_SHARE of the limit: a cut at the limit would end it before its learning rate decays.
+REFIT_WHEN_PAST_SHARE = 0.93
+REFIT_WINDOW_SHARE = 0.05
 
 
 def steps_within(limit_s: float, elapsed_s: float, done: int, seconds_per_step: float, ceiling: int) -> int:
@@ -449,9 +454,11 @@ class _TimeBudget:
     The total is fitted once, when the warm-up is over and :data:`FIT_AFTER_SHARE` of the limit has
     passed: late enough to see the device as it will be shared (runs started together reach their
     steps at different times), early enough that the cosine, still flat there, barely jumps. The
-    step time leaves out validation and checkpoints (``paused_s``); the reserve pays for them. Once
-    the limit less half the reserve is spent, the run ends at that step, which then gets the final
-    validation and log row; a device that got faster only ends the run a little early.
+    step time leaves out validation and checkpoints (``paused_s``); the reserve pays for them. If the
+    steps since the fit run slower, so that the run would end past :data:`REFIT_WHEN_PAST_SHARE` of the
+    limit, it is shortened once more from their step time (never lengthened), so that the cosine still
+    decays to its end. Once the limit less half the reserve is spent, the run ends at that step, which
+    then gets the final validation and log row; a device that got faster only ends the run a little early.
     """
 
     limit_s: float
@@ -462,6 +469,10 @@ class _TimeBudget:
     window_time: float | None = None  # ... at this time (None: not yet reached)
     paused_s: float = 0.0  # validation and checkpoint time since then
     fitted: bool = False
+    fit_step: int = 0  # the step, time and paused_s of the fit, from which a refit measures
+    fit_time: float = 0.0
+    fit_paused_s: float = 0.0
+    refitted: bool = False
 
     @classmethod
     def start(cls, config: TrainConfig, began: float) -> _TimeBudget:
@@ -478,10 +489,20 @@ class _TimeBudget:
         if (not self.fitted and self.window_time is not None and done >= self.fit_after
                 and elapsed >= FIT_AFTER_SHARE * self.limit_s):
             self.fitted = True
+            self.fit_step, self.fit_time, self.fit_paused_s = done, now, self.paused_s
             per_step = (now - self.window_time - self.paused_s) / max(1, done - self.window_step)
             total = steps_within(self.limit_s, elapsed, done, per_step, self.ceiling)
             log.info("time limit %.0f s: %.3f s a step, %d steps of %d fit", self.limit_s, per_step, total, self.ceiling)
             return replace(config, steps=total)
+        if (self.fitted and not self.refitted and done > self.fit_step
+                and now - self.fit_time >= REFIT_WINDOW_SHARE * self.limit_s):
+            per_step = (now - self.fit_time - (self.paused_s - self.fit_paused_s)) / (done - self.fit_step)
+            if elapsed + (config.steps - done) * per_step > REFIT_WHEN_PAST_SHARE * self.limit_s:
+                self.refitted = True
+                total = steps_within(self.limit_s, elapsed, done, per_step, config.steps)
+                log.info("time limit %.0f s: steps slowed to %.3f s, %d steps of %d refit", self.limit_s, per_step,
+                         total, config.steps)
+                return replace(config, steps=total)
         if done < config.steps and elapsed > self.limit_s * (1.0 - TIME_RESERVE / 2):
             log.warning("time limit %.0f s reached at step %d of %d: stopping here", self.limit_s, done, config.steps)
             return replace(config, steps=done)

@@ -51,7 +51,9 @@ def tree_mb(path: Path) -> float:
 
 
 def tracked_mb() -> float:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    """MB of the working tree a call copies: tracked files and untracked ones git does not ignore."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.split(b"\0")
     return sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file()) / 1e6
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> int:
             repack_lzma(wheel)
     total = tracked_mb() + tree_mb(args.pack)
     print(f"{args.pack}: data {tree_mb(args.pack / 'data'):.1f} MB, wheels {tree_mb(wheels):.1f} MB "
-          f"({', '.join(pins)}); with the tracked files {total:.1f} MB of the {CARRY_LIMIT_MB:.0f} MB a call carries")
+          f"({', '.join(pins)}); with the working tree {total:.1f} MB of the {CARRY_LIMIT_MB:.0f} MB a call carries")
     if total > CARRY_LIMIT_MB * 0.95:
         print("too close to the limit: a call would be refused", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@
 #   loao-t1.tgz    leave-one-anatomy-out: the recipe without the T1 slice's anatomy, scored on it
 #   loao-pd.tgz    the same for the PD slice
 #   device.txt     the GPU, the software and how long each run took
+#   gpu_use.txt    nvidia-smi dmon every 10 s during the runs (GPU use and memory)
 # The commands are those of the committed rules with --time-limit MINUTES (at most 20,000 steps);
 # each manifest records the steps it reached. DAFNE_DEVICE=cpu runs the same script here as a smoke test.
 set -uo pipefail
@@ -31,11 +32,28 @@ data=$pack/data
 schedule=(--steps 20000 --batch-size 32 --device "$device" --checkpoint-every 1000 --val-every 1000 --no-progress
           --time-limit "$minutes")
 
-timed() {  # NAME COMMAND...: run in the background, output and duration in $work/NAME.log
+archive() {  # NAME: its model, log and training log into $OUT/NAME.tgz (tar skips what a failed run lacks)
+  local name=$1
+  case $name in
+    loao-*) local slice=${name#loao-}
+            (cd "$work" && tar czf "$out/$name.tgz" "$name.log" "$name-results" "$name-work/leg-without-${slice}_example" \
+                 "$name-work/leg-without-${slice}_example.training/train_log.csv") ;;
+    *) (cd "$work" && tar czf "$out/$name.tgz" "$name" "$name.log" "$name.training/train_log.csv" \
+            "$name.training/validation.json") ;;
+  esac
+}
+
+timed() {  # NAME COMMAND...: run in the background, output and duration in $work/NAME.log; archived
+  # into $OUT as soon as it ends, so a command cut short by the device's limit still returns the runs done
   local name=$1; shift
   ( start=$SECONDS; timeout -k 10 "$kill_after" "$@" > "$work/$name.log" 2>&1; status=$?
-    echo "exit status $status after $((SECONDS - start)) s" >> "$work/$name.log" ) &
+    echo "exit status $status after $((SECONDS - start)) s" >> "$work/$name.log"; archive "$name" ) &
+  runs+=($!)
 }
+runs=()
+{ date -u; python3 --version; python3 -c "import torch, monai, SimpleITK; print('torch', torch.__version__,
+  'monai', monai.__version__, 'SimpleITK', SimpleITK.Version_VersionString(), 'cuda', torch.cuda.is_available())";
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; } > "$out/device.txt" 2>&1
 timed thigh python3 -m dafne_logic.cli train --region thigh --label-maps "$data/thigh_label_maps" \
     "$data/lowerbody_label_maps" "$data/visible_human_label_maps" --phantoms 16 --phantom-share 0.3 \
     --holdout-subjects THIGH_003 THIGH_026 THIGH_034 THIGH_114 HV003_3 --output "$work/thigh" --name thigh \
@@ -49,19 +67,12 @@ for slice in t1 pd; do
         --steps 20000 --batch-size 32 --device "$device" --phantom-share 0.2 --time-limit "$minutes" \
         --tag "leg-v3-gpu-$slice" --results "$work/loao-$slice-results" --work-dir "$work/loao-$slice-work"
 done
-wait
-{ date -u; python3 --version; python3 -c "import torch, monai, SimpleITK; print('torch', torch.__version__,
-  'monai', monai.__version__, 'SimpleITK', SimpleITK.Version_VersionString(), 'cuda', torch.cuda.is_available())";
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; tail -n 1 "$work"/*.log; } \
-  > "$out/device.txt" 2>&1
+# GPU use every 10 s while the runs share it (did four runs at once keep it busy?), written as it goes.
+monitor=""
+if command -v nvidia-smi > /dev/null; then nvidia-smi dmon -s um -d 10 > "$out/gpu_use.txt" 2>&1 & monitor=$!; fi
+wait "${runs[@]}"
+[ -n "$monitor" ] && kill "$monitor" 2> /dev/null
+tail -n 1 "$work"/*.log >> "$out/device.txt" 2>&1
 cd "$work" || exit 1
-for name in thigh leg; do
-    tar czf "$out/$name.tgz" "$name" "$name.log" "$name.training/train_log.csv" "$name.training/validation.json"
-done
-for slice in t1 pd; do
-    tar czf "$out/loao-$slice.tgz" "loao-$slice.log" "loao-$slice-results" \
-        "loao-$slice-work/leg-without-${slice}_example" \
-        "loao-$slice-work/leg-without-${slice}_example.training/train_log.csv"
-done
 grep -q "exit status 0" thigh.log && grep -q "exit status 0" leg.log \
     && grep -q "exit status 0" loao-t1.log && grep -q "exit status 0" loao-pd.log
