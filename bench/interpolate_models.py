@@ -9,7 +9,7 @@ model on the few muscles where a trial moved the wrong way.
 
 The result is a package like any other; its manifest is the tuned model's, with the trainer's
 ``final_validation`` (which described the tuned weights, not these) moved into
-``provenance.weight_interpolation`` beside ``alpha`` and both parents' names, versions and sha256.
+``provenance.weight_interpolation`` beside ``alpha`` and both parents' names, versions and weights' sha256.
 
 Usage: python bench/interpolate_models.py BASE TUNED --alpha 0.5 --output OUT_DIR
 """
@@ -60,8 +60,8 @@ def interpolate(base: ModelPackage, tuned: ModelPackage, alpha: float) -> ModelP
 
 def _describe(package: ModelPackage) -> dict:
     manifest = package.manifest
-    return {"name": manifest.name, "version": manifest.version, "weights_sha256": manifest.weights_sha256,
-            "path": str(package.path) if package.path else None}
+    # The sha256 names the weights; a path on the machine that made it would mean nothing elsewhere.
+    return {"name": manifest.name, "version": manifest.version, "weights_sha256": manifest.weights_sha256}
 
 
 def main() -> None:
