@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -55,6 +56,10 @@ def test_refuses_alpha_outside_the_segment_and_other_architectures():
     other.manifest.architecture = {**other.manifest.architecture, "name": "something else"}
     with pytest.raises(ValueError, match="architectures"):
         INTERPOLATE.interpolate(base, other, 0.5)
+    resampled = copy.deepcopy(tuned)
+    resampled.manifest.preprocessing = dataclasses.replace(resampled.manifest.preprocessing, spacing_mm=(2.0, 2.0))
+    with pytest.raises(ValueError, match="prepare images differently"):
+        INTERPOLATE.interpolate(base, resampled, 0.5)
 
 
 def test_the_alpha_study_summary_counts_errors_over_the_target_across_muscles():

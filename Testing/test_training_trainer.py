@@ -190,18 +190,29 @@ def test_the_time_budget_fits_once_from_the_step_time_and_stops_at_the_limit():
 
 
 def test_steps_slowing_after_the_fit_shorten_the_schedule_once_so_it_still_ends_in_time():
-    """Another run sharing the device starts after the fit: the steps since then take 0.26 s instead
-    of 0.1 s, so the fitted 860 steps would end far past the limit; refit from the new step time."""
+    """Another run sharing the device starts after the fit: the steps since then average 0.26 s instead
+    of 0.1 s, so the fitted 900 steps would end far past the limit; at half the limit, refit from that."""
     current = config(steps=10_000, warmup_steps=10, time_limit_s=100.0)
     budget = _TimeBudget.start(current, began=0.0)
     budget.fit(current, 5, 0.5)
     current = budget.fit(current, 100, 10.0)
     assert current.steps == 100 + int(80.0 / (9.5 / 95))  # 900 at 0.1 s a step
-    assert budget.fit(current, 110, 12.6) is current  # too soon after the fit to judge (under 5 % of the limit)
+    assert budget.fit(current, 200, 39.0) is current  # slow already, but judged only at half the limit
     budget.paused_s += 3.0  # a validation: not step time
-    current = budget.fit(current, 200, 39.0)  # (39 - 10 - 3) / 100 = 0.26 s a step
-    assert current.steps == 200 + int((90.0 - 39.0) / 0.26)  # 396: ends at 90 % of the limit, never later
-    assert budget.fit(current, 300, 80.0) is current  # refit once only; the 95 % cut still guards the end
+    current = budget.fit(current, 250, 52.0)  # (52 - 10 - 3) / 150 = 0.26 s a step since the fit
+    assert current.steps == 250 + int((90.0 - 52.0) / 0.26)  # 396: ends at 90 % of the limit
+    assert budget.fit(current, 300, 80.0) is current  # looked at once only; the 95 % cut still guards the end
+
+
+def test_a_passing_slow_spell_after_the_fit_leaves_the_schedule_alone():
+    """A CPU shared for a while (trial v11's steps 1,123-1,403 ran at twice its usual step time): the
+    run still ends within its limit, so the schedule stays as fitted."""
+    current = config(steps=10_000, warmup_steps=10, time_limit_s=100.0)
+    budget = _TimeBudget.start(current, began=0.0)
+    budget.fit(current, 5, 0.5)
+    current = budget.fit(current, 100, 10.0)  # 900 steps at 0.1 s: ends at 90 s
+    assert budget.fit(current, 125, 15.0) is current  # 25 steps at 0.2 s: a slow spell (ends at 92.5 s now)
+    assert budget.fit(current, 475, 50.0) is current and budget.looked_again  # looked at half the limit: left alone
 
 
 def test_a_time_limit_cannot_be_resumed(tmp_path: Path):

@@ -30,7 +30,8 @@ def interpolate(base: ModelPackage, tuned: ModelPackage, alpha: float) -> ModelP
     """The package whose weights are ``base + alpha * (tuned - base)`` (alpha in [0, 1]).
 
     Raises:
-        ValueError: alpha outside [0, 1], or packages of different architectures or label tables.
+        ValueError: alpha outside [0, 1], or packages of different architectures, label tables or
+            preprocessing.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], not {alpha}")
@@ -38,6 +39,8 @@ def interpolate(base: ModelPackage, tuned: ModelPackage, alpha: float) -> ModelP
         raise ValueError("the two models have different architectures")
     if base.labels.to_json() != tuned.labels.to_json():
         raise ValueError("the two models have different label tables")
+    if base.manifest.preprocessing != tuned.manifest.preprocessing:
+        raise ValueError("the two models prepare images differently (spacing, margins or percentiles)")
     # Differences in fp32 (make_delta would round them to fp16 before the scale).
     delta = {k: tuned.state_dict[k].float() - base.state_dict[k].float() for k in base.state_dict}
     weights = apply_delta(base.state_dict, delta, scale=alpha)
