@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from dafne_logic.core.atomic import atomic_path
 from dafne_logic.core.errors import DafneError, InputError
-from dafne_logic.core.io import PathLike
+from dafne_logic.core.io import PathLike, label_dtype, match_label_name
 from dafne_logic.core.labels import ANATOMICAL_STRUCTURE, Code, LabelTable
 
 DICOM_SEG_SUFFIX = ".dcm"
@@ -196,8 +196,6 @@ def read_dicom_seg(path: PathLike, image: sitk.Image, source_files: Sequence[str
     Raises InputError for a file that is no DICOM SEG or does not segment this series.
     """
     hd = _highdicom("Read the DICOM SEG where highdicom runs, or measure a .seg.nrrd of the segmentation.")
-    from dafne_logic.core.io import label_dtype, match_label_name
-
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:  # pydicom and highdicom raise many kinds for a file that is no SEG
