@@ -9,9 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_seg_readback import segment_numbers_as_labels
 
 from dafne_logic.cli import main
-from dafne_logic.core.dicom_seg import DicomSegUnavailable, read_dicom_seg_labels, write_dicom_seg
+from dafne_logic.core.dicom_seg import DicomSegUnavailable, write_dicom_seg
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.io import choose_dicom_series, read_image
 from dafne_logic.core.labels import LEG
@@ -65,7 +66,7 @@ def test_dicom_seg_reads_back_with_segments_codes_references_and_masks(dicom_cas
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         assert position == pytest.approx(position_of[source_uid])
 
-    back = read_dicom_seg_labels(out, [ds.SOPInstanceUID for ds in sources], values)
+    back = segment_numbers_as_labels(out, [ds.SOPInstanceUID for ds in sources], values)
     np.testing.assert_array_equal(back, sitk.GetArrayFromImage(labels))
 
 
@@ -102,7 +103,7 @@ def test_an_oblique_series_with_positions_rounded_to_10_micrometres_is_written_a
     out = tmp_path / "result.dcm"
     values = write_dicom_seg(labels, files, LEG, out)
     uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
-    np.testing.assert_array_equal(read_dicom_seg_labels(out, uids, values), sitk.GetArrayFromImage(labels))
+    np.testing.assert_array_equal(segment_numbers_as_labels(out, uids, values), sitk.GetArrayFromImage(labels))
 
 
 def test_labels_with_the_in_plane_axes_swapped_are_refused_though_the_first_pixels_match(tmp_path):

@@ -5,7 +5,7 @@ one segment per muscle present, coded as Slicer and dcmqi code them: category SN
 "Anatomical Structure", the muscle's SNOMED CT type and the laterality as type modifier, with the
 muscle's colour as recommended display colour. Frames lie on the source slices (one per source
 image holding the muscle; empty frames are left out). Read it back with
-``highdicom.seg.segread`` (see :func:`read_dicom_seg_labels`).
+:func:`read_dicom_seg` (labels on the source series' grid) or ``highdicom.seg.segread``.
 """
 
 from __future__ import annotations
@@ -245,19 +245,3 @@ def _type_and_laterality(segment) -> tuple[str, str | None]:  # segment: a pydic
     kind = segment.SegmentedPropertyTypeCodeSequence[0]
     modifiers = getattr(kind, "SegmentedPropertyTypeModifierCodeSequence", None) or []
     return str(kind.CodeValue), (str(modifiers[0].CodeValue) if modifiers else None)
-
-
-def read_dicom_seg_labels(path: PathLike, source_sop_instance_uids: Sequence[str],
-                          values: Sequence[int]) -> np.ndarray:
-    """A DICOM SEG back as volume labels (k, j, i) on its source images, in the order given.
-
-    ``values`` maps segment number n to volume label ``values[n-1]`` (what :func:`write_dicom_seg`
-    returned); source images without a frame come back empty.
-    """
-    hd = _highdicom()
-
-    seg = hd.seg.segread(str(path))
-    numbers = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(source_sop_instance_uids),
-                                                combine_segments=True, relabel=False)
-    lookup = np.concatenate([[0], np.asarray(values, np.int64)])
-    return lookup[numbers]

@@ -9,8 +9,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (part of the test extra)")
 import pydicom  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+from dicom_seg_readback import segment_numbers_as_labels  # noqa: E402
 
-from dafne_logic.core.dicom_seg import read_dicom_seg_labels  # noqa: E402
 from dafne_logic.core.errors import InputError  # noqa: E402
 from dafne_logic.core.io import choose_dicom_series, read_image  # noqa: E402
 from dafne_logic.core.labels import LEG  # noqa: E402
@@ -151,7 +151,7 @@ def test_dicom_seg_export_of_a_volume_loaded_from_dicom(scene, tmp_path):
     values = ql.export_dicom_seg(node, labels, LEG, str(out), database.get, model_name="leg", model_version="2",
                                  corrected=True)
     assert pydicom.dcmread(out).SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
-    np.testing.assert_array_equal(read_dicom_seg_labels(out, uids, values), sitk.GetArrayFromImage(labels))
+    np.testing.assert_array_equal(segment_numbers_as_labels(out, uids, values), sitk.GetArrayFromImage(labels))
     with pytest.raises(InputError, match="no longer in the DICOM database"):
         ql.export_dicom_seg(node, labels, LEG, str(tmp_path / "y.dcm"), lambda uid: "", model_name="leg",
                             model_version="2", corrected=False)
