@@ -272,12 +272,24 @@ def test_errors_name_the_right_image_and_the_right_reason():
     water = _like(np.full((2, 16, 16), 80.0), reference)
     far_fat = _like(np.full((2, 16, 16), 20.0), reference)
     far_fat.SetOrigin((900.0, 900.0, 900.0))
-    with pytest.raises(InputError, match="fat map does not overlap the water image"):
+    with pytest.raises(InputError, match="fat map does not overlap the image"):
         fat_fraction_from_dixon(water, far_fat, reference)
+    with pytest.raises(InputError, match="water map does not overlap the image"):  # the one astray is named
+        fat_fraction_from_dixon(far_fat, water, reference)
+    axial = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    left, right = _like(np.full((2, 16, 16), 80.0), axial), _like(np.full((2, 16, 16), 20.0), axial)
+    x, y, z = axial.GetOrigin()
+    left.SetOrigin((x - 10.0, y, z))
+    right.SetOrigin((x + 10.0, y, z))  # each overlaps the scan, not each other
+    with pytest.raises(InputError, match="fat map does not overlap the water image"):
+        fat_fraction_from_dixon(left, right, axial)
     # A parametric map has no noise floor: its values on the muscles are missing (failed fits).
     missing = QuantitativeMap("T2", np.full((2, 16, 16), np.nan), "T2 map")
     with pytest.raises(InputError, match=r"its values there are all missing\)") as error:
         quantitative_columns(labels, [missing], LEG)
     assert "noise floor" not in str(error.value)
-    with pytest.raises(InputError, match="under its noise floor"):
+    with pytest.raises(InputError, match="under its noise floor"):  # the Dixon fat fraction's
+        quantitative_columns(labels, [QuantitativeMap("fat_fraction", np.full((2, 16, 16), np.nan), "ff",
+                                                      noise_floor=True)], LEG)
+    with pytest.raises(InputError, match=r"its values there are all missing\)"):  # a scanner's map has none
         quantitative_columns(labels, [QuantitativeMap("fat_fraction", np.full((2, 16, 16), np.nan), "ff")], LEG)

@@ -4,6 +4,7 @@ sentence, exit status 2 and nothing written."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,15 +155,22 @@ def test_segment_with_a_map_that_misses_the_muscles_writes_no_segmentation(dixon
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("clash", ["csv is csa", "csv is the image", "csv is a map", "csa is a folder", "csa under a file"])
+NO_NEW_FILES = Path("/proc/self")  # a folder that takes no new file, even for root (chmod would not stop root)
+
+
+@pytest.mark.parametrize("clash", ["csv is csa", "csv is the image", "csv is a map", "csa is a folder", "csa under a file",
+                                   "csa in a folder that takes no files"])
 def test_stats_outputs_that_clash_are_one_sentence_and_nothing_is_written(dixon, tmp_path, capsys, clash):
+    if clash == "csa in a folder that takes no files" and not NO_NEW_FILES.is_dir():
+        pytest.skip("needs Linux's /proc (CI runs there)")
     image = tmp_path / "water.nii.gz"
     image.write_bytes(dixon["water"].read_bytes())
     out, csa = {"csv is csa": (tmp_path / "s.csv", tmp_path / "s.csv"),
                 "csv is the image": (image, tmp_path / "csa.csv"),
                 "csv is a map": (dixon["fat"], tmp_path / "csa.csv"),
                 "csa is a folder": (tmp_path / "s.csv", dixon["root"]),
-                "csa under a file": (tmp_path / "s.csv", image / "areas.csv")}[clash]
+                "csa under a file": (tmp_path / "s.csv", image / "areas.csv"),
+                "csa in a folder that takes no files": (tmp_path / "s.csv", NO_NEW_FILES / "areas.csv")}[clash]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     fat_before = dixon["fat"].read_bytes()
     rc = main(["stats", str(image), str(dixon["labels"]), "--region", "leg", "--csv", str(out), "--csa", str(csa),
@@ -170,7 +178,8 @@ def test_stats_outputs_that_clash_are_one_sentence_and_nothing_is_written(dixon,
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert {"csv is csa": "both name", "csv is the image": "inputs", "csv is a map": "inputs",
-            "csa is a folder": "is a folder", "csa under a file": "is a file, not a folder"}[clash] in err
+            "csa is a folder": "is a folder", "csa under a file": "is a file, not a folder",
+            "csa in a folder that takes no files": "does not take new files"}[clash] in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and dixon["fat"].read_bytes() == fat_before
 
 
@@ -226,3 +235,50 @@ def test_a_dixon_folder_of_several_series_asks_for_the_map_alone_not_for_series(
     assert "water map" in err and "holds 2 DICOM series" in err and "its series alone" in err
     assert "--series" not in err  # the advice a map cannot follow
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dixon_image_astray_is_named_itself_not_its_partner(dixon, tmp_path, capsys):
+    """A water image registered elsewhere was reported as "the fat map does not overlap the water image"."""
+    water = sitk.GetArrayFromImage(sitk.ReadImage(str(dixon["water"])))
+    far = _write_like(water, dixon["water"], tmp_path / "far_water.nii.gz", Origin=(900.0, 900.0, 900.0))
+    rc = main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv", str(tmp_path / "s.csv"),
+               "--water", str(far), "--fat", str(dixon["fat"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the water map does not overlap the image" in err and "fat" not in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_refused_scanner_fat_fraction_map_gives_its_one_sentence_alone(dixon, tmp_path, caplog, capsys):
+    """A scanner map has no noise floor to blame, and its scale note is not logged before its refusal."""
+    water = sitk.ReadImage(str(dixon["water"]))
+    corner = sitk.Image(10, 10, 3, sitk.sitkFloat32) + 0.3  # fractions, on a corner of air only
+    corner[0, 0, 0] = 0.4
+    corner.SetSpacing(water.GetSpacing())
+    corner.SetOrigin(water.GetOrigin())
+    ff = tmp_path / "corner_ff.nii.gz"
+    sitk.WriteImage(corner, str(ff))
+    with caplog.at_level("INFO"):
+        rc = main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv",
+                   str(tmp_path / "s.csv"), "--fat-fraction", str(ff)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no value on any segmented muscle" in err and "noise floor" not in err
+    assert "read as fractions" not in caplog.text
+
+
+def test_a_map_covering_part_of_the_muscles_is_reported(dixon, tmp_path, caplog):
+    """A T2 map of one slice of three: the muscles' T2 describes that slice only, and the log says so."""
+    water = sitk.GetArrayFromImage(sitk.ReadImage(str(dixon["water"]))).astype(np.float32)
+    one_slice = np.full_like(water, np.nan)
+    one_slice[1] = 40.0 + water[1] / max(float(water.max()), 1.0)
+    t2 = _write_like(one_slice, dixon["water"], tmp_path / "t2_one_slice.mha")
+    with caplog.at_level("WARNING"):
+        assert main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv",
+                     str(tmp_path / "s.csv"), "--map", f"T2={t2}", "--nan-as-missing", "--erode-mm", "0"]) == 0
+    assert "T2: values on under 50 % of the voxels measured in" in caplog.text and "right soleus (" in caplog.text
+    assert "noise floor" not in caplog.text
+    assert _read(tmp_path / "s.csv")[0]["T2_mean"] != ""
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["stats", str(dixon["water"]), str(dixon["labels"]), "--region", "leg", "--csv",
+                     str(tmp_path / "s.csv"), "--map", f"T2={dixon['water']}", "--erode-mm", "0"]) == 0
+    assert "values on under" not in caplog.text

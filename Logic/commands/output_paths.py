@@ -2,12 +2,14 @@
 
 A command that writes several files (``stats --csv --csa``; ``segment -o --stats --csa --preview``)
 must not write two of them to one path (the later would silently replace the earlier), replace one
-of its own inputs, or find a folder where it is to write a file after the first files are written.
+of its own inputs, or find a folder where it is to write a file, or a folder it cannot write in,
+after the first files are written.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -67,11 +69,21 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
 
 def _check_folder_can_exist(option: str, path: Path) -> None:
     """Refuse an output whose folder cannot be made because a file stands where a folder would be
-    (``--csa notes.txt/areas.csv``): found after the first outputs were written, it would leave them."""
+    (``--csa notes.txt/areas.csv``), or that cannot be written in (read-only, full, a system folder):
+    found after the first outputs were written, it would leave them. The nearest existing folder
+    is asked by making and removing an empty file in it, which answers on every platform (file
+    permissions alone do not: ACLs on Windows, root on POSIX)."""
     for folder in path.absolute().parents:
         if folder.exists():
             if not folder.is_dir():
                 raise InputError(f"{option} {path} cannot be written: {folder} is a file, not a folder.")
+            try:
+                handle, probe = tempfile.mkstemp(prefix=".dafne-write-check-", dir=folder)
+            except OSError as exc:
+                raise InputError(f"{option} {path} cannot be written: {folder} does not take new files "
+                                 f"({exc.strerror or exc}).") from None
+            os.close(handle)
+            os.unlink(probe)
             return
 
 

@@ -80,9 +80,14 @@ def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[Quantitat
                       fat_fraction=read(args.fat_fraction, "fat-fraction"),
                       others=[(name, read_map(path, name, args.nan_as_missing)) for name, path in pairs],
                       missing_as_nan=args.nan_as_missing)
+    return maps
+
+
+def log_notes(maps: list[QuantitativeMap]) -> None:
+    """Log how each map's values were made (units, scale detected): once measured, so that a map
+    refused while measuring gives its one sentence alone."""
     for quantity in maps:
         log.info("%s", quantity.note)
-    return maps
 
 
 def warn_about_empty_cells(rows: list[dict], maps: list[QuantitativeMap], erode_mm: float) -> list[str]:
@@ -95,8 +100,9 @@ def warn_about_empty_cells(rows: list[dict], maps: list[QuantitativeMap], erode_
     for quantity in maps:
         empty = [row["name"] for row in rows if row["voxel_count"] and row.get(f"{quantity.name}_mean") is None]
         if empty:
+            why = "outside the map, or under its noise floor" if quantity.noise_floor else "outside the map"
             warnings.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm "
-                            "erosion, outside the map, or under the fat fraction's noise floor); their cells are empty")
+                            f"erosion, or {why}); their cells are empty")
             log.warning("%s", warnings[-1])
     return warnings
 

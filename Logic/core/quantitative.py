@@ -17,6 +17,7 @@ behind :data:`DEFAULT_ERODE_MM`).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sit
 # In-plane edge erosion (mm): bench/bench_fat_fraction.py, automatic segmentations of infiltrated
 # phantoms (bench/results/fat_fraction.txt): the smallest erosion within 0.1 point of the lowest mean error.
 DEFAULT_ERODE_MM = 2.0
+PARTIAL_COVER = 0.5  # a map with values on less of a muscle's measured voxels than this is reported
+
+log = logging.getLogger(__name__)
 FAT_FRACTION = "fat_fraction"  # column prefix of the fat fraction
 SUMMARY_FIELDS = ("mean", "median", "sd")
 _MAP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*")
@@ -49,6 +53,7 @@ class QuantitativeMap:
     name: str  # column prefix, e.g. "fat_fraction", "T2"
     values: np.ndarray  # (z, y, x) float64 on the segmentation grid; NaN where undefined (outside, noise)
     note: str  # how the values were made, one line for the log (units, scale detected)
+    noise_floor: bool = False  # whether low-signal voxels were left out (the Dixon fat fraction only)
 
 
 # --- reading maps ---------------------------------------------------------------------------------
@@ -85,15 +90,20 @@ def map_on_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_n
     """
     if same_grid(image, reference):
         values = sitk.GetArrayFromImage(image).astype(np.float64)
-    elif not _boxes_overlap(image, reference):
-        raise InputError(f"the {what} map does not overlap the {reference_name} (its physical extent lies elsewhere); "
-                         "give a map registered to this scan.")
     else:
+        _require_overlap(image, reference, what, reference_name)
         moved = sitk.Resample(sitk.Cast(image, sitk.sitkFloat64), reference, sitk.Transform(), sitk.sitkLinear,
                               float("nan"), sitk.sitkFloat64)
         values = sitk.GetArrayFromImage(moved)
     values[~np.isfinite(values)] = np.nan  # a map read with missing values (--nan-as-missing): Inf is missing too
     return values
+
+
+def _require_overlap(image: sitk.Image, reference: sitk.Image, what: str, reference_name: str = "image") -> None:
+    """Refuse, with one sentence, a map whose physical extent misses ``reference``'s altogether."""
+    if not same_grid(image, reference) and not _boxes_overlap(image, reference):
+        raise InputError(f"the {what} map does not overlap the {reference_name} (its physical extent lies elsewhere); "
+                         "give a map registered to this scan.")
 
 
 def _corners(image: sitk.Image) -> np.ndarray:
@@ -138,6 +148,8 @@ def fat_fraction_from_dixon(water: sitk.Image, fat: sitk.Image, reference: sitk.
     """
     _check_non_negative(water, "water")
     _check_non_negative(fat, "fat")
+    for image, what in ((water, "water"), (fat, "fat")):  # each against the scan first: says which one is astray
+        _require_overlap(image, reference, what)
     fat_on_water = map_on_grid(fat, water, "fat", "water image")
     percent = dixon_fat_fraction(sitk.GetArrayFromImage(water), np.nan_to_num(fat_on_water, nan=0.0))
     percent[np.isnan(fat_on_water)] = np.nan
@@ -145,7 +157,7 @@ def fat_fraction_from_dixon(water: sitk.Image, fat: sitk.Image, reference: sitk.
     ff_image.CopyInformation(water)
     return QuantitativeMap(FAT_FRACTION, map_on_grid(ff_image, reference, "Dixon"),
                            f"fat fraction 100·F/(W+F) in percent, voxels with W+F under "
-                           f"{NOISE_FLOOR_FRACTION:.0%} of its 99th percentile left out")
+                           f"{NOISE_FLOOR_FRACTION:.0%} of its 99th percentile left out", noise_floor=True)
 
 
 def fat_fraction_from_map(image: sitk.Image, reference: sitk.Image) -> QuantitativeMap:
@@ -297,13 +309,33 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
         segmented = (label_voxels > 0) & (label_voxels <= n_labels)
         # No muscle at all is the caller's to say (wrong region, empty result), not the map's fault.
         if segmented.any() and not np.isfinite(quantity.values[segmented]).any():
-            why = ("all of them lie under its noise floor" if quantity.name == FAT_FRACTION
-                   else "its values there are all missing")
+            why = "all of them lie under its noise floor" if quantity.noise_floor else "its values there are all missing"
             raise InputError(f"the {quantity.name} map has no value on any segmented muscle voxel "
                              f"(it does not overlap the muscles, or {why}).")
-        for value, summary in summarise_by_label(quantity.values, eroded, n_labels).items():
+        summaries = summarise_by_label(quantity.values, eroded, n_labels)
+        _warn_about_partial_cover(quantity, summaries, eroded, table)
+        for value, summary in summaries.items():
             row = columns[value]
             row.update({f"{quantity.name}_{field}": summary[field] for field in SUMMARY_FIELDS})
             if quantity.name == FAT_FRACTION:
                 row[f"{FAT_FRACTION}_voxels"] = summary["voxels"]
     return columns
+
+
+def _warn_about_partial_cover(quantity: QuantitativeMap, summaries: dict[int, dict[str, Any]], eroded: np.ndarray,
+                              table: LabelTable) -> None:
+    """Log the muscles where ``quantity`` has values on under :data:`PARTIAL_COVER` of the voxels measured
+    (``eroded``, (z, y, x) volume labels): a map covering a few slices gives figures of that part only.
+    Muscles without any value are :func:`dafne_logic.commands.quantitative_options.warn_about_empty_cells`'s."""
+    n_labels = 2 * table.n_muscles
+    inside = eroded[(eroded > 0) & (eroded <= n_labels)].astype(np.intp)
+    measured = np.bincount(inside, minlength=n_labels + 1)
+    names = {label.value: label.name for label in table.volume_labels()}
+    partial = [f"{names[value]} ({100 * summary['voxels'] / measured[value]:.0f} %)"
+               for value, summary in summaries.items()
+               if 0 < summary["voxels"] < PARTIAL_COVER * measured[value]]
+    if partial:
+        where = "the map covers part of them, or they lie under its noise floor" if quantity.noise_floor \
+            else "the map covers part of them, or its values there are missing"
+        log.warning("%s: values on under %d %% of the voxels measured in %s (%s); their figures describe that part only",
+                    quantity.name, round(100 * PARTIAL_COVER), ", ".join(partial), where)
