@@ -121,3 +121,47 @@ def test_on_windows_a_file_held_open_elsewhere_is_retried_then_named(tmp_path: P
     with pytest.raises(PermissionError) as caught:
         atomic_write_text(target, "newer\n")
     assert "another program" not in str(caught.value)
+
+
+def _refuse_in(folder: Path, real, exc_for):
+    """``os.open``/``os.mkdir`` stand-in: the real call, except in ``folder``, where ``exc_for(path)`` is raised."""
+    calls: list[str] = []
+
+    def call(path, *args, **kwargs):
+        if Path(path).parent == folder:
+            calls.append(str(path))
+            exc = exc_for(Path(path))
+            if exc is not None:
+                raise exc
+        return real(path, *args, **kwargs)
+
+    return call, calls
+
+
+def test_a_folder_denying_new_files_is_refused_at_once_on_windows(tmp_path: Path, monkeypatch):
+    """Windows answers an access-list denial with PermissionError, as it answers a name taken by a
+    folder; tempfile.mkstemp retries it while os.access (which reads only the read-only flag) says
+    yes: 2**31 times on Python 3.12. The denial here stands in for the access list."""
+    import dafne_logic.core.atomic as atomic
+
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    denied, calls = _refuse_in(tmp_path, os.open, lambda p: PermissionError(13, "Access is denied", str(p)))
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(PermissionError):
+        atomic.unique_file(tmp_path, ".x-")
+    with pytest.raises(PermissionError):
+        atomic_write_text(tmp_path / "a.csv", "x")
+    assert len(calls) == 2 and not list(tmp_path.iterdir())
+
+
+def test_a_name_taken_by_a_folder_is_skipped_on_windows(tmp_path: Path, monkeypatch):
+    import dafne_logic.core.atomic as atomic
+
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    names = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: next(names))
+    (tmp_path / ".x-aaaaaaaaaaaa").mkdir()
+    as_windows, _ = _refuse_in(tmp_path, os.open,
+                               lambda p: PermissionError(13, "Access is denied", str(p)) if p.is_dir() else None)
+    monkeypatch.setattr(os, "open", as_windows)
+    assert atomic.unique_file(tmp_path, ".x-").name == ".x-bbbbbbbbbbbb"

@@ -68,3 +68,32 @@ def test_on_windows_an_output_held_open_elsewhere_is_refused_before_any_work(tmp
         check_outputs([("--stats", held)], [])
     check_outputs([("--stats", free), ("--csa", tmp_path / "new.csv")], [])
     assert held.read_text(encoding="utf-8") == free.read_text(encoding="utf-8") == "case\n"  # nothing written
+
+
+def test_the_write_check_leaves_nothing_and_asks_for_a_folder_where_one_is_to_be_made(tmp_path: Path, monkeypatch):
+    check_outputs([("--csv", tmp_path / "s.csv"), ("--csa", tmp_path / "new" / "deeper" / "a.csv")], [])
+    assert not list(tmp_path.iterdir())
+    real_mkdir = os.mkdir
+
+    def no_new_folders(path, *args, **kwargs):  # stands in for a Windows access list granting files only
+        if Path(path).parent == tmp_path:
+            raise PermissionError(13, "Access is denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", no_new_folders)
+    check_outputs([("--csv", tmp_path / "s.csv")], [])  # a file in the folder: still fine
+    with pytest.raises(InputError, match="does not take new folders"):
+        check_outputs([("--csa", tmp_path / "new" / "a.csv")], [])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_write_check_file_held_a_moment_by_another_program_does_not_stop_the_command(tmp_path: Path, monkeypatch):
+    real_unlink = os.unlink
+
+    def held(path, *args, **kwargs):  # a virus scanner holding the new file (Windows error 32)
+        if Path(path).name.startswith(".dafne-write-check-"):
+            raise PermissionError(13, "The process cannot access the file", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", held)
+    check_outputs([("--csv", tmp_path / "s.csv")], [])

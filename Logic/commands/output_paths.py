@@ -9,7 +9,6 @@ after the first files are written.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -69,21 +68,28 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
 
 def _check_folder_can_exist(option: str, path: Path) -> None:
     """Refuse an output whose folder cannot be made because a file stands where a folder would be
-    (``--csa notes.txt/areas.csv``), or that cannot be written in (read-only, full, a system folder):
-    found after the first outputs were written, it would leave them. The nearest existing folder
-    is asked by making and removing an empty file in it, which answers on every platform (file
-    permissions alone do not: ACLs on Windows, root on POSIX)."""
+    (``--csa notes.txt/areas.csv``), or that cannot be written in (read-only, a system folder):
+    found after the first outputs were written, it would leave them. The nearest existing folder is
+    asked by making and removing an empty file in it (a folder, where the output's folder is still to
+    be made: Windows grants the two separately), which answers on every platform where permission
+    bits do not (access lists on Windows; root on POSIX). A full disk still shows only when writing."""
     for folder in path.absolute().parents:
         if folder.exists():
             if not folder.is_dir():
                 raise InputError(f"{option} {path} cannot be written: {folder} is a file, not a folder.")
+            makes_folder = folder != path.absolute().parent
             try:
-                handle, probe = tempfile.mkstemp(prefix=".dafne-write-check-", dir=folder)
+                probe = (atomic.unique_folder if makes_folder else atomic.unique_file)(folder, ".dafne-write-check-")
             except OSError as exc:
-                raise InputError(f"{option} {path} cannot be written: {folder} does not take new files "
-                                 f"({exc.strerror or exc}).") from None
-            os.close(handle)
-            os.unlink(probe)
+                raise InputError(f"{option} {path} cannot be written: {folder} does not take new "
+                                 f"{'folders' if makes_folder else 'files'} ({exc.strerror or exc}).") from None
+            try:  # a virus scanner or cloud sync may hold the new file a moment: the check has answered
+                if makes_folder:
+                    probe.rmdir()
+                else:
+                    probe.unlink()
+            except OSError:
+                pass
             return
 
 

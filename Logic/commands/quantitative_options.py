@@ -100,7 +100,8 @@ def warn_about_empty_cells(rows: list[dict], maps: list[QuantitativeMap], erode_
     for quantity in maps:
         empty = [row["name"] for row in rows if row["voxel_count"] and row.get(f"{quantity.name}_mean") is None]
         if empty:
-            why = "outside the map, or under its noise floor" if quantity.noise_floor else "outside the map"
+            why = ("outside the map, or under its noise floor" if quantity.noise_floor
+                   else "outside the map, or its values there are missing")
             warnings.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm "
                             f"erosion, or {why}); their cells are empty")
             log.warning("%s", warnings[-1])

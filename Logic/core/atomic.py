@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +38,42 @@ def replace_file(source: Path, target: Path, retry_s: float | None = None) -> No
             time.sleep(0.1)
 
 
+UNIQUE_NAME_TRIES = 100  # random 12-hex-digit names: a clash is already rare, a hundred impossible
+
+
+def unique_file(folder: Path, prefix: str, suffix: str = "") -> Path:
+    """Create a new empty file ``prefix + random + suffix`` in ``folder`` (mode 0600) and return its path.
+
+    What :func:`tempfile.mkstemp` does, without its Windows trap: there a PermissionError is taken
+    for a folder of the chosen name and retried while ``os.access`` calls the folder writable, which
+    on Windows reads only the read-only flag; a folder whose access list denies new files is then
+    retried 2**31 times on Python 3.12 (CPython gh-66305) instead of refused. Here only a name
+    already taken is retried; a denial is raised at once.
+    """
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOINHERIT", 0) | getattr(os, "O_BINARY", 0)
+    return _unique(folder, prefix, suffix, lambda path: os.close(os.open(path, flags, 0o600)))
+
+
+def unique_folder(folder: Path, prefix: str) -> Path:
+    """Create a new empty folder ``prefix + random`` in ``folder`` (mode 0700), as :func:`unique_file`."""
+    return _unique(folder, prefix, "", lambda path: os.mkdir(path, 0o700))
+
+
+def _unique(folder: Path, prefix: str, suffix: str, create) -> Path:
+    for _ in range(UNIQUE_NAME_TRIES):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
+        except PermissionError:
+            if WINDOWS and path.exists():  # how Windows answers a name taken by a folder
+                continue
+            raise
+    raise FileExistsError(errno.EEXIST, "no unused name found", str(folder))
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -60,10 +96,8 @@ def atomic_path(target: str | os.PathLike[str], owner_only: bool = False,
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes).lower() or ".tmp"
     with _naming(target):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    if not owner_only:  # mkstemp creates 0600 files; outputs get the permissions a plain open() would give
+        tmp = unique_file(target.parent, f".{target.name.split('.')[0]}-", suffix)
+    if not owner_only:  # created 0600; outputs get the permissions a plain open() would give
         os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         with _naming(target, tmp):  # a full disk while writing, a folder in the way when renaming
@@ -107,13 +141,13 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _naming(target):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o777 & ~_current_umask())  # mkdtemp makes 0700 folders
+        tmp = unique_folder(target.parent, f".{target.name}-")
+    tmp.chmod(0o777 & ~_current_umask())  # made 0700
     try:
         yield tmp
         with _naming(target):  # the renames only: errors in the caller's writes name the caller's files
             if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+                old = unique_folder(target.parent, f".{target.name}-old-")
                 os.replace(target, old / "x")
                 os.replace(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
