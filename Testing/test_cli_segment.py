@@ -15,7 +15,8 @@ from dafne_logic.phantoms.images import make_phantom
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dafne_logic.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "dafne_logic.cli", *args], capture_output=True, text=True, encoding="utf-8",
+                          cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -40,7 +42,18 @@ def test_four_d_file_with_one_time_point_reads_as_its_volume(tmp_path):
 
 
 def _write_dicom_series(folder, image: sitk.Image, series_uid: str, description: str, prefix: str) -> None:
-    """Write ``image`` slice by slice as an MR DICOM series with full geometry tags."""
+    """Write ``image`` slice by slice as an MR DICOM series with full geometry tags.
+
+    GDCM's writer leaves the process's LC_CTYPE at "C" (SimpleITK 2.5): put back, or every later
+    test decoding a subprocess's UTF-8 output with the locale's encoding would read ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(folder, image, series_uid, description, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(folder, image: sitk.Image, series_uid: str, description: str, prefix: str) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = np.array(image.GetDirection()).reshape(3, 3)
