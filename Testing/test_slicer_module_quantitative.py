@@ -90,6 +90,17 @@ def test_a_scanner_fat_fraction_map_is_read_on_its_detected_scale_and_the_status
     assert f"read as {detected}" in parts["view"].statuses[-1]
 
 
+def test_the_status_says_which_muscles_a_map_covers_in_part_or_not_at_all():
+    """What the command line logs as warnings, Slicer says in the status line: a T2 map of one slice."""
+    controller, parts, volume = _segmented()
+    t2 = sitk.Cast(volume.image[:, :, :1], sitk.sitkFloat32)  # the first slice only, in place
+    controller.statistics(MapSelection(others=[("T2", Node("t2", image=t2))], erode_mm=0.0))
+    status = parts["view"].statuses[-1]
+    assert parts["view"].errors == [] and "T2: values on under 50 % of the voxels measured in" in status
+    controller.statistics(MapSelection(others=[("T2", volume)], erode_mm=0.0))
+    assert "values on under" not in parts["view"].statuses[-1]
+
+
 def test_statistics_without_maps_draw_no_chart_and_a_lone_water_volume_is_one_sentence():
     controller, parts, volume = _segmented()
     controller.statistics()

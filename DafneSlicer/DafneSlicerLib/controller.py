@@ -480,7 +480,9 @@ class DafneController:
             selection = maps or MapSelection()
             quantities = [] if selection.empty else self.scene.maps_of(case.image, case.volume_node, selection)
             erode_mm = DEFAULT_ERODE_MM if selection.erode_mm is None else selection.erode_mm
-            case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities, erode_mm=erode_mm)
+            warnings: list[str] = []  # muscles a map gives no value for or covers in part: said in the status line
+            case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities,
+                                                erode_mm=erode_mm, warnings=warnings)
             if case.confidence.per_label:  # a case adopted from a saved segmentation has no network output to judge
                 add_confidence_columns(case.statistics, case.confidence.per_label)
             name = self.scene.node_name(case.volume_node)
@@ -490,9 +492,10 @@ class DafneController:
                 self.scene.show_fat_fraction_chart(case.statistics, case.table, f"{name} fat fraction")
                 # A scanner map's scale (0-1 or 0-100) is detected: say which, as the command line logs it.
                 scale = f" The {quantities[0].note}." if selection.fat_fraction is not None else ""
-                self.view.set_status(f"Statistics and fat fraction of {present} muscles shown in the table and chart.{scale}")
+                self.view.set_status(f"Statistics and fat fraction of {present} muscles shown in the table and chart."
+                                     f"{scale}{_sentences(warnings)}")
             else:
-                self.view.set_status(f"Statistics of {present} muscles shown in the table.")
+                self.view.set_status(f"Statistics of {present} muscles shown in the table.{_sentences(warnings)}")
         self.guarded(action)
 
     def cross_sectional_areas(self) -> None:
@@ -570,3 +573,8 @@ class DafneController:
             self._run("Contributing", lambda work_dir: worker.push_request(work_dir, latest.path, self.sync.config_path),
                       done, self._sync_failed)
         self.guarded(action)
+
+
+def _sentences(lines: list[str]) -> str:
+    """Warning lines appended to a status message, each as a sentence ("" for none)."""
+    return "".join(f" {line}." for line in lines)

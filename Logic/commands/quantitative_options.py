@@ -83,27 +83,11 @@ def load_maps(args: argparse.Namespace, reference: sitk.Image) -> list[Quantitat
     return maps
 
 
-def log_notes(maps: list[QuantitativeMap]) -> None:
-    """Log how each map's values were made (units, scale detected): once measured, so that a map
-    refused while measuring gives its one sentence alone."""
+def report(maps: list[QuantitativeMap], warnings: list[str]) -> None:
+    """Log how each map's values were made (units, scale detected), then the warnings of the measurement
+    (``muscle_statistics(..., warnings=...)``: muscles without a value, maps covering part of one).
+    Called once measured, so that a map refused while measuring gives its one sentence alone."""
     for quantity in maps:
         log.info("%s", quantity.note)
-
-
-def warn_about_empty_cells(rows: list[dict], maps: list[QuantitativeMap], erode_mm: float) -> list[str]:
-    """Log, per map, the segmented muscles it gave no value for (eroded away, or outside the map's cover).
-
-    Their cells in the CSV are empty; the log says why, so a thin muscle or a short map is not taken
-    for a bug. Returns the warnings (one line per map that has such muscles).
-    """
-    warnings = []
-    for quantity in maps:
-        empty = [row["name"] for row in rows if row["voxel_count"] and row.get(f"{quantity.name}_mean") is None]
-        if empty:
-            why = ("outside the map, or under its noise floor" if quantity.noise_floor
-                   else "outside the map, or its values there are missing")
-            warnings.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm "
-                            f"erosion, or {why}); their cells are empty")
-            log.warning("%s", warnings[-1])
-    return warnings
-
+    for line in warnings:
+        log.warning("%s", line)

@@ -152,9 +152,10 @@ def run(args: argparse.Namespace) -> int:
                 labels, confidence = (segment_with_confidence(image, model, **options) if args.stats
                                       else (segment_volume(image, model, **options), Confidence()))
             # Measured before the segmentation is written: a map that misses the muscles writes nothing.
-            case_rows = muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm) if args.stats else []
-            quantitative_options.log_notes(maps)
-            quantitative_options.warn_about_empty_cells(case_rows, maps, args.erode_mm)
+            warnings: list[str] = []
+            case_rows = (muscle_statistics(image, labels, model.labels, maps=maps, erode_mm=args.erode_mm, warnings=warnings)
+                         if args.stats else [])
+            quantitative_options.report(maps, warnings)
             add_confidence_columns(case_rows, confidence.per_label)
             case_areas = cross_sectional_areas(labels, model.labels) if args.csa else []
             if out.name.lower().endswith(DICOM_SEG_SUFFIX):

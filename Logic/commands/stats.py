@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         log.warning("not in the %s label table, left out: %s", table.region, ", ".join(unknown))
     labels = resample_labels(labels, image)
     maps = quantitative_options.load_maps(args, image)
-    rows = muscle_statistics(image, labels, table, maps=maps, erode_mm=args.erode_mm)
-    quantitative_options.log_notes(maps)
-    quantitative_options.warn_about_empty_cells(rows, maps, args.erode_mm)
+    warnings: list[str] = []
+    rows = muscle_statistics(image, labels, table, maps=maps, erode_mm=args.erode_mm, warnings=warnings)
+    quantitative_options.report(maps, warnings)
     if not any(row["voxel_count"] for row in rows):
         raise DafneError(f"{args.segmentation} has no voxel of any {table.region} muscle on the image; nothing written.")
     areas = cross_sectional_areas(labels, table) if args.csa else []

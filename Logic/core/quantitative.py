@@ -17,7 +17,6 @@ behind :data:`DEFAULT_ERODE_MM`).
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -39,8 +38,6 @@ NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sit
 # phantoms (bench/results/fat_fraction.txt): the smallest erosion within 0.1 point of the lowest mean error.
 DEFAULT_ERODE_MM = 2.0
 PARTIAL_COVER = 0.5  # a map with values on less of a muscle's measured voxels than this is reported
-
-log = logging.getLogger(__name__)
 FAT_FRACTION = "fat_fraction"  # column prefix of the fat fraction
 SUMMARY_FIELDS = ("mean", "median", "sd")
 _MAP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*")
@@ -290,12 +287,14 @@ def summarise_by_label(values: np.ndarray, labels: np.ndarray, n_labels: int) ->
 
 
 def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table: LabelTable,
-                         erode_mm: float = DEFAULT_ERODE_MM) -> dict[int, dict[str, Any]]:
+                         erode_mm: float = DEFAULT_ERODE_MM, warnings: list[str] | None = None) -> dict[int, dict[str, Any]]:
     """Per volume label, the columns ``NAME_mean``, ``NAME_median``, ``NAME_sd`` of every map.
 
     The fat fraction also gets ``fat_fraction_voxels`` (voxels used: after erosion and the noise
     floor). ``labels`` holds volume labels of ``table`` on the grid the maps were carried onto.
     Raises InputError when a map has no value on any segmented voxel (it misses the muscles).
+    ``warnings``, if given, receives one line per map that leaves segmented muscles without a value
+    or covers under :data:`PARTIAL_COVER` of one's measured voxels (see :func:`cover_warnings`).
     """
     columns: dict[int, dict[str, Any]] = {label.value: {} for label in table.volume_labels()}
     if not maps:
@@ -313,7 +312,8 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
             raise InputError(f"the {quantity.name} map has no value on any segmented muscle voxel "
                              f"(it does not overlap the muscles, or {why}).")
         summaries = summarise_by_label(quantity.values, eroded, n_labels)
-        _warn_about_partial_cover(quantity, summaries, eroded, table)
+        if warnings is not None:
+            warnings.extend(cover_warnings(quantity, summaries, label_voxels, eroded, table, erode_mm))
         for value, summary in summaries.items():
             row = columns[value]
             row.update({f"{quantity.name}_{field}": summary[field] for field in SUMMARY_FIELDS})
@@ -322,20 +322,33 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
     return columns
 
 
-def _warn_about_partial_cover(quantity: QuantitativeMap, summaries: dict[int, dict[str, Any]], eroded: np.ndarray,
-                              table: LabelTable) -> None:
-    """Log the muscles where ``quantity`` has values on under :data:`PARTIAL_COVER` of the voxels measured
-    (``eroded``, (z, y, x) volume labels): a map covering a few slices gives figures of that part only.
-    Muscles without any value are :func:`dafne_logic.commands.quantitative_options.warn_about_empty_cells`'s."""
+def cover_warnings(quantity: QuantitativeMap, summaries: dict[int, dict[str, Any]], labels: np.ndarray,
+                   eroded: np.ndarray, table: LabelTable, erode_mm: float) -> list[str]:
+    """What a user should know about where ``quantity`` had no values, one line per kind (0–2 lines).
+
+    ``summaries`` (:func:`summarise_by_label` of the map over ``eroded``), ``labels`` and ``eroded``
+    ((z, y, x) volume labels before and after erosion). Muscles segmented but left without any value
+    (eroded away, outside the map, values missing) get empty cells; muscles where the map has values
+    on under :data:`PARTIAL_COVER` of the voxels measured (a map of a few slices) get figures of that
+    part only.
+    """
     n_labels = 2 * table.n_muscles
-    inside = eroded[(eroded > 0) & (eroded <= n_labels)].astype(np.intp)
-    measured = np.bincount(inside, minlength=n_labels + 1)
+
+    def per_label(array: np.ndarray) -> np.ndarray:
+        return np.bincount(array[(array > 0) & (array <= n_labels)].astype(np.intp), minlength=n_labels + 1)
+
+    segmented, measured = per_label(labels), per_label(eroded)
     names = {label.value: label.name for label in table.volume_labels()}
-    partial = [f"{names[value]} ({100 * summary['voxels'] / measured[value]:.0f} %)"
-               for value, summary in summaries.items()
-               if 0 < summary["voxels"] < PARTIAL_COVER * measured[value]]
+    empty = [names[v] for v, summary in summaries.items() if segmented[v] and not summary["voxels"]]
+    partial = [f"{names[v]} ({100 * summary['voxels'] / measured[v]:.0f} %)" for v, summary in summaries.items()
+               if 0 < summary["voxels"] < PARTIAL_COVER * measured[v]]
+    missing = "under its noise floor" if quantity.noise_floor else "its values there are missing"
+    lines = []
+    if empty:
+        lines.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm erosion, "
+                     f"outside the map, or {missing}); their cells are empty")
     if partial:
-        where = "the map covers part of them, or they lie under its noise floor" if quantity.noise_floor \
-            else "the map covers part of them, or its values there are missing"
-        log.warning("%s: values on under %d %% of the voxels measured in %s (%s); their figures describe that part only",
-                    quantity.name, round(100 * PARTIAL_COVER), ", ".join(partial), where)
+        lines.append(f"{quantity.name}: values on under {round(100 * PARTIAL_COVER)} % of the voxels measured in "
+                     f"{', '.join(partial)} (the map covers part of them, or {missing}); their figures describe "
+                     "that part only")
+    return lines

@@ -29,7 +29,8 @@ STAT_FIELDS = (
 
 
 def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable, *,
-                      maps: Sequence[QuantitativeMap] = (), erode_mm: float = DEFAULT_ERODE_MM) -> list[dict[str, Any]]:
+                      maps: Sequence[QuantitativeMap] = (), erode_mm: float = DEFAULT_ERODE_MM,
+                      warnings: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per volume label of ``table`` (right muscles, then left), present or not.
 
     ``labels`` holds volume labels on the grid of ``image`` (same size, spacing, origin, direction).
@@ -43,7 +44,8 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable, 
 
     ``maps`` (on the image grid, see :mod:`dafne_logic.core.quantitative`) add ``NAME_mean``,
     ``NAME_median``, ``NAME_sd`` per map (and ``fat_fraction_voxels``), measured inside each muscle
-    eroded in-plane by ``erode_mm``.
+    eroded in-plane by ``erode_mm``; ``warnings``, if given, receives a line per map that leaves
+    muscles without a value or covers part of one (:func:`dafne_logic.core.quantitative.cover_warnings`).
     """
     if not same_grid(image, labels):
         raise InputError("the segmentation does not lie on the image grid (size, spacing, origin or direction differ).")
@@ -74,7 +76,7 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable, 
 
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     largest = maximal_areas(cross_sectional_areas(labels, table))
-    quantities = quantitative_columns(labels, list(maps), table, erode_mm)
+    quantities = quantitative_columns(labels, list(maps), table, erode_mm, warnings)
     rows = []
     for label in table.volume_labels():
         v, n = label.value, int(counts[label.value])
