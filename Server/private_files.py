@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from dafne_logic.core.atomic import unique_file
+from dafne_logic.core.atomic import open_unique_file
 
 POSIX = os.name == "posix"  # module constant, so tests can take the Windows path on any system
 DIR_MODE, FILE_MODE = 0o700, 0o600
@@ -42,15 +42,15 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
 def write_durable(target: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``target`` atomically (temporary file + rename) and durably, owner-only.
 
-    The temporary file is hidden (``.name``) beside the target, created 0600 by
-    :func:`dafne_logic.core.atomic.unique_file` (not ``tempfile.mkstemp``, which on Windows retries a
-    folder whose access list denies new files 2**31 times instead of failing).
+    The temporary file is hidden (``.name``) beside the target, created 0600 and kept open by
+    :func:`dafne_logic.core.atomic.open_unique_file` (not ``tempfile.mkstemp``, which on Windows retries
+    a folder whose access list denies new files 2**31 times instead of failing).
     """
     target = Path(target)
     folder = private_dir(target.parent)
-    tmp = unique_file(folder, ".")
+    fd, tmp = open_unique_file(folder, ".")
     try:
-        with open(tmp, "wb") as handle:
+        with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from dafne_logic.phantoms.images import make_phantom
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # UTF-8 both ways, whatever the locale (GDCM may have set C) or the code page (Windows) says.
     return subprocess.run([sys.executable, "-m", "dafne_logic.cli", *args], capture_output=True, text=True, encoding="utf-8",
-                          cwd=cwd)
+                          cwd=cwd, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
 
 
 @pytest.fixture(scope="module")

@@ -293,3 +293,25 @@ def test_errors_name_the_right_image_and_the_right_reason():
                                                       noise_floor=True)], LEG)
     with pytest.raises(InputError, match=r"its values there are all missing\)"):  # a scanner's map has none
         quantitative_columns(labels, [QuantitativeMap("fat_fraction", np.full((2, 16, 16), np.nan), "ff")], LEG)
+
+
+def test_cover_warnings_say_which_muscles_lack_values_and_why(caplog):
+    """Right soleus (9×9 on both slices) has values on 4 of its 18 rows (22 %); left soleus (one voxel) none."""
+    reference = make_image(shape_zyx=(2, 16, 16), spacing=(1.0, 1.0, 4.0))
+    labels = _block_labels(reference)
+    values = np.full((2, 16, 16), np.nan)
+    values[1, :6] = 40.0
+    values[1, 2, 2] = 60.0
+    warnings: list[str] = []
+    quantitative_columns(labels, [QuantitativeMap("T2", values, "T2 map")], LEG, erode_mm=0.0, warnings=warnings)
+    assert warnings == [
+        "T2: no value left in left soleus (outside the map, or its values there are missing); their cells are empty",
+        "T2: values on under 50 % of the voxels measured in right soleus (22 %) (the map covers part of them, or its "
+        "values there are missing); their figures describe that part only"]
+    dixon: list[str] = []
+    quantitative_columns(labels, [QuantitativeMap("fat_fraction", values, "ff", noise_floor=True)], LEG, erode_mm=1.0,
+                         warnings=dixon)
+    assert "eroded away by the 1 mm erosion" in dixon[0] and "or they lie under its noise floor" in dixon[0]
+    with caplog.at_level("WARNING"):  # a caller that collects none: logged, not lost
+        quantitative_columns(labels, [QuantitativeMap("T2", values, "T2 map")], LEG, erode_mm=0.0)
+    assert "no value left in left soleus" in caplog.text and "right soleus (22 %)" in caplog.text

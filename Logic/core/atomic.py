@@ -50,8 +50,18 @@ def unique_file(folder: Path, prefix: str, suffix: str = "") -> Path:
     retried 2**31 times on Python 3.12 (CPython gh-66305) instead of refused. Here only a name
     already taken is retried; a denial is raised at once.
     """
+    handle, path = open_unique_file(folder, prefix, suffix)
+    os.close(handle)
+    return path
+
+
+def open_unique_file(folder: Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """:func:`unique_file`, kept open: (file descriptor for writing, path). Writing through it leaves no
+    moment in which another program (a virus scanner, cloud sync on Windows) could take the new file."""
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOINHERIT", 0) | getattr(os, "O_BINARY", 0)
-    return _unique(folder, prefix, suffix, lambda path: os.close(os.open(path, flags, 0o600)))
+    opened: list[int] = []
+    path = _unique(folder, prefix, suffix, lambda candidate: opened.append(os.open(candidate, flags, 0o600)))
+    return opened[0], path
 
 
 def unique_folder(folder: Path, prefix: str) -> Path:

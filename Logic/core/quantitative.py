@@ -17,6 +17,7 @@ behind :data:`DEFAULT_ERODE_MM`).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sit
 # phantoms (bench/results/fat_fraction.txt): the smallest erosion within 0.1 point of the lowest mean error.
 DEFAULT_ERODE_MM = 2.0
 PARTIAL_COVER = 0.5  # a map with values on less of a muscle's measured voxels than this is reported
+
+log = logging.getLogger(__name__)
 FAT_FRACTION = "fat_fraction"  # column prefix of the fat fraction
 SUMMARY_FIELDS = ("mean", "median", "sd")
 _MAP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*")
@@ -294,7 +297,8 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
     floor). ``labels`` holds volume labels of ``table`` on the grid the maps were carried onto.
     Raises InputError when a map has no value on any segmented voxel (it misses the muscles).
     ``warnings``, if given, receives one line per map that leaves segmented muscles without a value
-    or covers under :data:`PARTIAL_COVER` of one's measured voxels (see :func:`cover_warnings`).
+    or covers under :data:`PARTIAL_COVER` of one's measured voxels (see :func:`cover_warnings`);
+    without it they are logged.
     """
     columns: dict[int, dict[str, Any]] = {label.value: {} for label in table.volume_labels()}
     if not maps:
@@ -312,8 +316,12 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
             raise InputError(f"the {quantity.name} map has no value on any segmented muscle voxel "
                              f"(it does not overlap the muscles, or {why}).")
         summaries = summarise_by_label(quantity.values, eroded, n_labels)
-        if warnings is not None:
-            warnings.extend(cover_warnings(quantity, summaries, label_voxels, eroded, table, erode_mm))
+        lines = cover_warnings(quantity, summaries, label_voxels, eroded, table, erode_mm)
+        if warnings is None:  # a caller that does not collect them (a script): logged, not lost
+            for line in lines:
+                log.warning("%s", line)
+        else:
+            warnings.extend(lines)
         for value, summary in summaries.items():
             row = columns[value]
             row.update({f"{quantity.name}_{field}": summary[field] for field in SUMMARY_FIELDS})
@@ -342,11 +350,12 @@ def cover_warnings(quantity: QuantitativeMap, summaries: dict[int, dict[str, Any
     empty = [names[v] for v, summary in summaries.items() if segmented[v] and not summary["voxels"]]
     partial = [f"{names[v]} ({100 * summary['voxels'] / measured[v]:.0f} %)" for v, summary in summaries.items()
                if 0 < summary["voxels"] < PARTIAL_COVER * measured[v]]
-    missing = "under its noise floor" if quantity.noise_floor else "its values there are missing"
+    missing = "they lie under its noise floor" if quantity.noise_floor else "its values there are missing"
+    eroded_away = f"eroded away by the {erode_mm:g} mm erosion, " if erode_mm > 0 else ""
     lines = []
     if empty:
-        lines.append(f"{quantity.name}: no value left in {', '.join(empty)} (after the {erode_mm:g} mm erosion, "
-                     f"outside the map, or {missing}); their cells are empty")
+        lines.append(f"{quantity.name}: no value left in {', '.join(empty)} ({eroded_away}outside the map, or "
+                     f"{missing}); their cells are empty")
     if partial:
         lines.append(f"{quantity.name}: values on under {round(100 * PARTIAL_COVER)} % of the voxels measured in "
                      f"{', '.join(partial)} (the map covers part of them, or {missing}); their figures describe "

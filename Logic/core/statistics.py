@@ -45,7 +45,8 @@ def muscle_statistics(image: sitk.Image, labels: sitk.Image, table: LabelTable, 
     ``maps`` (on the image grid, see :mod:`dafne_logic.core.quantitative`) add ``NAME_mean``,
     ``NAME_median``, ``NAME_sd`` per map (and ``fat_fraction_voxels``), measured inside each muscle
     eroded in-plane by ``erode_mm``; ``warnings``, if given, receives a line per map that leaves
-    muscles without a value or covers part of one (:func:`dafne_logic.core.quantitative.cover_warnings`).
+    muscles without a value or covers part of one (:func:`dafne_logic.core.quantitative.cover_warnings`);
+    without it those lines are logged.
     """
     if not same_grid(image, labels):
         raise InputError("the segmentation does not lie on the image grid (size, spacing, origin or direction differ).")
