@@ -116,11 +116,23 @@ def test_labels_with_the_in_plane_axes_swapped_are_refused_though_the_first_pixe
     assert not (tmp_path / "x.dcm").exists()
 
 
-def test_segment_writes_a_dicom_seg_of_a_dicom_series(dicom_case, tmp_path, capsys):
+def _count_listings(monkeypatch) -> list:
+    """Each listing of a DICOM folder's series (headers of every file read), recorded."""
+    import dafne_logic.core.io as io
+
+    listings: list = []
+    real_listing = io.list_dicom_series
+    monkeypatch.setattr(io, "list_dicom_series", lambda *a, **k: listings.append(a) or real_listing(*a, **k))
+    return listings
+
+
+def test_segment_writes_a_dicom_seg_of_a_dicom_series(dicom_case, tmp_path, capsys, monkeypatch):
     series, _ = dicom_case
     folder = str(Path(series.files[0]).parent)
     out = tmp_path / "result.dcm"
+    listings = _count_listings(monkeypatch)
     assert main(["segment", folder, "--model", "leg", "--output", str(out), "--no-progress"]) == 0
+    assert len(listings) == 1  # the folder's headers are read once (a network share of thousands of files)
     seg = pydicom.dcmread(out)
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) >= 10
     assert "DafneSlicer leg" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName
@@ -179,13 +191,15 @@ def _stats_rows(args: list[str], out: Path) -> dict[str, dict[str, str]]:
         return {row["name"]: row for row in csv.DictReader(f)}
 
 
-def test_stats_measures_a_dicom_seg_like_the_label_map_it_was_written_from(dicom_case, tmp_path):
+def test_stats_measures_a_dicom_seg_like_the_label_map_it_was_written_from(dicom_case, tmp_path, monkeypatch):
     series, labels = dicom_case
     folder = Path(series.files[0]).parent
     seg_path, map_path = tmp_path / "result.dcm", tmp_path / "labels.nrrd"  # NIfTI would round the spacing
     write_dicom_seg(labels, series.files, LEG, seg_path)
     sitk.WriteImage(labels, str(map_path))
+    listings = _count_listings(monkeypatch)
     from_seg = _stats_rows([str(folder), str(seg_path)], tmp_path / "seg.csv")
+    assert len(listings) == 1  # as for segment
     from_map = _stats_rows([str(folder), str(map_path)], tmp_path / "map.csv")
     assert from_seg == from_map
     assert int(from_seg["right soleus"]["voxel_count"]) == int((sitk.GetArrayViewFromImage(labels) == 1).sum()) > 0

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
     from dafne_logic.core.dicom_seg import write_dicom_seg
-    from dafne_logic.core.io import choose_dicom_series, read_image, write_labels
+    from dafne_logic.core.io import read_image_and_series, write_labels
     from dafne_logic.core.labels import nothing_found_hint
     from dafne_logic.core.preprocessing import check_field_of_view
     from dafne_logic.core.preview import write_preview
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     failures: list[str] = []
     for path, out in zip(inputs, outputs, strict=True):
         try:
-            image = read_image(path, series_uid=args.series)
+            image, series = read_image_and_series(path, series_uid=args.series)
             check_field_of_view(image)  # before the progress bar: a spacing error is one sentence
             maps = quantitative_options.load_maps(args, image)  # before any work: bad maps write nothing
             with tqdm(total=100, desc=case_name(path), unit="%", disable=args.no_progress, leave=False) as bar:
@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
             add_confidence_columns(case_rows, confidence.per_label)
             case_areas = cross_sectional_areas(labels, model.labels) if args.csa else []
             if out.name.lower().endswith(DICOM_SEG_SUFFIX):
-                write_dicom_seg(labels, choose_dicom_series(path, args.series).files, model.labels, out,
+                assert series is not None, "a .dcm output is refused up front for an input that is no DICOM folder"
+                write_dicom_seg(labels, series.files, model.labels, out,
                                 algorithm_name=f"DafneSlicer {model.manifest.name}",
                                 algorithm_version=str(model.manifest.version))
             else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import SimpleITK as sitk
 
@@ -15,7 +14,7 @@ from dafne_logic.core.csa import cross_sectional_areas, write_csa_csv
 from dafne_logic.core.dicom_seg import is_dicom_seg_file, read_dicom_seg
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.grids import resample_labels
-from dafne_logic.core.io import choose_dicom_series, label_table_path, read_image, read_segmentation
+from dafne_logic.core.io import DicomSeries, label_table_path, read_image_and_series, read_segmentation
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
 
@@ -44,16 +43,16 @@ def label_table(model: str | None, region: str | None) -> LabelTable:
     return read_manifest(resolve_model_path(model)).labels
 
 
-def _read_labels(args: argparse.Namespace, image: sitk.Image, table: LabelTable) -> tuple[sitk.Image, list[str]]:
+def _read_labels(args: argparse.Namespace, image: sitk.Image, series: DicomSeries | None,
+                 table: LabelTable) -> tuple[sitk.Image, list[str]]:
     """The segmentation as volume labels, and the names matching none: a file, or a DICOM SEG of the
-    DICOM series given as the image (what ``segment --output x.dcm`` or a PACS sends back)."""
+    DICOM series the image was read from (what ``segment --output x.dcm`` or a PACS sends back)."""
     if not is_dicom_seg_file(args.segmentation):
         return read_segmentation(args.segmentation, table)
-    if not Path(args.image).is_dir():
+    if series is None:
         raise InputError(f"{args.segmentation} is a DICOM SEG: give the DICOM series folder it segments as the "
                          "image, not a file.")
-    files = choose_dicom_series(args.image, args.series).files
-    return read_dicom_seg(args.segmentation, image, files, table)
+    return read_dicom_seg(args.segmentation, image, series.files, table)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--csv", args.csv), ("--csa", args.csa)],
                   [args.image, args.segmentation, label_table_path(args.segmentation), *quantitative_options.map_files(args)])
     table = label_table(args.model, args.region)
-    image = read_image(args.image, series_uid=args.series)
-    labels, unknown = _read_labels(args, image, table)
+    image, series = read_image_and_series(args.image, series_uid=args.series)
+    labels, unknown = _read_labels(args, image, series, table)
     if unknown:
         log.warning("not in the %s label table, left out: %s", table.region, ", ".join(unknown))
     labels = resample_labels(labels, image)

@@ -112,18 +112,27 @@ def choose_dicom_series(folder: PathLike, series_uid: str | None = None) -> Dico
     return chosen
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image, DicomSeries]:
     chosen = choose_dicom_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
     image = reader.Execute()
     if image.GetDimension() == 2:  # a one-file series is still a (single-slice) volume
         image = sitk.JoinSeries(image)
-    return image
+    return image, chosen
 
 
 def read_image(path: PathLike, series_uid: str | None = None, missing_as_nan: bool = False) -> sitk.Image:
-    """Read a validated 3D scalar MR volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder).
+    """Read a validated 3D scalar MR volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder):
+    :func:`read_image_and_series` without the series."""
+    return read_image_and_series(path, series_uid, missing_as_nan)[0]
+
+
+def read_image_and_series(path: PathLike, series_uid: str | None = None,
+                          missing_as_nan: bool = False) -> tuple[sitk.Image, DicomSeries | None]:
+    """Read a validated 3D scalar MR volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder), and
+    the DICOM series it was read from (None for a file): its files are the sources of a DICOM SEG,
+    found here once rather than by listing the folder again.
 
     The image keeps the file's pixel type and full geometry (LPS origin, spacing in mm, direction).
     A 4D file whose fourth axis has length 1 is read as its 3D volume. ``series_uid`` picks one
@@ -134,9 +143,10 @@ def read_image(path: PathLike, series_uid: str | None = None, missing_as_nan: bo
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist.")
+    series = None
     try:
         if path.is_dir():
-            image = _read_dicom_folder(path, series_uid)
+            image, series = _read_dicom_folder(path, series_uid)
         else:
             image = sitk.ReadImage(str(path), imageIO=image_io_for(path))
     except RuntimeError as exc:
@@ -147,7 +157,7 @@ def read_image(path: PathLike, series_uid: str | None = None, missing_as_nan: bo
     validate_image(image, str(path), missing_as_nan)
     if not path.is_dir() and sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "NiftiImageIO":
         image = _non_finite_nifti(path, image, missing_as_nan)
-    return image
+    return image, series
 
 
 def _non_finite_nifti(path: Path, image: sitk.Image, missing_as_nan: bool) -> sitk.Image:
