@@ -39,11 +39,11 @@ NOISE_FLOOR_FRACTION = 0.05  # of the 99th percentile of W+F: background air sit
 # phantoms (bench/results/fat_fraction.txt): the smallest erosion within 0.1 point of the lowest mean error.
 DEFAULT_ERODE_MM = 2.0
 PARTIAL_COVER = 0.5  # a map with values on less of a muscle's measured voxels than this is reported
-
-log = logging.getLogger(__name__)
 FAT_FRACTION = "fat_fraction"  # column prefix of the fat fraction
 SUMMARY_FIELDS = ("mean", "median", "sd")
 _MAP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -306,17 +306,19 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
     label_voxels = sitk.GetArrayViewFromImage(labels)
     n_labels = 2 * table.n_muscles
     eroded = erode_labels_axially(labels, erode_mm)
+    # The same for every map: which voxels are muscle, and each muscle's voxels before and after erosion.
+    segmented = (label_voxels > 0) & (label_voxels <= n_labels)
+    counts = (_per_label_counts(label_voxels, n_labels), _per_label_counts(eroded, n_labels))
     for quantity in maps:
         if quantity.values.shape != label_voxels.shape:
             raise ValueError(f"{quantity.name} is {quantity.values.shape}, the labels {label_voxels.shape}")
-        segmented = (label_voxels > 0) & (label_voxels <= n_labels)
         # No muscle at all is the caller's to say (wrong region, empty result), not the map's fault.
         if segmented.any() and not np.isfinite(quantity.values[segmented]).any():
             why = "all of them lie under its noise floor" if quantity.noise_floor else "its values there are all missing"
             raise InputError(f"the {quantity.name} map has no value on any segmented muscle voxel "
                              f"(it does not overlap the muscles, or {why}).")
         summaries = summarise_by_label(quantity.values, eroded, n_labels)
-        lines = cover_warnings(quantity, summaries, label_voxels, eroded, table, erode_mm)
+        lines = cover_warnings(quantity, summaries, *counts, table, erode_mm)
         if warnings is None:  # a caller that does not collect them (a script): logged, not lost
             for line in lines:
                 log.warning("%s", line)
@@ -330,22 +332,21 @@ def quantitative_columns(labels: sitk.Image, maps: list[QuantitativeMap], table:
     return columns
 
 
-def cover_warnings(quantity: QuantitativeMap, summaries: dict[int, dict[str, Any]], labels: np.ndarray,
-                   eroded: np.ndarray, table: LabelTable, erode_mm: float) -> list[str]:
+def _per_label_counts(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Voxels of each volume label 0..``n_labels`` (index = label; 0 and labels beyond left at 0), (n_labels + 1,)."""
+    return np.bincount(labels[(labels > 0) & (labels <= n_labels)].astype(np.intp), minlength=n_labels + 1)
+
+
+def cover_warnings(quantity: QuantitativeMap, summaries: dict[int, dict[str, Any]], segmented: np.ndarray,
+                   measured: np.ndarray, table: LabelTable, erode_mm: float) -> list[str]:
     """What a user should know about where ``quantity`` had no values, one line per kind (0–2 lines).
 
-    ``summaries`` (:func:`summarise_by_label` of the map over ``eroded``), ``labels`` and ``eroded``
-    ((z, y, x) volume labels before and after erosion). Muscles segmented but left without any value
-    (eroded away, outside the map, values missing) get empty cells; muscles where the map has values
-    on under :data:`PARTIAL_COVER` of the voxels measured (a map of a few slices) get figures of that
-    part only.
+    ``summaries`` (:func:`summarise_by_label` of the map over the eroded labels); ``segmented`` and
+    ``measured``: each volume label's voxel count before and after erosion (index = label). Muscles
+    segmented but left without any value (eroded away, outside the map, values missing) get empty
+    cells; muscles where the map has values on under :data:`PARTIAL_COVER` of the voxels measured (a
+    map of a few slices) get figures of that part only.
     """
-    n_labels = 2 * table.n_muscles
-
-    def per_label(array: np.ndarray) -> np.ndarray:
-        return np.bincount(array[(array > 0) & (array <= n_labels)].astype(np.intp), minlength=n_labels + 1)
-
-    segmented, measured = per_label(labels), per_label(eroded)
     names = {label.value: label.name for label in table.volume_labels()}
     empty = [names[v] for v, summary in summaries.items() if segmented[v] and not summary["voxels"]]
     partial = [f"{names[v]} ({100 * summary['voxels'] / measured[v]:.0f} %)" for v, summary in summaries.items()
