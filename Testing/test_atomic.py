@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 from fakes import as_on_windows_python_312
 
+from dafne_logic.core import atomic
 from dafne_logic.core.atomic import atomic_directory, atomic_path, atomic_write_text
+
+PACKAGE = {"marker": "manifest.json", "what": "a model package folder"}
 
 
 def test_output_gets_umask_permissions_not_mkstemp_ones(tmp_path: Path):
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.csv", "x")
-        with atomic_directory(tmp_path / "pkg") as folder:
+        with atomic_directory(tmp_path / "pkg", **PACKAGE) as folder:
             (folder / "f").write_text("y")
     finally:
         os.umask(old)
@@ -37,13 +40,14 @@ def test_failure_leaves_target_untouched_and_no_temporary(tmp_path: Path):
 
 def test_directory_replaced_only_when_complete(tmp_path: Path):
     (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text("{}")  # an earlier package
     (tmp_path / "m" / "v").write_text("1")
     with pytest.raises(OSError):
-        with atomic_directory(tmp_path / "m") as folder:
+        with atomic_directory(tmp_path / "m", **PACKAGE) as folder:
             (folder / "v").write_text("2")
             raise OSError("disk full")
     assert (tmp_path / "m" / "v").read_text() == "1"
-    with atomic_directory(tmp_path / "m") as folder:
+    with atomic_directory(tmp_path / "m", **PACKAGE) as folder:
         (folder / "v").write_text("2")
     assert (tmp_path / "m" / "v").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
@@ -165,3 +169,69 @@ def test_a_name_taken_by_a_folder_is_skipped_on_windows(tmp_path: Path, monkeypa
                                lambda p: PermissionError(13, "Access is denied", str(p)) if p.is_dir() else None)
     monkeypatch.setattr(os, "open", as_windows)
     assert atomic.unique_file(tmp_path, ".x-").name == ".x-bbbbbbbbbbbb"
+
+
+@pytest.mark.parametrize("existing", ["case folder", "file", "folder of an unknown kind made meanwhile"])
+def test_a_folder_output_never_replaces_what_is_not_an_earlier_output(tmp_path: Path, existing: str):
+    """An output folder named after the user's case folder or segmentation file is refused, not replaced."""
+    target = tmp_path / "case"
+    if existing == "file":
+        target.write_text("corrected segmentation")
+    elif existing == "case folder":
+        target.mkdir()
+        (target / "scan.nii.gz").write_text("scan")
+    with pytest.raises(FileExistsError) as error:
+        with atomic_directory(target, **PACKAGE) as folder:
+            (folder / "manifest.json").write_text("{}")
+            if existing.startswith("folder"):  # passes the first check, not the one before the rename
+                target.mkdir()
+                (target / "scan.nii.gz").write_text("scan")
+    assert error.value.filename == str(target) and "not a model package folder" in str(error.value)
+    assert ("scan" if target.is_dir() else "corrected segmentation") == (
+        (target / "scan.nii.gz").read_text() if target.is_dir() else target.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["case"]  # no temporary folder left
+
+
+def test_an_empty_folder_and_an_earlier_package_are_replaced(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "absent"):
+        with atomic_directory(tmp_path / name, **PACKAGE) as folder:
+            (folder / "manifest.json").write_text("new")
+        assert (tmp_path / name / "manifest.json").read_text() == "new"
+
+
+def test_the_earlier_output_is_put_back_when_the_new_one_cannot_take_its_place(tmp_path: Path, monkeypatch):
+    target = tmp_path / "thigh-v3"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    real_replace = os.replace
+
+    def replace(source, destination):  # the new folder's rename fails (a file inside held on Windows)
+        if Path(destination) == target and Path(source).name.startswith(".thigh-v3-") and "-old-" not in str(source):
+            raise PermissionError(13, "in use")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(PermissionError):
+        with atomic_directory(target, **PACKAGE) as folder:
+            (folder / "manifest.json").write_text("new")
+    assert (target / "manifest.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["thigh-v3"]
+
+
+def test_on_windows_a_folder_rename_refused_for_a_moment_is_retried(tmp_path: Path, monkeypatch):
+    refusals = []
+    real_replace = os.replace
+
+    def replace(source, destination):  # a virus scanner holds a new file for the first two tries
+        if len(refusals) < 2:
+            refusals.append(source)
+            raise PermissionError(13, "in use")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    monkeypatch.setattr(atomic.time, "sleep", lambda s: None)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with atomic_directory(tmp_path / "pkg", **PACKAGE) as folder:
+        (folder / "manifest.json").write_text("new")
+    assert len(refusals) == 2 and (tmp_path / "pkg" / "manifest.json").read_text() == "new"

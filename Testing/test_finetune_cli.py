@@ -115,3 +115,20 @@ def test_an_output_naming_the_parent_in_other_letter_case_is_refused(tmp_path, c
                  "--segmentation", str(tmp_path / "seg.nii.gz"), "--output-model", str(tmp_path / "myleg")]) == 2
     assert "parent model's folder" in capsys.readouterr().err
     assert folder_digest(tmp_path / "MyLeg") == before
+
+
+def test_an_output_naming_the_case_folder_or_a_segmentation_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """``--output-model .`` in the case folder, or the corrected file itself, used to be replaced by the model."""
+    import dafne_logic.learning.finetune as finetune
+
+    tiny_model().save(tmp_path / "parent")
+    case = tmp_path / "case"
+    case.mkdir()
+    image, segmentation = write_case(case, "a", 0, n_slices=2)
+    before = folder_digest(case)
+    monkeypatch.setattr(finetune, "train_on_slices", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    for output in (case, segmentation):
+        assert main(["finetune", "--model", str(tmp_path / "parent"), "--image", str(image), "--segmentation",
+                     str(segmentation), "--output-model", str(output), "--no-progress"]) == 2
+        assert "not a model package folder" in capsys.readouterr().err
+    assert folder_digest(case) == before

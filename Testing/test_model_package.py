@@ -105,13 +105,31 @@ def test_pickled_weights_are_refused(tmp_path: Path):
         (lambda d: d.pop("labels"), "malformed"),
         (lambda d: d["architecture"]["kwargs"].update({"out_channels": 3}), "outputs"),
         (lambda d: d["architecture"].update({"name": "os.system"}), "unknown architecture"),
+        (lambda d: d["architecture"].update({"name": ["unet2d"]}), "unknown architecture"),
+        (lambda d: d["architecture"]["kwargs"].update({"channels": 5}), "channel counts"),
+        (lambda d: d["architecture"]["kwargs"].update({"strides": "x"}), "strides"),
+        (lambda d: d["architecture"]["kwargs"].update({"strides": [2, 2]}), "strides"),
+        (lambda d: d["architecture"]["kwargs"].update({"num_res_units": 10**6}), "num_res_units"),
+        (lambda d: d["architecture"]["kwargs"].update({"dropout": "0.1"}), "dropout"),
+        # a network that can be built, but not with these weights: refused on loading, not on Segment
+        (lambda d: d["architecture"]["kwargs"].update({"channels": [8, 16]}), "do not fit the manifest's architecture"),
     ],
 )
 def test_bad_manifest_is_refused(tmp_path: Path, edit, message):
     tiny_package().save(tmp_path / "m")
     _rewrite_manifest(tmp_path / "m", edit)
     with pytest.raises(ModelError, match=message):
-        ModelPackage.load(tmp_path / "m").network()
+        ModelPackage.load(tmp_path / "m")
+
+
+def test_a_user_model_with_a_malformed_architecture_is_skipped_not_fatal(tmp_path: Path):
+    """One hand-edited folder in the user models must not break `models` or segmenting with a bundled model."""
+    from dafne_logic.core.paths import user_models_dir
+
+    tiny_package().save(user_models_dir() / "broken")
+    _rewrite_manifest(user_models_dir() / "broken", lambda d: d["architecture"].update({"name": ["unet2d"]}))
+    names = [entry.name for entry in list_models()]
+    assert "broken" not in names and "thigh" in names
 
 
 def test_failed_save_leaves_previous_package_intact(tmp_path: Path, monkeypatch):

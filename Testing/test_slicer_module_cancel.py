@@ -93,7 +93,7 @@ def run_request(request, progress, cancel, *args, **kwargs):
     if request["task"] == "deaf":  # stuck where no request to stop reaches it
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with atomic_directory(work_dir / "out" / "model") as tmp:
+    with atomic_directory(work_dir / "out" / "model", marker="manifest.json", what="a model package folder") as tmp:
         (tmp / "weights").write_bytes(b"x" * 100)
         (work_dir / "ready").touch()
         while not (work_dir / "go").exists():  # never asks cancel(), like a long native call

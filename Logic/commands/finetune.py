@@ -37,10 +37,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from dafne_logic.core.atomic import check_replaceable
     from dafne_logic.core.io import read_image, read_segmentation
     from dafne_logic.core.paths import same_location
     from dafne_logic.core.slice_selection import parse_slice_list
-    from dafne_logic.inference.model_package import load_model
+    from dafne_logic.inference.manifest import MANIFEST_NAME
+    from dafne_logic.inference.model_package import PACKAGE_FOLDER, load_model
     from dafne_logic.learning.delta import DELTA_NAME
     from dafne_logic.learning.finetune import FinetuneConfig, finetune_on_corrections
 
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if model.path is not None and same_location(output, model.path):
         raise InputError(f"{output} is the parent model's folder; choose another --output-model")
+    check_replaceable(output, MANIFEST_NAME, PACKAGE_FOLDER)  # before the minutes of training, not after
     image = read_image(args.image, series_uid=args.series)
     labels, unknown = read_segmentation(args.segmentation, model.labels)
     if unknown:

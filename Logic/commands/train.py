@@ -26,11 +26,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from dafne_logic.core.atomic import check_replaceable
 from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import BUILTIN_TABLES, LabelTable
 from dafne_logic.core.numbers import strict_json
 from dafne_logic.core.preprocessing import PreprocessingParams
-from dafne_logic.inference.manifest import Manifest
+from dafne_logic.inference.manifest import MANIFEST_NAME, Manifest
+from dafne_logic.inference.model_package import PACKAGE_FOLDER
 from dafne_logic.inference.networks import unet_architecture
 
 log = logging.getLogger(__name__)
@@ -290,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         changes = synthesis_overrides(list(args.synthesis))
     except ValueError as error:
         raise InputError(str(error)) from None
+    check_replaceable(args.output, MANIFEST_NAME, PACKAGE_FOLDER)  # not a scan folder or a file, found after hours
 
     if args.pairs:
         sampler, validate, loss_fn, summary = _pairs_setup(args, table, params, size, holdout, device, changes)

@@ -142,13 +142,50 @@ def atomic_write_text(target: str | os.PathLike[str], text: str, replace_retry_s
     atomic_write_bytes(target, text.encode("utf-8"), replace_retry_s)
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; on success it replaces ``target``.
+def check_replaceable(target: str | os.PathLike[str], marker: str, what: str) -> None:
+    """Refuse to replace ``target`` unless it is absent, an empty folder, or a folder holding ``marker``
+    (what an earlier write of the same kind left: ``manifest.json`` for a model package).
 
-    An existing ``target`` is only removed after the new folder is complete.
+    An output path that names the user's case folder, a folder of scans or a segmentation file is
+    refused, never replaced.
+
+    Raises:
+        FileExistsError: naming ``target`` and ``what`` it should be.
     """
     target = Path(target)
+    if not target.exists():
+        return
+    if target.is_dir() and ((target / marker).is_file() or not any(target.iterdir())):
+        return
+    kind = "a folder" if target.is_dir() else "a file"
+    raise FileExistsError(errno.EEXIST, f"already exists and is {kind}, not {what}: choose another name "
+                                        "(nothing is replaced but an earlier output of the same kind)", str(target))
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """``os.replace`` of a folder onto a free name; on Windows a file inside held a moment by a virus
+    scanner or cloud sync makes the rename fail with PermissionError: retried as :func:`replace_file`."""
+    deadline = time.monotonic() + REPLACE_RETRY_S
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if not WINDOWS or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str], *, marker: str, what: str) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success it replaces ``target``.
+
+    An existing ``target`` must be an earlier output of the same kind (see :func:`check_replaceable`:
+    ``marker`` and ``what``), checked before anything is written; it is only removed after the new
+    folder is complete, and put back when the new one cannot take its place.
+    """
+    target = Path(target)
+    check_replaceable(target, marker, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _naming(target):
         tmp = unique_folder(target.parent, f".{target.name}-")
@@ -157,12 +194,18 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with _naming(target):  # the renames only: errors in the caller's writes name the caller's files
             if target.exists():
+                check_replaceable(target, marker, what)  # made meanwhile by someone else
                 old = unique_folder(target.parent, f".{target.name}-old-")
-                os.replace(target, old / "x")
-                os.replace(tmp, target)
+                _replace_folder(target, old / "x")
+                try:
+                    _replace_folder(tmp, target)
+                except BaseException:
+                    _replace_folder(old / "x", target)  # the earlier output stays where it was
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, target)
+                _replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -96,7 +96,7 @@ class Manifest:
             raise ModelError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         try:
             check_architecture(manifest.architecture)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ModelError(f"{source}: {exc}") from exc
         out_channels = manifest.architecture.get("kwargs", {}).get("out_channels")
         if out_channels != manifest.labels.n_classes:
@@ -113,16 +113,20 @@ ALLOWED_KWARGS: dict[str, frozenset[str]] = {  # one entry per network of networ
 }
 MAX_CHANNELS = 1024
 MAX_LEVELS = 8
+MAX_STRIDE = 4
+MAX_RES_UNITS = 8
 
 
 def check_architecture(architecture: dict[str, Any]) -> None:
     """Refuse an architecture entry that is not on the allow-list or asks for too large a network.
 
     Raises:
-        ValueError: unknown name, unexpected keyword arguments, or channel counts out of range.
+        ValueError: unknown name, unexpected keyword arguments, or channel counts, strides, residual
+            units or dropout of the wrong type or out of range (a million residual units would
+            take the machine's memory before any weight is compared).
     """
     name = architecture.get("name")
-    if name not in ALLOWED_KWARGS:
+    if not isinstance(name, str) or name not in ALLOWED_KWARGS:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ALLOWED_KWARGS))}")
     kwargs = architecture.get("kwargs", {})
     if not isinstance(kwargs, dict):
@@ -130,11 +134,28 @@ def check_architecture(architecture: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - ALLOWED_KWARGS[name])
     if unknown:
         raise ValueError(f"architecture {name!r} does not take {', '.join(unknown)}")
-    levels = kwargs.get("channels", [])
-    counts = list(levels) + [kwargs.get("in_channels", 1), kwargs.get("out_channels", 1)]
-    if len(levels) > MAX_LEVELS or not all(isinstance(c, int) and 0 < c <= MAX_CHANNELS for c in counts):
+
+    def integers(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, list) and all(_is_int(v) and low <= v <= high for v in value)
+
+    levels: Any = kwargs.get("channels")
+    if not (integers(levels, 1, MAX_CHANNELS) and 2 <= len(levels) <= MAX_LEVELS and all(
+            _is_int(kwargs.get(key, 1)) and 1 <= kwargs.get(key, 1) <= MAX_CHANNELS for key in ("in_channels", "out_channels"))):
         raise ValueError(f"architecture {name!r}: channel counts must be integers in 1..{MAX_CHANNELS}, "
-                         f"at most {MAX_LEVELS} levels")
+                         f"2 to {MAX_LEVELS} levels")
+    strides: Any = kwargs.get("strides")
+    if not integers(strides, 1, MAX_STRIDE) or len(strides) != len(levels) - 1:
+        raise ValueError(f"architecture {name!r}: strides must be one integer in 1..{MAX_STRIDE} per level but the last")
+    res_units = kwargs.get("num_res_units", 0)
+    if not (_is_int(res_units) and 0 <= res_units <= MAX_RES_UNITS):
+        raise ValueError(f"architecture {name!r}: num_res_units must be an integer in 0..{MAX_RES_UNITS}")
+    dropout = kwargs.get("dropout", 0.0)
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"architecture {name!r}: dropout must be a number in [0, 1)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- registry -----------------------------------------------------------------------------------

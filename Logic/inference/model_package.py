@@ -31,6 +31,8 @@ from dafne_logic.core.labels import LabelTable
 from dafne_logic.inference.manifest import MANIFEST_NAME, WEIGHTS_NAME, Manifest, list_models, read_manifest, resolve_model_path
 from dafne_logic.inference.networks import build_network
 
+PACKAGE_FOLDER = "a model package folder"  # what an output folder that may be replaced holds (see atomic_directory)
+
 
 @dataclass
 class ModelPackage:
@@ -66,7 +68,9 @@ class ModelPackage:
         if not weights_path.is_file():
             raise ModelError(f"{path}: {WEIGHTS_NAME} is missing")
         blob = weights_path.read_bytes()
-        return cls(manifest, parse_weights(blob, manifest, source=str(weights_path)), path)
+        state_dict = parse_weights(blob, manifest, source=str(weights_path))
+        check_network_fits(manifest, state_dict, str(path))
+        return cls(manifest, state_dict, path)
 
     def save(self, path: str | os.PathLike[str], dtype: torch.dtype = torch.float16) -> Path:
         """Write the package atomically (the folder appears complete or not at all)."""
@@ -76,7 +80,7 @@ class ModelPackage:
         self.manifest.tensors = {k: list(v.shape) for k, v in self.state_dict.items()}
         if not self.manifest.created:
             self.manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, marker=MANIFEST_NAME, what=PACKAGE_FOLDER) as tmp:
             (tmp / WEIGHTS_NAME).write_bytes(blob)
             (tmp / MANIFEST_NAME).write_text(json.dumps(self.manifest.to_json(), indent=2, allow_nan=False) + "\n",
                                               encoding="utf-8")
@@ -110,6 +114,27 @@ def parse_weights(blob: bytes, manifest: Manifest, source: str = "weights") -> d
     if not all(v.is_floating_point() for v in tensors.values()):
         raise ModelError(f"{source}: every tensor must be floating point (deltas apply to all of them)")
     return {k: v.float() for k, v in tensors.items()}
+
+
+def check_network_fits(manifest: Manifest, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`ModelError` unless the manifest's network takes exactly these tensors.
+
+    The network is built on PyTorch's meta device (shapes, no memory), so a package whose
+    architecture cannot be built or does not match its weights is refused when loaded, not when
+    Segment is pressed.
+    """
+    try:
+        with torch.device("meta"):
+            net = build_network(manifest.architecture)
+    except ValueError as exc:
+        raise ModelError(f"{source}: {exc}") from exc
+    expected = {k: list(v.shape) for k, v in net.state_dict().items()}
+    found = {k: list(v.shape) for k, v in state_dict.items()}
+    if found != expected:
+        name = min(set(found) ^ set(expected)) if set(found) != set(expected) else \
+            min(k for k in expected if found[k] != expected[k])
+        raise ModelError(f"{source}: the weights do not fit the manifest's architecture (tensor {name}: "
+                         f"weights {found.get(name, 'missing')}, network {expected.get(name, 'none')})")
 
 
 def check_tensor_shapes(found: dict[str, list[int]], expected: dict[str, list[int]], source: str) -> None:

@@ -29,7 +29,7 @@ from dafne_logic.core.client_config import ClientConfig, check_server_url, check
 from dafne_logic.core.errors import DafneError
 from dafne_logic.core.paths import user_data_dir, user_models_dir
 from dafne_logic.inference.manifest import MANIFEST_NAME, WEIGHTS_NAME
-from dafne_logic.inference.model_package import ModelPackage
+from dafne_logic.inference.model_package import PACKAGE_FOLDER, ModelPackage
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class FederatedClient:
             if _has_package(target, info["weights_sha256"]):
                 return target
             self._download(part, info["weights_url"], info["weights_sha256"], info["weights_size"])
-            with atomic_directory(target) as tmp:
+            with atomic_directory(target, marker=MANIFEST_NAME, what=PACKAGE_FOLDER) as tmp:
                 part.replace(tmp / WEIGHTS_NAME)
                 (tmp / MANIFEST_NAME).write_text(json.dumps(info["manifest"], indent=2) + "\n", encoding="utf-8")
                 ModelPackage.load(tmp)  # schema, sha256, names and shapes, before the folder appears

@@ -52,7 +52,8 @@ from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.numbers import nanmean
 from dafne_logic.core.paths import same_location
 from dafne_logic.core.progress import CancelCheck, ProgressCallback
-from dafne_logic.inference.model_package import ModelPackage, find_package, weights_bytes
+from dafne_logic.inference.manifest import MANIFEST_NAME
+from dafne_logic.inference.model_package import PACKAGE_FOLDER, ModelPackage, find_package, weights_bytes
 from dafne_logic.inference.networks import resolve_device
 from dafne_logic.learning.delta import DELTA_METADATA_NAME, DELTA_NAME, DeltaMetadata, encode_delta, make_delta, weights_norm
 from dafne_logic.learning.finetune_loop import agreement_dice, predict_classes, train_on_slices
@@ -128,6 +129,8 @@ class FinetuneResult:
 
         Raises:
             InputError: ``output_dir`` is the parent model's folder (never overwritten).
+            FileExistsError: ``output_dir`` exists and is not a model package folder (an earlier
+                output, which is replaced) or an empty folder.
         """
         import json
 
@@ -135,7 +138,7 @@ class FinetuneResult:
         parent_path = self.report.get("parent_path")
         if parent_path and same_location(output_dir, parent_path):
             raise InputError(f"{output_dir} is the parent model's folder; choose another output folder")
-        with atomic_directory(output_dir) as tmp:
+        with atomic_directory(output_dir, marker=MANIFEST_NAME, what=PACKAGE_FOLDER) as tmp:
             self.model.save(tmp)  # replaces tmp by the package folder
             (tmp / DELTA_NAME).write_bytes(self.delta_bytes())
             (tmp / DELTA_METADATA_NAME).write_text(json.dumps(self.metadata.to_json(), indent=2) + "\n", "utf-8")

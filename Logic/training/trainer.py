@@ -219,7 +219,7 @@ def save_checkpoint(work_dir: Path, step: int, model: nn.Module, ema: dict[str, 
         "has_ema": ema is not None,
     }
     target = work_dir / CHECKPOINT_DIR
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, marker=STATE_NAME, what="a training checkpoint folder") as tmp:
         (tmp / "model.safetensors").write_bytes(save_safetensors_bytes(_state_to_cpu(model.state_dict())))
         if ema is not None:
             (tmp / "ema.safetensors").write_bytes(save_safetensors_bytes(_state_to_cpu(ema)))
