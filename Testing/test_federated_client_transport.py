@@ -62,8 +62,8 @@ def test_a_hand_edited_config_pointing_plain_http_elsewhere_sends_nothing():
 
 def test_a_reply_cut_in_the_middle_is_retried_and_a_proxy_page_is_one_sentence():
     session = Recorder(requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"),
-                       _reply(200, b'{"name": "site-a"}'))
-    assert _client(session).me() == {"name": "site-a"} and len(session.calls) == 2
+                       _reply(200, b'{"name": "site-a", "scope": "contributor", "updates": 0}'))
+    assert _client(session).me()["name"] == "site-a" and len(session.calls) == 2
     with pytest.raises(SyncError, match="not JSON"):
         _client(Recorder(_reply(200, b"<html>Log in to the guest Wi-Fi</html>", "text/html"))).me()
     with pytest.raises(SyncError, match="could not be made"):
@@ -114,3 +114,89 @@ def test_a_token_saved_by_a_windows_editor_works_or_is_one_sentence(tmp_path, ca
     with pytest.raises(SyncError, match="copy it again"):
         client.me()
     assert session.calls == []
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("opt_in", "false", "opt_in must be true or false"),  # a non-empty string is true to Python: sharing would be on
+    ("opt_in", 1, "opt_in must be true or false"),
+    ("timeout_s", "30", "timeout_s"),
+    ("server_url", 42, "server_url must be text"),
+    ("token", ["x"], "token must be text"),
+    ("verify_tls", 0, "verify_tls"),
+])
+def test_a_hand_edited_sync_file_of_the_wrong_types_is_one_sentence_and_sends_nothing(field, value, message):
+    from dafne_logic.core.client_config import config_path, load_config, save_config
+
+    save_config(ClientConfig("https://dafne.example.org", "secret-token", opt_in=False))
+    data = json.loads(config_path().read_text(encoding="utf-8"))
+    config_path().write_text(json.dumps({**data, field: value}), encoding="utf-8")
+    with pytest.raises(DafneError, match=message):
+        load_config()
+
+
+def test_a_sync_file_saved_by_notepad_is_read_and_a_broken_one_is_mended_by_setup(capsys):
+    from dafne_logic.cli import main as cli_main
+    from dafne_logic.core.client_config import config_path, load_config, save_config
+
+    save_config(ClientConfig("https://dafne.example.org", "secret-token", opt_in=True))
+    text = config_path().read_text(encoding="utf-8")
+    config_path().write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # Notepad's UTF-8, with a byte-order mark
+    assert load_config().opt_in is True
+    config_path().write_bytes(text.encode("utf-16"))  # Notepad's "Unicode"
+    with pytest.raises(DafneError, match="UTF-8"):
+        load_config()
+    assert cli_main(["sync", "setup", "--opt-out"]) == 0  # setup mends it rather than refusing to start
+    assert "starting from the defaults" in capsys.readouterr().err
+    assert load_config().opt_in is False
+
+
+@pytest.mark.parametrize("edit", [{"parent_version": 3}, {"n_slices": "four"}, {"dice_per_label": []},
+                                  {"dice_per_label": {"right soleus": "high"}}, {"family": None}])
+def test_a_hand_edited_delta_description_of_the_wrong_types_is_one_sentence(tmp_path, edit):
+    good = {"family": "leg", "parent_version": "3", "n_slices": 4, "dice_per_label": {"right soleus": 0.9, "left soleus": None},
+            "client_version": "1", "parent_sha256": ""}
+    (tmp_path / DELTA_NAME).write_bytes(b"x")
+    (tmp_path / DELTA_METADATA_NAME).write_text(json.dumps({**good, **edit}))
+    session = Recorder()
+    with pytest.raises(SyncError, match="not a valid delta description"):
+        _client(session).push_folder(tmp_path)
+    assert session.calls == []
+
+
+def test_a_delta_description_with_an_absent_label_reads_as_nan():
+    import math
+
+    from dafne_logic.learning.delta import DeltaMetadata
+
+    metadata = DeltaMetadata.from_json({"family": "leg", "parent_version": "3", "n_slices": 4,
+                                        "dice_per_label": {"a": None, "b": float("nan"), "c": 1}})
+    assert math.isnan(metadata.dice_per_label["a"]) and math.isnan(metadata.dice_per_label["b"])
+    assert metadata.dice_per_label["c"] == 1.0
+
+
+@pytest.mark.parametrize("size", [None, "12", -1, True])
+def test_a_package_description_without_a_usable_size_is_one_sentence(tmp_path, size):
+    info = {"version": 3, "manifest": {"name": "leg", "version": "3"}, "weights_sha256": "0" * 64, "weights_url": "/x"}
+    if size is not None:
+        info["weights_size"] = size
+    with pytest.raises(SyncError, match="not a valid package"):
+        _client(Recorder(_reply(200, json.dumps(info).encode()))).pull("leg", "active", models_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("call, body", [
+    (lambda client: client.me(), {"name": "site-a", "updates": 0}),  # no scope
+    (lambda client: client.families(), {"name": "leg"}),  # an object, not a list
+    (lambda client: client.families(), [{"name": "leg", "active_version": "3", "buffered_updates": 0}]),
+    (lambda client: client.update_status("u1"), {"id": "u1", "status": "merged"}),
+    (lambda client: client.versions("leg"), [{"numbr": 3}]),
+])
+def test_a_reply_of_another_shape_is_one_sentence_not_a_key_error(call, body):
+    with pytest.raises(SyncError, match="another kind or version"):
+        call(_client(Recorder(_reply(200, json.dumps(body).encode()))))
+
+
+def test_a_refusal_whose_detail_is_a_list_of_texts_is_shown_as_it_is():
+    reply = _reply(409, json.dumps({"detail": ["parent version 2 is not active"]}).encode())
+    with pytest.raises(SyncError, match="parent version 2 is not active"):
+        _client(Recorder(reply)).me()

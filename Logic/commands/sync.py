@@ -37,10 +37,14 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_setup(args: argparse.Namespace) -> int:
-    from dafne_logic.core.client_config import check_server_url, check_token, load_config, save_config
+    from dafne_logic.core.client_config import ClientConfig, check_server_url, check_token, load_config, save_config
     from dafne_logic.core.errors import DafneError
 
-    config = load_config()
+    try:
+        config = load_config()
+    except DafneError as exc:  # setup is how a broken file is mended: start afresh, sharing off
+        print(f"warning: {exc}; starting from the defaults (sync off)", file=sys.stderr)
+        config = ClientConfig()
     if args.server:
         config.server_url = check_server_url(args.server)
     if args.token_file == "-":

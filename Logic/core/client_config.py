@@ -92,10 +92,36 @@ def load_config(path: Path | None = None) -> ClientConfig:
     if os.name == "posix" and mode & 0o077:
         raise DafneError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return ClientConfig(**{k: data[k] for k in ClientConfig.__dataclass_fields__ if k in data})
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise DafneError(f"{path} is not a valid sync configuration ({exc})") from exc
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # Notepad's UTF-8 begins with a byte-order mark
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DafneError(f"{path} is not a valid sync configuration ({exc}); save it as UTF-8 JSON, "
+                         "or write it again with `dafne-slicer sync setup`") from exc
+    if not isinstance(data, dict):
+        raise DafneError(f"{path} is not a valid sync configuration (not a JSON object)")
+    problem = _wrong_field(data)
+    if problem:
+        raise DafneError(f"{path} is not a valid sync configuration: {problem}; "
+                         "write it again with `dafne-slicer sync setup`")
+    return ClientConfig(**{k: data[k] for k in ClientConfig.__dataclass_fields__ if k in data})
+
+
+def _wrong_field(data: dict) -> str | None:
+    """The first field of a hand-edited ``sync.json`` with a wrong type, described; None when all fit.
+
+    Types are checked, not converted: ``"opt_in": "false"`` is a non-empty string, true to Python,
+    and must not turn sharing on.
+    """
+    for name in ("server_url", "token"):
+        if name in data and not isinstance(data[name], str):
+            return f"{name} must be text"
+    if "opt_in" in data and not isinstance(data["opt_in"], bool):
+        return f"opt_in must be true or false (without quotes), not {json.dumps(data['opt_in'])}"
+    if "verify_tls" in data and not isinstance(data["verify_tls"], (bool, str)):
+        return "verify_tls must be true, false or the path of a CA bundle"
+    timeout = data.get("timeout_s", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        return "timeout_s must be a number of seconds from 0 to 3600"
+    return None
 
 
 def save_config(config: ClientConfig, path: Path | None = None) -> Path:

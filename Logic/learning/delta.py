@@ -232,9 +232,31 @@ class DeltaMetadata:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DeltaMetadata:
-        """Read ``delta.json`` (fields this version does not know are ignored)."""
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+    def from_json(cls, data: Any) -> DeltaMetadata:
+        """Read ``delta.json`` (fields this version does not know are ignored).
+
+        Raises:
+            ValueError: naming the first missing field or field of the wrong type (a hand-edited file).
+        """
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        for name in ("family", "parent_version", "n_slices", "dice_per_label"):
+            if name not in data:
+                raise ValueError(f"{name}: field required")
+        for name in ("family", "parent_version", "client_version", "parent_sha256"):
+            if not isinstance(data.get(name, ""), str):
+                raise ValueError(f"{name}: not text")
+        n_slices = data["n_slices"]
+        if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < 0:
+            raise ValueError("n_slices: not a whole number of slices")
+        dice = data["dice_per_label"]
+        # NaN (written as NaN, or null by a strict JSON tool) marks a label absent from the case.
+        if not isinstance(dice, dict) or not all(
+                isinstance(v, float) and math.isnan(v) or v is None or _is_number(v) and 0.0 <= v <= 1.0
+                for v in dice.values()):
+            raise ValueError("dice_per_label: not an object of Dice values in [0, 1] by muscle name")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "dice_per_label"},
+                   dice_per_label={str(k): math.nan if v is None else float(v) for k, v in dice.items()})
 
     def to_wire(self, delta_blob: bytes, idempotency_key: str | None = None) -> dict[str, Any]:
         """The upload's ``metadata`` field. Labels absent from the case (NaN Dice) are not sent.

@@ -111,7 +111,7 @@ class FederatedClient:
         except (ValueError, AttributeError):
             detail = None
         if isinstance(detail, list):  # FastAPI validation errors
-            detail = "; ".join(str(d.get("msg", d)) for d in detail)
+            detail = "; ".join(str(d.get("msg", d) if isinstance(d, dict) else d) for d in detail)
         return str(detail or response.reason)
 
     def _json(self, path: str) -> Any:
@@ -120,10 +120,13 @@ class FederatedClient:
     # --- queries -----------------------------------------------------------------------------
 
     def me(self) -> dict[str, Any]:
-        return self._json("/v1/me")
+        return _fields(self._json("/v1/me"), "/v1/me", name=str, scope=str, updates=int)
 
     def families(self) -> list[dict[str, Any]]:
-        return self._json("/v1/models")
+        reply = self._json("/v1/models")
+        if not isinstance(reply, list):
+            raise SyncError(_ANOTHER_SERVER.format(path="/v1/models", what="a list of model families"))
+        return [_fields(f, "/v1/models", name=str, active_version=(int, type(None)), buffered_updates=int) for f in reply]
 
     def versions(self, family: str, page: int = 1000) -> list[dict[str, Any]]:
         """Every version of ``family``, oldest first, read newest page first (``page`` a request)."""
@@ -135,6 +138,7 @@ class FederatedClient:
             if not isinstance(batch, list):
                 raise SyncError(f"the server's version list of {family} is not a list")
             # A server older than paging ignores the query and sends everything: stop at no progress.
+            batch = [_fields(v, f"/v1/models/{family}/versions", number=int) for v in batch]
             batch = [v for v in batch if before is None or v["number"] < before]
             found = batch + found
             if len(batch) < page or not batch:
@@ -142,7 +146,8 @@ class FederatedClient:
             before = batch[0]["number"]
 
     def update_status(self, update_id: str) -> dict[str, Any]:
-        return self._json(f"/v1/updates/{update_id}")
+        path = f"/v1/updates/{update_id}"
+        return _fields(self._json(path), path, id=str, status=str, reason=str, merged_into=(int, type(None)))
 
     def wait_for_update(self, update_id: str, timeout_s: float = 60.0, poll_s: float = 0.5) -> dict[str, Any]:
         """Poll until the update is merged or rejected (or ``timeout_s`` passes; then its last state)."""
@@ -165,9 +170,12 @@ class FederatedClient:
         manifest = info.get("manifest") if isinstance(info, dict) else None
         # The folder name and the package come from the server: a number, and the family and version asked for.
         sha = info.get("weights_sha256") if isinstance(info, dict) else None
+        size = info.get("weights_size") if isinstance(info, dict) else None
         if (isinstance(number, bool) or not isinstance(number, int) or number < 1 or not isinstance(manifest, dict)
                 or manifest.get("name") != family or str(manifest.get("version")) != str(number)
-                or not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+                or not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)
+                or not isinstance(info.get("weights_url"), str) or isinstance(size, bool) or not isinstance(size, int)
+                or size < 0):
             raise SyncError(f"the server's description of {family} version {version} is not a valid package")
         target = (models_dir or user_models_dir()) / f"{family}-v{number}"
         part = self.downloads_dir / f"{info['weights_sha256']}.part"
@@ -217,7 +225,8 @@ class FederatedClient:
             "POST", f"/v1/models/{metadata.family}/updates", ok=(200, 202),
             files={"delta": (DELTA_NAME, delta_blob, "application/octet-stream")},
             data={"metadata": json.dumps(metadata.to_wire(delta_blob, idempotency_key))})
-        return _json_of(response, f"/v1/models/{metadata.family}/updates")
+        path = f"/v1/models/{metadata.family}/updates"
+        return _fields(_json_of(response, path), path, id=str, status=str)
 
     def push_folder(self, folder: str | Path) -> dict[str, Any]:
         """Push what ``dafne-slicer finetune`` wrote: ``delta.safetensors.zz`` + ``delta.json``."""
@@ -258,6 +267,24 @@ def push_update(config: ClientConfig, delta_blob: bytes, metadata: DeltaMetadata
 def pull_latest(config: ClientConfig, family: str, models_dir: Path | None = None) -> Path:
     """One-call pull of a family's active version; returns the package folder."""
     return FederatedClient(config).pull(family, "active", models_dir)
+
+
+_ANOTHER_SERVER = "the server's reply to {path} is not {what} (a server of another kind or version?)"
+
+
+def _fields(reply: Any, path: str, **kinds: type | tuple[type, ...]) -> dict[str, Any]:
+    """``reply`` if it is an object holding each named field with a value of its kind (bool is not int);
+    otherwise one sentence, not a KeyError from the caller."""
+    def fits(value: Any, kind: type | tuple[type, ...]) -> bool:
+        allowed = kind if isinstance(kind, tuple) else (kind,)
+        return isinstance(value, allowed) and (not isinstance(value, bool) or bool in allowed)
+
+    if not isinstance(reply, dict):
+        raise SyncError(_ANOTHER_SERVER.format(path=path, what="an object"))
+    wrong = [name for name, kind in kinds.items() if name not in reply or not fits(reply[name], kind)]
+    if wrong:
+        raise SyncError(_ANOTHER_SERVER.format(path=path, what=f"what this client expects ({', '.join(wrong)})"))
+    return reply
 
 
 def _json_of(response: requests.Response, path: str) -> Any:

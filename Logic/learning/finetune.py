@@ -158,7 +158,10 @@ def server_ancestor(model: ModelPackage) -> tuple[ModelPackage, int]:
     """
     if LOCAL_MARK not in model.manifest.version:
         return model, 0
-    recorded = model.manifest.provenance.get("finetune", {}).get("server_parent") or {}
+    entry = model.manifest.provenance.get("finetune")
+    recorded = (entry.get("server_parent") if isinstance(entry, dict) else None) or {}
+    if not isinstance(recorded, dict):  # a hand-edited manifest: treated as a model made before the field
+        recorded = {}
     version = str(recorded.get("version") or model.manifest.version.split(LOCAL_MARK, 1)[0])
     found = find_package(model.manifest.name, version, recorded.get("weights_sha256"))
     if found is None:
@@ -166,7 +169,8 @@ def server_ancestor(model: ModelPackage) -> tuple[ModelPackage, int]:
                     "against the local parent and cannot be pushed", model.manifest.name, model.manifest.version,
                     version)
         return model, 0
-    return found, int(recorded.get("n_slices", 0))
+    n_slices = recorded.get("n_slices", 0)
+    return found, n_slices if isinstance(n_slices, int) and not isinstance(n_slices, bool) and n_slices >= 0 else 0
 
 
 def _local_version(parent_version: str, weights_sha256: str) -> str:
