@@ -44,6 +44,7 @@ from DafneSlicerLib.install_logic import (
 from DafneSlicerLib.jobs import BackgroundJob
 from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows
 from DafneSlicerLib.review import ReviewTracker, format_slices
+from DafneSlicerLib.segmentation_logic import ModelChoice
 from DafneSlicerLib.sync_logic import WHAT_IS_SENT, ShareError, SyncLogic
 
 # --- segment -------------------------------------------------------------------------------------
@@ -185,6 +186,42 @@ def test_first_segment_after_installing_fills_the_model_list_and_uses_its_select
     finish(controller)
     assert install.asked == 1 and parts["view"].models[1] == (["leg"], None)  # filled right after installing
     assert parts["scene"].shown and not parts["view"].errors and controller.case.model_name == "leg"
+
+
+class TwoModels(FakeSegmentation):
+    """The registry lists bundled models by folder name: the calf model ("leg") comes first."""
+
+    def list_models(self):
+        mine = ModelChoice("leg-mine", "leg", "leg-mine 1.local-abc (user)", "1.local-abc", "user",
+                           tuple(label.name for label in LEG.volume_labels()))
+        return [*super().list_models(), mine]
+
+
+def test_the_users_model_choice_survives_installing_and_checking_for_updates(monkeypatch):
+    """Installing the packages, or checking for updates with nothing new, used to select the first
+    model of the list (the calf model), and the next Segment used it without a word."""
+    import dafne_logic.learning.federated_client
+
+    install = FakeInstall(missing=["torch>=2.4"], agree=True)
+    controller, parts = make_controller(install=install, segmentation=TwoModels())
+    controller.refresh_models("leg-mine")  # the panel opens with the parameter node's choice, packages missing
+    controller.segment(make_volume(), None, "cpu")  # the first click installs, then segments
+    finish(controller)
+    assert parts["view"].models[-1] == (["leg", "leg-mine"], "leg-mine") and controller.case.model_name == "leg-mine"
+
+    monkeypatch.setattr(dafne_logic.learning.federated_client, "FederatedClient", FakeClient)
+    from dafne_logic.core.paths import user_models_dir
+
+    (user_models_dir() / "leg-v2").mkdir(parents=True)  # the server's version is already here: nothing new
+    controller.sync.save(True, "https://dafne.example.org/", " secret ")
+    controller.check_for_updates()
+    finish(controller)
+    assert parts["view"].sync[-1].startswith("Up to date") and parts["view"].models[-1][1] == "leg-mine"
+    controller.install_dependencies()
+    assert parts["view"].models[-1][1] == "leg-mine"
+    controller.model_chosen("leg")  # the user picks another: refreshes keep that one
+    controller.refresh_models()
+    assert parts["view"].models[-1][1] == "leg"
 
 
 def test_clicks_while_packages_install_start_no_second_install():

@@ -145,6 +145,7 @@ class DafneController:
         self._work_dir: Path | None = None
         self._job_began = 0.0
         self.listed_model: str | None = None  # what the model selector shows as selected after refresh_models
+        self.chosen_model: str | None = None  # the user's choice (the parameter node's), kept across refreshes
         self._installing = False  # install.ensure() is running (it lets clicks through, see _ensure_packages)
 
     # --- jobs -------------------------------------------------------------------------------------
@@ -243,8 +244,20 @@ class DafneController:
 
     # --- models -----------------------------------------------------------------------------------
 
+    def model_chosen(self, name: str) -> None:
+        """The selector now shows ``name`` (the user's pick, or what a refresh selected)."""
+        self.chosen_model = name
+
     def refresh_models(self, selected: str | None = None) -> None:
-        """Fill the model selector (empty with a hint while torch and friends are missing)."""
+        """Fill the model selector (empty with a hint while torch and friends are missing).
+
+        ``selected``: the model to show (a newly pulled one); None keeps the user's choice, so that
+        installing the packages or checking for updates never turns a thigh choice into the first
+        model of the list (the calf model) without a word.
+        """
+        selected = selected or self.chosen_model
+        if selected:
+            self.chosen_model = selected
         missing = self.install.missing()
         self.listed_model = None
         if missing:

@@ -331,8 +331,13 @@ def check_segmentation_on_volume(segmentation_node, volume_node) -> None:
     segmentation = segmentation_node.GetSegmentation()
     representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     if segmentation.GetSourceRepresentationName() != representation:
+        geometry = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        earlier = segmentation.GetConversionParameter(geometry)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        segmentation.CreateRepresentation(representation, True)  # again on this grid, not an earlier default one
+        # Again on this grid when it changed (not on an earlier default one), else only what is missing (an edit of
+        # the source drops the converted labelmaps): every conversion marks the segments modified, which the panel
+        # answers by reading the segmentation again, which would convert again, every second.
+        segmentation.CreateRepresentation(representation, segmentation.GetConversionParameter(geometry) != earlier)
         return
     volume_matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(volume_matrix)

@@ -102,6 +102,7 @@ class DafneSlicerPanel:
             choice = self._models[index]
             if self._parameter_node() is not None:
                 self._parameter_node().modelName = choice.name
+            self.controller.model_chosen(choice.name)
             muscles = sorted({name.split(" ", 1)[1] for name in choice.label_names})
             self.ui.modelInfoLabel.text = (f"Version {choice.version} ({choice.source}), "
                                            f"{len(choice.label_names)} labels: {', '.join(muscles)} (right and left).")

@@ -192,9 +192,25 @@ def test_a_closed_surface_segmentation_is_read_on_the_volume_grid_every_time(sce
     segment.AddRepresentation(surface, sphere.GetOutput())
     node.GetSegmentation().AddSegment(segment)
     first = sitk.GetArrayFromImage(mc.segmentation_to_labels(scene, node, volume, LEG).labels)
+    fired = []
+    for event in SEGMENTATION_EVENTS:
+        node.AddObserver(getattr(slicer.vtkSegmentation, event), lambda caller, e, name=event: fired.append(name))
     second = sitk.GetArrayFromImage(mc.segmentation_to_labels(scene, node, volume, LEG).labels)
     assert (first == LEG.value_of(1, "right")).sum() > 0
     np.testing.assert_array_equal(first, second)
+    # Reading converts no more once converted on this grid: each conversion marks the segments modified, the
+    # panel answers that by reading again (after its one-second pause), and the two kept each other going.
+    assert fired == []
+
+    finer = sitk.Resample(labels, [20, 16, 6], sitk.Transform(), sitk.sitkNearestNeighbor, labels.GetOrigin(),
+                          (0.5, 0.5, 5.0), labels.GetDirection())
+    other = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(other)
+    mc.update_volume_node_from_image(other, sitk.Cast(finer, sitk.sitkFloat32))
+    on_finer = sitk.GetArrayFromImage(mc.segmentation_to_labels(scene, node, other, LEG).labels)
+    assert on_finer.shape == (6, 16, 20) and (on_finer == LEG.value_of(1, "right")).sum() > 3 * (first > 0).sum()
+    converted = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    assert converted.GetSpacing() == pytest.approx((0.5, 0.5, 5.0))  # converted again on the new grid
 
 
 def test_label_values_above_255_survive_the_scene(scene):
