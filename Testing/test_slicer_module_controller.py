@@ -21,6 +21,7 @@ from fakes import (
     FakePackaging,
     FakeScene,
     FakeSegmentation,
+    FakeView,
     Node,
     automatic_labels,
     finish,
@@ -32,7 +33,7 @@ from packaging.requirements import Requirement
 
 from dafne_logic.core.errors import Cancelled, InputError
 from dafne_logic.core.labels import LEG
-from DafneSlicerLib.controller import DafneController
+from DafneSlicerLib.controller import CANCELLED_AFTER_CONTACT, PULLING, DafneController
 from DafneSlicerLib.install_logic import (
     NEVER_INSTALL,
     DependencyError,
@@ -41,7 +42,7 @@ from DafneSlicerLib.install_logic import (
     read_requirements,
     unusable_here,
 )
-from DafneSlicerLib.jobs import BackgroundJob
+from DafneSlicerLib.jobs import BackgroundJob, JobStatus
 from DafneSlicerLib.learning_logic import Improvement, LearningLogic, dice_rows
 from DafneSlicerLib.review import ReviewTracker, format_slices
 from DafneSlicerLib.segmentation_logic import ModelChoice
@@ -224,6 +225,27 @@ def test_the_users_model_choice_survives_installing_and_checking_for_updates(mon
     assert parts["view"].models[-1][1] == "leg"
 
 
+def test_a_cancelled_check_for_updates_does_not_claim_that_nothing_changed(tmp_path):
+    """Cancel can reach the worker after a model folder was downloaded (or an update posted): the
+    message says what may have happened, and the list shows what arrived."""
+    class CancelledWorker:  # what a worker process reports when Cancel stopped it
+        def __init__(self, name):
+            self.name = name
+
+        def poll(self):
+            return JobStatus(0.5, f"{self.name} cancelled; nothing was changed", done=True, cancelled=True)
+
+    view = FakeView()
+    controller = DafneController(view, FakeScene(), FakeInstall(), FakeSegmentation(), SyncLogic(tmp_path / "sync.json"),
+                                 start_job=lambda task, request: CancelledWorker(task))
+    controller.sync.save(True, "https://dafne.example.org/", "secret")
+    listed = len(view.models)
+    controller.check_for_updates()
+    assert controller.poll() is False
+    assert view.statuses[-1] == CANCELLED_AFTER_CONTACT[PULLING] and "is kept" in view.statuses[-1]
+    assert len(view.models) == listed + 1  # refreshed: a model downloaded before Cancel is there to pick
+
+
 def test_clicks_while_packages_install_start_no_second_install():
     """Slicer's pip install processes Qt events while pip prints, so Install or Segment can be
     clicked again during the download: those clicks must wait, not start a second pip."""
@@ -261,6 +283,23 @@ def test_cancel_stops_the_job_and_leaves_the_scene_untouched(stop):
     assert parts["scene"].shown == [] and controller.case is None and not parts["view"].errors
     assert "cancelled" in parts["view"].statuses[-1]
     assert parts["view"].busy[-1] is None
+
+
+def test_closing_the_module_during_a_task_stops_it_and_removes_the_copy_of_the_image(tmp_path, monkeypatch):
+    """Slicer exiting, or the module reloaded, stops the poll timer: the work folder (an uncompressed copy
+    of the patient's scan) must go then, not stay in the temp folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    segmentation = FakeSegmentation()
+    segmentation.block = threading.Event()
+    controller, parts = make_controller(segmentation=segmentation)
+    controller.segment(make_volume(), "leg", "auto")
+    job = controller.job
+    assert [p.name.startswith("dafne-slicer-") for p in tmp_path.iterdir()] == [True]
+    controller.shutdown()
+    assert job.poll().cancelled and controller.job is None and list(tmp_path.iterdir()) == []
+    assert parts["scene"].shown == []
 
 
 @pytest.mark.parametrize("failure, expected", [

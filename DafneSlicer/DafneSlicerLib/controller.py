@@ -20,13 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 import SimpleITK as sitk
 
+from dafne_logic.core.atomic import unique_folder
 from dafne_logic.core.errors import DafneError, InputError
 from dafne_logic.core.labels import LabelTable, nothing_found_hint
 from dafne_logic.inference.confidence import Confidence, add_confidence_columns, unsure_muscles
 
 from . import worker
 from .install_logic import InstallLogic
-from .jobs import JobStatus, ProcessJob
+from .jobs import KILL_AFTER_S, JobStatus, ProcessJob
 from .learning_logic import Improvement, dice_rows
 from .review import ReviewTracker, format_slices
 from .segmentation_logic import ModelChoice, SegmentationLogic, single_leg_side
@@ -35,6 +36,13 @@ from .sync_logic import SyncLogic
 log = logging.getLogger(__name__)
 
 INSTALLING = "The required Python packages are being installed; wait for it to finish."
+PULLING, PUSHING = "Checking for updates", "Contributing"
+# What a cancelled task that talks to the server may have done before Cancel reached it: not "nothing".
+CANCELLED_AFTER_CONTACT = {
+    PULLING: f"{PULLING} cancelled; a model downloaded before Cancel is kept and listed.",
+    PUSHING: f"{PUSHING} cancelled; the update may have reached the server before Cancel. Contribute again to "
+             "know: an update the server already has is not sent twice.",
+}
 
 
 class Job(Protocol):
@@ -158,7 +166,8 @@ class DafneController:
              on_done: Callable[[dict[str, Any]], None], on_error: Callable[[str], None] | None = None) -> None:
         """Write the job's inputs into a fresh work folder, start it, and remember what to do with its result
         (``on_error`` additionally receives a failure's message)."""
-        work_dir = Path(tempfile.mkdtemp(prefix="dafne-slicer-"))
+        # Not tempfile.mkdtemp: on Windows it retries a folder that denies new files 2**31 times (CPython gh-66305).
+        work_dir = unique_folder(Path(tempfile.gettempdir()), "dafne-slicer-")
         try:
             self.job = self._start_job(task, build_request(work_dir))
         except BaseException:
@@ -185,11 +194,14 @@ class DafneController:
         if not status.done:
             self.view.set_progress(status.fraction, status.message)
             return True
+        task = getattr(self.job, "name", "")
         on_done, on_error, self.job, self._on_done, self._on_error = self._on_done, self._on_error, None, None, None
         self.view.set_busy(None)
         try:
             if status.cancelled:
-                self.view.set_status(status.message)
+                self.view.set_status(CANCELLED_AFTER_CONTACT.get(task, status.message))
+                if task == PULLING:
+                    self.refresh_models()  # a model that arrived before Cancel is there to pick
             elif status.error is not None:
                 if status.details:
                     log.error(status.details)
@@ -207,6 +219,23 @@ class DafneController:
         if self.job is not None:
             self.job.cancel()
             self.view.set_progress(self.job.poll().fraction, "cancelling...")
+
+    def shutdown(self, wait_s: float = KILL_AFTER_S + 1.0) -> None:
+        """The module is closing (Slicer exits, or the module is reloaded) and poll() will not run again: stop the
+        running task and remove its work folder, which holds a copy of the patient's image. Waits at most
+        ``wait_s`` seconds (a worker that ignores Cancel is killed after :data:`KILL_AFTER_S`)."""
+        job, work_dir, self.job, self._work_dir = self.job, self._work_dir, None, None
+        try:
+            if job is not None:
+                job.cancel()
+                deadline = time.monotonic() + wait_s
+                while not job.poll().done and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - called while Slicer closes the module: must not raise into it
+            log.exception("DafneSlicer: stopping the running task on closing failed")
+        finally:
+            if work_dir is not None:
+                shutil.rmtree(work_dir, ignore_errors=True)
 
     def scene_closing(self) -> None:
         """The scene is about to close: its nodes go, so the running job is cancelled and the case forgotten."""
@@ -556,7 +585,7 @@ class DafneController:
             if not self._ready():
                 return
             families = sorted({choice.family for choice in self.segmentation.list_models()})
-            self._run("Checking for updates",
+            self._run(PULLING,
                       lambda work_dir: worker.pull_request(work_dir, families, self.sync.config_path), self._pulled,
                       self._sync_failed)
         self.guarded(action)
@@ -583,7 +612,7 @@ class DafneController:
                 case.contributed.add(latest.version)
                 self.view.set_sync_status(worker.outcome_of(result).message)
 
-            self._run("Contributing", lambda work_dir: worker.push_request(work_dir, latest.path, self.sync.config_path),
+            self._run(PUSHING, lambda work_dir: worker.push_request(work_dir, latest.path, self.sync.config_path),
                       done, self._sync_failed)
         self.guarded(action)
 

@@ -170,7 +170,7 @@ class DafneSlicerPanel:
     def cleanup(self) -> None:
         self._poll_timer.stop()
         self._edit_timer.stop()
-        self.controller.cancel()
+        self.controller.shutdown()
 
     # --- View -------------------------------------------------------------------------------------
 
