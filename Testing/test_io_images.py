@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+import re
 
 import numpy as np
 import pytest
@@ -199,3 +200,49 @@ def test_a_nifti_that_nibabel_cannot_check_is_read_with_a_warning(tmp_path, monk
     with caplog.at_level("WARNING"):
         image = read_image(path)
     assert image.GetSize() == (6, 5, 3) and "could not check" in caplog.text
+
+
+def _phantom_series(folder, n_slices: int = 5):
+    from dafne_logic.phantoms.dicom import write_dicom_series
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 100, (n_slices, 8, 9)).astype(np.float32))
+    image.SetSpacing((0.8, 0.8, 5.0))
+    return write_dicom_series(image, folder)
+
+
+def _edit_slice(path, **tags):
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    for name, value in tags.items():
+        setattr(dataset, name, value)
+    return dataset
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing slice", "not evenly spaced (10 mm between slices 2 and 3, 5 mm elsewhere)"),
+    ("second echo", "several images at one slice position"),
+    ("localizer", "several orientations"),
+])
+def test_a_dicom_series_itk_would_read_with_a_wrong_geometry_is_refused(tmp_path, damage, message):
+    """ITK only warns (or says nothing): a missing slice read as 7.5 mm spacing made volumes 50 % too large."""
+    import pydicom
+
+    files = _phantom_series(tmp_path / "series")
+    if damage == "missing slice":
+        files[2].unlink()
+    elif damage == "second echo":
+        echo = _edit_slice(files[1], EchoNumbers=2, SOPInstanceUID=pydicom.uid.generate_uid())
+        echo.file_meta.MediaStorageSOPInstanceUID = echo.SOPInstanceUID
+        echo.save_as(tmp_path / "series" / "echo2.dcm")
+    else:
+        _edit_slice(files[4], ImageOrientationPatient=[1, 0, 0, 0, 0, -1]).save_as(files[4])
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_image(tmp_path / "series")
+
+
+def test_a_one_slice_dicom_series_takes_its_slice_thickness_not_one_millimetre(tmp_path):
+    files = _phantom_series(tmp_path / "series", n_slices=1)
+    assert read_image(tmp_path / "series").GetSpacing() == pytest.approx((0.8, 0.8, 5.0))
+    _edit_slice(files[0], SpacingBetweenSlices=6.0).save_as(files[0])  # the slab's step, when given, goes first
+    assert read_image(tmp_path / "series").GetSpacing()[2] == pytest.approx(6.0)

@@ -277,3 +277,69 @@ def test_a_label_table_saved_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(THIGH.to_json()), encoding="utf-8-sig")  # what Windows editors often write
     assert LabelTable.load(str(path)) == THIGH
+
+
+def _raw_seg_nrrd(path, voxels, segments: list[dict], directions=None):
+    """A ``.seg.nrrd`` written field by field (pynrrd), as other Slicer versions and tools write them."""
+    four_d = voxels.ndim == 4
+    spatial = np.array(directions if directions is not None else [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 5.0]])
+    header = {"type": "unsigned char", "dimension": voxels.ndim, "space": "left-posterior-superior",
+              "kinds": (["list"] if four_d else []) + ["domain"] * 3,
+              "space directions": np.vstack([[np.nan] * 3, spatial]) if four_d else spatial,
+              "space origin": np.zeros(3), "encoding": "raw"}
+    for index, fields in enumerate(segments):
+        for key, value in fields.items():
+            header[f"Segment{index}_{key}"] = value
+    nrrd.write(str(path), voxels, header)
+
+
+def test_a_seg_nrrd_of_slicer_before_4_11_has_one_segment_per_layer(tmp_path):
+    """No Layer and no LabelValue fields: each layer is a segment drawn with 1. Read as layer 0 for all,
+    the first layer took the last segment's name and the others were lost."""
+    voxels = np.zeros((3, 10, 10, 4), np.uint8)
+    voxels[0, 1:4, 1:4] = voxels[1, 5:8, 1:4] = voxels[2, 1:4, 5:8] = 1
+    names = ["right vastus lateralis", "left vastus lateralis", "right sartorius"]
+    _raw_seg_nrrd(tmp_path / "old.seg.nrrd", voxels, [{"ID": f"S{i}", "Name": n} for i, n in enumerate(names)])
+    labels, unknown = read_segmentation(tmp_path / "old.seg.nrrd", THIGH)
+    read = sitk.GetArrayFromImage(labels).transpose(2, 1, 0)  # (i, j, k) as the file
+    assert unknown == []
+    for layer, name in enumerate(names):
+        assert set(np.unique(read[voxels[layer] == 1])) == {match_label_name(name, THIGH)}, name
+
+
+def test_overlapping_layers_are_reported_not_silently_merged(tmp_path, caplog):
+    voxels = np.zeros((2, 10, 10, 4), np.uint8)
+    voxels[0, 2:8, 2:8] = 1
+    voxels[1, 4:6, 4:6] = 1  # inside the first: 2 × 2 voxels on each of 4 slices
+    names = ["right vastus lateralis", "right vastus intermedius"]
+    _raw_seg_nrrd(tmp_path / "overlap.seg.nrrd", voxels,
+                  [{"ID": f"S{i}", "Name": n, "Layer": str(i), "LabelValue": "1"} for i, n in enumerate(names)])
+    with caplog.at_level("WARNING"):
+        read_segmentation(tmp_path / "overlap.seg.nrrd", THIGH)
+    assert "16 voxels belong to segments of several layers" in caplog.text
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "non-integer values"), ("fraction", "non-integer values"), ("axes", "not independent"),
+])
+def test_a_damaged_seg_nrrd_is_one_sentence(tmp_path, damage, message):
+    voxels = np.zeros((10, 10, 4), np.float32 if damage != "axes" else np.uint8)
+    voxels[1:4, 1:4] = 1
+    if damage == "nan":
+        voxels[0, 0, 0] = np.nan
+    elif damage == "fraction":
+        voxels[5, 5, 1] = 1.7
+    directions = [[1.0, 0, 0], [1.0, 0, 0], [0, 0, 5.0]] if damage == "axes" else None
+    path = tmp_path / "damaged.seg.nrrd"
+    _raw_seg_nrrd(path, voxels, [{"ID": "S0", "Name": "right sartorius", "Layer": "0", "LabelValue": "1"}], directions)
+    if damage != "axes":  # pynrrd writes the type from the array
+        path.write_bytes(path.read_bytes().replace(b"type: unsigned char", b"type: float", 1))
+    with pytest.raises(InputError, match=message):
+        read_segmentation(path, THIGH)
+
+
+def test_a_complex_label_map_is_one_sentence(tmp_path):
+    image = sitk.GetImageFromArray(np.ones((3, 4, 5), np.complex64))
+    sitk.WriteImage(image, str(tmp_path / "complex.nrrd"))
+    with pytest.raises(InputError, match="non-integer values"):
+        read_segmentation(tmp_path / "complex.nrrd", THIGH)

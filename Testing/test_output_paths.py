@@ -29,6 +29,18 @@ def test_an_input_under_any_spelling_is_refused(tmp_path: Path, spelling: str):
         check_outputs([("--csv", output)], [scan])
 
 
+def test_an_output_in_an_input_series_folder_is_refused(tmp_path: Path):
+    """A DICOM input is its folder: ``--csv series/slice_0000.dcm`` replaced a slice, ``-o series/seg.dcm`` joined it."""
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "slice_0000.dcm").write_bytes(b"x")
+    for name in ("slice_0000.dcm", "seg.dcm"):
+        with pytest.raises(InputError, match="lies in the input folder"):
+            check_outputs([("-o", series / name)], [series])
+    assert [p.name for p in series.iterdir()] == ["slice_0000.dcm"]
+    check_outputs([("-o", tmp_path / "seg.dcm")], [series])  # beside it: fine
+
+
 def test_two_options_on_one_file_and_a_folder_are_refused(tmp_path: Path):
     with pytest.raises(InputError, match="--csv and --csa both name"):
         check_outputs([("--csv", tmp_path / "s.csv"), ("--csa", tmp_path / "s.csv")], [])

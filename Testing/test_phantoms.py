@@ -249,6 +249,8 @@ def test_intensity_tables_cover_every_tissue_and_custom_tables_work():
     ({"legs": "both legs"}, "legs must be"),
     ({"shape": (0, 64, 64)}, "shape"),
     ({"spacing": (1.0, -1.0, 5.0)}, "spacing"),
+    ({"spacing": (float("nan"), 1.0, 5.0)}, "spacing"),  # passed min(spacing) <= 0: an image of NaN origin
+    ({"spacing": (1.0, float("inf"), 5.0)}, "spacing"),
     ({"fat_infiltration": 1.5}, "fat_infiltration"),
     ({"noise": -0.1}, "negative"),
     ({"slice_thickness_mm": 0.0}, "slice thickness"),

@@ -53,6 +53,9 @@ def check_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
         key = _key(path)
         if key in read_keys or _same_existing_file(Path(path), read):
             raise InputError(f"{option} {path} would overwrite one of this command's inputs; choose another file.")
+        folder = next((p for p in read if p.is_dir() and _key(Path(path).parent) == _key(p)), None)
+        if folder is not None:  # a DICOM series folder: the output could replace a slice, or join the series
+            raise InputError(f"{option} {path} lies in the input folder {folder}; write outputs beside it, not in it.")
         if key in seen and seen[key] != option:
             raise InputError(f"{seen[key]} and {option} both name {path}; give each output its own file.")
         if key in seen:

@@ -116,10 +116,75 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image
     chosen = choose_dicom_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position and orientation, checked below
     image = reader.Execute()
+    slices = [_slice_geometry(reader, k) for k in range(len(chosen.files))]
     if image.GetDimension() == 2:  # a one-file series is still a (single-slice) volume
         image = sitk.JoinSeries(image)
+    if len(slices) == 1:  # one file: one slice, or a multi-frame object whose spacing ITK read from it
+        thickness = _slice_thickness(reader) if image.GetSize()[2] == 1 else None
+        if thickness is not None:  # not ITK's 1 mm: volumes along the leg depend on it
+            image.SetSpacing((*image.GetSpacing()[:2], thickness))
+    else:
+        _check_slice_geometry(folder, slices)
     return image, chosen
+
+
+_POSITION_TAG, _ORIENTATION_TAG = "0020|0032", "0020|0037"
+_SPACING_BETWEEN_TAG, _THICKNESS_TAG = "0018|0088", "0018|0050"
+SLICE_GAP_TOLERANCE = 0.01  # relative: scanners write positions to a few micrometres, a missing slice is 100 %
+
+
+def _numbers(reader: sitk.ImageSeriesReader, k: int, tag: str) -> np.ndarray | None:
+    if not reader.HasMetaDataKey(k, tag):
+        return None
+    try:
+        return np.array([float(v) for v in reader.GetMetaData(k, tag).split("\\")])
+    except ValueError:
+        return None
+
+
+def _slice_geometry(reader: sitk.ImageSeriesReader, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ImagePositionPatient (3,), ImageOrientationPatient (6,)) of slice ``k`` in mm, or None without them."""
+    position, orientation = _numbers(reader, k, _POSITION_TAG), _numbers(reader, k, _ORIENTATION_TAG)
+    if position is None or orientation is None or position.size != 3 or orientation.size != 6:
+        return None
+    return position, orientation
+
+
+def _slice_thickness(reader: sitk.ImageSeriesReader) -> float | None:
+    """A one-slice series' extent along its normal (mm): SpacingBetweenSlices, else SliceThickness."""
+    for tag in (_SPACING_BETWEEN_TAG, _THICKNESS_TAG):
+        value = _numbers(reader, 0, tag)
+        if value is not None and value.size == 1 and np.isfinite(value[0]) and value[0] > 0:
+            return float(value[0])
+    return None
+
+
+def _check_slice_geometry(folder: Path, slices: list[tuple[np.ndarray, np.ndarray] | None]) -> None:
+    """Refuse a series ITK would read with a wrong geometry (it only warns): slices of several
+    orientations (a three-plane localizer), several images at one position (echoes or phases in one
+    series) or unevenly spaced slices (a slice missing), each of which would make volumes,
+    areas and statistics silently wrong.
+    """
+    if any(s is None for s in slices):  # without positions ITK cannot do better either: read as it is
+        return
+    orientations = np.array([s[1] for s in slices])  # type: ignore[index]
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        raise InputError(f"{folder}: the series' slices have several orientations (a localizer?); choose a series "
+                         "of parallel slices.")
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    along = np.sort(np.array([s[0] for s in slices]) @ normal)  # type: ignore[index]
+    steps = np.diff(along)
+    if steps.min() < 1e-3:
+        raise InputError(f"{folder}: the series has several images at one slice position (several echoes, phases "
+                         "or repetitions in one series?); export one of them as its own series.")
+    typical = float(np.median(steps))
+    if np.abs(steps - typical).max() > SLICE_GAP_TOLERANCE * typical:
+        gap = int(np.argmax(np.abs(steps - typical)))
+        raise InputError(f"{folder}: the slices are not evenly spaced ({steps[gap]:.3g} mm between slices "
+                         f"{gap + 1} and {gap + 2}, {typical:.3g} mm elsewhere): is a slice missing? Volumes and "
+                         "areas would be wrong.")
 
 
 def read_image(path: PathLike, series_uid: str | None = None, missing_as_nan: bool = False) -> sitk.Image:
@@ -441,8 +506,10 @@ def ijk_to_lps(image: sitk.Image) -> np.ndarray:
 def _set_geometry(image: sitk.Image, matrix: np.ndarray) -> None:
     """Inverse of :func:`ijk_to_lps`."""
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-    if np.any(spacing == 0):
-        raise InputError("the segmentation has a zero voxel spacing.")
+    if not np.all(np.isfinite(matrix)) or np.any(spacing == 0):
+        raise InputError("the segmentation has a zero or undefined voxel spacing.")
+    if abs(np.linalg.det(matrix[:3, :3] / spacing)) < 1e-6:
+        raise InputError("the segmentation's axes are not independent (two along one direction): a damaged header.")
     image.SetSpacing(tuple(float(s) for s in spacing))
     image.SetDirection(tuple(float(d) for d in (matrix[:3, :3] / spacing).ravel()))
     image.SetOrigin(tuple(float(o) for o in matrix[:3, 3]))
@@ -585,19 +652,50 @@ def _read_slicer_segmentation(path: Path, table: LabelTable) -> tuple[sitk.Image
     if voxels is None or voxels.ndim not in (3, 4):
         raise InputError(f"{path} holds no 3D segmentation voxels.")
     layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
+    _require_whole_numbers(layers, path)
     output = np.zeros(layers.shape[1:], dtype=label_dtype(table))  # (i, j, k)
     unknown = []
+    segments = _segment_layers(segmentation.get("segments", []), layers.shape[0], path)
+    overlap = 0
     for layer_index in range(layers.shape[0]):
         layer = layers[layer_index]
-        segments = [s for s in segmentation.get("segments", []) if s.get("layer", 0) == layer_index]
-        names = {int(s.get("labelValue", 1)): s.get("name", s.get("id", "")) for s in segments}
+        names = {value: name for layer_of, value, name in segments if layer_of == layer_index}
         lut, layer_unknown = _lookup(names, table, _checked_max_value(layer, path))
         unknown += layer_unknown
         mapped = lut[layer.astype(np.int64, copy=False).clip(0, len(lut) - 1)]
+        overlap += int(np.count_nonzero((mapped > 0) & (output > 0)))
         np.copyto(output, mapped.astype(output.dtype), where=mapped > 0)
+    if overlap:  # Slicer lets segments of different layers overlap; a volume label holds one muscle per voxel
+        log.warning("%s: %d voxels belong to segments of several layers; each keeps the segment of its last layer",
+                    path, overlap)
     image = sitk.GetImageFromArray(np.ascontiguousarray(output.transpose(2, 1, 0)))
     _set_geometry(image, np.asarray(segmentation["ijkToLPS"], dtype=float))
     return image, unknown
+
+
+def _segment_layers(segments: list[dict], n_layers: int, path: Path) -> list[tuple[int, int, str]]:
+    """(layer, label value, name) of each segment of a ``.seg.nrrd``.
+
+    Files of Slicer before 4.11 name no layer and no label value: one segment per layer, drawn
+    with 1, as Slicer itself reads them (a missing layer is the segment's index).
+    """
+    found = []
+    for index, segment in enumerate(segments):
+        try:
+            layer = int(segment.get("layer", index if n_layers > 1 else 0))
+            value = int(segment.get("labelValue", 1))
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: segment {index} has a layer or label value that is not a number.") from None
+        found.append((layer, value, str(segment.get("name", segment.get("id", "")))))
+    return found
+
+
+def _require_whole_numbers(voxels: np.ndarray, path: Path) -> None:
+    """Refuse label voxels that are not whole numbers (fractions, NaN, complex): an image, not labels."""
+    if np.issubdtype(voxels.dtype, np.integer) or voxels.dtype == np.bool_:
+        return
+    if np.iscomplexobj(voxels) or not np.all(np.isfinite(voxels)) or not np.all(np.mod(voxels, 1) == 0):
+        raise InputError(f"{path} holds non-integer values; it is an image, not a label map.")
 
 
 def read_label_volume(path: PathLike) -> sitk.Image:
@@ -613,9 +711,7 @@ def read_label_volume(path: PathLike) -> sitk.Image:
         raise InputError(f"{path} could not be read as a label map: {_first_line(exc)}.") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} is not a 3D scalar label map.")
-    voxels = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(voxels.dtype, np.integer) and not np.all(np.mod(voxels, 1) == 0):
-        raise InputError(f"{path} holds non-integer values; it is an image, not a label map.")
+    _require_whole_numbers(sitk.GetArrayViewFromImage(image), path)
     return image
 
 

@@ -644,7 +644,7 @@ def phantom_tissue_map(region: str = "thigh", shape: tuple[int, int, int] = (40,
     n_z, n_y, n_x = (int(n) for n in shape)
     if spacing is None:
         spacing = default_spacing(region, (n_z, n_y, n_x), seed)
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"phantom spacing must be three positive sizes (x, y, z) in mm, not {tuple(spacing)}")
     sx, sy, sz = (float(s) for s in spacing)
     z_positions = _slab_positions(n_z, sz)
