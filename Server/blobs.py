@@ -10,12 +10,15 @@ bytes and the new name are on disk, so the upload that names the blob may be ack
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import time
 from pathlib import Path
 
 from .private_files import fsync_directory, private_dir, write_durable
+
+log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -57,9 +60,14 @@ class BlobStore:
         removed = 0
         cutoff = time.time() - older_than_s
         for tmp in self.root.glob("*/.*"):
-            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
-                tmp.unlink(missing_ok=True)
-                removed += 1
+            try:
+                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # another process's sweep or collection took it
+                continue
+            except PermissionError:  # Windows: held open by a virus scanner; the next start sweeps it
+                log.warning("could not remove the temporary file %s yet (in use)", tmp)
         return removed
 
     def remove_unreferenced(self, referenced: set[str], older_than_s: float) -> int:
@@ -87,6 +95,12 @@ class BlobStore:
                     continue
             except FileNotFoundError:  # another collection or sweep took it: theirs to account for
                 continue
-            aside.unlink(missing_ok=True)
+            except PermissionError:  # Windows: a blob held open (being served, scanned) stays for the next run
+                log.warning("could not collect the unreferenced blob %s yet (in use)", blob.name)
+                continue
+            try:
+                aside.unlink(missing_ok=True)
+            except PermissionError:  # hidden already; sweep_temporaries removes it later
+                log.warning("could not remove %s yet (in use)", aside)
             removed += 1
         return removed

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import URL
+
 from dafne_logic.core.errors import InputError
 
 from .merging import MergeSettings
@@ -54,8 +56,15 @@ class ServerSettings:
     public_dashboard: bool = False  # True: the dashboard at / needs no login
 
     @property
+    def sqlite_path(self) -> Path:
+        """The SQLite database file in the data folder (used when no ``database_url`` is given)."""
+        return Path(self.data_dir).resolve() / "server.db"
+
+    @property
     def url(self) -> str:
-        return self.database_url or f"sqlite:///{Path(self.data_dir).resolve() / 'server.db'}"
+        # Rendered by SQLAlchemy: a folder named with "%41" or "?" must not become another file (URL decoding).
+        return self.database_url or URL.create("sqlite", database=str(self.sqlite_path)).render_as_string(
+            hide_password=False)
 
     @property
     def blob_dir(self) -> Path:

@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from dafne_logic.core.atomic import open_unique_file
+from dafne_logic.core.atomic import open_unique_file, replace_file
 
 POSIX = os.name == "posix"  # module constant, so tests can take the Windows path on any system
 DIR_MODE, FILE_MODE = 0o700, 0o600
@@ -54,7 +54,7 @@ def write_durable(target: str | os.PathLike[str], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        replace_file(tmp, target)  # on Windows, a target a virus scanner holds a moment is retried
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -71,12 +71,18 @@ def make_private_file(path: str | os.PathLike[str]) -> None:
 
 
 def tighten_tree(root: str | os.PathLike[str]) -> None:
-    """Make every folder and file under ``root`` owner-only (data folders made by older versions)."""
+    """Make every folder and file under ``root`` owner-only (data folders made by older versions).
+
+    A live server may rename or remove files meanwhile (an upload's temporary blob, a collected
+    one): those are skipped, so that ``add-user`` or ``revoke`` beside a busy server does not fail.
+    """
     if not POSIX:
         return
     for folder, _dirs, files in os.walk(root):
-        os.chmod(folder, DIR_MODE)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(folder, DIR_MODE)
         for name in files:
             path = os.path.join(folder, name)
             if not os.path.islink(path):
-                os.chmod(path, FILE_MODE)
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(path, FILE_MODE)

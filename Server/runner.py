@@ -90,7 +90,7 @@ def secure_data_folder(settings: ServerSettings) -> None:
     check_data_folder(settings.data_dir)
     private_dir(settings.data_dir)
     if not settings.database_url:
-        make_private_file(settings.url.removeprefix("sqlite:///"))
+        make_private_file(settings.sqlite_path)
     tighten_tree(settings.data_dir)
 
 

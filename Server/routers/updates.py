@@ -41,21 +41,25 @@ def upload_update(request: Request, family: str = FamilyName,
     Every refusal is audited; so are the server's own failures, apart (they do not count as refusals).
     """
     try:
-        uploads.check_refusal_budget(storage, who)
-        with request.app.state.upload_slots.slot(who.name):
-            receipt = uploads.receive_update(storage, family, metadata, delta.file, who)
-    except uploads.UploadRefused as exc:
-        uploads.record_refusal(storage, who, family, exc.status, exc.reason, exc.throttled)
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
-        raise HTTPException(exc.status, exc.reason, headers=headers) from None
-    except crud.NotFound as exc:
-        uploads.record_refusal(storage, who, family, 404, str(exc), throttled=False)
-        raise
+        try:
+            uploads.check_refusal_budget(storage, who)
+            with request.app.state.upload_slots.slot(who.name):
+                receipt = uploads.receive_update(storage, family, metadata, delta.file, who)
+        except uploads.UploadRefused as exc:
+            # Audited first; a locked or full database while auditing is the server's failure (503 below), not a 500.
+            uploads.record_refusal(storage, who, family, exc.status, exc.reason, exc.throttled)
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            raise HTTPException(exc.status, exc.reason, headers=headers) from None
+        except crud.NotFound as exc:
+            uploads.record_refusal(storage, who, family, 404, str(exc), throttled=False)
+            raise
     except (OSError, OperationalError) as exc:  # storage or database unavailable: the client may retry later
         uploads.record_failure(storage, who, family, 503, exc)
         log.exception("upload by %s to %s failed", who.name, family)
         raise HTTPException(503, "the server could not store the upload just now; retry later",
                             headers={"Retry-After": "30"}) from None
+    except (HTTPException, crud.NotFound):
+        raise
     except Exception as exc:
         uploads.record_failure(storage, who, family, 500, exc)
         raise

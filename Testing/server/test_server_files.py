@@ -86,3 +86,50 @@ def test_sqlite_commits_are_synchronous_full(tmp_path):
                 assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     finally:
         storage.dispose()
+
+
+@pytest.mark.parametrize("name", ["x%41", "a?b", "é x"])
+def test_the_database_is_in_the_data_folder_whatever_its_name(tmp_path, name):
+    """The SQLite URL was built from the path unescaped: "x%41" put the database in "xA", readable by all."""
+    data = tmp_path / name
+    storage = prepare(ServerSettings(data_dir=str(data)))
+    storage.dispose()
+    assert (data / "server.db").stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_tightening_skips_files_a_live_server_renames_meanwhile(tmp_path, monkeypatch):
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / ".tmp-upload").write_bytes(b"x")
+    real_chmod = os.chmod
+
+    def renamed_meanwhile(path, mode):
+        if str(path).endswith(".tmp-upload"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        real_chmod(path, mode)
+
+    monkeypatch.setattr(private_files, "POSIX", True)
+    monkeypatch.setattr(private_files.os, "chmod", renamed_meanwhile)
+    private_files.tighten_tree(tmp_path)  # no FileNotFoundError
+
+
+def test_on_windows_a_durable_write_onto_a_file_held_a_moment_is_retried(tmp_path, monkeypatch):
+    """settings.json, session.key and blobs: a virus scanner holding the target made uploads 503 and merges fail."""
+    from dafne_logic.core import atomic
+
+    target = tmp_path / "settings.json"
+    target.write_bytes(b"old")
+    refusals = []
+    real_replace = os.replace
+
+    def scanner_holds_it(source, destination):
+        if len(refusals) < 2:
+            refusals.append(destination)
+            raise PermissionError(13, "The process cannot access the file", str(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    monkeypatch.setattr(atomic.time, "sleep", lambda s: None)
+    monkeypatch.setattr(atomic.os, "replace", scanner_holds_it)
+    private_files.write_durable(target, b"new")
+    assert target.read_bytes() == b"new" and len(refusals) == 2 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "settings.json"]

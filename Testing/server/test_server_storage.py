@@ -264,3 +264,34 @@ def test_a_worker_whose_clock_runs_ahead_does_not_take_a_live_lease(storage, mon
         renew_lease(conn, storage, "leg", "worker-a")
         expires = conn.scalar(sa.select(MergeLease.expires_at).where(MergeLease.family == "leg"))
     assert abs(expires - (time.time() + storage.settings.lease_ttl_s)) < 5.0  # by the database's clock
+
+
+def test_on_windows_a_blob_or_temporary_file_held_open_does_not_stop_the_server_starting(tmp_path, monkeypatch):
+    """Windows refuses to rename or remove a file another program holds (a virus scanner, a download
+    being served): prepare() collects at every start, and must leave such a file for the next one."""
+    import dafne_server.blobs as blobs_module
+
+    store = BlobStore(tmp_path / "blobs")
+    held, free = store.put(b"held orphan"), store.put(b"free orphan")
+    leftover = store.path(held).parent / ".interrupted-upload"
+    leftover.write_bytes(b"x")
+    long_ago = time.time() - 7200
+    for path in (store.path(held), store.path(free), leftover):
+        os.utime(path, (long_ago, long_ago))
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def in_use(src, dst):
+        if Path(src).name == held:
+            raise PermissionError(13, "The process cannot access the file", str(src))
+        real_replace(src, dst)
+
+    def unlink_in_use(self, missing_ok=False):
+        if self.name == ".interrupted-upload":
+            raise PermissionError(13, "The process cannot access the file", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(blobs_module.os, "replace", in_use)
+    monkeypatch.setattr(Path, "unlink", unlink_in_use)
+    assert store.remove_unreferenced(set(), older_than_s=3600) == 1  # the free one
+    assert store.sweep_temporaries() == 0
+    assert store.path(held).is_file() and not store.path(free).exists() and leftover.is_file()

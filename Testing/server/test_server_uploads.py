@@ -224,3 +224,36 @@ def test_server_failures_are_503_and_do_not_use_up_the_refused_upload_budget(tmp
         actions = [a.action for a in session.scalars(sa.select(AuditEntry).where(AuditEntry.actor == "site"))]
     storage.dispose()
     assert actions.count("update_failed") == 3 and "update_refused" not in actions
+
+
+def test_a_refusal_that_cannot_be_audited_for_a_locked_database_is_503_not_500(tmp_path, tiny_leg, monkeypatch):
+    """Every refusal is audited before it is answered; the database being locked then is the server's
+    failure, which the client retries (503 with Retry-After), not an internal error."""
+    from sqlalchemy.exc import OperationalError
+    from test_server_dashboard import _in_thread
+
+    from dafne_server import uploads
+    from dafne_server.app import create_app
+    from dafne_server.config import ServerSettings
+    from dafne_server.runner import prepare
+
+    settings = ServerSettings(data_dir=str(tmp_path / "data"))
+    storage = prepare(settings)
+    with storage.session.begin() as session:
+        storage.add_family(session, "leg", tiny_leg, "test")
+        token = create_user(session, "site")
+    storage.dispose()
+
+    def locked(*args, **kwargs):
+        raise OperationalError("INSERT INTO audit", {}, Exception("database is locked"))
+
+    blob = encode_delta(noisy_delta(tiny_leg.state_dict, seed=32))
+    server = SimpleNamespace(admin_token="", url="")
+    with _in_thread(create_app(settings)) as url:
+        server.url = url
+        assert upload(server, token, "leg", blob, idempotency_key="short").status_code == 422  # refused, audited
+        with monkeypatch.context() as patch:
+            patch.setattr(uploads, "audit", locked)
+            r = upload(server, token, "leg", blob, idempotency_key="short")
+            assert r.status_code == 503 and r.headers["Retry-After"] == "30", r.text
+            assert upload(server, token, "nosuchfamily", blob).status_code == 503
