@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--older-than-hours", type=NON_NEGATIVE, default=1.0,
                    help="keep younger blobs: an upload writes its blob just before committing its row")
+    p.add_argument("--keep-update-deltas-days", type=NON_NEGATIVE, default=None,
+                   help="collect the deltas of updates merged or rejected longer ago than this (default 30; their "
+                        "rows stay)")
     p.set_defaults(func=run_gc)
 
     p = sub.add_parser("add-user", help="add a user and print their token (shown once)")
@@ -227,7 +230,8 @@ def run_gc(args: argparse.Namespace) -> int:
     storage = Storage(_settings(args))
     try:
         storage.migrate()
-        removed = storage.collect_blobs(older_than_s=args.older_than_hours * 3600)
+        removed = storage.collect_blobs(older_than_s=args.older_than_hours * 3600,
+                                        update_delta_days=args.keep_update_deltas_days)
     finally:
         storage.dispose()
     print(f"{removed} unreferenced blob(s) removed")

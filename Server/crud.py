@@ -155,9 +155,16 @@ def count_updates(session: Session, user_id: int) -> int:
     return session.scalar(select(func.count()).select_from(UpdateRow).where(UpdateRow.user_id == user_id)) or 0
 
 
-def referenced_blobs(session: Session) -> set[str]:
-    """sha256 of every blob a row points at: versions' weights and updates' deltas."""
-    return set(session.scalars(select(Version.weights_sha256))) | set(session.scalars(select(UpdateRow.blob_sha256)))
+def referenced_blobs(session: Session, finished_before: float | None = None) -> set[str]:
+    """sha256 of every blob still needed: versions' weights and updates' deltas, apart from those of
+    updates merged or rejected before ``finished_before`` (a time; None keeps every delta).
+
+    Such an update keeps its row (who sent what, its norm, its fate); only its delta can go.
+    """
+    deltas = select(UpdateRow.blob_sha256)
+    if finished_before is not None:
+        deltas = deltas.where((UpdateRow.status == "buffered") | (UpdateRow.updated_at >= finished_before))
+    return set(session.scalars(select(Version.weights_sha256))) | set(session.scalars(deltas))
 
 
 def update_status_counts(session: Session, family: str) -> dict[str, int]:

@@ -25,7 +25,7 @@ from dafne_logic.learning.delta import weights_norm
 from . import crud
 from .blobs import BlobStore
 from .config import ServerSettings
-from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker
+from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker, now
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -76,11 +76,13 @@ class Storage:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
-    def collect_blobs(self, older_than_s: float = 3600.0) -> int:
-        """Remove blobs no version or update references, written more than ``older_than_s`` ago
-        (younger ones may belong to an upload whose row is about to be committed); returns how many."""
+    def collect_blobs(self, older_than_s: float = 3600.0, update_delta_days: float | None = None) -> int:
+        """Remove blobs no version or update needs, written more than ``older_than_s`` ago (younger ones
+        may belong to an upload whose row is about to be committed), and the deltas of updates merged or
+        rejected more than ``update_delta_days`` ago (default: the settings'); returns how many."""
+        days = self.settings.update_delta_days if update_delta_days is None else update_delta_days
         with self.read() as session:
-            referenced = crud.referenced_blobs(session)
+            referenced = crud.referenced_blobs(session, finished_before=now() - days * 86400.0)
         return self.blobs.remove_unreferenced(referenced, older_than_s)
 
     def dispose(self) -> None:

@@ -162,6 +162,33 @@ def test_blobs_nothing_references_are_collected_once_old_enough(storage):
     assert not storage.blobs.exists(orphan) and storage.blobs.exists(seed_weights)
 
 
+def test_deltas_of_updates_finished_long_ago_are_collected_their_rows_kept(storage):
+    """Every update's delta used to count as referenced for ever: a site at the upload limits could fill
+    the disk with deltas nothing reads again, even rejected ones."""
+    from dafne_server.db import UpdateRow, now
+
+    day = 86400.0
+    fates = {"buffered long ago": ("buffered", 90 * day), "merged long ago": ("merged", 31 * day),
+             "rejected long ago": ("rejected", 40 * day), "rejected lately": ("rejected", 2 * day)}
+    sha = {name: storage.blobs.put(name.encode()) for name in fates}
+    with storage.session.begin() as session:
+        create_user(session, "site")
+        user_id = session.scalar(sa.select(User.id).where(User.name == "site"))
+        for name, (status, age) in fates.items():
+            session.add(UpdateRow(id=os.urandom(16).hex(), family="leg", user_id=user_id, idempotency_key=name,
+                                  parent_version=1, n_slices=1, blob_sha256=sha[name], blob_size=len(name), norm=1.0,
+                                  status=status, created_at=now() - age - day, updated_at=now() - age))
+    past = time.time() - 7200
+    for digest in sha.values():
+        os.utime(storage.blobs.path(digest), (past, past))
+    assert storage.collect_blobs() == 2  # the defaults: 30 days
+    assert {name for name, digest in sha.items() if storage.blobs.exists(digest)} == {"buffered long ago",
+                                                                                      "rejected lately"}
+    assert storage.collect_blobs(update_delta_days=1) == 1 and storage.blobs.exists(sha["buffered long ago"])
+    with storage.read() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(UpdateRow)) == 4  # who sent what stays
+
+
 def test_a_blob_stored_again_is_young_again_so_gc_keeps_it(tmp_path):
     """A retried upload may reuse a blob orphaned long ago: gc's age grace must cover it until its row commits."""
     store = BlobStore(tmp_path / "blobs")
