@@ -446,6 +446,9 @@ def test_statistics_table_and_csv_export(tmp_path):
     with open(tmp_path / "stats.csv", newline="") as f:
         written = list(csv.DictReader(f))
     assert len(written) == 12 and written[0]["name"] == "right soleus"
+    controller.case.segmentation_node.labels[:] = 0  # an edit after Statistics: the table is stale now
+    controller.export_statistics(str(tmp_path / "stale.csv"))
+    assert "changed since the statistics" in parts["view"].errors[-1] and not (tmp_path / "stale.csv").exists()
 
 
 def test_muscles_the_model_was_unsure_of_are_named_and_marked_for_review(tmp_path):

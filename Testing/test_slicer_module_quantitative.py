@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import SimpleITK as sitk
-from fakes import FakeScene, Node, finish, make_controller, make_volume
+from fakes import FakeScene, Node, automatic_labels, finish, make_controller, make_volume
 
 from dafne_logic.core.quantitative import build_maps
 from DafneSlicerLib.controller import MapSelection
@@ -133,3 +133,13 @@ def test_cross_sectional_areas_and_dicom_seg_export_use_the_current_segmentation
     controller.export_dicom_seg(str(tmp_path / "seg2.dcm"))
     assert parts["scene"].exports[-1][3] is True
     assert "2 muscles" in parts["view"].statuses[-1]
+
+
+def test_a_saved_segmentation_taken_up_is_exported_as_corrected_not_automatic(tmp_path):
+    """Taking up a saved (usually corrected) segmentation makes its content the baseline: with no edit
+    in this session, the export declared it AUTOMATIC in a clinical object."""
+    controller, parts = make_controller(scene=QuantitativeScene())
+    volume = make_volume()
+    controller.adopt(volume, Node("calf saved", labels=automatic_labels()), "leg")
+    controller.export_dicom_seg(str(tmp_path / "seg.dcm"))
+    assert not parts["view"].errors and parts["scene"].exports[-1][3] is True

@@ -111,8 +111,17 @@ class Case:
     tracker: ReviewTracker
     improvements: list[Improvement] = field(default_factory=list)
     statistics: list[dict[str, Any]] = field(default_factory=list)
+    statistics_of: str = ""  # digest of the labels the statistics were measured on: an export must match them
+    adopted: bool = False  # taken up from a saved segmentation, whose corrections this session cannot see
     confidence: Confidence = field(default_factory=Confidence)  # the automatic segmentation's, per muscle and slice
     contributed: set[str] = field(default_factory=set)  # versions already sent
+
+
+def _digest(labels: np.ndarray) -> str:
+    """A fingerprint of a label array (its voxels and shape), to tell whether it changed."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(labels).tobytes() + str(labels.shape).encode()).hexdigest()
 
 
 def unsure_muscles_sentence(confidence: dict[int, float], table: LabelTable) -> str:
@@ -404,7 +413,8 @@ class DafneController:
                                  f"of model {model_name} (e.g. '{table.volume_labels()[0].name}'); select the model "
                                  "it was made with.")
             current = sitk.GetArrayFromImage(corrected.labels)
-            self.case = Case(volume_node, segmentation_node, model_name, table, image, ReviewTracker(current))
+            self.case = Case(volume_node, segmentation_node, model_name, table, image, ReviewTracker(current),
+                             adopted=True)
             ignored = f" Ignored segments: {', '.join(corrected.unknown_names)}." if corrected.unknown_names else ""
             self.view.set_status(f"Continuing with '{self.scene.node_name(segmentation_node)}' "
                                  f"({n_labels - len(corrected.missing_names)} of {n_labels} labels have a segment).{ignored} "
@@ -518,13 +528,14 @@ class DafneController:
             from dafne_logic.core.statistics import muscle_statistics
 
             case = self._require_case()
-            corrected, _ = self._corrected(case)
+            corrected, current = self._corrected(case)
             selection = maps or MapSelection()
             quantities = [] if selection.empty else self.scene.maps_of(case.image, case.volume_node, selection)
             erode_mm = DEFAULT_ERODE_MM if selection.erode_mm is None else selection.erode_mm
             warnings: list[str] = []  # muscles a map gives no value for or covers in part: said in the status line
             case.statistics = muscle_statistics(case.image, corrected.labels, case.table, maps=quantities,
                                                 erode_mm=erode_mm, warnings=warnings)
+            case.statistics_of = _digest(current)
             if case.confidence.per_label:  # a case adopted from a saved segmentation has no network output to judge
                 add_confidence_columns(case.statistics, case.confidence.per_label)
             name = self.scene.node_name(case.volume_node)
@@ -560,7 +571,8 @@ class DafneController:
         def action():
             case = self._require_case()
             corrected, current = self._corrected(case)
-            edited = bool(case.tracker.changed_slices(current))
+            # A saved segmentation taken up is usually a corrected one: not declared AUTOMATIC in a clinical export.
+            edited = case.adopted or bool(case.tracker.changed_slices(current))
             version = next((c.version for c in self.segmentation.list_models() if c.name == case.model_name), "")
             values = self.scene.export_dicom_seg(case.volume_node, corrected.labels, case.table, path, case.model_name,
                                                  version, edited)
@@ -574,6 +586,9 @@ class DafneController:
             case = self._require_case()
             if not case.statistics:
                 raise InputError("Compute the statistics first.")
+            if _digest(self._corrected(case)[1]) != case.statistics_of:
+                raise InputError("The segmentation changed since the statistics were computed: click Statistics "
+                                 "again, then export.")
             write_statistics_csv(case.statistics, path)
             self.view.set_status(f"Statistics written to {path}.")
         self.guarded(action)
