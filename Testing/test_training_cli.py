@@ -73,6 +73,13 @@ def test_train_from_label_maps_resume_and_holdout(tmp_path: Path, capsys):
     assert main(other_data + ["--resume"]) == 2
     assert "trained on other data" in capsys.readouterr().err
     assert all((ModelPackage.load(out).state_dict[k] == v).all() for k, v in package.state_dict.items())
+    # Fewer steps than the checkpoint holds: refused (the checkpoint was saved as the earlier step, and a later
+    # --resume trained those steps twice).
+    at = args.index("--steps") + 1
+    steps = args[at]
+    fewer = args[:at] + [str(int(steps) - 2)] + args[at + 1:]
+    assert main(fewer + ["--resume"]) == 2
+    assert f"the checkpoint is at step {steps}" in capsys.readouterr().err
 
 
 def test_train_with_phantoms_only(tmp_path: Path):
@@ -110,6 +117,9 @@ def test_synthesis_ranges_can_be_changed_and_are_recorded(tmp_path: Path):
     ("bad_synthesis", "--synthesis p_infiltration=lots: the value is not JSON"),
     ("bad_time_limit", "--time-limit must be a positive number of minutes"),
     ("resumed_time_limit", "--time-limit cannot be combined with --resume"),
+    ("negative_lr", "the learning rate must be a positive number"),  # was AdamW's ValueError traceback
+    ("odd_size", "--size must be a multiple of 16"),  # was a tensor size mismatch at the first step
+    ("zero_spacing", "--spacing must be a pixel size"),  # 0 silently meant the default
 ])
 def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str, message: str):
     maps = tmp_path / "maps"
@@ -123,6 +133,10 @@ def test_bad_training_input_is_one_sentence(tmp_path: Path, capsys, problem: str
     elif problem == "bad_time_limit":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--time-limit", "0"]
+    elif problem in ("negative_lr", "odd_size", "zero_spacing"):
+        calf_map(maps / "a_labels.nii.gz")
+        option = {"negative_lr": ["--lr", "-0.002"], "odd_size": ["--size", "100"], "zero_spacing": ["--spacing", "0"]}
+        args = base + ["--region", "leg", "--label-maps", str(maps)] + option[problem]
     elif problem == "resumed_time_limit":
         calf_map(maps / "a_labels.nii.gz")
         args = base + ["--region", "leg", "--label-maps", str(maps), "--time-limit", "5", "--resume"]
@@ -269,3 +283,16 @@ def test_a_new_run_removes_an_earlier_runs_checkpoint_with_its_description(tmp_p
     check_resumed_data(work, {"holdout_subjects": ["b"]}, resume=False)
     assert not (work / CHECKPOINT_DIR).exists()
 
+
+
+def test_a_new_run_refused_for_its_init_model_keeps_the_earlier_runs_checkpoint(tmp_path: Path, capsys):
+    from dafne_logic.inference.manifest import BUNDLED_DIR
+    from dafne_logic.training.trainer import CHECKPOINT_DIR
+
+    maps = two_calf_maps(tmp_path)
+    args = ["train", "--region", "leg", "--label-maps", str(maps), "--output", str(tmp_path / "m")] + FAST
+    assert main(args) == 0
+    checkpoint = tmp_path / "m.training" / CHECKPOINT_DIR
+    assert checkpoint.is_dir()
+    assert main(args + ["--init", str(BUNDLED_DIR / "thigh")]) == 2  # another label table: refused
+    assert "Traceback" not in capsys.readouterr().err and checkpoint.is_dir()

@@ -33,7 +33,7 @@ from dafne_logic.core.numbers import strict_json
 from dafne_logic.core.preprocessing import PreprocessingParams
 from dafne_logic.inference.manifest import MANIFEST_NAME, Manifest
 from dafne_logic.inference.model_package import PACKAGE_FOLDER
-from dafne_logic.inference.networks import unet_architecture
+from dafne_logic.inference.networks import DEFAULT_UNET_KWARGS, unet_architecture
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +274,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.label_maps and not args.pairs and not args.phantoms:
         raise InputError("nothing to learn from: give --label-maps, --pairs or --phantoms")
     defaults = REGION_DEFAULTS.get(table.region, GENERIC_DEFAULTS)
-    spacing = args.spacing or defaults["spacing"]
-    size = args.size or defaults["size"]
+    spacing = defaults["spacing"] if args.spacing is None else args.spacing
+    size = defaults["size"] if args.size is None else args.size
+    if not (math.isfinite(spacing) and 0.05 <= spacing <= 20):
+        raise InputError(f"--spacing must be a pixel size from 0.05 to 20 mm, not {spacing}")
+    stride = math.prod(DEFAULT_UNET_KWARGS["strides"])  # the network halves the crop this often
+    if size < 2 * stride or size % stride:
+        raise InputError(f"--size must be a multiple of {stride} pixels, at least {2 * stride}, not {size}")
     if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
         raise InputError(f"--time-limit must be a positive number of minutes, not {args.time_limit}")
     if args.time_limit is not None and args.resume:
@@ -320,8 +325,9 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
             bar.refresh()
 
-    check_resumed_data(Path(args.work_dir) if args.work_dir else default_work_dir(args.output), summary, args.resume)
+    # --init is checked before check_resumed_data removes an earlier run's checkpoint for a new run.
     init_state = _initial_weights(args.init, manifest) if args.init else None
+    check_resumed_data(Path(args.work_dir) if args.work_dir else default_work_dir(args.output), summary, args.resume)
     if args.time_limit is not None:  # the limit counts from the command's start: reading the data is part of it
         left = args.time_limit * 60.0 - (time.monotonic() - began)
         if left <= 0:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dafne_logic.core.errors import InputError
 from dafne_logic.core.preprocessing import NORMALISED_RANGE
 from dafne_logic.training.harmonisation import LegSlice
 from dafne_logic.training.synthesis import SynthesisConfig, smooth_field, spatial_grid, synthesise, uniform_draws
@@ -135,7 +136,8 @@ class SliceSampler:
                  device: str | torch.device = "cpu"):
         slices = [(image[k], target[k]) for image, target in crops for k in range(image.shape[0]) if target[k].any()]
         if not slices:
-            raise ValueError("no labelled slices to train on")
+            raise InputError("the training pairs hold no slice with a labelled muscle of the label table; check "
+                             "their label maps and label tables")
         height = max(s[0].shape[0] for s in slices)
         width = max(s[0].shape[1] for s in slices)
         self.canvas = (height, width)

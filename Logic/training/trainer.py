@@ -93,6 +93,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch size must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"the learning rate must be a positive number, not {self.lr}")
         if self.schedule not in ("cosine", "poly"):
             raise InputError(f"unknown learning-rate schedule {self.schedule!r} (cosine or poly)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -401,6 +403,9 @@ def train_model(
     loss_fn = loss_fn or default_loss(manifest.labels.n_classes)
     run = _TrainingRun.start(manifest, config, init_state)
     start = _resume_checkpoint(work_dir, run, config) if resume else 0
+    if start > config.steps:  # the loop would not run and the checkpoint would be saved as an earlier step
+        raise InputError(f"{work_dir}: the checkpoint is at step {start}, past the {config.steps} steps asked; give "
+                         f"--steps {start} or more to continue it")
     train_log = _TrainLog(work_dir, start if resume else None)
 
     def run_validation() -> dict[str, float]:
