@@ -76,6 +76,20 @@ def test_bad_tables_are_refused(tmp_path):
     bad.write_text("dataset,dice\na,0.5\n")
     with pytest.raises(InputError, match="model_version"):
         read_dice_csv(bad)
+    # A typo in a Dice cell was dropped without a word; an empty cell is an undefined Dice and stays allowed.
+    bad.write_text("dataset,model_version,dice\na,1,0.8\na,2,0.9o\nb,1,\nb,2,0.7\n")
+    with pytest.raises(InputError, match="version '2' is '0.9o', not a number"):
+        read_dice_csv(bad)
+    # A window bound that is no version was silently taken as a position between versions.
+    with pytest.raises(InputError, match="version '2.5' is neither"):
+        prepare_learning_curve(df, from_version="2.5")
+
+
+def test_a_fit_on_few_datasets_says_its_p_value_is_not_reliable():
+    few = fit_learning_curve(prepare_learning_curve(synthetic_dice(0.01, n_datasets=2, n_versions=2)))
+    assert few.few_datasets and "only 2 datasets" in few.summary() and "not reliable" in few.summary()
+    enough = fit_learning_curve(prepare_learning_curve(synthetic_dice(0.009)))
+    assert not enough.few_datasets and "not reliable" not in enough.summary()
 
 
 def test_plot_and_json(tmp_path):
