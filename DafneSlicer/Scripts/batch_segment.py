@@ -4,7 +4,10 @@
 
 Each NIfTI/NRRD/MHA file or DICOM series folder of INPUT_DIR becomes ``OUTPUT_DIR/<name>.seg.nrrd``
 (written by Slicer's segmentation storage node: named, coloured, coded segments), and all volumes'
-per-muscle statistics go to ``OUTPUT_DIR/statistics.csv``. The same as, outside Slicer:
+per-muscle statistics go to ``OUTPUT_DIR/statistics.csv``. A folder holding several series fails
+with their list: put each series in its own folder. OUTPUT_DIR reflects the run: a case that fails
+loses an earlier run's result of the same name, and ``statistics.csv`` holds this run's cases
+(none: removed). The same as, outside Slicer:
 
     dafne-slicer segment INPUT_DIR/* --model thigh -o OUTPUT_DIR --stats OUTPUT_DIR/statistics.csv
 
@@ -31,12 +34,19 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def find_inputs(folder: Path, output_dir: Path | None = None) -> list[Path]:
-    """Image files (not segmentations) and sub-folders (DICOM series) of ``folder``, sorted by name;
-    ``output_dir``, when it lies inside ``folder``, is not an input (the next run would fail on it)."""
+    """Image files (not segmentations) and sub-folders (DICOM series) of ``folder``, sorted by name.
+
+    Not inputs: ``output_dir`` and any earlier batch's output folder inside ``folder`` (it holds a
+    ``statistics.csv`` or segmentations; the next run would fail on it), and hidden folders.
+    """
     skip = output_dir.resolve() if output_dir is not None else None
     return sorted(p for p in folder.iterdir()
-                  if (p.is_dir() and p.resolve() != skip)
+                  if (p.is_dir() and p.resolve() != skip and not p.name.startswith(".") and not _batch_output(p))
                   or (p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd")))
+
+
+def _batch_output(folder: Path) -> bool:
+    return (folder / "statistics.csv").is_file() or any(p.name.lower().endswith(".seg.nrrd") for p in folder.iterdir())
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,9 +67,10 @@ def main(argv: list[str], scene=None) -> int:
 
     from dafne_logic.commands.segment import case_name
     from dafne_logic.core.errors import DafneError
-    from dafne_logic.core.io import read_image
+    from dafne_logic.core.io import SeveralSeriesError, read_image
     from dafne_logic.core.statistics import muscle_statistics, write_statistics_csv
     from dafne_logic.inference.confidence import add_confidence_columns
+    from dafne_logic.inference.networks import resolve_device
     from DafneSlicerLib import mrml_conversion as mc
     from DafneSlicerLib.install_logic import InstallLogic, read_requirements
     from DafneSlicerLib.segmentation_logic import SegmentationLogic, single_leg_side
@@ -91,10 +102,15 @@ def main(argv: list[str], scene=None) -> int:
     try:
         segmentation_logic = SegmentationLogic()
         model = segmentation_logic.load_model(args.model)
+        resolve_device(args.device)  # an unknown device, or CUDA where there is none: once, not once per input
     except DafneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot make the folder {args.output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     rows, failed = [], []
     for source, target in zip(inputs, outputs, strict=True):
         began = time.monotonic()
@@ -116,13 +132,23 @@ def main(argv: list[str], scene=None) -> int:
         except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
             failed.append(source.name)
             reason = str(exc) if isinstance(exc, DafneError) else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            if isinstance(exc, SeveralSeriesError):  # the batch has no --series: one series per folder
+                reason = f"{exc.folder} holds {exc.count} DICOM series ({exc.listing}); put each in its own folder"
+            if target.is_file():  # an earlier run's result would sit beside this run's statistics as if current
+                target.unlink()
+                reason += f" (the earlier {target.name} was removed)"
             print(f"{source.name}: FAILED: {reason}", file=sys.stderr)
-        finally:  # one case at a time in memory
+        finally:  # one case at a time in memory, display nodes included
             for node in (segmentation, volume):
                 if node is not None:
+                    for index in reversed(range(node.GetNumberOfDisplayNodes())):
+                        scene.RemoveNode(node.GetNthDisplayNode(index))
                     scene.RemoveNode(node)
+    statistics = args.output_dir / "statistics.csv"
     if rows:
-        write_statistics_csv(rows, args.output_dir / "statistics.csv")
+        write_statistics_csv(rows, statistics)
+    elif statistics.is_file():  # an earlier run's, about cases this run could not segment
+        statistics.unlink()
     print(f"{len(inputs) - len(failed)} of {len(inputs)} volumes segmented into {args.output_dir}")
     return 1 if failed else 0
 

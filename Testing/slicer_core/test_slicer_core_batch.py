@@ -150,3 +150,58 @@ def test_inputs_whose_names_differ_only_in_letter_case_are_refused(scene, tmp_pa
     assert _batch_module().main(["--model", tiny_leg_model, str(inputs), str(tmp_path / "out")], scene=scene) == 2
     assert "share a name" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
+
+
+def test_a_rerun_leaves_the_output_folder_true_to_it(scene, tmp_path, tiny_leg_model, capsys):
+    """A case failing now loses its earlier result, a run segmenting nothing removes the earlier
+    statistics, an earlier run's output folder inside INPUT_DIR is no input, and no node stays behind."""
+    inputs, outputs = tmp_path / "in", tmp_path / "in" / "results_v2"
+    inputs.mkdir()
+    image, _ = make_phantom("leg", shape=(2, 64, 96), seed=1)
+    sitk.WriteImage(image, str(inputs / "case1.nrrd"))
+    batch = _batch_module()
+    run = ["--model", tiny_leg_model, "--device", "cpu", str(inputs)]
+    assert batch.main(run + [str(inputs / "results_v1")], scene=scene) == 0
+    assert batch.main(run + [str(outputs)], scene=scene) == 0  # results_v1 is not taken for a DICOM folder
+    assert scene.GetNodesByClass("vtkMRMLSegmentationDisplayNode").GetNumberOfItems() == 0  # one case at a time
+    sitk.WriteImage(sitk.Image([8, 8, 2], sitk.sitkFloat32), str(inputs / "case1.nrrd"))  # now unusable
+    capsys.readouterr()
+    assert batch.main(run + [str(outputs)], scene=scene) == 1
+    assert "the earlier case1.seg.nrrd was removed" in capsys.readouterr().err
+    assert list(outputs.iterdir()) == []  # neither a stale segmentation nor stale statistics
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("device", "cuda"),  # checked once before any case (was one failure per case, exit 1)
+    ("output under a file", "cannot make the folder"),  # was a NotADirectoryError traceback
+])
+def test_batch_refuses_a_device_or_output_it_cannot_use_before_any_case(scene, tmp_path, tiny_leg_model, capsys,
+                                                                       monkeypatch, problem, message):
+    import torch
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = make_phantom("leg", shape=(2, 64, 96), seed=1)
+    sitk.WriteImage(image, str(inputs / "case1.nrrd"))
+    (tmp_path / "notes.txt").write_text("x")
+    output = tmp_path / "notes.txt" / "out" if problem == "output under a file" else tmp_path / "out"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device = "cuda" if problem == "device" else "cpu"
+    assert _batch_module().main(["--model", tiny_leg_model, "--device", device, str(inputs), str(output)], scene=scene) == 2
+    assert message in capsys.readouterr().err.lower() and not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_several_series_says_to_split_them_not_to_use_an_option_the_batch_lacks(scene, tmp_path,
+                                                                                          tiny_leg_model, capsys):
+    from dafne_logic.phantoms.dicom import write_dicom_series
+
+    exam = tmp_path / "in" / "exam"
+    image, _ = make_phantom("leg", shape=(2, 64, 96), seed=1)
+    positive = sitk.RescaleIntensity(image, 0, 1000)
+    write_dicom_series(positive, exam, series_description="water", series_number=1)
+    for path in write_dicom_series(positive, tmp_path / "fat", series_description="fat", series_number=2):
+        path.rename(exam / f"fat_{path.name}")  # a Dixon exam: two series in one folder
+    assert _batch_module().main(["--model", tiny_leg_model, "--device", "cpu", str(tmp_path / "in"),
+                                 str(tmp_path / "out")], scene=scene) == 1
+    err = capsys.readouterr().err
+    assert "holds 2 DICOM series" in err and "put each in its own folder" in err and "--series" not in err
