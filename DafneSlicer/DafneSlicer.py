@@ -156,11 +156,19 @@ class DafneSlicerLogic(ScriptedLoadableModuleLogic):
                                       segmentation_node)
 
     def statistics(self, volume_node, segmentation_node, model_name: str = "thigh"):
-        """Per-muscle statistics rows of a (corrected) segmentation, also shown as a table node."""
+        """Per-muscle statistics rows of a (corrected) segmentation, also shown as a table node.
+
+        Raises InputError when no segment is named like a muscle of ``model_name`` (a calf
+        segmentation measured with the thigh table would give rows of zeros).
+        """
+        from dafne_logic.core.errors import InputError
         from dafne_logic.core.statistics import muscle_statistics
 
         table = self.segmentation.check_model(model_name).labels
         corrected = self.scene.labels_of(segmentation_node, volume_node, table)
+        if len(corrected.missing_names) == 2 * table.n_muscles:
+            raise InputError(f"No segment of '{segmentation_node.GetName()}' is named like a muscle of model "
+                             f"{model_name} (e.g. '{table.volume_labels()[0].name}'); give the model it was made with.")
         rows = muscle_statistics(self.scene.image_of(volume_node), corrected.labels, table)
         self.scene.show_statistics(rows, f"{volume_node.GetName()} muscle statistics")
         return rows

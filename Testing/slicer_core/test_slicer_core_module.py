@@ -117,3 +117,7 @@ def test_logic_segments_and_measures_synchronously(module, scene, tiny_leg_model
     labels = sitk.GetArrayFromImage(logic.scene.labels_of(segmentation, volume, LEG).labels)
     assert sum(row["voxel_count"] for row in rows) == int((labels > 0).sum())
     assert scene.GetNodesByClassByName("vtkMRMLTableNode", "calf muscle statistics").GetNumberOfItems() == 1
+    from dafne_logic.core.errors import InputError
+
+    with pytest.raises(InputError, match="named like a muscle of model thigh"):  # was 24 rows of zeros
+        logic.statistics(volume, segmentation)  # the default model: thigh
