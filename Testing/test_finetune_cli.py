@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import SimpleITK as sitk
 from test_finetune import folder_digest, tiny_model, two_legs
 
@@ -132,3 +133,30 @@ def test_an_output_naming_the_case_folder_or_a_segmentation_is_refused_before_tr
                      str(segmentation), "--output-model", str(output), "--no-progress"]) == 2
         assert "not a model package folder" in capsys.readouterr().err
     assert folder_digest(case) == before
+
+
+def test_evaluate_scores_only_the_muscles_the_reference_names(tmp_path, capsys):
+    """A reference of another labelling scheme (here without the left soleus) gave that muscle Dice 0 and
+    pulled the mean down; a reference of another region gave 0 everywhere with exit status 0."""
+    from dafne_logic.core.labels import THIGH
+
+    tiny_model().save(tmp_path / "m")
+    image, reference = write_case(tmp_path, "a", 0, n_slices=2, fmt=".nii.gz")
+    table = json.loads(reference.with_name("a.json").read_text())
+    full_csv, partial_csv = tmp_path / "full.csv", tmp_path / "partial.csv"
+    args = ["evaluate", "--model", str(tmp_path / "m"), "--image", str(image), "--reference", str(reference),
+            "--device", "cpu", "--csv"]
+    assert main(args + [str(full_csv)]) == 0
+    table["labels"] = {value: entry for value, entry in table["labels"].items() if entry["name"] != "left soleus"}
+    reference.with_name("a.json").write_text(json.dumps(table))
+    assert main(args + [str(partial_csv)]) == 0
+    full, partial = (next(csv.DictReader(p.open())) for p in (full_csv, partial_csv))
+    assert full["left soleus"] != "" and partial["left soleus"] == ""
+    others = [float(v) for k, v in partial.items() if k not in ("dataset", "model_version", "dice") and v != ""]
+    assert float(partial["dice"]) == pytest.approx(sum(others) / len(others), abs=1e-5)  # the CSV rounds
+
+    thigh = tmp_path / "thigh.nii.gz"
+    reference.rename(thigh)
+    thigh.with_name("thigh.json").write_text(json.dumps({str(v.value): v.name for v in THIGH.volume_labels()}))
+    assert main(args[:6] + [str(thigh)] + args[7:] + [str(tmp_path / "x.csv")]) == 2
+    assert "thigh.nii.gz names none of the" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def dataset_name(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dafne_logic.core.io import label_table_path, read_image, read_segmentation
+    from dafne_logic.core.io import label_table_path, labels_named_by, read_image, read_segmentation
     from dafne_logic.inference.model_package import load_model
     from dafne_logic.learning.evaluation import EvaluationCase, evaluate_models, reference_on_image, write_dice_csv
 
@@ -61,8 +61,15 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             log.warning("%s: labels not in the %s table are ignored: %s", reference_path, table.region,
                         ", ".join(unknown))
+        scored = labels_named_by(reference_path, table)
+        if scored is not None and not scored:
+            raise InputError(f"{reference_path} names none of the {table.region} model's muscles; is it a "
+                             f"segmentation of another region?")
+        if scored is not None and len(scored) < 2 * table.n_muscles:
+            unnamed = [label.name for label in table.volume_labels() if label.value not in scored]
+            log.warning("%s: not scored, as the reference does not label them: %s", name, ", ".join(unnamed))
         image = read_image(image_path)
-        cases.append(EvaluationCase(name, image, reference_on_image(reference, image, name)))
+        cases.append(EvaluationCase(name, image, reference_on_image(reference, image, name), scored))
     rows = evaluate_models(models, cases, device=args.device, progress=lambda message: log.info("%s", message))
     write_dice_csv(rows, args.csv)
     for row in rows:

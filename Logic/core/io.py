@@ -605,6 +605,30 @@ def read_segmentation(path: PathLike, table: LabelTable) -> tuple[sitk.Image, li
     return _read_labelmap(path, table)
 
 
+def labels_named_by(path: PathLike, table: LabelTable) -> frozenset[int] | None:
+    """The volume labels of ``table`` that a segmentation file names (its segments, or the JSON
+    label table beside a label map), whether or not they have voxels; None for a label map without a
+    table (it is taken to hold every label of ``table``).
+
+    A reference drawn in another labelling scheme (an 11-muscle thigh set without the adductor
+    longus) names fewer muscles than the model segments: those it never names cannot be scored.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(SEGMENTATION_SUFFIX):
+        import slicerio
+
+        try:
+            segments = slicerio.read_segmentation(str(path), skip_voxels=True).get("segments", [])
+        except Exception as exc:  # slicerio raises IOError, nrrd errors, ValueError... for bad files
+            raise InputError(f"{path} could not be read as a Slicer segmentation: {exc}") from exc
+        names = [str(s.get("name", s.get("id", ""))) for s in segments]
+    elif label_table_path(path).is_file():
+        names = list(read_label_names(label_table_path(path)).values())
+    else:
+        return None
+    return frozenset(v for v in (match_label_name(name, table) for name in names) if v is not None)
+
+
 # Largest voxel value a segmentation file may hold: lookup arrays are sized by it (uint16 range).
 MAX_FILE_LABEL_VALUE = int(np.iinfo(np.uint16).max)
 

@@ -108,6 +108,7 @@ class EvaluationCase:
     name: str
     image: sitk.Image
     reference: sitk.Image
+    scored: frozenset[int] | None = None  # volume labels the reference names (None: all); the others get NaN
 
 
 def reference_on_image(reference: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
@@ -130,7 +131,8 @@ def evaluate_models(models: Sequence[ModelPackage], cases: Sequence[EvaluationCa
 
     Returns:
         One row per (case, model): ``dataset``, ``model_version``, ``dice`` (mean over labels
-        present in the prediction or the reference) and one column per volume-label name.
+        present in the prediction or the reference, among those the reference names: see
+        :attr:`EvaluationCase.scored`) and one column per volume-label name.
     """
     from dafne_logic.inference.segment import segment_volume
 
@@ -141,6 +143,9 @@ def evaluate_models(models: Sequence[ModelPackage], cases: Sequence[EvaluationCa
             if progress is not None:
                 progress(f"{case.name}: model {model.manifest.name} {model.manifest.version}")
             per_label = dice_per_label(segment_volume(case.image, model, device=device), reference, model.labels)
+            if case.scored is not None:  # a muscle the reference never names is not a miss of the model
+                per_label.update({label.name: math.nan for label in model.labels.volume_labels()
+                                  if label.value not in case.scored})
             rows.append({"dataset": case.name, "model_version": model.manifest.version,
                          "dice": mean_dice(per_label), **per_label})
     return rows
