@@ -218,6 +218,11 @@ def test_train_from_a_shipped_model_keeps_its_weights_and_says_so(tmp_path: Path
     assert origin == {"name": "leg", "version": parent.manifest.version,
                       "weights_sha256": parent.manifest.weights_sha256}
     assert "--init" in warm.manifest.provenance["training"]["command"]
+    # Resumed without --init, the manifest lost the parent and its credited sources while the weights kept them.
+    capsys.readouterr()
+    assert main(base + ["--output", str(tmp_path / "warm"), "--resume"]) == 2
+    assert "started from another model" in capsys.readouterr().err
+    assert main(base + ["--init", str(parent.path), "--output", str(tmp_path / "warm"), "--resume"]) == 0
     # What the parent learnt from stays credited; a model from scratch names only its own sources.
     names = [source["name"] for source in warm.manifest.provenance["training"]["data_sources"]]
     parent_names = [source["name"] for source in parent.manifest.provenance["training"]["data_sources"]]

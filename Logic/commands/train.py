@@ -221,9 +221,14 @@ def check_resumed_data(work_dir: Path, summary: dict[str, Any], resume: bool) ->
             described[f"{key}_files"] = sorted(Path(p).name for p in summary[key])
     text = json.dumps(strict_json(described), sort_keys=True, indent=1) + "\n"
     path = work_dir / DATA_NAME
-    if resume and path.is_file() and json.loads(path.read_text(encoding="utf-8")) != json.loads(text):
-        raise InputError(f"{work_dir}: the run being resumed trained on other data (label maps, held-out subjects, "
-                         "source weights, phantoms or synthesis ranges); resume with the same options or start a new run")
+    if resume and path.is_file():
+        recorded, now = json.loads(path.read_text(encoding="utf-8")), json.loads(text)
+        if "initialised_from" not in recorded:  # a record from before the field: that part cannot be checked
+            now.pop("initialised_from", None)
+        if recorded != now:
+            raise InputError(f"{work_dir}: the run being resumed trained on other data or started from another model "
+                             "(label maps, held-out subjects, source weights, phantoms, synthesis ranges or --init); "
+                             "resume with the same options or start a new run")
     if not resume:  # a new run: an earlier run's checkpoint would otherwise be resumed under this run's description
         import shutil
 
@@ -327,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
 
     # --init is checked before check_resumed_data removes an earlier run's checkpoint for a new run.
     init_state = _initial_weights(args.init, manifest) if args.init else None
+    # Part of what a resumed run must share: its weights came from that model (or from none).
+    summary = {**summary, "initialised_from": manifest.provenance["training"].get("initialised_from")}
     check_resumed_data(Path(args.work_dir) if args.work_dir else default_work_dir(args.output), summary, args.resume)
     if args.time_limit is not None:  # the limit counts from the command's start: reading the data is part of it
         left = args.time_limit * 60.0 - (time.monotonic() - began)
