@@ -104,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=run_worker)
 
-    p = sub.add_parser("gc", help="remove blobs no version or update references (also done at every start)")
+    p = sub.add_parser("gc", help="remove blobs nothing needs any more (orphans are also removed at every start)")
     _common(p)
     p.add_argument("--older-than-hours", type=NON_NEGATIVE, default=1.0,
                    help="keep younger blobs: an upload writes its blob just before committing its row")
-    p.add_argument("--keep-update-deltas-days", type=NON_NEGATIVE, default=None,
+    p.add_argument("--keep-update-deltas-days", type=NON_NEGATIVE, default=30.0,
                    help="collect the deltas of updates merged or rejected longer ago than this (default 30; their "
-                        "rows stay)")
+                        "rows stay); only gc does this, never a start")
     p.set_defaults(func=run_gc)
 
     p = sub.add_parser("add-user", help="add a user and print their token (shown once)")

@@ -39,9 +39,6 @@ class ServerSettings:
     refused_uploads_per_hour: int = 60  # per user; beyond this, uploads are not even checked (429)
     max_concurrent_uploads: int = 8  # uploads checked at once per API process (each holds ~3× the model's fp16 size)
     max_concurrent_uploads_per_user: int = 2
-    # A merged or rejected update's delta is kept this long (for a look at what was sent), then collected: at
-    # the upload limits a site could otherwise fill the disk with deltas nothing reads again.
-    update_delta_days: float = 30.0
     lease_ttl_s: float = 60.0  # a merge lease not renewed for this long may be taken over
     poll_interval_s: float = 1.0  # merge worker: how often it looks for work
     validation: str = "phantom"  # "phantom", "none" (publish without scoring), or a folder of cases

@@ -78,11 +78,17 @@ class Storage:
 
     def collect_blobs(self, older_than_s: float = 3600.0, update_delta_days: float | None = None) -> int:
         """Remove blobs no version or update needs, written more than ``older_than_s`` ago (younger ones
-        may belong to an upload whose row is about to be committed), and the deltas of updates merged or
-        rejected more than ``update_delta_days`` ago (default: the settings'); returns how many."""
-        days = self.settings.update_delta_days if update_delta_days is None else update_delta_days
+        may belong to an upload whose row is about to be committed); with ``update_delta_days``, also the
+        deltas of updates merged or rejected longer ago (None: every update's delta is kept). Returns how many.
+
+        Nothing is collected from a database without a version: pointed at an empty or wrong database, a
+        server must not take every blob for an orphan.
+        """
+        finished_before = None if update_delta_days is None else now() - update_delta_days * 86400.0
         with self.read() as session:
-            referenced = crud.referenced_blobs(session, finished_before=now() - days * 86400.0)
+            if session.scalar(select(func.count()).select_from(Version)) == 0:
+                return 0
+            referenced = crud.referenced_blobs(session, finished_before=finished_before)
         return self.blobs.remove_unreferenced(referenced, older_than_s)
 
     def dispose(self) -> None:

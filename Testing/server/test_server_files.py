@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from dafne_logic.core.errors import DafneError
 from dafne_server import private_files
 from dafne_server.blobs import BlobStore
 from dafne_server.config import ServerSettings
@@ -133,3 +134,30 @@ def test_on_windows_a_durable_write_onto_a_file_held_a_moment_is_retried(tmp_pat
     private_files.write_durable(target, b"new")
     assert target.read_bytes() == b"new" and len(refusals) == 2 and sorted(p.name for p in tmp_path.iterdir()) == [
         "settings.json"]
+
+
+def test_a_database_an_earlier_version_kept_elsewhere_is_asked_to_be_moved_not_replaced(tmp_path):
+    """For a folder named 'x%41' earlier versions kept the database in 'xA': starting on a new, empty one
+    there would lose every user and version (and collect every blob as an orphan)."""
+    data = tmp_path / "x%41"
+    data.mkdir()
+    (data / "blobs").mkdir()
+    (tmp_path / "xA").mkdir()
+    (tmp_path / "xA" / "server.db").write_bytes(b"SQLite format 3\0")
+    with pytest.raises(DafneError, match="kept at .*xA.server.db by an earlier version"):
+        prepare(ServerSettings(data_dir=str(data)))
+    assert not (data / "server.db").exists()
+
+
+def test_a_database_without_any_version_collects_no_blob(tmp_path):
+    """An empty or wrong database (a typo in --database-url) must not take every blob for an orphan."""
+    import time
+
+    storage = prepare(ServerSettings(data_dir=str(tmp_path / "data")))
+    try:
+        digest = storage.blobs.put(b"weights of a version this database does not know")
+        past = time.time() - 7200
+        os.utime(storage.blobs.path(digest), (past, past))
+        assert storage.collect_blobs() == 0 and storage.blobs.exists(digest)
+    finally:
+        storage.dispose()

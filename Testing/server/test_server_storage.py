@@ -181,7 +181,8 @@ def test_deltas_of_updates_finished_long_ago_are_collected_their_rows_kept(stora
     past = time.time() - 7200
     for digest in sha.values():
         os.utime(storage.blobs.path(digest), (past, past))
-    assert storage.collect_blobs() == 2  # the defaults: 30 days
+    assert storage.collect_blobs() == 0  # a start keeps every update's delta
+    assert storage.collect_blobs(update_delta_days=30) == 2  # gc's default
     assert {name for name, digest in sha.items() if storage.blobs.exists(digest)} == {"buffered long ago",
                                                                                       "rejected lately"}
     assert storage.collect_blobs(update_delta_days=1) == 1 and storage.blobs.exists(sha["buffered long ago"])
