@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import requests
@@ -146,8 +147,25 @@ def test_a_sync_file_saved_by_notepad_is_read_and_a_broken_one_is_mended_by_setu
     with pytest.raises(DafneError, match="UTF-8"):
         load_config()
     assert cli_main(["sync", "setup", "--opt-out"]) == 0  # setup mends it rather than refusing to start
-    assert "starting from the defaults" in capsys.readouterr().err
-    assert load_config().opt_in is False
+    assert "kept what was valid" in capsys.readouterr().err
+    mended = load_config()  # the token, issued once, is not lost with the encoding
+    assert (mended.server_url, mended.token, mended.opt_in) == ("https://dafne.example.org", "secret-token", False)
+    config_path().write_text(json.dumps({**json.loads(text), "opt_in": "false", "timeout_s": "30"}), encoding="utf-8")
+    assert cli_main(["sync", "setup", "--opt-in"]) == 0
+    assert "dropped: opt_in, timeout_s" in capsys.readouterr().err and load_config().token == "secret-token"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_setup_leaves_a_sync_file_readable_by_others_to_its_owner(capsys):
+    from dafne_logic.cli import main as cli_main
+    from dafne_logic.core.client_config import config_path, load_config, save_config
+
+    save_config(ClientConfig("https://dafne.example.org", "secret-token", opt_in=True))
+    config_path().chmod(0o644)
+    assert cli_main(["sync", "setup", "--opt-out"]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+    config_path().chmod(0o600)
+    assert load_config().token == "secret-token"  # nothing was rewritten
 
 
 @pytest.mark.parametrize("edit", [{"parent_version": 3}, {"n_slices": "four"}, {"dice_per_label": []},

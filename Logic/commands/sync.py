@@ -37,14 +37,23 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run_setup(args: argparse.Namespace) -> int:
-    from dafne_logic.core.client_config import ClientConfig, check_server_url, check_token, load_config, save_config
+    from dafne_logic.core.client_config import (
+        ConfigExposedError,
+        check_server_url,
+        check_token,
+        load_config,
+        salvage_config,
+        save_config,
+    )
     from dafne_logic.core.errors import DafneError
 
     try:
         config = load_config()
-    except DafneError as exc:  # setup is how a broken file is mended: start afresh, sharing off
-        print(f"warning: {exc}; starting from the defaults (sync off)", file=sys.stderr)
-        config = ClientConfig()
+    except ConfigExposedError:  # readable by others: its owner must see to it first (the message says how)
+        raise
+    except DafneError as exc:  # setup is how a damaged file is mended: what passes its checks is kept
+        config, dropped = salvage_config()
+        print(f"warning: {exc}; kept what was valid, dropped: {', '.join(dropped) or 'nothing'}", file=sys.stderr)
     if args.server:
         config.server_url = check_server_url(args.server)
     if args.token_file == "-":

@@ -90,7 +90,7 @@ def load_config(path: Path | None = None) -> ClientConfig:
         return ClientConfig()
     mode = stat.S_IMODE(path.stat().st_mode)
     if os.name == "posix" and mode & 0o077:
-        raise DafneError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
+        raise ConfigExposedError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # Notepad's UTF-8 begins with a byte-order mark
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -103,6 +103,30 @@ def load_config(path: Path | None = None) -> ClientConfig:
         raise DafneError(f"{path} is not a valid sync configuration: {problem}; "
                          "write it again with `dafne-slicer sync setup`")
     return ClientConfig(**{k: data[k] for k in ClientConfig.__dataclass_fields__ if k in data})
+
+
+class ConfigExposedError(DafneError):
+    """The settings file (which holds the token) is readable by other users: never read or rewritten
+    until its owner has seen to it."""
+
+
+def salvage_config(path: Path | None = None) -> tuple[ClientConfig, list[str]]:
+    """The fields of a damaged ``sync.json`` that pass their checks, and the names of those dropped
+    (``["the whole file"]`` when it is no JSON object in UTF-8 or UTF-16). For ``sync setup``, which
+    mends the file: a token is issued once, so a file with one bad field must not lose it."""
+    path = path or config_path()
+    data = None
+    for encoding in ("utf-8-sig", "utf-16"):
+        try:
+            data = json.loads(path.read_bytes().decode(encoding))
+            break
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+    if not isinstance(data, dict):
+        return ClientConfig(), ["the whole file"]
+    kept = {k: data[k] for k in ClientConfig.__dataclass_fields__ if k in data and _wrong_field({k: data[k]}) is None}
+    dropped = sorted(k for k in ClientConfig.__dataclass_fields__ if k in data and k not in kept)
+    return ClientConfig(**kept), dropped
 
 
 def _wrong_field(data: dict) -> str | None:
