@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dafne_logic.core.errors import InputError
 from dafne_logic.core.labels import LEG
 from dafne_logic.core.preprocessing import NORMALISED_RANGE
 from dafne_logic.inference.manifest import Manifest
@@ -143,7 +144,7 @@ def test_slice_sampler_augments_real_crops():
     x, y = sampler(torch.Generator().manual_seed(0), 3)
     assert x.shape == (3, 1, 32, 32) and y.shape == (3, 32, 32)
     assert set(y.unique().tolist()) <= {0, 3} and (y == 3).any()
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="no slice with a labelled muscle"):  # one sentence for train --pairs
         SliceSampler([(image, np.zeros_like(target))], SynthesisConfig(size=(32, 32)))
 
 
