@@ -194,6 +194,7 @@ def test_a_folder_output_never_replaces_what_is_not_an_earlier_output(tmp_path: 
 
 def test_an_empty_folder_and_an_earlier_package_are_replaced(tmp_path: Path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"\0")  # a folder made in Finder is still empty
     for name in ("empty", "absent"):
         with atomic_directory(tmp_path / name, **PACKAGE) as folder:
             (folder / "manifest.json").write_text("new")

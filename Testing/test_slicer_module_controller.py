@@ -225,6 +225,30 @@ def test_the_users_model_choice_survives_installing_and_checking_for_updates(mon
     assert parts["view"].models[-1][1] == "leg"
 
 
+def test_a_new_version_of_another_family_does_not_replace_the_users_choice(monkeypatch):
+    """A new calf version pulled while the user works on thighs used to become the selected model."""
+    import dafne_logic.learning.federated_client
+
+    class ThighAndCalf(FakeSegmentation):
+        def list_models(self):
+            thigh = ModelChoice("thigh", "thigh", "thigh 6 (bundled)", "6", "bundled", ("right vastus lateralis",))
+            pulled = ModelChoice("leg-v2", "leg", "leg-v2 2 (user)", "2", "user", ("right soleus",))
+            return [*super().list_models(), pulled, thigh]
+
+    from dafne_logic.core.paths import user_models_dir
+
+    monkeypatch.setattr(dafne_logic.learning.federated_client, "FederatedClient", FakeClient)
+    (user_models_dir() / "thigh-v2").mkdir(parents=True)  # the thigh family is up to date
+    controller, parts = make_controller(segmentation=ThighAndCalf())
+    controller.refresh_models("thigh")
+    controller.sync.save(True, "https://dafne.example.org/", "secret")
+    controller.check_for_updates()  # downloads leg-v2
+    finish(controller)
+    assert parts["view"].sync[-1] == "Downloaded leg-v2." and parts["view"].models[-1][1] == "thigh"
+    controller.model_chosen("leg")
+    assert controller._newer_of_chosen_family("leg-v2") == "leg-v2"  # the same family: the new one is shown
+
+
 def test_a_cancelled_check_for_updates_does_not_claim_that_nothing_changed(tmp_path):
     """Cancel can reach the worker after a model folder was downloaded (or an update posted): the
     message says what may have happened, and the list shows what arrived."""

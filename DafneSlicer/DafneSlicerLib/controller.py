@@ -611,7 +611,15 @@ class DafneController:
     def _pulled(self, result: dict[str, Any]) -> None:
         outcome = worker.outcome_of(result)
         self.view.set_sync_status(outcome.message)
-        self.refresh_models(selected=outcome.model_name)
+        self.refresh_models(selected=self._newer_of_chosen_family(outcome.model_name))
+
+    def _newer_of_chosen_family(self, pulled: str | None) -> str | None:
+        """``pulled`` when it is a version of the family the user works with (or nothing is chosen);
+        a new calf version must not replace a thigh choice."""
+        if pulled is None or self.chosen_model is None:
+            return pulled
+        families = {choice.name: choice.family for choice in self.segmentation.list_models()}
+        return pulled if families.get(pulled) == families.get(self.chosen_model) else None
 
     def contribute(self) -> None:
         def action():

@@ -5,9 +5,9 @@
 Each NIfTI/NRRD/MHA file or DICOM series folder of INPUT_DIR becomes ``OUTPUT_DIR/<name>.seg.nrrd``
 (written by Slicer's segmentation storage node: named, coloured, coded segments), and all volumes'
 per-muscle statistics go to ``OUTPUT_DIR/statistics.csv``. A folder holding several series fails
-with their list: put each series in its own folder. OUTPUT_DIR reflects the run: a case that fails
-loses an earlier run's result of the same name, and ``statistics.csv`` holds this run's cases
-(none: removed). The same as, outside Slicer:
+with their list: put each series in its own folder. OUTPUT_DIR reflects the run: an earlier run's
+result of a case that fails now is renamed ``<name>.seg.nrrd.previous``, and ``statistics.csv``
+holds this run's cases (none: removed). The same as, outside Slicer:
 
     dafne-slicer segment INPUT_DIR/* --model thigh -o OUTPUT_DIR --stats OUTPUT_DIR/statistics.csv
 
@@ -46,7 +46,11 @@ def find_inputs(folder: Path, output_dir: Path | None = None) -> list[Path]:
 
 
 def _batch_output(folder: Path) -> bool:
-    return (folder / "statistics.csv").is_file() or any(p.name.lower().endswith(".seg.nrrd") for p in folder.iterdir())
+    """Whether ``folder`` holds nothing but what a batch writes (a DICOM case folder that also keeps a
+    corrected ``.seg.nrrd`` is still a case)."""
+    files = [p.name.lower() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(name.endswith((".seg.nrrd", ".seg.nrrd.previous")) or name == "statistics.csv"
+                               for name in files)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -135,8 +139,9 @@ def main(argv: list[str], scene=None) -> int:
             if isinstance(exc, SeveralSeriesError):  # the batch has no --series: one series per folder
                 reason = f"{exc.folder} holds {exc.count} DICOM series ({exc.listing}); put each in its own folder"
             if target.is_file():  # an earlier run's result would sit beside this run's statistics as if current
-                target.unlink()
-                reason += f" (the earlier {target.name} was removed)"
+                aside = target.with_name(target.name + ".previous")  # kept: it may have been corrected by hand
+                target.replace(aside)
+                reason += f" (the earlier result is now {aside.name})"
             print(f"{source.name}: FAILED: {reason}", file=sys.stderr)
         finally:  # one case at a time in memory, display nodes included
             for node in (segmentation, volume):

@@ -142,6 +142,10 @@ def atomic_write_text(target: str | os.PathLike[str], text: str, replace_retry_s
     atomic_write_bytes(target, text.encode("utf-8"), replace_retry_s)
 
 
+# What file browsers leave in a folder the user made (Finder, Explorer): such a folder is still empty.
+SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".localized"})
+
+
 def check_replaceable(target: str | os.PathLike[str], marker: str, what: str) -> None:
     """Refuse to replace ``target`` unless it is absent, an empty folder, or a folder holding ``marker``
     (what an earlier write of the same kind left: ``manifest.json`` for a model package).
@@ -155,7 +159,7 @@ def check_replaceable(target: str | os.PathLike[str], marker: str, what: str) ->
     target = Path(target)
     if not target.exists():
         return
-    if target.is_dir() and ((target / marker).is_file() or not any(target.iterdir())):
+    if target.is_dir() and ((target / marker).is_file() or all(p.name in SYSTEM_FILES for p in target.iterdir())):
         return
     kind = "a folder" if target.is_dir() else "a file"
     raise FileExistsError(errno.EEXIST, f"already exists and is {kind}, not {what}: choose another name "

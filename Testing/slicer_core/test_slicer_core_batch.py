@@ -167,8 +167,23 @@ def test_a_rerun_leaves_the_output_folder_true_to_it(scene, tmp_path, tiny_leg_m
     sitk.WriteImage(sitk.Image([8, 8, 2], sitk.sitkFloat32), str(inputs / "case1.nrrd"))  # now unusable
     capsys.readouterr()
     assert batch.main(run + [str(outputs)], scene=scene) == 1
-    assert "the earlier case1.seg.nrrd was removed" in capsys.readouterr().err
-    assert list(outputs.iterdir()) == []  # neither a stale segmentation nor stale statistics
+    assert "the earlier result is now case1.seg.nrrd.previous" in capsys.readouterr().err
+    # Neither a stale segmentation posing as this run's nor stale statistics; the earlier result is kept aside.
+    assert [p.name for p in outputs.iterdir()] == ["case1.seg.nrrd.previous"]
+
+
+def test_a_dicom_case_folder_keeping_a_corrected_segmentation_is_still_a_case(tmp_path):
+    from dafne_logic.phantoms.dicom import write_dicom_series
+
+    case = tmp_path / "in" / "subject01"
+    image, _ = make_phantom("leg", shape=(2, 64, 96), seed=1)
+    write_dicom_series(sitk.RescaleIntensity(image, 0, 1000), case)
+    (case / "subject01_corrected.seg.nrrd").write_bytes(b"x")
+    earlier = tmp_path / "in" / "results_v1"
+    earlier.mkdir()
+    (earlier / "statistics.csv").write_text("x")
+    (earlier / "subject01.seg.nrrd").write_bytes(b"x")
+    assert _batch_module().find_inputs(tmp_path / "in") == [case]
 
 
 @pytest.mark.parametrize("problem, message", [
