@@ -26,6 +26,26 @@ SHARED_FILE = "settings.json"  # in the data folder
 SHARED_FIELDS = ("validation", "validation_cases", "validation_shape", "lease_ttl_s", "max_delta_bytes")
 
 
+def refuse_database_left_elsewhere(settings: ServerSettings) -> None:
+    """Versions before 2026-11-29 built the SQLite URL from the path unescaped, so a data folder named
+    with '%XX' or '?' kept its database elsewhere (``x%41`` → ``xA``). Opening a new empty one would
+    lose every user and version: the move is asked for instead. Called wherever the database is
+    opened (start, gc, user commands), before anything creates the new file.
+
+    Raises:
+        InputError: the earlier database exists and the new place holds none.
+    """
+    from sqlalchemy.engine import make_url
+
+    if settings.database_url:
+        return
+    earlier = make_url(f"sqlite:///{settings.sqlite_path}").database
+    if earlier and Path(earlier) != settings.sqlite_path and Path(earlier).is_file() and not settings.sqlite_path.exists():
+        raise InputError(f"this data folder's database was kept at {earlier} by an earlier version (the folder's "
+                         f"name holds '%' or '?'); move it (with any -wal and -shm files beside it) to "
+                         f"{settings.sqlite_path}, then start again")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything an API process or merge worker needs to know."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dafne_logic.core.errors import DafneError
 
-from .config import SETTINGS_ENV, SHARED_FILE, ServerSettings
+from .config import SETTINGS_ENV, SHARED_FILE, ServerSettings, refuse_database_left_elsewhere
 from .deadlines import PROTOCOL as DEADLINE_PROTOCOL
 from .heartbeat import read_heartbeats, stuck_for
 from .private_files import make_private_file, private_dir, tighten_tree
@@ -90,22 +90,9 @@ def secure_data_folder(settings: ServerSettings) -> None:
     check_data_folder(settings.data_dir)
     private_dir(settings.data_dir)
     if not settings.database_url:
-        _refuse_database_left_elsewhere(settings)
+        refuse_database_left_elsewhere(settings)
         make_private_file(settings.sqlite_path)
     tighten_tree(settings.data_dir)
-
-
-def _refuse_database_left_elsewhere(settings: ServerSettings) -> None:
-    """Versions before 2026-11-29 built the SQLite URL from the path unescaped, so a data folder named
-    with '%XX' or '?' kept its database elsewhere (``x%41`` → ``xA``). Starting on a new empty one
-    would lose every user and version: the move is asked for instead."""
-    from sqlalchemy.engine import make_url
-
-    earlier = make_url(f"sqlite:///{settings.sqlite_path}").database
-    if earlier and Path(earlier) != settings.sqlite_path and Path(earlier).is_file() and not settings.sqlite_path.exists():
-        raise DafneError(f"this data folder's database was kept at {earlier} by an earlier version (the folder's "
-                         f"name holds '%' or '?'); move it (with any -wal and -shm files beside it) to "
-                         f"{settings.sqlite_path}, then start again")
 
 
 def prepare(settings: ServerSettings) -> Storage:

@@ -24,7 +24,7 @@ from dafne_logic.learning.delta import weights_norm
 
 from . import crud
 from .blobs import BlobStore
-from .config import ServerSettings
+from .config import ServerSettings, refuse_database_left_elsewhere
 from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker, now
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -59,6 +59,7 @@ class Storage:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        refuse_database_left_elsewhere(settings)  # before SQLite makes a new, empty file (gc opens it directly)
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(settings.url)
         self.session = make_sessionmaker(self.engine)  # transactions that write: ``with session.begin()``

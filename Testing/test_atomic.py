@@ -199,6 +199,10 @@ def test_an_empty_folder_and_an_earlier_package_are_replaced(tmp_path: Path):
         with atomic_directory(tmp_path / name, **PACKAGE) as folder:
             (folder / "manifest.json").write_text("new")
         assert (tmp_path / name / "manifest.json").read_text() == "new"
+    (tmp_path / "Downloads").mkdir()
+    (tmp_path / "Downloads" / "desktop.ini").write_text("[.ShellClassInfo]")  # a system folder: never replaced
+    with pytest.raises(FileExistsError):
+        atomic.check_replaceable(tmp_path / "Downloads", **PACKAGE)
 
 
 def test_the_earlier_output_is_put_back_when_the_new_one_cannot_take_its_place(tmp_path: Path, monkeypatch):

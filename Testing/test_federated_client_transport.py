@@ -218,3 +218,21 @@ def test_a_refusal_whose_detail_is_a_list_of_texts_is_shown_as_it_is():
     reply = _reply(409, json.dumps({"detail": ["parent version 2 is not active"]}).encode())
     with pytest.raises(SyncError, match="parent version 2 is not active"):
         _client(Recorder(reply)).me()
+
+
+def test_salvage_reads_an_ansi_file_and_refuses_an_unreadable_one(tmp_path, monkeypatch):
+    from dafne_logic.core.client_config import salvage_config
+
+    path = tmp_path / "sync.json"
+    path.write_bytes(json.dumps({"server_url": "https://dafne.example.org", "token": "t0ken", "opt_in": True,
+                                 "verify_tls": "C:\\Users\\José\\ca.pem", "timeout_s": "30"},
+                                ensure_ascii=False).encode("cp1252"))  # older Notepad's "ANSI"
+    config, dropped = salvage_config(path)
+    assert (config.token, config.verify_tls, dropped) == ("t0ken", "C:\\Users\\José\\ca.pem", ["timeout_s"])
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_bytes", denied)  # owned by root after a sudo
+    with pytest.raises(DafneError, match="cannot read"):
+        salvage_config(path)

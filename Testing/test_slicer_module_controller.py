@@ -245,8 +245,10 @@ def test_a_new_version_of_another_family_does_not_replace_the_users_choice(monke
     controller.check_for_updates()  # downloads leg-v2
     finish(controller)
     assert parts["view"].sync[-1] == "Downloaded leg-v2." and parts["view"].models[-1][1] == "thigh"
-    controller.model_chosen("leg")
-    assert controller._newer_of_chosen_family("leg-v2") == "leg-v2"  # the same family: the new one is shown
+    controller.model_chosen("leg")  # the same family, even when another one updated too: the new one is shown
+    assert controller._newer_of_chosen_family(("leg-v2", "thigh-v9")) == "leg-v2"
+    controller.model_chosen("deleted-model")  # the chosen model is gone: the last pulled is shown
+    assert controller._newer_of_chosen_family(("leg-v2", "thigh-v9")) == "thigh-v9"
 
 
 def test_a_cancelled_check_for_updates_does_not_claim_that_nothing_changed(tmp_path):

@@ -611,15 +611,18 @@ class DafneController:
     def _pulled(self, result: dict[str, Any]) -> None:
         outcome = worker.outcome_of(result)
         self.view.set_sync_status(outcome.message)
-        self.refresh_models(selected=self._newer_of_chosen_family(outcome.model_name))
+        self.refresh_models(selected=self._newer_of_chosen_family(outcome.new_models))
 
-    def _newer_of_chosen_family(self, pulled: str | None) -> str | None:
-        """``pulled`` when it is a version of the family the user works with (or nothing is chosen);
-        a new calf version must not replace a thigh choice."""
-        if pulled is None or self.chosen_model is None:
-            return pulled
+    def _newer_of_chosen_family(self, pulled: tuple[str, ...]) -> str | None:
+        """The pulled model of the family the user works with (the last pulled when no model is chosen,
+        or the chosen one is gone); None keeps the choice: a new calf version must not replace a thigh one."""
+        if not pulled:
+            return None
         families = {choice.name: choice.family for choice in self.segmentation.list_models()}
-        return pulled if families.get(pulled) == families.get(self.chosen_model) else None
+        chosen = families.get(self.chosen_model) if self.chosen_model is not None else None
+        if chosen is None:
+            return pulled[-1]
+        return next((name for name in reversed(pulled) if families.get(name) == chosen), None)
 
     def contribute(self) -> None:
         def action():

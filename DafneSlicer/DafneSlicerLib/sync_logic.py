@@ -37,7 +37,7 @@ class ShareError(DafneError):
 @dataclass(frozen=True)
 class SyncOutcome:
     message: str  # the "last sync" line
-    model_name: str | None = None  # a newly pulled model to select
+    new_models: tuple[str, ...] = ()  # newly pulled models (registry names), in the order pulled
 
 
 class SyncLogic:
@@ -92,7 +92,7 @@ class SyncLogic:
                 new.append(folder.name)
         if not new:
             return SyncOutcome(f"Up to date ({', '.join(families)}).")
-        return SyncOutcome(f"Downloaded {', '.join(new)}.", model_name=new[-1])
+        return SyncOutcome(f"Downloaded {', '.join(new)}.", new_models=tuple(new))
 
     def push(self, model_dir: Path, progress: ProgressCallback, cancel: CancelCheck) -> SyncOutcome:
         """Upload the delta saved beside an improved model (``delta.safetensors.zz`` + ``delta.json``)."""

@@ -152,7 +152,9 @@ def improvement_of(result: dict[str, Any]) -> Improvement:
 
 
 def outcome_of(result: dict[str, Any]) -> SyncOutcome:
-    return SyncOutcome(**result["outcome"])
+    outcome = dict(result["outcome"])
+    outcome["new_models"] = tuple(outcome.get("new_models", ()))  # a JSON list on the way back
+    return SyncOutcome(**outcome)
 
 
 # --- running -------------------------------------------------------------------------------------

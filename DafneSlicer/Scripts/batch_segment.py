@@ -36,8 +36,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 def find_inputs(folder: Path, output_dir: Path | None = None) -> list[Path]:
     """Image files (not segmentations) and sub-folders (DICOM series) of ``folder``, sorted by name.
 
-    Not inputs: ``output_dir`` and any earlier batch's output folder inside ``folder`` (it holds a
-    ``statistics.csv`` or segmentations; the next run would fail on it), and hidden folders.
+    Not inputs: ``output_dir``, any earlier batch's output folder inside ``folder`` (batch outputs and
+    no DICOM series; the next run would fail on it), and hidden folders.
     """
     skip = output_dir.resolve() if output_dir is not None else None
     return sorted(p for p in folder.iterdir()
@@ -46,11 +46,14 @@ def find_inputs(folder: Path, output_dir: Path | None = None) -> list[Path]:
 
 
 def _batch_output(folder: Path) -> bool:
-    """Whether ``folder`` holds nothing but what a batch writes (a DICOM case folder that also keeps a
-    corrected ``.seg.nrrd`` is still a case)."""
-    files = [p.name.lower() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(name.endswith((".seg.nrrd", ".seg.nrrd.previous")) or name == "statistics.csv"
-                               for name in files)
+    """Whether ``folder`` is an earlier batch's output: it holds what a batch writes and no DICOM series (a
+    case folder that also keeps a corrected ``.seg.nrrd`` is a case; an output folder with a spreadsheet or
+    a note beside the statistics is still an output)."""
+    from dafne_logic.core.io import list_dicom_series
+
+    names = [p.name.lower() for p in folder.iterdir() if p.is_file()]
+    wrote = any(name == "statistics.csv" or name.endswith((".seg.nrrd", ".seg.nrrd.previous")) for name in names)
+    return wrote and not list_dicom_series(folder)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -142,8 +142,9 @@ def atomic_write_text(target: str | os.PathLike[str], text: str, replace_retry_s
     atomic_write_bytes(target, text.encode("utf-8"), replace_retry_s)
 
 
-# What file browsers leave in a folder the user made (Finder, Explorer): such a folder is still empty.
-SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".localized"})
+# What file browsers leave in a folder the user made (Finder, Explorer): such a folder is still empty. Not
+# desktop.ini or .localized: they mark the system's own folders (Downloads, Documents), never to be replaced.
+SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db"})
 
 
 def check_replaceable(target: str | os.PathLike[str], marker: str, what: str) -> None:

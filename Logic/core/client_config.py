@@ -115,12 +115,19 @@ def salvage_config(path: Path | None = None) -> tuple[ClientConfig, list[str]]:
     (``["the whole file"]`` when it is no JSON object in UTF-8 or UTF-16). For ``sync setup``, which
     mends the file: a token is issued once, so a file with one bad field must not lose it."""
     path = path or config_path()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # unreadable (another owner, after sudo): not damage, and never replaced
+        raise DafneError(f"cannot read {path}: {exc.strerror or exc}; fix its owner or permissions first") from exc
+    # UTF-16 only with its byte-order mark (without one it decodes anything into garbage); else UTF-8, else
+    # the Windows "ANSI" code page older Notepads saved in (an accented user name in a CA bundle path).
+    encodings = ("utf-16",) if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig", "cp1252")
     data = None
-    for encoding in ("utf-8-sig", "utf-16"):
+    for encoding in encodings:
         try:
-            data = json.loads(path.read_bytes().decode(encoding))
+            data = json.loads(raw.decode(encoding))
             break
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
     if not isinstance(data, dict):
         return ClientConfig(), ["the whole file"]

@@ -146,6 +146,9 @@ def test_a_database_an_earlier_version_kept_elsewhere_is_asked_to_be_moved_not_r
     (tmp_path / "xA" / "server.db").write_bytes(b"SQLite format 3\0")
     with pytest.raises(DafneError, match="kept at .*xA.server.db by an earlier version"):
         prepare(ServerSettings(data_dir=str(data)))
+    from dafne_server.cli import main as server_main
+
+    assert server_main(["gc", "--data-dir", str(data)]) == 2  # a daily gc must not make the new file either
     assert not (data / "server.db").exists()
 
 

@@ -182,6 +182,7 @@ def test_a_dicom_case_folder_keeping_a_corrected_segmentation_is_still_a_case(tm
     earlier = tmp_path / "in" / "results_v1"
     earlier.mkdir()
     (earlier / "statistics.csv").write_text("x")
+    (earlier / "statistics.xlsx").write_bytes(b"x")  # the CSV saved from a spreadsheet beside it
     (earlier / "subject01.seg.nrrd").write_bytes(b"x")
     assert _batch_module().find_inputs(tmp_path / "in") == [case]
 
