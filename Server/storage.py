@@ -7,6 +7,7 @@ point leaves either no version or a complete one.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +27,9 @@ from . import crud
 from .blobs import BlobStore
 from .config import ServerSettings, refuse_database_left_elsewhere
 from .db import Family, MergeLease, Version, audit, make_engine, make_sessionmaker, now
+from .private_files import write_durable
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SERVER_WEIGHTS_DTYPE = torch.float32  # merged versions accumulate small deltas; fp16 would round them away
@@ -90,7 +93,33 @@ class Storage:
             if session.scalar(select(func.count()).select_from(Version)) == 0:
                 return 0
             referenced = crud.referenced_blobs(session, finished_before=finished_before)
+        if not self._blobs_belong_to_this_database():
+            return 0
         return self.blobs.remove_unreferenced(referenced, older_than_s)
+
+    def _blobs_belong_to_this_database(self) -> bool:
+        """Whether the blob folder was collected against this ``--database-url`` before (or never was).
+
+        A server started on a mistyped URL and then ``init``-ed has versions, but not the real database's:
+        its collection would take the real versions' weights for orphans. The first collection records the
+        URL (its password hidden) in ``blobs/.database``; another URL collects nothing, with a warning. The
+        default SQLite database lives in the data folder with the blobs and needs no record.
+        """
+        if not self.settings.database_url:
+            return True
+        from sqlalchemy.engine import make_url
+
+        identity = make_url(self.settings.database_url).render_as_string(hide_password=True)
+        record = self.blobs.root / ".database"
+        if not record.is_file():
+            write_durable(record, identity.encode("utf-8"))
+            return True
+        if record.read_text(encoding="utf-8") == identity:
+            return True
+        log.warning("the blobs in %s were collected against another database (%s), not %s: nothing is collected. "
+                    "If the database really moved, remove %s.", self.blobs.root,
+                    record.read_text(encoding="utf-8"), identity, record)
+        return False
 
     def dispose(self) -> None:
         self.engine.dispose()

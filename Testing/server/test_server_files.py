@@ -164,3 +164,32 @@ def test_a_database_without_any_version_collects_no_blob(tmp_path):
         assert storage.collect_blobs() == 0 and storage.blobs.exists(digest)
     finally:
         storage.dispose()
+
+
+def test_blobs_are_not_collected_against_another_database_url(tmp_path, tiny_leg):
+    """A server started on a mistyped --database-url and then given families by `init` has versions, but
+    not the real database's: its collection took the real versions' weights for orphans."""
+    import time
+
+    data = tmp_path / "data"
+    real = prepare(ServerSettings(data_dir=str(data), database_url=f"sqlite:///{tmp_path / 'real.db'}"))
+    try:
+        with real.session.begin() as session:
+            weights = real.add_family(session, "leg", tiny_leg, "test").weights_sha256
+        assert real.collect_blobs() == 0  # records which database the blobs belong to
+    finally:
+        real.dispose()
+    past = time.time() - 7200
+    os.utime(BlobStore(data / "blobs").path(weights), (past, past))
+    import copy
+
+    from dafne_logic.inference.model_package import ModelPackage
+
+    other = ModelPackage(copy.deepcopy(tiny_leg.manifest), {k: v + 1 for k, v in tiny_leg.state_dict.items()})
+    wrong = prepare(ServerSettings(data_dir=str(data), database_url=f"sqlite:///{tmp_path / 'typo.db'}"))
+    try:
+        with wrong.session.begin() as session:
+            wrong.add_family(session, "leg", other, "init on the wrong database")  # other weights: other blobs
+        assert wrong.collect_blobs() == 0 and wrong.blobs.exists(weights)
+    finally:
+        wrong.dispose()
