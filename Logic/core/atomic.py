@@ -22,8 +22,9 @@ REPLACE_RETRY_S = 2.0
 
 
 def replace_file(source: Path, target: Path, retry_s: float | None = None) -> None:
-    """``os.replace(source, target)``; on Windows, a target held open elsewhere is retried for
-    ``retry_s`` (default :data:`REPLACE_RETRY_S`), then reported as such (PermissionError naming ``target``)."""
+    """``os.replace(source, target)``; on Windows, a refusal because something is held open elsewhere
+    (the target file, or a file inside a folder being moved) is retried for ``retry_s`` (default
+    :data:`REPLACE_RETRY_S`), then reported as such (PermissionError naming ``target``)."""
     deadline = time.monotonic() + (REPLACE_RETRY_S if retry_s is None else retry_s)
     while True:
         try:
@@ -167,20 +168,6 @@ def check_replaceable(target: str | os.PathLike[str], marker: str, what: str) ->
                                         "(nothing is replaced but an earlier output of the same kind)", str(target))
 
 
-def _replace_folder(source: Path, target: Path) -> None:
-    """``os.replace`` of a folder onto a free name; on Windows a file inside held a moment by a virus
-    scanner or cloud sync makes the rename fail with PermissionError: retried as :func:`replace_file`."""
-    deadline = time.monotonic() + REPLACE_RETRY_S
-    while True:
-        try:
-            os.replace(source, target)
-            return
-        except PermissionError:
-            if not WINDOWS or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.1)
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str], *, marker: str, what: str) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success it replaces ``target``.
@@ -201,16 +188,17 @@ def atomic_directory(target: str | os.PathLike[str], *, marker: str, what: str) 
             if target.exists():
                 check_replaceable(target, marker, what)  # made meanwhile by someone else
                 old = unique_folder(target.parent, f".{target.name}-old-")
-                _replace_folder(target, old / "x")
+                # Folders onto free names: replace_file's Windows retry covers a file inside held by a scanner.
+                replace_file(target, old / "x")
                 try:
-                    _replace_folder(tmp, target)
+                    replace_file(tmp, target)
                 except BaseException:
-                    _replace_folder(old / "x", target)  # the earlier output stays where it was
+                    replace_file(old / "x", target)  # the earlier output stays where it was
                     shutil.rmtree(old, ignore_errors=True)
                     raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                _replace_folder(tmp, target)
+                replace_file(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
